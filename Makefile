@@ -1,0 +1,46 @@
+# One task runner: every command in the README is a target here.
+SHELL := /bin/bash
+WASM := target/wasm32-wasip1/release/sluice_filter.wasm
+export PATH := $(HOME)/.cargo/bin:$(PATH)
+
+.PHONY: deps build wasm test test-native test-wasm lint fmt bench demo validate clean
+
+deps:
+	@scripts/deps.sh
+
+wasm:
+	cargo build --release --target wasm32-wasip1 -p sluice-filter
+	@ls -l $(WASM)
+
+build: wasm
+	cargo build --release -p sluice-backend -p sluice-prober
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p sluice-filter -p sluice-core --target wasm32-wasip1 -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+# The whole suite: unit tests, the admission core on wasm under Node, and the
+# end-to-end tests that run the real Envoy, Redis and binaries.
+test: deps lint wasm
+	cargo build --release -p sluice-backend -p sluice-prober
+	$(MAKE) test-wasm
+	cargo test --workspace --release -- --test-threads=1
+
+test-wasm:
+	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
+	  cargo test -p sluice-core --target wasm32-unknown-unknown
+
+bench: deps wasm
+	cargo build --release -p sluice-backend -p sluice-prober
+	scripts/bench-filter.sh
+
+demo: deps wasm
+	cargo build --release -p sluice-backend
+	scripts/demo.sh
+
+clean:
+	cargo clean
