@@ -1,1 +1,9 @@
-//! Sluice core.
+//! Host-independent heart of Sluice.
+//!
+//! Nothing here depends on proxy-wasm: the filter wires Envoy's callbacks to
+//! these pieces, and the tests run them natively (with threads) and on wasm.
+
+pub mod admission;
+pub mod config;
+pub mod store;
+pub mod waiters;

@@ -1,0 +1,491 @@
+//! The enforcement part of `sluice.yaml` (DESIGN.md), parsed from its JSON form.
+//!
+//! The filter receives the document as JSON in its plugin `configuration`; the
+//! native tools read YAML and hand the same tree over as a `serde_json::Value`,
+//! so every part reports the same error for the same mistake. Keys that belong
+//! to other parts (the prober's `method`, `headers`, `body`, thresholds,
+//! `storage`, `ui`) are accepted and left alone; keys nobody knows produce a
+//! warning, not a failure, so a newer prober's file never stops an older filter.
+
+use serde_json::{Map, Value};
+use std::fmt;
+use std::time::Duration;
+
+/// Default seconds a request may wait for a slot (fastapi-balancer's default).
+pub const DEFAULT_QUEUE_TIMEOUT_SECS: f64 = 30.0;
+/// Default number of waiting requests per endpoint before `503 queue-full`.
+pub const DEFAULT_MAX_QUEUE: u32 = 1000;
+/// Upper bound on `max_queue`. Every waiter is 8 bytes in the endpoint's
+/// shared-data record, which is copied on each queue operation, so an
+/// unbounded queue would make every admission slower as it grows.
+pub const MAX_QUEUE_LIMIT: u32 = 10_000;
+/// Service name used when the document has none.
+pub const DEFAULT_SERVICE: &str = "default";
+
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "service",
+    "queue_timeout",
+    "max_queue",
+    "endpoints",
+    // Read by other parts of Sluice.
+    "error_threshold",
+    "latency_threshold_ms",
+    "storage",
+    "ui",
+    "sync",
+    "probe",
+];
+const ENDPOINT_KEYS: &[&str] = &[
+    "match",
+    "methods",
+    "capacity",
+    "queue_timeout",
+    "max_queue",
+    // Read by the prober: how to call the endpoint.
+    "method",
+    "headers",
+    "body",
+];
+
+/// The whole enforcement configuration of one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub service: String,
+    pub queue_timeout: Duration,
+    pub max_queue: u32,
+    pub endpoints: Vec<Endpoint>,
+    /// Things worth a log line that do not stop the plugin (unknown keys).
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MatchKind {
+    Exact,
+    Prefix,
+}
+
+/// One watched endpoint, with the service-wide defaults already applied.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Endpoint {
+    pub path: String,
+    pub match_kind: MatchKind,
+    /// Upper-case method names this endpoint applies to; empty means all.
+    pub methods: Vec<String>,
+    /// `None` until measured: such an endpoint is watched but not limited.
+    pub capacity: Option<u32>,
+    pub queue_timeout: Duration,
+    pub max_queue: u32,
+}
+
+/// A configuration mistake: `key` is the dotted path to the offending value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.problem)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The value as the user wrote it, for error messages.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
+
+impl Config {
+    /// Parses the JSON text of the plugin configuration.
+    pub fn from_json_str(text: &str) -> Result<Config, ConfigError> {
+        if text.trim().is_empty() {
+            return Err(err("configuration", "is empty; expected a JSON object"));
+        }
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| err("configuration", format!("is not valid JSON: {e}")))?;
+        Config::from_json(&value)
+    }
+
+    /// Parses an already-decoded document (JSON, or YAML turned into JSON).
+    pub fn from_json(value: &Value) -> Result<Config, ConfigError> {
+        let root = value.as_object().ok_or_else(|| {
+            err(
+                "configuration",
+                format!("must be an object, got {}", shown(value)),
+            )
+        })?;
+        let mut warnings = Vec::new();
+        warn_unknown(root, TOP_LEVEL_KEYS, "", &mut warnings);
+
+        let service = match root.get("service") {
+            None | Some(Value::Null) => DEFAULT_SERVICE.to_string(),
+            Some(Value::String(s)) if !s.is_empty() => s.clone(),
+            Some(v) => {
+                return Err(err(
+                    "service",
+                    format!("must be a non-empty string, got {}", shown(v)),
+                ))
+            }
+        };
+        let queue_timeout = match root.get("queue_timeout") {
+            None | Some(Value::Null) => Duration::from_secs_f64(DEFAULT_QUEUE_TIMEOUT_SECS),
+            Some(v) => seconds(v, "queue_timeout")?,
+        };
+        let max_queue = match root.get("max_queue") {
+            None | Some(Value::Null) => DEFAULT_MAX_QUEUE,
+            Some(v) => queue_len(v, "max_queue")?,
+        };
+
+        let mut endpoints = Vec::new();
+        match root.get("endpoints") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(map)) => {
+                for (path, spec) in map {
+                    endpoints.push(endpoint(
+                        path,
+                        spec,
+                        queue_timeout,
+                        max_queue,
+                        &mut warnings,
+                    )?);
+                }
+            }
+            Some(v) => {
+                return Err(err(
+                    "endpoints",
+                    format!(
+                        "must be a map from path to endpoint settings, got {}",
+                        shown(v)
+                    ),
+                ))
+            }
+        }
+        if endpoints.is_empty() {
+            warnings.push("endpoints: none configured; every request passes through".to_string());
+        }
+        for e in &endpoints {
+            if e.capacity.is_none() {
+                warnings.push(format!(
+                    "endpoints.{}.capacity: not set; the endpoint is not limited until a capacity is measured",
+                    e.path
+                ));
+            }
+        }
+        Ok(Config {
+            service,
+            queue_timeout,
+            max_queue,
+            endpoints,
+            warnings,
+        })
+    }
+}
+
+fn warn_unknown(
+    map: &Map<String, Value>,
+    known: &[&str],
+    prefix: &str,
+    warnings: &mut Vec<String>,
+) {
+    for key in map.keys() {
+        if !known.contains(&key.as_str()) {
+            warnings.push(format!("{prefix}{key}: unknown key, ignored"));
+        }
+    }
+}
+
+fn endpoint(
+    path: &str,
+    spec: &Value,
+    default_timeout: Duration,
+    default_max_queue: u32,
+    warnings: &mut Vec<String>,
+) -> Result<Endpoint, ConfigError> {
+    let key = |field: &str| format!("endpoints.{path}.{field}");
+    if !path.starts_with('/') {
+        return Err(err(format!("endpoints.{path}"), "path must start with '/'"));
+    }
+    if path.contains('?') {
+        return Err(err(
+            format!("endpoints.{path}"),
+            "path must not contain a query string (requests match on the path alone)",
+        ));
+    }
+    let empty = Map::new();
+    let fields = match spec {
+        Value::Null => &empty,
+        Value::Object(m) => m,
+        v => {
+            return Err(err(
+                format!("endpoints.{path}"),
+                format!("must be a map of endpoint settings, got {}", shown(v)),
+            ))
+        }
+    };
+    warn_unknown(
+        fields,
+        ENDPOINT_KEYS,
+        &format!("endpoints.{path}."),
+        warnings,
+    );
+
+    let match_kind = match fields.get("match") {
+        None | Some(Value::Null) => MatchKind::Exact,
+        Some(Value::String(s)) if s == "exact" => MatchKind::Exact,
+        Some(Value::String(s)) if s == "prefix" => MatchKind::Prefix,
+        Some(v) => {
+            return Err(err(
+                key("match"),
+                format!("must be \"exact\" or \"prefix\", got {}", shown(v)),
+            ))
+        }
+    };
+    let methods = match fields.get("methods") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                match item.as_str() {
+                    Some(m) if !m.is_empty() && m.bytes().all(|b| b.is_ascii_alphabetic()) => {
+                        out.push(m.to_ascii_uppercase())
+                    }
+                    _ => {
+                        return Err(err(
+                            key("methods"),
+                            format!("must be a list of HTTP method names, got {}", shown(item)),
+                        ))
+                    }
+                }
+            }
+            out
+        }
+        Some(v) => {
+            return Err(err(
+                key("methods"),
+                format!("must be a list of HTTP method names, got {}", shown(v)),
+            ))
+        }
+    };
+    let capacity = match fields.get("capacity") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 && n <= u64::from(u32::MAX) => Some(n as u32),
+            _ => {
+                return Err(err(
+                    key("capacity"),
+                    format!("must be a positive integer, got {}", shown(v)),
+                ))
+            }
+        },
+    };
+    let queue_timeout = match fields.get("queue_timeout") {
+        None | Some(Value::Null) => default_timeout,
+        Some(v) => seconds(v, &key("queue_timeout"))?,
+    };
+    let max_queue = match fields.get("max_queue") {
+        None | Some(Value::Null) => default_max_queue,
+        Some(v) => queue_len(v, &key("max_queue"))?,
+    };
+    Ok(Endpoint {
+        path: path.to_string(),
+        match_kind,
+        methods,
+        capacity,
+        queue_timeout,
+        max_queue,
+    })
+}
+
+fn seconds(v: &Value, key: &str) -> Result<Duration, ConfigError> {
+    match v.as_f64() {
+        // Durations past a day are certainly a unit mistake (ms for s).
+        Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        _ => Err(err(
+            key,
+            format!(
+                "must be a number of seconds greater than 0 and at most 86400, got {}",
+                shown(v)
+            ),
+        )),
+    }
+}
+
+fn queue_len(v: &Value, key: &str) -> Result<u32, ConfigError> {
+    match v.as_u64() {
+        Some(n) if n <= u64::from(MAX_QUEUE_LIMIT) => Ok(n as u32),
+        _ => Err(err(
+            key,
+            format!(
+                "must be an integer from 0 to {MAX_QUEUE_LIMIT}, got {}",
+                shown(v)
+            ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn full_document_with_defaults_applied() {
+        let c = Config::from_json(&json!({
+            "service": "demo",
+            "queue_timeout": 30,
+            "max_queue": 1000,
+            "error_threshold": 0.05,
+            "latency_threshold_ms": 2000,
+            "storage": {"type": "redis", "url": "redis://127.0.0.1:6379"},
+            "ui": {"enable": true, "path": "/balancer/ui"},
+            "endpoints": {
+                "/predict": {
+                    "method": "POST", "headers": {"Content-Type": "application/json"},
+                    "body": {"input": "sample"}, "capacity": 10, "queue_timeout": 120
+                },
+                "/embed": {"match": "prefix", "methods": ["post", "PUT"], "max_queue": 5},
+                "/health": null
+            }
+        }))
+        .unwrap();
+        assert_eq!(c.service, "demo");
+        assert_eq!(c.endpoints.len(), 3);
+        let predict = &c.endpoints[0];
+        assert_eq!(predict.path, "/predict");
+        assert_eq!(predict.capacity, Some(10));
+        assert_eq!(predict.queue_timeout, Duration::from_secs(120));
+        assert_eq!(predict.max_queue, 1000);
+        assert_eq!(predict.match_kind, MatchKind::Exact);
+        let embed = &c.endpoints[1];
+        assert_eq!(embed.match_kind, MatchKind::Prefix);
+        assert_eq!(embed.methods, vec!["POST", "PUT"]);
+        assert_eq!(embed.queue_timeout, Duration::from_secs(30));
+        assert_eq!(embed.max_queue, 5);
+        assert_eq!(c.endpoints[2].capacity, None);
+        // Other parts' keys are not warnings; missing capacities are.
+        assert_eq!(
+            c.warnings,
+            vec![
+                "endpoints./embed.capacity: not set; the endpoint is not limited until a capacity is measured",
+                "endpoints./health.capacity: not set; the endpoint is not limited until a capacity is measured",
+            ]
+        );
+    }
+
+    #[test]
+    fn fractional_queue_timeout() {
+        let c = Config::from_json(
+            &json!({"queue_timeout": 0.25, "endpoints": {"/a": {"capacity": 1}}}),
+        )
+        .unwrap();
+        assert_eq!(c.endpoints[0].queue_timeout, Duration::from_millis(250));
+        assert_eq!(c.service, "default");
+    }
+
+    #[test]
+    fn unknown_keys_warn_but_parse() {
+        let c = Config::from_json(
+            &json!({"colour": "red", "endpoints": {"/a": {"capcity": 3, "capacity": 2}}}),
+        )
+        .unwrap();
+        assert_eq!(
+            c.warnings,
+            vec![
+                "colour: unknown key, ignored",
+                "endpoints./a.capcity: unknown key, ignored"
+            ]
+        );
+    }
+
+    /// The exact text a user sees for each bad input.
+    #[test]
+    fn error_texts() {
+        let cases: &[(&str, &str)] = &[
+            ("", "configuration: is empty; expected a JSON object"),
+            ("[1]", "configuration: must be an object, got [1]"),
+            ("{\"service\": 3}", "service: must be a non-empty string, got 3"),
+            ("{\"service\": \"\"}", "service: must be a non-empty string, got \"\""),
+            (
+                "{\"queue_timeout\": -1}",
+                "queue_timeout: must be a number of seconds greater than 0 and at most 86400, got -1",
+            ),
+            (
+                "{\"queue_timeout\": \"30s\"}",
+                "queue_timeout: must be a number of seconds greater than 0 and at most 86400, got \"30s\"",
+            ),
+            ("{\"max_queue\": -5}", "max_queue: must be an integer from 0 to 10000, got -5"),
+            ("{\"max_queue\": 1.5}", "max_queue: must be an integer from 0 to 10000, got 1.5"),
+            ("{\"max_queue\": 20000}", "max_queue: must be an integer from 0 to 10000, got 20000"),
+            (
+                "{\"endpoints\": [\"/a\"]}",
+                "endpoints: must be a map from path to endpoint settings, got [\"/a\"]",
+            ),
+            ("{\"endpoints\": {\"predict\": {}}}", "endpoints.predict: path must start with '/'"),
+            (
+                "{\"endpoints\": {\"/p?x=1\": {}}}",
+                "endpoints./p?x=1: path must not contain a query string (requests match on the path alone)",
+            ),
+            ("{\"endpoints\": {\"/p\": 5}}", "endpoints./p: must be a map of endpoint settings, got 5"),
+            (
+                "{\"endpoints\": {\"/p\": {\"capacity\": -3}}}",
+                "endpoints./p.capacity: must be a positive integer, got -3",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"capacity\": 0}}}",
+                "endpoints./p.capacity: must be a positive integer, got 0",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"capacity\": \"10\"}}}",
+                "endpoints./p.capacity: must be a positive integer, got \"10\"",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"capacity\": 2.5}}}",
+                "endpoints./p.capacity: must be a positive integer, got 2.5",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"match\": \"regex\"}}}",
+                "endpoints./p.match: must be \"exact\" or \"prefix\", got \"regex\"",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"methods\": \"POST\"}}}",
+                "endpoints./p.methods: must be a list of HTTP method names, got \"POST\"",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"methods\": [\"GE T\"]}}}",
+                "endpoints./p.methods: must be a list of HTTP method names, got \"GE T\"",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"queue_timeout\": 0}}}",
+                "endpoints./p.queue_timeout: must be a number of seconds greater than 0 and at most 86400, got 0",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"max_queue\": true}}}",
+                "endpoints./p.max_queue: must be an integer from 0 to 10000, got true",
+            ),
+        ];
+        for (input, want) in cases {
+            let got = Config::from_json_str(input).expect_err(input).to_string();
+            assert_eq!(&got, want, "input: {input}");
+        }
+        let got = Config::from_json_str("{oops").unwrap_err().to_string();
+        assert!(
+            got.starts_with("configuration: is not valid JSON: "),
+            "{got}"
+        );
+    }
+}
