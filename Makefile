@@ -9,7 +9,7 @@ deps:
 	@scripts/deps.sh
 
 wasm:
-	cargo build --release --target wasm32-wasip1 -p sluice-filter
+	cargo build --release --target wasm32-wasip1 -p sluice-filter -p sluice-empty-filter
 	@ls -l $(WASM)
 
 build: wasm

@@ -89,7 +89,7 @@ impl EndpointState {
         if bytes[0] != VERSION {
             return Err(AdmissionError::Corrupt("unknown version"));
         }
-        if (bytes.len() - HEADER_LEN) % WAITER_LEN != 0 {
+        if !(bytes.len() - HEADER_LEN).is_multiple_of(WAITER_LEN) {
             return Err(AdmissionError::Corrupt("truncated waiter list"));
         }
         let u32_at =

@@ -39,8 +39,8 @@ proxy_wasm::main! {{
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
     Waiting,
-    /// Resumed with a slot: it must release at its end.
-    Admitted,
+    /// Resumed with a slot at this host time (ns): it must release at its end.
+    Admitted(u64),
     /// Answered locally (504): it holds nothing.
     Answered,
 }
@@ -73,12 +73,12 @@ impl RootContext for SluiceRoot {
             Ok(c) => c,
             Err(e) => {
                 // Returning false fails plugin start: Envoy refuses the config.
-                log::error!("sluice: invalid configuration: {e}");
+                log::error!("invalid configuration: {e}");
                 return false;
             }
         };
         for w in &config.warnings {
-            log::warn!("sluice: {w}");
+            log::warn!("{w}");
         }
         let routes = Routes::new(&config);
         // Create every endpoint's record before traffic. Envoy runs this on
@@ -86,19 +86,19 @@ impl RootContext for SluiceRoot {
         // missing key ignores CAS, so creating later could race.
         for key in routes.keys() {
             if let Err(e) = admission::ensure(&HostStore, key) {
-                log::error!("sluice: shared data {key}: {e}");
+                log::error!("shared data {key}: {e}");
                 return false;
             }
         }
         let id = match allocate_worker_id() {
             Ok(id) => id,
             Err(e) => {
-                log::error!("sluice: cannot allocate a worker index: {e}");
+                log::error!("cannot allocate a worker index: {e}");
                 return false;
             }
         };
         if let Err(e) = hostcalls::register_shared_queue(&queue_name(id)) {
-            log::error!("sluice: cannot register wake-up queue: {e:?}");
+            log::error!("cannot register wake-up queue: {e:?}");
             return false;
         }
         let vm_id = self
@@ -106,7 +106,7 @@ impl RootContext for SluiceRoot {
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default();
         log::info!(
-            "sluice: service {:?}, {} endpoints, worker {id}",
+            "service {:?}, {} endpoints, worker {id}",
             config.service,
             config.endpoints.len()
         );
@@ -190,7 +190,7 @@ impl Worker {
                 Some(Ok(())) => {}
                 // The tick's claim is the backstop: a worker whose wake-up is
                 // lost (its VM replaced by a config update) still polls.
-                other => log::debug!("sluice: cannot wake worker {peer}: {other:?}"),
+                other => log::debug!("cannot wake worker {peer}: {other:?}"),
             }
         }
     }
@@ -209,7 +209,7 @@ impl Worker {
             self.fast_tick.set(fast);
             let period = if fast { FAST_TICK } else { Duration::ZERO };
             if let Err(e) = hostcalls::set_tick_period(period) {
-                log::warn!("sluice: cannot set tick period: {e:?}");
+                log::warn!("cannot set tick period: {e:?}");
             }
         }
     }
@@ -230,15 +230,13 @@ impl Worker {
                             None => {
                                 // Not ours any more (cannot happen while on_log
                                 // withdraws first); never keep a slot nobody uses.
-                                log::warn!(
-                                    "sluice: granted ticket {ticket} has no waiter; releasing"
-                                );
+                                log::warn!("granted ticket {ticket} has no waiter; releasing");
                                 self.release(ep);
                             }
                         }
                     }
                 }
-                Err(e) => log::warn!("sluice: claim on {}: {e}", route.path),
+                Err(e) => log::warn!("claim on {}: {e}", route.path),
             }
         }
     }
@@ -270,13 +268,13 @@ impl Worker {
                 // The slot arrived just in time: go ahead.
                 Ok(Withdrawn::Granted) => self.resume(w),
                 Ok(Withdrawn::NotFound) => {
-                    log::warn!("sluice: expired ticket {} not queued", w.ticket)
+                    log::warn!("expired ticket {} not queued", w.ticket)
                 }
                 Err(e) => {
                     // Fail open: a request we cannot account for is let through
                     // rather than left hanging.
                     log::warn!(
-                        "sluice: withdraw on {}: {e}; letting the request through",
+                        "withdraw on {}: {e}; letting the request through",
                         route.path
                     );
                     w.handle.set(Fate::Answered);
@@ -291,7 +289,7 @@ impl Worker {
     /// Continues a paused request that now holds a slot. Exactly once: the
     /// waiter was removed from the local list before this call.
     fn resume(&self, w: LocalWaiter<Rc<Cell<Fate>>>) {
-        w.handle.set(Fate::Admitted);
+        w.handle.set(Fate::Admitted(now_ns()));
         let resumed = hostcalls::set_effective_context(w.context_id).is_ok()
             && hostcalls::resume_http_request().is_ok();
         if !resumed {
@@ -305,7 +303,7 @@ impl Worker {
         let route = &self.routes.endpoints[ep];
         match admission::release(&HostStore, &route.key, route.capacity) {
             Ok(wakeups) => self.wake(&wakeups),
-            Err(e) => log::error!("sluice: release on {}: {e}", route.path),
+            Err(e) => log::error!("release on {}: {e}", route.path),
         }
     }
 }
@@ -315,7 +313,12 @@ enum Stream {
     /// Not a watched endpoint (or already finished).
     Untracked,
     Holding(usize),
-    Queued(usize, Rc<Cell<Fate>>),
+    /// Paused at `since_ns`; its fate is decided by the root context.
+    Queued {
+        ep: usize,
+        fate: Rc<Cell<Fate>>,
+        since_ns: u64,
+    },
 }
 
 struct SluiceStream {
@@ -330,8 +333,8 @@ impl SluiceStream {
         match std::mem::replace(&mut self.state, Stream::Untracked) {
             Stream::Untracked => {}
             Stream::Holding(ep) => self.worker.release(ep),
-            Stream::Queued(ep, fate) => match fate.get() {
-                Fate::Admitted => self.worker.release(ep),
+            Stream::Queued { ep, fate, .. } => match fate.get() {
+                Fate::Admitted(_) => self.worker.release(ep),
                 Fate::Answered => {}
                 Fate::Waiting => {
                     // Client gone while queued: leave the queue.
@@ -345,7 +348,7 @@ impl SluiceStream {
                         match admission::withdraw(&HostStore, &route.key, w.ticket) {
                             Ok(Withdrawn::Granted) => self.worker.release(ep),
                             Ok(_) => {}
-                            Err(e) => log::error!("sluice: withdraw on {}: {e}", route.path),
+                            Err(e) => log::error!("withdraw on {}: {e}", route.path),
                         }
                     }
                 }
@@ -406,8 +409,9 @@ impl HttpContext for SluiceStream {
                     }
                     Acquired::Queued { ticket } => {
                         let fate = Rc::new(Cell::new(Fate::Waiting));
+                        let since_ns = now_ns();
                         let deadline_ns =
-                            now_ns().saturating_add(route.queue_timeout.as_nanos() as u64);
+                            since_ns.saturating_add(route.queue_timeout.as_nanos() as u64);
                         worker.waiters.borrow_mut().push(LocalWaiter {
                             context_id: self.context_id,
                             endpoint: ep,
@@ -416,7 +420,7 @@ impl HttpContext for SluiceStream {
                             handle: Rc::clone(&fate),
                         });
                         worker.set_fast_tick(true);
-                        self.state = Stream::Queued(ep, fate);
+                        self.state = Stream::Queued { ep, fate, since_ns };
                         // Resumed later by this worker's root context with
                         // exactly one of resume_http_request or a 504.
                         Action::Pause
@@ -430,7 +434,7 @@ impl HttpContext for SluiceStream {
             Err(e) => {
                 // Fail open: shared data trouble must not take the service down.
                 log::warn!(
-                    "sluice: acquire on {}: {e}; letting the request through",
+                    "acquire on {}: {e}; letting the request through",
                     route.path
                 );
                 Action::Continue
@@ -441,6 +445,14 @@ impl HttpContext for SluiceStream {
     // The slot is released as soon as the upstream response is complete: the
     // backend is done with the request even if the client is slow to read.
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        // Tell the client how long it queued: the number users tune
+        // queue_timeout and capacity by.
+        if let Stream::Queued { fate, since_ns, .. } = &self.state {
+            if let Fate::Admitted(at_ns) = fate.get() {
+                let waited_ms = at_ns.saturating_sub(*since_ns) / 1_000_000;
+                self.set_http_response_header("x-sluice-wait-ms", Some(&waited_ms.to_string()));
+            }
+        }
         if end_of_stream {
             self.finish();
         }

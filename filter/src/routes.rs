@@ -82,3 +82,50 @@ impl Routes {
             .then_some(i)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn routes(doc: serde_json::Value) -> Routes {
+        Routes::new(&Config::from_json(&doc).unwrap())
+    }
+
+    #[test]
+    fn exact_beats_prefix_and_longest_prefix_wins() {
+        let r = routes(json!({"service": "s", "endpoints": {
+            "/v1": {"match": "prefix", "capacity": 1},
+            "/v1/embed": {"match": "prefix", "capacity": 2},
+            "/v1/embed/special": {"capacity": 3},
+            "/unmeasured": {},
+        }}));
+        let path_of = |p: &str| r.find(p, || None).map(|i| r.endpoints[i].path.as_str());
+        assert_eq!(path_of("/v1/embed/special?x=1"), Some("/v1/embed/special"));
+        assert_eq!(path_of("/v1/embed/special/more"), Some("/v1/embed"));
+        assert_eq!(path_of("/v1/other"), Some("/v1"));
+        assert_eq!(path_of("/v2"), None);
+        // No capacity yet: not limited, so not routed to shared data at all.
+        assert_eq!(path_of("/unmeasured"), None);
+        assert_eq!(r.endpoints[0].key, "sluice:s:ep:/v1");
+    }
+
+    #[test]
+    fn exact_match_ignores_query_but_not_trailing_segments() {
+        let r = routes(json!({"endpoints": {"/predict": {"capacity": 1}}}));
+        assert_eq!(r.find("/predict?a=b#c", || None), Some(0));
+        assert_eq!(r.find("/predict/x", || None), None);
+        assert_eq!(r.find("/predictx", || None), None);
+    }
+
+    #[test]
+    fn method_filter_is_asked_only_when_needed() {
+        let r = routes(json!({"endpoints": {
+            "/p": {"capacity": 1, "methods": ["POST"]},
+            "/any": {"capacity": 1},
+        }}));
+        assert_eq!(r.find("/p", || Some("post".into())), Some(0));
+        assert_eq!(r.find("/p", || Some("GET".into())), None);
+        assert_eq!(r.find("/any", || panic!("method not needed")), Some(1));
+    }
+}
