@@ -28,6 +28,8 @@ const FAST_TICK: Duration = Duration::from_millis(5);
 /// VM no worker id, and a shared queue notifies only the last VM that
 /// registered its name, so every root context needs a name of its own.
 const WORKERS_KEY: &str = "sluice:workers";
+/// Where the filter answers with its stats JSON (fastapi-balancer's path).
+const STATS_PATH: &str = "/balancer/stats";
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -182,6 +184,27 @@ fn now_ns() -> u64 {
 }
 
 impl Worker {
+    /// The stats document (a superset of fastapi-balancer's), read from the
+    /// shared records, so every worker answers with the same numbers.
+    fn stats_json(&self) -> String {
+        let mut endpoints = serde_json::Map::new();
+        for r in &self.routes.endpoints {
+            let entry = match admission::snapshot(&HostStore, &r.key) {
+                Ok(s) => serde_json::json!({
+                    "capacity": r.capacity,
+                    "active_requests": s.active,
+                    "available_slots": r.capacity.saturating_sub(s.active),
+                    "queued": s.queued(),
+                    "max_queue": r.max_queue,
+                    "queue_timeout": r.queue_timeout.as_secs_f64(),
+                }),
+                Err(e) => serde_json::json!({ "capacity": r.capacity, "error": e.to_string() }),
+            };
+            endpoints.insert(r.path.clone(), entry);
+        }
+        serde_json::json!({ "service": self.routes.service, "endpoints": endpoints }).to_string()
+    }
+
     /// Tells each worker that it has granted tickets to claim.
     fn wake(&self, wakeups: &Wakeups) {
         for &peer in wakeups.workers() {
@@ -392,6 +415,15 @@ impl HttpContext for SluiceStream {
             .routes
             .find(&path, || self.get_http_request_header(":method"))
         else {
+            if path.split('?').next() == Some(STATS_PATH) {
+                let body = worker.stats_json();
+                self.send_http_response(
+                    200,
+                    vec![("content-type", "application/json"), ("cache-control", "no-store")],
+                    Some(body.as_bytes()),
+                );
+                return Action::Pause;
+            }
             return Action::Continue;
         };
         let route = &worker.routes.endpoints[ep];

@@ -17,6 +17,7 @@ pub struct Route {
 }
 
 pub struct Routes {
+    pub service: String,
     pub endpoints: Vec<Route>,
     exact: HashMap<String, usize>,
     /// Longest prefix first.
@@ -50,6 +51,7 @@ impl Routes {
         }
         prefixes.sort_by_key(|&i| std::cmp::Reverse(endpoints[i].path.len()));
         Routes {
+            service: config.service.clone(),
             endpoints,
             exact,
             prefixes,
