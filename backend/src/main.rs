@@ -1,1 +1,28 @@
-fn main() {}
+use clap::Parser;
+use sluice_backend::route::RouteSpec;
+use std::net::SocketAddr;
+
+/// A backend of known capacity for Sluice's tests, demo and benchmarks.
+#[derive(Parser)]
+#[command(name = "sluice-backend", version)]
+struct Args {
+    /// Address to listen on; prints `listening on ADDR` when ready.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// PATH[:capacity=K,service_ms=F,overload=queue|reject], repeatable.
+    /// Paths without a route are answered at once with 200.
+    #[arg(long = "route", value_name = "SPEC", value_parser = clap::value_parser!(RouteSpec))]
+    routes: Vec<RouteSpec>,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    sluice_backend::run(sluice_backend::Options {
+        listen: args.listen,
+        routes: args.routes,
+        threads: args.threads.into(),
+    })
+}

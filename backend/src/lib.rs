@@ -1,0 +1,213 @@
+//! A backend that behaves like a compute-heavy service of known capacity, for
+//! Sluice's tests, demo and benchmarks.
+//!
+//! Each `--route` gives a path a number of slots (`capacity`), a service time
+//! and what happens beyond capacity (`queue` FIFO inside the backend, or
+//! `reject` with 503). `GET /__backend/stats` tells what the backend saw: how
+//! many requests were inside at once, and the `x-seq` headers in arrival order.
+
+pub mod path_stats;
+pub mod route;
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use path_stats::Paths;
+use route::{parse_service_ms, Overload, RouteSpec};
+use std::convert::Infallible;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+pub const STATS_PATH: &str = "/__backend/stats";
+pub const RESET_PATH: &str = "/__backend/reset";
+/// Overrides the service time of one request (float milliseconds).
+pub const SERVICE_MS_HEADER: &str = "x-service-ms";
+/// Recorded in the path's `arrivals`, in the order requests arrive.
+pub const SEQ_HEADER: &str = "x-seq";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub listen: SocketAddr,
+    pub routes: Vec<RouteSpec>,
+    /// Runtime worker threads; 1 runs everything on the calling thread.
+    pub threads: usize,
+}
+
+/// Serves until the process is killed. Prints `listening on ADDR` once the
+/// socket is bound: harnesses read that line to learn the port.
+pub fn run(opts: Options) -> anyhow::Result<()> {
+    let runtime = if opts.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(opts.threads)
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(async {
+        let server = Server::bind(&opts).await?;
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "listening on {}", server.local_addr())?;
+        stdout.flush()?;
+        drop(stdout);
+        server.serve().await
+    })
+}
+
+/// A bound, not yet serving backend. Tests run it in-process:
+/// `tokio::spawn(Server::bind(&opts).await?.serve())`.
+pub struct Server {
+    listener: TcpListener,
+    app: Arc<App>,
+}
+
+impl Server {
+    pub async fn bind(opts: &Options) -> anyhow::Result<Server> {
+        for (i, route) in opts.routes.iter().enumerate() {
+            if opts.routes[..i].iter().any(|r| r.path == route.path) {
+                bail!("--route {} is given twice", route.path);
+            }
+        }
+        let listener = TcpListener::bind(opts.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", opts.listen))?;
+        let app = Arc::new(App {
+            paths: Paths::new(&opts.routes),
+        });
+        Ok(Server { listener, app })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub async fn serve(self) -> anyhow::Result<()> {
+        loop {
+            let (stream, _) = match self.listener.accept().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors under a benchmark: back off
+                    // instead of spinning or dying.
+                    eprintln!("sluice-backend: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            // Responses are small and latency is what the tests measure.
+            let _ = stream.set_nodelay(true);
+            let app = self.app.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let app = app.clone();
+                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                });
+                // Errors here are clients going away mid-request: nothing to do.
+                let _ = http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+}
+
+struct App {
+    paths: Paths,
+}
+
+impl App {
+    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+        match (req.method(), req.uri().path()) {
+            (&Method::GET, STATS_PATH) => {
+                return json(StatusCode::OK, self.paths.stats_json().to_string());
+            }
+            (&Method::POST, RESET_PATH) => {
+                self.paths.reset();
+                return json(StatusCode::OK, r#"{"reset":true}"#);
+            }
+            (_, STATS_PATH | RESET_PATH) => {
+                return json(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    r#"{"error":"use GET /__backend/stats or POST /__backend/reset"}"#,
+                );
+            }
+            _ => {}
+        }
+        let Some(state) = self.paths.get(req.uri().path()) else {
+            // Too many distinct paths to keep counters for: serve, uncounted.
+            return json(StatusCode::OK, r#"{"untracked":true}"#);
+        };
+        let service_ms = match req.headers().get(SERVICE_MS_HEADER) {
+            None => None,
+            Some(value) => match value.to_str().ok().and_then(parse_service_ms) {
+                Some(ms) => Some(ms),
+                None => {
+                    return json(StatusCode::BAD_REQUEST, r#"{"error":"bad x-service-ms"}"#);
+                }
+            },
+        };
+        if let Some(seq) = req.headers().get(SEQ_HEADER) {
+            state.record_arrival(&String::from_utf8_lossy(seq.as_bytes()));
+        }
+        let _in_flight = state.in_flight.enter();
+
+        if req.into_body().collect().await.is_err() {
+            return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
+        }
+
+        let _slot = match &state.slots {
+            None => None,
+            Some(slots) => match slots.overload {
+                Overload::Queue => Some(
+                    slots
+                        .semaphore
+                        .acquire()
+                        .await
+                        .expect("the semaphore is never closed"),
+                ),
+                Overload::Reject => match slots.semaphore.try_acquire() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        state.count_rejected();
+                        return json(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            r#"{"error":"over capacity"}"#,
+                        );
+                    }
+                },
+            },
+        };
+        let _serving = state.serving.enter();
+        let (service_time, body) = match service_ms {
+            None => (state.service_time, state.default_body.clone()),
+            Some(ms) => (Duration::from_secs_f64(ms / 1000.0), state.body_for(ms)),
+        };
+        if !service_time.is_zero() {
+            tokio::time::sleep(service_time).await;
+        }
+        state.count_completed();
+        json(StatusCode::OK, body)
+    }
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

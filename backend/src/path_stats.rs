@@ -1,0 +1,200 @@
+//! Per-path state: the capacity slots and the counters `/__backend/stats`
+//! reports.
+
+use crate::route::{Overload, RouteSpec};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+
+/// `x-seq` values kept per path; a long benchmark must not grow without bound.
+pub const MAX_ARRIVALS: usize = 100_000;
+/// Paths without a route are counted too, up to this many distinct ones, so a
+/// client sending random paths cannot exhaust memory.
+const MAX_UNROUTED_PATHS: usize = 10_000;
+
+/// A count of requests in some phase, and the most seen at once.
+#[derive(Default)]
+pub struct Gauge {
+    now: AtomicU64,
+    max: AtomicU64,
+}
+
+impl Gauge {
+    /// Counts a request into the phase until the returned guard drops, which
+    /// also happens when hyper drops the handler because the client left.
+    pub fn enter(&self) -> GaugeGuard<'_> {
+        let now = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max.fetch_max(now, Ordering::SeqCst);
+        GaugeGuard(self)
+    }
+
+    fn now(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    fn max(&self) -> u64 {
+        self.max.load(Ordering::SeqCst)
+    }
+
+    /// Restarts the maximum from the current count (zero when idle), so it
+    /// never reads below the requests still inside.
+    fn reset_max(&self) {
+        self.max.store(self.now(), Ordering::SeqCst);
+    }
+}
+
+pub struct GaugeGuard<'a>(&'a Gauge);
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.now.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Capacity slots of a route with a `capacity`.
+pub struct Slots {
+    /// tokio's semaphore hands out permits in the order they were asked for,
+    /// which is the FIFO queue `overload=queue` promises.
+    pub semaphore: Semaphore,
+    pub overload: Overload,
+}
+
+pub struct PathState {
+    pub slots: Option<Slots>,
+    pub service_time: Duration,
+    /// The 200 body for the default service time, rendered once.
+    pub default_body: Bytes,
+    service_ms: f64,
+    path: String,
+    pub in_flight: Gauge,
+    pub serving: Gauge,
+    completed: AtomicU64,
+    rejected: AtomicU64,
+    arrivals: Mutex<Vec<String>>,
+}
+
+impl PathState {
+    fn new(path: &str, capacity: Option<usize>, service_ms: f64, overload: Overload) -> Self {
+        PathState {
+            slots: capacity.map(|k| Slots {
+                semaphore: Semaphore::new(k),
+                overload,
+            }),
+            service_time: Duration::from_secs_f64(service_ms / 1000.0),
+            default_body: ok_body(path, service_ms),
+            service_ms,
+            path: path.to_string(),
+            in_flight: Gauge::default(),
+            serving: Gauge::default(),
+            completed: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            arrivals: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The 200 body for this request's service time.
+    pub fn body_for(&self, service_ms: f64) -> Bytes {
+        if service_ms == self.service_ms {
+            self.default_body.clone()
+        } else {
+            ok_body(&self.path, service_ms)
+        }
+    }
+
+    pub fn record_arrival(&self, seq: &str) {
+        let mut arrivals = self.arrivals.lock().unwrap();
+        if arrivals.len() < MAX_ARRIVALS {
+            arrivals.push(seq.to_string());
+        }
+    }
+
+    pub fn count_completed(&self) {
+        self.completed.fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn count_rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "in_flight": self.in_flight.now(),
+            "max_in_flight": self.in_flight.max(),
+            "serving": self.serving.now(),
+            "max_serving": self.serving.max(),
+            "completed": self.completed.load(Ordering::SeqCst),
+            "rejected": self.rejected.load(Ordering::SeqCst),
+            "arrivals": *self.arrivals.lock().unwrap(),
+        })
+    }
+
+    fn reset(&self) {
+        self.in_flight.reset_max();
+        self.serving.reset_max();
+        self.completed.store(0, Ordering::SeqCst);
+        self.rejected.store(0, Ordering::SeqCst);
+        self.arrivals.lock().unwrap().clear();
+    }
+}
+
+fn ok_body(path: &str, service_ms: f64) -> Bytes {
+    Bytes::from(json!({ "path": path, "service_ms": service_ms }).to_string())
+}
+
+/// Every path the backend has state for: the routes from the command line,
+/// plus each other path the first time it is requested.
+pub struct Paths {
+    by_path: RwLock<HashMap<String, Arc<PathState>>>,
+}
+
+impl Paths {
+    pub fn new(routes: &[RouteSpec]) -> Paths {
+        let by_path = routes
+            .iter()
+            .map(|r| {
+                let state = PathState::new(&r.path, r.capacity, r.service_ms, r.overload);
+                (r.path.clone(), Arc::new(state))
+            })
+            .collect();
+        Paths {
+            by_path: RwLock::new(by_path),
+        }
+    }
+
+    /// The state of `path`, created (unlimited, no service time) for a path
+    /// without a route. `None` only once too many distinct paths were seen.
+    pub fn get(&self, path: &str) -> Option<Arc<PathState>> {
+        if let Some(state) = self.by_path.read().unwrap().get(path) {
+            return Some(state.clone());
+        }
+        let mut by_path = self.by_path.write().unwrap();
+        if let Some(state) = by_path.get(path) {
+            return Some(state.clone());
+        }
+        if by_path.len() >= MAX_UNROUTED_PATHS {
+            return None;
+        }
+        let state = Arc::new(PathState::new(path, None, 0.0, Overload::Queue));
+        by_path.insert(path.to_string(), state.clone());
+        Some(state)
+    }
+
+    pub fn stats_json(&self) -> Value {
+        let by_path = self.by_path.read().unwrap();
+        let sorted: BTreeMap<&str, Value> = by_path
+            .iter()
+            .map(|(path, state)| (path.as_str(), state.to_json()))
+            .collect();
+        json!({ "paths": sorted })
+    }
+
+    pub fn reset(&self) {
+        for state in self.by_path.read().unwrap().values() {
+            state.reset();
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! `--route PATH[:key=value,...]`: how one path of the backend behaves.
+
+use std::str::FromStr;
+
+/// What a route does with a request that finds all of its slots taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// Wait, first come first served, until a slot frees.
+    Queue,
+    /// Answer 503 at once.
+    Reject,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    /// Matched exactly against the request path without its query string.
+    pub path: String,
+    /// Requests served at the same time; `None` is unlimited.
+    pub capacity: Option<usize>,
+    /// How long serving one request takes, unless `x-service-ms` says otherwise.
+    pub service_ms: f64,
+    pub overload: Overload,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouteSpecError {
+    #[error("the path must start with '/', got {0:?}")]
+    BadPath(String),
+    #[error("{0:?} is not key=value")]
+    NotKeyValue(String),
+    #[error("unknown key {0:?} (expected capacity, service_ms or overload)")]
+    UnknownKey(String),
+    #[error("key {0:?} is given twice")]
+    DuplicateKey(String),
+    #[error("capacity must be a whole number >= 1, got {0:?}")]
+    BadCapacity(String),
+    #[error("service_ms must be a number of milliseconds >= 0, got {0:?}")]
+    BadServiceMs(String),
+    #[error("overload must be queue or reject, got {0:?}")]
+    BadOverload(String),
+}
+
+impl FromStr for RouteSpec {
+    type Err = RouteSpecError;
+
+    fn from_str(spec: &str) -> Result<RouteSpec, RouteSpecError> {
+        let (path, options) = match spec.split_once(':') {
+            Some((path, options)) => (path, Some(options)),
+            None => (spec, None),
+        };
+        if !path.starts_with('/') {
+            return Err(RouteSpecError::BadPath(path.to_string()));
+        }
+        let mut route = RouteSpec {
+            path: path.to_string(),
+            capacity: None,
+            service_ms: 0.0,
+            overload: Overload::Queue,
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        for pair in options.into_iter().flat_map(|o| o.split(',')) {
+            let (key, value) = pair
+                .split_once('=')
+                .ok_or_else(|| RouteSpecError::NotKeyValue(pair.to_string()))?;
+            let (key, value) = (key.trim(), value.trim());
+            if seen.contains(&key) {
+                return Err(RouteSpecError::DuplicateKey(key.to_string()));
+            }
+            seen.push(key);
+            match key {
+                "capacity" => {
+                    let capacity = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|&c| c >= 1)
+                        .ok_or_else(|| RouteSpecError::BadCapacity(value.to_string()))?;
+                    route.capacity = Some(capacity);
+                }
+                "service_ms" => {
+                    route.service_ms = parse_service_ms(value)
+                        .ok_or_else(|| RouteSpecError::BadServiceMs(value.to_string()))?;
+                }
+                "overload" => {
+                    route.overload = match value {
+                        "queue" => Overload::Queue,
+                        "reject" => Overload::Reject,
+                        _ => return Err(RouteSpecError::BadOverload(value.to_string())),
+                    };
+                }
+                _ => return Err(RouteSpecError::UnknownKey(key.to_string())),
+            }
+        }
+        Ok(route)
+    }
+}
+
+/// A service time in milliseconds: finite and not negative. Shared by
+/// `--route` and the `x-service-ms` request header.
+pub fn parse_service_ms(text: &str) -> Option<f64> {
+    text.trim()
+        .parse::<f64>()
+        .ok()
+        .filter(|ms| ms.is_finite() && *ms >= 0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_good_specs() {
+        let cases = [
+            ("/p", None, 0.0, Overload::Queue),
+            ("/p:capacity=4", Some(4), 0.0, Overload::Queue),
+            (
+                "/predict:capacity=4,service_ms=200",
+                Some(4),
+                200.0,
+                Overload::Queue,
+            ),
+            (
+                "/a/b:service_ms=2.5,overload=reject,capacity=1",
+                Some(1),
+                2.5,
+                Overload::Reject,
+            ),
+            ("/p:service_ms=0", None, 0.0, Overload::Queue),
+        ];
+        for (spec, capacity, service_ms, overload) in cases {
+            let route: RouteSpec = spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"));
+            assert_eq!(route.capacity, capacity, "{spec}");
+            assert_eq!(route.service_ms, service_ms, "{spec}");
+            assert_eq!(route.overload, overload, "{spec}");
+        }
+        assert_eq!("/a/b:capacity=1".parse::<RouteSpec>().unwrap().path, "/a/b");
+    }
+
+    #[test]
+    fn names_the_bad_part() {
+        let cases = [
+            ("predict", "the path must start with '/', got \"predict\""),
+            ("/p:capacity", "\"capacity\" is not key=value"),
+            ("/p:capacity=4,", "\"\" is not key=value"),
+            (
+                "/p:slots=4",
+                "unknown key \"slots\" (expected capacity, service_ms or overload)",
+            ),
+            (
+                "/p:capacity=0",
+                "capacity must be a whole number >= 1, got \"0\"",
+            ),
+            (
+                "/p:capacity=x",
+                "capacity must be a whole number >= 1, got \"x\"",
+            ),
+            (
+                "/p:service_ms=-1",
+                "service_ms must be a number of milliseconds >= 0, got \"-1\"",
+            ),
+            (
+                "/p:service_ms=inf",
+                "service_ms must be a number of milliseconds >= 0, got \"inf\"",
+            ),
+            (
+                "/p:overload=drop",
+                "overload must be queue or reject, got \"drop\"",
+            ),
+            (
+                "/p:capacity=1,capacity=2",
+                "key \"capacity\" is given twice",
+            ),
+        ];
+        for (spec, message) in cases {
+            let err = spec.parse::<RouteSpec>().unwrap_err();
+            assert_eq!(err.to_string(), message, "{spec}");
+        }
+    }
+}

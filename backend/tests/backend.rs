@@ -1,0 +1,232 @@
+//! The backend served in-process on a free loopback port, driven over real
+//! HTTP/1.1 connections.
+
+use serde_json::Value;
+use sluice_backend::{route::RouteSpec, Options, Server};
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn start(routes: &[&str]) -> SocketAddr {
+    let opts = Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        routes: routes
+            .iter()
+            .map(|r| r.parse::<RouteSpec>().unwrap())
+            .collect(),
+        threads: 1,
+    };
+    let server = Server::bind(&opts).await.unwrap();
+    let addr = server.local_addr();
+    tokio::spawn(server.serve());
+    addr
+}
+
+/// One request on its own connection: (status, body).
+async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: backend\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("content-length: 5\r\n\r\nhello");
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8(response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (status, body.to_string())
+}
+
+async fn stats(addr: SocketAddr) -> Value {
+    let (status, body) = request(addr, "GET", "/__backend/stats", &[]).await;
+    assert_eq!(status, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Starts `n` requests to `path`, 20 ms apart so they arrive in `x-seq` order.
+async fn burst(addr: SocketAddr, path: &'static str, n: usize) -> Vec<(u16, String, Duration)> {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for seq in 0..n {
+        tasks.push(tokio::spawn(async move {
+            let (status, body) = request(addr, "POST", path, &[("x-seq", &seq.to_string())]).await;
+            (status, body, started.elapsed())
+        }));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap());
+    }
+    results
+}
+
+#[tokio::test]
+async fn queue_mode_serves_capacity_at_a_time_in_arrival_order() {
+    let addr = start(&["/predict:capacity=2,service_ms=200"]).await;
+    let results = burst(addr, "/predict", 6).await;
+    for (status, body, _) in &results {
+        assert_eq!(*status, 200);
+        assert_eq!(body, r#"{"path":"/predict","service_ms":200.0}"#);
+    }
+    // Two at a time, FIFO: the last pair cannot finish before three service times.
+    assert!(
+        results[5].2 >= Duration::from_millis(590),
+        "{:?}",
+        results[5].2
+    );
+    assert!(results[1].2 < results[5].2);
+    let s = &stats(addr).await["paths"]["/predict"];
+    assert_eq!(s["max_serving"], 2);
+    assert_eq!(s["max_in_flight"], 6);
+    assert_eq!(s["in_flight"], 0);
+    assert_eq!(s["serving"], 0);
+    assert_eq!(s["completed"], 6);
+    assert_eq!(s["rejected"], 0);
+    assert_eq!(
+        s["arrivals"],
+        serde_json::json!(["0", "1", "2", "3", "4", "5"])
+    );
+}
+
+#[tokio::test]
+async fn reject_mode_answers_503_beyond_capacity() {
+    let addr = start(&["/predict:capacity=1,service_ms=300,overload=reject"]).await;
+    let results = burst(addr, "/predict", 3).await;
+    let statuses: Vec<u16> = results.iter().map(|r| r.0).collect();
+    assert_eq!(statuses, [200, 503, 503]);
+    assert_eq!(results[1].1, r#"{"error":"over capacity"}"#);
+    assert!(
+        results[1].2 < Duration::from_millis(200),
+        "503 comes at once"
+    );
+    let s = &stats(addr).await["paths"]["/predict"];
+    assert_eq!(s["completed"], 1);
+    assert_eq!(s["rejected"], 2);
+    assert_eq!(s["max_serving"], 1);
+    assert_eq!(s["max_in_flight"], 2);
+}
+
+#[tokio::test]
+async fn unrouted_paths_are_served_at_once_and_counted() {
+    let addr = start(&["/predict:capacity=1,service_ms=1000"]).await;
+    let started = Instant::now();
+    let (status, body) = request(addr, "GET", "/other?x=1", &[("x-seq", "a")]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"path":"/other","service_ms":0.0}"#)
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let paths = &stats(addr).await["paths"];
+    assert_eq!(paths["/other"]["completed"], 1);
+    assert_eq!(paths["/other"]["arrivals"], serde_json::json!(["a"]));
+    assert_eq!(paths["/predict"]["completed"], 0);
+    assert!(paths.get("/__backend/stats").is_none(), "{paths}");
+}
+
+#[tokio::test]
+async fn query_string_is_ignored_and_header_overrides_service_time() {
+    let addr = start(&["/predict:service_ms=5000"]).await;
+    let started = Instant::now();
+    let (status, body) = request(addr, "POST", "/predict?fast=1", &[("x-service-ms", "50")]).await;
+    assert_eq!(
+        (status, body.as_str()),
+        (200, r#"{"path":"/predict","service_ms":50.0}"#)
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(50) && took < Duration::from_millis(2000),
+        "{took:?}"
+    );
+    let (status, _) = request(addr, "POST", "/predict", &[("x-service-ms", "soon")]).await;
+    assert_eq!(status, 400);
+    assert_eq!(stats(addr).await["paths"]["/predict"]["completed"], 1);
+}
+
+#[tokio::test]
+async fn reset_clears_counters_and_arrivals() {
+    let addr = start(&["/predict:capacity=2"]).await;
+    burst(addr, "/predict", 3).await;
+    let (status, _) = request(addr, "POST", "/__backend/reset", &[]).await;
+    assert_eq!(status, 200);
+    let s = &stats(addr).await["paths"]["/predict"];
+    assert_eq!(s["completed"], 0);
+    assert_eq!(s["max_in_flight"], 0);
+    assert_eq!(s["max_serving"], 0);
+    assert_eq!(s["arrivals"], serde_json::json!([]));
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_frees_its_place() {
+    let addr = start(&["/predict:capacity=1,service_ms=60000"]).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /predict HTTP/1.1\r\nhost: b\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(stats(addr).await["paths"]["/predict"]["serving"], 1);
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = stats(addr).await;
+        if s["paths"]["/predict"]["in_flight"] == 0 && s["paths"]["/predict"]["serving"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still counted: {s}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[test]
+fn bad_route_spec_exits_non_zero_naming_the_bad_part() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-backend"))
+        .args(["--route", "/ok", "--route", "/p:capacity=4,overload=drop"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("/p:capacity=4,overload=drop")
+            && stderr.contains("overload must be queue or reject, got \"drop\""),
+        "{stderr}"
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice-backend"))
+        .args(["--route", "/p", "--route", "/p:capacity=1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--route /p is given twice"), "{stderr}");
+}
+
+#[test]
+fn binary_prints_its_port_when_ready() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-backend"))
+        .args(["--route", "/p:capacity=1", "--threads", "2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let addr = line.trim_end().strip_prefix("listening on 127.0.0.1:");
+    assert!(
+        addr.is_some_and(|port| port.parse::<u16>().unwrap() > 0),
+        "{line:?}"
+    );
+}
