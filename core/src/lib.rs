@@ -5,5 +5,6 @@
 
 pub mod admission;
 pub mod config;
+pub mod storage;
 pub mod store;
 pub mod waiters;

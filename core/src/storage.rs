@@ -1,0 +1,202 @@
+//! Where measured capacities are kept: the `storage:` key of `sluice.yaml` and
+//! the Redis key layout the prober writes and the sync service reads.
+//!
+//! The layout is documented for people in `docs/redis-keys.md`; these
+//! functions are the one place that spells the names, so the writer and the
+//! reader cannot drift apart.
+//!
+//! Every key of a service carries the service name in braces, e.g.
+//! `sluice:{demo}:capacity:/predict`. The braces are literal: they are a Redis
+//! Cluster hash tag, so all keys of one service live in one slot and the
+//! prober can update a record and the endpoint set in one `MULTI`.
+
+use crate::config::ConfigError;
+use serde_json::Value;
+
+/// Redis URL used when `storage.type` is `redis` and no `url` is given.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+const STORAGE_EXAMPLE: &str = "{type: redis, url: \"redis://host:6379\"}";
+
+/// Fields of a capacity record (a Redis hash).
+pub mod fields {
+    /// Concurrent requests the endpoint takes (positive integer).
+    pub const CAPACITY: &str = "capacity";
+    /// p99 latency at that concurrency, milliseconds (absent for `manual`).
+    pub const P99_MS: &str = "p99_ms";
+    /// Throughput at that concurrency, requests per second (absent for `manual`).
+    pub const RPS: &str = "rps";
+    /// Error rate at that concurrency, 0..1 (absent for `manual`).
+    pub const ERROR_RATE: &str = "error_rate";
+    /// When it was measured or set: Unix time in whole seconds.
+    pub const MEASURED_AT: &str = "measured_at";
+    /// `probe` (measured by sluice-prober) or `manual` (set by hand in the file).
+    pub const SOURCE: &str = "source";
+}
+
+/// Where capacities are shared, from `storage:`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Storage {
+    /// Nothing is shared: each process keeps what its file says
+    /// (fastapi-balancer's `type: memory`).
+    Memory,
+    Redis {
+        url: String,
+    },
+}
+
+impl Storage {
+    /// Reads `storage` from the whole document; `None` when it is absent.
+    pub fn from_json(root: &Value) -> Result<Option<Storage>, ConfigError> {
+        let spec = match root.get("storage") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(m)) => m,
+            Some(v) => {
+                return Err(ConfigError {
+                    key: "storage".into(),
+                    problem: format!("must be a map like {STORAGE_EXAMPLE}, got {v}"),
+                })
+            }
+        };
+        let kind = match spec.get("type") {
+            None | Some(Value::Null) => {
+                if spec.contains_key("url") {
+                    "redis"
+                } else {
+                    return Err(ConfigError {
+                        key: "storage.type".into(),
+                        problem: "is missing; expected \"redis\" or \"memory\"".into(),
+                    });
+                }
+            }
+            Some(Value::String(s)) => s.as_str(),
+            Some(v) => {
+                return Err(ConfigError {
+                    key: "storage.type".into(),
+                    problem: format!("must be \"redis\" or \"memory\", got {v}"),
+                })
+            }
+        };
+        match kind {
+            "memory" => Ok(Some(Storage::Memory)),
+            "redis" => match spec.get("url") {
+                None | Some(Value::Null) => Ok(Some(Storage::Redis {
+                    url: DEFAULT_REDIS_URL.to_string(),
+                })),
+                Some(Value::String(u))
+                    if u.starts_with("redis://")
+                        || u.starts_with("rediss://")
+                        || u.starts_with("unix://")
+                        || u.starts_with("redis+unix://") =>
+                {
+                    Ok(Some(Storage::Redis { url: u.clone() }))
+                }
+                Some(v) => Err(ConfigError {
+                    key: "storage.url".into(),
+                    problem: format!("must be a redis:// URL, got {v}"),
+                }),
+            },
+            other => Err(ConfigError {
+                key: "storage.type".into(),
+                problem: format!("must be \"redis\" or \"memory\", got {other:?}"),
+            }),
+        }
+    }
+}
+
+/// Checks that a service name can be used inside a hash tag.
+pub fn check_service_name(service: &str) -> Result<(), ConfigError> {
+    if service.contains(['{', '}']) || service.chars().any(char::is_whitespace) {
+        return Err(ConfigError {
+            key: "service".into(),
+            problem: format!(
+                "must not contain braces or spaces (it is a Redis key's hash tag), got {service:?}"
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// The hash holding one endpoint's capacity record.
+pub fn capacity_key(service: &str, path: &str) -> String {
+    format!("sluice:{{{service}}}:capacity:{path}")
+}
+
+/// The set of every endpoint path that has a capacity record, so a reader
+/// lists a service's endpoints without `SCAN`.
+pub fn endpoints_key(service: &str) -> String {
+    format!("sluice:{{{service}}}:endpoints")
+}
+
+/// The pub/sub channel that announces each change of a service's records.
+pub fn updates_channel(service: &str) -> String {
+    format!("sluice:{{{service}}}:updates")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn key_names() {
+        assert_eq!(
+            capacity_key("demo", "/predict"),
+            "sluice:{demo}:capacity:/predict"
+        );
+        assert_eq!(endpoints_key("demo"), "sluice:{demo}:endpoints");
+        assert_eq!(updates_channel("demo"), "sluice:{demo}:updates");
+    }
+
+    #[test]
+    fn storage_forms() {
+        assert_eq!(Storage::from_json(&json!({})).unwrap(), None);
+        assert_eq!(
+            Storage::from_json(&json!({"storage": {"type": "redis", "url": "redis://h:1/2"}}))
+                .unwrap(),
+            Some(Storage::Redis {
+                url: "redis://h:1/2".into()
+            })
+        );
+        assert_eq!(
+            Storage::from_json(&json!({"storage": {"type": "redis"}})).unwrap(),
+            Some(Storage::Redis {
+                url: DEFAULT_REDIS_URL.into()
+            })
+        );
+        assert_eq!(
+            Storage::from_json(&json!({"storage": {"url": "redis://h:1"}})).unwrap(),
+            Some(Storage::Redis {
+                url: "redis://h:1".into()
+            })
+        );
+        assert_eq!(
+            Storage::from_json(&json!({"storage": {"type": "memory"}})).unwrap(),
+            Some(Storage::Memory)
+        );
+    }
+
+    #[test]
+    fn storage_errors_name_the_key() {
+        let cases = [
+            (json!({"storage": "redis"}), "storage: must be a map like {type: redis, url: \"redis://host:6379\"}, got \"redis\""),
+            (json!({"storage": {"type": "etcd"}}), "storage.type: must be \"redis\" or \"memory\", got \"etcd\""),
+            (json!({"storage": {"type": 3}}), "storage.type: must be \"redis\" or \"memory\", got 3"),
+            (json!({"storage": {}}), "storage.type: is missing; expected \"redis\" or \"memory\""),
+            (json!({"storage": {"type": "redis", "url": "http://x"}}), "storage.url: must be a redis:// URL, got \"http://x\""),
+        ];
+        for (doc, want) in cases {
+            assert_eq!(Storage::from_json(&doc).unwrap_err().to_string(), want);
+        }
+    }
+
+    #[test]
+    fn service_names_for_hash_tags() {
+        assert!(check_service_name("demo-1.prod").is_ok());
+        assert!(check_service_name("a{b").is_err());
+        assert!(check_service_name("a b").is_err());
+    }
+}
