@@ -34,13 +34,15 @@ test-wasm:
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test -p sluice-core --target wasm32-unknown-unknown
 
+# Figures for the README: side by side in one run, printed as markdown.
 bench: deps wasm
-	cargo build --release -p sluice-backend -p sluice-prober
-	scripts/bench-filter.sh
+	cargo build --release -p sluice-backend -p sluice-bench
+	target/release/sluice-bench
 
+# The same burst against a capacity-4 service, without and with Sluice.
 demo: deps wasm
-	cargo build --release -p sluice-backend
-	scripts/demo.sh
+	cargo build --release -p sluice-backend -p sluice-demo
+	target/release/sluice-demo
 
 clean:
 	cargo clean

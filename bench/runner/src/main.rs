@@ -1,0 +1,5 @@
+use clap::Parser;
+
+fn main() -> anyhow::Result<()> {
+    sluice_bench::run(&sluice_bench::Opts::parse())
+}
