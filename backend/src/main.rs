@@ -18,11 +18,16 @@ struct Args {
     threads: u16,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() {
     let args = Args::parse();
-    sluice_backend::run(sluice_backend::Options {
+    let result = sluice_backend::run(sluice_backend::Options {
         listen: args.listen,
         routes: args.routes,
         threads: args.threads.into(),
-    })
+    });
+    if let Err(e) = result {
+        // One line with the causes, not anyhow's backtrace dump.
+        eprintln!("sluice-backend: {e:#}");
+        std::process::exit(1);
+    }
 }
