@@ -1,0 +1,248 @@
+//! The standard Sluice front proxy as an Envoy bootstrap: one listener, the
+//! wasm filter, the router, and one backend cluster.
+
+use crate::envoy::EnvoyOptions;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// The listener's name (and its stats prefix).
+pub const FRONT_LISTENER_NAME: &str = "sluice_front";
+
+#[derive(Debug, Clone)]
+pub struct FrontProxy {
+    pub listener_port: u16,
+    pub admin_port: u16,
+    pub backend_port: u16,
+    /// The wasm module to load, e.g. [`crate::wasm_path`] or
+    /// [`crate::empty_wasm_path`]; `None` renders plain Envoy, no wasm filter.
+    pub wasm_path: Option<PathBuf>,
+    /// The plugin `configuration`, passed to the filter as is.
+    pub plugin_config_json: String,
+    pub vm_id: String,
+    /// Serve the listener from file-based LDS (`<work_dir>/lds.yaml`), so
+    /// [`crate::Envoy::update_lds`] can change it while Envoy runs.
+    pub use_lds: bool,
+    /// Where Envoy's files go: bootstrap, `lds.yaml`, logs. Unique per
+    /// `new`; a clone shares it (and the ports), so start one Envoy per
+    /// FrontProxy at a time.
+    pub work_dir: PathBuf,
+    /// Must stay above the longest queue timeout (see [`FrontProxy::render`]).
+    pub stream_idle_timeout_secs: u64,
+    /// 0: no route timeout.
+    pub route_timeout_secs: u64,
+    /// More clusters (e.g. the sync service), YAML list items written at
+    /// column 0; they are indented into `static_resources.clusters`.
+    pub extra_clusters_yaml: String,
+    /// More top-level bootstrap keys (e.g. `stats_config:`), appended as is.
+    pub extra_bootstrap_yaml: String,
+}
+
+impl FrontProxy {
+    /// The Sluice filter with this configuration in front of
+    /// 127.0.0.1:`backend_port`, on free listener and admin ports.
+    pub fn new(backend_port: u16, plugin_config_json: impl Into<String>) -> FrontProxy {
+        FrontProxy::with_wasm(backend_port, Some(crate::wasm_path()), plugin_config_json)
+    }
+
+    /// Plain Envoy, no wasm filter: the benchmarks' baseline.
+    pub fn without_wasm(backend_port: u16) -> FrontProxy {
+        FrontProxy::with_wasm(backend_port, None, "")
+    }
+
+    /// Any wasm module (e.g. [`crate::empty_wasm_path`]), or none.
+    pub fn with_wasm(
+        backend_port: u16,
+        wasm_path: Option<PathBuf>,
+        plugin_config_json: impl Into<String>,
+    ) -> FrontProxy {
+        FrontProxy {
+            listener_port: crate::free_port(),
+            admin_port: crate::free_port(),
+            backend_port,
+            wasm_path,
+            plugin_config_json: plugin_config_json.into(),
+            vm_id: "sluice".to_string(),
+            use_lds: false,
+            work_dir: crate::unique_scratch_path("envoy"),
+            stream_idle_timeout_secs: 600,
+            route_timeout_secs: 0,
+            extra_clusters_yaml: String::new(),
+            extra_bootstrap_yaml: String::new(),
+        }
+    }
+
+    pub fn listener_addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.listener_port).into()
+    }
+
+    pub fn lds_path(&self) -> PathBuf {
+        self.work_dir.join("lds.yaml")
+    }
+
+    /// What [`crate::Envoy::start_with`] needs to run this proxy.
+    pub fn envoy_options(&self, concurrency: u32) -> EnvoyOptions {
+        let mut opts = EnvoyOptions::new(self.render(), self.admin_port);
+        opts.listener_port = Some(self.listener_port);
+        opts.lds_yaml = self.use_lds.then(|| self.render_lds());
+        opts.work_dir = Some(self.work_dir.clone());
+        opts.concurrency = concurrency;
+        opts
+    }
+
+    /// The bootstrap YAML.
+    pub fn render(&self) -> String {
+        let listeners = if self.use_lds {
+            String::new()
+        } else {
+            format!("  listeners:\n{}", indent(&self.render_listener(false), 2))
+        };
+        let dynamic_resources = if self.use_lds {
+            format!(
+                "dynamic_resources:\n  lds_config:\n    resource_api_version: V3\n    \
+                 # Envoy reloads this file when a new one is renamed into place.\n    \
+                 path_config_source:\n      path: {}\n",
+                json_string(&self.lds_path().to_string_lossy())
+            )
+        } else {
+            String::new()
+        };
+        let extra_clusters = indent(&self.extra_clusters_yaml, 2);
+        let extra_bootstrap = &self.extra_bootstrap_yaml;
+        let admin_port = self.admin_port;
+        let backend_port = self.backend_port;
+        format!(
+            r#"# Sluice front proxy, rendered by sluice-e2e's FrontProxy.
+# File-based LDS refuses listeners unless the node has an id and a cluster.
+node:
+  id: sluice-front-proxy
+  cluster: sluice
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
+static_resources:
+{listeners}  clusters:
+  - name: backend
+    type: STATIC
+    connect_timeout: 1s
+    # Envoy's default thresholds (1024 connections, pending and active
+    # requests) would queue or 503 before Sluice does.
+    circuit_breakers:
+      thresholds:
+      - priority: DEFAULT
+        max_connections: 1000000
+        max_pending_requests: 1000000
+        max_requests: 1000000
+        max_retries: 1000000
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        # HTTP/1.1 with keep-alive to the backend.
+        common_http_protocol_options:
+          idle_timeout: 3600s
+        explicit_http_config:
+          http_protocol_options: {{}}
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: 127.0.0.1, port_value: {backend_port} }}
+{extra_clusters}{dynamic_resources}{extra_bootstrap}"#
+        )
+    }
+
+    /// The LDS file: the same listener as a `Listener` resource.
+    pub fn render_lds(&self) -> String {
+        format!(
+            "# Sluice front proxy listener, rendered by sluice-e2e's FrontProxy.\nresources:\n{}",
+            self.render_listener(true)
+        )
+    }
+
+    /// The listener as a YAML list item at column 0.
+    fn render_listener(&self, as_resource: bool) -> String {
+        let type_line = if as_resource {
+            "  \"@type\": type.googleapis.com/envoy.config.listener.v3.Listener\n"
+        } else {
+            ""
+        };
+        let wasm_filter = match &self.wasm_path {
+            None => String::new(),
+            Some(path) => format!(
+                r#"        - name: envoy.filters.http.wasm
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+            config:
+              name: sluice
+              root_id: sluice
+              vm_config:
+                vm_id: {vm_id}
+                runtime: envoy.wasm.runtime.v8
+                code:
+                  local:
+                    filename: {filename}
+              configuration:
+                "@type": type.googleapis.com/google.protobuf.StringValue
+                value: {configuration}
+"#,
+                vm_id = json_string(&self.vm_id),
+                filename = json_string(&path.to_string_lossy()),
+                configuration = json_string(&self.plugin_config_json),
+            ),
+        };
+        let name = FRONT_LISTENER_NAME;
+        let port = self.listener_port;
+        let stream_idle_timeout = self.stream_idle_timeout_secs;
+        let route_timeout = self.route_timeout_secs;
+        format!(
+            r#"- name: {name}
+{type_line}  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+  filter_chains:
+  - filters:
+    - name: envoy.filters.network.http_connection_manager
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+        stat_prefix: {name}
+        # The idle timer keeps running on a stream the filter has paused
+        # (queued) and answers 408 when it fires (default 5 min): it must
+        # exceed the longest queue_timeout. See ENVOY-WASM-NOTES.md.
+        stream_idle_timeout: {stream_idle_timeout}s
+        route_config:
+          name: {name}
+          virtual_hosts:
+          - name: backend
+            domains: ["*"]
+            routes:
+            - match: {{ prefix: "/" }}
+              route:
+                cluster: backend
+                # 0s disables it; a queued request is not under it anyway.
+                timeout: {route_timeout}s
+        http_filters:
+{wasm_filter}        - name: envoy.filters.http.router
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+"#
+        )
+    }
+}
+
+/// A JSON string literal, which is also a valid YAML double-quoted scalar.
+fn json_string(text: &str) -> String {
+    serde_json::Value::from(text).to_string()
+}
+
+fn indent(text: &str, spaces: usize) -> String {
+    let pad = " ".repeat(spaces);
+    text.lines()
+        .map(|line| {
+            if line.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("{pad}{line}\n")
+            }
+        })
+        .collect()
+}
