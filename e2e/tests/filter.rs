@@ -1,0 +1,247 @@
+//! The filter in the real Envoy (1.40, V8) in front of the test backend.
+//! Every assertion that matters is made from the backend's side: what it saw,
+//! how many at once, in which order.
+
+use serde_json::{json, Value};
+use sluice_e2e::{Backend, Envoy, FrontProxy};
+use sluice_loadgen::{run_blocking, summarize, Burst, Outcome};
+use std::time::{Duration, Instant};
+
+fn plugin_config(capacity: u32, queue_timeout: f64, max_queue: u32) -> Value {
+    json!({
+        "service": "e2e",
+        "endpoints": {
+            "/predict": {"capacity": capacity, "queue_timeout": queue_timeout, "max_queue": max_queue},
+            "/post-only": {"capacity": 1, "methods": ["POST"]},
+        }
+    })
+}
+
+fn start(backend: &Backend, config: &Value, concurrency: u32) -> Envoy {
+    let proxy = FrontProxy::new(backend.port(), config.to_string());
+    Envoy::start(&proxy, concurrency)
+}
+
+fn path_stats(backend: &Backend, path: &str) -> Value {
+    backend.stats()["paths"][path].clone()
+}
+
+/// The filter's own view, from any worker.
+fn sluice_stats(envoy: &Envoy) -> Value {
+    let body = envoy.get("/balancer/stats").expect("stats request");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("stats is not JSON ({e}): {body}"))
+}
+
+/// Polls until the filter reports nothing in flight and nothing queued.
+fn assert_drains_to_zero(envoy: &Envoy) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = sluice_stats(envoy);
+        let ep = &s["endpoints"]["/predict"];
+        if ep["active_requests"] == 0 && ep["queued"] == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "counters never came back to zero: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn count(outcomes: &[Outcome], status: u16) -> usize {
+    outcomes.iter().filter(|o| o.status == status).count()
+}
+
+fn capacity_holds(concurrency: u32) {
+    let backend = Backend::start(&["/predict:service_ms=40"]);
+    let envoy = start(&backend, &plugin_config(3, 30.0, 1000), concurrency);
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 60);
+    burst.spacing = Duration::from_micros(500);
+    let outcomes = run_blocking(&burst);
+    let s = summarize(&outcomes);
+    assert_eq!(s.ok, 60, "every request is served in the end: {s:?}");
+    assert!(
+        s.queued_then_admitted > 0,
+        "the burst must have queued: {s:?}"
+    );
+    let seen = path_stats(&backend, "/predict");
+    assert_eq!(
+        seen["max_in_flight"], 3,
+        "backend saw more (or fewer) than capacity at once: {seen}"
+    );
+    assert_eq!(seen["completed"], 60);
+    assert_drains_to_zero(&envoy);
+}
+
+#[test]
+fn capacity_holds_with_one_worker() {
+    capacity_holds(1);
+}
+
+#[test]
+fn capacity_holds_across_four_workers() {
+    capacity_holds(4);
+}
+
+#[test]
+fn fifo_admission_across_workers() {
+    let backend = Backend::start(&["/predict:service_ms=15"]);
+    let envoy = start(&backend, &plugin_config(1, 30.0, 1000), 4);
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 40);
+    burst.spacing = Duration::from_millis(2);
+    let outcomes = run_blocking(&burst);
+    assert_eq!(count(&outcomes, 200), 40);
+    let arrivals: Vec<String> = path_stats(&backend, "/predict")["arrivals"]
+        .as_array()
+        .expect("arrivals")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+    assert_eq!(
+        arrivals, expected,
+        "backend saw requests out of arrival order"
+    );
+    // The connections really were spread over several workers.
+    let workers_used = envoy.workers_that_served();
+    assert!(
+        workers_used > 1,
+        "all requests went to one worker; the test proves nothing"
+    );
+}
+
+#[test]
+fn queue_timeout_gives_504_on_time_without_reaching_the_backend() {
+    let backend = Backend::start(&["/predict:service_ms=1500"]);
+    let envoy = start(&backend, &plugin_config(1, 0.3, 1000), 2);
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 8);
+    burst.spacing = Duration::from_millis(1);
+    let outcomes = run_blocking(&burst);
+    assert_eq!(outcomes[0].status, 200);
+    for o in &outcomes[1..] {
+        assert_eq!(o.status, 504, "{o:?}");
+        assert_eq!(o.reason.as_deref(), Some("queue-timeout"));
+        let body: Value = serde_json::from_str(&o.body).expect("504 body is JSON");
+        assert_eq!(body["reason"], "queue-timeout");
+        assert!(o.latency_ms >= 300.0, "504 before the queue timeout: {o:?}");
+        assert!(o.latency_ms < 360.0, "504 more than 60 ms late: {o:?}");
+    }
+    let seen = path_stats(&backend, "/predict");
+    assert_eq!(
+        seen["arrivals"],
+        json!(["0"]),
+        "timed-out requests reached the backend: {seen}"
+    );
+    assert_drains_to_zero(&envoy);
+}
+
+#[test]
+fn queue_full_gives_503_with_retry_after() {
+    let backend = Backend::start(&["/predict:service_ms=600"]);
+    let envoy = start(&backend, &plugin_config(1, 5.0, 2), 2);
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 6);
+    burst.spacing = Duration::from_millis(3);
+    let outcomes = run_blocking(&burst);
+    let statuses: Vec<u16> = outcomes.iter().map(|o| o.status).collect();
+    assert_eq!(statuses, vec![200, 200, 200, 503, 503, 503]);
+    for o in &outcomes[3..] {
+        assert_eq!(o.reason.as_deref(), Some("queue-full"));
+        assert_eq!(o.retry_after.as_deref(), Some("5"));
+        assert!(o.latency_ms < 100.0, "503 must be immediate: {o:?}");
+    }
+    assert_eq!(path_stats(&backend, "/predict")["completed"], 3);
+    assert_drains_to_zero(&envoy);
+}
+
+#[test]
+fn aborted_clients_leak_nothing() {
+    let backend = Backend::start(&["/predict:service_ms=5000"]);
+    let envoy = start(&backend, &plugin_config(200, 60.0, 1000), 4);
+    // 200 fill every slot and 200 wait; all give up after a second.
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 400);
+    burst.abort_after = Some(Duration::from_millis(1500));
+    let outcomes = run_blocking(&burst);
+    let s = summarize(&outcomes);
+    assert_eq!(s.aborted, 400, "{s:?}");
+    assert_drains_to_zero(&envoy);
+    // And the slots are really free: a new full house is admitted at once.
+    backend.reset();
+    let mut again = Burst::new(envoy.listener_addr(), "/predict", 200);
+    again.abort_after = Some(Duration::from_millis(1000));
+    let outcomes = run_blocking(&again);
+    assert!(
+        outcomes.iter().all(|o| o.wait_ms.is_none()),
+        "a freed slot was not free"
+    );
+    let seen = path_stats(&backend, "/predict");
+    assert_eq!(seen["max_in_flight"], 200, "{seen}");
+    assert_drains_to_zero(&envoy);
+}
+
+#[test]
+fn unwatched_paths_and_methods_pass_while_saturated() {
+    let backend = Backend::start(&[
+        "/predict:service_ms=800",
+        "/other:service_ms=0",
+        "/post-only:service_ms=0",
+    ]);
+    let envoy = start(&backend, &plugin_config(1, 5.0, 10), 2);
+    let addr = envoy.listener_addr();
+    let saturate = std::thread::spawn(move || run_blocking(&Burst::new(addr, "/predict", 3)));
+    std::thread::sleep(Duration::from_millis(200));
+    let t = Instant::now();
+    let other = run_blocking(&Burst::new(addr, "/other", 5));
+    assert!(other.iter().all(|o| o.status == 200 && o.wait_ms.is_none()));
+    // GET is not limited on a POST-only endpoint: five at once all pass.
+    let gets = run_blocking(&Burst::new(addr, "/post-only", 5));
+    assert!(gets.iter().all(|o| o.status == 200 && o.wait_ms.is_none()));
+    assert!(
+        t.elapsed() < Duration::from_millis(500),
+        "unwatched traffic waited"
+    );
+    assert_eq!(count(&saturate.join().unwrap(), 200), 3);
+}
+
+#[test]
+fn config_reload_mid_burst_keeps_the_limit_and_leaks_nothing() {
+    let backend = Backend::start(&["/predict:service_ms=60"]);
+    let config = plugin_config(4, 30.0, 1000);
+    let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    proxy.use_lds = true;
+    let envoy = Envoy::start(&proxy, 4);
+    let addr = envoy.listener_addr();
+    let mut burst = Burst::new(addr, "/predict", 120);
+    burst.spacing = Duration::from_millis(3);
+    let running = std::thread::spawn(move || run_blocking(&burst));
+    // Mid-burst: same capacity, a different plugin configuration, so Envoy
+    // builds a new filter chain (new root contexts) while old streams run.
+    std::thread::sleep(Duration::from_millis(250));
+    proxy.plugin_config_json = plugin_config(4, 29.0, 999).to_string();
+    envoy.update_lds(&proxy);
+    let outcomes = running.join().unwrap();
+    let s = summarize(&outcomes);
+    assert_eq!(s.ok, 120, "{s:?}");
+    let seen = path_stats(&backend, "/predict");
+    assert_eq!(seen["max_in_flight"], 4, "{seen}");
+    assert_drains_to_zero(&envoy);
+    // After the reload, new traffic still gets exactly the capacity.
+    backend.reset();
+    let outcomes = run_blocking(&Burst::new(addr, "/predict", 12));
+    assert_eq!(count(&outcomes, 200), 12);
+    assert_eq!(path_stats(&backend, "/predict")["max_in_flight"], 4);
+    assert_drains_to_zero(&envoy);
+}
+
+#[test]
+fn invalid_configuration_is_refused_with_the_key_named() {
+    let backend = Backend::start(&["/predict"]);
+    let bad = json!({"endpoints": {"/predict": {"capacity": -3}}});
+    let proxy = FrontProxy::new(backend.port(), bad.to_string());
+    let (status, log) = Envoy::start_expecting_failure(&proxy, 1);
+    assert!(!status.success(), "Envoy accepted an invalid configuration");
+    assert!(
+        log.contains("invalid configuration: endpoints./predict.capacity: must be a positive integer, got -3"),
+        "log does not name the problem:\n{log}"
+    );
+}
