@@ -419,7 +419,10 @@ impl HttpContext for SluiceStream {
                 let body = worker.stats_json();
                 self.send_http_response(
                     200,
-                    vec![("content-type", "application/json"), ("cache-control", "no-store")],
+                    vec![
+                        ("content-type", "application/json"),
+                        ("cache-control", "no-store"),
+                    ],
                     Some(body.as_bytes()),
                 );
                 return Action::Pause;
