@@ -7,6 +7,7 @@
 //! many requests were inside at once, and the `x-seq` headers in arrival order.
 
 pub mod path_stats;
+pub mod precise_sleep;
 pub mod route;
 
 use anyhow::{bail, Context as _};
@@ -196,7 +197,7 @@ impl App {
             Some(ms) => (Duration::from_secs_f64(ms / 1000.0), state.body_for(ms)),
         };
         if !service_time.is_zero() {
-            tokio::time::sleep(service_time).await;
+            precise_sleep::sleep(service_time).await;
         }
         state.count_completed();
         json(StatusCode::OK, body)

@@ -65,6 +65,7 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
     let ideal = 8.0 / 0.020;
     let sluice = saturation_sluice(o)?;
     let haproxy = saturation_haproxy(o)?;
+    let direct = saturation_direct(o)?;
     rows.push(format!(
         "| saturation: Sluice throughput / ideal 8 per 20 ms | {:.3} | ≥ 0.97 | {:.1} / {:.0} req/s |",
         sluice.rps / ideal,
@@ -75,6 +76,12 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
         "| saturation: HAProxy maxconn 8 throughput / ideal | {:.3} | reference | {:.1} / {:.0} req/s |",
         haproxy.rps / ideal,
         haproxy.rps,
+        ideal
+    ));
+    rows.push(format!(
+        "| saturation: the backend alone, 8 clients straight to it / ideal | {:.3} | ceiling | {:.1} / {:.0} req/s |",
+        direct.rps / ideal,
+        direct.rps,
         ideal
     ));
     rows.push(format!(
@@ -169,10 +176,26 @@ fn saturation_haproxy(o: &Opts) -> anyhow::Result<Saturation> {
     saturate(haproxy.port, &backend, o)
 }
 
+/// What this machine allows: exactly 8 closed-loop clients straight to the
+/// backend, no proxy and no queue.
+fn saturation_direct(o: &Opts) -> anyhow::Result<Saturation> {
+    let backend = Backend::start(&[SATURATION_ROUTE]);
+    saturate_with(backend.port(), &backend, o, 8)
+}
+
 fn saturate(port: u16, backend: &Backend, o: &Opts) -> anyhow::Result<Saturation> {
-    wrk(port, "/work", 64, 1)?;
+    saturate_with(port, backend, o, 64)
+}
+
+fn saturate_with(
+    port: u16,
+    backend: &Backend,
+    o: &Opts,
+    clients: u32,
+) -> anyhow::Result<Saturation> {
+    wrk(port, "/work", clients, 1)?;
     backend.reset();
-    let rps = wrk(port, "/work", 64, o.seconds)?;
+    let rps = wrk(port, "/work", clients, o.seconds)?;
     let max_in_flight = backend.path_stats("/work")["max_in_flight"]
         .as_u64()
         .unwrap_or(0);
@@ -256,29 +279,39 @@ impl Haproxy {
         std::fs::write(
             &cfg,
             format!(
-                "global\n  maxconn 10000\n\
+                "global\n  maxconn 4096\n\
                  defaults\n  mode http\n  option http-keep-alive\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout queue 30s\n\
                  frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
                  backend be\n  server s1 127.0.0.1:{backend_port} maxconn {maxconn}\n"
             ),
         )?;
+        let log = dir.path().join("haproxy.log");
         let child = Command::new("haproxy")
             .arg("-db")
             .arg("-f")
             .arg(&cfg)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
             .spawn()
             .context("starting haproxy")?;
-        let h = Haproxy {
+        let mut h = Haproxy {
             child,
             port,
             _dir: dir,
         };
-        sluice_e2e::wait_until(Duration::from_secs(10), "haproxy to listen", || {
-            sluice_e2e::port_accepts(port).then_some(())
-        });
-        Ok(h)
+        for _ in 0..200 {
+            if sluice_e2e::port_accepts(port) {
+                return Ok(h);
+            }
+            if h.child.try_wait()?.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!(
+            "haproxy did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
     }
 }
 
@@ -312,10 +345,10 @@ fn envoy_version() -> String {
         .output()
         .ok()
         .and_then(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split('/')
-                .nth(1)
-                .map(str::to_string)
+            // "envoy  version: <sha>/1.40.0/Clean/RELEASE/BoringSSL"
+            let text = String::from_utf8_lossy(&o.stdout).into_owned();
+            let after = text.split("version: ").nth(1)?.to_string();
+            after.split('/').nth(1).map(str::to_string)
         })
         .unwrap_or_else(|| "?".into())
 }
