@@ -1,0 +1,74 @@
+//! sluice-prober: measures how many concurrent requests each endpoint of a
+//! service can take, writes that capacity into `sluice.yaml` and pushes it to
+//! Redis, where the Sluice filter picks it up.
+//!
+//! `main.rs` only parses arguments and calls [`run`]; everything here can be
+//! driven in-process by tests.
+
+pub mod cli;
+pub mod config_edit;
+pub mod config_file;
+pub mod load;
+pub mod probe;
+pub mod progress;
+pub mod push;
+pub mod redis_store;
+pub mod report;
+pub mod scaling;
+pub mod search;
+pub mod settings;
+pub mod sweep;
+pub mod target;
+
+use cli::{Cli, Command};
+
+/// Exit codes; the list in `cli::EXIT_CODES` and docs/prober.md match these.
+pub mod exit {
+    pub const OK: u8 = 0;
+    pub const FAILURE: u8 = 1;
+    pub const USAGE: u8 = 2;
+    pub const UNREACHABLE: u8 = 3;
+    pub const NO_PASSING_LEVEL: u8 = 4;
+    pub const STORAGE: u8 = 5;
+}
+
+/// Failures with their own exit code. Anything else exits with 1.
+#[derive(Debug, thiserror::Error)]
+pub enum ProberError {
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Config(#[from] config_file::ConfigFileError),
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("{0}")]
+    Storage(String),
+}
+
+impl ProberError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ProberError::Usage(_) | ProberError::Config(_) => exit::USAGE,
+            ProberError::Unreachable { .. } => exit::UNREACHABLE,
+            ProberError::Storage(_) => exit::STORAGE,
+        }
+    }
+}
+
+/// The exit code for an error that ended the run.
+pub fn exit_code_of(e: &anyhow::Error) -> u8 {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<ProberError>())
+        .map(ProberError::exit_code)
+        .unwrap_or(exit::FAILURE)
+}
+
+/// Runs one command; returns the exit code of a run that got as far as
+/// reporting (which may still be non-zero, e.g. no level met the thresholds).
+pub fn run(cli: Cli) -> anyhow::Result<u8> {
+    match cli.command {
+        Command::Probe(args) => probe::run(&args),
+        Command::Sweep(args) => sweep::run(&args),
+        Command::Push(args) => push::run(&args),
+    }
+}

@@ -1,0 +1,591 @@
+//! The load generator: a closed loop on exactly N keep-alive connections.
+//!
+//! Each of the N workers owns one HTTP/1.1 connection and sends the next
+//! request as soon as the previous response has been read in full, so the
+//! target sees exactly N requests in flight (less the client's own turnaround).
+//! A worker drives its connection in its own task (no separate connection
+//! task, no channel hop per request), which is what keeps the client cheap
+//! enough to measure a fast endpoint on the same two cores.
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper::header::{HeaderName, HeaderValue, HOST};
+use hyper::{Method, Request};
+use hyper_util::rt::TokioIo;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// Largest latency the histograms hold, in microseconds (one hour).
+const MAX_LATENCY_US: u64 = 3_600_000_000;
+/// How long to wait for a TCP connection before counting an error.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed connect, so a dead target is not hammered in a spin.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(10);
+
+/// Where to send: a resolved address and the `Host` header to send with it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub host: String,
+}
+
+/// One request, sent again and again.
+#[derive(Debug, Clone)]
+pub struct RequestSpec {
+    pub method: Method,
+    /// Path and query, e.g. `/predict`.
+    pub path: String,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+/// How one level is run.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LevelTiming {
+    /// Load before measuring starts: connections opened, caches warm,
+    /// the target's queue in its steady state.
+    pub warmup: Duration,
+    /// How long the measurement lasts at least.
+    pub duration: Duration,
+    /// Keep measuring past `duration` until this many requests were measured...
+    pub min_samples: u64,
+    /// ...but never longer than this.
+    pub max_duration: Duration,
+    /// A request without a full response after this long counts as an error
+    /// (and is recorded in the histogram at this latency).
+    pub request_timeout: Duration,
+}
+
+/// What one run of one level measured.
+#[derive(Debug, Clone)]
+pub struct LevelStats {
+    pub concurrency: usize,
+    /// Requests started inside the measurement window (all of them finished
+    /// or timed out before the level ended).
+    pub requests: u64,
+    /// Of those: non-2xx answers, transport errors and timeouts.
+    pub errors: u64,
+    /// Non-2xx answers by status code.
+    pub statuses: BTreeMap<u16, u64>,
+    pub transport_errors: u64,
+    /// Of the transport errors: failed connection attempts.
+    pub connect_errors: u64,
+    pub timeouts: u64,
+    /// Responses that arrived inside the window, whenever sent.
+    pub completed_in_window: u64,
+    /// Of those, the 2xx ones: the throughput reported (a fast 503 is no work done).
+    pub ok_in_window: u64,
+    pub window: Duration,
+    /// Latency of every measured request, microseconds.
+    pub latency_us: Histogram<u64>,
+    /// CPU time this process used during the window, seconds.
+    pub cpu_seconds: f64,
+    /// Time this process's threads spent ready to run but waiting for a CPU
+    /// during the window, seconds (`None` where the kernel does not say).
+    pub cpu_wait_seconds: Option<f64>,
+    /// Worker threads of the runtime that generated the load.
+    pub threads: usize,
+    /// One example of a transport error, for the report.
+    pub first_error: Option<String>,
+}
+
+impl LevelStats {
+    pub fn empty(concurrency: usize, threads: usize) -> LevelStats {
+        LevelStats {
+            concurrency,
+            requests: 0,
+            errors: 0,
+            statuses: BTreeMap::new(),
+            transport_errors: 0,
+            connect_errors: 0,
+            timeouts: 0,
+            completed_in_window: 0,
+            ok_in_window: 0,
+            window: Duration::ZERO,
+            latency_us: new_histogram(),
+            cpu_seconds: 0.0,
+            cpu_wait_seconds: None,
+            threads,
+            first_error: None,
+        }
+    }
+
+    /// Successful (2xx) responses per second.
+    pub fn rps(&self) -> f64 {
+        let secs = self.window.as_secs_f64();
+        if secs > 0.0 {
+            self.ok_in_window as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// All responses per second, errors included.
+    pub fn total_rps(&self) -> f64 {
+        let secs = self.window.as_secs_f64();
+        if secs > 0.0 {
+            self.completed_in_window as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    pub fn error_rate(&self) -> f64 {
+        if self.requests == 0 {
+            // Nothing came back at all: as bad as it gets.
+            1.0
+        } else {
+            self.errors as f64 / self.requests as f64
+        }
+    }
+
+    /// Latency at quantile `q` (0..1) in milliseconds; 0 without samples.
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        if self.latency_us.is_empty() {
+            0.0
+        } else {
+            self.latency_us.value_at_quantile(q) as f64 / 1000.0
+        }
+    }
+
+    pub fn max_ms(&self) -> f64 {
+        self.latency_us.max() as f64 / 1000.0
+    }
+
+    /// Cores this process kept busy during the window.
+    pub fn cpu_cores(&self) -> f64 {
+        let secs = self.window.as_secs_f64();
+        if secs > 0.0 {
+            self.cpu_seconds / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Share of the window the load threads were running or waiting for a
+    /// CPU, rather than idle waiting for responses (0..1, per thread).
+    pub fn busy(&self) -> f64 {
+        let capacity = self.window.as_secs_f64() * self.threads as f64;
+        if capacity <= 0.0 {
+            return 0.0;
+        }
+        (self.cpu_seconds + self.cpu_wait_seconds.unwrap_or(0.0)) / capacity
+    }
+
+    /// True when the prober itself, not the target, was the limit: its load
+    /// threads never waited for a response, they were always running (or
+    /// queued for a CPU the target was also using).
+    pub fn client_bound(&self) -> bool {
+        self.busy() >= 0.9
+    }
+
+    /// Adds another run of the same level (a confirmation re-run).
+    pub fn merge(&mut self, other: &LevelStats) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        for (code, n) in &other.statuses {
+            *self.statuses.entry(*code).or_default() += n;
+        }
+        self.transport_errors += other.transport_errors;
+        self.connect_errors += other.connect_errors;
+        self.timeouts += other.timeouts;
+        self.completed_in_window += other.completed_in_window;
+        self.ok_in_window += other.ok_in_window;
+        self.window += other.window;
+        self.latency_us
+            .add(&other.latency_us)
+            .expect("histograms share their bounds");
+        self.cpu_seconds += other.cpu_seconds;
+        self.cpu_wait_seconds = match (self.cpu_wait_seconds, other.cpu_wait_seconds) {
+            (Some(a), Some(b)) => Some(a + b),
+            _ => None,
+        };
+        if self.first_error.is_none() {
+            self.first_error.clone_from(&other.first_error);
+        }
+    }
+
+    /// Every measured attempt failed to connect: the target is gone.
+    pub fn unreachable(&self) -> bool {
+        self.connect_errors > 0 && self.connect_errors == self.requests
+    }
+
+    /// A short account of the errors, e.g. `503 x812, timeout x2`.
+    pub fn error_summary(&self) -> String {
+        let mut parts: Vec<String> = self
+            .statuses
+            .iter()
+            .map(|(code, n)| format!("{code} x{n}"))
+            .collect();
+        if self.transport_errors > 0 {
+            parts.push(format!("transport x{}", self.transport_errors));
+        }
+        if self.timeouts > 0 {
+            parts.push(format!("timeout x{}", self.timeouts));
+        }
+        parts.join(", ")
+    }
+}
+
+pub fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("valid histogram bounds")
+}
+
+const WARMUP: u8 = 0;
+const MEASURE: u8 = 1;
+const STOP: u8 = 2;
+
+struct Shared {
+    target: Target,
+    request: RequestSpec,
+    request_timeout: Duration,
+    phase: AtomicU8,
+    /// Requests measured so far, so the controller can wait for `min_samples`.
+    measured: AtomicU64,
+}
+
+#[derive(Default)]
+struct WorkerTally {
+    requests: u64,
+    errors: u64,
+    statuses: BTreeMap<u16, u64>,
+    transport_errors: u64,
+    connect_errors: u64,
+    timeouts: u64,
+    completed_in_window: u64,
+    ok_in_window: u64,
+    first_error: Option<String>,
+}
+
+/// Runs one level: `concurrency` connections in a closed loop, warm-up, then
+/// the measured window. Must be called inside a Tokio runtime with `threads`
+/// worker threads (used only to judge whether the client was the limit).
+pub async fn run_level(
+    target: &Target,
+    request: &RequestSpec,
+    concurrency: usize,
+    timing: &LevelTiming,
+    threads: usize,
+) -> LevelStats {
+    let shared = Arc::new(Shared {
+        target: target.clone(),
+        request: request.clone(),
+        request_timeout: timing.request_timeout,
+        phase: AtomicU8::new(WARMUP),
+        measured: AtomicU64::new(0),
+    });
+    let workers: Vec<_> = (0..concurrency)
+        .map(|_| tokio::spawn(worker(shared.clone())))
+        .collect();
+
+    tokio::time::sleep(timing.warmup).await;
+    let cpu_start = process_cpu_seconds();
+    let wait_start = process_cpu_wait_seconds();
+    let start = Instant::now();
+    shared.phase.store(MEASURE, Relaxed);
+    tokio::time::sleep(timing.duration).await;
+    while shared.measured.load(Relaxed) < timing.min_samples
+        && start.elapsed() < timing.max_duration
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    shared.phase.store(STOP, Relaxed);
+    let window = start.elapsed();
+    let cpu_seconds = process_cpu_seconds() - cpu_start;
+    let cpu_wait_seconds = match (wait_start, process_cpu_wait_seconds()) {
+        (Some(a), Some(b)) => Some((b - a).max(0.0)),
+        _ => None,
+    };
+
+    let mut stats = LevelStats::empty(concurrency, threads);
+    stats.window = window;
+    stats.cpu_seconds = cpu_seconds;
+    stats.cpu_wait_seconds = cpu_wait_seconds;
+    for w in workers {
+        // A worker panicking is a bug in this file; say so instead of hiding it.
+        let (tally, hist) = w.await.expect("load worker panicked");
+        stats.requests += tally.requests;
+        stats.errors += tally.errors;
+        for (code, n) in tally.statuses {
+            *stats.statuses.entry(code).or_default() += n;
+        }
+        stats.transport_errors += tally.transport_errors;
+        stats.connect_errors += tally.connect_errors;
+        stats.timeouts += tally.timeouts;
+        stats.completed_in_window += tally.completed_in_window;
+        stats.ok_in_window += tally.ok_in_window;
+        stats
+            .latency_us
+            .add(&hist)
+            .expect("histograms share their bounds");
+        if stats.first_error.is_none() {
+            stats.first_error = tally.first_error;
+        }
+    }
+    stats
+}
+
+enum Outcome {
+    Status(u16),
+    Connect(String),
+    Transport(String),
+    Timeout,
+}
+
+async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
+    let mut tally = WorkerTally::default();
+    let mut hist = new_histogram();
+    while shared.phase.load(Relaxed) != STOP {
+        let started = Instant::now();
+        let phase_at_start = shared.phase.load(Relaxed);
+        let stream =
+            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(shared.target.addr))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let outcome = Outcome::Connect(format!("connect: {e}"));
+                    account(
+                        &shared,
+                        &mut tally,
+                        &mut hist,
+                        phase_at_start,
+                        started,
+                        outcome,
+                    );
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                    continue;
+                }
+                Err(_) => {
+                    let outcome = Outcome::Connect("connect: timed out".into());
+                    account(
+                        &shared,
+                        &mut tally,
+                        &mut hist,
+                        phase_at_start,
+                        started,
+                        outcome,
+                    );
+                    continue;
+                }
+            };
+        // Latency of small requests, not Nagle's delay, is what we measure.
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = match http1::handshake(TokioIo::new(stream)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                let outcome = Outcome::Transport(format!("handshake: {e}"));
+                account(
+                    &shared,
+                    &mut tally,
+                    &mut hist,
+                    phase_at_start,
+                    started,
+                    outcome,
+                );
+                continue;
+            }
+        };
+        // Drive the connection and the request loop in this one task; the loop
+        // drops `sender` when it ends, which lets `conn` finish.
+        let requests = request_loop(&shared, sender, &mut tally, &mut hist);
+        let _ = tokio::join!(conn, requests);
+    }
+    (tally, hist)
+}
+
+/// Sends requests on one connection until the level stops or the connection
+/// can no longer be used (closed by the target, or an error).
+async fn request_loop(
+    shared: &Shared,
+    mut sender: http1::SendRequest<Full<Bytes>>,
+    tally: &mut WorkerTally,
+    hist: &mut Histogram<u64>,
+) {
+    let spec = &shared.request;
+    loop {
+        let phase_at_start = shared.phase.load(Relaxed);
+        if phase_at_start == STOP {
+            return;
+        }
+        // A connection the target closed (Connection: close, idle limit) is
+        // replaced silently, as any keep-alive client does.
+        if sender.ready().await.is_err() {
+            return;
+        }
+        let mut builder = Request::builder()
+            .method(spec.method.clone())
+            .uri(spec.path.as_str())
+            .header(HOST, shared.target.host.as_str());
+        for (name, value) in &spec.headers {
+            builder = builder.header(name, value);
+        }
+        let request = builder
+            .body(Full::new(spec.body.clone()))
+            .expect("request parts were validated when the spec was built");
+
+        let started = Instant::now();
+        let exchange = async {
+            let response = sender.send_request(request).await?;
+            let status = response.status().as_u16();
+            // Read the whole body: a response is done when its last byte is in.
+            response.into_body().collect().await?;
+            Ok::<u16, hyper::Error>(status)
+        };
+        let outcome = match tokio::time::timeout(shared.request_timeout, exchange).await {
+            Ok(Ok(status)) => Outcome::Status(status),
+            Ok(Err(e)) => Outcome::Transport(e.to_string()),
+            Err(_) => Outcome::Timeout,
+        };
+        let reusable = matches!(outcome, Outcome::Status(_));
+        account(shared, tally, hist, phase_at_start, started, outcome);
+        if !reusable {
+            // After a timeout or a broken exchange the connection's state is
+            // unknown: start over on a new one.
+            return;
+        }
+    }
+}
+
+fn account(
+    shared: &Shared,
+    tally: &mut WorkerTally,
+    hist: &mut Histogram<u64>,
+    phase_at_start: u8,
+    started: Instant,
+    outcome: Outcome,
+) {
+    let finished = Instant::now();
+    let mut latency = finished - started;
+    if shared.phase.load(Relaxed) == MEASURE {
+        tally.completed_in_window += 1;
+        if matches!(outcome, Outcome::Status(code) if (200..300).contains(&code)) {
+            tally.ok_in_window += 1;
+        }
+    }
+    if phase_at_start != MEASURE {
+        return;
+    }
+    tally.requests += 1;
+    shared.measured.fetch_add(1, Relaxed);
+    match outcome {
+        Outcome::Status(code) if (200..300).contains(&code) => {}
+        Outcome::Status(code) => {
+            tally.errors += 1;
+            *tally.statuses.entry(code).or_default() += 1;
+        }
+        Outcome::Connect(e) => {
+            tally.errors += 1;
+            tally.transport_errors += 1;
+            tally.connect_errors += 1;
+            if tally.first_error.is_none() {
+                tally.first_error = Some(e);
+            }
+        }
+        Outcome::Transport(e) => {
+            tally.errors += 1;
+            tally.transport_errors += 1;
+            if tally.first_error.is_none() {
+                tally.first_error = Some(e);
+            }
+        }
+        Outcome::Timeout => {
+            tally.errors += 1;
+            tally.timeouts += 1;
+            latency = shared.request_timeout;
+        }
+    }
+    hist.saturating_record(latency.as_micros().max(1) as u64);
+}
+
+/// CPU time (user + system) this process has used, in seconds.
+pub fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes into the struct we hand it.
+    let usage = unsafe {
+        let mut usage: libc::rusage = std::mem::zeroed();
+        if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+            return 0.0;
+        }
+        usage
+    };
+    let secs = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Time this process's threads spent runnable but not running, in seconds,
+/// summed from `/proc/self/task/*/schedstat` (Linux; `None` elsewhere).
+pub fn process_cpu_wait_seconds() -> Option<f64> {
+    let mut total_ns: u64 = 0;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let Ok(task) = task else { continue };
+        let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        // "<ns on cpu> <ns waiting on a run queue> <timeslices>"
+        let wait = text.split_whitespace().nth(1)?.parse::<u64>().ok()?;
+        total_ns += wait;
+    }
+    Some(total_ns as f64 / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats_with(latencies_ms: &[u64], errors: u64) -> LevelStats {
+        let mut s = LevelStats::empty(4, 1);
+        for ms in latencies_ms {
+            s.latency_us.record(ms * 1000).unwrap();
+        }
+        s.requests = latencies_ms.len() as u64;
+        s.errors = errors;
+        s.completed_in_window = latencies_ms.len() as u64;
+        s.ok_in_window = latencies_ms.len() as u64 - errors;
+        s.window = Duration::from_secs(2);
+        s
+    }
+
+    #[test]
+    fn rates_and_quantiles() {
+        let s = stats_with(&[10, 10, 10, 40], 1);
+        assert_eq!(s.rps(), 1.5);
+        assert_eq!(s.total_rps(), 2.0);
+        assert_eq!(s.error_rate(), 0.25);
+        assert!((s.quantile_ms(0.5) - 10.0).abs() < 0.05);
+        assert!((s.quantile_ms(0.99) - 40.0).abs() < 0.05);
+        assert_eq!(LevelStats::empty(1, 1).error_rate(), 1.0);
+    }
+
+    #[test]
+    fn merging_a_rerun_pools_its_samples() {
+        let mut a = stats_with(&[10, 10], 0);
+        a.statuses.insert(503, 1);
+        let mut b = stats_with(&[30, 30], 2);
+        b.statuses.insert(503, 2);
+        b.timeouts = 1;
+        a.merge(&b);
+        assert_eq!(a.requests, 4);
+        assert_eq!(a.errors, 2);
+        assert_eq!(a.window, Duration::from_secs(4));
+        assert_eq!(a.statuses[&503], 3);
+        assert_eq!(a.error_summary(), "503 x3, timeout x1");
+        assert!((a.quantile_ms(0.99) - 30.0).abs() < 0.05);
+    }
+
+    #[test]
+    fn cpu_time_moves() {
+        let before = process_cpu_seconds();
+        let mut x = 0u64;
+        for i in 0..20_000_000u64 {
+            x = x.wrapping_mul(31).wrapping_add(i);
+        }
+        std::hint::black_box(x);
+        assert!(process_cpu_seconds() > before);
+    }
+}

@@ -1,0 +1,732 @@
+//! `sluice-prober probe`: find each endpoint's capacity, write it into the
+//! config file, push it to Redis.
+//!
+//! Order of work, so a failure costs as little as possible:
+//! 1. check everything that needs no load (file, flags, URL, Redis): a
+//!    mistake here stops the run before anything is measured;
+//! 2. measure every endpoint that needs it;
+//! 3. write the file once (atomic replace) with every capacity found;
+//! 4. push to Redis. A push that fails leaves the file written; re-running
+//!    `sluice-prober push` (or the same probe, which now finds the
+//!    capacities in the file) pushes them without measuring again.
+
+use crate::cli::ProbeArgs;
+use crate::config_edit::{self, Edit};
+use crate::config_file::{self, ConfigFile, EndpointSpec, MEASURED_MARK};
+use crate::load::{self, LevelStats, LevelTiming, RequestSpec, Target};
+use crate::progress::Progress;
+use crate::redis_store::{Record, RedisStore, Source};
+use crate::report::{
+    self, EndpointReport, KneeReport, LevelReport, Outcome, ProbeReport, RedisOutcome, RunReport,
+    ThresholdsReport, TimingReport,
+};
+use crate::scaling::{self, Point};
+use crate::search::{self, Abort, LevelRunner, Stage, Thresholds};
+use crate::settings::{self, Settings};
+use crate::{exit, target, ProberError};
+use anyhow::Context;
+use serde_json::{Map, Value};
+use sluice_core::storage::{check_service_name, Storage};
+use std::io::Write as _;
+use std::path::Path;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+/// One endpoint to look at, and whether the file already holds it.
+struct Planned {
+    spec: EndpointSpec,
+    in_file: bool,
+}
+
+/// Generates real load for the search, reporting progress as it goes.
+struct LoadRunner<'a> {
+    rt: &'a tokio::runtime::Runtime,
+    target: &'a Target,
+    request: &'a RequestSpec,
+    timing: LevelTiming,
+    threads: usize,
+    thresholds: Thresholds,
+    progress: &'a Progress,
+    path: &'a str,
+}
+
+impl LevelRunner for LoadRunner<'_> {
+    fn run(&mut self, n: usize, stage: Stage, attempt: usize) -> Result<LevelStats, Abort> {
+        self.progress.status(format!(
+            "{}  concurrency {n}  ({}, run {attempt})",
+            self.path,
+            report::serde_plain(&stage)
+        ));
+        let stats = self.rt.block_on(load::run_level(
+            self.target,
+            self.request,
+            n,
+            &self.timing,
+            self.threads,
+        ));
+        if stats.unreachable() {
+            return Err(Abort(
+                stats
+                    .first_error
+                    .clone()
+                    .unwrap_or_else(|| "every connection attempt failed".into()),
+            ));
+        }
+        let failures = search::failures(&stats, &self.thresholds);
+        let run = search::Run {
+            stage,
+            attempt,
+            passed: failures.is_empty(),
+            pooled_passed: failures.is_empty(),
+            failures,
+            stats: stats.clone(),
+        };
+        self.progress.line(report::run_line(self.path, &run));
+        Ok(stats)
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The comment written on a measured `capacity:` line.
+pub fn measured_note(p99_ms: f64, rps: f64, at: u64) -> String {
+    let when = humantime::format_rfc3339_seconds(UNIX_EPOCH + std::time::Duration::from_secs(at));
+    format!("{MEASURED_MARK} p99 {p99_ms:.1} ms at {rps:.0} req/s, {when}")
+}
+
+/// Reads back what [`measured_note`] wrote: p99, rps, time.
+pub fn parse_note(note: &str) -> (Option<f64>, Option<f64>, Option<u64>) {
+    let rest = note.strip_prefix(MEASURED_MARK).unwrap_or(note);
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    let after = |w: &str| {
+        words
+            .iter()
+            .position(|x| *x == w)
+            .and_then(|i| words.get(i + 1))
+            .and_then(|v| v.trim_end_matches(',').parse::<f64>().ok())
+    };
+    let when = words
+        .last()
+        .and_then(|w| humantime::parse_rfc3339(w).ok())
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    (after("p99"), after("at"), when)
+}
+
+/// The Redis record for a capacity found in the file.
+pub fn record_from_file(spec: &EndpointSpec) -> Option<Record> {
+    let capacity = spec.capacity?;
+    if spec.capacity_was_measured() {
+        let (p99, rps, when) = parse_note(spec.capacity_note.as_deref().unwrap_or(""));
+        Some(Record {
+            capacity,
+            p99_ms: p99,
+            rps,
+            error_rate: None,
+            measured_at: when.unwrap_or_else(now_unix),
+            source: Source::Probe,
+        })
+    } else {
+        Some(Record {
+            capacity,
+            p99_ms: None,
+            rps: None,
+            error_rate: None,
+            measured_at: now_unix(),
+            source: Source::Manual,
+        })
+    }
+}
+
+fn plan(args: &ProbeArgs, file: Option<&ConfigFile>) -> Result<Vec<Planned>, ProberError> {
+    let flags_given = args.request.method.is_some()
+        || !args.request.headers.is_empty()
+        || args.request.body.is_some();
+    if args.endpoints.is_empty() {
+        let Some(file) = file else {
+            return Err(ProberError::Usage(
+                "nothing to probe: pass --config FILE or --endpoint PATH".into(),
+            ));
+        };
+        if flags_given {
+            return Err(ProberError::Usage(
+                "--method, --header and --body describe endpoints given with --endpoint".into(),
+            ));
+        }
+        if file.endpoints.is_empty() {
+            return Err(ProberError::Usage(format!(
+                "{}: no endpoints to probe (add them under `endpoints:` or pass --endpoint)",
+                file.path.display()
+            )));
+        }
+        return Ok(file
+            .endpoints
+            .iter()
+            .map(|e| Planned {
+                spec: e.clone(),
+                in_file: true,
+            })
+            .collect());
+    }
+    let mut out: Vec<Planned> = Vec::new();
+    for path in &args.endpoints {
+        target::check_path(path)?;
+        if out.iter().any(|p| &p.spec.path == path) {
+            continue;
+        }
+        match file.and_then(|f| f.endpoint(path)) {
+            Some(spec) => {
+                if flags_given {
+                    return Err(ProberError::Usage(format!(
+                        "endpoint {path} is already in {}: change its method, headers and body there, \
+                         not with --method/--header/--body",
+                        file.map(|f| f.path.display().to_string()).unwrap_or_default()
+                    )));
+                }
+                out.push(Planned {
+                    spec: spec.clone(),
+                    in_file: true,
+                });
+            }
+            None => out.push(Planned {
+                spec: target::spec_from_flags(
+                    path,
+                    args.request.method.as_deref(),
+                    &args.request.headers,
+                    args.request.body.as_deref(),
+                )?,
+                in_file: false,
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// Settings of a new endpoint as they go into the file.
+fn new_endpoint_settings(spec: &EndpointSpec, capacity: u32) -> Map<String, Value> {
+    let mut m = Map::new();
+    if spec.method != "GET" {
+        m.insert("method".into(), Value::String(spec.method.clone()));
+    }
+    if !spec.headers.is_empty() {
+        let h: Map<String, Value> = spec
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        m.insert("headers".into(), Value::Object(h));
+    }
+    if let Some(b) = &spec.body {
+        m.insert("body".into(), b.clone());
+    }
+    m.insert("capacity".into(), Value::from(capacity));
+    m
+}
+
+pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
+    // 1. Everything that needs no load.
+    let file = match &args.config {
+        Some(p) if p.exists() => Some(config_file::load(p)?),
+        Some(p) if args.endpoints.is_empty() => {
+            return Err(ProberError::Usage(format!(
+                "{} does not exist; pass --endpoint PATH (with --method, --header, --body) to create it",
+                p.display()
+            ))
+            .into())
+        }
+        _ => None,
+    };
+    if let Some(f) = &file {
+        if !args.output.quiet {
+            for w in f.warnings() {
+                eprintln!("{w}");
+            }
+        }
+    }
+    let planned = plan(args, file.as_ref())?;
+    let file_settings = file
+        .as_ref()
+        .map(|f| f.settings.clone())
+        .unwrap_or_default();
+    let settings = settings::resolve(
+        &args.level,
+        args.error_threshold,
+        args.latency_threshold_ms,
+        args.max_concurrency,
+        &file_settings,
+    )?;
+    let service = match (&args.service, &file) {
+        (Some(s), Some(f)) if f.doc.get("service").is_some() && *s != f.config.service => {
+            return Err(ProberError::Usage(format!(
+                "--service {s} differs from {}'s service {:?}; the file's name is the namespace",
+                f.path.display(),
+                f.config.service
+            ))
+            .into())
+        }
+        (Some(s), _) => s.clone(),
+        (None, Some(f)) => f.config.service.clone(),
+        (None, None) => sluice_core::config::DEFAULT_SERVICE.to_string(),
+    };
+    if service.is_empty() {
+        return Err(ProberError::Usage("--service must not be empty".into()).into());
+    }
+    let redis_url = match (&args.redis, file.as_ref().and_then(|f| f.storage.as_ref())) {
+        (Some(u), _) => Some(u.clone()),
+        (None, Some(Storage::Redis { url })) => Some(url.clone()),
+        _ => None,
+    };
+    let mut redis = match (&redis_url, args.dry_run) {
+        (Some(url), false) => {
+            check_service_name(&service).map_err(|e| ProberError::Usage(e.to_string()))?;
+            Some(RedisStore::connect(url, &service)?)
+        }
+        _ => None,
+    };
+    let target = target::connect_target(&args.url)?;
+    let requests: Vec<RequestSpec> = planned
+        .iter()
+        .map(|p| target::request_spec(&p.spec))
+        .collect::<Result<_, _>>()?;
+
+    // 2. Measure.
+    let rt = settings::runtime(settings.threads).context("starting the load generator")?;
+    let progress = Progress::new(args.output.quiet);
+    let mut reports: Vec<EndpointReport> = Vec::new();
+    let mut edits: Vec<Edit> = Vec::new();
+    let mut to_push: Vec<(usize, Record)> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    let mut exit_code = exit::OK;
+    let mut aborted: Option<String> = None;
+
+    for (p, request) in planned.iter().zip(&requests) {
+        let spec = &p.spec;
+        let idx = reports.len();
+        let mut rep = EndpointReport::new(&spec.path, &spec.method, Outcome::NotProbed);
+        if let Some(reason) = &aborted {
+            rep.note = Some(format!("not probed: {reason}"));
+            reports.push(rep);
+            continue;
+        }
+        if !args.force {
+            if let Some(c) = spec.capacity {
+                rep.outcome = Outcome::KeptFile;
+                rep.capacity = Some(c);
+                let record = record_from_file(spec).expect("capacity is set");
+                rep.source = Some(record.source);
+                rep.note = Some(format!(
+                    "capacity {c} kept from the file ({}); --force probes it again",
+                    record.source.as_str()
+                ));
+                to_push.push((idx, record));
+                reports.push(rep);
+                continue;
+            }
+            if let Some(store) = redis.as_mut() {
+                if let Some(record) = store.get(&spec.path)? {
+                    rep.outcome = Outcome::ReusedRedis;
+                    rep.capacity = Some(record.capacity);
+                    rep.source = Some(record.source);
+                    rep.redis = RedisOutcome::Exists;
+                    rep.note = Some(format!(
+                        "capacity {} reused from Redis ({}); --force probes it again",
+                        record.capacity,
+                        record.source.as_str()
+                    ));
+                    let note = format!(
+                        "{MEASURED_MARK} from Redis ({}), {}",
+                        record.source.as_str(),
+                        humantime::format_rfc3339_seconds(
+                            UNIX_EPOCH + std::time::Duration::from_secs(record.measured_at)
+                        )
+                    );
+                    edits.push(edit_for(p, record.capacity, note));
+                    reports.push(rep);
+                    continue;
+                }
+            }
+        }
+        let started = Instant::now();
+        let mut runner = LoadRunner {
+            rt: &rt,
+            target: &target,
+            request,
+            timing: settings.timing,
+            threads: settings.threads,
+            thresholds: settings.thresholds,
+            progress: &progress,
+            path: &spec.path,
+        };
+        let result =
+            search::find_capacity(&mut runner, settings.thresholds, settings.max_concurrency);
+        rep.elapsed_s = report::round(started.elapsed().as_secs_f64(), 2);
+        let result = match result {
+            Ok(r) => r,
+            Err(Abort(reason)) => {
+                let reason = format!(
+                    "the target stopped answering while probing {}: {reason}",
+                    spec.path
+                );
+                rep.note = Some(reason.clone());
+                problems.push(reason.clone());
+                aborted = Some(reason);
+                exit_code = exit::UNREACHABLE;
+                reports.push(rep);
+                continue;
+            }
+        };
+        fill_search(&mut rep, &result);
+        match (result.capacity, result.at_capacity()) {
+            (Some(c), Some(at)) => {
+                let c = c as u32;
+                rep.outcome = Outcome::Measured;
+                rep.capacity = Some(c);
+                rep.source = Some(Source::Probe);
+                let at_unix = now_unix();
+                let record = Record {
+                    capacity: c,
+                    p99_ms: Some(report::round(at.quantile_ms(0.99), 3)),
+                    rps: Some(report::round(at.rps(), 1)),
+                    error_rate: Some(at.error_rate()),
+                    measured_at: at_unix,
+                    source: Source::Probe,
+                };
+                edits.push(edit_for(
+                    p,
+                    c,
+                    measured_note(at.quantile_ms(0.99), at.rps(), at_unix),
+                ));
+                to_push.push((idx, record));
+            }
+            _ => {
+                rep.outcome = Outcome::NoPassingLevel;
+                if let Some(first) = result.runs.first() {
+                    rep.note = Some(first.failures.join("; "));
+                }
+                problems.push(format!(
+                    "{}: no concurrency level met the thresholds (errors <= {}, p99 <= {} ms)",
+                    spec.path,
+                    report::pct(settings.thresholds.error_rate),
+                    settings.thresholds.p99_ms
+                ));
+                if exit_code == exit::OK {
+                    exit_code = exit::NO_PASSING_LEVEL;
+                }
+            }
+        }
+        reports.push(rep);
+    }
+    progress.finish();
+
+    // 3. Write the file.
+    let mut config_written = false;
+    if let (Some(path), false, false) = (&args.config, args.dry_run, edits.is_empty()) {
+        let top = new_file_top(args, &settings, &service);
+        write_capacities(path, &edits, &top)?;
+        config_written = true;
+        for r in reports.iter_mut() {
+            if edits.iter().any(|e| e.path() == r.path) {
+                r.written = true;
+            }
+        }
+    }
+
+    // 4. Push.
+    for r in reports.iter_mut() {
+        r.redis = match (&redis_url, args.dry_run) {
+            (None, _) => RedisOutcome::Off,
+            (Some(_), true) => RedisOutcome::Skipped,
+            _ => r.redis,
+        };
+    }
+    if let Some(store) = redis.as_mut() {
+        for (idx, record) in &to_push {
+            let rep = &mut reports[*idx];
+            let kept = rep.outcome == Outcome::KeptFile;
+            let result = (|| -> Result<RedisOutcome, ProberError> {
+                if kept && store.get(&rep.path)?.is_some() {
+                    return Ok(RedisOutcome::Exists);
+                }
+                store.put(&rep.path, record)?;
+                Ok(RedisOutcome::Pushed)
+            })();
+            match result {
+                Ok(o) => rep.redis = o,
+                Err(e) => {
+                    rep.redis = RedisOutcome::Failed;
+                    problems.push(format!(
+                        "{e}; {}run `sluice-prober push --config FILE` to push them later",
+                        if config_written {
+                            "the capacities are in the file: "
+                        } else {
+                            ""
+                        }
+                    ));
+                    if exit_code == exit::OK {
+                        exit_code = exit::STORAGE;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    let client_bound: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.client_bound_levels.is_empty())
+        .map(|r| format!("{} at {:?}", r.path, r.client_bound_levels))
+        .collect();
+    if !client_bound.is_empty() && !args.output.quiet {
+        eprintln!(
+            "warning: the prober's own CPU was the limit for {}; figures there understate the target",
+            client_bound.join(", ")
+        );
+    }
+    let report = ProbeReport {
+        command: "probe",
+        version: env!("CARGO_PKG_VERSION"),
+        target: args.url.clone(),
+        config: args.config.as_ref().map(|p| p.display().to_string()),
+        service,
+        thresholds: ThresholdsReport {
+            error_rate: settings.thresholds.error_rate,
+            p99_ms: settings.thresholds.p99_ms,
+        },
+        timing: TimingReport::from(&settings),
+        max_concurrency: settings.max_concurrency,
+        endpoints: reports,
+        config_written,
+        redis_url: redis.as_ref().map(|r| r.url().to_string()),
+        problems: problems.clone(),
+        exit_code,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.output.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", report.to_text())?;
+    }
+    if !args.output.quiet {
+        for p in &problems {
+            eprintln!("sluice-prober: {p}");
+        }
+    }
+    Ok(exit_code)
+}
+
+fn edit_for(p: &Planned, capacity: u32, note: String) -> Edit {
+    if p.in_file {
+        Edit::SetCapacity {
+            path: p.spec.path.clone(),
+            capacity,
+            note,
+        }
+    } else {
+        Edit::AddEndpoint {
+            path: p.spec.path.clone(),
+            settings: new_endpoint_settings(&p.spec, capacity),
+            note,
+        }
+    }
+}
+
+/// Top-level keys of a config created from flags: what was given on the
+/// command line and would be needed to repeat the probe.
+fn new_file_top(args: &ProbeArgs, settings: &Settings, service: &str) -> Map<String, Value> {
+    let mut top = Map::new();
+    if args.service.is_some() {
+        top.insert("service".into(), Value::from(service));
+    }
+    if args.error_threshold.is_some() {
+        top.insert(
+            "error_threshold".into(),
+            Value::from(settings.thresholds.error_rate),
+        );
+    }
+    if args.latency_threshold_ms.is_some() {
+        top.insert(
+            "latency_threshold_ms".into(),
+            number(settings.thresholds.p99_ms),
+        );
+    }
+    top
+}
+
+fn number(v: f64) -> Value {
+    if v.fract() == 0.0 && (0.0..1e15).contains(&v) {
+        Value::from(v as u64)
+    } else {
+        Value::from(v)
+    }
+}
+
+fn fill_search(rep: &mut EndpointReport, result: &search::SearchResult) {
+    rep.capped = result.capped;
+    rep.unstable = result.unstable;
+    rep.runs = result.runs.iter().map(RunReport::from).collect();
+    rep.at_capacity = result.at_capacity().map(LevelReport::from);
+    let mut bound: Vec<usize> = result
+        .runs
+        .iter()
+        .filter(|r| r.stats.client_bound())
+        .map(|r| r.stats.concurrency)
+        .collect();
+    bound.sort_unstable();
+    bound.dedup();
+    rep.client_bound_levels = bound;
+    let points: Vec<Point> = result
+        .levels
+        .values()
+        .filter(|s| s.requests > 0)
+        .map(|s| Point {
+            concurrency: s.concurrency as f64,
+            rps: s.rps(),
+        })
+        .collect();
+    rep.knee = scaling::knee(&points).map(|p| KneeReport {
+        concurrency: p.concurrency as usize,
+        rps: report::round(p.rps, 1),
+    });
+    rep.usl = scaling::fit_usl(&points).map(|mut u| {
+        u.lambda = report::round(u.lambda, 3);
+        u.sigma = report::round(u.sigma, 6);
+        u.kappa = report::round(u.kappa, 8);
+        u.n_star = u.n_star.map(|n| report::round(n, 2));
+        u.peak_rps = u.peak_rps.map(|n| report::round(n, 1));
+        u.r_squared = report::round(u.r_squared, 4);
+        u
+    });
+}
+
+/// Applies the edits to the file as it is now (re-read, in case someone
+/// edited it while we measured) and replaces it atomically; or creates it.
+pub fn write_capacities(
+    path: &Path,
+    edits: &[Edit],
+    top: &Map<String, Value>,
+) -> anyhow::Result<()> {
+    let shown = path.display();
+    let manual = || {
+        edits
+            .iter()
+            .map(|e| match e {
+                Edit::SetCapacity { path, capacity, .. } => {
+                    format!("endpoints.{path}.capacity: {capacity}")
+                }
+                Edit::AddEndpoint { path, settings, .. } => {
+                    format!("endpoints.{path}: {}", Value::Object(settings.clone()))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let text = if path.exists() {
+        let current = std::fs::read_to_string(path).with_context(|| format!("reading {shown}"))?;
+        // It must still be a valid config: never write over a file that broke meanwhile.
+        config_file::parse_text(&shown.to_string(), &current)?;
+        config_edit::apply(&current, edits).map_err(|e| {
+            anyhow::anyhow!(
+                "could not write the capacities into {shown} safely: {e}. The file is unchanged; \
+                 set them by hand: {}",
+                manual()
+            )
+        })?
+    } else {
+        config_edit::new_document(top, edits)
+            .map_err(|e| anyhow::anyhow!("could not create {shown}: {e}"))?
+    };
+    replace_file(path, &text).with_context(|| format!("writing {shown}"))
+}
+
+/// Writes `text` to `path` by renaming a temporary file from the same
+/// directory over it, keeping the old file's permissions: readers see the old
+/// file or the new one, never half of one.
+pub fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    // Through a symlink, replace the file it points to, not the link.
+    let real = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(_) => path.to_path_buf(),
+    };
+    let dir = match real.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    let name = real
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "sluice.yaml".into());
+    let mut tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(&dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    let perms = match std::fs::metadata(&real) {
+        Ok(m) => m.permissions(),
+        Err(_) => std::fs::Permissions::from_mode(0o644),
+    };
+    std::fs::set_permissions(tmp.path(), perms)?;
+    tmp.persist(&real).map_err(|e| e.error)?;
+    // Make the rename itself durable.
+    if let Ok(d) = std::fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn notes_read_back() {
+        let note = measured_note(21.34, 1790.4, 1_700_000_000);
+        assert_eq!(
+            note,
+            "sluice-prober: p99 21.3 ms at 1790 req/s, 2023-11-14T22:13:20Z"
+        );
+        assert_eq!(
+            parse_note(&note),
+            (Some(21.3), Some(1790.0), Some(1_700_000_000))
+        );
+    }
+
+    #[test]
+    fn file_capacities_become_records() {
+        let mut spec = EndpointSpec::new("/a");
+        spec.capacity = Some(10);
+        assert_eq!(record_from_file(&spec).unwrap().source, Source::Manual);
+        spec.capacity_note = Some(measured_note(20.0, 100.0, 1_700_000_000));
+        let r = record_from_file(&spec).unwrap();
+        assert_eq!(r.source, Source::Probe);
+        assert_eq!(r.p99_ms, Some(20.0));
+        assert_eq!(r.measured_at, 1_700_000_000);
+    }
+
+    #[test]
+    fn replace_keeps_permissions_and_follows_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.yaml");
+        std::fs::write(&real, "a: 1\n").unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let link = dir.path().join("sluice.yaml");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        replace_file(&link, "a: 2\n").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "a: 2\n");
+        let mode = std::fs::metadata(&real).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        // No temporary files left behind.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+}

@@ -1,0 +1,117 @@
+//! `sluice-prober push`: the file's capacities to Redis, without measuring.
+//! For capacities set by hand, and for a probe whose push failed.
+
+use crate::cli::PushArgs;
+use crate::config_file;
+use crate::probe::record_from_file;
+use crate::redis_store::{RedisStore, Source};
+use crate::report::{self, RedisOutcome};
+use crate::{exit, ProberError};
+use serde::Serialize;
+use sluice_core::storage::{check_service_name, Storage};
+use std::io::Write as _;
+
+#[derive(Debug, Serialize)]
+pub struct PushedEndpoint {
+    pub path: String,
+    pub capacity: Option<u32>,
+    pub source: Option<Source>,
+    pub redis: RedisOutcome,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PushReport {
+    pub command: &'static str,
+    pub version: &'static str,
+    pub config: String,
+    pub service: String,
+    pub redis_url: String,
+    pub endpoints: Vec<PushedEndpoint>,
+    pub exit_code: u8,
+}
+
+pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
+    let file = config_file::load(&args.config)?;
+    let url = match (&args.redis, &file.storage) {
+        (Some(u), _) => u.clone(),
+        (None, Some(Storage::Redis { url })) => url.clone(),
+        _ => {
+            return Err(ProberError::Usage(format!(
+            "no Redis to push to: pass --redis URL or set storage: {{type: redis, url: ...}} in {}",
+            args.config.display()
+        ))
+            .into())
+        }
+    };
+    let service = file.config.service.clone();
+    check_service_name(&service).map_err(|e| ProberError::Usage(e.to_string()))?;
+    let mut store = RedisStore::connect(&url, &service)?;
+    let mut endpoints = Vec::new();
+    for spec in &file.endpoints {
+        let Some(record) = record_from_file(spec) else {
+            endpoints.push(PushedEndpoint {
+                path: spec.path.clone(),
+                capacity: None,
+                source: None,
+                redis: RedisOutcome::Skipped,
+            });
+            continue;
+        };
+        let outcome = if !args.force && store.get(&spec.path)?.is_some() {
+            RedisOutcome::Exists
+        } else {
+            store.put(&spec.path, &record)?;
+            RedisOutcome::Pushed
+        };
+        endpoints.push(PushedEndpoint {
+            path: spec.path.clone(),
+            capacity: Some(record.capacity),
+            source: Some(record.source),
+            redis: outcome,
+        });
+    }
+    let report = PushReport {
+        command: "push",
+        version: env!("CARGO_PKG_VERSION"),
+        config: args.config.display().to_string(),
+        service,
+        redis_url: store.url().to_string(),
+        endpoints,
+        exit_code: exit::OK,
+    };
+    let mut out = std::io::stdout().lock();
+    if args.output.json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+    } else {
+        let rows: Vec<Vec<String>> = report
+            .endpoints
+            .iter()
+            .map(|e| {
+                vec![
+                    e.path.clone(),
+                    e.capacity.map(|c| c.to_string()).unwrap_or("-".into()),
+                    e.source
+                        .map(|s| s.as_str().to_string())
+                        .unwrap_or("-".into()),
+                    report::serde_plain(&e.redis),
+                ]
+            })
+            .collect();
+        writeln!(
+            out,
+            "sluice-prober push {} -> {} (service {})",
+            report.config, report.redis_url, report.service
+        )?;
+        write!(
+            out,
+            "{}",
+            report::table(
+                &["endpoint", "capacity", "source", "redis"],
+                &rows,
+                &[0, 2, 3]
+            )
+        )?;
+    }
+    Ok(exit::OK)
+}
