@@ -25,10 +25,13 @@ fmt:
 
 # The whole suite: unit tests, the admission core on wasm under Node, and the
 # end-to-end tests that run the real Envoy, Redis and binaries.
+# The last line totals every runner's results (cargo's own last lines are
+# doc-test runs that are usually empty).
 test: deps lint wasm
 	cargo build --release -p sluice-backend -p sluice-prober
-	$(MAKE) test-wasm
-	cargo test --workspace --release -- --test-threads=1
+	set -o pipefail; { $(MAKE) --no-print-directory test-wasm && \
+	  cargo test --workspace --release -- --test-threads=1; } 2>&1 | tee target/test.log
+	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
 
 test-wasm:
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
