@@ -245,3 +245,30 @@ fn invalid_configuration_is_refused_with_the_key_named() {
         "log does not name the problem:\n{log}"
     );
 }
+
+/// A queued request's body arrives while it waits; Envoy asks the filter
+/// about each body chunk, and a "continue" there would let it skip the queue.
+#[test]
+fn requests_with_bodies_wait_their_turn() {
+    let backend = Backend::start(&["/predict:service_ms=80"]);
+    let envoy = start(&backend, &plugin_config(2, 30.0, 1000), 2);
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 12);
+    burst.method = "POST".into();
+    burst.body = format!("{{\"input\": \"{}\"}}", "x".repeat(64 * 1024)).into();
+    burst.spacing = Duration::from_millis(1);
+    let outcomes = run_blocking(&burst);
+    assert_eq!(count(&outcomes, 200), 12, "{:?}", summarize(&outcomes));
+    let seen = path_stats(&backend, "/predict");
+    assert_eq!(
+        seen["max_in_flight"], 2,
+        "queued POSTs reached the backend early: {seen}"
+    );
+    let arrivals: Vec<String> = seen["arrivals"]
+        .as_array()
+        .expect("arrivals")
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(arrivals.len(), 12);
+    assert_drains_to_zero(&envoy);
+}

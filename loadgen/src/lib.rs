@@ -3,7 +3,7 @@
 //! outcomes; the demo and the benchmarks print them.
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
@@ -26,6 +26,8 @@ pub struct Burst {
     pub timeout: Duration,
     /// Number the requests from here in their `x-seq` header.
     pub first_seq: usize,
+    /// Request body (sent with `content-type: application/json`) if not empty.
+    pub body: Bytes,
 }
 
 impl Burst {
@@ -39,6 +41,7 @@ impl Burst {
             abort_after: None,
             timeout: Duration::from_secs(60),
             first_seq: 0,
+            body: Bytes::new(),
         }
     }
 }
@@ -148,7 +151,7 @@ pub fn run_blocking(burst: &Burst) -> Vec<Outcome> {
 }
 
 type Connection = (
-    http1::SendRequest<Empty<Bytes>>,
+    http1::SendRequest<Full<Bytes>>,
     tokio::task::JoinHandle<hyper::Result<()>>,
 );
 
@@ -159,13 +162,14 @@ async fn connect(addr: SocketAddr) -> anyhow::Result<Connection> {
     Ok((sender, tokio::spawn(conn)))
 }
 
-fn request(b: &Burst, seq: usize) -> anyhow::Result<hyper::Request<Empty<Bytes>>> {
+fn request(b: &Burst, seq: usize) -> anyhow::Result<hyper::Request<Full<Bytes>>> {
     Ok(hyper::Request::builder()
         .method(b.method.as_str())
         .uri(b.path.as_str())
         .header("host", b.addr.to_string())
         .header("x-seq", seq.to_string())
-        .body(Empty::<Bytes>::new())?)
+        .header("content-type", "application/json")
+        .body(Full::new(b.body.clone()))?)
 }
 
 async fn read(
