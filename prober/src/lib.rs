@@ -58,8 +58,14 @@ impl ProberError {
 /// The exit code for an error that ended the run.
 pub fn exit_code_of(e: &anyhow::Error) -> u8 {
     e.chain()
-        .find_map(|c| c.downcast_ref::<ProberError>())
-        .map(ProberError::exit_code)
+        .find_map(|c| {
+            if let Some(p) = c.downcast_ref::<ProberError>() {
+                Some(p.exit_code())
+            } else {
+                c.downcast_ref::<config_file::ConfigFileError>()
+                    .map(|_| exit::USAGE)
+            }
+        })
         .unwrap_or(exit::FAILURE)
 }
 

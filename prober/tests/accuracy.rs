@@ -97,7 +97,10 @@ fn assert_capacity(k: u64) {
     // Advisory figures: a throughput knee at the capacity (give or take a
     // level: throughput at K and K+1 is the same, so noise picks), a USL fit.
     let knee = e["knee"]["concurrency"].as_u64().unwrap();
-    assert!(knee.abs_diff(k) <= 1.max(k / 10), "knee {knee} for capacity {k}");
+    assert!(
+        knee.abs_diff(k) <= 1.max(k / 10),
+        "knee {knee} for capacity {k}"
+    );
     if k > 1 {
         let usl = &e["usl"];
         assert!(usl["sigma"].as_f64().unwrap() >= 0.0 && usl["kappa"].as_f64().unwrap() >= 0.0);
