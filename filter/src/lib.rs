@@ -422,6 +422,7 @@ impl HttpContext for SluiceStream {
                     vec![
                         ("content-type", "application/json"),
                         ("cache-control", "no-store"),
+                        ("x-sluice-reason", "stats"),
                     ],
                     Some(body.as_bytes()),
                 );
