@@ -4,7 +4,7 @@
 
 use serde_json::json;
 use sluice_e2e::{Backend, Envoy, FrontProxy};
-use sluice_loadgen::{run_blocking, summarize, Burst, Outcome};
+use sluice_loadgen::{run_blocking, summarize, table, Burst, Outcome};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -63,18 +63,5 @@ fn burst(addr: SocketAddr) -> Vec<Outcome> {
 }
 
 fn print_outcomes(outcomes: &[Outcome]) {
-    println!(
-        "{:>4}  {:>6}  {:<14} {:>8} {:>10}",
-        "req", "status", "x-sluice", "wait_ms", "total_ms"
-    );
-    for o in outcomes {
-        println!(
-            "{:>4}  {:>6}  {:<14} {:>8} {:>10.0}",
-            o.seq,
-            o.status,
-            o.reason.as_deref().unwrap_or("-"),
-            o.wait_ms.map_or("-".into(), |w| w.to_string()),
-            o.latency_ms
-        );
-    }
+    print!("{}", table(outcomes));
 }

@@ -229,3 +229,23 @@ pub fn summarize(outcomes: &[Outcome]) -> Summary {
     }
     s
 }
+
+/// One line per request, for people: status, the filter's reason, how long
+/// it queued, and its total time.
+pub fn table(outcomes: &[Outcome]) -> String {
+    let mut out = format!(
+        "{:>4}  {:>6}  {:<14} {:>8} {:>10}\n",
+        "req", "status", "x-sluice", "wait_ms", "total_ms"
+    );
+    for o in outcomes {
+        out.push_str(&format!(
+            "{:>4}  {:>6}  {:<14} {:>8} {:>10.0}\n",
+            o.seq,
+            o.status,
+            o.reason.as_deref().unwrap_or("-"),
+            o.wait_ms.map_or("-".into(), |w| w.to_string()),
+            o.latency_ms
+        ));
+    }
+    out
+}

@@ -1,5 +1,5 @@
 use clap::Parser;
-use sluice_loadgen::{run_blocking, summarize, Burst};
+use sluice_loadgen::{run_blocking, summarize, table, Burst};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -49,20 +49,7 @@ fn main() -> anyhow::Result<()> {
         );
         return Ok(());
     }
-    println!(
-        "{:>5} {:>6} {:>14} {:>8} {:>10}",
-        "seq", "status", "reason", "wait_ms", "latency_ms"
-    );
-    for r in &outcomes {
-        println!(
-            "{:>5} {:>6} {:>14} {:>8} {:>10.1}",
-            r.seq,
-            r.status,
-            r.reason.as_deref().unwrap_or("-"),
-            r.wait_ms.map_or("-".to_string(), |w| w.to_string()),
-            r.latency_ms
-        );
-    }
+    print!("{}", table(&outcomes));
     println!(
         "\n{} requests: {} ok ({} of them queued first, longest wait {} ms), {} queue timeouts (504), {} queue full (503), {} other, {} errors",
         summary.requests,
