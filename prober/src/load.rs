@@ -89,7 +89,7 @@ pub struct LevelStats {
     /// Time this process's threads spent ready to run but waiting for a CPU
     /// during the window, seconds (`None` where the kernel does not say).
     pub cpu_wait_seconds: Option<f64>,
-    /// Worker threads of the runtime that generated the load.
+    /// Threads that generated the load.
     pub threads: usize,
     /// One example of a transport error, for the report.
     pub first_error: Option<String>,
@@ -264,15 +264,19 @@ struct WorkerTally {
 }
 
 /// Runs one level: `concurrency` connections in a closed loop, warm-up, then
-/// the measured window. Must be called inside a Tokio runtime with `threads`
-/// worker threads (used only to judge whether the client was the limit).
-pub async fn run_level(
+/// the measured window. Blocks the calling thread for the whole level.
+///
+/// The connections are spread over `threads` OS threads, each with its own
+/// single-threaded Tokio runtime (wrk's model: no work stealing, no
+/// cross-thread wake-ups on the request path). The calling thread only keeps
+/// time.
+pub fn run_level(
     target: &Target,
     request: &RequestSpec,
     concurrency: usize,
     timing: &LevelTiming,
     threads: usize,
-) -> LevelStats {
+) -> std::io::Result<LevelStats> {
     let shared = Arc::new(Shared {
         target: target.clone(),
         request: request.clone(),
@@ -280,20 +284,52 @@ pub async fn run_level(
         phase: AtomicU8::new(WARMUP),
         measured: AtomicU64::new(0),
     });
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| tokio::spawn(worker(shared.clone())))
-        .collect();
+    let threads = threads.clamp(1, concurrency.max(1));
+    let mut handles = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let connections = concurrency / threads + usize::from(t < concurrency % threads);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let for_thread = shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name(format!("sluice-load-{t}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let workers: Vec<_> = (0..connections)
+                        .map(|_| tokio::spawn(worker(for_thread.clone())))
+                        .collect();
+                    let mut results = Vec::with_capacity(workers.len());
+                    for w in workers {
+                        // A worker panicking is a bug in this file: say so.
+                        results.push(w.await.expect("load worker panicked"));
+                    }
+                    results
+                })
+            });
+        match spawned {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                // Let the threads already running wind down before failing.
+                shared.phase.store(STOP, Relaxed);
+                for h in handles {
+                    let _ = h.join();
+                }
+                return Err(e);
+            }
+        }
+    }
 
-    tokio::time::sleep(timing.warmup).await;
+    std::thread::sleep(timing.warmup);
     let cpu_start = process_cpu_seconds();
     let wait_start = process_cpu_wait_seconds();
     let start = Instant::now();
     shared.phase.store(MEASURE, Relaxed);
-    tokio::time::sleep(timing.duration).await;
+    std::thread::sleep(timing.duration);
     while shared.measured.load(Relaxed) < timing.min_samples
         && start.elapsed() < timing.max_duration
     {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        std::thread::sleep(Duration::from_millis(20));
     }
     shared.phase.store(STOP, Relaxed);
     let window = start.elapsed();
@@ -307,28 +343,29 @@ pub async fn run_level(
     stats.window = window;
     stats.cpu_seconds = cpu_seconds;
     stats.cpu_wait_seconds = cpu_wait_seconds;
-    for w in workers {
-        // A worker panicking is a bug in this file; say so instead of hiding it.
-        let (tally, hist) = w.await.expect("load worker panicked");
-        stats.requests += tally.requests;
-        stats.errors += tally.errors;
-        for (code, n) in tally.statuses {
-            *stats.statuses.entry(code).or_default() += n;
-        }
-        stats.transport_errors += tally.transport_errors;
-        stats.connect_errors += tally.connect_errors;
-        stats.timeouts += tally.timeouts;
-        stats.completed_in_window += tally.completed_in_window;
-        stats.ok_in_window += tally.ok_in_window;
-        stats
-            .latency_us
-            .add(&hist)
-            .expect("histograms share their bounds");
-        if stats.first_error.is_none() {
-            stats.first_error = tally.first_error;
+    for h in handles {
+        let results = h.join().expect("load thread panicked");
+        for (tally, hist) in results {
+            stats.requests += tally.requests;
+            stats.errors += tally.errors;
+            for (code, n) in tally.statuses {
+                *stats.statuses.entry(code).or_default() += n;
+            }
+            stats.transport_errors += tally.transport_errors;
+            stats.connect_errors += tally.connect_errors;
+            stats.timeouts += tally.timeouts;
+            stats.completed_in_window += tally.completed_in_window;
+            stats.ok_in_window += tally.ok_in_window;
+            stats
+                .latency_us
+                .add(&hist)
+                .expect("histograms share their bounds");
+            if stats.first_error.is_none() {
+                stats.first_error = tally.first_error;
+            }
         }
     }
-    stats
+    Ok(stats)
 }
 
 enum Outcome {
@@ -434,8 +471,12 @@ async fn request_loop(
         let exchange = async {
             let response = sender.send_request(request).await?;
             let status = response.status().as_u16();
-            // Read the whole body: a response is done when its last byte is in.
-            response.into_body().collect().await?;
+            // Read the whole body (a response is done when its last byte is
+            // in), dropping each frame rather than collecting them.
+            let mut body = response.into_body();
+            while let Some(frame) = body.frame().await {
+                frame?;
+            }
             Ok::<u16, hyper::Error>(status)
         };
         let outcome = match tokio::time::timeout(shared.request_timeout, exchange).await {

@@ -39,7 +39,6 @@ struct Planned {
 
 /// Generates real load for the search, reporting progress as it goes.
 struct LoadRunner<'a> {
-    rt: &'a tokio::runtime::Runtime,
     target: &'a Target,
     request: &'a RequestSpec,
     timing: LevelTiming,
@@ -56,13 +55,8 @@ impl LevelRunner for LoadRunner<'_> {
             self.path,
             report::serde_plain(&stage)
         ));
-        let stats = self.rt.block_on(load::run_level(
-            self.target,
-            self.request,
-            n,
-            &self.timing,
-            self.threads,
-        ));
+        let stats = load::run_level(self.target, self.request, n, &self.timing, self.threads)
+            .map_err(|e| Abort(format!("cannot start the load threads: {e}")))?;
         if stats.unreachable() {
             return Err(Abort(
                 stats
@@ -294,7 +288,6 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         .collect::<Result<_, _>>()?;
 
     // 2. Measure.
-    let rt = settings::runtime(settings.threads).context("starting the load generator")?;
     let progress = Progress::new(args.output.quiet);
     let mut reports: Vec<EndpointReport> = Vec::new();
     let mut edits: Vec<Edit> = Vec::new();
@@ -352,7 +345,6 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         }
         let started = Instant::now();
         let mut runner = LoadRunner {
-            rt: &rt,
             target: &target,
             request,
             timing: settings.timing,

@@ -120,20 +120,6 @@ fn default_threads() -> usize {
         .unwrap_or(1)
 }
 
-/// The Tokio runtime that generates load: `threads` workers.
-pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

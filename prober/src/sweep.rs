@@ -225,7 +225,6 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
     }
     let target = target::connect_target(&args.url)?;
     let request = target::request_spec(&spec)?;
-    let rt = settings::runtime(settings.threads).context("starting the load generator")?;
     let progress = Progress::new(args.output.quiet);
 
     let mut measured: Vec<LevelStats> = Vec::new();
@@ -234,13 +233,8 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
     let mut saturated_in_a_row = 0;
     for &n in &levels {
         progress.status(format!("{}  concurrency {n}", spec.path));
-        let stats = rt.block_on(load::run_level(
-            &target,
-            &request,
-            n,
-            &settings.timing,
-            settings.threads,
-        ));
+        let stats = load::run_level(&target, &request, n, &settings.timing, settings.threads)
+            .context("starting the load threads")?;
         if stats.unreachable() {
             problems.push(format!(
                 "the target stopped answering at concurrency {n}: {}",
