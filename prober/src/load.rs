@@ -60,7 +60,15 @@ pub struct LevelTiming {
     /// A request without a full response after this long counts as an error
     /// (and is recorded in the histogram at this latency).
     pub request_timeout: Duration,
+    /// End the window early once this share of at least
+    /// [`DECISIVE_SAMPLES`] measured requests failed: the level fails
+    /// whatever follows, and a service that answers errors fast would
+    /// otherwise take a barrage of them for the whole window.
+    pub stop_at_error_rate: Option<f64>,
 }
+
+/// Measured requests needed before a level may stop early on errors.
+pub const DECISIVE_SAMPLES: u64 = 200;
 
 /// What one run of one level measured.
 #[derive(Debug, Clone)]
@@ -248,6 +256,8 @@ struct Shared {
     phase: AtomicU8,
     /// Requests measured so far, so the controller can wait for `min_samples`.
     measured: AtomicU64,
+    /// Of those, the failed ones, so the controller can stop a lost cause.
+    failed: AtomicU64,
 }
 
 #[derive(Default)]
@@ -283,6 +293,7 @@ pub fn run_level(
         request_timeout: timing.request_timeout,
         phase: AtomicU8::new(WARMUP),
         measured: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
     });
     let threads = threads.clamp(1, concurrency.max(1));
     let mut handles = Vec::with_capacity(threads);
@@ -325,11 +336,22 @@ pub fn run_level(
     let wait_start = process_cpu_wait_seconds();
     let start = Instant::now();
     shared.phase.store(MEASURE, Relaxed);
-    std::thread::sleep(timing.duration);
-    while shared.measured.load(Relaxed) < timing.min_samples
-        && start.elapsed() < timing.max_duration
-    {
-        std::thread::sleep(Duration::from_millis(20));
+    let lost_cause = || {
+        let measured = shared.measured.load(Relaxed);
+        timing.stop_at_error_rate.is_some_and(|limit| {
+            measured >= DECISIVE_SAMPLES
+                && shared.failed.load(Relaxed) as f64 > limit * measured as f64
+        })
+    };
+    loop {
+        let elapsed = start.elapsed();
+        let enough = elapsed >= timing.duration
+            && (shared.measured.load(Relaxed) >= timing.min_samples
+                || elapsed >= timing.max_duration);
+        if enough || lost_cause() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10).min(timing.duration));
     }
     shared.phase.store(STOP, Relaxed);
     let window = start.elapsed();
@@ -515,6 +537,9 @@ fn account(
     }
     tally.requests += 1;
     shared.measured.fetch_add(1, Relaxed);
+    if !matches!(outcome, Outcome::Status(code) if (200..300).contains(&code)) {
+        shared.failed.fetch_add(1, Relaxed);
+    }
     match outcome {
         Outcome::Status(code) if (200..300).contains(&code) => {}
         Outcome::Status(code) => {

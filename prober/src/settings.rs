@@ -108,10 +108,18 @@ pub fn resolve(
             min_samples,
             max_duration,
             request_timeout,
+            stop_at_error_rate: stop_at_error_rate(error_rate),
         },
         max_concurrency,
         threads,
     })
+}
+
+/// Where a level stops early on errors: well past the threshold, so the
+/// verdict cannot be close.
+pub fn stop_at_error_rate(threshold: f64) -> Option<f64> {
+    let at = (threshold * 2.0).max(0.5);
+    (at < 1.0).then_some(at)
 }
 
 fn default_threads() -> usize {
