@@ -28,9 +28,16 @@ fn path_stats(backend: &Backend, path: &str) -> Value {
 
 /// The filter's own view, from any worker.
 fn sluice_stats(envoy: &Envoy) -> Value {
-    let res = envoy.request("GET", "/balancer/stats").send().expect("stats request");
+    let res = envoy
+        .request("GET", "/balancer/stats")
+        .send()
+        .expect("stats request");
     assert_eq!(res.status, 200);
-    assert_eq!(res.header("x-sluice-reason"), Some("stats"), "every local reply says why");
+    assert_eq!(
+        res.header("x-sluice-reason"),
+        Some("stats"),
+        "every local reply says why"
+    );
     let body = res.text();
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("stats is not JSON ({e}): {body}"))
 }
