@@ -166,27 +166,49 @@ fn queue_full_gives_503_with_retry_after() {
 
 #[test]
 fn aborted_clients_leak_nothing() {
-    let backend = Backend::start(&["/predict:service_ms=5000"]);
+    let backend = Backend::start(&["/predict:service_ms=3000"]);
     let envoy = start(&backend, &plugin_config(200, 60.0, 1000), 4);
-    // 200 fill every slot and 200 wait; all give up after a second.
-    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 400);
-    burst.abort_after = Some(Duration::from_millis(1500));
-    let outcomes = run_blocking(&burst);
-    let s = summarize(&outcomes);
+    let addr = envoy.listener_addr();
+    // 200 fill every slot and 200 wait; then every client gives up.
+    let mut burst = Burst::new(addr, "/predict", 400);
+    burst.abort_after = Some(Duration::from_millis(2500));
+    let running = std::thread::spawn(move || run_blocking(&burst));
+    wait_for_filter_state(&envoy, 200, 200);
+    let s = summarize(&running.join().unwrap());
     assert_eq!(s.aborted, 400, "{s:?}");
     assert_drains_to_zero(&envoy);
-    // And the slots are really free: a new full house is admitted at once.
+    // And the slots are really free: a new full house is admitted at once,
+    // all 200 inside the backend together, none of them queued.
     backend.reset();
-    let mut again = Burst::new(envoy.listener_addr(), "/predict", 200);
-    again.abort_after = Some(Duration::from_millis(1000));
-    let outcomes = run_blocking(&again);
+    let again = Burst::new(addr, "/predict", 200);
+    let running = std::thread::spawn(move || run_blocking(&again));
+    wait_for_filter_state(&envoy, 200, 0);
+    let outcomes = running.join().unwrap();
+    assert_eq!(count(&outcomes, 200), 200, "{:?}", summarize(&outcomes));
     assert!(
         outcomes.iter().all(|o| o.wait_ms.is_none()),
-        "a freed slot was not free"
+        "a freed slot was not free: some requests queued"
     );
-    let seen = path_stats(&backend, "/predict");
-    assert_eq!(seen["max_in_flight"], 200, "{seen}");
+    assert_eq!(path_stats(&backend, "/predict")["max_in_flight"], 200);
     assert_drains_to_zero(&envoy);
+}
+
+/// Polls the filter's stats until `/predict` has exactly this many requests
+/// in flight and queued.
+fn wait_for_filter_state(envoy: &Envoy, active: u64, queued: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = sluice_stats(envoy);
+        let ep = &s["endpoints"]["/predict"];
+        if ep["active_requests"] == active && ep["queued"] == queued {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never reached {active} active and {queued} queued: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
