@@ -60,8 +60,9 @@ pub struct LevelTiming {
     /// A request without a full response after this long counts as an error
     /// (and is recorded in the histogram at this latency).
     pub request_timeout: Duration,
-    /// End the window early once this share of at least
-    /// [`DECISIVE_SAMPLES`] measured requests failed: the level fails
+    /// End the window early (after half of `duration`, half a second at
+    /// most) once this share of at least [`DECISIVE_SAMPLES`] measured
+    /// requests failed: the level fails
     /// whatever follows, and a service that answers errors fast would
     /// otherwise take a barrage of them for the whole window.
     pub stop_at_error_rate: Option<f64>,
@@ -336,10 +337,14 @@ pub fn run_level(
     let wait_start = process_cpu_wait_seconds();
     let start = Instant::now();
     shared.phase.store(MEASURE, Relaxed);
-    let lost_cause = || {
+    // Half a second at least (less for very short levels), so the
+    // throughput of the requests that did succeed is still a fair figure.
+    let decisive_after = (timing.duration / 2).min(Duration::from_millis(500));
+    let lost_cause = |elapsed: Duration| {
         let measured = shared.measured.load(Relaxed);
         timing.stop_at_error_rate.is_some_and(|limit| {
-            measured >= DECISIVE_SAMPLES
+            elapsed >= decisive_after
+                && measured >= DECISIVE_SAMPLES
                 && shared.failed.load(Relaxed) as f64 > limit * measured as f64
         })
     };
@@ -348,7 +353,7 @@ pub fn run_level(
         let enough = elapsed >= timing.duration
             && (shared.measured.load(Relaxed) >= timing.min_samples
                 || elapsed >= timing.max_duration);
-        if enough || lost_cause() {
+        if enough || lost_cause(elapsed) {
             break;
         }
         std::thread::sleep(Duration::from_millis(10).min(timing.duration));
