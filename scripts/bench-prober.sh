@@ -73,9 +73,7 @@ if [ "$PROBES" -gt 0 ]; then
     # shellcheck disable=SC2086
     json=$("$BIN/sluice-prober" probe --url "http://127.0.0.1:$PORT" --endpoint "/k$K" \
       --latency-threshold-ms 30 $PROBE_LEVELS --json --quiet || true)
-    read -r cap sec < <(python3 -c 'import json, sys
-  d = json.loads(sys.stdin.read()); e = d["endpoints"][0]
-  print(e["capacity"], e["elapsed_s"])' <<<"$json")
+    read -r cap sec < <(python3 -c 'import json, sys; e = json.loads(sys.stdin.read())["endpoints"][0]; print(e["capacity"], e["elapsed_s"])' <<<"$json")
     caps+=("$cap")
     secs+=("$sec")
     echo "probe $i: capacity $cap in ${sec}s" >&2
