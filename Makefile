@@ -3,7 +3,7 @@ SHELL := /bin/bash
 WASM := target/wasm32-wasip1/release/sluice_filter.wasm
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build wasm test test-native test-wasm lint fmt bench demo validate clean
+.PHONY: deps build wasm test test-wasm lint fmt bench bench-prober demo clean
 
 deps:
 	@scripts/deps.sh
@@ -41,6 +41,11 @@ test-wasm:
 bench: deps wasm
 	cargo build --release -p sluice-backend -p sluice-bench
 	target/release/sluice-bench
+
+# Repeatability of probes and the load generator against wrk.
+bench-prober: deps
+	cargo build --release -p sluice-backend -p sluice-prober
+	scripts/bench-prober.sh
 
 # The same burst against a capacity-4 service, without and with Sluice.
 demo: deps wasm
