@@ -92,15 +92,22 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        problem: problem.into(),
+impl ConfigError {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
     }
 }
 
-/// The value as the user wrote it, for error messages.
-fn shown(v: &Value) -> String {
+fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::new(key, problem)
+}
+
+/// The value as the user wrote it, for error messages (strings quoted).
+/// Other parts use it too, so every part shows values alike.
+pub fn shown(v: &Value) -> String {
     match v {
         Value::String(s) => format!("{s:?}"),
         other => other.to_string(),

@@ -8,7 +8,7 @@
 use crate::config_edit;
 use hyper::header::{HeaderName, HeaderValue};
 use serde_json::{Map, Value};
-use sluice_core::config::{Config, ConfigError};
+use sluice_core::config::{shown, Config, ConfigError};
 use sluice_core::storage::Storage;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -236,17 +236,7 @@ pub fn line_of(text: &str, doc: &Value, key: &str) -> Option<usize> {
 }
 
 fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError {
-        key: key.into(),
-        problem: problem.into(),
-    }
-}
-
-fn shown(v: &Value) -> String {
-    match v {
-        Value::String(s) => format!("{s:?}"),
-        other => other.to_string(),
-    }
+    ConfigError::new(key, problem)
 }
 
 fn seconds(v: &Value, key: &str, allow_zero: bool) -> Result<Duration, ConfigError> {
