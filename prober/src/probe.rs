@@ -496,18 +496,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         problems: problems.clone(),
         exit_code,
     };
-    let mut out = std::io::stdout().lock();
-    if args.output.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", report.to_text())?;
-    }
-    if !args.output.quiet {
-        for p in &problems {
-            eprintln!("sluice-prober: {p}");
-        }
-    }
+    report::emit(&report, || report.to_text(), &args.output, &problems)?;
     Ok(exit_code)
 }
 

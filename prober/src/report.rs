@@ -459,6 +459,30 @@ fn advisory_line(e: &EndpointReport) -> Option<String> {
     (!parts.is_empty()).then(|| format!("advisory: {}", parts.join("; ")))
 }
 
+/// Prints a command's report: JSON for machines or the text for people on
+/// stdout, then the problems met on stderr unless `--quiet`.
+pub fn emit(
+    report: &impl Serialize,
+    text: impl FnOnce() -> String,
+    output: &crate::cli::OutputArgs,
+    problems: &[String],
+) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if output.json {
+        serde_json::to_writer_pretty(&mut out, report)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", text())?;
+    }
+    if !output.quiet {
+        for p in problems {
+            eprintln!("sluice-prober: {p}");
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,6 @@ use crate::{exit, target, ProberError};
 use anyhow::Context;
 use serde::Serialize;
 use std::fmt::Write as _;
-use std::io::Write as _;
 
 pub const DEFAULT_LEVELS: &[usize] = &[1, 2, 4, 8, 16, 32, 64];
 
@@ -340,18 +339,7 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
         problems: problems.clone(),
         exit_code,
     };
-    let mut out = std::io::stdout().lock();
-    if args.output.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        write!(out, "{}", report.to_text())?;
-    }
-    if !args.output.quiet {
-        for p in &problems {
-            eprintln!("sluice-prober: {p}");
-        }
-    }
+    report::emit(&report, || report.to_text(), &args.output, &problems)?;
     Ok(exit_code)
 }
 
