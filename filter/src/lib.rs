@@ -270,7 +270,9 @@ impl Worker {
         for w in expired {
             let route = &self.routes.endpoints[w.endpoint];
             match admission::withdraw(&HostStore, &route.key, w.ticket) {
-                Ok(Withdrawn::Removed) => {
+                // NotFound cannot happen unless the record was reset under
+                // us; the request must be answered either way, never left paused.
+                Ok(Withdrawn::Removed | Withdrawn::NotFound) => {
                     w.handle.set(Fate::Answered);
                     if hostcalls::set_effective_context(w.context_id).is_ok() {
                         let waited = route.queue_timeout.as_millis();
@@ -290,9 +292,6 @@ impl Worker {
                 }
                 // The slot arrived just in time: go ahead.
                 Ok(Withdrawn::Granted) => self.resume(w),
-                Ok(Withdrawn::NotFound) => {
-                    log::warn!("expired ticket {} not queued", w.ticket)
-                }
                 Err(e) => {
                     // Fail open: a request we cannot account for is let through
                     // rather than left hanging.
