@@ -199,6 +199,10 @@ static_resources:
             r#"- name: {name}
 {type_line}  address:
     socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+  # Envoy's default accept backlog (128) overflows when a burst of clients
+  # connects at once; the kernel then drops the handshake's last ACK and the
+  # connection lands a second later, after a retransmit.
+  tcp_backlog_size: 4096
   filter_chains:
   - filters:
     - name: envoy.filters.network.http_connection_manager

@@ -197,15 +197,23 @@ fn aborted_clients_leak_nothing() {
 /// in flight and queued.
 fn wait_for_filter_state(envoy: &Envoy, active: u64, queued: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut seen: Vec<(u64, u64)> = Vec::new();
     loop {
         let s = sluice_stats(envoy);
         let ep = &s["endpoints"]["/predict"];
-        if ep["active_requests"] == active && ep["queued"] == queued {
+        let now = (
+            ep["active_requests"].as_u64().unwrap_or(0),
+            ep["queued"].as_u64().unwrap_or(0),
+        );
+        if now == (active, queued) {
             return;
+        }
+        if seen.last() != Some(&now) {
+            seen.push(now);
         }
         assert!(
             Instant::now() < deadline,
-            "never reached {active} active and {queued} queued: {s}"
+            "never reached {active} active and {queued} queued; (active, queued) went {seen:?}"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
