@@ -127,19 +127,18 @@ impl LevelStats {
 
     /// Successful (2xx) responses per second.
     pub fn rps(&self) -> f64 {
-        let secs = self.window.as_secs_f64();
-        if secs > 0.0 {
-            self.ok_in_window as f64 / secs
-        } else {
-            0.0
-        }
+        self.per_second(self.ok_in_window)
     }
 
     /// All responses per second, errors included.
     pub fn total_rps(&self) -> f64 {
+        self.per_second(self.completed_in_window)
+    }
+
+    fn per_second(&self, count: u64) -> f64 {
         let secs = self.window.as_secs_f64();
         if secs > 0.0 {
-            self.completed_in_window as f64 / secs
+            count as f64 / secs
         } else {
             0.0
         }
