@@ -26,7 +26,7 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 pub const STATS_PATH: &str = "/__backend/stats";
 pub const RESET_PATH: &str = "/__backend/reset";
@@ -80,9 +80,8 @@ impl Server {
                 bail!("--route {} is given twice", route.path);
             }
         }
-        let listener = TcpListener::bind(opts.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", opts.listen))?;
+        let listener =
+            listen(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
         let app = Arc::new(App {
             paths: Paths::new(&opts.routes),
         });
@@ -123,6 +122,23 @@ impl Server {
             });
         }
     }
+}
+
+/// Binds with an accept backlog of 4096 rather than the usual 128: a proxy
+/// opening a few hundred upstream connections at once while this process
+/// waits for a CPU overflows 128, and each dropped SYN costs the 1 s
+/// retransmit, past Envoy's `connect_timeout` (a 503 the test never asked
+/// for). The kernel still caps it at `net.core.somaxconn`.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As std's and tokio's own bind do: a port just freed can be reused.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
 
 struct App {

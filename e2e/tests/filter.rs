@@ -184,7 +184,13 @@ fn aborted_clients_leak_nothing() {
     let running = std::thread::spawn(move || run_blocking(&again));
     wait_for_filter_state(&envoy, 200, 0);
     let outcomes = running.join().unwrap();
-    assert_eq!(count(&outcomes, 200), 200, "{:?}", summarize(&outcomes));
+    let refused: Vec<_> = outcomes.iter().filter(|o| o.status != 200).collect();
+    assert!(
+        refused.is_empty(),
+        "{:?}; the first refused: {:?}",
+        summarize(&outcomes),
+        refused.first()
+    );
     assert!(
         outcomes.iter().all(|o| o.wait_ms.is_none()),
         "a freed slot was not free: some requests queued"
