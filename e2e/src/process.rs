@@ -2,10 +2,12 @@
 //! to stderr when the test is failing, its scratch directory removed
 //! otherwise.
 
+use std::cell::RefCell;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Once;
 use std::time::{Duration, Instant};
 
 /// Lines of each log printed when a test fails; the whole file stays on disk.
@@ -25,6 +27,7 @@ impl ScratchDir {
 
     /// Takes ownership of `path` (created if missing).
     pub fn at(path: PathBuf) -> ScratchDir {
+        remember_panics();
         fs::create_dir_all(&path)
             .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
         ScratchDir { path }
@@ -41,6 +44,32 @@ impl Drop for ScratchDir {
             let _ = fs::remove_dir_all(&self.path);
         }
     }
+}
+
+thread_local! {
+    /// The message of the panic this thread is unwinding from.
+    static PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Wraps the panic hook (once per test binary) so that the logs printed
+/// while a failing test unwinds can end with its message again: a CI page
+/// that shows the tail of the output then shows why the test failed, not
+/// the middle of Envoy's log.
+fn remember_panics() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANIC.with(|p| *p.borrow_mut() = Some(info.to_string()));
+            previous(info);
+        }));
+    });
+}
+
+/// Envoy's start-up inventory (every extension, every header map): hundreds
+/// of lines that say nothing about a failing test.
+fn is_startup_noise(line: &str) -> bool {
+    line.contains("[info][main] [source/server/server.cc") && line.contains("]   ")
 }
 
 /// A path for a scratch directory that nothing else uses (not created).
@@ -105,7 +134,7 @@ impl Process {
         );
         for path in &self.logs {
             let content = fs::read_to_string(path).unwrap_or_default();
-            let lines: Vec<&str> = content.lines().collect();
+            let lines: Vec<&str> = content.lines().filter(|l| !is_startup_noise(l)).collect();
             let skip = lines.len().saturating_sub(LOG_TAIL_LINES);
             eprintln!(
                 "--- {} (last {} lines) ---",
@@ -117,6 +146,11 @@ impl Process {
             }
         }
         eprintln!("===== end of {} logs =====", self.name);
+        PANIC.with(|p| {
+            if let Some(message) = p.borrow().as_deref() {
+                eprintln!("===== the test failed: {message} =====");
+            }
+        });
     }
 }
 
