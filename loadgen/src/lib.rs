@@ -11,6 +11,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
+/// Pause between opening the connections and sending the first request.
+const SETTLE: Duration = Duration::from_millis(20);
+
 #[derive(Debug, Clone)]
 pub struct Burst {
     pub addr: SocketAddr,
@@ -82,6 +85,9 @@ pub async fn run(burst: &Burst) -> Vec<Outcome> {
     for c in connecting {
         conns.push(c.await.expect("connect task panicked"));
     }
+    // Let the proxy accept every connection before the first request is
+    // timed, so ordered arrivals are not reordered by a late accept.
+    tokio::time::sleep(SETTLE).await;
     let start = Instant::now();
     let mut tasks = Vec::with_capacity(burst.requests);
     for (i, conn) in conns.into_iter().enumerate() {
@@ -141,9 +147,13 @@ pub async fn run(burst: &Burst) -> Vec<Outcome> {
 }
 
 /// Blocking wrapper for tests and tools without a runtime of their own.
+///
+/// On one thread: a request is written by its connection's task, and with a
+/// second runtime thread the task of request 1 could write before that of
+/// request 0 when the thread holding 0 is descheduled, so a burst meant to
+/// arrive in order would not. One thread writes them in the order sent.
 pub fn run_blocking(burst: &Burst) -> Vec<Outcome> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")
