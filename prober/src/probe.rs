@@ -70,7 +70,7 @@ impl LevelRunner for LoadRunner<'_> {
             stage,
             attempt,
             passed: failures.is_empty(),
-            pooled_passed: failures.is_empty(),
+            level_passed: None,
             failures,
             stats: stats.clone(),
         };

@@ -96,7 +96,8 @@ pub struct RunReport {
     #[serde(flatten)]
     pub level: LevelReport,
     pub passed: bool,
-    pub pooled_passed: bool,
+    /// `None` (JSON null) on a tie that the level's next run breaks.
+    pub level_passed: Option<bool>,
     pub failures: Vec<String>,
 }
 
@@ -107,7 +108,7 @@ impl RunReport {
             attempt: r.attempt,
             level: LevelReport::from(&r.stats),
             passed: r.passed,
-            pooled_passed: r.pooled_passed,
+            level_passed: r.level_passed,
             failures: r.failures.clone(),
         }
     }
