@@ -84,9 +84,23 @@ fn url(b: &Backend) -> String {
     format!("http://{}", b.addr())
 }
 
-fn probe(extra: &[&str]) -> Run {
+/// `probe` of the file `cfg` against `url` with short levels, then `extra`.
+fn probe_args<'a>(url: &'a str, cfg: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["probe"];
     args.extend_from_slice(FAST_LEVELS);
+    args.extend_from_slice(&["--url", url, "--config", cfg.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    args
+}
+
+fn probe_config(url: &str, cfg: &Path, extra: &[&str]) -> Run {
+    prober(&probe_args(url, cfg, extra), LIMIT)
+}
+
+/// `push` of the file `cfg` to `redis`, then `extra`.
+fn push(cfg: &Path, redis: &Redis, extra: &[&str]) -> Run {
+    let url = redis.url();
+    let mut args = vec!["push", "--config", cfg.to_str().unwrap(), "--redis", &url];
     args.extend_from_slice(extra);
     prober(&args, LIMIT)
 }
@@ -129,7 +143,7 @@ fn writes_the_capacity_back_keeping_everything_else() {
     let dir = Scratch::new("roundtrip");
     let cfg = dir.file("sluice.yaml", CONFIG);
     std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let run = probe(&["--url", &url(&backend), "--config", cfg.to_str().unwrap()]);
+    let run = probe_config(&url(&backend), &cfg, &[]);
     assert_eq!(
         run.code, 0,
         "stdout:\n{}\nstderr:\n{}",
@@ -170,13 +184,7 @@ fn writes_the_capacity_back_keeping_everything_else() {
     );
 
     // A second run measures nothing: both endpoints have a capacity now.
-    let again = probe(&[
-        "--url",
-        &url(&backend),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--json",
-    ]);
+    let again = probe_config(&url(&backend), &cfg, &["--json"]);
     assert_eq!(again.code, 0, "{}", again.stderr);
     let doc = again.json();
     assert_matches_schema("probe-output.schema.json", &doc);
@@ -196,23 +204,23 @@ fn creates_a_config_from_flags() {
     let backend = Backend::start(ROUTES);
     let dir = Scratch::new("create");
     let cfg = dir.0.join("new.yaml");
-    let run = probe(&[
-        "--url",
+    let run = probe_config(
         &url(&backend),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--endpoint",
-        "/k2",
-        "--method",
-        "POST",
-        "--header",
-        "X-Api-Key: abc",
-        "--body",
-        r#"{"input": "sample"}"#,
-        "--service",
-        "demo",
-        "--json",
-    ]);
+        &cfg,
+        &[
+            "--endpoint",
+            "/k2",
+            "--method",
+            "POST",
+            "--header",
+            "X-Api-Key: abc",
+            "--body",
+            r#"{"input": "sample"}"#,
+            "--service",
+            "demo",
+            "--json",
+        ],
+    );
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_matches_schema("probe-output.schema.json", &run.json());
     let text = read(&cfg);
@@ -326,7 +334,7 @@ fn an_unreachable_target_is_exit_3_and_leaves_the_file() {
     let dir = Scratch::new("unreachable");
     let cfg = dir.file("sluice.yaml", CONFIG);
     let url = format!("http://127.0.0.1:{}", free_port());
-    let run = probe(&["--url", &url, "--config", cfg.to_str().unwrap()]);
+    let run = probe_config(&url, &cfg, &[]);
     assert_eq!(run.code, 3, "{}", run.stderr);
     assert!(
         run.stderr.contains(&format!("cannot reach {url}")),
@@ -343,13 +351,7 @@ fn no_passing_level_is_exit_4() {
     let dir = Scratch::new("nopass");
     let text = "endpoints:\n  /slow:\n  /k2:\n";
     let cfg = dir.file("sluice.yaml", text);
-    let run = probe(&[
-        "--url",
-        &url(&backend),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--json",
-    ]);
+    let run = probe_config(&url(&backend), &cfg, &["--json"]);
     assert_eq!(run.code, 4, "{}", run.stderr);
     let doc = run.json();
     assert_matches_schema("probe-output.schema.json", &doc);
@@ -410,15 +412,7 @@ fn redis_push_then_skip_unless_force() {
     let cfg = dir.file("sluice.yaml", CONFIG);
     let updates = subscribe(redis.port(), "sluice:{demo}:updates");
 
-    let run = probe(&[
-        "--url",
-        &url(&backend),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--redis",
-        &redis.url(),
-        "--json",
-    ]);
+    let run = probe_config(&url(&backend), &cfg, &["--redis", &redis.url(), "--json"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let doc = run.json();
     assert_matches_schema("probe-output.schema.json", &doc);
@@ -463,15 +457,7 @@ fn redis_push_then_skip_unless_force() {
     // Another machine with the original file: Redis has /k2, so it is not
     // measured again; its capacity is adopted into the file.
     let other = dir.file("other.yaml", CONFIG);
-    let run = probe(&[
-        "--url",
-        &url(&backend),
-        "--config",
-        other.to_str().unwrap(),
-        "--redis",
-        &redis.url(),
-        "--json",
-    ]);
+    let run = probe_config(&url(&backend), &other, &["--redis", &redis.url(), "--json"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let doc = run.json();
     let e = &doc["endpoints"][0];
@@ -486,16 +472,11 @@ fn redis_push_then_skip_unless_force() {
 
     // --force measures again and overwrites.
     redis.command(&["HSET", "sluice:{demo}:capacity:/k2", "capacity", "99"]);
-    let run = probe(&[
-        "--url",
+    let run = probe_config(
         &url(&backend),
-        "--config",
-        other.to_str().unwrap(),
-        "--redis",
-        &redis.url(),
-        "--force",
-        "--json",
-    ]);
+        &other,
+        &["--redis", &redis.url(), "--force", "--json"],
+    );
     assert_eq!(run.code, 0, "{}", run.stderr);
     let doc = run.json();
     assert_eq!(doc["endpoints"][0]["outcome"], "measured");
@@ -518,14 +499,7 @@ fn a_dead_redis_is_exit_5_before_measuring() {
     let dir = Scratch::new("deadredis");
     let cfg = dir.file("sluice.yaml", CONFIG);
     let dead = format!("redis://127.0.0.1:{}", free_port());
-    let run = probe(&[
-        "--url",
-        &url(&backend),
-        "--config",
-        cfg.to_str().unwrap(),
-        "--redis",
-        &dead,
-    ]);
+    let run = probe_config(&url(&backend), &cfg, &["--redis", &dead]);
     assert_eq!(run.code, 5, "{}", run.stderr);
     assert!(
         run.stderr
@@ -551,30 +525,15 @@ fn redis_dying_mid_probe_keeps_the_file_and_push_catches_up() {
     let redis = Redis::start();
     let dir = Scratch::new("redisdies");
     let cfg = dir.file("sluice.yaml", "service: demo\nendpoints:\n  /k2:\n");
-    let mut args: Vec<String> = vec!["probe".into()];
-    args.extend(FAST_LEVELS.iter().map(|s| s.to_string()));
-    args.extend(
-        [
-            "--url",
-            &url(&backend),
-            "--config",
-            cfg.to_str().unwrap(),
-            "--redis",
-            &redis.url(),
-            "--quiet",
-        ]
-        .iter()
-        .map(|s| s.to_string()),
-    );
+    let (url, redis_url) = (url(&backend), redis.url());
     let child = Command::new(env!("CARGO_BIN_EXE_sluice-prober"))
-        .args(&args)
+        .args(probe_args(&url, &cfg, &["--redis", &redis_url, "--quiet"]))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     // The probe connects to Redis first, then measures for ~2.5 s.
     std::thread::sleep(Duration::from_millis(800));
-    let port = redis.port();
     drop(redis);
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -584,20 +543,9 @@ fn redis_dying_mid_probe_keeps_the_file_and_push_catches_up() {
         "the file is written before the push"
     );
 
-    // A new Redis (same port if we can get it, else any): push catches up.
+    // A new Redis: push catches up.
     let redis = Redis::start();
-    let _ = port;
-    let run = prober(
-        &[
-            "push",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--redis",
-            &redis.url(),
-            "--json",
-        ],
-        LIMIT,
-    );
+    let run = push(&cfg, &redis, &["--json"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let doc = run.json();
     assert_matches_schema("push-output.schema.json", &doc);
@@ -610,29 +558,9 @@ fn redis_dying_mid_probe_keeps_the_file_and_push_catches_up() {
         "p99 read back from the note: {k2}"
     );
     // Pushing again leaves it; --force overwrites.
-    let run = prober(
-        &[
-            "push",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--redis",
-            &redis.url(),
-            "--json",
-        ],
-        LIMIT,
-    );
+    let run = push(&cfg, &redis, &["--json"]);
     assert_eq!(run.json()["endpoints"][0]["redis"], "exists");
-    let run = prober(
-        &[
-            "push",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--redis",
-            &redis.url(),
-            "--force",
-        ],
-        LIMIT,
-    );
+    let run = push(&cfg, &redis, &["--force"]);
     assert_eq!(run.code, 0);
     assert!(
         run.stdout.contains("/k2") && run.stdout.contains("pushed"),
