@@ -25,7 +25,8 @@ use tokio::net::TcpStream;
 const MAX_LATENCY_US: u64 = 3_600_000_000;
 /// How long to wait for a TCP connection before counting an error.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Pause after a failed connect, so a dead target is not hammered in a spin.
+/// Pause after a connection could not be opened, so a dead target is not
+/// hammered in a spin.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(10);
 
 /// Where to send: a resolved address and the `Host` header to send with it.
@@ -401,49 +402,35 @@ enum Outcome {
     Timeout,
 }
 
+type Connection = (
+    http1::SendRequest<Full<Bytes>>,
+    http1::Connection<TokioIo<TcpStream>, Full<Bytes>>,
+);
+
+/// Opens one keep-alive connection; a failure is the outcome of the request it
+/// was opened for.
+async fn open(addr: SocketAddr) -> Result<Connection, Outcome> {
+    let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(Outcome::Connect(format!("connect: {e}"))),
+        Err(_) => return Err(Outcome::Connect("connect: timed out".into())),
+    };
+    // Latency of small requests, not Nagle's delay, is what we measure.
+    let _ = stream.set_nodelay(true);
+    http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| Outcome::Transport(format!("handshake: {e}")))
+}
+
 async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
     let mut tally = WorkerTally::default();
     let mut hist = new_histogram();
     while shared.phase.load(Relaxed) != STOP {
         let started = Instant::now();
         let phase_at_start = shared.phase.load(Relaxed);
-        let stream =
-            match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(shared.target.addr))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    let outcome = Outcome::Connect(format!("connect: {e}"));
-                    account(
-                        &shared,
-                        &mut tally,
-                        &mut hist,
-                        phase_at_start,
-                        started,
-                        outcome,
-                    );
-                    tokio::time::sleep(RECONNECT_PAUSE).await;
-                    continue;
-                }
-                Err(_) => {
-                    let outcome = Outcome::Connect("connect: timed out".into());
-                    account(
-                        &shared,
-                        &mut tally,
-                        &mut hist,
-                        phase_at_start,
-                        started,
-                        outcome,
-                    );
-                    continue;
-                }
-            };
-        // Latency of small requests, not Nagle's delay, is what we measure.
-        let _ = stream.set_nodelay(true);
-        let (sender, conn) = match http1::handshake(TokioIo::new(stream)).await {
+        let (sender, conn) = match open(shared.target.addr).await {
             Ok(pair) => pair,
-            Err(e) => {
-                let outcome = Outcome::Transport(format!("handshake: {e}"));
+            Err(outcome) => {
                 account(
                     &shared,
                     &mut tally,
@@ -452,6 +439,7 @@ async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
                     started,
                     outcome,
                 );
+                tokio::time::sleep(RECONNECT_PAUSE).await;
                 continue;
             }
         };
