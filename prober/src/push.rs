@@ -9,7 +9,6 @@ use crate::report::{self, RedisOutcome};
 use crate::{exit, ProberError};
 use serde::Serialize;
 use sluice_core::storage::{check_service_name, Storage};
-use std::io::Write as _;
 
 #[derive(Debug, Serialize)]
 pub struct PushedEndpoint {
@@ -79,39 +78,34 @@ pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
         endpoints,
         exit_code: exit::OK,
     };
-    let mut out = std::io::stdout().lock();
-    if args.output.json {
-        serde_json::to_writer_pretty(&mut out, &report)?;
-        writeln!(out)?;
-    } else {
-        let rows: Vec<Vec<String>> = report
+    report::emit(&report, || report.to_text(), &args.output, &[])?;
+    Ok(exit::OK)
+}
+
+impl PushReport {
+    fn to_text(&self) -> String {
+        let rows: Vec<Vec<String>> = self
             .endpoints
             .iter()
             .map(|e| {
                 vec![
                     e.path.clone(),
-                    e.capacity.map(|c| c.to_string()).unwrap_or("-".into()),
-                    e.source
-                        .map(|s| s.as_str().to_string())
-                        .unwrap_or("-".into()),
+                    report::or_dash(e.capacity),
+                    report::or_dash(e.source.map(|s| s.as_str())),
                     report::serde_plain(&e.redis),
                 ]
             })
             .collect();
-        writeln!(
-            out,
-            "sluice-prober push {} -> {} (service {})",
-            report.config, report.redis_url, report.service
-        )?;
-        write!(
-            out,
-            "{}",
+        format!(
+            "sluice-prober push {} -> {} (service {})\n{}",
+            self.config,
+            self.redis_url,
+            self.service,
             report::table(
                 &["endpoint", "capacity", "source", "redis"],
                 &rows,
                 &[0, 2, 3]
             )
-        )?;
+        )
     }
-    Ok(exit::OK)
 }

@@ -354,15 +354,9 @@ impl ProbeReport {
             .map(|e| {
                 vec![
                     e.path.clone(),
-                    e.capacity.map(|c| c.to_string()).unwrap_or("-".into()),
-                    e.at_capacity
-                        .as_ref()
-                        .map(|l| ms(l.p99_ms))
-                        .unwrap_or("-".into()),
-                    e.at_capacity
-                        .as_ref()
-                        .map(|l| rps(l.rps))
-                        .unwrap_or("-".into()),
+                    or_dash(e.capacity),
+                    or_dash(e.at_capacity.as_ref().map(|l| ms(l.p99_ms))),
+                    or_dash(e.at_capacity.as_ref().map(|l| rps(l.rps))),
                     serde_plain(&e.outcome),
                     if e.written { "written" } else { "-" }.into(),
                     serde_plain(&e.redis),
@@ -462,6 +456,11 @@ fn advisory_line(e: &EndpointReport) -> Option<String> {
 
 /// Prints a command's report: JSON for machines or the text for people on
 /// stdout, then the problems met on stderr unless `--quiet`.
+/// A table cell: the value, or "-" where there is none.
+pub fn or_dash(v: Option<impl std::fmt::Display>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
 pub fn emit(
     report: &impl Serialize,
     text: impl FnOnce() -> String,
