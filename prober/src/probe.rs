@@ -242,16 +242,12 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         }
     }
     let planned = plan(args, file.as_ref())?;
-    let file_settings = file
-        .as_ref()
-        .map(|f| f.settings.clone())
-        .unwrap_or_default();
     let settings = settings::resolve(
         &args.level,
         args.error_threshold,
         args.latency_threshold_ms,
         args.max_concurrency,
-        &file_settings,
+        file.as_ref().map(|f| &f.settings),
     )?;
     let service = match (&args.service, &file) {
         (Some(s), Some(f)) if f.doc.get("service").is_some() && *s != f.config.service => {

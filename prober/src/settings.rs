@@ -44,14 +44,17 @@ fn flag_seconds(
     }
 }
 
-/// Resolves every setting; `error_threshold` and friends are the flags.
+/// Resolves every setting; `error_threshold` and friends are the flags,
+/// `file` the settings of the config file if there is one.
 pub fn resolve(
     level: &LevelArgs,
     error_threshold: Option<f64>,
     latency_threshold_ms: Option<f64>,
     max_concurrency: Option<usize>,
-    file: &FileSettings,
+    file: Option<&FileSettings>,
 ) -> Result<Settings, ProberError> {
+    let no_file = FileSettings::default();
+    let file = file.unwrap_or(&no_file);
     let usage = |e: sluice_core::config::ConfigError| ProberError::Usage(e.to_string());
     let error_rate = match error_threshold {
         Some(f) => {
@@ -154,7 +157,7 @@ mod tests {
         };
         let mut flags = no_flags();
         flags.duration = Some(0.5);
-        let s = resolve(&flags, None, Some(30.0), None, &file).unwrap();
+        let s = resolve(&flags, None, Some(30.0), None, Some(&file)).unwrap();
         assert_eq!(s.thresholds.error_rate, 0.01);
         assert_eq!(s.thresholds.p99_ms, 30.0);
         assert_eq!(s.timing.duration, Duration::from_millis(500));
@@ -165,14 +168,14 @@ mod tests {
 
     #[test]
     fn bad_flags_are_usage_errors() {
-        let e = resolve(&no_flags(), Some(1.5), None, None, &FileSettings::default()).unwrap_err();
+        let e = resolve(&no_flags(), Some(1.5), None, None, None).unwrap_err();
         assert_eq!(
             e.to_string(),
             "--error-threshold: must be a fraction from 0 to 1 (0.05 is 5%), got 1.5"
         );
         let mut flags = no_flags();
         flags.duration = Some(0.0);
-        let e = resolve(&flags, None, None, None, &FileSettings::default()).unwrap_err();
+        let e = resolve(&flags, None, None, None, None).unwrap_err();
         assert_eq!(e.exit_code(), crate::exit::USAGE);
     }
 }

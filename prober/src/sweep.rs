@@ -189,16 +189,12 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
             args.request.body.as_deref(),
         )?,
     };
-    let file_settings = file
-        .as_ref()
-        .map(|f| f.settings.clone())
-        .unwrap_or_default();
     let settings = settings::resolve(
         &args.level,
         args.error_threshold,
         None,
         None,
-        &file_settings,
+        file.as_ref().map(|f| &f.settings),
     )?;
     let mut levels: Vec<usize> = if args.levels.is_empty() {
         DEFAULT_LEVELS.to_vec()
