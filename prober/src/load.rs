@@ -126,6 +126,14 @@ impl LevelStats {
         }
     }
 
+    /// This level's throughput, for the knee and the USL fit.
+    pub fn point(&self) -> crate::scaling::Point {
+        crate::scaling::Point {
+            concurrency: self.concurrency as f64,
+            rps: self.rps(),
+        }
+    }
+
     /// Successful (2xx) responses per second.
     pub fn rps(&self) -> f64 {
         self.per_second(self.ok_in_window)

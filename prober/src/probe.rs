@@ -560,10 +560,7 @@ fn fill_search(rep: &mut EndpointReport, result: &search::SearchResult) {
         .levels
         .values()
         .filter(|s| s.requests > 0)
-        .map(|s| Point {
-            concurrency: s.concurrency as f64,
-            rps: s.rps(),
-        })
+        .map(LevelStats::point)
         .collect();
     rep.knee = scaling::knee(&points).map(|p| KneeReport {
         concurrency: p.concurrency as usize,

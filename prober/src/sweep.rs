@@ -138,13 +138,7 @@ pub fn saturation(levels: &[LevelStats]) -> Saturation {
         .iter()
         .find(|l| baseline > 0.0 && l.quantile_ms(0.95) > 2.0 * baseline)
         .map(|l| l.concurrency);
-    let points: Vec<Point> = levels
-        .iter()
-        .map(|l| Point {
-            concurrency: l.concurrency as f64,
-            rps: l.rps(),
-        })
-        .collect();
+    let points: Vec<Point> = levels.iter().map(LevelStats::point).collect();
     let highest = levels.iter().map(|l| l.concurrency).max().unwrap_or(0);
     // A knee at the highest level only says throughput was still growing.
     let throughput_at = scaling::knee(&points)
@@ -298,13 +292,7 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
         }
         _ => None,
     };
-    let points: Vec<Point> = measured
-        .iter()
-        .map(|l| Point {
-            concurrency: l.concurrency as f64,
-            rps: l.rps(),
-        })
-        .collect();
+    let points: Vec<Point> = measured.iter().map(LevelStats::point).collect();
     let client_bound_levels: Vec<usize> = measured
         .iter()
         .filter(|l| l.client_bound())
