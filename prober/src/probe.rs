@@ -21,7 +21,7 @@ use crate::report::{
     ThresholdsReport, TimingReport,
 };
 use crate::scaling::{self, Point};
-use crate::search::{self, Abort, LevelRunner, Stage, Thresholds};
+use crate::search::{self, Abort, LevelRunner, Stage};
 use crate::settings::{self, Settings};
 use crate::{exit, target, ProberError};
 use anyhow::Context;
@@ -43,7 +43,6 @@ struct LoadRunner<'a> {
     request: &'a RequestSpec,
     timing: LevelTiming,
     threads: usize,
-    thresholds: Thresholds,
     progress: &'a Progress,
     path: &'a str,
 }
@@ -65,17 +64,11 @@ impl LevelRunner for LoadRunner<'_> {
                     .unwrap_or_else(|| "every connection attempt failed".into()),
             ));
         }
-        let failures = search::failures(&stats, &self.thresholds);
-        let run = search::Run {
-            stage,
-            attempt,
-            passed: failures.is_empty(),
-            level_passed: None,
-            failures,
-            stats: stats.clone(),
-        };
-        self.progress.line(report::run_line(self.path, &run));
         Ok(stats)
+    }
+
+    fn judged(&mut self, run: &search::Run) {
+        self.progress.line(report::run_line(self.path, run));
     }
 }
 
@@ -345,7 +338,6 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
             request,
             timing: settings.timing,
             threads: settings.threads,
-            thresholds: settings.thresholds,
             progress: &progress,
             path: &spec.path,
         };

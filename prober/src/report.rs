@@ -107,7 +107,7 @@ impl RunReport {
             stage: r.stage,
             attempt: r.attempt,
             level: LevelReport::from(&r.stats),
-            passed: r.passed,
+            passed: r.passed(),
             level_passed: r.level_passed,
             failures: r.failures.clone(),
         }
@@ -266,14 +266,19 @@ fn stage_name(s: Stage) -> &'static str {
     }
 }
 
+/// "pass", or "fail: " and why.
+fn verdict(failures: &[String]) -> String {
+    if failures.is_empty() {
+        "pass".to_string()
+    } else {
+        format!("fail: {}", failures.join("; "))
+    }
+}
+
 /// One line per level for the progress display.
 pub fn run_line(path: &str, r: &Run) -> String {
     let s = &r.stats;
-    let verdict = if r.passed {
-        "pass".to_string()
-    } else {
-        format!("fail: {}", r.failures.join("; "))
-    };
+    let verdict = verdict(&r.failures);
     format!(
         "{path}  c={:<4} {:<7} p99 {:>7} ms  err {:>6}  {:>7} req/s  {verdict}",
         s.concurrency,
@@ -307,18 +312,14 @@ impl ProbeReport {
                     .map(|r| {
                         vec![
                             r.level.concurrency.to_string(),
-                            format!("{} {}", stage_name_of(r.stage), r.attempt),
+                            format!("{} {}", stage_name(r.stage), r.attempt),
                             r.level.requests.to_string(),
                             pct(r.level.error_rate),
                             ms(r.level.p50_ms),
                             ms(r.level.p95_ms),
                             ms(r.level.p99_ms),
                             rps(r.level.rps),
-                            if r.passed {
-                                "pass".into()
-                            } else {
-                                format!("fail: {}", r.failures.join("; "))
-                            },
+                            verdict(&r.failures),
                         ]
                     })
                     .collect();
@@ -384,10 +385,6 @@ impl ProbeReport {
         }
         out
     }
-}
-
-fn stage_name_of(s: Stage) -> &'static str {
-    stage_name(s)
 }
 
 /// An enum's JSON name (`kept_file`), for the tables.

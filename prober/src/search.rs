@@ -78,6 +78,9 @@ pub trait LevelRunner {
         stage: Stage,
         attempt: usize,
     ) -> Result<LevelStats, Abort>;
+
+    /// Sees each run once the search has judged it (for progress).
+    fn judged(&mut self, _run: &Run) {}
 }
 
 /// One run of one level, in the order the search made them.
@@ -87,12 +90,18 @@ pub struct Run {
     /// 1 for the first run of this concurrency, 2 for its re-run, …
     pub attempt: usize,
     pub stats: LevelStats,
-    /// This run's own verdict.
-    pub passed: bool,
     /// The verdict on this level after this run: the majority of its runs so
     /// far; `None` on a tie, which the next run of the level breaks.
     pub level_passed: Option<bool>,
+    /// Why this run failed; empty when it passed.
     pub failures: Vec<String>,
+}
+
+impl Run {
+    /// This run's own verdict.
+    pub fn passed(&self) -> bool {
+        self.failures.is_empty()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -153,13 +162,14 @@ impl<R: LevelRunner> Search<'_, R> {
         self.runs.push(Run {
             stage,
             attempt,
-            passed: failures.is_empty(),
             level_passed: None,
             failures,
             stats,
         });
         let verdict = self.verdict(n);
-        self.runs.last_mut().expect("just pushed").level_passed = verdict;
+        let run = self.runs.last_mut().expect("just pushed");
+        run.level_passed = verdict;
+        self.runner.judged(run);
         Ok(verdict)
     }
 
@@ -171,7 +181,7 @@ impl<R: LevelRunner> Search<'_, R> {
                 .filter(|r| r.stats.concurrency == n)
                 .fold(
                     (0, 0),
-                    |(p, f), r| if r.passed { (p + 1, f) } else { (p, f + 1) },
+                    |(p, f), r| if r.passed() { (p + 1, f) } else { (p, f + 1) },
                 );
         (passed != failed).then_some(passed > failed)
     }
@@ -418,7 +428,7 @@ mod tests {
             .runs
             .iter()
             .filter(|r| r.stats.concurrency == 12)
-            .map(|r| (r.passed, r.level_passed))
+            .map(|r| (r.passed(), r.level_passed))
             .collect();
         assert_eq!(
             twelve[..3],
@@ -450,7 +460,10 @@ mod tests {
         assert_eq!(r.capacity, Some(37));
         assert!(!r.unstable);
         // The stalled window is kept in the report, outvoted.
-        assert!(r.runs.iter().any(|r| r.stats.concurrency == 8 && !r.passed));
+        assert!(r
+            .runs
+            .iter()
+            .any(|r| r.stats.concurrency == 8 && !r.passed()));
     }
 
     #[test]
