@@ -92,26 +92,31 @@ impl EndpointState {
         if !(bytes.len() - HEADER_LEN).is_multiple_of(WAITER_LEN) {
             return Err(AdmissionError::Corrupt("truncated waiter list"));
         }
-        let u32_at =
-            |i: usize| u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]);
+        let u32_at = |b: &[u8], i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         let waiters = bytes[HEADER_LEN..]
             .chunks_exact(WAITER_LEN)
-            .enumerate()
-            .map(|(n, _)| {
-                let at = HEADER_LEN + n * WAITER_LEN;
-                Waiter {
-                    ticket: u32_at(at),
-                    worker: u16_at(at + 4),
-                    granted: u16_at(at + 6) & FLAG_GRANTED != 0,
-                }
+            .map(|w| Waiter {
+                ticket: u32_at(w, 0),
+                worker: u16_at(w, 4),
+                granted: u16_at(w, 6) & FLAG_GRANTED != 0,
             })
             .collect();
         Ok(EndpointState {
-            active: u32_at(1),
-            next_ticket: u32_at(5),
+            active: u32_at(bytes, 1),
+            next_ticket: u32_at(bytes, 5),
             waiters,
         })
+    }
+
+    /// A stored value: an empty one (what Envoy's remove leaves behind)
+    /// reads as the neutral state.
+    fn from_stored(bytes: &[u8]) -> Result<Self, AdmissionError> {
+        if bytes.is_empty() {
+            Ok(EndpointState::default())
+        } else {
+            EndpointState::decode(bytes)
+        }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -207,9 +212,7 @@ fn update<S: SharedStore, R>(
         // A missing key reads as the neutral state; `ensure` creates keys
         // before traffic because a write to a missing key ignores CAS.
         let (mut state, cas) = match store.get(key)? {
-            // Envoy's remove leaves an empty value behind: read it as neutral.
-            Some((bytes, cas)) if bytes.is_empty() => (EndpointState::default(), cas),
-            Some((bytes, cas)) => (EndpointState::decode(&bytes)?, cas),
+            Some((bytes, cas)) => (EndpointState::from_stored(&bytes)?, cas),
             None => (EndpointState::default(), 0),
         };
         let (result, changed) = op(&mut state)?;
@@ -230,8 +233,7 @@ fn update<S: SharedStore, R>(
 /// (Envoy runs `on_configure` on the main thread before the workers' VMs).
 pub fn ensure<S: SharedStore>(store: &S, key: &str) -> Result<(), AdmissionError> {
     match store.get(key)? {
-        Some((bytes, _)) if bytes.is_empty() => Ok(()),
-        Some((bytes, _)) => EndpointState::decode(&bytes).map(|_| ()),
+        Some((bytes, _)) => EndpointState::from_stored(&bytes).map(|_| ()),
         None => Ok(store.set(key, &EndpointState::default().encode(), 0)?),
     }
 }
@@ -239,7 +241,7 @@ pub fn ensure<S: SharedStore>(store: &S, key: &str) -> Result<(), AdmissionError
 /// Reads the record without changing it.
 pub fn snapshot<S: SharedStore>(store: &S, key: &str) -> Result<EndpointState, AdmissionError> {
     match store.get(key)? {
-        Some((bytes, _)) => EndpointState::decode(&bytes),
+        Some((bytes, _)) => EndpointState::from_stored(&bytes),
         None => Ok(EndpointState::default()),
     }
 }
@@ -392,6 +394,18 @@ mod tests {
             EndpointState::decode(&other),
             Err(AdmissionError::Corrupt("unknown version"))
         );
+    }
+
+    #[test]
+    fn an_empty_value_reads_as_the_neutral_record() {
+        // What Envoy's shared-data remove leaves behind.
+        let store = MemStore::new();
+        store.set(K, b"", 0).unwrap();
+        ensure(&store, K).unwrap();
+        assert_eq!(snapshot(&store, K).unwrap(), EndpointState::default());
+        let (acquired, _) = acquire(&store, K, limits(1, 10), 0).unwrap();
+        assert_eq!(acquired, Acquired::Admitted);
+        assert_eq!(snapshot(&store, K).unwrap().active, 1);
     }
 
     #[test]
