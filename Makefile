@@ -45,7 +45,7 @@ bench: deps wasm
 # Repeatability of probes and the load generator against wrk.
 bench-prober: deps
 	cargo build --release -p sluice-backend -p sluice-prober
-	scripts/bench-prober.sh
+	bench/prober.sh
 
 # The same burst against a capacity-4 service, without and with Sluice.
 demo: deps wasm

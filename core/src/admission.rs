@@ -17,7 +17,7 @@
 //! Record layout (little endian): `version:u8, active:u32, next_ticket:u32`,
 //! then one 8-byte waiter each: `ticket:u32, worker:u16, flags:u16`.
 
-use crate::store::{SharedStore, StoreError};
+use crate::shared_data::{SharedData, StoreError};
 
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 9;
@@ -203,7 +203,7 @@ pub enum Withdrawn {
 
 /// Runs one read-modify-write of `key` until its CAS write wins. `op`
 /// returns its result and whether it changed the state (no write if not).
-fn update<S: SharedStore, R>(
+fn update<S: SharedData, R>(
     store: &S,
     key: &str,
     mut op: impl FnMut(&mut EndpointState) -> Result<(R, bool), AdmissionError>,
@@ -231,7 +231,7 @@ fn update<S: SharedStore, R>(
 /// Creates the endpoint's record with neutral values if it does not exist.
 /// Never touches a live record. Call it before the endpoint sees traffic
 /// (Envoy runs `on_configure` on the main thread before the workers' VMs).
-pub fn ensure<S: SharedStore>(store: &S, key: &str) -> Result<(), AdmissionError> {
+pub fn ensure<S: SharedData>(store: &S, key: &str) -> Result<(), AdmissionError> {
     match store.get(key)? {
         Some((bytes, _)) => EndpointState::from_stored(&bytes).map(|_| ()),
         None => Ok(store.set(key, &EndpointState::default().encode(), 0)?),
@@ -239,7 +239,7 @@ pub fn ensure<S: SharedStore>(store: &S, key: &str) -> Result<(), AdmissionError
 }
 
 /// Reads the record without changing it.
-pub fn snapshot<S: SharedStore>(store: &S, key: &str) -> Result<EndpointState, AdmissionError> {
+pub fn snapshot<S: SharedData>(store: &S, key: &str) -> Result<EndpointState, AdmissionError> {
     match store.get(key)? {
         Some((bytes, _)) => EndpointState::from_stored(&bytes),
         None => Ok(EndpointState::default()),
@@ -247,7 +247,7 @@ pub fn snapshot<S: SharedStore>(store: &S, key: &str) -> Result<EndpointState, A
 }
 
 /// A request arrives at `worker`.
-pub fn acquire<S: SharedStore>(
+pub fn acquire<S: SharedData>(
     store: &S,
     key: &str,
     limits: Limits,
@@ -276,7 +276,7 @@ pub fn acquire<S: SharedStore>(
 }
 
 /// A request that held a slot has ended; the slot goes to the oldest waiter.
-pub fn release<S: SharedStore>(
+pub fn release<S: SharedData>(
     store: &S,
     key: &str,
     capacity: u32,
@@ -295,7 +295,7 @@ pub fn release<S: SharedStore>(
 /// Takes the tickets granted to `worker` out of the queue; each now holds a
 /// slot and its request must be resumed (or released). Also hands out any
 /// slots that are free (a backstop for lost wake-ups and capacity raises).
-pub fn claim<S: SharedStore>(
+pub fn claim<S: SharedData>(
     store: &S,
     key: &str,
     worker: WorkerId,
@@ -319,7 +319,7 @@ pub fn claim<S: SharedStore>(
 }
 
 /// A waiter leaves the queue (timed out, or its client went away).
-pub fn withdraw<S: SharedStore>(
+pub fn withdraw<S: SharedData>(
     store: &S,
     key: &str,
     ticket: u32,
@@ -345,7 +345,7 @@ pub fn withdraw<S: SharedStore>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemStore;
+    use crate::shared_data::MemSharedData;
 
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
@@ -399,7 +399,7 @@ mod tests {
     #[test]
     fn an_empty_value_reads_as_the_neutral_record() {
         // What Envoy's shared-data remove leaves behind.
-        let store = MemStore::new();
+        let store = MemSharedData::new();
         store.set(K, b"", 0).unwrap();
         ensure(&store, K).unwrap();
         assert_eq!(snapshot(&store, K).unwrap(), EndpointState::default());
@@ -410,7 +410,7 @@ mod tests {
 
     #[test]
     fn ensure_creates_once_and_never_resets_a_live_record() {
-        let store = MemStore::new();
+        let store = MemSharedData::new();
         ensure(&store, K).unwrap();
         assert_eq!(snapshot(&store, K).unwrap(), EndpointState::default());
         acquire(&store, K, limits(2, 10), 0).unwrap();
@@ -425,7 +425,7 @@ mod tests {
 
     #[test]
     fn admits_up_to_capacity_then_queues_then_rejects() {
-        let store = MemStore::new();
+        let store = MemSharedData::new();
         ensure(&store, K).unwrap();
         let l = limits(2, 2);
         assert_eq!(acquire(&store, K, l, 0).unwrap().0, Acquired::Admitted);
@@ -445,7 +445,7 @@ mod tests {
 
     #[test]
     fn max_queue_zero_never_queues() {
-        let store = MemStore::new();
+        let store = MemSharedData::new();
         let l = limits(1, 0);
         assert_eq!(acquire(&store, K, l, 0).unwrap().0, Acquired::Admitted);
         assert_eq!(acquire(&store, K, l, 0).unwrap().0, Acquired::QueueFull);
@@ -453,7 +453,7 @@ mod tests {
 
     #[test]
     fn release_hands_the_slot_to_the_oldest_waiter_across_workers() {
-        let store = MemStore::new();
+        let store = MemSharedData::new();
         let l = limits(1, 10);
         assert_eq!(acquire(&store, K, l, 0).unwrap().0, Acquired::Admitted);
         // Waiters arrive on workers 2, 1, 2, 0 in that order.
@@ -497,7 +497,7 @@ mod tests {
 
     #[test]
     fn newcomers_do_not_overtake_a_granted_but_unclaimed_waiter() {
-        let store = MemStore::new();
+        let store = MemSharedData::new();
         let l = limits(1, 10);
         acquire(&store, K, l, 0).unwrap();
         assert!(matches!(
@@ -515,7 +515,7 @@ mod tests {
 
     #[test]
     fn withdraw_waiting_and_granted() {
-        let store = MemStore::new();
+        let store = MemSharedData::new();
         let l = limits(1, 10);
         acquire(&store, K, l, 0).unwrap();
         let Acquired::Queued { ticket: a } = acquire(&store, K, l, 1).unwrap().0 else {
@@ -542,7 +542,7 @@ mod tests {
 
     #[test]
     fn capacity_raise_is_handed_out_by_claim_and_lower_capacity_drains() {
-        let store = MemStore::new();
+        let store = MemSharedData::new();
         acquire(&store, K, limits(1, 10), 0).unwrap();
         acquire(&store, K, limits(1, 10), 3).unwrap();
         acquire(&store, K, limits(1, 10), 3).unwrap();
@@ -571,7 +571,7 @@ mod tests {
         const CAPACITY: u32 = 3;
         const WORKERS: u16 = 6;
         const REQUESTS: u32 = 400;
-        let store = Arc::new(MemStore::new());
+        let store = Arc::new(MemSharedData::new());
         ensure(&*store, K).unwrap();
         let in_flight = Arc::new(AtomicU32::new(0));
         let peak = Arc::new(AtomicU32::new(0));

@@ -4,7 +4,8 @@
 //! these pieces, and the tests run them natively (with threads) and on wasm.
 
 pub mod admission;
+pub mod capacity_record;
 pub mod config;
-pub mod storage;
-pub mod store;
+pub mod redis_keys;
+pub mod shared_data;
 pub mod waiters;

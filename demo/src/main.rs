@@ -3,7 +3,7 @@
 //! Sluice holding it to its capacity.
 
 use serde_json::json;
-use sluice_e2e::{Backend, Envoy, FrontProxy};
+use sluice_harness::{Backend, Envoy, FrontProxy};
 use sluice_loadgen::{run_blocking, summarize, table, Burst, Outcome};
 use std::net::SocketAddr;
 use std::time::Duration;

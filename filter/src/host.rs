@@ -2,11 +2,11 @@
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
-use sluice_core::store::{SharedStore, StoreError};
+use sluice_core::shared_data::{SharedData, StoreError};
 
-pub struct HostStore;
+pub struct HostSharedData;
 
-impl SharedStore for HostStore {
+impl SharedData for HostSharedData {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         match hostcalls::get_shared_data(key) {
             Ok((Some(bytes), cas)) => Ok(Some((bytes, cas.unwrap_or(0)))),

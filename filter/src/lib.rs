@@ -8,7 +8,7 @@
 mod host;
 mod routes;
 
-use host::HostStore;
+use host::HostSharedData;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
@@ -87,7 +87,7 @@ impl RootContext for SluiceRoot {
         // the main thread before any worker VM exists, and a write to a
         // missing key ignores CAS, so creating later could race.
         for key in routes.keys() {
-            if let Err(e) = admission::ensure(&HostStore, key) {
+            if let Err(e) = admission::ensure(&HostSharedData, key) {
                 log::error!("shared data {key}: {e}");
                 return false;
             }
@@ -189,7 +189,7 @@ impl Worker {
     fn stats_json(&self) -> String {
         let mut endpoints = serde_json::Map::new();
         for r in &self.routes.endpoints {
-            let entry = match admission::snapshot(&HostStore, &r.key) {
+            let entry = match admission::snapshot(&HostSharedData, &r.key) {
                 Ok(s) => serde_json::json!({
                     "capacity": r.capacity,
                     "active_requests": s.active,
@@ -243,7 +243,7 @@ impl Worker {
         for ep in endpoints {
             let route = &self.routes.endpoints[ep];
             let capacity = route.capacity;
-            match admission::claim(&HostStore, &route.key, self.id, capacity) {
+            match admission::claim(&HostSharedData, &route.key, self.id, capacity) {
                 Ok((tickets, wakeups)) => {
                     self.wake(&wakeups);
                     for ticket in tickets {
@@ -269,7 +269,7 @@ impl Worker {
         let expired = self.waiters.borrow_mut().take_expired(now_ns());
         for w in expired {
             let route = &self.routes.endpoints[w.endpoint];
-            match admission::withdraw(&HostStore, &route.key, w.ticket) {
+            match admission::withdraw(&HostSharedData, &route.key, w.ticket) {
                 // NotFound cannot happen unless the record was reset under
                 // us; the request must be answered either way, never left paused.
                 Ok(Withdrawn::Removed | Withdrawn::NotFound) => {
@@ -323,7 +323,7 @@ impl Worker {
 
     fn release(&self, ep: usize) {
         let route = &self.routes.endpoints[ep];
-        match admission::release(&HostStore, &route.key, route.capacity) {
+        match admission::release(&HostSharedData, &route.key, route.capacity) {
             Ok(wakeups) => self.wake(&wakeups),
             Err(e) => log::error!("release on {}: {e}", route.path),
         }
@@ -367,7 +367,7 @@ impl SluiceStream {
                         .remove_context(self.context_id);
                     if let Some(w) = waiter {
                         let route = &self.worker.routes.endpoints[ep];
-                        match admission::withdraw(&HostStore, &route.key, w.ticket) {
+                        match admission::withdraw(&HostSharedData, &route.key, w.ticket) {
                             Ok(Withdrawn::Granted) => self.worker.release(ep),
                             Ok(_) => {}
                             Err(e) => log::error!("withdraw on {}: {e}", route.path),
@@ -434,7 +434,7 @@ impl HttpContext for SluiceStream {
             capacity: route.capacity,
             max_queue: route.max_queue,
         };
-        match admission::acquire(&HostStore, &route.key, limits, worker.id) {
+        match admission::acquire(&HostSharedData, &route.key, limits, worker.id) {
             Ok((acquired, wakeups)) => {
                 worker.wake(&wakeups);
                 match acquired {

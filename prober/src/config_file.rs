@@ -9,7 +9,7 @@ use crate::config_edit;
 use hyper::header::{HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 use sluice_core::config::{shown, Config, ConfigError};
-use sluice_core::storage::Storage;
+use sluice_core::redis_keys::Storage;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

@@ -12,7 +12,7 @@ pub mod load;
 pub mod probe;
 pub mod progress;
 pub mod push;
-pub mod redis_store;
+pub mod redis_records;
 pub mod report;
 pub mod scaling;
 pub mod search;

@@ -15,7 +15,7 @@ use crate::config_edit::{self, Edit};
 use crate::config_file::{self, ConfigFile, EndpointSpec, MEASURED_MARK};
 use crate::load::{self, LevelStats, LevelTiming, RequestSpec, Target};
 use crate::progress::Progress;
-use crate::redis_store::{Record, RedisStore, Source};
+use crate::redis_records::RedisRecords;
 use crate::report::{
     self, EndpointReport, KneeReport, LevelReport, Outcome, ProbeReport, RedisOutcome, RunReport,
     ThresholdsReport, TimingReport,
@@ -26,7 +26,8 @@ use crate::settings::{self, Settings};
 use crate::{exit, target, ProberError};
 use anyhow::Context;
 use serde_json::{Map, Value};
-use sluice_core::storage::{check_service_name, Storage};
+use sluice_core::capacity_record::{CapacityRecord, Source};
+use sluice_core::redis_keys::{check_service_name, Storage};
 use std::io::Write as _;
 use std::path::Path;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -105,11 +106,11 @@ pub fn parse_note(note: &str) -> (Option<f64>, Option<f64>, Option<u64>) {
 }
 
 /// The Redis record for a capacity found in the file.
-pub fn record_from_file(spec: &EndpointSpec) -> Option<Record> {
+pub fn record_from_file(spec: &EndpointSpec) -> Option<CapacityRecord> {
     let capacity = spec.capacity?;
     if spec.capacity_was_measured() {
         let (p99, rps, when) = parse_note(spec.capacity_note.as_deref().unwrap_or(""));
-        Some(Record {
+        Some(CapacityRecord {
             capacity,
             p99_ms: p99,
             rps,
@@ -118,7 +119,7 @@ pub fn record_from_file(spec: &EndpointSpec) -> Option<Record> {
             source: Source::Probe,
         })
     } else {
-        Some(Record {
+        Some(CapacityRecord {
             capacity,
             p99_ms: None,
             rps: None,
@@ -266,7 +267,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     let mut redis = match (&redis_url, args.dry_run) {
         (Some(url), false) => {
             check_service_name(&service).map_err(|e| ProberError::Usage(e.to_string()))?;
-            Some(RedisStore::connect(url, &service)?)
+            Some(RedisRecords::connect(url, &service)?)
         }
         _ => None,
     };
@@ -280,7 +281,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     let progress = Progress::new(args.output.quiet);
     let mut reports: Vec<EndpointReport> = Vec::new();
     let mut edits: Vec<Edit> = Vec::new();
-    let mut to_push: Vec<(usize, Record)> = Vec::new();
+    let mut to_push: Vec<(usize, CapacityRecord)> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
     let mut exit_code = exit::OK;
     let mut aborted: Option<String> = None;
@@ -367,7 +368,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
                 rep.capacity = Some(c);
                 rep.source = Some(Source::Probe);
                 let at_unix = now_unix();
-                let record = Record {
+                let record = CapacityRecord {
                     capacity: c,
                     p99_ms: Some(report::round(at.quantile_ms(0.99), 3)),
                     rps: Some(report::round(at.rps(), 1)),

@@ -4,11 +4,12 @@
 use crate::cli::PushArgs;
 use crate::config_file;
 use crate::probe::record_from_file;
-use crate::redis_store::{RedisStore, Source};
+use crate::redis_records::RedisRecords;
 use crate::report::{self, RedisOutcome};
 use crate::{exit, ProberError};
 use serde::Serialize;
-use sluice_core::storage::{check_service_name, Storage};
+use sluice_core::capacity_record::Source;
+use sluice_core::redis_keys::{check_service_name, Storage};
 
 #[derive(Debug, Serialize)]
 pub struct PushedEndpoint {
@@ -44,7 +45,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
     };
     let service = file.config.service.clone();
     check_service_name(&service).map_err(|e| ProberError::Usage(e.to_string()))?;
-    let mut store = RedisStore::connect(&url, &service)?;
+    let mut store = RedisRecords::connect(&url, &service)?;
     let mut endpoints = Vec::new();
     for spec in &file.endpoints {
         let Some(record) = record_from_file(spec) else {

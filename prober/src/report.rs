@@ -2,11 +2,11 @@
 //! shapes are fixed by prober/schema/*.schema.json (checked by the tests).
 
 use crate::load::LevelStats;
-use crate::redis_store::Source;
 use crate::scaling::UslFit;
 use crate::search::{Run, Stage};
 use crate::settings::Settings;
 use serde::Serialize;
+use sluice_core::capacity_record::Source;
 use std::fmt::Write as _;
 
 /// Rounds to `digits` decimals so the JSON stays readable.

@@ -11,7 +11,7 @@ mod common;
 
 use common::{assert_matches_schema, prober, serial};
 use serde_json::Value;
-use sluice_e2e::Backend;
+use sluice_harness::Backend;
 use std::time::Duration;
 
 /// Every probe must finish well inside this (the bound is 30 s).

@@ -8,7 +8,7 @@ mod common;
 
 use common::{assert_matches_schema, load_schema, prober, serial, validate, Run};
 use serde_json::{json, Value};
-use sluice_e2e::{free_port, Backend, Redis, RespValue};
+use sluice_harness::{free_port, Backend, Redis, RespValue};
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;

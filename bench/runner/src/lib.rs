@@ -10,7 +10,7 @@
 use anyhow::{bail, Context};
 use clap::Parser;
 use serde_json::json;
-use sluice_e2e::{empty_wasm_path, free_port, Backend, Envoy, FrontProxy, ScratchDir};
+use sluice_harness::{empty_wasm_path, free_port, Backend, Envoy, FrontProxy, ScratchDir};
 use sluice_loadgen::{run_blocking, Burst};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -300,7 +300,7 @@ impl Haproxy {
             _dir: dir,
         };
         for _ in 0..200 {
-            if sluice_e2e::port_accepts(port) {
+            if sluice_harness::port_accepts(port) {
                 return Ok(h);
             }
             if h.child.try_wait()?.is_some() {

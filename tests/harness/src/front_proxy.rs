@@ -111,7 +111,7 @@ impl FrontProxy {
         let admin_port = self.admin_port;
         let backend_port = self.backend_port;
         format!(
-            r#"# Sluice front proxy, rendered by sluice-e2e's FrontProxy.
+            r#"# Sluice front proxy, rendered by sluice-harness's FrontProxy.
 # File-based LDS refuses listeners unless the node has an id and a cluster.
 node:
   id: sluice-front-proxy
@@ -155,7 +155,7 @@ static_resources:
     /// The LDS file: the same listener as a `Listener` resource.
     pub fn render_lds(&self) -> String {
         format!(
-            "# Sluice front proxy listener, rendered by sluice-e2e's FrontProxy.\nresources:\n{}",
+            "# Sluice front proxy listener, rendered by sluice-harness's FrontProxy.\nresources:\n{}",
             self.render_listener(true)
         )
     }

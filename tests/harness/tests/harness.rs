@@ -1,8 +1,8 @@
 //! The harness itself: each fixture starts, answers, reports and is gone
 //! after drop.
 
-use sluice_e2e::http::{self, Request};
-use sluice_e2e::{empty_wasm_path, Backend, Envoy, FrontProxy, Redis, RespValue};
+use sluice_harness::http::{self, Request};
+use sluice_harness::{empty_wasm_path, Backend, Envoy, FrontProxy, Redis, RespValue};
 use std::path::Path;
 use std::time::Duration;
 

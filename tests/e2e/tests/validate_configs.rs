@@ -8,7 +8,7 @@
 //! (Istio and Kubernetes manifests, which start with `apiVersion:`; LDS/CDS
 //! fragments, which hold `resources:`) is skipped, and listed on stderr.
 
-use sluice_e2e::{empty_wasm_path, wasm_path, workspace_root, Envoy, FrontProxy, ScratchDir};
+use sluice_harness::{empty_wasm_path, wasm_path, workspace_root, Envoy, FrontProxy, ScratchDir};
 use std::fs;
 use std::path::{Path, PathBuf};
 

@@ -77,7 +77,7 @@ pub fn unique_scratch_path(name: &str) -> PathBuf {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     let n = NEXT.fetch_add(1, Ordering::SeqCst);
     std::env::temp_dir()
-        .join("sluice-e2e")
+        .join("sluice-harness")
         .join(format!("{name}-{}-{n}", std::process::id()))
 }
 

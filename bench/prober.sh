@@ -133,4 +133,4 @@ print(l["rps"], l["requests"], l["prober_busy"], json.dumps(l["client_bound"]))'
     "$(median "${w_cpu[@]}")" "$(median "${p_cpu[@]}")" "$(median "${busy[@]}")" "${bound[*]}"
 done
 echo
-echo "Command: \`scripts/bench-prober.sh\` ($(nproc) cores; backend, wrk and prober share them)."
+echo "Command: \`bench/prober.sh\` ($(nproc) cores; backend, wrk and prober share them)."

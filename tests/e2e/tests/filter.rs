@@ -3,7 +3,7 @@
 //! how many at once, in which order.
 
 use serde_json::{json, Value};
-use sluice_e2e::{Backend, Envoy, FrontProxy};
+use sluice_harness::{Backend, Envoy, FrontProxy};
 use sluice_loadgen::{run_blocking, summarize, Burst, Outcome};
 use std::time::{Duration, Instant};
 

@@ -2,7 +2,7 @@
 //! Envoy's for tests.
 //!
 //! Envoy's proxy-wasm shared data is one process-wide map guarded by a mutex;
-//! every value carries a CAS number. The rules, copied by [`MemStore`]:
+//! every value carries a CAS number. The rules, copied by [`MemSharedData`]:
 //! - `set` with `cas == 0` is unconditional;
 //! - `set` on an existing key with `cas != 0` fails with a mismatch unless
 //!   `cas` equals the stored one;
@@ -31,14 +31,14 @@ impl std::fmt::Display for StoreError {
 }
 
 /// A key-value store with compare-and-swap, shaped like Envoy's shared data.
-pub trait SharedStore {
+pub trait SharedData {
     /// The value and its CAS number, or `None` if the key does not exist.
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
     /// Writes `value` if `cas` still matches (see the module docs for the rules).
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError>;
 }
 
-impl<S: SharedStore + ?Sized> SharedStore for &S {
+impl<S: SharedData + ?Sized> SharedData for &S {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         (**self).get(key)
     }
@@ -49,7 +49,7 @@ impl<S: SharedStore + ?Sized> SharedStore for &S {
 
 /// In-process store with Envoy's CAS rules, safe to share between threads.
 #[derive(Debug)]
-pub struct MemStore {
+pub struct MemSharedData {
     inner: Mutex<MemInner>,
 }
 
@@ -59,9 +59,9 @@ struct MemInner {
     next_cas: u32,
 }
 
-impl Default for MemStore {
+impl Default for MemSharedData {
     fn default() -> Self {
-        MemStore {
+        MemSharedData {
             inner: Mutex::new(MemInner {
                 map: HashMap::new(),
                 next_cas: 1,
@@ -70,13 +70,13 @@ impl Default for MemStore {
     }
 }
 
-impl MemStore {
+impl MemSharedData {
     pub fn new() -> Self {
         Self::default()
     }
 }
 
-impl SharedStore for MemStore {
+impl SharedData for MemSharedData {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         let inner = self.inner.lock().unwrap();
         Ok(inner.map.get(key).cloned())
@@ -111,7 +111,7 @@ mod tests {
 
     #[test]
     fn cas_rules_match_envoy() {
-        let s = MemStore::new();
+        let s = MemSharedData::new();
         assert_eq!(s.get("k").unwrap(), None);
         // A write to a missing key ignores CAS: a stale or made-up CAS "creates" it.
         s.set("k", b"a", 12345).unwrap();
@@ -137,7 +137,7 @@ mod tests {
     #[test]
     fn two_creators_of_a_missing_key_both_succeed() {
         // Why keys must be created before traffic: both writers "win".
-        let s = MemStore::new();
+        let s = MemSharedData::new();
         assert!(s.get("k").unwrap().is_none());
         assert!(s.get("k").unwrap().is_none());
         s.set("k", b"first", 0).unwrap();

@@ -1,5 +1,5 @@
-//! End-to-end harness: runs the real Envoy, Redis and Sluice binaries on
-//! free loopback ports.
+//! Test harness: runs the real Envoy, Redis and Sluice binaries on free
+//! loopback ports, for the end-to-end tests, the demo and the benchmarks.
 //!
 //! Every process is started, polled for readiness with a bounded retry, and
 //! killed by pid when its handle drops. When a test fails (the thread is
@@ -7,7 +7,7 @@
 //! keeps its scratch directory. The API is blocking; tests need no runtime.
 //!
 //! ```no_run
-//! use sluice_e2e::{Backend, Envoy, FrontProxy};
+//! use sluice_harness::{Backend, Envoy, FrontProxy};
 //! let backend = Backend::start(&["/predict:capacity=4,service_ms=50"]);
 //! let proxy = FrontProxy::new(backend.port(), r#"{"service":"demo","endpoints":{"/predict":{"capacity":2}}}"#);
 //! let envoy = Envoy::start(&proxy, 2);
@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 /// The Cargo workspace root (the repository).
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("e2e/ sits in the workspace")
+        .ancestors()
+        .nth(2)
+        .expect("tests/harness/ sits two levels below the workspace root")
         .to_path_buf()
 }
 

@@ -1,0 +1,114 @@
+//! The prober's connection to Redis: reads and writes capacity records
+//! (layout: docs/redis-keys.md; names: `sluice_core::redis_keys`; codec:
+//! `sluice_core::capacity_record`).
+
+use crate::ProberError;
+use sluice_core::capacity_record::CapacityRecord;
+use sluice_core::redis_keys::{capacity_key, endpoints_key, updates_channel};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct RedisRecords {
+    conn: redis::Connection,
+    service: String,
+    /// The URL with any password hidden, for messages.
+    shown_url: String,
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host`.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+impl RedisRecords {
+    pub fn connect(url: &str, service: &str) -> Result<RedisRecords, ProberError> {
+        let shown_url = redact(url);
+        let fail = |e: redis::RedisError| {
+            ProberError::Storage(format!("cannot connect to Redis at {shown_url}: {e}"))
+        };
+        let client = redis::Client::open(url).map_err(fail)?;
+        let mut conn = client
+            .get_connection_with_timeout(CONNECT_TIMEOUT)
+            .map_err(fail)?;
+        conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
+        conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
+        redis::cmd("PING")
+            .query::<String>(&mut conn)
+            .map_err(fail)?;
+        Ok(RedisRecords {
+            conn,
+            service: service.to_string(),
+            shown_url,
+        })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.shown_url
+    }
+
+    fn failed(&self, what: &str, e: redis::RedisError) -> ProberError {
+        ProberError::Storage(format!("Redis at {}: {what}: {e}", self.shown_url))
+    }
+
+    /// The record of `path`, if there is one.
+    pub fn get(&mut self, path: &str) -> Result<Option<CapacityRecord>, ProberError> {
+        let key = capacity_key(&self.service, path);
+        let hash: HashMap<String, String> =
+            redis::cmd("HGETALL")
+                .arg(&key)
+                .query(&mut self.conn)
+                .map_err(|e| self.failed(&format!("HGETALL {key}"), e))?;
+        CapacityRecord::from_hash(&hash)
+            .map_err(|e| ProberError::Storage(format!("Redis at {}: {key}: {e}", self.shown_url)))
+    }
+
+    /// Replaces the record of `path`, adds it to the endpoint set and
+    /// announces it, all in one transaction.
+    pub fn put(&mut self, path: &str, record: &CapacityRecord) -> Result<(), ProberError> {
+        let key = capacity_key(&self.service, path);
+        let message = record.update_message(path);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        // DEL first, so a manual record does not keep an old probe's p99.
+        pipe.cmd("DEL").arg(&key).ignore();
+        let hset = pipe.cmd("HSET").arg(&key);
+        for (f, v) in record.to_fields() {
+            hset.arg(f).arg(v);
+        }
+        hset.ignore();
+        pipe.cmd("SADD")
+            .arg(endpoints_key(&self.service))
+            .arg(path)
+            .ignore();
+        pipe.cmd("PUBLISH")
+            .arg(updates_channel(&self.service))
+            .arg(message)
+            .ignore();
+        pipe.query::<()>(&mut self.conn)
+            .map_err(|e| self.failed(&format!("writing {key}"), e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_messages() {
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
+        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+}
