@@ -2,18 +2,29 @@
 SHELL := /bin/bash
 WASM := target/wasm32-wasip1/release/sluice_filter.wasm
 export PATH := $(HOME)/.cargo/bin:$(PATH)
+# The filter runs on every request: whole-program LTO for the wasm only (see
+# Cargo.toml; the variables touch only what this one command builds).
+WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
+NATIVE_BINS := -p sluice-backend -p sluice-prober
 
-.PHONY: deps build wasm test test-wasm lint fmt bench bench-prober demo clean
+.PHONY: deps deps-demo deps-test deps-bench build wasm test test-unit test-wasm lint fmt \
+	bench bench-prober demo clean
 
-deps:
-	@scripts/deps.sh
+# What each command installs: the demo needs least.
+deps: deps-test
+deps-demo:
+	@scripts/deps.sh demo
+deps-test:
+	@scripts/deps.sh test
+deps-bench:
+	@scripts/deps.sh bench
 
 wasm:
-	cargo build --release --target wasm32-wasip1 -p sluice-filter -p sluice-empty-filter
+	$(WASM_PROFILE) cargo build --release --target wasm32-wasip1 -p sluice-filter -p sluice-empty-filter
 	@ls -l $(WASM)
 
 build: wasm
-	cargo build --release -p sluice-backend -p sluice-prober
+	cargo build --release $(NATIVE_BINS)
 
 lint:
 	cargo fmt --all --check
@@ -23,32 +34,37 @@ lint:
 fmt:
 	cargo fmt --all
 
-# The whole suite: unit tests, the admission core on wasm under Node, and the
-# end-to-end tests that run the real Envoy, Redis and binaries.
-# The last line totals every runner's results (cargo's own last lines are
-# doc-test runs that are usually empty).
-test: deps lint wasm
-	cargo build --release -p sluice-backend -p sluice-prober
+# The whole suite: lint, the admission core on wasm under Node, then every
+# test of the workspace with nextest: unit tests in parallel, tests that start
+# real processes (Envoy, Redis, binaries) one at a time (.config/nextest.toml).
+# The last line totals both runners.
+test: deps-test lint build
 	set -o pipefail; { $(MAKE) --no-print-directory test-wasm && \
-	  cargo test --workspace --release -- --test-threads=1; } 2>&1 | tee target/test.log
-	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
+	  cargo nextest run --workspace --release --no-fail-fast; } 2>&1 | tee target/test.log
+	@awk '/^test result:/ {p += $$4; f += $$6} \
+	  /tests run:/ {for (i = 1; i <= NF; i++) {if ($$(i) ~ /^passed/) p += $$(i-1); if ($$(i) ~ /^failed/) f += $$(i-1)}} \
+	  END {printf "%d passed, %d failed\n", p, f}' target/test.log
+
+# Unit tests only: seconds, no processes started.
+test-unit:
+	cargo nextest run --workspace --lib --bins
 
 test-wasm:
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test -p sluice-core --target wasm32-unknown-unknown
 
 # Figures for the README: side by side in one run, printed as markdown.
-bench: deps wasm
+bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-bench
 	target/release/sluice-bench
 
 # Repeatability of probes and the load generator against wrk.
-bench-prober: deps
-	cargo build --release -p sluice-backend -p sluice-prober
+bench-prober: deps-bench
+	cargo build --release $(NATIVE_BINS)
 	bench/prober.sh
 
 # The same burst against a capacity-4 service, without and with Sluice.
-demo: deps wasm
+demo: deps-demo wasm
 	cargo build --release -p sluice-backend -p sluice-demo
 	target/release/sluice-demo
 

@@ -26,7 +26,7 @@ BIN=${CARGO_TARGET_DIR:-target}/release
 for b in sluice-backend sluice-prober; do
   [ -x "$BIN/$b" ] || { echo "missing $BIN/$b: run make build" >&2; exit 1; }
 done
-command -v wrk >/dev/null || { echo "wrk is missing: make deps" >&2; exit 1; }
+command -v wrk >/dev/null || { echo "wrk is missing: scripts/deps.sh bench" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "python3 is missing" >&2; exit 1; }
 
 pids=()

@@ -1,19 +1,31 @@
 #!/usr/bin/env bash
-# Installs what the build, tests, benchmarks and demo need. Idempotent: each
-# step is skipped when its tool is already there, so `make test` stays fast on
-# a machine that has run it once.
+# Installs what one use of the repo needs, and nothing more:
+#   scripts/deps.sh demo    Envoy, Redis, the wasm target (make demo)
+#   scripts/deps.sh test    + the wasm test runner (make test)
+#   scripts/deps.sh bench   + HAProxy and wrk, the references (make bench*)
+# Idempotent: each step is skipped when its tool is already there, so a
+# machine that has run it once starts at once.
 set -euo pipefail
 
 WASM_BINDGEN_VERSION=0.2.130   # must equal the wasm-bindgen in Cargo.lock
+use=${1:-test}
+case "$use" in demo | test | bench) ;; *)
+  echo "usage: $0 demo|test|bench" >&2
+  exit 2
+  ;;
+esac
 
-missing=()
-command -v redis-server >/dev/null || missing+=(redis-server)
-command -v haproxy >/dev/null || missing+=(haproxy)
-command -v wrk >/dev/null || missing+=(wrk)
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "deps: apt-get install ${missing[*]}" >&2
+apt_missing=()
+need_apt() { command -v "$1" >/dev/null || apt_missing+=("$2"); }
+need_apt redis-server redis-server
+if [ "$use" = bench ]; then
+  need_apt haproxy haproxy
+  need_apt wrk wrk
+fi
+if [ ${#apt_missing[@]} -gt 0 ]; then
+  echo "deps: apt-get install ${apt_missing[*]}" >&2
   apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_missing[@]}" >/dev/null
 fi
 
 if ! command -v envoy >/dev/null || ! envoy --version 2>/dev/null | grep -q '/1\.40\.'; then
@@ -22,12 +34,20 @@ if ! command -v envoy >/dev/null || ! envoy --version 2>/dev/null | grep -q '/1\
   hash -r
 fi
 
+targets=(wasm32-wasip1)
+[ "$use" = demo ] || targets+=(wasm32-unknown-unknown)
 installed=$(rustup target list --installed)
-for t in wasm32-wasip1 wasm32-unknown-unknown; do
+for t in "${targets[@]}"; do
   grep -qx "$t" <<<"$installed" || rustup target add "$t"
 done
 
-if ! wasm-bindgen-test-runner --version 2>/dev/null | grep -q "$WASM_BINDGEN_VERSION"; then
-  echo "deps: cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION (a few minutes, once)" >&2
-  cargo install -q wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+if [ "$use" != demo ]; then
+  if ! wasm-bindgen-test-runner --version 2>/dev/null | grep -q "$WASM_BINDGEN_VERSION"; then
+    echo "deps: cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION (a few minutes, once)" >&2
+    cargo install -q --locked wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+  fi
+  if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "deps: cargo install cargo-nextest (a few minutes, once)" >&2
+    cargo install -q --locked cargo-nextest
+  fi
 fi

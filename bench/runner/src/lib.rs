@@ -97,10 +97,12 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
     ));
 
     println!(
-        "Envoy {}, --concurrency {}, {} cores\n",
+        "`make bench`, {}: {}, {} cores; Envoy {}, --concurrency {}\n",
+        utc_now(),
+        cpu_model(),
+        cores(),
         envoy_version(),
         o.concurrency,
-        cores()
     );
     println!("| measure | value | goal | detail |");
     println!("|---|---|---|---|");
@@ -351,6 +353,29 @@ fn envoy_version() -> String {
             after.split('/').nth(1).map(str::to_string)
         })
         .unwrap_or_else(|| "?".into())
+}
+
+/// The date the figures were taken, so a pasted table says when.
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// The machine the figures come from ("model name" in /proc/cpuinfo).
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn cores() -> usize {
