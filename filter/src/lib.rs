@@ -11,6 +11,11 @@ mod routes;
 mod stream;
 mod worker;
 
+#[cfg(test)]
+mod fake_host;
+#[cfg(test)]
+mod tests;
+
 use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{
