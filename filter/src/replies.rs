@@ -1,5 +1,6 @@
 //! The replies the filter makes itself: each says why in `x-sluice-reason`
-//! and in a JSON body.
+//! and in a JSON body, built with serde_json so that any endpoint path
+//! (quotes, backslashes) stays valid JSON.
 
 use crate::host::Host;
 use crate::routes::{Route, Routes};
@@ -66,18 +67,26 @@ impl LocalReply<'_> {
     /// answers with the whole process's numbers.
     pub fn body<S: SharedData>(&self, store: &S) -> String {
         match self {
-            LocalReply::QueueFull(route) => format!(
-                "{{\"error\":\"too many requests waiting\",\"reason\":\"queue-full\",\"endpoint\":\"{}\",\"max_queue\":{}}}\n",
-                route.path, route.max_queue
-            ),
-            LocalReply::QueueTimeout(route) => format!(
-                "{{\"error\":\"timed out waiting for a slot\",\"reason\":\"queue-timeout\",\"endpoint\":\"{}\",\"queue_timeout_ms\":{}}}\n",
-                route.path,
-                route.queue_timeout.as_millis()
-            ),
+            LocalReply::QueueFull(route) => line(json!({
+                "error": "too many requests waiting",
+                "reason": self.reason(),
+                "endpoint": route.path,
+                "max_queue": route.max_queue,
+            })),
+            LocalReply::QueueTimeout(route) => line(json!({
+                "error": "timed out waiting for a slot",
+                "reason": self.reason(),
+                "endpoint": route.path,
+                "queue_timeout_ms": route.queue_timeout.as_millis() as u64,
+            })),
             LocalReply::Stats(routes) => stats(store, routes).to_string(),
         }
     }
+}
+
+/// A document on one line, as curl users expect.
+fn line(doc: serde_json::Value) -> String {
+    format!("{doc}\n")
 }
 
 /// A superset of fastapi-balancer's stats document.

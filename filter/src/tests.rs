@@ -7,6 +7,7 @@
 //! was logged at warn or above.
 
 use crate::fake_host::{take_problems, FakeEnvoy, FakeStream, FakeWorker};
+use crate::stream::STATS_PATH;
 use crate::worker::FAST_TICK;
 use proxy_wasm::types::Action;
 use serde_json::{json, Value};
@@ -17,8 +18,12 @@ const PATH: &str = "/predict";
 const KEY: &str = "sluice:t:ep:/predict";
 
 fn config(capacity: u32, queue_timeout: f64, max_queue: u32) -> Value {
+    config_for(PATH, capacity, queue_timeout, max_queue)
+}
+
+fn config_for(path: &str, capacity: u32, queue_timeout: f64, max_queue: u32) -> Value {
     json!({"service": "t", "endpoints": {
-        PATH: {"capacity": capacity, "queue_timeout": queue_timeout, "max_queue": max_queue},
+        path: {"capacity": capacity, "queue_timeout": queue_timeout, "max_queue": max_queue},
     }})
 }
 
@@ -130,9 +135,10 @@ fn queue_timeout_answers_504_once_and_holds_nothing() {
     let reply = b.reply();
     assert_eq!(reply.status, 504);
     assert_eq!(reply.header("x-sluice-reason"), Some("queue-timeout"));
-    let body = reply.json();
-    assert_eq!(body["reason"], "queue-timeout");
-    assert_eq!(body["queue_timeout_ms"], 300);
+    assert_eq!(
+        reply.body,
+        "{\"error\":\"timed out waiting for a slot\",\"reason\":\"queue-timeout\",\"endpoint\":\"/predict\",\"queue_timeout_ms\":300}\n"
+    );
     assert_eq!(counts(&envoy), (1, 0, 0));
     w.tick();
     assert_eq!(b.replies().len(), 1, "answered once");
@@ -156,7 +162,11 @@ fn queue_full_answers_503_with_retry_after_and_holds_nothing() {
     assert_eq!(reply.status, 503);
     assert_eq!(reply.header("x-sluice-reason"), Some("queue-full"));
     assert_eq!(reply.header("retry-after"), Some("3"));
-    assert_eq!(reply.json()["max_queue"], 1);
+    assert_eq!(
+        reply.body,
+        "{\"error\":\"too many requests waiting\",\"reason\":\"queue-full\",\"endpoint\":\"/predict\",\"max_queue\":1}\n",
+        "the body documented in docs/filter.md"
+    );
     assert_eq!(counts(&envoy), (1, 1, 0));
     c.complete();
     assert_eq!(counts(&envoy), (1, 1, 0));
@@ -273,6 +283,39 @@ fn two_workers_race_for_the_last_slot() {
         }
         envoy.assert_neutral(KEY);
     }
+}
+
+#[test]
+fn reply_bodies_are_json_carrying_the_configured_path() {
+    let path = r#"/say"hi"\now"#;
+    let key = format!("sluice:t:ep:{path}");
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_for(path, 1, 0.1, 1));
+    let mut a = w.request("POST", path);
+    let mut b = w.request("POST", path);
+    let mut c = w.request("POST", path);
+    let full = c.reply();
+    assert_eq!(full.status, 503);
+    assert_eq!(full.json()["endpoint"], path);
+
+    let mut stats = w.request("GET", STATS_PATH);
+    let reply = stats.reply();
+    assert_eq!(reply.header("x-sluice-reason"), Some("stats"));
+    let doc = reply.json();
+    assert_eq!(doc["endpoints"][path]["active_requests"], 1);
+    assert_eq!(doc["endpoints"][path]["queued"], 1);
+
+    envoy.advance(Duration::from_millis(100));
+    w.tick();
+    let timeout = b.reply();
+    assert_eq!(timeout.status, 504);
+    assert_eq!(timeout.json()["endpoint"], path);
+
+    for s in [&mut a, &mut b, &mut c, &mut stats] {
+        s.complete();
+    }
+    envoy.assert_neutral(&key);
+    assert_quiet();
 }
 
 #[test]
