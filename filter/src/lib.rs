@@ -16,9 +16,19 @@ mod fake_host;
 #[cfg(test)]
 mod tests;
 
+use proxy_wasm::hostcalls;
 use proxy_wasm::types::LogLevel;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| Box::new(root::Root::new(host::Envoy)));
+    proxy_wasm::set_root_context(|_| {
+        // Envoy's level for its wasm logger (`-l debug`, or
+        // `--component-log-level wasm:debug`), so lines below it are dropped
+        // before they are formatted. Asked here, not above: Envoy allows no
+        // hostcalls in `_initialize` ("restricted_callback").
+        if let Ok(level) = hostcalls::get_log_level() {
+            proxy_wasm::set_log_level(level);
+        }
+        Box::new(root::Root::new(host::Envoy))
+    });
 }}

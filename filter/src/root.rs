@@ -48,9 +48,11 @@ impl<H: Host + Clone> Root<H> {
         }
         let id = allocate_worker_id(&self.host)
             .map_err(|e| format!("cannot allocate a worker index: {e}"))?;
+        let queue = queue_name(id);
         self.host
-            .register_shared_queue(&queue_name(id))
+            .register_shared_queue(&queue)
             .map_err(|e| format!("cannot register wake-up queue: {e:?}"))?;
+        log::debug!("worker {id} is woken through {queue}");
         log::info!(
             "service {:?}, {} endpoints, worker {id}",
             config.service,
