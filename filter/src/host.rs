@@ -1,12 +1,55 @@
-//! Envoy's shared data behind the core's store trait.
+//! The hostcalls the filter makes, behind one trait, so the worker and stream
+//! state machines run natively against a fake host in tests (the way
+//! coraza-proxy-wasm runs its filter against `proxytest`).
+//!
+//! [`Envoy`] is the real host: a zero-sized type whose methods are the
+//! `proxy_wasm::hostcalls` themselves, so generic code over [`Host`] compiles
+//! to the same calls as before, with no `dyn` and no allocation of its own.
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::Status;
+use proxy_wasm::types::{MapType, Status};
 use sluice_core::shared_data::{SharedData, StoreError};
+use std::time::{Duration, UNIX_EPOCH};
 
-pub struct HostSharedData;
+/// What the filter asks of Envoy besides the proxy-wasm callbacks. Shared
+/// data is the core's [`SharedData`]: the host is the store.
+///
+/// "The current stream" is the one whose callback is running, or the one
+/// named by the last [`Host::set_effective_context`] in a root callback.
+pub trait Host: SharedData {
+    /// Host time in ns since the epoch (0 if the host cannot say).
+    fn now_ns(&self) -> u64;
+    /// How often `on_tick` runs; zero stops it.
+    fn set_tick_period(&self, period: Duration) -> Result<(), Status>;
 
-impl SharedData for HostSharedData {
+    /// A wake-up queue this VM is notified of (`on_queue_ready`).
+    fn register_shared_queue(&self, name: &str) -> Result<u32, Status>;
+    /// Another VM's queue, `None` if nobody registered it.
+    fn resolve_shared_queue(&self, vm_id: &str, name: &str) -> Result<Option<u32>, Status>;
+    fn enqueue_shared_queue(&self, queue_id: u32, message: &[u8]) -> Result<(), Status>;
+    fn dequeue_shared_queue(&self, queue_id: u32) -> Result<Option<Vec<u8>>, Status>;
+
+    /// Makes `context_id` the current stream, from a root callback. Fails
+    /// with `BadArgument` when the stream is gone.
+    fn set_effective_context(&self, context_id: u32) -> Result<(), Status>;
+    /// Continues the current (paused) request.
+    fn resume_http_request(&self) -> Result<(), Status>;
+    /// Answers the current request locally; the upstream never sees it.
+    fn send_http_response(
+        &self,
+        status: u32,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status>;
+    fn get_http_request_header(&self, name: &str) -> Option<String>;
+    fn set_http_response_header(&self, name: &str, value: &str);
+}
+
+/// The real host: Envoy's hostcalls.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Envoy;
+
+impl SharedData for Envoy {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
         match hostcalls::get_shared_data(key) {
             Ok((Some(bytes), cas)) => Ok(Some((bytes, cas.unwrap_or(0)))),
@@ -23,5 +66,60 @@ impl SharedData for HostSharedData {
             Err(Status::CasMismatch) => Err(StoreError::CasMismatch),
             Err(s) => Err(StoreError::Host(format!("{s:?}"))),
         }
+    }
+}
+
+impl Host for Envoy {
+    fn now_ns(&self) -> u64 {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64)
+    }
+
+    fn set_tick_period(&self, period: Duration) -> Result<(), Status> {
+        hostcalls::set_tick_period(period)
+    }
+
+    fn register_shared_queue(&self, name: &str) -> Result<u32, Status> {
+        hostcalls::register_shared_queue(name)
+    }
+
+    fn resolve_shared_queue(&self, vm_id: &str, name: &str) -> Result<Option<u32>, Status> {
+        hostcalls::resolve_shared_queue(vm_id, name)
+    }
+
+    fn enqueue_shared_queue(&self, queue_id: u32, message: &[u8]) -> Result<(), Status> {
+        hostcalls::enqueue_shared_queue(queue_id, Some(message))
+    }
+
+    fn dequeue_shared_queue(&self, queue_id: u32) -> Result<Option<Vec<u8>>, Status> {
+        hostcalls::dequeue_shared_queue(queue_id)
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> Result<(), Status> {
+        hostcalls::set_effective_context(context_id)
+    }
+
+    fn resume_http_request(&self) -> Result<(), Status> {
+        hostcalls::resume_http_request()
+    }
+
+    fn send_http_response(
+        &self,
+        status: u32,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status> {
+        hostcalls::send_http_response(status, headers, Some(body))
+    }
+
+    // The SDK's HttpContext methods unwrap these; so do we.
+    fn get_http_request_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpRequestHeaders, name).unwrap()
+    }
+
+    fn set_http_response_header(&self, name: &str, value: &str) {
+        hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)).unwrap()
     }
 }

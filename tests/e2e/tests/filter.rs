@@ -292,6 +292,18 @@ fn invalid_configuration_is_refused_with_the_key_named() {
     );
 }
 
+/// The filter logs at Envoy's level for its wasm logger, so debug lines
+/// show with `--component-log-level wasm:debug` (or `-l debug`).
+#[test]
+fn filter_debug_lines_show_at_envoys_debug_level() {
+    let backend = Backend::start(&["/predict"]);
+    let proxy = FrontProxy::new(backend.port(), plugin_config(1, 1.0, 10).to_string());
+    let mut opts = proxy.envoy_options(1);
+    opts.component_log_level = Some("wasm:debug".to_string());
+    let envoy = Envoy::start_with(opts);
+    envoy.wait_for_log("is woken through sluice:wake:", Duration::from_secs(10));
+}
+
 /// A queued request's body arrives while it waits; Envoy asks the filter
 /// about each body chunk, and a "continue" there would let it skip the queue.
 #[test]

@@ -1,0 +1,486 @@
+//! An in-process Envoy for the filter's native tests, in the spirit of
+//! coraza-proxy-wasm's `proxytest`: the whole filter (root, worker, streams)
+//! runs against it in plain `cargo test`.
+//!
+//! [`FakeEnvoy`] is the process: shared data (the core's [`MemSharedData`],
+//! with Envoy's CAS rules), shared queues and a clock that only moves when a
+//! test says so. [`FakeWorker`] is one worker thread's VM: its root context
+//! and a [`FakeHost`] that records what each stream was told (resumes,
+//! local replies, response headers) and fails like Envoy does: a gone stream
+//! refuses `set_effective_context`. It panics on what crashes or confuses
+//! Envoy: resuming a request that is not paused, or twice, or answering it
+//! after that.
+
+use crate::host::Host;
+use crate::root::Root;
+use crate::stream::Stream;
+use proxy_wasm::types::{Action, Status};
+use sluice_core::admission::{self, EndpointState};
+use sluice_core::shared_data::{MemSharedData, SharedData, StoreError};
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+/// The context id of every fake VM's root context.
+const ROOT_CONTEXT: u32 = 1;
+
+/// What every worker of one Envoy process shares.
+pub struct FakeEnvoy {
+    pub store: MemSharedData,
+    clock_ns: AtomicU64,
+    queues: Mutex<Queues>,
+}
+
+#[derive(Default)]
+struct Queues {
+    /// (vm_id, name) -> queue id.
+    ids: HashMap<(String, String), u32>,
+    messages: HashMap<u32, VecDeque<Vec<u8>>>,
+}
+
+impl FakeEnvoy {
+    pub fn new() -> Arc<FakeEnvoy> {
+        Arc::new(FakeEnvoy {
+            store: MemSharedData::new(),
+            // Any start will do; not zero, which the filter reads as "no clock".
+            clock_ns: AtomicU64::new(1_700_000_000_000_000_000),
+            queues: Mutex::new(Queues::default()),
+        })
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.clock_ns
+            .fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
+    }
+
+    /// The decoded admission record of `key`.
+    pub fn record(&self, key: &str) -> EndpointState {
+        admission::snapshot(&self.store, key).expect("record decodes")
+    }
+
+    /// Panics unless the record is back to neutral: no slot in use, nobody
+    /// waiting (granted or not).
+    pub fn assert_neutral(&self, key: &str) {
+        let r = self.record(key);
+        assert_eq!(
+            (r.active, r.waiters.as_slice()),
+            (0, &[][..]),
+            "{key}: {r:?}"
+        );
+    }
+
+    fn has_messages(&self, queue_id: u32) -> bool {
+        let q = self.queues.lock().unwrap();
+        q.messages.get(&queue_id).is_some_and(|m| !m.is_empty())
+    }
+}
+
+/// A local reply as the client would get it.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u32,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        header(&self.headers, name)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("{} body is not JSON ({e}): {}", self.status, self.body))
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
+/// One stream as the host sees it.
+#[derive(Debug, Default)]
+struct StreamRecord {
+    request_headers: Vec<(String, String)>,
+    response_headers: Vec<(String, String)>,
+    /// Returned `Pause` from its request headers and not continued since.
+    paused: bool,
+    resumes: u32,
+    replies: Vec<Reply>,
+    /// Envoy has deleted the context.
+    gone: bool,
+    /// `resume_http_request` fails for it.
+    fail_resume: bool,
+}
+
+/// One worker VM's view of the host. Cheap to clone: the root context and
+/// the worker hold the same one.
+#[derive(Clone)]
+pub struct FakeHost(Rc<HostState>);
+
+struct HostState {
+    envoy: Arc<FakeEnvoy>,
+    vm_id: String,
+    /// The stream whose callback runs, or `ROOT_CONTEXT`.
+    current: Cell<u32>,
+    streams: RefCell<HashMap<u32, StreamRecord>>,
+    tick_period: Cell<Duration>,
+    /// Queues this VM registered (it is notified of them).
+    queues: RefCell<Vec<u32>>,
+}
+
+impl FakeHost {
+    fn new(envoy: &Arc<FakeEnvoy>, vm_id: &str) -> FakeHost {
+        FakeHost(Rc::new(HostState {
+            envoy: Arc::clone(envoy),
+            vm_id: vm_id.to_string(),
+            current: Cell::new(ROOT_CONTEXT),
+            streams: RefCell::new(HashMap::new()),
+            tick_period: Cell::new(Duration::ZERO),
+            queues: RefCell::new(Vec::new()),
+        }))
+    }
+
+    pub fn tick_period(&self) -> Duration {
+        self.0.tick_period.get()
+    }
+
+    fn with_current<R>(&self, f: impl FnOnce(u32, &mut StreamRecord) -> R) -> R {
+        let id = self.0.current.get();
+        assert_ne!(id, ROOT_CONTEXT, "a stream hostcall from a root context");
+        let mut streams = self.0.streams.borrow_mut();
+        let s = streams.get_mut(&id).expect("current stream exists");
+        assert!(!s.gone, "hostcall on deleted stream {id}");
+        f(id, s)
+    }
+
+    fn stream<R>(&self, id: u32, f: impl FnOnce(&mut StreamRecord) -> R) -> R {
+        f(self
+            .0
+            .streams
+            .borrow_mut()
+            .get_mut(&id)
+            .expect("known stream"))
+    }
+}
+
+impl SharedData for FakeHost {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        self.0.envoy.store.get(key)
+    }
+    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.0.envoy.store.set(key, value, cas)
+    }
+}
+
+impl Host for FakeHost {
+    fn now_ns(&self) -> u64 {
+        self.0.envoy.clock_ns.load(Ordering::SeqCst)
+    }
+
+    fn set_tick_period(&self, period: Duration) -> Result<(), Status> {
+        self.0.tick_period.set(period);
+        Ok(())
+    }
+
+    fn register_shared_queue(&self, name: &str) -> Result<u32, Status> {
+        let mut q = self.0.envoy.queues.lock().unwrap();
+        let next = q.ids.len() as u32 + 1;
+        let id = *q
+            .ids
+            .entry((self.0.vm_id.clone(), name.to_string()))
+            .or_insert(next);
+        q.messages.entry(id).or_default();
+        self.0.queues.borrow_mut().push(id);
+        Ok(id)
+    }
+
+    fn resolve_shared_queue(&self, vm_id: &str, name: &str) -> Result<Option<u32>, Status> {
+        let q = self.0.envoy.queues.lock().unwrap();
+        Ok(q.ids.get(&(vm_id.to_string(), name.to_string())).copied())
+    }
+
+    fn enqueue_shared_queue(&self, queue_id: u32, message: &[u8]) -> Result<(), Status> {
+        let mut q = self.0.envoy.queues.lock().unwrap();
+        let queue = q.messages.get_mut(&queue_id).ok_or(Status::NotFound)?;
+        queue.push_back(message.to_vec());
+        Ok(())
+    }
+
+    fn dequeue_shared_queue(&self, queue_id: u32) -> Result<Option<Vec<u8>>, Status> {
+        let mut q = self.0.envoy.queues.lock().unwrap();
+        let queue = q.messages.get_mut(&queue_id).ok_or(Status::NotFound)?;
+        Ok(queue.pop_front())
+    }
+
+    fn set_effective_context(&self, context_id: u32) -> Result<(), Status> {
+        let streams = self.0.streams.borrow();
+        match streams.get(&context_id) {
+            Some(s) if !s.gone => {
+                self.0.current.set(context_id);
+                Ok(())
+            }
+            _ => Err(Status::BadArgument),
+        }
+    }
+
+    fn resume_http_request(&self) -> Result<(), Status> {
+        self.with_current(|id, s| {
+            assert!(
+                s.paused && s.replies.is_empty(),
+                "stream {id} resumed while not paused: {s:?}"
+            );
+            if s.fail_resume {
+                return Err(Status::InternalFailure);
+            }
+            s.paused = false;
+            s.resumes += 1;
+            Ok(())
+        })
+    }
+
+    fn send_http_response(
+        &self,
+        status: u32,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status> {
+        self.with_current(|id, s| {
+            assert!(
+                s.resumes == 0 && s.replies.is_empty(),
+                "stream {id} answered after it was resumed or answered: {s:?}"
+            );
+            s.replies.push(Reply {
+                status,
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: String::from_utf8(body.to_vec()).expect("UTF-8 body"),
+            });
+            Ok(())
+        })
+    }
+
+    fn get_http_request_header(&self, name: &str) -> Option<String> {
+        self.with_current(|_, s| header(&s.request_headers, name).map(str::to_string))
+    }
+
+    fn set_http_response_header(&self, name: &str, value: &str) {
+        self.with_current(|_, s| {
+            s.response_headers
+                .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+            s.response_headers
+                .push((name.to_string(), value.to_string()));
+        })
+    }
+}
+
+/// One worker thread's VM, configured. Not `Send`, like the real one: a
+/// test with several threads starts each worker on its own thread.
+pub struct FakeWorker {
+    pub host: FakeHost,
+    root: Root<FakeHost>,
+    next_context: Cell<u32>,
+}
+
+impl FakeWorker {
+    /// A VM of `vm_id` ""; the first one started plays Envoy's main thread,
+    /// which creates the records before traffic.
+    pub fn start(envoy: &Arc<FakeEnvoy>, config: &serde_json::Value) -> FakeWorker {
+        capture_logs();
+        let host = FakeHost::new(envoy, "");
+        let mut root = Root::new(host.clone());
+        root.configure(&config.to_string(), String::new())
+            .expect("configuration accepted");
+        FakeWorker {
+            host,
+            root,
+            next_context: Cell::new(ROOT_CONTEXT + 1),
+        }
+    }
+
+    /// A new request; its request headers have been through the filter.
+    pub fn request(&self, method: &str, path: &str) -> FakeStream {
+        let id = self.next_context.get();
+        self.next_context.set(id + 1);
+        let record = StreamRecord {
+            request_headers: vec![
+                (":method".to_string(), method.to_string()),
+                (":path".to_string(), path.to_string()),
+            ],
+            ..StreamRecord::default()
+        };
+        self.host.0.streams.borrow_mut().insert(id, record);
+        let mut stream = FakeStream {
+            id,
+            host: self.host.clone(),
+            state: self.root.new_stream(id).expect("configured"),
+            action: Action::Continue,
+        };
+        stream.action = stream.in_callback(|s| s.on_request_headers());
+        if stream.action == Action::Pause {
+            stream.host.stream(id, |s| s.paused = true);
+        }
+        stream
+    }
+
+    /// Envoy's timer fired (whatever the period: tests move the clock).
+    pub fn tick(&self) {
+        self.in_root(|r| r.tick());
+    }
+
+    /// Delivers `on_queue_ready` for each of this VM's queues that has
+    /// messages, as Envoy's event loop would; whether any had.
+    pub fn deliver_wake_ups(&self) -> bool {
+        let queues = self.host.0.queues.borrow().clone();
+        let mut delivered = false;
+        for q in queues {
+            if self.host.0.envoy.has_messages(q) {
+                self.in_root(|r| r.wake_up(q));
+                delivered = true;
+            }
+        }
+        delivered
+    }
+
+    fn in_root(&self, f: impl FnOnce(&Root<FakeHost>)) {
+        self.host.0.current.set(ROOT_CONTEXT);
+        f(&self.root);
+        self.host.0.current.set(ROOT_CONTEXT);
+    }
+}
+
+/// A request in flight, driven by the test the way Envoy drives it.
+pub struct FakeStream {
+    pub id: u32,
+    host: FakeHost,
+    state: Stream<FakeHost>,
+    /// What its request headers callback returned.
+    pub action: Action,
+}
+
+impl FakeStream {
+    fn in_callback<R>(&mut self, f: impl FnOnce(&mut Stream<FakeHost>) -> R) -> R {
+        assert!(!self.is_gone(), "callback on deleted stream {}", self.id);
+        self.host.0.current.set(self.id);
+        let r = f(&mut self.state);
+        self.host.0.current.set(ROOT_CONTEXT);
+        r
+    }
+
+    /// The response (upstream's, or the filter's own local reply) goes out
+    /// in full, then the stream ends (`on_log`) and Envoy deletes it.
+    pub fn complete(&mut self) {
+        self.respond();
+        self.end();
+    }
+
+    /// Response headers, then the last body chunk.
+    pub fn respond(&mut self) {
+        self.in_callback(|s| {
+            s.on_response_headers(false);
+            s.on_response_body(true);
+        });
+    }
+
+    /// The stream ends without a response (client reset, upstream gone):
+    /// `on_log`, then Envoy deletes the context.
+    pub fn reset(&mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        self.in_callback(|s| s.on_end());
+        self.host.stream(self.id, |s| s.gone = true);
+    }
+
+    /// Envoy deletes the context without our `on_log` having run yet, so
+    /// `set_effective_context` on it fails.
+    pub fn vanish(&self) {
+        self.host.stream(self.id, |s| s.gone = true);
+    }
+
+    /// `resume_http_request` on it will fail.
+    pub fn fail_resume(&self) {
+        self.host.stream(self.id, |s| s.fail_resume = true);
+    }
+
+    fn is_gone(&self) -> bool {
+        self.host.stream(self.id, |s| s.gone)
+    }
+
+    pub fn resumes(&self) -> u32 {
+        self.host.stream(self.id, |s| s.resumes)
+    }
+
+    pub fn replies(&self) -> Vec<Reply> {
+        self.host.stream(self.id, |s| s.replies.clone())
+    }
+
+    /// The only local reply it got.
+    pub fn reply(&self) -> Reply {
+        let replies = self.replies();
+        assert_eq!(replies.len(), 1, "stream {}: {replies:?}", self.id);
+        replies[0].clone()
+    }
+
+    pub fn response_header(&self, name: &str) -> Option<String> {
+        self.host.stream(self.id, |s| {
+            header(&s.response_headers, name).map(str::to_string)
+        })
+    }
+
+    /// Paused, neither resumed nor answered yet.
+    pub fn is_waiting(&self) -> bool {
+        self.host
+            .stream(self.id, |s| s.paused && s.replies.is_empty())
+    }
+}
+
+thread_local! {
+    static LOGGED: RefCell<Vec<(log::Level, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Keeps what the filter logs, per test thread, so a test can check that
+/// nothing went wrong quietly (a release with no slot in use is logged, not
+/// panicked on).
+struct CaptureLogger;
+
+impl log::Log for CaptureLogger {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        LOGGED.with(|l| {
+            l.borrow_mut()
+                .push((record.level(), record.args().to_string()))
+        });
+    }
+    fn flush(&self) {}
+}
+
+fn capture_logs() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        log::set_logger(&CaptureLogger).expect("no other logger in tests");
+        log::set_max_level(log::LevelFilter::Trace);
+    });
+}
+
+/// Warnings and errors this thread logged since the last call.
+pub fn take_problems() -> Vec<String> {
+    LOGGED.with(|l| {
+        l.borrow_mut()
+            .drain(..)
+            .filter(|(level, _)| *level <= log::Level::Warn)
+            .map(|(level, m)| format!("{level}: {m}"))
+            .collect()
+    })
+}

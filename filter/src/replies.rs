@@ -1,0 +1,110 @@
+//! The replies the filter makes itself: each says why in `x-sluice-reason`
+//! and in a JSON body, built with serde_json so that any endpoint path
+//! (quotes, backslashes) stays valid JSON.
+
+use crate::host::Host;
+use crate::routes::{Route, Routes};
+use serde_json::json;
+use sluice_core::admission;
+use sluice_core::shared_data::SharedData;
+
+/// A local reply, instead of the upstream's.
+pub enum LocalReply<'a> {
+    /// 503: `max_queue` requests already wait.
+    QueueFull(&'a Route),
+    /// 504: waited `queue_timeout` without getting a slot.
+    QueueTimeout(&'a Route),
+    /// 200: the stats document.
+    Stats(&'a Routes),
+}
+
+impl LocalReply<'_> {
+    pub fn status(&self) -> u32 {
+        match self {
+            LocalReply::QueueFull(_) => 503,
+            LocalReply::QueueTimeout(_) => 504,
+            LocalReply::Stats(_) => 200,
+        }
+    }
+
+    /// The `x-sluice-reason` header and the body's `reason`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            LocalReply::QueueFull(_) => "queue-full",
+            LocalReply::QueueTimeout(_) => "queue-timeout",
+            LocalReply::Stats(_) => "stats",
+        }
+    }
+
+    /// Answers the host's current request with this reply.
+    pub fn send<H: Host>(&self, host: &H) {
+        let mut headers = vec![
+            ("content-type", "application/json"),
+            ("x-sluice-reason", self.reason()),
+        ];
+        let retry_after;
+        match self {
+            LocalReply::QueueFull(route) => {
+                // Come back once a whole queue timeout has passed.
+                retry_after = route
+                    .queue_timeout
+                    .as_secs_f64()
+                    .ceil()
+                    .max(1.0)
+                    .to_string();
+                headers.push(("retry-after", &retry_after));
+            }
+            LocalReply::QueueTimeout(_) => {}
+            LocalReply::Stats(_) => headers.push(("cache-control", "no-store")),
+        }
+        let body = self.body(host);
+        if let Err(e) = host.send_http_response(self.status(), headers, body.as_bytes()) {
+            log::warn!("cannot send the {} reply: {e:?}", self.status());
+        }
+    }
+
+    /// The JSON body; the stats are read from `store`, so every worker
+    /// answers with the whole process's numbers.
+    pub fn body<S: SharedData>(&self, store: &S) -> String {
+        match self {
+            LocalReply::QueueFull(route) => line(json!({
+                "error": "too many requests waiting",
+                "reason": self.reason(),
+                "endpoint": route.path,
+                "max_queue": route.max_queue,
+            })),
+            LocalReply::QueueTimeout(route) => line(json!({
+                "error": "timed out waiting for a slot",
+                "reason": self.reason(),
+                "endpoint": route.path,
+                "queue_timeout_ms": route.queue_timeout.as_millis() as u64,
+            })),
+            LocalReply::Stats(routes) => stats(store, routes).to_string(),
+        }
+    }
+}
+
+/// A document on one line, as curl users expect.
+fn line(doc: serde_json::Value) -> String {
+    format!("{doc}\n")
+}
+
+/// A superset of fastapi-balancer's stats document.
+fn stats<S: SharedData>(store: &S, routes: &Routes) -> serde_json::Value {
+    let mut endpoints = serde_json::Map::new();
+    for r in &routes.endpoints {
+        let entry = match admission::snapshot(store, &r.key) {
+            Ok(s) => json!({
+                "capacity": r.capacity,
+                "active_requests": s.active,
+                "available_slots": r.capacity.saturating_sub(s.active),
+                "queued": s.queued(),
+                "max_queue": r.max_queue,
+                "queue_timeout": r.queue_timeout.as_secs_f64(),
+            }),
+            Err(e) => json!({ "capacity": r.capacity, "error": e.to_string() }),
+        };
+        endpoints.insert(r.path.clone(), entry);
+    }
+    json!({ "service": routes.service, "endpoints": endpoints })
+}

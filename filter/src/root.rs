@@ -1,0 +1,146 @@
+//! The root context: one per plugin VM (each worker thread, the main thread,
+//! and a short-lived canary at each configuration). It reads the
+//! configuration, creates the shared records, takes a worker index, and
+//! hands its worker to every HTTP context it creates. Process-wide duties
+//! that only one root context should do belong here too.
+
+use crate::host::{Envoy, Host};
+use crate::routes::Routes;
+use crate::stream::Stream;
+use crate::worker::{queue_name, Worker};
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::ContextType;
+use sluice_core::admission::{self, WorkerId};
+use sluice_core::config::Config;
+use sluice_core::shared_data::{SharedData, StoreError};
+use std::rc::Rc;
+
+/// Counter from which each root context takes its worker index. Envoy gives a
+/// VM no worker id, and a shared queue notifies only the last VM that
+/// registered its name, so every root context needs a name of its own.
+const WORKERS_KEY: &str = "sluice:workers";
+
+pub struct Root<H> {
+    host: H,
+    /// `None` until configured.
+    worker: Option<Rc<Worker<H>>>,
+}
+
+impl<H: Host + Clone> Root<H> {
+    pub fn new(host: H) -> Root<H> {
+        Root { host, worker: None }
+    }
+
+    /// Takes the plugin configuration (JSON text) of the VM `vm_id`. An error
+    /// names what is wrong; the plugin must then fail to start.
+    pub fn configure(&mut self, configuration: &str, vm_id: String) -> Result<(), String> {
+        let config = Config::from_json_str(configuration)
+            .map_err(|e| format!("invalid configuration: {e}"))?;
+        for w in &config.warnings {
+            log::warn!("{w}");
+        }
+        let routes = Routes::new(&config);
+        // Create every endpoint's record before traffic. Envoy runs this on
+        // the main thread before any worker VM exists, and a write to a
+        // missing key ignores CAS, so creating later could race.
+        for key in routes.keys() {
+            admission::ensure(&self.host, key).map_err(|e| format!("shared data {key}: {e}"))?;
+        }
+        let id = allocate_worker_id(&self.host)
+            .map_err(|e| format!("cannot allocate a worker index: {e}"))?;
+        let queue = queue_name(id);
+        self.host
+            .register_shared_queue(&queue)
+            .map_err(|e| format!("cannot register wake-up queue: {e:?}"))?;
+        log::debug!("worker {id} is woken through {queue}");
+        log::info!(
+            "service {:?}, {} endpoints, worker {id}",
+            config.service,
+            config.endpoints.len()
+        );
+        let worker = Worker::new(self.host.clone(), id, vm_id, routes);
+        self.worker = Some(Rc::new(worker));
+        Ok(())
+    }
+
+    /// This worker's wake-up queue has messages.
+    pub fn wake_up(&self, queue_id: u32) {
+        // The messages carry nothing: being woken means "claim your grants".
+        while let Ok(Some(_)) = self.host.dequeue_shared_queue(queue_id) {}
+        if let Some(w) = &self.worker {
+            w.claim_granted();
+        }
+    }
+
+    pub fn tick(&self) {
+        if let Some(w) = &self.worker {
+            w.tick();
+        }
+    }
+
+    /// The state of a new request; `None` before configuration.
+    pub fn new_stream(&self, context_id: u32) -> Option<Stream<H>> {
+        let worker = self.worker.clone()?;
+        Some(Stream::new(worker, context_id))
+    }
+}
+
+fn allocate_worker_id<S: SharedData>(store: &S) -> Result<WorkerId, String> {
+    loop {
+        let (value, cas) = store
+            .get(WORKERS_KEY)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        let next = match value[..] {
+            [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
+            // First VM ever (main thread, before workers): see configure.
+            _ => 0,
+        };
+        let id = WorkerId::try_from(next)
+            .map_err(|_| "more than 65535 plugin VMs since start".to_string())?;
+        match store.set(WORKERS_KEY, &(next + 1).to_le_bytes(), cas) {
+            Ok(()) => return Ok(id),
+            Err(StoreError::CasMismatch) => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+impl Context for Root<Envoy> {}
+
+impl RootContext for Root<Envoy> {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let text = self
+            .get_plugin_configuration()
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let vm_id = self
+            .get_property(vec!["plugin_vm_id"])
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        match self.configure(&text, vm_id) {
+            Ok(()) => true,
+            Err(e) => {
+                // Returning false fails plugin start: Envoy refuses the config.
+                log::error!("{e}");
+                false
+            }
+        }
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        self.wake_up(queue_id);
+    }
+
+    fn on_tick(&mut self) {
+        self.tick();
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(self.new_stream(context_id)?))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
