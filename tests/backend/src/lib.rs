@@ -5,7 +5,11 @@
 //! and what happens beyond capacity (`queue` FIFO inside the backend, or
 //! `reject` with 503). `GET /__backend/stats` tells what the backend saw: how
 //! many requests were inside at once, and the `x-seq` headers in arrival order.
+//! Paths are decoded the way an application server routes them (`app_path`),
+//! and with `on_disconnect=finish` a route keeps working on, and counting, a
+//! request whose client left, as a thread-pool server does.
 
+pub mod app_path;
 pub mod path_stats;
 pub mod precise_sleep;
 pub mod route;
@@ -19,8 +23,8 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use path_stats::Paths;
-use route::{parse_service_ms, Overload, RouteSpec};
+use path_stats::{PathState, Paths};
+use route::{parse_service_ms, OnDisconnect, Overload, RouteSpec};
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -163,7 +167,7 @@ impl App {
             }
             _ => {}
         }
-        let Some(state) = self.paths.get(req.uri().path()) else {
+        let Some(state) = self.paths.get(&app_path::app_path(req.uri().path())) else {
             // Too many distinct paths to keep counters for: serve, uncounted.
             return json(StatusCode::OK, r#"{"untracked":true}"#);
         };
@@ -179,45 +183,61 @@ impl App {
         if let Some(seq) = req.headers().get(SEQ_HEADER) {
             state.record_arrival(&String::from_utf8_lossy(seq.as_bytes()));
         }
-        let _in_flight = state.in_flight.enter();
-
-        if req.into_body().collect().await.is_err() {
-            return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
+        match state.on_disconnect {
+            OnDisconnect::Cancel => serve(state, req, service_ms).await,
+            // A task of its own outlives the handler, which hyper drops when
+            // the client goes away: the work, and its count, go on.
+            OnDisconnect::Finish => tokio::spawn(serve(state, req, service_ms))
+                .await
+                .unwrap_or_else(|_| json(StatusCode::INTERNAL_SERVER_ERROR, "{}")),
         }
-
-        let _slot = match &state.slots {
-            None => None,
-            Some(slots) => match slots.overload {
-                Overload::Queue => Some(
-                    slots
-                        .semaphore
-                        .acquire()
-                        .await
-                        .expect("the semaphore is never closed"),
-                ),
-                Overload::Reject => match slots.semaphore.try_acquire() {
-                    Ok(permit) => Some(permit),
-                    Err(_) => {
-                        state.count_rejected();
-                        return json(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            r#"{"error":"over capacity"}"#,
-                        );
-                    }
-                },
-            },
-        };
-        let _serving = state.serving.enter();
-        let (service_time, body) = match service_ms {
-            None => (state.service_time, state.default_body.clone()),
-            Some(ms) => (Duration::from_secs_f64(ms / 1000.0), state.body_for(ms)),
-        };
-        if !service_time.is_zero() {
-            precise_sleep::sleep(service_time).await;
-        }
-        state.count_completed();
-        json(StatusCode::OK, body)
     }
+}
+
+/// Reads the body, takes a slot, works for the service time.
+async fn serve(
+    state: Arc<PathState>,
+    req: Request<Incoming>,
+    service_ms: Option<f64>,
+) -> Response<Full<Bytes>> {
+    let _in_flight = state.in_flight.enter();
+
+    if req.into_body().collect().await.is_err() {
+        return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
+    }
+
+    let _slot = match &state.slots {
+        None => None,
+        Some(slots) => match slots.overload {
+            Overload::Queue => Some(
+                slots
+                    .semaphore
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+            Overload::Reject => match slots.semaphore.try_acquire() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    state.count_rejected();
+                    return json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        r#"{"error":"over capacity"}"#,
+                    );
+                }
+            },
+        },
+    };
+    let _serving = state.serving.enter();
+    let (service_time, body) = match service_ms {
+        None => (state.service_time, state.default_body.clone()),
+        Some(ms) => (Duration::from_secs_f64(ms / 1000.0), state.body_for(ms)),
+    };
+    if !service_time.is_zero() {
+        precise_sleep::sleep(service_time).await;
+    }
+    state.count_completed();
+    json(StatusCode::OK, body)
 }
 
 fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {

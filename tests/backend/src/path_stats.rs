@@ -1,7 +1,7 @@
 //! Per-path state: the capacity slots and the counters `/__backend/stats`
 //! reports.
 
-use crate::route::{Overload, RouteSpec};
+use crate::route::{OnDisconnect, Overload, RouteSpec};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
@@ -66,6 +66,7 @@ pub struct Slots {
 pub struct PathState {
     pub slots: Option<Slots>,
     pub service_time: Duration,
+    pub on_disconnect: OnDisconnect,
     /// The 200 body for the default service time, rendered once.
     pub default_body: Bytes,
     service_ms: f64,
@@ -80,6 +81,7 @@ pub struct PathState {
 impl PathState {
     fn new(path: &str, capacity: Option<usize>, service_ms: f64, overload: Overload) -> Self {
         PathState {
+            on_disconnect: OnDisconnect::Cancel,
             slots: capacity.map(|k| Slots {
                 semaphore: Semaphore::new(k),
                 overload,
@@ -156,7 +158,8 @@ impl Paths {
         let by_path = routes
             .iter()
             .map(|r| {
-                let state = PathState::new(&r.path, r.capacity, r.service_ms, r.overload);
+                let mut state = PathState::new(&r.path, r.capacity, r.service_ms, r.overload);
+                state.on_disconnect = r.on_disconnect;
                 (r.path.clone(), Arc::new(state))
             })
             .collect();

@@ -11,6 +11,16 @@ pub enum Overload {
     Reject,
 }
 
+/// What a route does with a request whose client goes away mid-request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnDisconnect {
+    /// Stop working on it (hyper drops the handler): what most async servers do.
+    Cancel,
+    /// Finish the work anyway and keep counting it, like a thread-pool server
+    /// (uvicorn running a `def` endpoint) that cannot notice the client left.
+    Finish,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteSpec {
     /// Matched exactly against the request path without its query string.
@@ -20,6 +30,7 @@ pub struct RouteSpec {
     /// How long serving one request takes, unless `x-service-ms` says otherwise.
     pub service_ms: f64,
     pub overload: Overload,
+    pub on_disconnect: OnDisconnect,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,7 +39,7 @@ pub enum RouteSpecError {
     BadPath(String),
     #[error("{0:?} is not key=value")]
     NotKeyValue(String),
-    #[error("unknown key {0:?} (expected capacity, service_ms or overload)")]
+    #[error("unknown key {0:?} (expected capacity, service_ms, overload or on_disconnect)")]
     UnknownKey(String),
     #[error("key {0:?} is given twice")]
     DuplicateKey(String),
@@ -38,6 +49,8 @@ pub enum RouteSpecError {
     BadServiceMs(String),
     #[error("overload must be queue or reject, got {0:?}")]
     BadOverload(String),
+    #[error("on_disconnect must be cancel or finish, got {0:?}")]
+    BadOnDisconnect(String),
 }
 
 impl FromStr for RouteSpec {
@@ -56,6 +69,7 @@ impl FromStr for RouteSpec {
             capacity: None,
             service_ms: 0.0,
             overload: Overload::Queue,
+            on_disconnect: OnDisconnect::Cancel,
         };
         let mut seen: Vec<&str> = Vec::new();
         for pair in options.into_iter().flat_map(|o| o.split(',')) {
@@ -85,6 +99,13 @@ impl FromStr for RouteSpec {
                         "queue" => Overload::Queue,
                         "reject" => Overload::Reject,
                         _ => return Err(RouteSpecError::BadOverload(value.to_string())),
+                    };
+                }
+                "on_disconnect" => {
+                    route.on_disconnect = match value {
+                        "cancel" => OnDisconnect::Cancel,
+                        "finish" => OnDisconnect::Finish,
+                        _ => return Err(RouteSpecError::BadOnDisconnect(value.to_string())),
                     };
                 }
                 _ => return Err(RouteSpecError::UnknownKey(key.to_string())),
@@ -133,6 +154,12 @@ mod tests {
             assert_eq!(route.overload, overload, "{spec}");
         }
         assert_eq!("/a/b:capacity=1".parse::<RouteSpec>().unwrap().path, "/a/b");
+        let finish: RouteSpec = "/p:on_disconnect=finish".parse().unwrap();
+        assert_eq!(finish.on_disconnect, OnDisconnect::Finish);
+        assert_eq!(
+            "/p".parse::<RouteSpec>().unwrap().on_disconnect,
+            OnDisconnect::Cancel
+        );
     }
 
     #[test]
@@ -143,7 +170,7 @@ mod tests {
             ("/p:capacity=4,", "\"\" is not key=value"),
             (
                 "/p:slots=4",
-                "unknown key \"slots\" (expected capacity, service_ms or overload)",
+                "unknown key \"slots\" (expected capacity, service_ms, overload or on_disconnect)",
             ),
             (
                 "/p:capacity=0",
@@ -164,6 +191,10 @@ mod tests {
             (
                 "/p:overload=drop",
                 "overload must be queue or reject, got \"drop\"",
+            ),
+            (
+                "/p:on_disconnect=ignore",
+                "on_disconnect must be cancel or finish, got \"ignore\"",
             ),
             (
                 "/p:capacity=1,capacity=2",

@@ -187,6 +187,37 @@ async fn a_client_that_leaves_frees_its_place() {
     }
 }
 
+/// `on_disconnect=finish`: the work goes on, and is counted, after the client
+/// leaves, as in a server that cannot notice (a thread pool).
+#[tokio::test]
+async fn finish_mode_keeps_working_after_the_client_leaves() {
+    let addr = start(&["/predict:capacity=1,service_ms=400,on_disconnect=finish"]).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /predict HTTP/1.1\r\nhost: b\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let s = &stats(addr).await["paths"]["/predict"];
+    assert_eq!((s["in_flight"].as_u64(), s["serving"].as_u64()), (Some(1), Some(1)), "{s}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let s = &stats(addr).await["paths"]["/predict"];
+    assert_eq!((s["in_flight"].as_u64(), s["completed"].as_u64()), (Some(0), Some(1)), "{s}");
+}
+
+/// Counted under the path the application routes on, like uvicorn.
+#[tokio::test]
+async fn encoded_and_dotted_spellings_count_as_one_path() {
+    let addr = start(&["/predict"]).await;
+    for path in ["/pre%64ict", "//predict", "/x/../predict"] {
+        assert_eq!(request(addr, "GET", path, &[]).await.0, 200);
+    }
+    let s = stats(addr).await;
+    assert_eq!(s["paths"]["/predict"]["completed"], 3, "{s}");
+}
+
 #[test]
 fn bad_route_spec_exits_non_zero_naming_the_bad_part() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice-backend"))
