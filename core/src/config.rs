@@ -19,6 +19,8 @@ pub const DEFAULT_MAX_QUEUE: u32 = 1000;
 /// shared-data record, which is copied on each queue operation, so an
 /// unbounded queue would make every admission slower as it grows.
 pub const MAX_QUEUE_LIMIT: u32 = 10_000;
+/// Default longest hold of an abandoned request's slot, seconds.
+pub const DEFAULT_ABANDON_HOLD_SECS: f64 = 30.0;
 /// Service name used when the document has none.
 pub const DEFAULT_SERVICE: &str = "default";
 
@@ -26,6 +28,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "service",
     "queue_timeout",
     "max_queue",
+    "abandon_hold",
     "endpoints",
     // Read by other parts of Sluice.
     "error_threshold",
@@ -41,6 +44,8 @@ const ENDPOINT_KEYS: &[&str] = &[
     "capacity",
     "queue_timeout",
     "max_queue",
+    "abandon_hold",
+    "count_upgrades",
     // Read by the prober: how to call the endpoint.
     "method",
     "headers",
@@ -53,6 +58,7 @@ pub struct Config {
     pub service: String,
     pub queue_timeout: Duration,
     pub max_queue: u32,
+    pub abandon_hold: Duration,
     pub endpoints: Vec<Endpoint>,
     /// Things worth a log line that do not stop the plugin (unknown keys).
     pub warnings: Vec<String>,
@@ -75,6 +81,11 @@ pub struct Endpoint {
     pub capacity: Option<u32>,
     pub queue_timeout: Duration,
     pub max_queue: u32,
+    /// Longest time the slot of an abandoned in-flight request stays held
+    /// (the backend may still be computing it); zero releases at once.
+    pub abandon_hold: Duration,
+    /// Whether upgraded requests (websockets) hold a slot for their life.
+    pub count_upgrades: bool,
 }
 
 /// A configuration mistake: `key` is the dotted path to the offending value.
@@ -122,6 +133,12 @@ impl Config {
         }
         let value: Value = serde_json::from_str(text)
             .map_err(|e| err("configuration", format!("is not valid JSON: {e}")))?;
+        if let Ok(Some(key)) = crate::json_keys::first_repeated_key(text) {
+            return Err(err(
+                key,
+                "is given more than once (JSON would keep only the last)",
+            ));
+        }
         Config::from_json(&value)
     }
 
@@ -154,6 +171,10 @@ impl Config {
             None | Some(Value::Null) => DEFAULT_MAX_QUEUE,
             Some(v) => queue_len(v, "max_queue")?,
         };
+        let abandon_hold = match root.get("abandon_hold") {
+            None | Some(Value::Null) => Duration::from_secs_f64(DEFAULT_ABANDON_HOLD_SECS),
+            Some(v) => hold_seconds(v, "abandon_hold")?,
+        };
 
         let mut endpoints = Vec::new();
         match root.get("endpoints") {
@@ -165,6 +186,7 @@ impl Config {
                         spec,
                         queue_timeout,
                         max_queue,
+                        abandon_hold,
                         &mut warnings,
                     )?);
                 }
@@ -194,6 +216,7 @@ impl Config {
             service,
             queue_timeout,
             max_queue,
+            abandon_hold,
             endpoints,
             warnings,
         })
@@ -218,6 +241,7 @@ fn endpoint(
     spec: &Value,
     default_timeout: Duration,
     default_max_queue: u32,
+    default_abandon_hold: Duration,
     warnings: &mut Vec<String>,
 ) -> Result<Endpoint, ConfigError> {
     let key = |field: &str| format!("endpoints.{path}.{field}");
@@ -228,6 +252,18 @@ fn endpoint(
         return Err(err(
             format!("endpoints.{path}"),
             "path must not contain a query string (requests match on the path alone)",
+        ));
+    }
+    if path.contains('#') {
+        return Err(err(
+            format!("endpoints.{path}"),
+            "path must not contain '#' (a fragment never reaches the proxy)",
+        ));
+    }
+    if path.chars().any(char::is_whitespace) {
+        return Err(err(
+            format!("endpoints.{path}"),
+            "path must not contain spaces (a request path has them as %20)",
         ));
     }
     let empty = Map::new();
@@ -276,6 +312,12 @@ fn endpoint(
                     }
                 }
             }
+            if out.is_empty() {
+                return Err(err(
+                    key("methods"),
+                    "is empty, so no request would be limited; leave it out to limit every method",
+                ));
+            }
             out
         }
         Some(v) => {
@@ -305,6 +347,20 @@ fn endpoint(
         None | Some(Value::Null) => default_max_queue,
         Some(v) => queue_len(v, &key("max_queue"))?,
     };
+    let abandon_hold = match fields.get("abandon_hold") {
+        None | Some(Value::Null) => default_abandon_hold,
+        Some(v) => hold_seconds(v, &key("abandon_hold"))?,
+    };
+    let count_upgrades = match fields.get("count_upgrades") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(err(
+                key("count_upgrades"),
+                format!("must be true or false, got {}", shown(v)),
+            ))
+        }
+    };
     Ok(Endpoint {
         path: path.to_string(),
         match_kind,
@@ -312,17 +368,35 @@ fn endpoint(
         capacity,
         queue_timeout,
         max_queue,
+        abandon_hold,
+        count_upgrades,
     })
 }
 
 fn seconds(v: &Value, key: &str) -> Result<Duration, ConfigError> {
     match v.as_f64() {
         // Durations past a day are certainly a unit mistake (ms for s).
-        Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
+        // Below a millisecond is certainly a unit mistake too (and below the
+        // tick that times waiters out).
+        Some(s) if (0.001..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
         _ => Err(err(
             key,
             format!(
-                "must be a number of seconds greater than 0 and at most 86400, got {}",
+                "must be a number of seconds from 0.001 to 86400, got {}",
+                shown(v)
+            ),
+        )),
+    }
+}
+
+/// Like [`seconds`], but 0 is allowed: it turns the behaviour off.
+fn hold_seconds(v: &Value, key: &str) -> Result<Duration, ConfigError> {
+    match v.as_f64() {
+        Some(s) if (0.0..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        _ => Err(err(
+            key,
+            format!(
+                "must be a number of seconds from 0 (off) to 86400, got {}",
                 shown(v)
             ),
         )),
@@ -383,6 +457,8 @@ mod tests {
         assert_eq!(embed.methods, vec!["POST", "PUT"]);
         assert_eq!(embed.queue_timeout, Duration::from_secs(30));
         assert_eq!(embed.max_queue, 5);
+        assert_eq!(embed.abandon_hold, Duration::from_secs(30));
+        assert!(embed.count_upgrades);
         assert_eq!(c.endpoints[2].capacity, None);
         // Other parts' keys are not warnings; missing capacities are.
         assert_eq!(
@@ -402,6 +478,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.endpoints[0].queue_timeout, Duration::from_millis(250));
         assert_eq!(c.service, "default");
+    }
+
+    #[test]
+    fn abandon_hold_and_count_upgrades() {
+        let c = Config::from_json(&json!({"abandon_hold": 5, "endpoints": {
+            "/a": {"capacity": 1},
+            "/b": {"capacity": 1, "abandon_hold": 0, "count_upgrades": false},
+        }}))
+        .unwrap();
+        assert_eq!(c.endpoints[0].abandon_hold, Duration::from_secs(5));
+        assert!(c.endpoints[0].count_upgrades);
+        assert_eq!(c.endpoints[1].abandon_hold, Duration::ZERO);
+        assert!(!c.endpoints[1].count_upgrades);
     }
 
     #[test]
@@ -429,11 +518,11 @@ mod tests {
             ("{\"service\": \"\"}", "service: must be a non-empty string, got \"\""),
             (
                 "{\"queue_timeout\": -1}",
-                "queue_timeout: must be a number of seconds greater than 0 and at most 86400, got -1",
+                "queue_timeout: must be a number of seconds from 0.001 to 86400, got -1",
             ),
             (
                 "{\"queue_timeout\": \"30s\"}",
-                "queue_timeout: must be a number of seconds greater than 0 and at most 86400, got \"30s\"",
+                "queue_timeout: must be a number of seconds from 0.001 to 86400, got \"30s\"",
             ),
             ("{\"max_queue\": -5}", "max_queue: must be an integer from 0 to 10000, got -5"),
             ("{\"max_queue\": 1.5}", "max_queue: must be an integer from 0 to 10000, got 1.5"),
@@ -478,7 +567,31 @@ mod tests {
             ),
             (
                 "{\"endpoints\": {\"/p\": {\"queue_timeout\": 0}}}",
-                "endpoints./p.queue_timeout: must be a number of seconds greater than 0 and at most 86400, got 0",
+                "endpoints./p.queue_timeout: must be a number of seconds from 0.001 to 86400, got 0",
+            ),
+            (
+                "{\"abandon_hold\": -1}",
+                "abandon_hold: must be a number of seconds from 0 (off) to 86400, got -1",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"count_upgrades\": \"no\"}}}",
+                "endpoints./p.count_upgrades: must be true or false, got \"no\"",
+            ),
+            (
+                "{\"queue_timeout\": 0.0009}",
+                "queue_timeout: must be a number of seconds from 0.001 to 86400, got 0.0009",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"methods\": []}}}",
+                "endpoints./p.methods: is empty, so no request would be limited; leave it out to limit every method",
+            ),
+            (
+                "{\"endpoints\": {\"/p#x\": {}}}",
+                "endpoints./p#x: path must not contain '#' (a fragment never reaches the proxy)",
+            ),
+            (
+                "{\"endpoints\": {\"/p q\": {}}}",
+                "endpoints./p q: path must not contain spaces (a request path has them as %20)",
             ),
             (
                 "{\"endpoints\": {\"/p\": {\"max_queue\": true}}}",
@@ -489,6 +602,14 @@ mod tests {
             let got = Config::from_json_str(input).expect_err(input).to_string();
             assert_eq!(&got, want, "input: {input}");
         }
+        let got =
+            Config::from_json_str(r#"{"endpoints": {"/p": {"capacity": 2, "capacity": 20}}}"#)
+                .unwrap_err()
+                .to_string();
+        assert_eq!(
+            got,
+            "endpoints./p.capacity: is given more than once (JSON would keep only the last)"
+        );
         let got = Config::from_json_str("{oops").unwrap_err().to_string();
         assert!(
             got.starts_with("configuration: is not valid JSON: "),

@@ -6,6 +6,7 @@
 pub mod admission;
 pub mod capacity_record;
 pub mod config;
+pub mod json_keys;
 pub mod redis_keys;
 pub mod shared_data;
 pub mod waiters;
