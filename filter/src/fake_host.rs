@@ -117,6 +117,10 @@ struct StreamRecord {
     gone: bool,
     /// `resume_http_request` fails for it.
     fail_resume: bool,
+    /// The response's `:status` and `response.code_details`, as Envoy
+    /// reports them (`None`: a 200 from the backend).
+    status: Option<u32>,
+    code_details: Option<String>,
 }
 
 /// One worker VM's view of the host. Cheap to clone: the root context and
@@ -272,6 +276,27 @@ impl Host for FakeHost {
         self.with_current(|_, s| header(&s.request_headers, name).map(str::to_string))
     }
 
+    fn get_http_response_header(&self, name: &str) -> Option<String> {
+        self.with_current(|_, s| {
+            if name == ":status" {
+                return Some(s.status.unwrap_or(200).to_string());
+            }
+            header(&s.response_headers, name).map(str::to_string)
+        })
+    }
+
+    fn get_property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.with_current(|_, s| match path {
+            ["response", "code_details"] => Some(
+                s.code_details
+                    .clone()
+                    .unwrap_or_else(|| "via_upstream".into())
+                    .into_bytes(),
+            ),
+            _ => None,
+        })
+    }
+
     fn set_http_response_header(&self, name: &str, value: &str) {
         self.with_current(|_, s| {
             s.response_headers
@@ -308,13 +333,20 @@ impl FakeWorker {
 
     /// A new request; its request headers have been through the filter.
     pub fn request(&self, method: &str, path: &str) -> FakeStream {
+        self.request_with(method, path, &[])
+    }
+
+    /// A new request with more headers.
+    pub fn request_with(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> FakeStream {
         let id = self.next_context.get();
         self.next_context.set(id + 1);
+        let mut request_headers = vec![
+            (":method".to_string(), method.to_string()),
+            (":path".to_string(), path.to_string()),
+        ];
+        request_headers.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let record = StreamRecord {
-            request_headers: vec![
-                (":method".to_string(), method.to_string()),
-                (":path".to_string(), path.to_string()),
-            ],
+            request_headers,
             ..StreamRecord::default()
         };
         self.host.0.streams.borrow_mut().insert(id, record);
@@ -329,6 +361,11 @@ impl FakeWorker {
             stream.host.stream(id, |s| s.paused = true);
         }
         stream
+    }
+
+    /// Envoy's `on_done` for this VM's root context.
+    pub fn done(&self) {
+        self.in_root(|r| r.done());
     }
 
     /// Envoy's timer fired (whatever the period: tests move the clock).
@@ -388,6 +425,24 @@ impl FakeStream {
             s.on_response_headers(false);
             s.on_response_body(true);
         });
+    }
+
+    /// Envoy answers for the backend with its own timeout reply (route
+    /// timeout: a 504 whose code details are not `via_upstream`), which goes
+    /// out in full; then the stream ends.
+    pub fn envoy_timeout(&mut self) {
+        self.host.stream(self.id, |s| {
+            s.status = Some(504);
+            s.code_details = Some("upstream_response_timeout".into());
+        });
+        self.complete();
+    }
+
+    /// Response headers from the backend, then the client goes away before
+    /// the body is through.
+    pub fn cut_during_response(&mut self) {
+        self.in_callback(|s| s.on_response_headers(false));
+        self.end();
     }
 
     /// The stream ends without a response (client reset, upstream gone):

@@ -42,7 +42,10 @@ pub trait Host: SharedData {
         body: &[u8],
     ) -> Result<(), Status>;
     fn get_http_request_header(&self, name: &str) -> Option<String>;
+    fn get_http_response_header(&self, name: &str) -> Option<String>;
     fn set_http_response_header(&self, name: &str, value: &str);
+    /// A property of the current stream, e.g. `["response", "code_details"]`.
+    fn get_property(&self, path: &[&str]) -> Option<Vec<u8>>;
 }
 
 /// The real host: Envoy's hostcalls.
@@ -119,7 +122,16 @@ impl Host for Envoy {
         hostcalls::get_map_value(MapType::HttpRequestHeaders, name).unwrap()
     }
 
+    fn get_http_response_header(&self, name: &str) -> Option<String> {
+        hostcalls::get_map_value(MapType::HttpResponseHeaders, name).unwrap()
+    }
+
     fn set_http_response_header(&self, name: &str, value: &str) {
         hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)).unwrap()
+    }
+
+    // Not the trait method, which panics on a serialization failure.
+    fn get_property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
     }
 }

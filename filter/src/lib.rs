@@ -4,7 +4,9 @@
 //! The proxy-wasm callbacks are thin glue over state machines that are
 //! generic over [`host::Host`], so the tests run them against a fake host.
 
+mod abandon;
 mod host;
+mod path;
 mod replies;
 mod root;
 mod routes;

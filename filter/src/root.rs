@@ -78,6 +78,14 @@ impl<H: Host + Clone> Root<H> {
         }
     }
 
+    /// The VM is going away (Envoy's `on_done`): slots it holds for
+    /// abandoned requests go back now, as no tick will release them.
+    pub fn done(&self) {
+        if let Some(w) = &self.worker {
+            w.release_all_held();
+        }
+    }
+
     /// The state of a new request; `None` before configuration.
     pub fn new_stream(&self, context_id: u32) -> Option<Stream<H>> {
         let worker = self.worker.clone()?;
@@ -106,7 +114,12 @@ fn allocate_worker_id<S: SharedData>(store: &S) -> Result<WorkerId, String> {
     }
 }
 
-impl Context for Root<Envoy> {}
+impl Context for Root<Envoy> {
+    fn on_done(&mut self) -> bool {
+        self.done();
+        true
+    }
+}
 
 impl RootContext for Root<Envoy> {
     fn on_configure(&mut self, _size: usize) -> bool {

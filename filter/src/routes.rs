@@ -1,5 +1,5 @@
-//! Which endpoint a request belongs to, decided without allocation beyond
-//! the header the host hands us.
+//! Which endpoint a request belongs to, decided on its normalised path
+//! ([`crate::path`]) and without allocation for ordinary paths.
 
 use sluice_core::config::{Config, MatchKind};
 use std::collections::HashMap;
@@ -13,6 +13,10 @@ pub struct Route {
     pub capacity: u32,
     pub max_queue: u32,
     pub queue_timeout: Duration,
+    /// Longest hold of an abandoned request's slot (see `abandon.rs`).
+    pub abandon_hold: Duration,
+    /// Whether an upgrade (websocket) holds a slot for its whole life.
+    pub count_upgrades: bool,
     methods: Vec<String>,
 }
 
@@ -40,6 +44,8 @@ impl Routes {
                 capacity,
                 max_queue: e.max_queue,
                 queue_timeout: e.queue_timeout,
+                abandon_hold: e.abandon_hold,
+                count_upgrades: e.count_upgrades,
                 methods: e.methods.clone(),
             });
             match e.match_kind {
@@ -62,16 +68,23 @@ impl Routes {
         self.endpoints.iter().map(|r| r.key.as_str())
     }
 
-    /// The endpoint of a request: exact match first, then the longest prefix.
-    /// The query string is ignored. `method` is asked for only when the
-    /// endpoint filters on it.
+    /// The endpoint of a request by its raw `:path`; see [`Routes::find_path`].
+    #[cfg(test)]
     pub fn find(&self, raw_path: &str, method: impl FnOnce() -> Option<String>) -> Option<usize> {
-        let path = raw_path.split(['?', '#']).next().unwrap_or(raw_path);
+        self.find_path(&crate::path::request_path(raw_path), method)
+    }
+
+    /// The endpoint of a normalised path ([`crate::path::request_path`]): exact match
+    /// first, then the longest prefix that ends at a segment boundary
+    /// (`/embed` matches `/embed` and `/embed/x`, not `/embedding`, like
+    /// Envoy's `path_separated_prefix`). `method` is asked for only when the
+    /// endpoint filters on it.
+    pub fn find_path(&self, path: &str, method: impl FnOnce() -> Option<String>) -> Option<usize> {
         let i = self.exact.get(path).copied().or_else(|| {
             self.prefixes
                 .iter()
                 .copied()
-                .find(|&i| path.starts_with(self.endpoints[i].path.as_str()))
+                .find(|&i| is_segment_prefix(&self.endpoints[i].path, path))
         })?;
         let methods = &self.endpoints[i].methods;
         if methods.is_empty() {
@@ -82,6 +95,14 @@ impl Routes {
             .iter()
             .any(|x| x.eq_ignore_ascii_case(&m))
             .then_some(i)
+    }
+}
+
+/// `prefix` covers `path` up to a `/`: the whole path, or whole segments.
+fn is_segment_prefix(prefix: &str, path: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
+        None => false,
     }
 }
 
@@ -104,6 +125,7 @@ mod tests {
         }}));
         let path_of = |p: &str| r.find(p, || None).map(|i| r.endpoints[i].path.as_str());
         assert_eq!(path_of("/v1/embed/special?x=1"), Some("/v1/embed/special"));
+        assert_eq!(path_of("/v1/embed/special/"), Some("/v1/embed"));
         assert_eq!(path_of("/v1/embed/special/more"), Some("/v1/embed"));
         assert_eq!(path_of("/v1/other"), Some("/v1"));
         assert_eq!(path_of("/v2"), None);
@@ -118,6 +140,53 @@ mod tests {
         assert_eq!(r.find("/predict?a=b#c", || None), Some(0));
         assert_eq!(r.find("/predict/x", || None), None);
         assert_eq!(r.find("/predictx", || None), None);
+    }
+
+    #[test]
+    fn prefixes_match_whole_segments() {
+        let r = routes(json!({"endpoints": {
+            "/embed": {"match": "prefix", "capacity": 1},
+            "/files/": {"match": "prefix", "capacity": 1},
+            "/": {"match": "prefix", "capacity": 1},
+        }}));
+        let path_of = |p: &str| r.find(p, || None).map(|i| r.endpoints[i].path.as_str());
+        let cases = [
+            ("/embed", "/embed"),
+            ("/embed/", "/embed"),
+            ("/embed/x/y", "/embed"),
+            ("/embed?x", "/embed"),
+            ("/embedding", "/"),
+            ("/embed.json", "/"),
+            ("/files/a", "/files/"),
+            ("/files/", "/files/"),
+            ("/files", "/"),
+            ("/", "/"),
+            ("/anything", "/"),
+        ];
+        for (path, want) in cases {
+            assert_eq!(path_of(path), Some(want), "{path}");
+        }
+    }
+
+    #[test]
+    fn encoded_and_dotted_spellings_match_their_endpoint() {
+        let r = routes(json!({"endpoints": {
+            "/predict": {"capacity": 1},
+            "/embed": {"match": "prefix", "capacity": 1},
+        }}));
+        for p in [
+            "/pre%64ict",
+            "/%70redict",
+            "//predict",
+            "/./predict",
+            "/x/../predict",
+            "/predict/.",
+        ] {
+            let want = if p.ends_with('.') { None } else { Some(0) };
+            assert_eq!(r.find(p, || None), want, "{p}");
+        }
+        assert_eq!(r.find("/%65mbed//x", || None), Some(1));
+        assert_eq!(r.find("/embed/../predict", || None), Some(0));
     }
 
     #[test]

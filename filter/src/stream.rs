@@ -2,6 +2,7 @@
 //! and whatever it holds released exactly once at its end.
 
 use crate::host::{Envoy, Host};
+use crate::path::request_path;
 use crate::replies::LocalReply;
 use crate::worker::{Fate, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -17,7 +18,8 @@ pub const STATS_PATH: &str = "/balancer/stats";
 enum State {
     /// Not a watched endpoint (or already finished).
     Untracked,
-    Holding(usize),
+    /// Admitted at once, at this host time (ns).
+    Holding { ep: usize, admitted_ns: u64 },
     /// Paused at `since_ns`; its fate is decided by the worker.
     Queued {
         ep: usize,
@@ -26,10 +28,24 @@ enum State {
     },
 }
 
+/// How a request that holds a slot ended.
+#[derive(Clone, Copy)]
+enum End {
+    /// Its whole response went through: the backend is done.
+    Complete,
+    /// Before any response from the backend (client gone, or Envoy answered
+    /// for it): the backend may still be computing.
+    Abandoned,
+    /// During the backend's response: it has done its work.
+    Cut,
+}
+
 pub struct Stream<H> {
     worker: Rc<Worker<H>>,
     context_id: u32,
     state: State,
+    /// Response headers from the backend have arrived.
+    responded: bool,
 }
 
 impl<H: Host> Stream<H> {
@@ -38,26 +54,38 @@ impl<H: Host> Stream<H> {
             worker,
             context_id,
             state: State::Untracked,
+            responded: false,
         }
     }
 
     pub fn on_request_headers(&mut self) -> Action {
         let worker = Rc::clone(&self.worker);
         let host = &worker.host;
-        let Some(path) = host.get_http_request_header(":path") else {
+        let Some(raw_path) = host.get_http_request_header(":path") else {
             return Action::Continue;
         };
-        let Some(ep) = worker
-            .routes
-            .find(&path, || host.get_http_request_header(":method"))
-        else {
-            if path.split('?').next() == Some(STATS_PATH) {
+        let path = request_path(&raw_path);
+        // The stats path wins over any endpoint (a prefix `/` included), but
+        // only for reads: other methods are the application's business.
+        if path == STATS_PATH {
+            let method = host.get_http_request_header(":method").unwrap_or_default();
+            if method == "GET" || method == "HEAD" {
                 LocalReply::Stats(&worker.routes).send(host);
                 return Action::Pause;
             }
+        }
+        let Some(ep) = worker
+            .routes
+            .find_path(&path, || host.get_http_request_header(":method"))
+        else {
             return Action::Continue;
         };
         let route = &worker.routes.endpoints[ep];
+        // A websocket lives as long as its client likes, mostly idle: with
+        // `count_upgrades: false` it does not take a slot at all.
+        if !route.count_upgrades && host.get_http_request_header("upgrade").is_some() {
+            return Action::Continue;
+        }
         let limits = Limits {
             capacity: route.capacity,
             max_queue: route.max_queue,
@@ -67,7 +95,10 @@ impl<H: Host> Stream<H> {
                 worker.wake(&wakeups);
                 match acquired {
                     Acquired::Admitted => {
-                        self.state = State::Holding(ep);
+                        self.state = State::Holding {
+                            ep,
+                            admitted_ns: host.now_ns(),
+                        };
                         Action::Continue
                     }
                     Acquired::Queued { ticket } => {
@@ -95,9 +126,13 @@ impl<H: Host> Stream<H> {
         }
     }
 
-    // The slot is released as soon as the upstream response is complete: the
-    // backend is done with the request even if the client is slow to read.
+    // The slot is released as soon as the upstream response is complete,
+    // before the client has read it: a client that reads slowly holds its
+    // slot only while Envoy's buffers fill (see docs/filter.md).
     pub fn on_response_headers(&mut self, end_of_stream: bool) -> Action {
+        if matches!(self.state, State::Untracked) {
+            return Action::Continue;
+        }
         // Tell the client how long it queued: the number users tune
         // queue_timeout and capacity by.
         if let State::Queued { fate, since_ns, .. } = &self.state {
@@ -108,40 +143,71 @@ impl<H: Host> Stream<H> {
                     .set_http_response_header("x-sluice-wait-ms", &waited_ms.to_string());
             }
         }
+        if self.answered_for_the_backend() {
+            // Envoy gave up on the backend (route timeout, idle timeout),
+            // which goes on computing.
+            self.finish(End::Abandoned);
+            return Action::Continue;
+        }
+        self.responded = true;
         if end_of_stream {
-            self.finish();
+            self.finish(End::Complete);
         }
         Action::Continue
     }
 
+    /// Whether this response is Envoy's own timeout reply rather than the
+    /// backend's. Only timeouts are asked about, so the common response
+    /// costs one header lookup.
+    fn answered_for_the_backend(&self) -> bool {
+        let host = &self.worker.host;
+        match host.get_http_response_header(":status").as_deref() {
+            Some("504" | "408") => {}
+            _ => return false,
+        }
+        host.get_property(&["response", "code_details"])
+            .is_some_and(|details| details != b"via_upstream")
+    }
+
     pub fn on_response_body(&mut self, end_of_stream: bool) -> Action {
         if end_of_stream {
-            self.finish();
+            self.finish(End::Complete);
         }
         Action::Continue
     }
 
     pub fn on_response_trailers(&mut self) -> Action {
-        self.finish();
+        self.finish(End::Complete);
         Action::Continue
     }
 
     /// Envoy's `on_log`: every stream ends here, normal or reset (client gone
     /// while queued or in flight); a second call finds nothing to release.
     pub fn on_end(&mut self) {
-        self.finish();
+        let how = if self.responded {
+            End::Cut
+        } else {
+            End::Abandoned
+        };
+        self.finish(how);
     }
 
-    /// Releases whatever the request holds, exactly once.
-    fn finish(&mut self) {
-        match std::mem::replace(&mut self.state, State::Untracked) {
-            State::Untracked => {}
-            State::Holding(ep) => self.worker.release(ep),
+    /// Releases (or holds, if abandoned) whatever the request holds, exactly
+    /// once.
+    fn finish(&mut self, how: End) {
+        let (ep, admitted_ns) = match std::mem::replace(&mut self.state, State::Untracked) {
+            State::Untracked => return,
+            State::Holding { ep, admitted_ns } => (ep, admitted_ns),
             State::Queued { ep, fate, .. } => match fate.get() {
-                Fate::Admitted(_) => self.worker.release(ep),
-                Fate::Answered => {}
-                Fate::Waiting => self.worker.leave_queue(self.context_id, ep),
+                Fate::Admitted(at_ns) => (ep, at_ns),
+                Fate::Answered => return,
+                Fate::Waiting => return self.worker.leave_queue(self.context_id, ep),
             },
+        };
+        match how {
+            End::Complete => self.worker.complete(ep, admitted_ns),
+            End::Abandoned => self.worker.abandon(ep, admitted_ns),
+            End::Cut => self.worker.release(ep),
         }
     }
 }

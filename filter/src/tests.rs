@@ -67,10 +67,13 @@ fn response_done_releases_once() {
     assert_quiet();
 }
 
+/// With `abandon_hold: 0` an abandoned request's slot goes back at once.
 #[test]
 fn reset_while_in_flight_releases_once() {
     let envoy = FakeEnvoy::new();
-    let w = FakeWorker::start(&envoy, &config(2, 1.0, 10));
+    let mut cfg = config(2, 1.0, 10);
+    cfg["endpoints"][PATH]["abandon_hold"] = json!(0);
+    let w = FakeWorker::start(&envoy, &cfg);
     let mut a = admitted(&w);
     let mut b = admitted(&w);
     a.reset();
@@ -352,6 +355,218 @@ fn every_vm_gets_its_own_worker_index_and_wake_up_queue() {
     assert!(workers[2].deliver_wake_ups());
     assert_eq!(c.resumes(), 1);
     c.complete();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+const MS: Duration = Duration::from_millis(1);
+
+fn config_with_hold(capacity: u32, abandon_hold: f64) -> Value {
+    let mut cfg = config(capacity, 30.0, 10);
+    cfg["endpoints"][PATH]["abandon_hold"] = json!(abandon_hold);
+    cfg
+}
+
+/// One request that takes `took` from admission to the end of its response,
+/// so the worker knows how long the backend takes.
+fn served_in(envoy: &FakeEnvoy, w: &FakeWorker, took: Duration) {
+    let mut s = admitted(w);
+    envoy.advance(took);
+    s.complete();
+}
+
+#[test]
+fn abandoned_slot_is_held_for_the_rest_of_the_recent_duration_then_released_once() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    served_in(&envoy, &w, 300 * MS);
+    let mut b = admitted(&w);
+    envoy.advance(100 * MS);
+    b.reset(); // the client gives up; the backend goes on for ~200 ms
+    assert_eq!(counts(&envoy), (1, 0, 0), "held, not released");
+    assert_eq!(w.host.tick_period(), FAST_TICK, "the tick releases it");
+    let mut c = queued(&w);
+    envoy.advance(199 * MS);
+    w.tick();
+    assert!(c.is_waiting(), "released before the backend was done");
+    envoy.advance(MS);
+    w.tick();
+    // Handed to the waiter, exactly once.
+    assert_eq!(counts(&envoy), (1, 0, 1));
+    assert!(w.deliver_wake_ups());
+    assert_eq!(c.resumes(), 1);
+    for _ in 0..3 {
+        envoy.advance(100 * MS);
+        w.tick();
+    }
+    assert_eq!(counts(&envoy), (1, 0, 0));
+    c.complete();
+    envoy.assert_neutral(KEY);
+    w.tick();
+    assert_eq!(w.host.tick_period(), Duration::ZERO);
+    assert_quiet();
+}
+
+#[test]
+fn abandoned_after_the_recent_duration_releases_at_once() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    served_in(&envoy, &w, 300 * MS);
+    let mut b = admitted(&w);
+    envoy.advance(400 * MS);
+    b.reset();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+#[test]
+fn abandon_hold_caps_the_hold_and_stands_in_for_an_unknown_duration() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(2, 1.0));
+    // Nothing finished yet: the cap is the estimate, counted from admission.
+    let mut a = admitted(&w);
+    envoy.advance(400 * MS);
+    a.reset();
+    envoy.advance(599 * MS);
+    w.tick();
+    assert_eq!(counts(&envoy), (1, 0, 0));
+    envoy.advance(MS);
+    w.tick();
+    envoy.assert_neutral(KEY);
+    // A backend that took 10 s: held no longer than the 1 s cap.
+    served_in(&envoy, &w, Duration::from_secs(10));
+    let mut b = admitted(&w);
+    b.reset();
+    envoy.advance(999 * MS);
+    w.tick();
+    assert_eq!(counts(&envoy), (1, 0, 0));
+    envoy.advance(MS);
+    w.tick();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+#[test]
+fn envoys_own_timeout_reply_counts_as_abandoned() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    served_in(&envoy, &w, 300 * MS);
+    let mut b = admitted(&w);
+    envoy.advance(100 * MS);
+    b.envoy_timeout();
+    assert_eq!(counts(&envoy), (1, 0, 0));
+    envoy.advance(200 * MS);
+    w.tick();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+#[test]
+fn a_response_cut_short_releases_at_once() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    served_in(&envoy, &w, 300 * MS);
+    let mut b = admitted(&w);
+    envoy.advance(100 * MS);
+    // The backend answered; the client left during the body.
+    b.cut_during_response();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+#[test]
+fn an_abandoned_waiter_that_was_admitted_is_held_too() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    served_in(&envoy, &w, 300 * MS);
+    let mut a = admitted(&w);
+    let mut b = queued(&w);
+    a.complete();
+    assert!(w.deliver_wake_ups());
+    assert_eq!(b.resumes(), 1);
+    envoy.advance(50 * MS);
+    b.reset();
+    assert_eq!(counts(&envoy), (1, 0, 0));
+    envoy.advance(250 * MS);
+    w.tick();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+#[test]
+fn a_vm_going_away_releases_what_it_holds() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    let mut a = admitted(&w);
+    a.reset();
+    assert_eq!(counts(&envoy), (1, 0, 0));
+    w.done();
+    envoy.assert_neutral(KEY);
+    // Nothing left for a late tick to release again.
+    envoy.advance(Duration::from_secs(60));
+    w.tick();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+#[test]
+fn stats_path_wins_over_a_catch_all_prefix_for_get_and_head_only() {
+    let key = "sluice:t:ep:/";
+    let envoy = FakeEnvoy::new();
+    let cfg = json!({"service": "t", "endpoints": {"/": {"match": "prefix", "capacity": 1}}});
+    let w = FakeWorker::start(&envoy, &cfg);
+    for method in ["GET", "HEAD"] {
+        let mut s = w.request(method, "/balancer/stats?x=1");
+        assert_eq!(
+            s.reply().header("x-sluice-reason"),
+            Some("stats"),
+            "{method}"
+        );
+        s.complete();
+    }
+    // Other methods are the application's: this one counts against "/".
+    let mut post = w.request("POST", STATS_PATH);
+    assert_eq!(post.action, Action::Continue);
+    assert!(post.replies().is_empty());
+    assert_eq!(envoy.record(key).active, 1);
+    post.complete();
+    envoy.assert_neutral(key);
+    assert_quiet();
+}
+
+#[test]
+fn encoded_spellings_take_the_endpoints_slots() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config(1, 1.0, 10));
+    let mut a = w.request("POST", "/pre%64ict");
+    assert_eq!(a.action, Action::Continue);
+    let mut b = w.request("POST", "/x/../predict");
+    assert!(b.is_waiting());
+    b.reset();
+    a.complete();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+#[test]
+fn upgrades_take_no_slot_when_not_counted() {
+    let envoy = FakeEnvoy::new();
+    let mut cfg = config(1, 1.0, 10);
+    cfg["endpoints"][PATH]["count_upgrades"] = json!(false);
+    let w = FakeWorker::start(&envoy, &cfg);
+    let mut ws = w.request_with("GET", PATH, &[("upgrade", "websocket")]);
+    assert_eq!(ws.action, Action::Continue);
+    envoy.assert_neutral(KEY);
+    let mut plain = admitted(&w);
+    plain.complete();
+    ws.reset();
+    envoy.assert_neutral(KEY);
+    // Counted by default.
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config(1, 1.0, 10));
+    let mut ws = w.request_with("GET", PATH, &[("upgrade", "websocket")]);
+    assert_eq!(envoy.record(KEY).active, 1);
+    ws.cut_during_response();
     envoy.assert_neutral(KEY);
     assert_quiet();
 }

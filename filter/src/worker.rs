@@ -4,6 +4,7 @@
 //! handed to them, times them out, and wakes the other workers whose waiters
 //! its releases served.
 
+use crate::abandon::{hold_ns, HeldSlots, RecentDurations};
 use crate::host::Host;
 use crate::replies::LocalReply;
 use crate::routes::Routes;
@@ -44,11 +45,19 @@ pub struct Worker<H> {
     /// Other workers' wake-up queues, resolved once.
     peers: RefCell<HashMap<WorkerId, u32>>,
     fast_tick: Cell<bool>,
+    /// Per endpoint: how long this worker's recent requests took upstream.
+    durations: RefCell<Vec<RecentDurations>>,
+    /// Slots of abandoned requests, released when the backend is most
+    /// likely done with them.
+    held: RefCell<HeldSlots>,
 }
 
 impl<H: Host> Worker<H> {
     pub fn new(host: H, id: WorkerId, vm_id: String, routes: Routes) -> Worker<H> {
+        let durations = vec![RecentDurations::default(); routes.endpoints.len()];
         Worker {
+            durations: RefCell::new(durations),
+            held: RefCell::new(HeldSlots::default()),
             host,
             id,
             vm_id,
@@ -62,8 +71,58 @@ impl<H: Host> Worker<H> {
     pub fn tick(&self) {
         self.claim_granted();
         self.expire_waiters();
-        if self.waiters.borrow().is_empty() {
+        self.release_held();
+        if self.waiters.borrow().is_empty() && self.held.borrow().is_empty() {
             self.set_fast_tick(false);
+        }
+    }
+
+    /// A request admitted at `admitted_ns` got its whole response: the
+    /// backend is done with it, and its duration feeds the estimate.
+    pub fn complete(&self, endpoint: usize, admitted_ns: u64) {
+        let took = self.host.now_ns().saturating_sub(admitted_ns);
+        self.durations.borrow_mut()[endpoint].record(took);
+        self.release(endpoint);
+    }
+
+    /// A request admitted at `admitted_ns` was abandoned before its response
+    /// (client gone, or Envoy answered for the backend): its slot is held
+    /// until the backend has most likely finished it, then released once.
+    pub fn abandon(&self, endpoint: usize, admitted_ns: u64) {
+        let now = self.host.now_ns();
+        let estimate = self.durations.borrow()[endpoint].estimate_ns();
+        let cap = self.routes.endpoints[endpoint].abandon_hold;
+        let hold = hold_ns(estimate, now.saturating_sub(admitted_ns), cap);
+        if hold == 0 {
+            self.release(endpoint);
+            return;
+        }
+        log::debug!(
+            "{}: abandoned after {} ms; slot held {} ms more",
+            self.routes.endpoints[endpoint].path,
+            now.saturating_sub(admitted_ns) / 1_000_000,
+            hold / 1_000_000
+        );
+        self.held
+            .borrow_mut()
+            .hold(endpoint, now.saturating_add(hold));
+        // The tick releases it.
+        self.set_fast_tick(true);
+    }
+
+    fn release_held(&self) {
+        let due = self.held.borrow_mut().take_due(self.host.now_ns());
+        for ep in due {
+            self.release(ep);
+        }
+    }
+
+    /// The VM is going away: nothing will tick for its held slots, so they
+    /// go back now rather than never.
+    pub fn release_all_held(&self) {
+        let all = self.held.borrow_mut().take_all();
+        for ep in all {
+            self.release(ep);
         }
     }
 

@@ -167,7 +167,11 @@ fn queue_full_gives_503_with_retry_after() {
 #[test]
 fn aborted_clients_leak_nothing() {
     let backend = Backend::start(&["/predict:service_ms=3000"]);
-    let envoy = start(&backend, &plugin_config(200, 60.0, 1000), 4);
+    // This backend stops working when its client leaves, so abandoned slots
+    // need no hold (hardening.rs tests the hold).
+    let mut config = plugin_config(200, 60.0, 1000);
+    config["endpoints"]["/predict"]["abandon_hold"] = json!(0);
+    let envoy = start(&backend, &config, 4);
     let addr = envoy.listener_addr();
     // 200 fill every slot and 200 wait; then every client gives up.
     let mut burst = Burst::new(addr, "/predict", 400);

@@ -1,0 +1,128 @@
+//! Abandoned requests: a client that gives up on a request the backend is
+//! already computing (it disconnects, or Envoy's own timeout answers for the
+//! backend) does not stop the backend, which Envoy cannot wait for: it
+//! resets the upstream stream and moves on. Freeing the slot at once would
+//! let the next request in while the backend still works on the abandoned
+//! one. So the slot is *held* until the backend has most likely finished:
+//! for the endpoint's recent upstream duration minus the time the request
+//! already spent, never longer than the endpoint's `abandon_hold`.
+
+use std::time::Duration;
+
+/// Completed upstream durations kept per endpoint and worker.
+const SAMPLES: usize = 16;
+
+/// The most recent upstream durations (admission to response end) of one
+/// endpoint on this worker. The estimate is their maximum: holding a little
+/// too long costs a little throughput, releasing too early over-admits.
+#[derive(Debug, Clone, Default)]
+pub struct RecentDurations {
+    samples_ns: [u64; SAMPLES],
+    len: usize,
+    next: usize,
+}
+
+impl RecentDurations {
+    pub fn record(&mut self, ns: u64) {
+        self.samples_ns[self.next] = ns;
+        self.next = (self.next + 1) % SAMPLES;
+        self.len = (self.len + 1).min(SAMPLES);
+    }
+
+    /// How long a request of this endpoint lasts, `None` before any finished.
+    pub fn estimate_ns(&self) -> Option<u64> {
+        self.samples_ns[..self.len].iter().copied().max()
+    }
+}
+
+/// How much longer to hold the slot of a request abandoned `elapsed_ns`
+/// after admission. With no estimate yet, the cap is the estimate: nothing
+/// says the backend is done.
+pub fn hold_ns(estimate_ns: Option<u64>, elapsed_ns: u64, cap: Duration) -> u64 {
+    let cap_ns = cap.as_nanos() as u64;
+    estimate_ns
+        .unwrap_or(cap_ns)
+        .saturating_sub(elapsed_ns)
+        .min(cap_ns)
+}
+
+/// Slots of abandoned requests this worker still holds: (endpoint, host time
+/// in ns at which to release). Each entry is released exactly once: taken
+/// out of the list when due.
+#[derive(Debug, Default)]
+pub struct HeldSlots {
+    held: Vec<(usize, u64)>,
+}
+
+impl HeldSlots {
+    pub fn hold(&mut self, endpoint: usize, until_ns: u64) {
+        self.held.push((endpoint, until_ns));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// Removes and returns the endpoints of slots due at `now_ns`.
+    pub fn take_due(&mut self, now_ns: u64) -> Vec<usize> {
+        let mut due = Vec::new();
+        self.held.retain(|&(ep, until)| {
+            let is_due = until <= now_ns;
+            if is_due {
+                due.push(ep);
+            }
+            !is_due
+        });
+        due
+    }
+
+    /// Removes and returns every held slot's endpoint (the VM is going away).
+    pub fn take_all(&mut self) -> Vec<usize> {
+        self.held.drain(..).map(|(ep, _)| ep).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn estimate_is_the_recent_maximum() {
+        let mut d = RecentDurations::default();
+        assert_eq!(d.estimate_ns(), None);
+        d.record(300 * MS);
+        d.record(200 * MS);
+        assert_eq!(d.estimate_ns(), Some(300 * MS));
+        // The 300 ms sample ages out after SAMPLES newer ones.
+        for _ in 0..SAMPLES {
+            d.record(100 * MS);
+        }
+        assert_eq!(d.estimate_ns(), Some(100 * MS));
+    }
+
+    #[test]
+    fn hold_is_the_rest_of_the_estimate_within_the_cap() {
+        let cap = Duration::from_secs(2);
+        assert_eq!(hold_ns(Some(300 * MS), 100 * MS, cap), 200 * MS);
+        assert_eq!(hold_ns(Some(300 * MS), 400 * MS, cap), 0);
+        assert_eq!(hold_ns(Some(9_000 * MS), 100 * MS, cap), 2_000 * MS);
+        assert_eq!(hold_ns(None, 500 * MS, cap), 1_500 * MS);
+        assert_eq!(hold_ns(Some(300 * MS), 0, Duration::ZERO), 0);
+        assert_eq!(hold_ns(None, 0, Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn held_slots_come_out_once_when_due() {
+        let mut h = HeldSlots::default();
+        h.hold(0, 100);
+        h.hold(1, 300);
+        h.hold(0, 200);
+        assert!(h.take_due(99).is_empty());
+        assert_eq!(h.take_due(200), vec![0, 0]);
+        assert!(h.take_due(200).is_empty());
+        assert_eq!(h.take_all(), vec![1]);
+        assert!(h.is_empty());
+    }
+}

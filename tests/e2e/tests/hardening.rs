@@ -1,0 +1,211 @@
+//! Ways clients could push the backend past its capacity, each against a
+//! backend that records how many requests it really worked on at once.
+//! Every assertion that matters is made from the backend's side.
+
+use serde_json::{json, Value};
+use sluice_harness::{http, Backend, Envoy, FrontProxy};
+use sluice_loadgen::{run_blocking, summarize, Burst, Outcome};
+use std::time::{Duration, Instant};
+
+fn start(backend: &Backend, config: &Value, concurrency: u32) -> Envoy {
+    let proxy = FrontProxy::new(backend.port(), config.to_string());
+    Envoy::start(&proxy, concurrency)
+}
+
+/// The filter's own numbers for one endpoint.
+fn filter_endpoint(envoy: &Envoy, path: &str) -> Value {
+    let res = envoy
+        .request("GET", "/balancer/stats")
+        .send()
+        .expect("stats request");
+    assert_eq!(res.status, 200, "{}", res.text());
+    res.json()["endpoints"][path].clone()
+}
+
+/// Polls until the filter holds nothing for `path`: no slot, no waiter.
+fn wait_filter_idle(envoy: &Envoy, path: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let ep = filter_endpoint(envoy, path);
+        if ep["active_requests"] == 0 && ep["queued"] == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} never came back to zero: {ep}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Polls until the backend works on nothing for `path` (work abandoned by
+/// its clients included).
+fn wait_backend_idle(backend: &Backend, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while backend.path_stats(path)["in_flight"] != 0 {
+        assert!(Instant::now() < deadline, "the backend never went idle");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs the bursts side by side, each on its own thread.
+fn run_together(bursts: Vec<Burst>) -> Vec<Outcome> {
+    let running: Vec<_> = bursts
+        .into_iter()
+        .map(|b| std::thread::spawn(move || run_blocking(&b)))
+        .collect();
+    running
+        .into_iter()
+        .flat_map(|t| t.join().expect("burst thread"))
+        .collect()
+}
+
+/// Clients that give up on requests the backend is already computing (the
+/// backend cannot notice, like uvicorn running a `def` endpoint): the filter
+/// keeps each abandoned slot until the backend has most likely finished, so
+/// the backend never works on more than `capacity` at once.
+#[test]
+fn abandoned_requests_keep_their_slot_until_the_backend_is_done() {
+    let backend = Backend::start(&["/predict:service_ms=300,on_disconnect=finish"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 3, "queue_timeout": 30, "abandon_hold": 2},
+    }});
+    let envoy = start(&backend, &config, 2);
+    // Clients that wait, and clients that give up after various times, all
+    // at once: some give up while queued, most while in flight.
+    let aborts = [None, Some(80), Some(170), Some(260), Some(350), Some(520)];
+    let bursts = aborts
+        .iter()
+        .enumerate()
+        .map(|(i, abort_ms)| {
+            let mut b = Burst::new(envoy.listener_addr(), "/predict", 10);
+            b.spacing = Duration::from_millis(37 + 11 * i as u64);
+            b.abort_after = abort_ms.map(Duration::from_millis);
+            b.first_seq = 100 * i;
+            b
+        })
+        .collect();
+    let outcomes = run_together(bursts);
+    let s = summarize(&outcomes);
+    assert!(s.aborted >= 20, "too few clients gave up to test: {s:?}");
+    assert_eq!(s.ok + s.aborted, 60, "{s:?}");
+    wait_backend_idle(&backend, "/predict");
+    let seen = backend.path_stats("/predict");
+    assert_eq!(
+        seen["max_in_flight"], 3,
+        "the backend worked on more (or fewer) than capacity at once: {seen}"
+    );
+    // Every held slot comes back, once.
+    wait_filter_idle(&envoy, "/predict", Duration::from_secs(10));
+    backend.reset();
+    let again = run_blocking(&Burst::new(envoy.listener_addr(), "/predict", 6));
+    assert!(again.iter().all(|o| o.status == 200), "{again:?}");
+    assert_eq!(backend.path_stats("/predict")["max_in_flight"], 3);
+    wait_filter_idle(&envoy, "/predict", Duration::from_secs(5));
+}
+
+/// Envoy's own route timeout abandons the request too: it answers 504 while
+/// the backend keeps computing. The slot stays held until the backend is
+/// most likely done.
+#[test]
+fn route_timeout_keeps_the_slot_until_the_backend_is_done() {
+    let backend = Backend::start(&["/predict:service_ms=1600,on_disconnect=finish"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 1, "queue_timeout": 30, "abandon_hold": 3},
+    }});
+    let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    proxy.route_timeout_secs = 1;
+    let envoy = Envoy::start(&proxy, 1);
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 3);
+    burst.spacing = Duration::from_millis(5);
+    let outcomes = run_blocking(&burst);
+    assert!(
+        outcomes.iter().all(|o| o.status == 504),
+        "expected Envoy's upstream timeouts: {outcomes:?}"
+    );
+    wait_backend_idle(&backend, "/predict");
+    let seen = backend.path_stats("/predict");
+    assert_eq!(seen["max_in_flight"], 1, "{seen}");
+    wait_filter_idle(&envoy, "/predict", Duration::from_secs(10));
+}
+
+/// Spellings of `/predict` that the application routes to `/predict` count
+/// against its capacity. Envoy's own normalisation is off here (the front
+/// proxy sets none), so it is the filter's.
+#[test]
+fn encoded_and_dotted_paths_count_against_the_endpoint() {
+    let backend = Backend::start(&["/predict:service_ms=300"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 1, "queue_timeout": 30},
+    }});
+    let envoy = start(&backend, &config, 2);
+    let spellings = [
+        "/predict",
+        "/pre%64ict",
+        "/%70redict",
+        "//predict",
+        "/./predict",
+        "/x/../predict",
+    ];
+    let bursts = spellings
+        .iter()
+        .map(|path| Burst::new(envoy.listener_addr(), path, 2))
+        .collect();
+    let outcomes = run_together(bursts);
+    assert!(
+        outcomes.iter().all(|o| o.status == 200),
+        "{:?}",
+        summarize(&outcomes)
+    );
+    let seen = backend.path_stats("/predict");
+    assert_eq!(seen["completed"], 12, "{seen}");
+    assert_eq!(
+        seen["max_in_flight"], 1,
+        "a spelling of /predict went around its capacity: {seen}"
+    );
+    wait_filter_idle(&envoy, "/predict", Duration::from_secs(5));
+}
+
+/// A prefix endpoint limits its own segment only: `/embed` and `/embed/x`,
+/// not `/embedding`.
+#[test]
+fn prefix_matches_whole_path_segments() {
+    let backend = Backend::start(&["/embed/a:service_ms=300", "/embedding:service_ms=300"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/embed": {"capacity": 1, "match": "prefix"},
+    }});
+    let envoy = start(&backend, &config, 1);
+    let outcomes = run_together(vec![
+        Burst::new(envoy.listener_addr(), "/embed/a", 2),
+        Burst::new(envoy.listener_addr(), "/embedding", 3),
+    ]);
+    assert!(outcomes.iter().all(|o| o.status == 200));
+    assert_eq!(backend.path_stats("/embed/a")["max_in_flight"], 1);
+    assert_eq!(
+        backend.path_stats("/embedding")["max_in_flight"],
+        3,
+        "/embedding was limited by the /embed prefix"
+    );
+}
+
+/// The stats path wins over a catch-all prefix endpoint, and only GET/HEAD
+/// are answered by the filter: other methods reach the backend (HEAD is
+/// covered by the filter's native tests).
+#[test]
+fn stats_path_wins_and_answers_only_get_and_head() {
+    let backend = Backend::start(&["/balancer/stats"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/": {"capacity": 1, "match": "prefix"},
+    }});
+    let envoy = start(&backend, &config, 1);
+    let stats = envoy.request("GET", "/balancer/stats").send().unwrap();
+    assert_eq!(stats.header("x-sluice-reason"), Some("stats"));
+    assert!(
+        stats.json()["endpoints"]["/"].is_object(),
+        "{}",
+        stats.text()
+    );
+    let post = http::post(envoy.listener_addr(), "/balancer/stats", "{}").unwrap();
+    assert_eq!(post.header("x-sluice-reason"), None, "{}", post.text());
+    assert_eq!(backend.path_stats("/balancer/stats")["completed"], 1);
+}
