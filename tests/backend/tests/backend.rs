@@ -201,10 +201,18 @@ async fn finish_mode_keeps_working_after_the_client_leaves() {
     drop(stream);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let s = &stats(addr).await["paths"]["/predict"];
-    assert_eq!((s["in_flight"].as_u64(), s["serving"].as_u64()), (Some(1), Some(1)), "{s}");
+    assert_eq!(
+        (s["in_flight"].as_u64(), s["serving"].as_u64()),
+        (Some(1), Some(1)),
+        "{s}"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let s = &stats(addr).await["paths"]["/predict"];
-    assert_eq!((s["in_flight"].as_u64(), s["completed"].as_u64()), (Some(0), Some(1)), "{s}");
+    assert_eq!(
+        (s["in_flight"].as_u64(), s["completed"].as_u64()),
+        (Some(0), Some(1)),
+        "{s}"
+    );
 }
 
 /// Counted under the path the application routes on, like uvicorn.
