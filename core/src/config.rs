@@ -204,6 +204,7 @@ impl Config {
         if endpoints.is_empty() {
             warnings.push("endpoints: none configured; every request passes through".to_string());
         }
+        long_queue_timeout_warnings(queue_timeout, &endpoints, &mut warnings);
         for e in &endpoints {
             if e.capacity.is_none() {
                 warnings.push(format!(
@@ -220,6 +221,34 @@ impl Config {
             endpoints,
             warnings,
         })
+    }
+}
+
+/// Envoy's default `stream_idle_timeout`, which also runs while a request
+/// is queued: a queue timeout at or above it is cut short by Envoy's own 504.
+const ENVOY_DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// One warning for a long top-level `queue_timeout`, and one for each
+/// endpoint that sets a long one of its own.
+fn long_queue_timeout_warnings(top: Duration, endpoints: &[Endpoint], warnings: &mut Vec<String>) {
+    let warning = |key: String, t: Duration| {
+        format!(
+            "{key}: {} s is not below Envoy's default stream_idle_timeout (300 s); set the \
+             connection manager's stream_idle_timeout above it, or queued requests get \
+             Envoy's 504 \"stream timeout\" at 300 s",
+            t.as_secs_f64()
+        )
+    };
+    if top >= ENVOY_DEFAULT_STREAM_IDLE_TIMEOUT {
+        warnings.push(warning("queue_timeout".into(), top));
+    }
+    for e in endpoints {
+        if e.queue_timeout >= ENVOY_DEFAULT_STREAM_IDLE_TIMEOUT && e.queue_timeout != top {
+            warnings.push(warning(
+                format!("endpoints.{}.queue_timeout", e.path),
+                e.queue_timeout,
+            ));
+        }
     }
 }
 
@@ -491,6 +520,24 @@ mod tests {
         assert!(c.endpoints[0].count_upgrades);
         assert_eq!(c.endpoints[1].abandon_hold, Duration::ZERO);
         assert!(!c.endpoints[1].count_upgrades);
+    }
+
+    #[test]
+    fn queue_timeouts_envoy_would_cut_are_warned_about_once() {
+        let c = Config::from_json(&json!({"queue_timeout": 600, "endpoints": {
+            "/a": {"capacity": 1},
+            "/b": {"capacity": 1},
+            "/c": {"capacity": 1, "queue_timeout": 300},
+            "/d": {"capacity": 1, "queue_timeout": 299.9},
+        }}))
+        .unwrap();
+        assert_eq!(
+            c.warnings,
+            vec![
+                "queue_timeout: 600 s is not below Envoy's default stream_idle_timeout (300 s); set the connection manager's stream_idle_timeout above it, or queued requests get Envoy's 504 \"stream timeout\" at 300 s",
+                "endpoints./c.queue_timeout: 300 s is not below Envoy's default stream_idle_timeout (300 s); set the connection manager's stream_idle_timeout above it, or queued requests get Envoy's 504 \"stream timeout\" at 300 s",
+            ]
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! generic over [`host::Host`], so the tests run them against a fake host.
 
 mod abandon;
+mod config_log;
 mod host;
 mod path;
 mod replies;

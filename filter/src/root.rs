@@ -36,8 +36,11 @@ impl<H: Host + Clone> Root<H> {
     pub fn configure(&mut self, configuration: &str, vm_id: String) -> Result<(), String> {
         let config = Config::from_json_str(configuration)
             .map_err(|e| format!("invalid configuration: {e}"))?;
-        for w in &config.warnings {
-            log::warn!("{w}");
+        let first = crate::config_log::first_to_see(&self.host, configuration);
+        if first {
+            for w in &config.warnings {
+                log::warn!("{w}");
+            }
         }
         let routes = Routes::new(&config);
         // Create every endpoint's record before traffic. Envoy runs this on
@@ -53,11 +56,13 @@ impl<H: Host + Clone> Root<H> {
             .register_shared_queue(&queue)
             .map_err(|e| format!("cannot register wake-up queue: {e:?}"))?;
         log::debug!("worker {id} is woken through {queue}");
-        log::info!(
-            "service {:?}, {} endpoints, worker {id}",
-            config.service,
-            config.endpoints.len()
-        );
+        if first {
+            log::info!(
+                "service {:?}, {} endpoints",
+                config.service,
+                config.endpoints.len()
+            );
+        }
         let worker = Worker::new(self.host.clone(), id, vm_id, routes);
         self.worker = Some(Rc::new(worker));
         Ok(())

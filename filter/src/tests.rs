@@ -570,3 +570,22 @@ fn upgrades_take_no_slot_when_not_counted() {
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
+
+#[test]
+fn configuration_warnings_are_logged_once_per_configuration() {
+    let envoy = FakeEnvoy::new();
+    let mut cfg = config(1, 1.0, 10);
+    cfg["colour"] = json!("red");
+    take_problems();
+    // The main thread, then each worker: one warning, not one per VM.
+    for _ in 0..3 {
+        FakeWorker::start(&envoy, &cfg);
+    }
+    assert_eq!(take_problems(), vec!["WARN: colour: unknown key, ignored"]);
+    // A new configuration is logged again, once.
+    cfg["colour"] = json!("blue");
+    for _ in 0..3 {
+        FakeWorker::start(&envoy, &cfg);
+    }
+    assert_eq!(take_problems().len(), 1);
+}
