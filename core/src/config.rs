@@ -46,6 +46,7 @@ const ENDPOINT_KEYS: &[&str] = &[
     "max_queue",
     "abandon_hold",
     "count_upgrades",
+    "max_queued_bytes",
     // Read by the prober: how to call the endpoint.
     "method",
     "headers",
@@ -86,6 +87,8 @@ pub struct Endpoint {
     pub abandon_hold: Duration,
     /// Whether upgraded requests (websockets) hold a slot for their life.
     pub count_upgrades: bool,
+    /// Cap on the `content-length` bytes of all queued requests together.
+    pub max_queued_bytes: Option<u64>,
 }
 
 /// A configuration mistake: `key` is the dotted path to the offending value.
@@ -390,6 +393,18 @@ fn endpoint(
             ))
         }
     };
+    let max_queued_bytes = match fields.get("max_queued_bytes") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(n) if n >= 1 => Some(n),
+            _ => {
+                return Err(err(
+                    key("max_queued_bytes"),
+                    format!("must be a positive number of bytes, got {}", shown(v)),
+                ))
+            }
+        },
+    };
     Ok(Endpoint {
         path: path.to_string(),
         match_kind,
@@ -399,6 +414,7 @@ fn endpoint(
         max_queue,
         abandon_hold,
         count_upgrades,
+        max_queued_bytes,
     })
 }
 
@@ -519,6 +535,7 @@ mod tests {
         assert_eq!(c.endpoints[0].abandon_hold, Duration::from_secs(5));
         assert!(c.endpoints[0].count_upgrades);
         assert_eq!(c.endpoints[1].abandon_hold, Duration::ZERO);
+        assert_eq!(c.endpoints[0].max_queued_bytes, None);
         assert!(!c.endpoints[1].count_upgrades);
     }
 
@@ -627,6 +644,10 @@ mod tests {
             (
                 "{\"queue_timeout\": 0.0009}",
                 "queue_timeout: must be a number of seconds from 0.001 to 86400, got 0.0009",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"max_queued_bytes\": 0}}}",
+                "endpoints./p.max_queued_bytes: must be a positive number of bytes, got 0",
             ),
             (
                 "{\"endpoints\": {\"/p\": {\"methods\": []}}}",

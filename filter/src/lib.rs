@@ -8,6 +8,7 @@ mod abandon;
 mod config_log;
 mod host;
 mod path;
+mod queued_bytes;
 mod replies;
 mod root;
 mod routes;

@@ -93,7 +93,7 @@ fn line(doc: serde_json::Value) -> String {
 fn stats<S: SharedData>(store: &S, routes: &Routes) -> serde_json::Value {
     let mut endpoints = serde_json::Map::new();
     for r in &routes.endpoints {
-        let entry = match admission::snapshot(store, &r.key) {
+        let mut entry = match admission::snapshot(store, &r.key) {
             Ok(s) => json!({
                 "capacity": r.capacity,
                 "active_requests": s.active,
@@ -104,6 +104,10 @@ fn stats<S: SharedData>(store: &S, routes: &Routes) -> serde_json::Value {
             }),
             Err(e) => json!({ "capacity": r.capacity, "error": e.to_string() }),
         };
+        if let Some((cap, key)) = &r.queued_bytes {
+            entry["max_queued_bytes"] = json!(cap);
+            entry["queued_bytes"] = json!(crate::queued_bytes::total(store, key));
+        }
         endpoints.insert(r.path.clone(), entry);
     }
     json!({ "service": routes.service, "endpoints": endpoints })

@@ -49,6 +49,14 @@ impl<H: Host + Clone> Root<H> {
         for key in routes.keys() {
             admission::ensure(&self.host, key).map_err(|e| format!("shared data {key}: {e}"))?;
         }
+        for (_, key) in routes
+            .endpoints
+            .iter()
+            .filter_map(|r| r.queued_bytes.as_ref())
+        {
+            crate::queued_bytes::ensure(&self.host, key)
+                .map_err(|e| format!("shared data {key}: {e}"))?;
+        }
         let id = allocate_worker_id(&self.host)
             .map_err(|e| format!("cannot allocate a worker index: {e}"))?;
         let queue = queue_name(id);

@@ -17,6 +17,8 @@ pub struct Route {
     pub abandon_hold: Duration,
     /// Whether an upgrade (websocket) holds a slot for its whole life.
     pub count_upgrades: bool,
+    /// `max_queued_bytes` and the key of its shared counter.
+    pub queued_bytes: Option<(u64, String)>,
     methods: Vec<String>,
 }
 
@@ -38,9 +40,13 @@ impl Routes {
         for e in config.endpoints.iter() {
             let Some(capacity) = e.capacity else { continue };
             let i = endpoints.len();
+            let key = format!("sluice:{}:ep:{}", config.service, e.path);
             endpoints.push(Route {
                 path: e.path.clone(),
-                key: format!("sluice:{}:ep:{}", config.service, e.path),
+                queued_bytes: e
+                    .max_queued_bytes
+                    .map(|cap| (cap, crate::queued_bytes::key(&key))),
+                key,
                 capacity,
                 max_queue: e.max_queue,
                 queue_timeout: e.queue_timeout,

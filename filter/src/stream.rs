@@ -4,10 +4,11 @@
 use crate::host::{Envoy, Host};
 use crate::path::request_path;
 use crate::replies::LocalReply;
+use crate::routes::Route;
 use crate::worker::{Fate, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use sluice_core::admission::{self, Acquired, Limits};
+use sluice_core::admission::{self, Acquired, Limits, Withdrawn};
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -102,8 +103,14 @@ impl<H: Host> Stream<H> {
                         Action::Continue
                     }
                     Acquired::Queued { ticket } => {
+                        let bytes = match queue_bytes(host, route) {
+                            Ok(bytes) => bytes,
+                            Err(QueueBytesFull) => {
+                                return self.leave_full_queue(ep, ticket);
+                            }
+                        };
                         let since_ns = host.now_ns();
-                        let fate = worker.add_waiter(self.context_id, ep, ticket, since_ns);
+                        let fate = worker.add_waiter(self.context_id, ep, ticket, since_ns, bytes);
                         self.state = State::Queued { ep, fate, since_ns };
                         // Resumed later by this worker's root context with
                         // exactly one of resume_http_request or a 504.
@@ -119,6 +126,36 @@ impl<H: Host> Stream<H> {
                 // Fail open: shared data trouble must not take the service down.
                 log::warn!(
                     "acquire on {}: {e}; letting the request through",
+                    route.path
+                );
+                Action::Continue
+            }
+        }
+    }
+
+    /// The queue has no room for this request's body (`max_queued_bytes`):
+    /// it gives its ticket back and gets `503 queue-full`, unless a slot was
+    /// granted to the ticket in the meantime.
+    fn leave_full_queue(&mut self, ep: usize, ticket: u32) -> Action {
+        let worker = Rc::clone(&self.worker);
+        let host = &worker.host;
+        let route = &worker.routes.endpoints[ep];
+        match admission::withdraw(host, &route.key, ticket) {
+            Ok(Withdrawn::Granted) => {
+                self.state = State::Holding {
+                    ep,
+                    admitted_ns: host.now_ns(),
+                };
+                Action::Continue
+            }
+            Ok(_) => {
+                LocalReply::QueueFull(route).send(host);
+                Action::Pause
+            }
+            Err(e) => {
+                // Fail open, as for acquire: let it through unaccounted.
+                log::warn!(
+                    "withdraw on {}: {e}; letting the request through",
                     route.path
                 );
                 Action::Continue
@@ -208,6 +245,33 @@ impl<H: Host> Stream<H> {
             End::Complete => self.worker.complete(ep, admitted_ns),
             End::Abandoned => self.worker.abandon(ep, admitted_ns),
             End::Cut => self.worker.release(ep),
+        }
+    }
+}
+
+/// `max_queued_bytes` would be passed by this request's body.
+struct QueueBytesFull;
+
+/// Counts a request that is about to queue in its endpoint's queued bytes,
+/// judged from `content-length`; the bytes it added (0 without the setting
+/// or the header). Fails open on shared-data trouble.
+fn queue_bytes<H: Host>(host: &H, route: &Route) -> Result<u64, QueueBytesFull> {
+    let Some((cap, key)) = &route.queued_bytes else {
+        return Ok(0);
+    };
+    let Some(n) = host
+        .get_http_request_header("content-length")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&n| n > 0)
+    else {
+        return Ok(0);
+    };
+    match crate::queued_bytes::try_add(host, key, n, *cap) {
+        Ok(true) => Ok(n),
+        Ok(false) => Err(QueueBytesFull),
+        Err(e) => {
+            log::warn!("queued bytes of {}: {e}; not counted", route.path);
+            Ok(0)
         }
     }
 }

@@ -589,3 +589,54 @@ fn configuration_warnings_are_logged_once_per_configuration() {
     }
     assert_eq!(take_problems().len(), 1);
 }
+
+#[test]
+fn max_queued_bytes_refuses_bodies_the_queue_has_no_room_for() {
+    let envoy = FakeEnvoy::new();
+    let mut cfg = config(1, 0.5, 10);
+    cfg["endpoints"][PATH]["max_queued_bytes"] = json!(1000);
+    let w = FakeWorker::start(&envoy, &cfg);
+    let bytes = || {
+        let mut s = w.request("GET", STATS_PATH);
+        let n = s.reply().json()["endpoints"][PATH]["queued_bytes"].clone();
+        s.complete();
+        n
+    };
+    let post = |n: &str| w.request_with("POST", PATH, &[("content-length", n)]);
+    // Admitted requests are not queued: their bodies do not count.
+    let mut a = post("5000");
+    assert_eq!(a.action, Action::Continue);
+    let mut b = post("600");
+    assert!(b.is_waiting());
+    let mut c = post("401");
+    assert_eq!(c.reply().status, 503);
+    assert_eq!(c.reply().header("x-sluice-reason"), Some("queue-full"));
+    assert_eq!(counts(&envoy), (1, 1, 0), "c gave its ticket back");
+    let mut d = post("400");
+    assert!(d.is_waiting());
+    let mut e = w.request("POST", PATH); // no content-length: not counted
+    assert!(e.is_waiting());
+    assert_eq!(bytes(), 1000);
+    // Leaving the queue in every way takes the bytes off: admitted...
+    a.complete();
+    assert!(w.deliver_wake_ups());
+    assert_eq!(b.resumes(), 1);
+    assert_eq!(bytes(), 400);
+    // ...gone...
+    d.reset();
+    assert_eq!(bytes(), 0);
+    let mut f = post("900");
+    assert!(f.is_waiting());
+    assert_eq!(bytes(), 900);
+    // ...timed out.
+    envoy.advance(Duration::from_millis(500));
+    w.tick();
+    assert_eq!(e.reply().status, 504);
+    assert_eq!(f.reply().status, 504);
+    assert_eq!(bytes(), 0);
+    for s in [&mut b, &mut c, &mut e, &mut f] {
+        s.complete();
+    }
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}

@@ -41,7 +41,8 @@ pub struct Worker<H> {
     pub id: WorkerId,
     vm_id: String,
     pub routes: Routes,
-    waiters: RefCell<LocalWaiters<Rc<Cell<Fate>>>>,
+    /// Each with its fate and the body bytes it counts in `max_queued_bytes`.
+    waiters: RefCell<LocalWaiters<(Rc<Cell<Fate>>, u64)>>,
     /// Other workers' wake-up queues, resolved once.
     peers: RefCell<HashMap<WorkerId, u32>>,
     fast_tick: Cell<bool>,
@@ -127,12 +128,15 @@ impl<H: Host> Worker<H> {
     }
 
     /// Keeps a paused request until its ticket is granted or it times out.
+    /// `queued_bytes` were added to the endpoint's queued-bytes counter and
+    /// come off it when the request leaves the queue, however it leaves.
     pub fn add_waiter(
         &self,
         context_id: u32,
         endpoint: usize,
         ticket: u32,
         since_ns: u64,
+        queued_bytes: u64,
     ) -> Rc<Cell<Fate>> {
         let fate = Rc::new(Cell::new(Fate::Waiting));
         let queue_timeout = self.routes.endpoints[endpoint].queue_timeout;
@@ -141,10 +145,21 @@ impl<H: Host> Worker<H> {
             endpoint,
             ticket,
             deadline_ns: since_ns.saturating_add(queue_timeout.as_nanos() as u64),
-            handle: Rc::clone(&fate),
+            handle: (Rc::clone(&fate), queued_bytes),
         });
         self.set_fast_tick(true);
         fate
+    }
+
+    /// A waiter is out of the local list: its bytes leave the queue too.
+    fn dequeued(&self, w: &LocalWaiter<(Rc<Cell<Fate>>, u64)>) {
+        let bytes = w.handle.1;
+        let route = &self.routes.endpoints[w.endpoint];
+        if let (Some((_, key)), true) = (&route.queued_bytes, bytes > 0) {
+            if let Err(e) = crate::queued_bytes::sub(&self.host, key, bytes) {
+                log::error!("queued bytes of {}: {e}", route.path);
+            }
+        }
     }
 
     /// The client of a waiting request went away: it leaves the queue, and
@@ -152,6 +167,7 @@ impl<H: Host> Worker<H> {
     pub fn leave_queue(&self, context_id: u32, endpoint: usize) {
         let waiter = self.waiters.borrow_mut().remove_context(context_id);
         if let Some(w) = waiter {
+            self.dequeued(&w);
             let route = &self.routes.endpoints[endpoint];
             match admission::withdraw(&self.host, &route.key, w.ticket) {
                 Ok(Withdrawn::Granted) => self.release(endpoint),
@@ -207,7 +223,10 @@ impl<H: Host> Worker<H> {
                     for ticket in tickets {
                         let waiter = self.waiters.borrow_mut().take_ticket(ep, ticket);
                         match waiter {
-                            Some(w) => self.resume(w),
+                            Some(w) => {
+                                self.dequeued(&w);
+                                self.resume(w);
+                            }
                             None => {
                                 // Not ours any more (cannot happen while on_log
                                 // withdraws first); never keep a slot nobody uses.
@@ -226,12 +245,13 @@ impl<H: Host> Worker<H> {
     fn expire_waiters(&self) {
         let expired = self.waiters.borrow_mut().take_expired(self.host.now_ns());
         for w in expired {
+            self.dequeued(&w);
             let route = &self.routes.endpoints[w.endpoint];
             match admission::withdraw(&self.host, &route.key, w.ticket) {
                 // NotFound cannot happen unless the record was reset under
                 // us; the request must be answered either way, never left paused.
                 Ok(Withdrawn::Removed | Withdrawn::NotFound) => {
-                    w.handle.set(Fate::Answered);
+                    w.handle.0.set(Fate::Answered);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         LocalReply::QueueTimeout(route).send(&self.host);
                     }
@@ -245,7 +265,7 @@ impl<H: Host> Worker<H> {
                         "withdraw on {}: {e}; letting the request through",
                         route.path
                     );
-                    w.handle.set(Fate::Answered);
+                    w.handle.0.set(Fate::Answered);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         let _ = self.host.resume_http_request();
                     }
@@ -256,13 +276,14 @@ impl<H: Host> Worker<H> {
 
     /// Continues a paused request that now holds a slot. Exactly once: the
     /// waiter was removed from the local list before this call.
-    fn resume(&self, w: LocalWaiter<Rc<Cell<Fate>>>) {
-        w.handle.set(Fate::Admitted(self.host.now_ns()));
+    fn resume(&self, w: LocalWaiter<(Rc<Cell<Fate>>, u64)>) {
+        let fate = &w.handle.0;
+        fate.set(Fate::Admitted(self.host.now_ns()));
         let resumed = self.host.set_effective_context(w.context_id).is_ok()
             && self.host.resume_http_request().is_ok();
         if !resumed {
             // The stream is gone (on_log will not run again for it).
-            w.handle.set(Fate::Answered);
+            fate.set(Fate::Answered);
             self.release(w.endpoint);
         }
     }
