@@ -364,8 +364,14 @@ impl FakeWorker {
     }
 
     /// Envoy's `on_done` for this VM's root context.
-    pub fn done(&self) {
-        self.in_root(|r| r.done());
+    pub fn done(&mut self) {
+        self.host.0.current.set(ROOT_CONTEXT);
+        self.root.done();
+    }
+
+    /// Its worker index.
+    pub fn worker_id(&self) -> u16 {
+        self.root.worker_id().expect("configured")
     }
 
     /// Envoy's timer fired (whatever the period: tests move the clock).

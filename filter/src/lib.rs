@@ -14,6 +14,7 @@ mod root;
 mod routes;
 mod stream;
 mod worker;
+mod worker_ids;
 
 #[cfg(test)]
 mod fake_host;

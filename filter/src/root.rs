@@ -8,17 +8,12 @@ use crate::host::{Envoy, Host};
 use crate::routes::Routes;
 use crate::stream::Stream;
 use crate::worker::{queue_name, Worker};
+use crate::worker_ids;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
-use sluice_core::admission::{self, WorkerId};
+use sluice_core::admission;
 use sluice_core::config::Config;
-use sluice_core::shared_data::{SharedData, StoreError};
 use std::rc::Rc;
-
-/// Counter from which each root context takes its worker index. Envoy gives a
-/// VM no worker id, and a shared queue notifies only the last VM that
-/// registered its name, so every root context needs a name of its own.
-const WORKERS_KEY: &str = "sluice:workers";
 
 pub struct Root<H> {
     host: H,
@@ -57,7 +52,8 @@ impl<H: Host + Clone> Root<H> {
             crate::queued_bytes::ensure(&self.host, key)
                 .map_err(|e| format!("shared data {key}: {e}"))?;
         }
-        let id = allocate_worker_id(&self.host)
+        let id = worker_ids::ensure(&self.host)
+            .and_then(|()| worker_ids::allocate(&self.host))
             .map_err(|e| format!("cannot allocate a worker index: {e}"))?;
         let queue = queue_name(id);
         self.host
@@ -93,37 +89,25 @@ impl<H: Host + Clone> Root<H> {
 
     /// The VM is going away (Envoy's `on_done`): slots it holds for
     /// abandoned requests go back now, as no tick will release them.
-    pub fn done(&self) {
-        if let Some(w) = &self.worker {
+    /// Its worker index goes back for a later VM to reuse.
+    pub fn done(&mut self) {
+        if let Some(w) = self.worker.take() {
             w.release_all_held();
+            if let Err(e) = worker_ids::free(&self.host, w.id) {
+                log::warn!("cannot free worker index {}: {e}", w.id);
+            }
         }
+    }
+
+    #[cfg(test)]
+    pub fn worker_id(&self) -> Option<sluice_core::admission::WorkerId> {
+        self.worker.as_ref().map(|w| w.id)
     }
 
     /// The state of a new request; `None` before configuration.
     pub fn new_stream(&self, context_id: u32) -> Option<Stream<H>> {
         let worker = self.worker.clone()?;
         Some(Stream::new(worker, context_id))
-    }
-}
-
-fn allocate_worker_id<S: SharedData>(store: &S) -> Result<WorkerId, String> {
-    loop {
-        let (value, cas) = store
-            .get(WORKERS_KEY)
-            .map_err(|e| e.to_string())?
-            .unwrap_or_default();
-        let next = match value[..] {
-            [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
-            // First VM ever (main thread, before workers): see configure.
-            _ => 0,
-        };
-        let id = WorkerId::try_from(next)
-            .map_err(|_| "more than 65535 plugin VMs since start".to_string())?;
-        match store.set(WORKERS_KEY, &(next + 1).to_le_bytes(), cas) {
-            Ok(()) => return Ok(id),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e.to_string()),
-        }
     }
 }
 

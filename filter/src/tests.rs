@@ -496,7 +496,7 @@ fn an_abandoned_waiter_that_was_admitted_is_held_too() {
 #[test]
 fn a_vm_going_away_releases_what_it_holds() {
     let envoy = FakeEnvoy::new();
-    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    let mut w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
     let mut a = admitted(&w);
     a.reset();
     assert_eq!(counts(&envoy), (1, 0, 0));
@@ -637,6 +637,29 @@ fn max_queued_bytes_refuses_bodies_the_queue_has_no_room_for() {
     for s in [&mut b, &mut c, &mut e, &mut f] {
         s.complete();
     }
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+#[test]
+fn a_new_vm_reuses_the_index_of_one_that_is_gone_and_is_woken_through_it() {
+    let envoy = FakeEnvoy::new();
+    let cfg = config(1, 1.0, 10);
+    let main = FakeWorker::start(&envoy, &cfg);
+    let mut old = FakeWorker::start(&envoy, &cfg);
+    assert_eq!((main.worker_id(), old.worker_id()), (0, 1));
+    // A listener update: the old worker VM drains and goes away.
+    old.done();
+    let new = FakeWorker::start(&envoy, &cfg);
+    assert_eq!(new.worker_id(), 1);
+    assert_eq!(FakeWorker::start(&envoy, &cfg).worker_id(), 2);
+    // Wake-ups to index 1 now reach the new VM.
+    let mut a = admitted(&main);
+    let mut b = queued(&new);
+    a.complete();
+    assert!(new.deliver_wake_ups());
+    assert_eq!(b.resumes(), 1);
+    b.complete();
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
