@@ -7,7 +7,7 @@
 use crate::host::{Envoy, Host};
 use crate::routes::Routes;
 use crate::stream::Stream;
-use crate::worker::{queue_name, Worker};
+use crate::worker::Worker;
 use crate::worker_ids;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -52,14 +52,7 @@ impl<H: Host + Clone> Root<H> {
             crate::queued_bytes::ensure(&self.host, key)
                 .map_err(|e| format!("shared data {key}: {e}"))?;
         }
-        let id = worker_ids::ensure(&self.host)
-            .and_then(|()| worker_ids::allocate(&self.host))
-            .map_err(|e| format!("cannot allocate a worker index: {e}"))?;
-        let queue = queue_name(id);
-        self.host
-            .register_shared_queue(&queue)
-            .map_err(|e| format!("cannot register wake-up queue: {e:?}"))?;
-        log::debug!("worker {id} is woken through {queue}");
+        worker_ids::ensure(&self.host).map_err(|e| format!("shared data: {e}"))?;
         if first {
             log::info!(
                 "service {:?}, {} endpoints",
@@ -67,7 +60,7 @@ impl<H: Host + Clone> Root<H> {
                 config.endpoints.len()
             );
         }
-        let worker = Worker::new(self.host.clone(), id, vm_id, routes);
+        let worker = Worker::new(self.host.clone(), vm_id, routes);
         self.worker = Some(Rc::new(worker));
         Ok(())
     }
@@ -93,15 +86,17 @@ impl<H: Host + Clone> Root<H> {
     pub fn done(&mut self) {
         if let Some(w) = self.worker.take() {
             w.release_all_held();
-            if let Err(e) = worker_ids::free(&self.host, w.id) {
-                log::warn!("cannot free worker index {}: {e}", w.id);
+            if let Some(id) = w.taken_id() {
+                if let Err(e) = worker_ids::free(&self.host, id) {
+                    log::warn!("cannot free worker index {id}: {e}");
+                }
             }
         }
     }
 
     #[cfg(test)]
     pub fn worker_id(&self) -> Option<sluice_core::admission::WorkerId> {
-        self.worker.as_ref().map(|w| w.id)
+        self.worker.as_ref().and_then(|w| w.taken_id())
     }
 
     /// The state of a new request; `None` before configuration.

@@ -91,7 +91,11 @@ impl<H: Host> Stream<H> {
             capacity: route.capacity,
             max_queue: route.max_queue,
         };
-        match admission::acquire(host, &route.key, limits, worker.id) {
+        let Some(worker_id) = worker.id() else {
+            // Fail open: without an index nobody could wake this request.
+            return Action::Continue;
+        };
+        match admission::acquire(host, &route.key, limits, worker_id) {
             Ok((acquired, wakeups)) => {
                 worker.wake(&wakeups);
                 match acquired {

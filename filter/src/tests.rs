@@ -645,17 +645,22 @@ fn max_queued_bytes_refuses_bodies_the_queue_has_no_room_for() {
 fn a_new_vm_reuses_the_index_of_one_that_is_gone_and_is_woken_through_it() {
     let envoy = FakeEnvoy::new();
     let cfg = config(1, 1.0, 10);
-    let main = FakeWorker::start(&envoy, &cfg);
+    // The main thread's VM serves no watched request: it takes no index.
+    let _main = FakeWorker::start(&envoy, &cfg);
+    let first = FakeWorker::start(&envoy, &cfg);
     let mut old = FakeWorker::start(&envoy, &cfg);
-    assert_eq!((main.worker_id(), old.worker_id()), (0, 1));
+    let mut a = admitted(&first);
+    queued(&old).reset();
+    assert_eq!((first.worker_id(), old.worker_id()), (0, 1));
     // A listener update: the old worker VM drains and goes away.
     old.done();
     let new = FakeWorker::start(&envoy, &cfg);
-    assert_eq!(new.worker_id(), 1);
-    assert_eq!(FakeWorker::start(&envoy, &cfg).worker_id(), 2);
-    // Wake-ups to index 1 now reach the new VM.
-    let mut a = admitted(&main);
+    let idle = FakeWorker::start(&envoy, &cfg);
     let mut b = queued(&new);
+    assert_eq!(new.worker_id(), 1);
+    queued(&idle).reset();
+    assert_eq!(idle.worker_id(), 2);
+    // Wake-ups to index 1 now reach the new VM.
     a.complete();
     assert!(new.deliver_wake_ups());
     assert_eq!(b.resumes(), 1);

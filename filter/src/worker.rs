@@ -8,6 +8,7 @@ use crate::abandon::{hold_ns, HeldSlots, RecentDurations};
 use crate::host::Host;
 use crate::replies::LocalReply;
 use crate::routes::Routes;
+use crate::worker_ids;
 use sluice_core::admission::{self, Wakeups, Withdrawn, WorkerId};
 use sluice_core::waiters::{LocalWaiter, LocalWaiters};
 use std::cell::{Cell, RefCell};
@@ -38,7 +39,8 @@ pub fn queue_name(id: WorkerId) -> String {
 
 pub struct Worker<H> {
     pub host: H,
-    pub id: WorkerId,
+    /// Taken at this worker's first watched request (see [`Worker::id`]).
+    id: Cell<Option<WorkerId>>,
     vm_id: String,
     pub routes: Routes,
     /// Each with its fate and the body bytes it counts in `max_queued_bytes`.
@@ -54,19 +56,53 @@ pub struct Worker<H> {
 }
 
 impl<H: Host> Worker<H> {
-    pub fn new(host: H, id: WorkerId, vm_id: String, routes: Routes) -> Worker<H> {
+    pub fn new(host: H, vm_id: String, routes: Routes) -> Worker<H> {
         let durations = vec![RecentDurations::default(); routes.endpoints.len()];
         Worker {
+            id: Cell::new(None),
             durations: RefCell::new(durations),
             held: RefCell::new(HeldSlots::default()),
             host,
-            id,
             vm_id,
             routes,
             waiters: RefCell::new(LocalWaiters::default()),
             peers: RefCell::new(HashMap::new()),
             fast_tick: Cell::new(false),
         }
+    }
+
+    /// This worker's index, taken (and its wake-up queue registered) when
+    /// first needed: at its first watched request. VMs that never serve a
+    /// request (the main thread's, the canary Envoy starts and drops at each
+    /// configuration without `on_done`) so never use up an index. `None` if
+    /// none could be taken; the caller fails open.
+    pub fn id(&self) -> Option<WorkerId> {
+        if let Some(id) = self.id.get() {
+            return Some(id);
+        }
+        let id = match worker_ids::allocate(&self.host) {
+            Ok(id) => id,
+            Err(e) => {
+                log::error!("cannot allocate a worker index: {e}");
+                return None;
+            }
+        };
+        let queue = queue_name(id);
+        // Envoy registers the queue for the root context even when asked
+        // from a stream's callback: on_queue_ready goes to the root.
+        if let Err(e) = self.host.register_shared_queue(&queue) {
+            log::error!("cannot register wake-up queue {queue}: {e:?}");
+            let _ = worker_ids::free(&self.host, id);
+            return None;
+        }
+        log::debug!("worker {id} is woken through {queue}");
+        self.id.set(Some(id));
+        Some(id)
+    }
+
+    /// The index this worker took, if it took one.
+    pub fn taken_id(&self) -> Option<WorkerId> {
+        self.id.get()
     }
 
     pub fn tick(&self) {
@@ -215,9 +251,11 @@ impl<H: Host> Worker<H> {
     /// Resumes this worker's requests whose tickets were granted.
     pub fn claim_granted(&self) {
         let endpoints = self.waiters.borrow().endpoints();
+        // Waiters mean an index was taken.
+        let Some(id) = self.id.get() else { return };
         for ep in endpoints {
             let route = &self.routes.endpoints[ep];
-            match admission::claim(&self.host, &route.key, self.id, route.capacity) {
+            match admission::claim(&self.host, &route.key, id, route.capacity) {
                 Ok((tickets, wakeups)) => {
                     self.wake(&wakeups);
                     for ticket in tickets {

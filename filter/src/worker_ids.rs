@@ -16,13 +16,17 @@ const COUNTER_KEY: &str = "sluice:workers";
 /// Indices of VMs that are gone, `u16` little endian each.
 const FREE_KEY: &str = "sluice:workers:free";
 
-/// Creates the free list empty if it does not exist (a write to a missing
-/// key ignores CAS, so two first pushes could race: create it before).
+/// Creates the counter (at 0) and the free list (empty) if they do not
+/// exist. A write to a missing key ignores CAS, so two workers taking their
+/// first index at once could both get 0: `on_configure` creates the keys on
+/// the main thread, before any worker VM exists.
 pub fn ensure<S: SharedData>(store: &S) -> Result<(), String> {
-    match store.get(FREE_KEY).map_err(|e| e.to_string())? {
-        Some(_) => Ok(()),
-        None => store.set(FREE_KEY, &[], 0).map_err(|e| e.to_string()),
+    for (key, empty) in [(COUNTER_KEY, &0u32.to_le_bytes()[..]), (FREE_KEY, &[][..])] {
+        if store.get(key).map_err(|e| e.to_string())?.is_none() {
+            store.set(key, empty, 0).map_err(|e| e.to_string())?;
+        }
     }
+    Ok(())
 }
 
 /// An index for a new VM: a freed one if any, else the next never used.
@@ -37,7 +41,7 @@ pub fn allocate<S: SharedData>(store: &S) -> Result<WorkerId, String> {
             .unwrap_or_default();
         let next = match value[..] {
             [a, b, c, d] => u32::from_le_bytes([a, b, c, d]),
-            // First VM ever (main thread, before workers): see configure.
+            // Not created (only in tests that skip `ensure`).
             _ => 0,
         };
         let id = WorkerId::try_from(next)

@@ -209,3 +209,52 @@ fn stats_path_wins_and_answers_only_get_and_head() {
     assert_eq!(post.header("x-sluice-reason"), None, "{}", post.text());
     assert_eq!(backend.path_stats("/balancer/stats")["completed"], 1);
 }
+
+/// The worker index of each root context, from the filter's debug lines.
+fn worker_indices(log: &str) -> Vec<u32> {
+    log.lines()
+        .filter_map(|l| l.split("is woken through sluice:wake:").nth(1))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Listener updates start new VMs (root contexts); once the old ones have
+/// drained, their worker indices are reused instead of growing for ever
+/// (before: 4 more per update, the main thread's and the canary's included).
+#[test]
+fn listener_updates_reuse_worker_indices() {
+    let backend = Backend::start(&["/predict"]);
+    let config = |timeout: u32| {
+        json!({"service": "e2e", "endpoints": {
+            "/predict": {"capacity": 2, "queue_timeout": timeout},
+        }})
+    };
+    let mut proxy = FrontProxy::new(backend.port(), config(30).to_string());
+    proxy.use_lds = true;
+    let mut opts = proxy.envoy_options(2);
+    opts.component_log_level = Some("wasm:debug".to_string());
+    // Old listeners drain in a second, then their VMs' on_done runs.
+    opts.extra_args = vec!["--drain-time-s".into(), "1".into()];
+    let envoy = Envoy::start_with(opts);
+    let updates = 8;
+    for i in 0..updates {
+        proxy.plugin_config_json = config(31 + i).to_string();
+        envoy.update_lds(&proxy);
+        // Watched requests make the new workers take their indices.
+        for _ in 0..4 {
+            let res = envoy.request("GET", "/predict").send().unwrap();
+            assert_eq!(res.status, 200);
+        }
+        std::thread::sleep(Duration::from_millis(2500));
+    }
+    let indices = worker_indices(&envoy.log());
+    assert!(
+        indices.len() >= updates as usize,
+        "each update's workers take indices: {indices:?}"
+    );
+    let highest = indices.iter().max().copied().unwrap_or(0);
+    assert!(
+        highest < 8,
+        "indices keep growing across {updates} updates: {indices:?}"
+    );
+}
