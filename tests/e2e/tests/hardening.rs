@@ -258,3 +258,27 @@ fn listener_updates_reuse_worker_indices() {
         "indices keep growing across {updates} updates: {indices:?}"
     );
 }
+
+/// What docs/filter.md says of `stream_idle_timeout`: firing on a queued
+/// request, it answers Envoy's own 504 `stream timeout` (text, no
+/// `x-sluice-reason`) before the filter's queue timeout, and the request
+/// leaves the queue holding nothing.
+#[test]
+fn stream_idle_timeout_cuts_a_queued_request_with_envoys_own_504() {
+    let backend = Backend::start(&["/predict:service_ms=2500"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 1, "queue_timeout": 10},
+    }});
+    let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    proxy.stream_idle_timeout_secs = 1;
+    let envoy = Envoy::start(&proxy, 1);
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 2);
+    burst.spacing = Duration::from_millis(20);
+    let outcomes = run_blocking(&burst);
+    let queued = &outcomes[1];
+    assert_eq!(queued.status, 504, "{queued:?}");
+    assert_eq!(queued.reason, None, "not the filter's reply: {queued:?}");
+    assert_eq!(queued.body, "stream timeout", "{queued:?}");
+    assert!(queued.latency_ms < 2000.0, "{queued:?}");
+    assert_eq!(backend.arrivals("/predict").len(), 1);
+}

@@ -210,8 +210,9 @@ static_resources:
         "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
         stat_prefix: {name}
         # The idle timer keeps running on a stream the filter has paused
-        # (queued) and answers 408 when it fires (default 5 min): it must
-        # exceed the longest queue_timeout. See ENVOY-WASM-NOTES.md.
+        # (queued) and answers Envoy's own 504 "stream timeout" when it fires
+        # (default 5 min): it must exceed the longest queue_timeout. See
+        # docs/filter.md.
         stream_idle_timeout: {stream_idle_timeout}s
         route_config:
           name: {name}
