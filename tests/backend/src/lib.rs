@@ -3,9 +3,15 @@
 //!
 //! Each `--route` gives a path a number of slots (`capacity`), a service time
 //! and what happens beyond capacity (`queue` FIFO inside the backend, or
-//! `reject` with 503). `GET /__backend/stats` tells what the backend saw: how
-//! many requests were inside at once, and the `x-seq` headers in arrival order.
+//! `reject` with 503). `--workers K` adds one pool of K workers that every
+//! routed request holds while it is served, like the worker processes of a
+//! uvicorn app: a flood on one path then delays all the others.
+//! `GET /__backend/stats` tells what the backend saw: how many requests were
+//! inside at once, the `x-seq` headers in arrival order, how long each slot
+//! of a saturated path stayed empty between two requests (`handover_gap`,
+//! see [`handover`]), and how long requests took from arrival to answer.
 
+pub mod handover;
 pub mod path_stats;
 pub mod precise_sleep;
 pub mod route;
@@ -27,6 +33,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 
 pub const STATS_PATH: &str = "/__backend/stats";
 pub const RESET_PATH: &str = "/__backend/reset";
@@ -41,6 +48,8 @@ pub struct Options {
     pub routes: Vec<RouteSpec>,
     /// Runtime worker threads; 1 runs everything on the calling thread.
     pub threads: usize,
+    /// Workers shared by every routed path (FIFO); `None`: no such limit.
+    pub workers: Option<usize>,
 }
 
 /// Serves until the process is killed. Prints `listening on ADDR` once the
@@ -84,6 +93,7 @@ impl Server {
             listen(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
         let app = Arc::new(App {
             paths: Paths::new(&opts.routes),
+            workers: opts.workers.map(Semaphore::new),
         });
         Ok(Server { listener, app })
     }
@@ -143,6 +153,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 struct App {
     paths: Paths,
+    /// tokio's semaphore is FIFO: a request waits for a worker behind every
+    /// request that asked before it, whatever its path.
+    workers: Option<Semaphore>,
 }
 
 impl App {
@@ -179,7 +192,7 @@ impl App {
         if let Some(seq) = req.headers().get(SEQ_HEADER) {
             state.record_arrival(&String::from_utf8_lossy(seq.as_bytes()));
         }
-        let _in_flight = state.in_flight.enter();
+        let inside = state.enter();
 
         if req.into_body().collect().await.is_err() {
             return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
@@ -207,6 +220,14 @@ impl App {
                 },
             },
         };
+        // A request waiting for its path's slot holds no worker: the path's
+        // own limit comes first, as in an app with a per-endpoint semaphore.
+        let _worker = match &self.workers {
+            Some(pool) if state.routed => {
+                Some(pool.acquire().await.expect("the semaphore is never closed"))
+            }
+            _ => None,
+        };
         let _serving = state.serving.enter();
         let (service_time, body) = match service_ms {
             None => (state.service_time, state.default_body.clone()),
@@ -215,7 +236,7 @@ impl App {
         if !service_time.is_zero() {
             precise_sleep::sleep(service_time).await;
         }
-        state.count_completed();
+        state.count_completed(inside.arrived);
         json(StatusCode::OK, body)
     }
 }
