@@ -54,9 +54,13 @@ test-wasm:
 	  cargo test -p sluice-core --target wasm32-unknown-unknown
 
 # Figures for the README: side by side in one run, printed as markdown.
+# Short, noisy runs: make bench BENCH_ARGS="--seconds 2 --rounds 1 --timeout-waves 2"
+# (target/release/sluice-bench filter --help lists every flag).
+BENCH_ARGS ?=
 bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-bench
-	target/release/sluice-bench
+	target/release/sluice-bench filter $(BENCH_ARGS)
+
 
 # Repeatability of probes and the load generator against wrk.
 bench-prober: deps-bench
