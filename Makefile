@@ -8,7 +8,7 @@ WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNIT
 NATIVE_BINS := -p sluice-backend -p sluice-prober
 
 .PHONY: deps deps-demo deps-test deps-bench build wasm test test-unit test-wasm lint fmt \
-	bench bench-prober demo clean
+	bench bench-isolation bench-prober demo clean
 
 # What each command installs: the demo needs least.
 deps: deps-test
@@ -60,6 +60,12 @@ BENCH_ARGS ?=
 bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-bench
 	target/release/sluice-bench filter $(BENCH_ARGS)
+
+# Small requests while a large endpoint is flooded: straight, plain Envoy,
+# HAProxy, Sluice. Short: make bench-isolation BENCH_ARGS="--seconds 3"
+bench-isolation: deps-bench wasm
+	cargo build --release -p sluice-backend -p sluice-bench
+	target/release/sluice-bench isolation $(BENCH_ARGS)
 
 
 # Repeatability of probes and the load generator against wrk.

@@ -3,12 +3,15 @@
 //! under a line that says when and on what.
 //!
 //! - `filter` (`make bench`): hot-path cost, the handover gap and
-//!   throughput at saturation against HAProxy, queue-timeout lateness.
+//!   throughput at saturation against HAProxy, queue-timeout lateness;
+//! - `isolation` (`make bench-isolation`): small requests beside a flooded
+//!   large endpoint, straight, through plain Envoy, HAProxy and Sluice.
 
 pub mod access_log;
 mod figures;
 pub mod filter;
 pub mod haproxy;
+pub mod isolation;
 mod machine;
 mod wrk;
 
@@ -26,10 +29,14 @@ pub enum Bench {
     /// Hot-path cost, handover gap and throughput against HAProxy, 504
     /// lateness (make bench).
     Filter(filter::Opts),
+    /// Small requests' latency while a large endpoint is flooded (make
+    /// bench-isolation).
+    Isolation(isolation::Opts),
 }
 
 pub fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Bench::Filter(o) => filter::run(o),
+        Bench::Isolation(o) => isolation::run(o),
     }
 }
