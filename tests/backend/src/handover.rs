@@ -35,6 +35,18 @@ pub struct HandoverGaps {
     open: VecDeque<u64>,
     /// Closed gaps, nanoseconds.
     gaps: Histogram<u64>,
+    /// Since when more than `capacity` are inside, if they are.
+    over_since: Option<u64>,
+    over: OverCapacity,
+}
+
+/// Spells with more than `capacity` requests inside: a proxy that lets one
+/// too many through, and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OverCapacity {
+    pub episodes: u64,
+    pub longest_ns: u64,
+    pub total_ns: u64,
 }
 
 /// What `GET /__backend/stats` reports, in milliseconds.
@@ -56,12 +68,18 @@ impl HandoverGaps {
             inside: 0,
             open: VecDeque::new(),
             gaps: Histogram::new(3).expect("3 significant digits is a valid histogram"),
+            over_since: None,
+            over: OverCapacity::default(),
         }
     }
 
     /// A request entered at `at_ns`; returns the gap it closed, if any.
     pub fn arrive(&mut self, at_ns: u64) -> Option<u64> {
         self.inside += 1;
+        if self.inside > self.capacity && self.over_since.is_none() {
+            self.over_since = Some(at_ns);
+            self.over.episodes += 1;
+        }
         let freed_at = self.open.pop_front()?;
         let gap = at_ns.saturating_sub(freed_at);
         // An auto-resizing histogram only fails on a value it cannot grow to.
@@ -73,6 +91,13 @@ impl HandoverGaps {
     pub fn depart(&mut self, at_ns: u64) {
         let was_full = self.inside >= self.capacity;
         self.inside = self.inside.saturating_sub(1);
+        if self.inside <= self.capacity {
+            if let Some(since) = self.over_since.take() {
+                let spell = at_ns.saturating_sub(since);
+                self.over.longest_ns = self.over.longest_ns.max(spell);
+                self.over.total_ns += spell;
+            }
+        }
         if self.inside < self.capacity && (was_full || !self.open.is_empty()) {
             self.open.push_back(at_ns);
         }
@@ -83,6 +108,16 @@ impl HandoverGaps {
     pub fn reset(&mut self) {
         self.open.clear();
         self.gaps.reset();
+        // A spell under way counts as one, from its real start.
+        self.over = OverCapacity {
+            episodes: u64::from(self.over_since.is_some()),
+            ..OverCapacity::default()
+        };
+    }
+
+    /// Spells over capacity that have ended.
+    pub fn over_capacity(&self) -> OverCapacity {
+        self.over
     }
 
     pub fn summary(&self) -> GapSummary {
@@ -180,5 +215,22 @@ mod tests {
         // Still one inside: its departure frees the full path.
         g.depart(5 * MS);
         assert_eq!(g.arrive(6 * MS), Some(MS));
+    }
+
+    #[test]
+    fn spells_over_capacity_are_counted_and_timed() {
+        let mut g = HandoverGaps::new(1);
+        g.arrive(0);
+        g.arrive(MS); // 2 inside: a spell starts
+        g.arrive(2 * MS); // still the same spell
+        g.depart(3 * MS);
+        g.depart(5 * MS); // back to 1: the spell lasted 4 ms
+        g.arrive(6 * MS);
+        g.depart(6 * MS + 500);
+        let o = g.over_capacity();
+        assert_eq!(
+            (o.episodes, o.longest_ns, o.total_ns),
+            (2, 4 * MS, 4 * MS + 500)
+        );
     }
 }

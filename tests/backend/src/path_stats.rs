@@ -1,7 +1,7 @@
 //! Per-path state: the capacity slots and the counters `/__backend/stats`
 //! reports.
 
-use crate::handover::{GapSummary, HandoverGaps};
+use crate::handover::{GapSummary, HandoverGaps, OverCapacity};
 use crate::route::{Overload, RouteSpec};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
@@ -176,6 +176,7 @@ impl PathState {
             "rejected": self.rejected.load(Ordering::SeqCst),
             "arrivals": *self.arrivals.lock().unwrap(),
             "handover_gap": self.gaps.as_ref().map(|g| gap_json(g.lock().unwrap().summary())),
+            "over_capacity": self.gaps.as_ref().map(|g| over_json(g.lock().unwrap().over_capacity())),
             "latency": latency_json(&self.latency.lock().unwrap()),
         })
     }
@@ -217,6 +218,14 @@ fn gap_json(s: GapSummary) -> Value {
         "p99_ms": round_us(s.p99_ms),
         "max_ms": round_us(s.max_ms),
         "mean_ms": round_us(s.mean_ms),
+    })
+}
+
+fn over_json(o: OverCapacity) -> Value {
+    json!({
+        "episodes": o.episodes,
+        "longest_ms": round_us(o.longest_ns as f64 / 1e6),
+        "total_ms": round_us(o.total_ns as f64 / 1e6),
     })
 }
 

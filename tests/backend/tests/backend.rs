@@ -282,6 +282,11 @@ async fn handover_gap_times_a_full_paths_empty_slot_until_the_next_arrival() {
         "{gap}"
     );
     assert_eq!(paths["/q"]["handover_gap"]["count"], 0, "{}", paths["/q"]);
+    assert_eq!(
+        paths["/p"]["over_capacity"]["episodes"], 0,
+        "{}",
+        paths["/p"]
+    );
 
     // Latency runs from arrival to answer: the service time, no pause.
     let latency = &paths["/p"]["latency"];
@@ -304,6 +309,7 @@ async fn a_path_without_capacity_reports_no_handover_gap() {
     closed_loop(addr, "/p", 2, 2, Duration::ZERO).await;
     let s = &stats(addr).await["paths"]["/p"];
     assert!(s["handover_gap"].is_null(), "{s}");
+    assert!(s["over_capacity"].is_null(), "{s}");
     assert_eq!(s["latency"]["count"], 4, "{s}");
 }
 
