@@ -8,7 +8,7 @@ WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNIT
 NATIVE_BINS := -p sluice-backend -p sluice-prober
 
 .PHONY: deps deps-demo deps-test deps-bench build wasm test test-unit test-wasm lint fmt \
-	bench bench-isolation bench-prober demo clean
+	bench bench-isolation bench-prober soak demo clean
 
 # What each command installs: the demo needs least.
 deps: deps-test
@@ -66,6 +66,14 @@ bench: deps-bench wasm
 bench-isolation: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-bench
 	target/release/sluice-bench isolation $(BENCH_ARGS)
+
+# Not in CI (make test runs its 60-second version): SOAK_MINUTES at 3x
+# overload with client aborts and a listener update every minute.
+SOAK_MINUTES ?= 10
+soak: deps-test wasm
+	cargo build --release -p sluice-backend
+	SLUICE_SOAK_SECS=$$(( $(SOAK_MINUTES) * 60 )) \
+	  cargo test --release -p sluice-e2e --test soak -- --nocapture
 
 
 # Repeatability of probes and the load generator against wrk.
