@@ -20,19 +20,22 @@
 //! - gaps still open when someone reads the figures are not samples: at the
 //!   end of a run nobody is left to fill them.
 //!
-//! Times are nanoseconds on one monotonic clock chosen by the caller, so the
-//! same bookkeeping runs on the backend's clock and, in the benchmark, on
-//! timestamps from Envoy's access log.
+//! Times are nanoseconds on one clock chosen by the caller, so the same
+//! bookkeeping runs on the backend's clock and, in the benchmark, on
+//! timestamps from Envoy's access log. A departure can carry a tag (say, a
+//! request id) that the arrival closing its gap gets back, to tell which
+//! request handed its slot to which.
 
 use hdrhistogram::Histogram;
 use std::collections::VecDeque;
 
 #[derive(Debug, Clone)]
-pub struct HandoverGaps {
+pub struct HandoverGaps<T = ()> {
     capacity: u64,
     inside: u64,
-    /// Departure times of the slots waiting to be refilled, oldest first.
-    open: VecDeque<u64>,
+    /// Departure times (and tags) of the slots waiting to be refilled,
+    /// oldest first.
+    open: VecDeque<(u64, T)>,
     /// Closed gaps, nanoseconds.
     gaps: Histogram<u64>,
     /// Since when more than `capacity` are inside, if they are.
@@ -61,8 +64,8 @@ pub struct GapSummary {
     pub mean_ms: f64,
 }
 
-impl HandoverGaps {
-    pub fn new(capacity: u64) -> HandoverGaps {
+impl<T> HandoverGaps<T> {
+    pub fn new(capacity: u64) -> HandoverGaps<T> {
         HandoverGaps {
             capacity,
             inside: 0,
@@ -73,22 +76,23 @@ impl HandoverGaps {
         }
     }
 
-    /// A request entered at `at_ns`; returns the gap it closed, if any.
-    pub fn arrive(&mut self, at_ns: u64) -> Option<u64> {
+    /// A request entered at `at_ns`; returns the gap it closed, if any,
+    /// with the tag of the departure that opened it.
+    pub fn arrive(&mut self, at_ns: u64) -> Option<(u64, T)> {
         self.inside += 1;
         if self.inside > self.capacity && self.over_since.is_none() {
             self.over_since = Some(at_ns);
             self.over.episodes += 1;
         }
-        let freed_at = self.open.pop_front()?;
+        let (freed_at, tag) = self.open.pop_front()?;
         let gap = at_ns.saturating_sub(freed_at);
         // An auto-resizing histogram only fails on a value it cannot grow to.
         let _ = self.gaps.record(gap);
-        Some(gap)
+        Some((gap, tag))
     }
 
     /// A request left at `at_ns` (answered, or its client went away).
-    pub fn depart(&mut self, at_ns: u64) {
+    pub fn depart(&mut self, at_ns: u64, tag: T) {
         let was_full = self.inside >= self.capacity;
         self.inside = self.inside.saturating_sub(1);
         if self.inside <= self.capacity {
@@ -99,7 +103,7 @@ impl HandoverGaps {
             }
         }
         if self.inside < self.capacity && (was_full || !self.open.is_empty()) {
-            self.open.push_back(at_ns);
+            self.open.push_back((at_ns, tag));
         }
     }
 
@@ -146,6 +150,11 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// The gap an arrival closed, without its (empty) tag.
+    fn arrive(g: &mut HandoverGaps, at: u64) -> Option<u64> {
+        g.arrive(at).map(|(gap, ())| gap)
+    }
+
     fn summary_counts(g: &HandoverGaps) -> (u64, u64) {
         let s = g.summary();
         (s.count, s.open)
@@ -157,8 +166,8 @@ mod tests {
         for t in 0..10 {
             g.arrive(t * MS);
             g.arrive(t * MS);
-            g.depart(t * MS + 1);
-            g.depart(t * MS + 2);
+            g.depart(t * MS + 1, ());
+            g.depart(t * MS + 2, ());
         }
         assert_eq!(summary_counts(&g), (0, 0));
     }
@@ -168,9 +177,9 @@ mod tests {
         let mut g = HandoverGaps::new(2);
         g.arrive(0);
         g.arrive(0);
-        g.depart(10 * MS); // full -> 1 inside: gap opens
+        g.depart(10 * MS, ()); // full -> 1 inside: gap opens
         assert_eq!(summary_counts(&g), (0, 1));
-        assert_eq!(g.arrive(10 * MS + 300_000), Some(300_000));
+        assert_eq!(arrive(&mut g, 10 * MS + 300_000), Some(300_000));
         let s = g.summary();
         assert_eq!((s.count, s.open), (1, 0));
         assert!((s.p50_ms - 0.3).abs() < 0.001, "{s:?}");
@@ -181,12 +190,16 @@ mod tests {
         let mut g = HandoverGaps::new(2);
         g.arrive(0);
         g.arrive(0);
-        g.depart(10 * MS); // opens (was full)
-        g.depart(11 * MS); // opens (a gap is open: same episode)
+        g.depart(10 * MS, ()); // opens (was full)
+        g.depart(11 * MS, ()); // opens (a gap is open: same episode)
         assert_eq!(summary_counts(&g), (0, 2));
-        assert_eq!(g.arrive(12 * MS), Some(2 * MS));
-        assert_eq!(g.arrive(12 * MS), Some(MS));
-        assert_eq!(g.arrive(13 * MS), None, "over capacity closes nothing");
+        assert_eq!(arrive(&mut g, 12 * MS), Some(2 * MS));
+        assert_eq!(arrive(&mut g, 12 * MS), Some(MS));
+        assert_eq!(
+            arrive(&mut g, 13 * MS),
+            None,
+            "over capacity closes nothing"
+        );
         assert_eq!(summary_counts(&g), (2, 0));
     }
 
@@ -195,9 +208,9 @@ mod tests {
         let mut g = HandoverGaps::new(1);
         g.arrive(0);
         g.arrive(0);
-        g.depart(MS); // 2 -> 1: still full
+        g.depart(MS, ()); // 2 -> 1: still full
         assert_eq!(summary_counts(&g), (0, 0));
-        g.depart(2 * MS); // 1 -> 0: a slot is free
+        g.depart(2 * MS, ()); // 1 -> 0: a slot is free
         assert_eq!(summary_counts(&g), (0, 1));
     }
 
@@ -205,16 +218,24 @@ mod tests {
     fn reset_forgets_samples_and_open_gaps_but_not_who_is_inside() {
         let mut g = HandoverGaps::new(1);
         g.arrive(0);
-        g.depart(MS);
+        g.depart(MS, ());
         g.arrive(2 * MS);
-        g.depart(3 * MS);
+        g.depart(3 * MS, ());
         assert_eq!(summary_counts(&g), (1, 1));
         g.arrive(4 * MS);
         g.reset();
         assert_eq!(summary_counts(&g), (0, 0));
         // Still one inside: its departure frees the full path.
-        g.depart(5 * MS);
-        assert_eq!(g.arrive(6 * MS), Some(MS));
+        g.depart(5 * MS, ());
+        assert_eq!(arrive(&mut g, 6 * MS), Some(MS));
+    }
+
+    #[test]
+    fn an_arrival_gets_back_the_tag_of_the_departure_it_follows() {
+        let mut g = HandoverGaps::new(1);
+        g.arrive(0);
+        g.depart(MS, "a");
+        assert_eq!(g.arrive(3 * MS), Some((2 * MS, "a")));
     }
 
     #[test]
@@ -223,10 +244,10 @@ mod tests {
         g.arrive(0);
         g.arrive(MS); // 2 inside: a spell starts
         g.arrive(2 * MS); // still the same spell
-        g.depart(3 * MS);
-        g.depart(5 * MS); // back to 1: the spell lasted 4 ms
+        g.depart(3 * MS, ());
+        g.depart(5 * MS, ()); // back to 1: the spell lasted 4 ms
         g.arrive(6 * MS);
-        g.depart(6 * MS + 500);
+        g.depart(6 * MS + 500, ());
         let o = g.over_capacity();
         assert_eq!(
             (o.episodes, o.longest_ns, o.total_ns),

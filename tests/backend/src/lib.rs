@@ -37,6 +37,8 @@ use tokio::sync::Semaphore;
 
 pub const STATS_PATH: &str = "/__backend/stats";
 pub const RESET_PATH: &str = "/__backend/reset";
+/// With `--trace`: every routed request's id and wall-clock times.
+pub const TRACE_PATH: &str = "/__backend/trace";
 /// Overrides the service time of one request (float milliseconds).
 pub const SERVICE_MS_HEADER: &str = "x-service-ms";
 /// Recorded in the path's `arrivals`, in the order requests arrive.
@@ -50,6 +52,10 @@ pub struct Options {
     pub threads: usize,
     /// Workers shared by every routed path (FIFO); `None`: no such limit.
     pub workers: Option<usize>,
+    /// Keep each routed request's `x-request-id` with its arrival and
+    /// departure on the wall clock (`GET /__backend/trace`), so a benchmark
+    /// can line the backend up with Envoy's access log.
+    pub trace: bool,
 }
 
 /// Serves until the process is killed. Prints `listening on ADDR` once the
@@ -92,7 +98,7 @@ impl Server {
         let listener =
             listen(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
         let app = Arc::new(App {
-            paths: Paths::new(&opts.routes),
+            paths: Paths::new(&opts.routes, opts.trace),
             workers: opts.workers.map(Semaphore::new),
         });
         Ok(Server { listener, app })
@@ -168,10 +174,13 @@ impl App {
                 self.paths.reset();
                 return json(StatusCode::OK, r#"{"reset":true}"#);
             }
-            (_, STATS_PATH | RESET_PATH) => {
+            (&Method::GET, TRACE_PATH) => {
+                return json(StatusCode::OK, self.paths.trace_json().to_string());
+            }
+            (_, STATS_PATH | RESET_PATH | TRACE_PATH) => {
                 return json(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    r#"{"error":"use GET /__backend/stats or POST /__backend/reset"}"#,
+                    r#"{"error":"use GET /__backend/stats, GET /__backend/trace or POST /__backend/reset"}"#,
                 );
             }
             _ => {}
@@ -192,7 +201,11 @@ impl App {
         if let Some(seq) = req.headers().get(SEQ_HEADER) {
             state.record_arrival(&String::from_utf8_lossy(seq.as_bytes()));
         }
-        let inside = state.enter();
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        let inside = state.enter(request_id);
 
         if req.into_body().collect().await.is_err() {
             return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);

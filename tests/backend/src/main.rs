@@ -20,6 +20,10 @@ struct Args {
     /// request holds one while it is served (after its path's slot).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
+    /// Keep each routed request's x-request-id and wall-clock arrival and
+    /// departure, served at GET /__backend/trace.
+    #[arg(long)]
+    trace: bool,
 }
 
 fn main() {
@@ -29,6 +33,7 @@ fn main() {
         routes: args.routes,
         threads: args.threads.into(),
         workers: args.workers.map(usize::from),
+        trace: args.trace,
     });
     if let Err(e) = result {
         // One line with the causes, not anyhow's backtrace dump.

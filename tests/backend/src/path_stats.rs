@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::Semaphore;
 
 /// `x-seq` values kept per path; a long benchmark must not grow without bound.
@@ -85,6 +85,19 @@ pub struct PathState {
     latency: Mutex<Histogram<u64>>,
     /// The clock of `gaps`: nanoseconds since this instant.
     epoch: Instant,
+    /// With `--trace`: each request's id and wall-clock times, to line up
+    /// with a proxy's log.
+    trace: Option<Mutex<Vec<TraceEntry>>>,
+}
+
+/// One request as the backend saw it, on the wall clock (the clock of
+/// Envoy's `%START_TIME%`), microseconds since the Unix epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TraceEntry {
+    /// Its `x-request-id` (Envoy sets one on every request it forwards).
+    pub id: String,
+    pub arrived_us: u64,
+    pub departed_us: u64,
 }
 
 impl PathState {
@@ -113,14 +126,20 @@ impl PathState {
             gaps: capacity.map(|k| Mutex::new(HandoverGaps::new(k as u64))),
             latency: Mutex::new(Histogram::new(3).expect("a valid histogram")),
             epoch,
+            trace: None,
         }
     }
 
     /// Counts a request inside the path (in flight, and for the handover
     /// gap) until the returned guard drops: when the handler returns, or
     /// when hyper drops it because the client left.
-    pub fn enter(&self) -> Inside<'_> {
+    /// `request_id` is kept only on a traced path (`--trace`).
+    pub fn enter(&self, request_id: Option<&str>) -> Inside<'_> {
         let arrived = Instant::now();
+        let traced = match (&self.trace, request_id) {
+            (Some(_), Some(id)) => Some((id.to_string(), wall_us())),
+            _ => None,
+        };
         let in_flight = self.in_flight.enter();
         if let Some(gaps) = &self.gaps {
             // The time is read under the lock, so the tracker sees arrivals
@@ -131,6 +150,7 @@ impl PathState {
         Inside {
             state: self,
             arrived,
+            traced,
             _in_flight: in_flight,
         }
     }
@@ -191,6 +211,19 @@ impl PathState {
             gaps.lock().unwrap().reset();
         }
         self.latency.lock().unwrap().reset();
+        if let Some(trace) = &self.trace {
+            trace.lock().unwrap().clear();
+        }
+    }
+
+    /// `[[id, arrived_us, departed_us], ...]` in order of departure.
+    fn trace_json(&self) -> Option<Value> {
+        let trace = self.trace.as_ref()?.lock().unwrap();
+        let rows: Vec<Value> = trace
+            .iter()
+            .map(|e| json!([e.id, e.arrived_us, e.departed_us]))
+            .collect();
+        Some(Value::Array(rows))
     }
 }
 
@@ -198,6 +231,8 @@ impl PathState {
 pub struct Inside<'a> {
     state: &'a PathState,
     pub arrived: Instant,
+    /// Request id and wall-clock arrival, on a traced path.
+    traced: Option<(String, u64)>,
     _in_flight: GaugeGuard<'a>,
 }
 
@@ -205,9 +240,25 @@ impl Drop for Inside<'_> {
     fn drop(&mut self) {
         if let Some(gaps) = &self.state.gaps {
             let mut gaps = gaps.lock().unwrap();
-            gaps.depart(self.state.nanos(Instant::now()));
+            gaps.depart(self.state.nanos(Instant::now()), ());
+        }
+        if let (Some(trace), Some((id, arrived_us))) = (&self.state.trace, self.traced.take()) {
+            let mut trace = trace.lock().unwrap();
+            if trace.len() < MAX_ARRIVALS {
+                trace.push(TraceEntry {
+                    id,
+                    arrived_us,
+                    departed_us: wall_us(),
+                });
+            }
         }
     }
+}
+
+fn wall_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 fn gap_json(s: GapSummary) -> Value {
@@ -259,7 +310,8 @@ pub struct Paths {
 }
 
 impl Paths {
-    pub fn new(routes: &[RouteSpec]) -> Paths {
+    /// `trace`: keep each routed request's id and times (see [`TraceEntry`]).
+    pub fn new(routes: &[RouteSpec], trace: bool) -> Paths {
         let epoch = Instant::now();
         let by_path = routes
             .iter()
@@ -267,6 +319,9 @@ impl Paths {
                 let mut state =
                     PathState::new(&r.path, r.capacity, r.service_ms, r.overload, epoch);
                 state.routed = true;
+                if trace {
+                    state.trace = Some(Mutex::new(Vec::new()));
+                }
                 (r.path.clone(), Arc::new(state))
             })
             .collect();
@@ -299,6 +354,17 @@ impl Paths {
         let sorted: BTreeMap<&str, Value> = by_path
             .iter()
             .map(|(path, state)| (path.as_str(), state.to_json()))
+            .collect();
+        json!({ "paths": sorted })
+    }
+
+    /// `{"paths": {"/p": [[id, arrived_us, departed_us], ...]}}`, traced
+    /// paths only.
+    pub fn trace_json(&self) -> Value {
+        let by_path = self.by_path.read().unwrap();
+        let sorted: BTreeMap<&str, Value> = by_path
+            .iter()
+            .filter_map(|(path, state)| Some((path.as_str(), state.trace_json()?)))
             .collect();
         json!({ "paths": sorted })
     }

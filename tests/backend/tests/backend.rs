@@ -22,6 +22,7 @@ async fn start_with_workers(routes: &[&str], workers: Option<usize>) -> SocketAd
             .collect(),
         threads: 1,
         workers,
+        trace: true,
     };
     let server = Server::bind(&opts).await.unwrap();
     let addr = server.local_addr();
@@ -338,4 +339,27 @@ async fn a_worker_pool_makes_every_path_wait_behind_a_flood() {
     stats(addr).await;
     assert!(started.elapsed() < Duration::from_millis(150));
     slow.await.unwrap();
+}
+
+#[tokio::test]
+async fn trace_keeps_each_request_id_with_its_wall_clock_times() {
+    let addr = start(&["/p:service_ms=30"]).await;
+    let before_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    request(addr, "GET", "/p", &[("x-request-id", "abc")]).await;
+    request(addr, "GET", "/p", &[]).await; // no id: not traced
+    let (status, body) = request(addr, "GET", "/__backend/trace", &[]).await;
+    assert_eq!(status, 200);
+    let trace: Value = serde_json::from_str(&body).unwrap();
+    let rows = trace["paths"]["/p"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{trace}");
+    assert_eq!(rows[0][0], "abc");
+    let (arrived, departed) = (rows[0][1].as_u64().unwrap(), rows[0][2].as_u64().unwrap());
+    assert!(arrived >= before_us, "{trace}");
+    assert!(departed - arrived >= 30_000, "{trace}");
+    request(addr, "POST", "/__backend/reset", &[]).await;
+    let (_, body) = request(addr, "GET", "/__backend/trace", &[]).await;
+    assert_eq!(body, r#"{"paths":{"/p":[]}}"#);
 }

@@ -10,6 +10,7 @@ async fn backend(route: &str) -> std::net::SocketAddr {
         routes: vec![route.parse::<RouteSpec>().unwrap()],
         threads: 1,
         workers: None,
+        trace: false,
     };
     let server = Server::bind(&opts).await.unwrap();
     let addr = server.local_addr();
