@@ -15,7 +15,7 @@ use crate::figures::{gap_from_backend, median, Percentiles, Table};
 use crate::haproxy::Haproxy;
 use crate::machine;
 use crate::wrk::wrk;
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 use sluice_backend::handover::GapSummary;
@@ -185,6 +185,8 @@ struct Saturation {
     gap: GapSummary,
     /// On Envoy's clock (Sluice only).
     envoy_gap: Option<GapSummary>,
+    /// The backend's trace against Envoy's access log (Sluice only).
+    parts: Option<access_log::HandoverParts>,
 }
 
 fn saturation_rows(o: &Opts, s: Scenario, t: &mut Table) -> anyhow::Result<()> {
@@ -222,6 +224,26 @@ fn saturation_rows(o: &Opts, s: Scenario, t: &mut Table) -> anyhow::Result<()> {
                 sluice.gap.count, sluice.gap.max_ms
             ),
         ]);
+        if let Some(p) = &sluice.parts {
+            let part = |x: &Percentiles| format!("{:.2} / {:.2}", x.p50, x.p99);
+            t.row(vec![
+                format!(
+                    "{at}: where Sluice's gap goes, p50 / p99 ms: backend done → Envoy has the response; \
+                     in Envoy (release … next request written upstream); → backend reads it"
+                ),
+                format!(
+                    "{}; {}; {}",
+                    part(&p.response_in),
+                    part(&p.in_envoy),
+                    part(&p.request_out)
+                ),
+                "—".into(),
+                format!(
+                    "{} of {} handovers matched by x-request-id (backend's trace × access log, wall clock)",
+                    p.matched, p.handovers
+                ),
+            ]);
+        }
         t.row(vec![
             format!(
                 "{at}: handover gap p50 / p99, HAProxy maxconn {} (backend's clock)",
@@ -265,7 +287,7 @@ fn gap_ms(g: &GapSummary) -> String {
 }
 
 fn saturation_sluice(s: Scenario, concurrency: u32, seconds: u32) -> anyhow::Result<Saturation> {
-    let backend = Backend::start(&[&s.route()]);
+    let backend = Backend::start_with_args(&["--trace", "--route", &s.route()]);
     let config = json!({"service": "bench",
         "endpoints": {"/work": {"capacity": s.capacity, "queue_timeout": 30}}});
     let mut proxy = FrontProxy::new(backend.port(), config.to_string());
@@ -275,7 +297,26 @@ fn saturation_sluice(s: Scenario, concurrency: u32, seconds: u32) -> anyhow::Res
     let entries = access_log::read_settled(&log);
     let measured = entries.iter().filter(|e| e.path == MEASURED_PATH);
     run.envoy_gap = Some(access_log::upstream_gaps(measured, s.capacity.into()));
+    let trace = backend_trace(&backend, "/work")?;
+    run.parts = Some(access_log::handover_parts(
+        &trace,
+        &entries,
+        s.capacity.into(),
+    ));
     Ok(run)
+}
+
+/// `GET /__backend/trace` of a backend started with `--trace`.
+fn backend_trace(backend: &Backend, path: &str) -> anyhow::Result<Vec<access_log::TraceRow>> {
+    let response = sluice_harness::http::get(backend.addr(), "/__backend/trace")?;
+    let rows = response.json()["paths"][path]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    rows.iter()
+        .map(|r| Some((r[0].as_str()?.to_string(), r[1].as_u64()?, r[2].as_u64()?)))
+        .collect::<Option<Vec<_>>>()
+        .context("a malformed row in the backend's trace")
 }
 
 fn saturation_haproxy(s: Scenario, concurrency: u32, seconds: u32) -> anyhow::Result<Saturation> {
@@ -313,6 +354,7 @@ fn saturate(
         max_in_flight: seen["max_in_flight"].as_u64().unwrap_or(0),
         gap: gap_from_backend(&seen),
         envoy_gap: None,
+        parts: None,
     })
 }
 
