@@ -6,8 +6,36 @@
 //! one. So the slot is *held* until the backend has most likely finished:
 //! for the endpoint's recent upstream duration minus the time the request
 //! already spent, never longer than the endpoint's `abandon_hold`.
+//!
+//! Each worker measures its own requests. A worker with no measurement yet
+//! (a VM started by a configuration update) uses the estimate the others
+//! publish in shared data (one key per endpoint, written only when a
+//! worker's estimate changes).
 
+use sluice_core::shared_data::SharedData;
 use std::time::Duration;
+
+/// The shared key where workers publish an endpoint's estimate.
+pub fn estimate_key(record_key: &str) -> String {
+    format!("{record_key}:upstream-ns")
+}
+
+/// Publishes `ns` as the endpoint's estimate (last writer wins: any
+/// worker's recent maximum will do for a worker that has none).
+pub fn publish<S: SharedData>(store: &S, key: &str, ns: u64) {
+    if let Err(e) = store.set(key, &ns.to_le_bytes(), 0) {
+        log::debug!("cannot publish {key}: {e}");
+    }
+}
+
+/// The estimate another worker published, if any.
+pub fn published<S: SharedData>(store: &S, key: &str) -> Option<u64> {
+    match store.get(key).ok()??.0[..] {
+        [a, b, c, d, e, f, g, h] => Some(u64::from_le_bytes([a, b, c, d, e, f, g, h])),
+        _ => None,
+    }
+    .filter(|&ns| ns > 0)
+}
 
 /// Completed upstream durations kept per endpoint and worker.
 const SAMPLES: usize = 16;
@@ -20,13 +48,22 @@ pub struct RecentDurations {
     samples_ns: [u64; SAMPLES],
     len: usize,
     next: usize,
+    /// The estimate last published to the other workers.
+    published_ns: u64,
 }
 
 impl RecentDurations {
-    pub fn record(&mut self, ns: u64) {
+    /// Records a duration; returns the new estimate when it changed since
+    /// it was last published (the caller publishes it).
+    pub fn record(&mut self, ns: u64) -> Option<u64> {
         self.samples_ns[self.next] = ns;
         self.next = (self.next + 1) % SAMPLES;
         self.len = (self.len + 1).min(SAMPLES);
+        let estimate = self.estimate_ns().unwrap_or(0);
+        (estimate != self.published_ns).then(|| {
+            self.published_ns = estimate;
+            estimate
+        })
     }
 
     /// How long a request of this endpoint lasts, `None` before any finished.
@@ -92,13 +129,12 @@ mod tests {
     fn estimate_is_the_recent_maximum() {
         let mut d = RecentDurations::default();
         assert_eq!(d.estimate_ns(), None);
-        d.record(300 * MS);
-        d.record(200 * MS);
+        assert_eq!(d.record(300 * MS), Some(300 * MS), "published");
+        assert_eq!(d.record(200 * MS), None, "unchanged: not published again");
         assert_eq!(d.estimate_ns(), Some(300 * MS));
         // The 300 ms sample ages out after SAMPLES newer ones.
-        for _ in 0..SAMPLES {
-            d.record(100 * MS);
-        }
+        let published: Vec<_> = (0..SAMPLES).filter_map(|_| d.record(100 * MS)).collect();
+        assert_eq!(published, vec![200 * MS, 100 * MS]);
         assert_eq!(d.estimate_ns(), Some(100 * MS));
     }
 

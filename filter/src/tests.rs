@@ -668,3 +668,23 @@ fn a_new_vm_reuses_the_index_of_one_that_is_gone_and_is_woken_through_it() {
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
+
+#[test]
+fn a_new_worker_holds_for_the_estimate_the_others_published() {
+    let envoy = FakeEnvoy::new();
+    let cfg = config_with_hold(1, 30.0);
+    let old = FakeWorker::start(&envoy, &cfg);
+    served_in(&envoy, &old, 300 * MS);
+    // A VM from a configuration update: nothing measured yet itself.
+    let new = FakeWorker::start(&envoy, &cfg);
+    let mut b = admitted(&new);
+    envoy.advance(100 * MS);
+    b.reset();
+    envoy.advance(199 * MS);
+    new.tick();
+    assert_eq!(counts(&envoy), (1, 0, 0));
+    envoy.advance(MS);
+    new.tick();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}

@@ -4,7 +4,7 @@
 //! handed to them, times them out, and wakes the other workers whose waiters
 //! its releases served.
 
-use crate::abandon::{hold_ns, HeldSlots, RecentDurations};
+use crate::abandon::{self, hold_ns, HeldSlots, RecentDurations};
 use crate::host::Host;
 use crate::replies::LocalReply;
 use crate::routes::Routes;
@@ -118,7 +118,11 @@ impl<H: Host> Worker<H> {
     /// backend is done with it, and its duration feeds the estimate.
     pub fn complete(&self, endpoint: usize, admitted_ns: u64) {
         let took = self.host.now_ns().saturating_sub(admitted_ns);
-        self.durations.borrow_mut()[endpoint].record(took);
+        let changed = self.durations.borrow_mut()[endpoint].record(took);
+        if let Some(estimate) = changed {
+            let key = abandon::estimate_key(&self.routes.endpoints[endpoint].key);
+            abandon::publish(&self.host, &key, estimate);
+        }
         self.release(endpoint);
     }
 
@@ -127,7 +131,10 @@ impl<H: Host> Worker<H> {
     /// until the backend has most likely finished it, then released once.
     pub fn abandon(&self, endpoint: usize, admitted_ns: u64) {
         let now = self.host.now_ns();
-        let estimate = self.durations.borrow()[endpoint].estimate_ns();
+        let estimate = self.durations.borrow()[endpoint].estimate_ns().or_else(|| {
+            let key = abandon::estimate_key(&self.routes.endpoints[endpoint].key);
+            abandon::published(&self.host, &key)
+        });
         let cap = self.routes.endpoints[endpoint].abandon_hold;
         let hold = hold_ns(estimate, now.saturating_sub(admitted_ns), cap);
         if hold == 0 {
