@@ -96,6 +96,8 @@ impl<H: Host> Worker<H> {
             return None;
         }
         log::debug!("worker {id} is woken through {queue}");
+        // Once per VM that serves traffic (the soak test counts them).
+        log::info!("first watched request on this VM: worker {id}");
         self.id.set(Some(id));
         Some(id)
     }

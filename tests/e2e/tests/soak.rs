@@ -70,8 +70,9 @@ fn rss_kb(pid: u32) -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Worker indices allocated so far: each root context logs its own at
-/// configure (`... worker N`), and registers a shared queue under it.
+/// Worker indices allocated so far: each root context logs its own at its
+/// first watched request (`... worker N`), and registers a shared queue
+/// under it.
 fn worker_indices(envoy: &Envoy) -> usize {
     envoy
         .log()
