@@ -13,7 +13,7 @@ wasm:
 	@ls -l $(WASM)
 
 build: wasm
-	cargo build --release -p sluice-backend -p sluice-prober
+	cargo build --release -p sluice-backend -p sluice-prober -p sluice-sync
 
 lint:
 	cargo fmt --all --check
@@ -28,7 +28,7 @@ fmt:
 # The last line totals every runner's results (cargo's own last lines are
 # doc-test runs that are usually empty).
 test: deps lint wasm
-	cargo build --release -p sluice-backend -p sluice-prober
+	cargo build --release -p sluice-backend -p sluice-prober -p sluice-sync
 	set -o pipefail; { $(MAKE) --no-print-directory test-wasm && \
 	  cargo test --workspace --release -- --test-threads=1; } 2>&1 | tee target/test.log
 	@awk '/^test result:/ {p += $$4; f += $$6} END {printf "%d passed, %d failed\n", p, f}' target/test.log
