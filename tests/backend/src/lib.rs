@@ -34,6 +34,9 @@ pub const RESET_PATH: &str = "/__backend/reset";
 pub const SERVICE_MS_HEADER: &str = "x-service-ms";
 /// Recorded in the path's `arrivals`, in the order requests arrive.
 pub const SEQ_HEADER: &str = "x-seq";
+/// Every response carries the instance's `--name`, so a test (or a person
+/// with curl) behind a load balancer sees which instance answered.
+pub const NAME_HEADER: &str = "x-backend-name";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -41,6 +44,8 @@ pub struct Options {
     pub routes: Vec<RouteSpec>,
     /// Runtime worker threads; 1 runs everything on the calling thread.
     pub threads: usize,
+    /// Sent back in [`NAME_HEADER`] on every response.
+    pub name: Option<String>,
 }
 
 /// Serves until the process is killed. Prints `listening on ADDR` once the
@@ -82,8 +87,16 @@ impl Server {
         }
         let listener =
             listen(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
+        let name = match &opts.name {
+            None => None,
+            Some(name) => Some(
+                HeaderValue::from_str(name)
+                    .with_context(|| format!("--name {name:?} is not a valid header value"))?,
+            ),
+        };
         let app = Arc::new(App {
             paths: Paths::new(&opts.routes),
+            name,
         });
         Ok(Server { listener, app })
     }
@@ -112,7 +125,13 @@ impl Server {
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                    async move {
+                        let mut response = app.handle(req).await;
+                        if let Some(name) = &app.name {
+                            response.headers_mut().insert(NAME_HEADER, name.clone());
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 // Errors here are clients going away mid-request: nothing to do.
                 let _ = http1::Builder::new()
@@ -143,6 +162,7 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 struct App {
     paths: Paths,
+    name: Option<HeaderValue>,
 }
 
 impl App {

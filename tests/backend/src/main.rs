@@ -16,6 +16,10 @@ struct Args {
     /// Runtime worker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+    /// Echoed in an `x-backend-name` header on every response, to tell
+    /// instances apart behind a load balancer.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 fn main() {
@@ -24,6 +28,7 @@ fn main() {
         listen: args.listen,
         routes: args.routes,
         threads: args.threads.into(),
+        name: args.name,
     });
     if let Err(e) = result {
         // One line with the causes, not anyhow's backtrace dump.
