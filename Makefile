@@ -3,7 +3,7 @@ SHELL := /bin/bash
 WASM := target/wasm32-wasip1/release/sluice_filter.wasm
 export PATH := $(HOME)/.cargo/bin:$(PATH)
 
-.PHONY: deps build wasm test test-wasm lint fmt bench bench-prober demo clean
+.PHONY: deps build wasm wasm-image test test-wasm lint fmt bench bench-prober demo clean
 
 deps:
 	@scripts/deps.sh
@@ -11,6 +11,13 @@ deps:
 wasm:
 	cargo build --release --target wasm32-wasip1 -p sluice-filter -p sluice-empty-filter
 	@ls -l $(WASM)
+
+# The filter as an OCI image for Istio's WasmPlugin, built without a Docker
+# daemon (buildah), as an OCI layout directory. Push it with
+#   skopeo copy oci:target/wasm-image:$(WASM_IMAGE_TAG) docker://REGISTRY/sluice-filter:$(WASM_IMAGE_TAG)
+WASM_IMAGE_TAG ?= 0.1.0
+wasm-image: wasm
+	scripts/wasm-image.sh $(WASM) target/wasm-image $(WASM_IMAGE_TAG)
 
 build: wasm
 	cargo build --release -p sluice-backend -p sluice-prober
