@@ -441,7 +441,7 @@ fn the_dockerfile_builds_what_compose_uses_as_an_unprivileged_user() {
     let user = runtime
         .lines()
         .filter_map(|l| l.strip_prefix("USER "))
-        .last()
+        .next_back()
         .expect("runtime sets USER");
     let uid: u32 = user
         .split(':')
