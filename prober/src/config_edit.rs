@@ -602,15 +602,15 @@ fn find_flow_capacity(flow: &str) -> Option<(usize, usize)> {
 }
 
 /// Parses YAML text into the JSON form every part of Sluice reads.
-pub fn parse(text: &str) -> Result<Value, serde_yaml::Error> {
-    let yaml: serde_yaml::Value = serde_yaml::from_str(text)?;
+pub fn parse(text: &str) -> Result<Value, yaml_serde::Error> {
+    let yaml: yaml_serde::Value = yaml_serde::from_str(text)?;
     Ok(to_json(yaml))
 }
 
 /// YAML to JSON: scalar keys become strings (`200: x` → `"200"`), tags are
 /// dropped, and non-finite floats become null (JSON has none).
-pub fn to_json(v: serde_yaml::Value) -> Value {
-    use serde_yaml::Value as Y;
+pub fn to_json(v: yaml_serde::Value) -> Value {
+    use yaml_serde::Value as Y;
     match v {
         Y::Null => Value::Null,
         Y::Bool(b) => Value::Bool(b),

@@ -159,7 +159,7 @@ pub fn parse_text(file: &str, text: &str) -> Result<ConfigFile, ConfigFileError>
             Err(e) => {
                 let loc = e.location();
                 let message = e.to_string();
-                // serde_yaml appends " at line L column C"; we lead with it.
+                // yaml_serde appends " at line L column C"; we lead with it.
                 let message = match message.find(" at line ") {
                     Some(i) => message[..i].to_string(),
                     None => message,
