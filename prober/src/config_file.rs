@@ -5,7 +5,7 @@
 //! `probe:` timings, each endpoint's `method`, `headers`, `body`) and puts the
 //! file name and line in front of every message.
 
-use crate::config_edit;
+use crate::{config_edit, yaml_lines};
 use hyper::header::{HeaderName, HeaderValue};
 use serde_json::{Map, Value};
 use sluice_core::config::{shown, Config, ConfigError, WarningKind};
@@ -181,7 +181,7 @@ pub fn parse_text(file: &str, text: &str) -> Result<ConfigFile, ConfigFileError>
         for (path, spec) in map {
             let mut e = endpoint_spec(path, spec).map_err(located)?;
             if e.capacity.is_some() {
-                e.capacity_note = config_edit::capacity_comment(text, path);
+                e.capacity_note = yaml_lines::capacity_comment(text, path);
             }
             endpoints.push(e);
         }
@@ -230,7 +230,7 @@ pub fn line_of(text: &str, doc: &Value, key: &str) -> Option<usize> {
             keys.extend(rest.split('.'));
         }
     }
-    config_edit::locate(text, &keys)
+    yaml_lines::locate(text, &keys)
 }
 
 fn seconds(v: &Value, key: &str, allow_zero: bool) -> Result<Duration, ConfigError> {
