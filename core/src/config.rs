@@ -78,7 +78,7 @@ pub struct Endpoint {
     pub max_queue: u32,
 }
 
-/// A configuration mistake: `key` is the dotted path to the offending value.
+/// A configuration mistake: its key is the dotted path to the offending value.
 /// Built only by [`ConfigError::new`], so every part words it alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

@@ -9,7 +9,7 @@
 //! produce; on any difference the edit is refused with a message saying what
 //! to add by hand, and the file is left alone. Block-style YAML (the usual
 //! kind) is edited; flow style is edited only for a one-line endpoint like
-//! `/embed: {match: prefix}`.
+//! `/embed: {match: prefix}`. Which line holds what comes from `yaml_lines`.
 
 use crate::yaml_lines::{
     children, find_child, indent_unit, inline_value, scan, strip_comment, top_level, Kind, Line,
