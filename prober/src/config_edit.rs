@@ -10,6 +10,11 @@
 //! to add by hand, and the file is left alone. Block-style YAML (the usual
 //! kind) is edited; flow style is edited only for a one-line endpoint like
 //! `/embed: {match: prefix}`. Which line holds what comes from `yaml_lines`.
+//!
+//! Why not a lossless YAML editor: yaml-edit 0.3 keeps layout as well, but
+//! cannot add a trailing comment, and the `# sluice-prober: …` note on the
+//! `capacity:` line is how a later run tells a measured capacity from one
+//! set by hand (and reads back its p99, rate and time).
 
 use crate::yaml_lines::{
     children, find_child, indent_unit, inline_value, scan, strip_comment, top_level, Kind, Line,
