@@ -61,6 +61,7 @@ impl<H: Host + Clone> Root<H> {
             );
         }
         let worker = Worker::new(self.host.clone(), vm_id, routes);
+        worker.start();
         self.worker = Some(Rc::new(worker));
         Ok(())
     }

@@ -688,3 +688,14 @@ fn a_new_worker_holds_for_the_estimate_the_others_published() {
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
+
+#[test]
+fn the_first_tick_takes_the_index_before_any_request() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config(1, 1.0, 10));
+    assert_eq!(w.host.tick_period(), FAST_TICK, "asked for at configure");
+    w.tick();
+    assert_eq!(w.worker_id(), 0);
+    assert_eq!(w.host.tick_period(), Duration::ZERO, "then it stops");
+    assert_quiet();
+}

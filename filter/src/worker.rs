@@ -71,11 +71,12 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// This worker's index, taken (and its wake-up queue registered) when
-    /// first needed: at its first watched request. VMs that never serve a
-    /// request (the main thread's, the canary Envoy starts and drops at each
-    /// configuration without `on_done`) so never use up an index. `None` if
-    /// none could be taken; the caller fails open.
+    /// This worker's index, taken (and its wake-up queue registered) at the
+    /// VM's first tick, which `on_configure` asks for: the canary Envoy
+    /// starts and drops at each configuration without `on_done` never ticks,
+    /// so it never uses up an index, and the work stays off the request path.
+    /// A watched request before that tick takes it itself. `None` if none
+    /// could be taken; the caller fails open.
     pub fn id(&self) -> Option<WorkerId> {
         if let Some(id) = self.id.get() {
             return Some(id);
@@ -96,8 +97,8 @@ impl<H: Host> Worker<H> {
             return None;
         }
         log::debug!("worker {id} is woken through {queue}");
-        // Once per VM that serves traffic (the soak test counts them).
-        log::info!("first watched request on this VM: worker {id}");
+        // Once per VM (the soak test counts them).
+        log::info!("this VM is worker {id}");
         self.id.set(Some(id));
         Some(id)
     }
@@ -107,7 +108,15 @@ impl<H: Host> Worker<H> {
         self.id.get()
     }
 
+    /// From `on_configure`: tick once soon, to take the index.
+    pub fn start(&self) {
+        self.set_fast_tick(true);
+    }
+
     pub fn tick(&self) {
+        if self.id.get().is_none() {
+            self.id();
+        }
         self.claim_granted();
         self.expire_waiters();
         self.release_held();

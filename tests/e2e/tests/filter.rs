@@ -305,7 +305,8 @@ fn filter_debug_lines_show_at_envoys_debug_level() {
     let mut opts = proxy.envoy_options(1);
     opts.component_log_level = Some("wasm:debug".to_string());
     let envoy = Envoy::start_with(opts);
-    // A worker takes its index (and logs it) at its first watched request.
+    // A worker takes its index (and logs it) at its first tick, or at its
+    // first watched request if that comes first.
     let res = envoy.request("GET", "/predict").send().unwrap();
     assert_eq!(res.status, 200);
     envoy.wait_for_log("is woken through sluice:wake:", Duration::from_secs(10));

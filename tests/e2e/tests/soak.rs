@@ -71,8 +71,7 @@ fn rss_kb(pid: u32) -> (u64, u64) {
 }
 
 /// Worker indices allocated so far: each root context logs its own at its
-/// first watched request (`... worker N`), and registers a shared queue
-/// under it.
+/// first tick (`... worker N`), and registers a shared queue under it.
 fn worker_indices(envoy: &Envoy) -> usize {
     envoy
         .log()
