@@ -5,6 +5,7 @@
 //! generic over [`host::Host`], so the tests run them against a fake host.
 
 mod host;
+mod metrics;
 mod replies;
 mod root;
 mod routes;

@@ -2,6 +2,7 @@
 //! and whatever it holds released exactly once at its end.
 
 use crate::host::{Envoy, Host};
+use crate::metrics::Counter;
 use crate::replies::LocalReply;
 use crate::worker::{Fate, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -58,6 +59,7 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         };
         let route = &worker.routes.endpoints[ep];
+        host.count(ep, Counter::Requests);
         let limits = Limits {
             capacity: route.capacity,
             max_queue: route.max_queue,
@@ -67,6 +69,7 @@ impl<H: Host> Stream<H> {
                 worker.wake(&wakeups);
                 match acquired {
                     Acquired::Admitted => {
+                        host.count(ep, Counter::AdmittedAtOnce);
                         self.state = State::Holding(ep);
                         Action::Continue
                     }
@@ -79,6 +82,7 @@ impl<H: Host> Stream<H> {
                         Action::Pause
                     }
                     Acquired::QueueFull => {
+                        host.count(ep, Counter::QueueFull);
                         LocalReply::QueueFull(route).send(host);
                         Action::Pause
                     }
@@ -86,6 +90,7 @@ impl<H: Host> Stream<H> {
             }
             Err(e) => {
                 // Fail open: shared data trouble must not take the service down.
+                host.count(ep, Counter::FailedOpen);
                 log::warn!(
                     "acquire on {}: {e}; letting the request through",
                     route.path

@@ -5,6 +5,7 @@
 //! its releases served.
 
 use crate::host::Host;
+use crate::metrics::{Counter, Metered};
 use crate::replies::LocalReply;
 use crate::routes::Routes;
 use sluice_core::admission::{self, Wakeups, Withdrawn, WorkerId};
@@ -36,7 +37,8 @@ pub fn queue_name(id: WorkerId) -> String {
 }
 
 pub struct Worker<H> {
-    pub host: H,
+    /// Writes of endpoint records through it also set the gauges.
+    pub host: Metered<H>,
     pub id: WorkerId,
     vm_id: String,
     pub routes: Routes,
@@ -49,7 +51,7 @@ pub struct Worker<H> {
 impl<H: Host> Worker<H> {
     pub fn new(host: H, id: WorkerId, vm_id: String, routes: Routes) -> Worker<H> {
         Worker {
-            host,
+            host: Metered::new(host, &routes),
             id,
             vm_id,
             routes,
@@ -173,6 +175,7 @@ impl<H: Host> Worker<H> {
                 // us; the request must be answered either way, never left paused.
                 Ok(Withdrawn::Removed | Withdrawn::NotFound) => {
                     w.handle.set(Fate::Answered);
+                    self.left_queue(&w, Counter::QueueTimeout);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         LocalReply::QueueTimeout(route).send(&self.host);
                     }
@@ -187,6 +190,7 @@ impl<H: Host> Worker<H> {
                         route.path
                     );
                     w.handle.set(Fate::Answered);
+                    self.host.count(w.endpoint, Counter::FailedOpen);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         let _ = self.host.resume_http_request();
                     }
@@ -201,11 +205,21 @@ impl<H: Host> Worker<H> {
         w.handle.set(Fate::Admitted(self.host.now_ns()));
         let resumed = self.host.set_effective_context(w.context_id).is_ok()
             && self.host.resume_http_request().is_ok();
-        if !resumed {
+        if resumed {
+            self.left_queue(&w, Counter::AdmittedAfterWait);
+        } else {
             // The stream is gone (on_log will not run again for it).
             w.handle.set(Fate::Answered);
             self.release(w.endpoint);
         }
+    }
+
+    /// Counts how a waiter left the queue, and how long it waited.
+    fn left_queue(&self, w: &LocalWaiter<Rc<Cell<Fate>>>, how: Counter) {
+        let queue_timeout = self.routes.endpoints[w.endpoint].queue_timeout;
+        let since_ns = w.deadline_ns.saturating_sub(queue_timeout.as_nanos() as u64);
+        self.host.count(w.endpoint, how);
+        self.host.waited(w.endpoint, since_ns);
     }
 
     /// A request that held a slot of `endpoint` has ended.
