@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what one use of the repo needs, and nothing more:
 #   scripts/deps.sh demo    Envoy, Redis, the wasm target (make demo)
-#   scripts/deps.sh test    + the wasm test runner (make test)
+#   scripts/deps.sh test    + the wasm test runner, chromium and playwright-core
+#                           (the dashboard test), the manifest schemas (make test)
 #   scripts/deps.sh bench   + HAProxy and wrk, the references (make bench*)
 # Idempotent: each step is skipped when its tool is already there, so a
 # machine that has run it once starts at once.
@@ -18,6 +19,10 @@ esac
 apt_missing=()
 need_apt() { command -v "$1" >/dev/null || apt_missing+=("$2"); }
 need_apt redis-server redis-server
+if [ "$use" = test ]; then
+  # The dashboard test drives Debian's chromium headless (playwright-core).
+  need_apt chromium chromium
+fi
 if [ "$use" = bench ]; then
   need_apt haproxy haproxy
   need_apt wrk wrk
@@ -45,6 +50,17 @@ if [ "$use" != demo ]; then
   if ! wasm-bindgen-test-runner --version 2>/dev/null | grep -q "$WASM_BINDGEN_VERSION"; then
     echo "deps: cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION (a few minutes, once)" >&2
     cargo install -q --locked wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+  fi
+  # Offline schema checks of deploy/autoscaling (tests/e2e/validate/).
+  if ! python3 -c 'import kubernetes_validate, cloudcoil.models.keda, jsonschema, yaml' 2>/dev/null; then
+    echo "deps: pip install the Kubernetes and KEDA schemas" >&2
+    pip install -q 'kubernetes-validate==1.37.0' 'cloudcoil==0.6.0' \
+      'cloudcoil-models-keda==2.16.1.0' 'jsonschema>=4.20' 'PyYAML>=6'
+  fi
+  browser="$(cd "$(dirname "$0")/.." && pwd)/tests/e2e/browser"
+  if [ ! -d "$browser/node_modules/playwright-core" ]; then
+    echo "deps: npm ci in $browser (playwright-core, no browser download)" >&2
+    (cd "$browser" && npm ci --no-audit --no-fund --silent)
   fi
   if ! cargo nextest --version >/dev/null 2>&1; then
     echo "deps: cargo install cargo-nextest (a few minutes, once)" >&2

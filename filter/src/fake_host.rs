@@ -101,14 +101,20 @@ impl FakeEnvoy {
     /// if nobody defined it.
     pub fn metric(&self, name: &str) -> u64 {
         let mut m = self.metrics.lock().unwrap();
-        let id = *m.ids.get(name).unwrap_or_else(|| panic!("no metric {name}"));
+        let id = *m
+            .ids
+            .get(name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
         m.get(id).value
     }
 
     /// A histogram's samples by name.
     pub fn samples(&self, name: &str) -> Vec<u64> {
         let mut m = self.metrics.lock().unwrap();
-        let id = *m.ids.get(name).unwrap_or_else(|| panic!("no metric {name}"));
+        let id = *m
+            .ids
+            .get(name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
         m.get(id).samples.clone()
     }
 
@@ -408,13 +414,25 @@ impl FakeWorker {
 
     /// A new request; its request headers have been through the filter.
     pub fn request(&self, method: &str, path: &str) -> FakeStream {
+        self.request_with(method, path, None)
+    }
+
+    /// A new request with one more request header.
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        header: Option<(&str, &str)>,
+    ) -> FakeStream {
         let id = self.next_context.get();
         self.next_context.set(id + 1);
+        let mut request_headers = vec![
+            (":method".to_string(), method.to_string()),
+            (":path".to_string(), path.to_string()),
+        ];
+        request_headers.extend(header.map(|(k, v)| (k.to_string(), v.to_string())));
         let record = StreamRecord {
-            request_headers: vec![
-                (":method".to_string(), method.to_string()),
-                (":path".to_string(), path.to_string()),
-            ],
+            request_headers,
             ..StreamRecord::default()
         };
         self.host.0.streams.borrow_mut().insert(id, record);

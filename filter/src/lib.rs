@@ -4,6 +4,7 @@
 //! The proxy-wasm callbacks are thin glue over state machines that are
 //! generic over [`host::Host`], so the tests run them against a fake host.
 
+mod dashboard;
 mod host;
 mod metrics;
 mod replies;

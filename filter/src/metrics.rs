@@ -182,8 +182,8 @@ impl<H: Host> Metered<H> {
         let Some(ids) = &self.ids[ep] else { return };
         // Only the gauges this write moved: the writer of every other change
         // publishes (and catches up on) its own.
-        let mut in_flight = (before.map(|b| b.in_flight) != Some(after.in_flight))
-            .then_some(after.in_flight);
+        let mut in_flight =
+            (before.map(|b| b.in_flight) != Some(after.in_flight)).then_some(after.in_flight);
         let mut queued = (before.map(|b| b.queued) != Some(after.queued)).then_some(after.queued);
         for _ in 0..MAX_CATCH_UP {
             if let Some(v) = in_flight {
@@ -201,7 +201,9 @@ impl<H: Host> Metered<H> {
             let Some(now) = Gauges::of(&bytes) else {
                 return;
             };
-            in_flight = in_flight.filter(|&v| v != now.in_flight).map(|_| now.in_flight);
+            in_flight = in_flight
+                .filter(|&v| v != now.in_flight)
+                .map(|_| now.in_flight);
             queued = queued.filter(|&v| v != now.queued).map(|_| now.queued);
         }
     }

@@ -52,6 +52,9 @@ impl<H: Host> Stream<H> {
             .routes
             .find(&path, || host.get_http_request_header(":method"))
         else {
+            if worker.dashboard.answer(host, &path) {
+                return Action::Pause;
+            }
             if path.split('?').next() == Some(STATS_PATH) {
                 LocalReply::Stats(&worker.routes).send(host);
                 return Action::Pause;

@@ -4,11 +4,13 @@
 //! handed to them, times them out, and wakes the other workers whose waiters
 //! its releases served.
 
+use crate::dashboard::Dashboard;
 use crate::host::Host;
 use crate::metrics::{Counter, Metered};
 use crate::replies::LocalReply;
 use crate::routes::Routes;
 use sluice_core::admission::{self, Wakeups, Withdrawn, WorkerId};
+use sluice_core::config::Ui;
 use sluice_core::waiters::{LocalWaiter, LocalWaiters};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -42,6 +44,7 @@ pub struct Worker<H> {
     pub id: WorkerId,
     vm_id: String,
     pub routes: Routes,
+    pub dashboard: Dashboard,
     waiters: RefCell<LocalWaiters<Rc<Cell<Fate>>>>,
     /// Other workers' wake-up queues, resolved once.
     peers: RefCell<HashMap<WorkerId, u32>>,
@@ -55,6 +58,7 @@ impl<H: Host> Worker<H> {
             id,
             vm_id,
             routes,
+            dashboard: Dashboard::new(&Ui::default()),
             waiters: RefCell::new(LocalWaiters::default()),
             peers: RefCell::new(HashMap::new()),
             fast_tick: Cell::new(false),
@@ -217,7 +221,9 @@ impl<H: Host> Worker<H> {
     /// Counts how a waiter left the queue, and how long it waited.
     fn left_queue(&self, w: &LocalWaiter<Rc<Cell<Fate>>>, how: Counter) {
         let queue_timeout = self.routes.endpoints[w.endpoint].queue_timeout;
-        let since_ns = w.deadline_ns.saturating_sub(queue_timeout.as_nanos() as u64);
+        let since_ns = w
+            .deadline_ns
+            .saturating_sub(queue_timeout.as_nanos() as u64);
         self.host.count(w.endpoint, how);
         self.host.waited(w.endpoint, since_ns);
     }

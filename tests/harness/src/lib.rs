@@ -23,7 +23,7 @@ mod redis;
 
 pub use backend::Backend;
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError};
-pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME};
+pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, STATS_TAGS_YAML};
 pub use process::{unique_scratch_path, ScratchDir};
 pub use redis::{Redis, RespValue};
 

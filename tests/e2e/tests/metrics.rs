@@ -1,0 +1,254 @@
+//! The filter's metrics in the real Envoy, read from the admin
+//! `/stats/prometheus` as Prometheus scrapes it, with the `stats_tags` every
+//! Envoy configuration of the repo carries (`STATS_TAGS_YAML`).
+
+use serde_json::{json, Value};
+use sluice_harness::{wait_until, Backend, Envoy, FrontProxy};
+use sluice_loadgen::{run_blocking, Burst, Outcome};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// One sample of the exposition: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// The samples of `/stats/prometheus` (comments skipped).
+fn scrape(envoy: &Envoy) -> Vec<Sample> {
+    let res = envoy
+        .admin_get("/stats/prometheus")
+        .expect("admin /stats/prometheus");
+    assert_eq!(res.status, 200);
+    res.text()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unparsable sample: {l}")))
+        .collect()
+}
+
+/// `name{a="x",b="y"} 4`; label values here never hold `"` or `,`.
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => (name, rest.strip_suffix('}')?),
+        None => (series, ""),
+    };
+    let labels = labels
+        .split("\",")
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once("=\"")?;
+            Some((k.to_string(), v.trim_end_matches('"').to_string()))
+        })
+        .collect::<Option<_>>()?;
+    Some(Sample {
+        name: name.to_string(),
+        labels,
+        value: value.parse().ok()?,
+    })
+}
+
+/// The value of `name` for this service and endpoint (and extra labels).
+fn value(
+    samples: &[Sample],
+    name: &str,
+    service: &str,
+    endpoint: &str,
+    extra: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && s.labels.get("service").map(String::as_str) == Some(service)
+                && s.labels.get("endpoint").map(String::as_str) == Some(endpoint)
+                && extra
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(v))
+        })
+        .map(|s| s.value)
+}
+
+fn sluice(samples: &[Sample], metric: &str) -> Option<f64> {
+    value(samples, &format!("sluice_{metric}"), "e2e", "/predict", &[])
+}
+
+fn count(outcomes: &[Outcome], status: u16) -> usize {
+    outcomes.iter().filter(|o| o.status == status).count()
+}
+
+#[test]
+fn gauges_mid_burst_and_counters_after_match_what_clients_saw() {
+    // 4 slots; 6 may wait 2 s; each request takes 1.5 s. A burst of 14: 4 in
+    // at once, 6 wait (4 of them get the slots at 1.5 s, 2 time out at 2 s),
+    // 4 are refused at once.
+    let backend = Backend::start(&["/predict:service_ms=1500"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 4, "queue_timeout": 2, "max_queue": 6},
+    }});
+    let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 4);
+    let before = scrape(&envoy);
+    assert_eq!(sluice(&before, "capacity"), Some(4.0), "{before:#?}");
+    assert_eq!(sluice(&before, "in_flight"), Some(0.0));
+
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 14);
+    burst.spacing = Duration::from_millis(2);
+    let running = std::thread::spawn(move || run_blocking(&burst));
+    // Mid-burst (before the first slot frees at 1.5 s): the gauges show the
+    // full house and the queue, as the filter's own stats do.
+    let mid = wait_until(Duration::from_secs(1), "4 in flight and 6 queued", || {
+        let s = scrape(&envoy);
+        (sluice(&s, "in_flight") == Some(4.0) && sluice(&s, "queued") == Some(6.0)).then_some(s)
+    });
+    let stats: Value = envoy
+        .request("GET", "/balancer/stats")
+        .send()
+        .unwrap()
+        .json();
+    assert_eq!(stats["endpoints"]["/predict"]["active_requests"], 4);
+    assert_eq!(stats["endpoints"]["/predict"]["queued"], 6);
+    assert_eq!(sluice(&mid, "requests"), Some(14.0));
+
+    let outcomes = running.join().unwrap();
+    let after_wait = outcomes
+        .iter()
+        .filter(|o| o.status == 200 && o.wait_ms.is_some())
+        .count();
+    let (ok, timeouts, full) = (
+        count(&outcomes, 200),
+        count(&outcomes, 504),
+        count(&outcomes, 503),
+    );
+    assert_eq!(
+        (ok, after_wait, timeouts, full),
+        (8, 4, 2, 4),
+        "{outcomes:#?}"
+    );
+
+    let end = scrape(&envoy);
+    let counters: Vec<(&str, Option<f64>)> = [
+        "requests",
+        "admitted_at_once",
+        "admitted_after_wait",
+        "queue_timeout",
+        "queue_full",
+        "unhealthy",
+        "failed_open",
+    ]
+    .iter()
+    .map(|m| (*m, sluice(&end, m)))
+    .collect();
+    let clients_saw = |n: usize| Some(n as f64);
+    assert_eq!(
+        counters,
+        [
+            ("requests", clients_saw(outcomes.len())),
+            ("admitted_at_once", clients_saw(ok - after_wait)),
+            ("admitted_after_wait", clients_saw(after_wait)),
+            ("queue_timeout", clients_saw(timeouts)),
+            ("queue_full", clients_saw(full)),
+            ("unhealthy", Some(0.0)),
+            ("failed_open", Some(0.0)),
+        ]
+    );
+    assert_eq!(
+        (sluice(&end, "in_flight"), sluice(&end, "queued")),
+        (Some(0.0), Some(0.0)),
+        "gauges back to zero"
+    );
+
+    // Histograms reach the admin output at Envoy's stats flush (5 s).
+    let waits = wait_until(Duration::from_secs(12), "the queue-wait histogram", || {
+        let s = scrape(&envoy);
+        (sluice(&s, "queue_wait_ms_count") == Some(6.0)).then_some(s)
+    });
+    // Everyone who waited waited at least 1.4 s: none in the 1 s bucket.
+    let under_1s = value(
+        &waits,
+        "sluice_queue_wait_ms_bucket",
+        "e2e",
+        "/predict",
+        &[("le", "1000")],
+    );
+    assert_eq!(under_1s, Some(0.0), "{waits:#?}");
+}
+
+/// The tag regexes keep a service name with dots and a path with dots and
+/// slashes whole, and leave a bare metric name.
+#[test]
+fn dotted_service_and_path_come_out_whole_as_labels() {
+    let path = "/v1/models/m.v2/predict";
+    let backend = Backend::start(&[path]);
+    let config = json!({"service": "team.e2e", "endpoints": {path: {"capacity": 2}}});
+    let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 2);
+    for _ in 0..3 {
+        assert_eq!(envoy.request("GET", path).send().unwrap().status, 200);
+    }
+    let samples = scrape(&envoy);
+    assert_eq!(
+        value(&samples, "sluice_requests", "team.e2e", path, &[]),
+        Some(3.0),
+        "{:#?}",
+        samples
+            .iter()
+            .filter(|s| s.name.contains("sluice"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        value(&samples, "sluice_capacity", "team.e2e", path, &[]),
+        Some(2.0)
+    );
+}
+
+/// Every Envoy bootstrap in the repo carries the same tag regexes as the
+/// rendered front proxy, so the metrics have the same labels everywhere.
+#[test]
+fn every_envoy_bootstrap_in_the_repo_carries_the_stats_tags() {
+    fn walk(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy();
+            if path.is_dir() {
+                if !name.starts_with('.') && !name.starts_with("target") && name != "node_modules" {
+                    walk(&path, found);
+                }
+            } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+                found.push(path);
+            }
+        }
+    }
+    let root = sluice_harness::workspace_root();
+    let mut files = Vec::new();
+    walk(&root, &mut files);
+    let regexes: Vec<&str> = sluice_harness::STATS_TAGS_YAML
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("regex:") || l.starts_with("- tag_name:"))
+        .collect();
+    let bootstraps: Vec<_> = files
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            text.lines().any(|l| l.starts_with("static_resources:"))
+        })
+        .collect();
+    assert!(
+        !bootstraps.is_empty(),
+        "no Envoy bootstrap found under {}",
+        root.display()
+    );
+    for file in bootstraps {
+        let text = std::fs::read_to_string(file).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for want in &regexes {
+            assert!(
+                lines.contains(want),
+                "{} lacks `{want}` (copy stats_config from STATS_TAGS_YAML)",
+                file.display()
+            );
+        }
+    }
+}
