@@ -42,10 +42,17 @@ async function check(browser) {
   const anonymous = await browser.newContext();
   const denied = {};
   for (const url of [opts.url, new URL("/balancer/stats", opts.url).href]) {
-    const res = await (await anonymous.newPage()).goto(url);
+    // The browser, holding no credentials, gives up on the challenge...
+    const browserSaw = await (await anonymous.newPage()).goto(url).then(
+      (res) => `loaded with ${res.status()}`,
+      (e) => e.message.split("\n")[0],
+    );
+    // ...whose status and header the same context's HTTP client reads.
+    const res = await anonymous.request.get(url, { maxRedirects: 0 });
     denied[new URL(url).pathname] = {
       status: res.status(),
-      challenge: (await res.allHeaders())["www-authenticate"] ?? null,
+      challenge: res.headers()["www-authenticate"] ?? null,
+      browser: browserSaw,
     };
   }
   await anonymous.close();

@@ -66,20 +66,14 @@ fn dashboard_in_chromium_matches_the_stats_and_asks_for_credentials() {
         }
     });
     let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 2);
-    // A ramp, so the chart has a shape: /predict fills its 4 slots, then 6
-    // wait (red, badge); /embed reaches 80 % (yellow); /score 20 % (green).
-    load(&envoy, "/predict", 10, Duration::from_millis(700));
-    load(&envoy, "/embed", 8, Duration::from_millis(900));
-    load(&envoy, "/score", 2, Duration::from_millis(3000));
-
     let screenshot = envoy.work_dir().join("dashboard.png");
-    let report = drive(&json!({
+    let options = json!({
         "url": format!("http://{}/balancer/ui", envoy.listener_addr()),
         "username": USER,
         "password": PASSWORD,
         "minPoints": 5,
         // 12 s of history for the picture.
-        "screenshotPoints": 24,
+        "screenshotPoints": 40,
         "screenshot": screenshot,
         "timeoutMs": 60000,
         "expect": {
@@ -87,13 +81,32 @@ fn dashboard_in_chromium_matches_the_stats_and_asks_for_credentials() {
             "/embed": {"in_flight": 8},
             "/score": {"in_flight": 2},
         },
-    }));
+    });
+    let driver = std::thread::spawn(move || drive(&options));
+    // Once the page polls (4 refused requests, the page's challenge and its
+    // load, then polls), a ramp, so the chart has a shape: /predict fills
+    // its 4 slots, then 6 wait (red, badge); /embed reaches 80 % (yellow);
+    // /score 20 % (green).
+    envoy.wait_stat(
+        "http.sluice_front.downstream_rq_completed",
+        Duration::from_secs(60),
+        |n| n >= 8,
+    );
+    load(&envoy, "/predict", 10, Duration::from_millis(700));
+    load(&envoy, "/embed", 8, Duration::from_millis(900));
+    load(&envoy, "/score", 2, Duration::from_millis(3000));
+    let report = driver.join().expect("driver thread");
 
     let challenge = Some("Basic realm=\"sluice\"");
     for path in ["/balancer/ui", "/balancer/stats"] {
         let denied = &report["denied"][path];
         assert_eq!(denied["status"], 401, "{path}: {report}");
         assert_eq!(denied["challenge"].as_str(), challenge, "{path}");
+        let browser = denied["browser"].as_str().unwrap_or_default();
+        assert!(
+            browser.contains("ERR_INVALID_AUTH_CREDENTIALS"),
+            "{path}: {browser}"
+        );
     }
     // The page matched /balancer/stats once the whole burst had arrived.
     let matched = &report["matched"];
