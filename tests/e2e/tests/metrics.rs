@@ -259,10 +259,12 @@ fn every_envoy_bootstrap_in_the_repo_carries_the_stats_tags() {
     }
 }
 
-/// The hot path's cost of the metrics: requests/s through the filter as built
-/// against the same filter without them (`SLUICE_BASELINE_WASM`, e.g. built
-/// from the commit before them), interleaved rounds, medians. Needs wrk
-/// (`make deps-bench`); run it alone on a quiet machine:
+/// The hot path's cost of the metrics: the filter as built against the same
+/// filter without them (`SLUICE_BASELINE_WASM`, e.g. built from the commit
+/// before them), in interleaved rounds. On a shared machine throughput swings
+/// with the neighbours' load, so it also reports Envoy's own CPU time per
+/// request (from /proc), which moves much less. Needs wrk (`make
+/// deps-bench`):
 /// `SLUICE_BASELINE_WASM=… cargo test --release -p sluice-e2e --test metrics -- --ignored --nocapture`
 #[test]
 #[ignore]
@@ -280,28 +282,34 @@ fn hot_path_cost_of_metrics() {
         json!({"service": "bench", "endpoints": {"/fast": {"capacity": 100000}}}).to_string();
     let with = FrontProxy::new(backend.port(), config.clone());
     let without = FrontProxy::with_wasm(backend.port(), Some(baseline), config);
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut rps, mut cpu) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
     for round in 0..rounds {
-        for (name, proxy, out) in [("metrics", &with, &mut a), ("baseline", &without, &mut b)] {
+        for (i, name, proxy) in [(0, "metrics", &with), (1, "baseline", &without)] {
             let envoy = Envoy::start(proxy, 2);
             wrk(envoy.listener_port(), 1);
-            let rps = wrk(envoy.listener_port(), 8);
-            eprintln!("round {round}: {name:>8} {rps:>8.0} req/s");
-            out.push(rps);
+            let before = cpu_ticks(envoy.pid());
+            let (r, requests) = wrk(envoy.listener_port(), 8);
+            let us = (cpu_ticks(envoy.pid()) - before) as f64 * 1e6 / ticks_per_second() / requests;
+            eprintln!("round {round}: {name:>8} {r:>8.0} req/s {us:>6.1} µs Envoy CPU/request");
+            rps[i].push(r);
+            cpu[i].push(us);
         }
     }
-    let median = |mut v: Vec<f64>| {
+    let median = |v: &mut Vec<f64>| {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let (m, base) = (median(a), median(b));
+    let (r0, r1) = (median(&mut rps[0]), median(&mut rps[1]));
+    let (c0, c1) = (median(&mut cpu[0]), median(&mut cpu[1]));
     println!(
-        "hot path with metrics / without: {:.3} ({m:.0} / {base:.0} req/s, medians of {rounds})",
-        m / base
+        "hot path, with metrics / without (medians of {rounds}): throughput {:.3} ({r0:.0} / {r1:.0} req/s), Envoy CPU per request {:.3} ({c0:.1} / {c1:.1} µs)",
+        r0 / r1,
+        c0 / c1
     );
 }
 
-fn wrk(port: u16, seconds: u32) -> f64 {
+/// Requests/s and the number of requests.
+fn wrk(port: u16, seconds: u32) -> (f64, f64) {
     let out = std::process::Command::new("wrk")
         .args(["-t1", "-c32", &format!("-d{seconds}s")])
         .arg(format!("http://127.0.0.1:{port}/fast"))
@@ -309,8 +317,36 @@ fn wrk(port: u16, seconds: u32) -> f64 {
         .expect("wrk (make deps-bench)");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(!text.contains("Non-2xx"), "{text}");
-    text.lines()
+    let rps = text
+        .lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no Requests/sec: {text}"))
+        .and_then(|v| v.trim().parse().ok());
+    // "  123456 requests in 8.00s, 12.34MB read"
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok());
+    match (rps, requests) {
+        (Some(r), Some(n)) => (r, n),
+        _ => panic!("no figures in wrk's output: {text}"),
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn ticks_per_second() -> f64 {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output();
+    out.ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
 }
