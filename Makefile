@@ -8,7 +8,7 @@ WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNIT
 NATIVE_BINS := -p sluice-backend -p sluice-prober
 
 .PHONY: deps deps-demo deps-test deps-bench build wasm test test-unit test-wasm lint fmt \
-	bench bench-prober demo clean
+	bench bench-isolation bench-prober soak demo clean
 
 # What each command installs: the demo needs least.
 deps: deps-test
@@ -54,9 +54,27 @@ test-wasm:
 	  cargo test -p sluice-core --target wasm32-unknown-unknown
 
 # Figures for the README: side by side in one run, printed as markdown.
+# Short, noisy runs: make bench BENCH_ARGS="--seconds 2 --rounds 1 --timeout-waves 2"
+# (target/release/sluice-bench filter --help lists every flag).
+BENCH_ARGS ?=
 bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-bench
-	target/release/sluice-bench
+	target/release/sluice-bench filter $(BENCH_ARGS)
+
+# Small requests while a large endpoint is flooded: straight, plain Envoy,
+# HAProxy, Sluice. Short: make bench-isolation BENCH_ARGS="--seconds 3"
+bench-isolation: deps-bench wasm
+	cargo build --release -p sluice-backend -p sluice-bench
+	target/release/sluice-bench isolation $(BENCH_ARGS)
+
+# Not in CI (make test runs its 60-second version): SOAK_MINUTES at 3x
+# overload with client aborts and a listener update every minute.
+SOAK_MINUTES ?= 10
+soak: deps-test wasm
+	cargo build --release -p sluice-backend
+	SLUICE_SOAK_SECS=$$(( $(SOAK_MINUTES) * 60 )) \
+	  cargo test --release -p sluice-e2e --test soak -- --nocapture
+
 
 # Repeatability of probes and the load generator against wrk.
 bench-prober: deps-bench

@@ -3,9 +3,15 @@
 //!
 //! Each `--route` gives a path a number of slots (`capacity`), a service time
 //! and what happens beyond capacity (`queue` FIFO inside the backend, or
-//! `reject` with 503). `GET /__backend/stats` tells what the backend saw: how
-//! many requests were inside at once, and the `x-seq` headers in arrival order.
+//! `reject` with 503). `--workers K` adds one pool of K workers that every
+//! routed request holds while it is served, like the worker processes of a
+//! uvicorn app: a flood on one path then delays all the others.
+//! `GET /__backend/stats` tells what the backend saw: how many requests were
+//! inside at once, the `x-seq` headers in arrival order, how long each slot
+//! of a saturated path stayed empty between two requests (`handover_gap`,
+//! see [`handover`]), and how long requests took from arrival to answer.
 
+pub mod handover;
 pub mod path_stats;
 pub mod precise_sleep;
 pub mod route;
@@ -27,9 +33,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 
 pub const STATS_PATH: &str = "/__backend/stats";
 pub const RESET_PATH: &str = "/__backend/reset";
+/// With `--trace`: every routed request's id and wall-clock times.
+pub const TRACE_PATH: &str = "/__backend/trace";
 /// Overrides the service time of one request (float milliseconds).
 pub const SERVICE_MS_HEADER: &str = "x-service-ms";
 /// Recorded in the path's `arrivals`, in the order requests arrive.
@@ -41,6 +50,12 @@ pub struct Options {
     pub routes: Vec<RouteSpec>,
     /// Runtime worker threads; 1 runs everything on the calling thread.
     pub threads: usize,
+    /// Workers shared by every routed path (FIFO); `None`: no such limit.
+    pub workers: Option<usize>,
+    /// Keep each routed request's `x-request-id` with its arrival and
+    /// departure on the wall clock (`GET /__backend/trace`), so a benchmark
+    /// can line the backend up with Envoy's access log.
+    pub trace: bool,
 }
 
 /// Serves until the process is killed. Prints `listening on ADDR` once the
@@ -83,7 +98,8 @@ impl Server {
         let listener =
             listen(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
         let app = Arc::new(App {
-            paths: Paths::new(&opts.routes),
+            paths: Paths::new(&opts.routes, opts.trace),
+            workers: opts.workers.map(Semaphore::new),
         });
         Ok(Server { listener, app })
     }
@@ -143,6 +159,9 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 struct App {
     paths: Paths,
+    /// tokio's semaphore is FIFO: a request waits for a worker behind every
+    /// request that asked before it, whatever its path.
+    workers: Option<Semaphore>,
 }
 
 impl App {
@@ -155,10 +174,13 @@ impl App {
                 self.paths.reset();
                 return json(StatusCode::OK, r#"{"reset":true}"#);
             }
-            (_, STATS_PATH | RESET_PATH) => {
+            (&Method::GET, TRACE_PATH) => {
+                return json(StatusCode::OK, self.paths.trace_json().to_string());
+            }
+            (_, STATS_PATH | RESET_PATH | TRACE_PATH) => {
                 return json(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    r#"{"error":"use GET /__backend/stats or POST /__backend/reset"}"#,
+                    r#"{"error":"use GET /__backend/stats, GET /__backend/trace or POST /__backend/reset"}"#,
                 );
             }
             _ => {}
@@ -179,7 +201,11 @@ impl App {
         if let Some(seq) = req.headers().get(SEQ_HEADER) {
             state.record_arrival(&String::from_utf8_lossy(seq.as_bytes()));
         }
-        let _in_flight = state.in_flight.enter();
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        let inside = state.enter(request_id);
 
         if req.into_body().collect().await.is_err() {
             return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
@@ -207,6 +233,14 @@ impl App {
                 },
             },
         };
+        // A request waiting for its path's slot holds no worker: the path's
+        // own limit comes first, as in an app with a per-endpoint semaphore.
+        let _worker = match &self.workers {
+            Some(pool) if state.routed => {
+                Some(pool.acquire().await.expect("the semaphore is never closed"))
+            }
+            _ => None,
+        };
         let _serving = state.serving.enter();
         let (service_time, body) = match service_ms {
             None => (state.service_time, state.default_body.clone()),
@@ -215,7 +249,7 @@ impl App {
         if !service_time.is_zero() {
             precise_sleep::sleep(service_time).await;
         }
-        state.count_completed();
+        state.count_completed(inside.arrived);
         json(StatusCode::OK, body)
     }
 }
