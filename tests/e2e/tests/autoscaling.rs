@@ -67,9 +67,9 @@ fn a_misspelt_field_fails_in_every_manifest() {
         ),
         (
             "hpa.yaml",
-            "maxReplicas:",
-            "maxReplica:",
-            "'maxReplica' was unexpected",
+            "stabilizationWindowSeconds:",
+            "stabilisationWindowSeconds:",
+            "'stabilisationWindowSeconds' was unexpected",
         ),
         (
             "prometheus-adapter-rules.yaml",
