@@ -14,7 +14,8 @@ pub const REALM: &str = "sluice";
 pub struct Dashboard {
     /// The page, with its settings filled in; `None` when disabled.
     page: Option<(String, String)>,
-    /// The `Authorization` header value that lets a client in.
+    /// The base64 token of `Authorization: Basic <token>` that lets a
+    /// client in.
     expected: Option<String>,
 }
 
@@ -34,9 +35,10 @@ impl Dashboard {
                 .replace("{{REFRESH_MS}}", &ui.refresh.as_millis().to_string());
             (ui.path.clone(), html)
         });
-        let expected = ui.credentials.as_ref().map(|(user, password)| {
-            format!("Basic {}", base64(format!("{user}:{password}").as_bytes()))
-        });
+        let expected = ui
+            .credentials
+            .as_ref()
+            .map(|(user, password)| base64(format!("{user}:{password}").as_bytes()));
         Dashboard { page, expected }
     }
 
@@ -50,11 +52,8 @@ impl Dashboard {
             return false;
         }
         if let Some(expected) = &self.expected {
-            let given = host.get_http_request_header("authorization");
-            if !constant_time_eq(
-                given.as_deref().unwrap_or("").as_bytes(),
-                expected.as_bytes(),
-            ) {
+            let header = host.get_http_request_header("authorization");
+            if !authorized(header.as_deref(), expected) {
                 let challenge = format!("Basic realm=\"{REALM}\"");
                 send(
                     host,
@@ -95,6 +94,16 @@ fn send<H: Host>(host: &H, status: u32, headers: Vec<(&str, &str)>, body: &str) 
     if let Err(e) = host.send_http_response(status, headers, body.as_bytes()) {
         log::warn!("cannot send the {status} reply: {e:?}");
     }
+}
+
+/// Whether an `Authorization` header carries the expected Basic token (the
+/// scheme's name is case-insensitive, RFC 9110).
+fn authorized(header: Option<&str>, expected: &str) -> bool {
+    let token = header
+        .and_then(|h| h.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+        .map_or("", |(_, token)| token.trim());
+    constant_time_eq(token.as_bytes(), expected.as_bytes())
 }
 
 /// Compares every byte whatever the first difference, so the time taken
@@ -151,6 +160,18 @@ mod tests {
         for (plain, encoded) in cases {
             assert_eq!(base64(plain.as_bytes()), encoded, "{plain}");
         }
+    }
+
+    #[test]
+    fn authorization_header_forms() {
+        let t = "YWRtaW46c2VjcmV0";
+        assert!(authorized(Some("Basic YWRtaW46c2VjcmV0"), t));
+        assert!(authorized(Some("basic  YWRtaW46c2VjcmV0 "), t));
+        assert!(!authorized(Some("Bearer YWRtaW46c2VjcmV0"), t));
+        assert!(!authorized(Some("Basic"), t));
+        assert!(!authorized(Some(""), t));
+        assert!(!authorized(None, t));
+        assert!(!authorized(Some("Basic YWRtaW46c2VjcmV"), t));
     }
 
     #[test]

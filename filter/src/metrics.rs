@@ -333,6 +333,13 @@ mod tests {
     }
 
     #[test]
+    fn counter_ids_are_indexed_by_declaration_order() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
+        }
+    }
+
+    #[test]
     fn names_keep_the_path_whole_for_the_tag_regexes() {
         assert_eq!(
             metric_name("demo", "/v1/model.json", IN_FLIGHT),
