@@ -11,6 +11,10 @@ field fails), for tests/e2e/tests/autoscaling.rs:
   written here from the adapter's configuration docs (it publishes none).
 
 Usage: autoscaling.py FILE.yaml...  Prints one line per problem; exit 1 if any.
+
+The same approach and packages as the deploy branch's
+scripts/validate_manifests.py (Istio manifests): once both are in main, the
+ScaledObject lookup and the adapter schema belong in that one script.
 """
 import sys
 
@@ -19,7 +23,8 @@ import kubernetes_validate
 import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject
 
-K8S_VERSION = "1.37.0"
+# As scripts/validate_manifests.py (deploy): the Kubernetes the Istio files target.
+K8S_VERSION = "1.30.0"
 
 # docs/config-walkthrough.md and docs/config.md of kubernetes-sigs/prometheus-adapter.
 ADAPTER_RULE = {
