@@ -5,7 +5,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The filter runs on every request: whole-program LTO for the wasm only (see
 # Cargo.toml; the variables touch only what this one command builds).
 WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
-NATIVE_BINS := -p sluice-backend -p sluice-prober
+NATIVE_BINS := -p sluice-backend -p sluice-prober -p sluice-sync
 
 .PHONY: deps deps-demo deps-test deps-bench build wasm test test-unit test-wasm lint fmt \
 	bench bench-isolation bench-prober soak demo clean

@@ -20,12 +20,14 @@ mod front_proxy;
 pub mod http;
 mod process;
 mod redis;
+mod sync_service;
 
 pub use backend::Backend;
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError};
 pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, STATS_TAGS_YAML};
 pub use process::{unique_scratch_path, ScratchDir};
 pub use redis::{Redis, RespValue};
+pub use sync_service::SyncService;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
