@@ -7,7 +7,7 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
 NATIVE_BINS := -p sluice-backend -p sluice-prober -p sluice-sync
 
-.PHONY: deps deps-demo deps-test deps-bench build wasm test test-unit test-wasm lint fmt \
+.PHONY: deps deps-demo deps-test deps-bench build wasm wasm-image test test-unit test-wasm lint fmt \
 	bench bench-isolation bench-prober soak demo clean
 
 # What each command installs: the demo needs least.
@@ -22,6 +22,13 @@ deps-bench:
 wasm:
 	$(WASM_PROFILE) cargo build --release --target wasm32-wasip1 -p sluice-filter -p sluice-empty-filter
 	@ls -l $(WASM)
+
+# The filter as an OCI image for Istio's WasmPlugin, built without a Docker
+# daemon (buildah), as an OCI layout directory. Push it with
+#   skopeo copy oci:target/wasm-image:$(WASM_IMAGE_TAG) docker://REGISTRY/sluice-filter:$(WASM_IMAGE_TAG)
+WASM_IMAGE_TAG ?= 0.1.0
+wasm-image: wasm
+	scripts/wasm-image.sh $(WASM) target/wasm-image $(WASM_IMAGE_TAG)
 
 build: wasm
 	cargo build --release $(NATIVE_BINS)

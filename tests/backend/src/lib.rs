@@ -43,6 +43,9 @@ pub const TRACE_PATH: &str = "/__backend/trace";
 pub const SERVICE_MS_HEADER: &str = "x-service-ms";
 /// Recorded in the path's `arrivals`, in the order requests arrive.
 pub const SEQ_HEADER: &str = "x-seq";
+/// Every response carries the instance's `--name`, so a test (or a person
+/// with curl) behind a load balancer sees which instance answered.
+pub const NAME_HEADER: &str = "x-backend-name";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -56,6 +59,8 @@ pub struct Options {
     /// departure on the wall clock (`GET /__backend/trace`), so a benchmark
     /// can line the backend up with Envoy's access log.
     pub trace: bool,
+    /// Sent back in [`NAME_HEADER`] on every response.
+    pub name: Option<String>,
 }
 
 /// Serves until the process is killed. Prints `listening on ADDR` once the
@@ -97,9 +102,17 @@ impl Server {
         }
         let listener =
             listen(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
+        let name = match &opts.name {
+            None => None,
+            Some(name) => Some(
+                HeaderValue::from_str(name)
+                    .with_context(|| format!("--name {name:?} is not a valid header value"))?,
+            ),
+        };
         let app = Arc::new(App {
             paths: Paths::new(&opts.routes, opts.trace),
             workers: opts.workers.map(Semaphore::new),
+            name,
         });
         Ok(Server { listener, app })
     }
@@ -128,7 +141,13 @@ impl Server {
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                    async move {
+                        let mut response = app.handle(req).await;
+                        if let Some(name) = &app.name {
+                            response.headers_mut().insert(NAME_HEADER, name.clone());
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 // Errors here are clients going away mid-request: nothing to do.
                 let _ = http1::Builder::new()
@@ -162,6 +181,7 @@ struct App {
     /// tokio's semaphore is FIFO: a request waits for a worker behind every
     /// request that asked before it, whatever its path.
     workers: Option<Semaphore>,
+    name: Option<HeaderValue>,
 }
 
 impl App {

@@ -24,6 +24,10 @@ struct Args {
     /// departure, served at GET /__backend/trace.
     #[arg(long)]
     trace: bool,
+    /// Echoed in an `x-backend-name` header on every response, to tell
+    /// instances apart behind a load balancer.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 fn main() {
@@ -34,6 +38,7 @@ fn main() {
         threads: args.threads.into(),
         workers: args.workers.map(usize::from),
         trace: args.trace,
+        name: args.name,
     });
     if let Err(e) = result {
         // One line with the causes, not anyhow's backtrace dump.

@@ -23,6 +23,7 @@ async fn start_with_workers(routes: &[&str], workers: Option<usize>) -> SocketAd
         threads: 1,
         workers,
         trace: true,
+        name: None,
     };
     let server = Server::bind(&opts).await.unwrap();
     let addr = server.local_addr();
@@ -191,6 +192,42 @@ async fn a_client_that_leaves_frees_its_place() {
         assert!(Instant::now() < deadline, "still counted: {s}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn every_response_names_the_instance() {
+    let opts = Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        routes: vec!["/p".parse().unwrap()],
+        threads: 1,
+        workers: None,
+        trace: false,
+        name: Some("backend-a".to_string()),
+    };
+    let server = Server::bind(&opts).await.unwrap();
+    let addr = server.local_addr();
+    tokio::spawn(server.serve());
+    for path in ["/p", "/unrouted", "/__backend/stats"] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(
+            response.contains("\r\nx-backend-name: backend-a\r\n"),
+            "{path}: {response}"
+        );
+    }
+    // Without --name there is no such header.
+    let addr = start(&["/p"]).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /p HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(!response.contains("x-backend-name"), "{response}");
 }
 
 #[test]

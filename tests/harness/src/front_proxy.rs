@@ -245,6 +245,11 @@ static_resources:
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
         stat_prefix: {name}
+        # Capacity is per path: no spelling of a path may escape it
+        # (`//p`, `/./p`, `/%70` are normalized; `%2F` is refused with 400).
+        normalize_path: true
+        merge_slashes: true
+        path_with_escaped_slashes_action: REJECT_REQUEST
         # The idle timer keeps running on a stream the filter has paused
         # (queued) and answers 408 when it fires (default 5 min): it must
         # exceed the longest queue_timeout. See ENVOY-WASM-NOTES.md.

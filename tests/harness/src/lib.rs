@@ -19,6 +19,7 @@ mod envoy;
 mod front_proxy;
 pub mod http;
 mod process;
+mod recipe;
 mod redis;
 mod sync_service;
 
@@ -26,6 +27,7 @@ pub use backend::Backend;
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError};
 pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, STATS_TAGS_YAML};
 pub use process::{unique_scratch_path, ScratchDir};
+pub use recipe::{with_built_wasm, Recipe, RECIPE_ADMIN_PORT, RECIPE_LISTENER_PORT};
 pub use redis::{Redis, RespValue};
 pub use sync_service::SyncService;
 

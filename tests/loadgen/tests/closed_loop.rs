@@ -11,6 +11,7 @@ async fn backend(route: &str) -> std::net::SocketAddr {
         threads: 1,
         workers: None,
         trace: false,
+        name: None,
     };
     let server = Server::bind(&opts).await.unwrap();
     let addr = server.local_addr();
