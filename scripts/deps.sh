@@ -46,11 +46,11 @@ if ! command -v envoy >/dev/null || ! envoy --version 2>/dev/null | grep -q '/1\
 fi
 
 # Schemas for scripts/validate_manifests.py: Kubernetes (strict), Istio's
-# CRDs (generated models) and the compose spec (with its licence).
-if [ "$use" = test ] && ! python3 -c 'import kubernetes_validate, check_jsonschema, cloudcoil.models.istio' 2>/dev/null; then
+# and KEDA's CRDs (generated models) and the compose spec (with its licence).
+if [ "$use" = test ] && ! python3 -c 'import kubernetes_validate, check_jsonschema, cloudcoil.models.istio, cloudcoil.models.keda' 2>/dev/null; then
   echo "deps: pip install the manifest schemas" >&2
   python3 -m pip install -q 'kubernetes-validate==1.37.0' 'check-jsonschema==0.39.0' \
-    'cloudcoil-models-istio==1.24.2.1'
+    'cloudcoil-models-istio==1.24.2.1' 'cloudcoil-models-keda==2.16.1.0'
 fi
 
 targets=(wasm32-wasip1)
@@ -64,12 +64,6 @@ if [ "$use" != demo ]; then
   if ! wasm-bindgen-test-runner --version 2>/dev/null | grep -q "$WASM_BINDGEN_VERSION"; then
     echo "deps: cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION (a few minutes, once)" >&2
     cargo install -q --locked wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
-  fi
-  # Offline schema checks of deploy/autoscaling (tests/e2e/validate/).
-  if ! python3 -c 'import kubernetes_validate, cloudcoil.models.keda, jsonschema, yaml' 2>/dev/null; then
-    echo "deps: pip install the Kubernetes and KEDA schemas" >&2
-    pip install -q 'kubernetes-validate==1.37.0' 'cloudcoil==0.6.0' \
-      'cloudcoil-models-keda==2.16.1.0' 'jsonschema>=4.20' 'PyYAML>=6'
   fi
   browser="$(cd "$(dirname "$0")/.." && pwd)/tests/e2e/browser"
   if [ ! -d "$browser/node_modules/playwright-core" ]; then
