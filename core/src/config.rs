@@ -525,6 +525,136 @@ fn queue_len(v: &Value, key: &str) -> Result<u32, ConfigError> {
     }
 }
 
+/// Where the dashboard is served unless `ui.path` says otherwise
+/// (fastapi-balancer's path).
+pub const DEFAULT_UI_PATH: &str = "/balancer/ui";
+/// Seconds between the dashboard's polls of the stats.
+pub const DEFAULT_UI_REFRESH_SECS: f64 = 2.0;
+const UI_KEYS: &[&str] = &["enable", "path", "username", "password", "refresh"];
+
+/// The dashboard's settings: the `ui` key, with balancer.yml's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ui {
+    /// Serve the page at all (default: no).
+    pub enable: bool,
+    pub path: String,
+    /// `(username, password)`: when set, the page and the stats JSON ask for
+    /// them (HTTP Basic); when not, both are open to anyone who can reach
+    /// the proxy.
+    pub credentials: Option<(String, String)>,
+    /// How often the page polls the stats.
+    pub refresh: Duration,
+}
+
+impl Default for Ui {
+    fn default() -> Ui {
+        Ui {
+            enable: false,
+            path: DEFAULT_UI_PATH.to_string(),
+            credentials: None,
+            refresh: Duration::from_secs_f64(DEFAULT_UI_REFRESH_SECS),
+        }
+    }
+}
+
+impl Ui {
+    /// Reads `ui` from the whole document. Unlike elsewhere, an unknown key
+    /// here is an error: a misspelt `password` would leave the stats open.
+    pub fn from_json(document: &Value) -> Result<Ui, ConfigError> {
+        let mut ui = Ui::default();
+        let fields = match document.get("ui") {
+            None | Some(Value::Null) => return Ok(ui),
+            Some(Value::Object(m)) => m,
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "ui",
+                    format!("must be a map of dashboard settings, got {}", shown(v)),
+                ))
+            }
+        };
+        if let Some(key) = fields.keys().find(|k| !UI_KEYS.contains(&k.as_str())) {
+            return Err(ConfigError::new(
+                format!("ui.{key}"),
+                format!(
+                    "unknown key; the dashboard's keys are {}",
+                    UI_KEYS.join(", ")
+                ),
+            ));
+        }
+        match fields.get("enable") {
+            None | Some(Value::Null) => {}
+            Some(Value::Bool(b)) => ui.enable = *b,
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "ui.enable",
+                    format!("must be true or false, got {}", shown(v)),
+                ))
+            }
+        }
+        match fields.get("path") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(p)) if p.starts_with('/') && !p.contains(['?', '#']) => {
+                ui.path = p.clone()
+            }
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "ui.path",
+                    format!(
+                        "must be a path starting with '/', without a query string, got {}",
+                        shown(v)
+                    ),
+                ))
+            }
+        }
+        let text = |key: &str| match fields.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(v) => Err(ConfigError::new(
+                format!("ui.{key}"),
+                format!("must be a non-empty string, got {}", shown(v)),
+            )),
+        };
+        ui.credentials = match (text("username")?, text("password")?) {
+            (None, None) => None,
+            (Some(user), Some(password)) if !user.contains(':') => Some((user, password)),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "ui.username",
+                    "must not contain ':' (HTTP Basic separates it from the password with one)",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "ui.password",
+                    "missing: set both username and password, or neither",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "ui.username",
+                    "missing: set both username and password, or neither",
+                ))
+            }
+        };
+        match fields.get("refresh") {
+            None | Some(Value::Null) => {}
+            Some(v) => match v.as_f64() {
+                Some(s) if (0.1..=60.0).contains(&s) => ui.refresh = Duration::from_secs_f64(s),
+                _ => {
+                    return Err(ConfigError::new(
+                        "ui.refresh",
+                        format!(
+                            "must be a number of seconds from 0.1 to 60, got {}",
+                            shown(v)
+                        ),
+                    ))
+                }
+            },
+        }
+        Ok(ui)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -781,5 +911,62 @@ mod tests {
             got.starts_with("configuration: is not valid JSON: "),
             "{got}"
         );
+    }
+
+    #[test]
+    fn ui_defaults_and_full() {
+        assert_eq!(Ui::from_json(&json!({})).unwrap(), Ui::default());
+        assert!(!Ui::default().enable);
+        let ui = Ui::from_json(&json!({"ui": {
+            "enable": true, "path": "/ops/ui", "username": "admin", "password": "s:cret",
+            "refresh": 0.5
+        }}))
+        .unwrap();
+        assert_eq!(
+            ui,
+            Ui {
+                enable: true,
+                path: "/ops/ui".into(),
+                credentials: Some(("admin".into(), "s:cret".into())),
+                refresh: Duration::from_millis(500),
+            }
+        );
+    }
+
+    /// The exact text a user sees for each bad `ui`.
+    #[test]
+    fn ui_error_texts() {
+        let cases: &[(Value, &str)] = &[
+            (json!({"ui": true}), "ui: must be a map of dashboard settings, got true"),
+            (
+                json!({"ui": {"passwd": "x"}}),
+                "ui.passwd: unknown key; the dashboard's keys are enable, path, username, password, refresh",
+            ),
+            (json!({"ui": {"enable": "yes"}}), "ui.enable: must be true or false, got \"yes\""),
+            (
+                json!({"ui": {"path": "ui"}}),
+                "ui.path: must be a path starting with '/', without a query string, got \"ui\"",
+            ),
+            (
+                json!({"ui": {"username": "admin"}}),
+                "ui.password: missing: set both username and password, or neither",
+            ),
+            (
+                json!({"ui": {"password": "x"}}),
+                "ui.username: missing: set both username and password, or neither",
+            ),
+            (json!({"ui": {"username": "", "password": "x"}}), "ui.username: must be a non-empty string, got \"\""),
+            (
+                json!({"ui": {"username": "a:b", "password": "x"}}),
+                "ui.username: must not contain ':' (HTTP Basic separates it from the password with one)",
+            ),
+            (json!({"ui": {"refresh": 0}}), "ui.refresh: must be a number of seconds from 0.1 to 60, got 0"),
+        ];
+        for (input, want) in cases {
+            let got = Ui::from_json(input)
+                .expect_err(&input.to_string())
+                .to_string();
+            assert_eq!(&got, want, "input: {input}");
+        }
     }
 }

@@ -14,7 +14,7 @@
 use crate::host::Host;
 use crate::root::Root;
 use crate::stream::Stream;
-use proxy_wasm::types::{Action, Status};
+use proxy_wasm::types::{Action, MetricType, Status};
 use sluice_core::admission::{self, EndpointState};
 use sluice_core::shared_data::{MemSharedData, SharedData, StoreError};
 use std::cell::{Cell, RefCell};
@@ -32,6 +32,30 @@ pub struct FakeEnvoy {
     pub store: MemSharedData,
     clock_ns: AtomicU64,
     queues: Mutex<Queues>,
+    metrics: Mutex<Metrics>,
+}
+
+/// Envoy's stats as wasm sees them: one per name for the whole process.
+#[derive(Default)]
+struct Metrics {
+    ids: HashMap<String, u32>,
+    /// By id - 1.
+    all: Vec<Metric>,
+}
+
+struct Metric {
+    name: String,
+    kind: MetricType,
+    value: u64,
+    /// A histogram's samples.
+    samples: Vec<u64>,
+}
+
+impl Metrics {
+    fn get(&mut self, id: u32) -> &mut Metric {
+        let i = id.checked_sub(1).expect("metric id 0 is never handed out");
+        self.all.get_mut(i as usize).expect("defined metric id")
+    }
 }
 
 #[derive(Default)]
@@ -48,6 +72,7 @@ impl FakeEnvoy {
             // Any start will do; not zero, which the filter reads as "no clock".
             clock_ns: AtomicU64::new(1_700_000_000_000_000_000),
             queues: Mutex::new(Queues::default()),
+            metrics: Mutex::new(Metrics::default()),
         })
     }
 
@@ -70,6 +95,27 @@ impl FakeEnvoy {
             (0, &[][..]),
             "{key}: {r:?}"
         );
+    }
+
+    /// A counter's or gauge's value by name (without `wasmcustom.`); panics
+    /// if nobody defined it.
+    pub fn metric(&self, name: &str) -> u64 {
+        let mut m = self.metrics.lock().unwrap();
+        let id = *m
+            .ids
+            .get(name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
+        m.get(id).value
+    }
+
+    /// A histogram's samples by name.
+    pub fn samples(&self, name: &str) -> Vec<u64> {
+        let mut m = self.metrics.lock().unwrap();
+        let id = *m
+            .ids
+            .get(name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
+        m.get(id).samples.clone()
     }
 
     fn has_messages(&self, queue_id: u32) -> bool {
@@ -137,6 +183,9 @@ struct HostState {
     tick_period: Cell<Duration>,
     /// Queues this VM registered (it is notified of them).
     queues: RefCell<Vec<u32>>,
+    /// Runs just before this VM's next `record_metric`: another worker's
+    /// step slipped in between a write and its gauge update.
+    before_record: RefCell<Option<Box<dyn FnOnce()>>>,
 }
 
 impl FakeHost {
@@ -148,7 +197,13 @@ impl FakeHost {
             streams: RefCell::new(HashMap::new()),
             tick_period: Cell::new(Duration::ZERO),
             queues: RefCell::new(Vec::new()),
+            before_record: RefCell::new(None),
         }))
+    }
+
+    /// `step` runs just before this VM's next `record_metric`.
+    pub fn before_next_record(&self, step: impl FnOnce() + 'static) {
+        *self.0.before_record.borrow_mut() = Some(Box::new(step));
     }
 
     pub fn tick_period(&self) -> Duration {
@@ -304,6 +359,57 @@ impl Host for FakeHost {
             s.response_headers
                 .push((name.to_string(), value.to_string()));
         })
+    }
+
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
+        let mut m = self.0.envoy.metrics.lock().unwrap();
+        if let Some(&id) = m.ids.get(name) {
+            let existing = m.get(id);
+            assert_eq!(existing.kind, kind, "{name} defined again as another type");
+            return Ok(id);
+        }
+        m.all.push(Metric {
+            name: name.to_string(),
+            kind,
+            value: 0,
+            samples: Vec::new(),
+        });
+        let id = m.all.len() as u32;
+        m.ids.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    fn increment_metric(&self, id: u32, offset: i64) -> Result<(), Status> {
+        let mut m = self.0.envoy.metrics.lock().unwrap();
+        let metric = m.get(id);
+        match metric.kind {
+            // Envoy refuses to lower a counter.
+            MetricType::Counter if offset < 0 => return Err(Status::BadArgument),
+            MetricType::Histogram => return Err(Status::BadArgument),
+            _ => {}
+        }
+        // A u64 gauge in Envoy wraps below 0 (asserts in debug builds).
+        metric.value = metric
+            .value
+            .checked_add_signed(offset)
+            .unwrap_or_else(|| panic!("{} wrapped: {} + {offset}", metric.name, metric.value));
+        Ok(())
+    }
+
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
+        let step = self.0.before_record.borrow_mut().take();
+        if let Some(step) = step {
+            step();
+        }
+        let mut m = self.0.envoy.metrics.lock().unwrap();
+        let metric = m.get(id);
+        match metric.kind {
+            MetricType::Gauge => metric.value = value,
+            MetricType::Histogram => metric.samples.push(value),
+            // Envoy does not record into a counter.
+            _ => return Err(Status::BadArgument),
+        }
+        Ok(())
     }
 }
 

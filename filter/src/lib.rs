@@ -6,7 +6,9 @@
 
 mod abandon;
 mod config_log;
+mod dashboard;
 mod host;
+mod metrics;
 mod path;
 mod queued_bytes;
 mod replies;

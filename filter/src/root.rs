@@ -4,6 +4,7 @@
 //! hands its worker to every HTTP context it creates. Process-wide duties
 //! that only one root context should do belong here too.
 
+use crate::dashboard::Dashboard;
 use crate::host::{Envoy, Host};
 use crate::routes::Routes;
 use crate::stream::Stream;
@@ -60,7 +61,8 @@ impl<H: Host + Clone> Root<H> {
                 config.endpoints.len()
             );
         }
-        let worker = Worker::new(self.host.clone(), vm_id, routes);
+        let mut worker = Worker::new(self.host.clone(), vm_id, routes);
+        worker.dashboard = Dashboard::from_configuration(configuration)?;
         worker.start();
         self.worker = Some(Rc::new(worker));
         Ok(())

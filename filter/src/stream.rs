@@ -2,6 +2,7 @@
 //! and whatever it holds released exactly once at its end.
 
 use crate::host::{Envoy, Host};
+use crate::metrics::Counter;
 use crate::path::request_path;
 use crate::replies::LocalReply;
 use crate::routes::Route;
@@ -66,14 +67,20 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         };
         let path = request_path(&raw_path);
-        // The stats path wins over any endpoint (a prefix `/` included), but
-        // only for reads: other methods are the application's business.
+        // The stats path and the dashboard win over any endpoint (a prefix
+        // `/` included); the stats path only for reads: other methods are
+        // the application's business.
         if path == STATS_PATH {
             let method = host.get_http_request_header(":method").unwrap_or_default();
             if method == "GET" || method == "HEAD" {
-                LocalReply::Stats(&worker.routes).send(host);
+                // Asks for credentials when the dashboard has them.
+                if !worker.dashboard.answer(host, &path) {
+                    LocalReply::Stats(&worker.routes).send(host);
+                }
                 return Action::Pause;
             }
+        } else if worker.dashboard.answer(host, &path) {
+            return Action::Pause;
         }
         let Some(ep) = worker
             .routes
@@ -87,6 +94,7 @@ impl<H: Host> Stream<H> {
         if !route.count_upgrades && host.get_http_request_header("upgrade").is_some() {
             return Action::Continue;
         }
+        host.count(ep, Counter::Requests);
         let limits = Limits {
             capacity: route.capacity,
             max_queue: route.max_queue,
@@ -100,6 +108,7 @@ impl<H: Host> Stream<H> {
                 worker.wake(&wakeups);
                 match acquired {
                     Acquired::Admitted => {
+                        host.count(ep, Counter::AdmittedAtOnce);
                         self.state = State::Holding {
                             ep,
                             admitted_ns: host.now_ns(),
@@ -121,6 +130,7 @@ impl<H: Host> Stream<H> {
                         Action::Pause
                     }
                     Acquired::QueueFull => {
+                        host.count(ep, Counter::QueueFull);
                         LocalReply::QueueFull(route).send(host);
                         Action::Pause
                     }
@@ -128,6 +138,7 @@ impl<H: Host> Stream<H> {
             }
             Err(e) => {
                 // Fail open: shared data trouble must not take the service down.
+                host.count(ep, Counter::FailedOpen);
                 log::warn!(
                     "acquire on {}: {e}; letting the request through",
                     route.path

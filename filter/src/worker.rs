@@ -5,11 +5,14 @@
 //! its releases served.
 
 use crate::abandon::{self, hold_ns, HeldSlots, RecentDurations};
+use crate::dashboard::Dashboard;
 use crate::host::Host;
+use crate::metrics::{Counter, Metered};
 use crate::replies::LocalReply;
 use crate::routes::Routes;
 use crate::worker_ids;
 use sluice_core::admission::{self, Wakeups, Withdrawn, WorkerId};
+use sluice_core::config::Ui;
 use sluice_core::waiters::{LocalWaiter, LocalWaiters};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -38,11 +41,13 @@ pub fn queue_name(id: WorkerId) -> String {
 }
 
 pub struct Worker<H> {
-    pub host: H,
-    /// Taken at this worker's first watched request (see [`Worker::id`]).
+    /// Writes of endpoint records through it also set the gauges.
+    pub host: Metered<H>,
+    /// Taken at this VM's first tick (see [`Worker::id`]).
     id: Cell<Option<WorkerId>>,
     vm_id: String,
     pub routes: Routes,
+    pub dashboard: Dashboard,
     /// Each with its fate and the body bytes it counts in `max_queued_bytes`.
     waiters: RefCell<LocalWaiters<(Rc<Cell<Fate>>, u64)>>,
     /// Other workers' wake-up queues, resolved once.
@@ -62,9 +67,10 @@ impl<H: Host> Worker<H> {
             id: Cell::new(None),
             durations: RefCell::new(durations),
             held: RefCell::new(HeldSlots::default()),
-            host,
+            host: Metered::new(host, &routes),
             vm_id,
             routes,
+            dashboard: Dashboard::new(&Ui::default()),
             waiters: RefCell::new(LocalWaiters::default()),
             peers: RefCell::new(HashMap::new()),
             fast_tick: Cell::new(false),
@@ -308,6 +314,7 @@ impl<H: Host> Worker<H> {
                 // us; the request must be answered either way, never left paused.
                 Ok(Withdrawn::Removed | Withdrawn::NotFound) => {
                     w.handle.0.set(Fate::Answered);
+                    self.left_queue(&w, Counter::QueueTimeout);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         LocalReply::QueueTimeout(route).send(&self.host);
                     }
@@ -322,6 +329,7 @@ impl<H: Host> Worker<H> {
                         route.path
                     );
                     w.handle.0.set(Fate::Answered);
+                    self.host.count(w.endpoint, Counter::FailedOpen);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         let _ = self.host.resume_http_request();
                     }
@@ -337,11 +345,23 @@ impl<H: Host> Worker<H> {
         fate.set(Fate::Admitted(self.host.now_ns()));
         let resumed = self.host.set_effective_context(w.context_id).is_ok()
             && self.host.resume_http_request().is_ok();
-        if !resumed {
+        if resumed {
+            self.left_queue(&w, Counter::AdmittedAfterWait);
+        } else {
             // The stream is gone (on_log will not run again for it).
             fate.set(Fate::Answered);
             self.release(w.endpoint);
         }
+    }
+
+    /// Counts how a waiter left the queue, and how long it waited.
+    fn left_queue(&self, w: &LocalWaiter<(Rc<Cell<Fate>>, u64)>, how: Counter) {
+        let queue_timeout = self.routes.endpoints[w.endpoint].queue_timeout;
+        let since_ns = w
+            .deadline_ns
+            .saturating_sub(queue_timeout.as_nanos() as u64);
+        self.host.count(w.endpoint, how);
+        self.host.waited(w.endpoint, since_ns);
     }
 
     /// A request that held a slot of `endpoint` has ended.
