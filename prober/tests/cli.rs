@@ -674,3 +674,56 @@ fn the_schema_check_catches_mistakes() {
     let e = errors(&bad);
     assert_eq!(e.len(), 4, "{e:?}");
 }
+
+#[test]
+fn a_file_that_cannot_be_written_is_refused_before_any_load() {
+    let dir = Scratch::new("readonly");
+    let cfg = dir.file("sluice.yaml", CONFIG);
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o444)).unwrap();
+    // Nothing listens there: the refusal must come before the URL check.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let run = probe_config(&url, &cfg, &[]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("is read-only (mode 444)"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stdout, "");
+    assert_eq!(read(&cfg), CONFIG);
+
+    let missing = dir.0.join("no-such-dir/sluice.yaml");
+    let run = probe_config(&url, &missing, &["--endpoint", "/k2"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("does not exist"), "{}", run.stderr);
+}
+
+#[test]
+fn a_write_that_fails_after_measuring_still_reports_the_capacities() {
+    let _serial = serial();
+    let backend = Backend::start(ROUTES);
+    let dir = Scratch::new("writefails");
+    let cfg = dir.file("sluice.yaml", CONFIG);
+    let for_thread = cfg.clone();
+    // Made read-only while the probe runs (it takes seconds).
+    let chmod = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::set_permissions(&for_thread, std::fs::Permissions::from_mode(0o444)).unwrap();
+    });
+    let run = probe_config(&url(&backend), &cfg, &["--json"]);
+    chmod.join().unwrap();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let doc = run.json();
+    assert_matches_schema("probe-output.schema.json", &doc);
+    assert_eq!(doc["config_written"], false);
+    assert_eq!(doc["endpoints"][0]["capacity"], 2);
+    assert!(
+        run.stderr.contains("is read-only")
+            && run
+                .stderr
+                .contains("is unchanged; set by hand: endpoints./k2.capacity: 2"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(read(&cfg), CONFIG);
+}
