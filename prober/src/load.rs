@@ -103,6 +103,11 @@ pub struct LevelStats {
     pub threads: usize,
     /// One example of a transport error, for the report.
     pub first_error: Option<String>,
+    /// Transport errors by kind (`reset`, `refused`, `timeout`, `closed`, …).
+    pub transport_kinds: BTreeMap<&'static str, u64>,
+    /// The `Location` of the first redirect answered: redirects are not
+    /// followed, so they count as errors and the report says where they point.
+    pub redirect: Option<String>,
 }
 
 impl LevelStats {
@@ -123,6 +128,8 @@ impl LevelStats {
             cpu_wait_seconds: None,
             threads,
             first_error: None,
+            transport_kinds: BTreeMap::new(),
+            redirect: None,
         }
     }
 
@@ -226,6 +233,12 @@ impl LevelStats {
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
         }
+        for (kind, n) in &other.transport_kinds {
+            *self.transport_kinds.entry(kind).or_default() += n;
+        }
+        if self.redirect.is_none() {
+            self.redirect.clone_from(&other.redirect);
+        }
     }
 
     /// Every measured attempt failed to connect: the target is gone.
@@ -233,18 +246,28 @@ impl LevelStats {
         self.connect_errors > 0 && self.connect_errors == self.requests
     }
 
-    /// A short account of the errors, e.g. `503 x812, timeout x2`.
+    /// A short account of the errors, e.g. `503 x812, reset x3, timeout x2`.
     pub fn error_summary(&self) -> String {
         let mut parts: Vec<String> = self
             .statuses
             .iter()
             .map(|(code, n)| format!("{code} x{n}"))
             .collect();
-        if self.transport_errors > 0 {
-            parts.push(format!("transport x{}", self.transport_errors));
+        let mut named = 0;
+        for (kind, n) in &self.transport_kinds {
+            parts.push(format!("{kind} x{n}"));
+            named += n;
+        }
+        if self.transport_errors > named {
+            parts.push(format!("transport x{}", self.transport_errors - named));
         }
         if self.timeouts > 0 {
             parts.push(format!("timeout x{}", self.timeouts));
+        }
+        if let Some(to) = &self.redirect {
+            parts.push(format!(
+                "redirects to {to} are not followed: probe the path it points to"
+            ));
         }
         parts.join(", ")
     }
@@ -280,6 +303,8 @@ struct WorkerTally {
     completed_in_window: u64,
     ok_in_window: u64,
     first_error: Option<String>,
+    transport_kinds: BTreeMap<&'static str, u64>,
+    redirect: Option<String>,
 }
 
 /// Runs one level: `concurrency` connections in a closed loop, warm-up, then
@@ -398,16 +423,52 @@ pub fn run_level(
             if stats.first_error.is_none() {
                 stats.first_error = tally.first_error;
             }
+            for (kind, n) in tally.transport_kinds {
+                *stats.transport_kinds.entry(kind).or_default() += n;
+            }
+            if stats.redirect.is_none() {
+                stats.redirect = tally.redirect;
+            }
         }
     }
     Ok(stats)
 }
 
 enum Outcome {
-    Status(u16),
-    Connect(String),
-    Transport(String),
+    /// The status, and the `Location` of a redirect.
+    Status(u16, Option<String>),
+    Connect(&'static str, String),
+    Transport(&'static str, String),
     Timeout,
+}
+
+/// What kind of transport failure `e` is, for the report: a count of
+/// `transport` alone says nothing about what to look at.
+fn transport_kind(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    use std::io::ErrorKind;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                ErrorKind::ConnectionReset => "reset",
+                ErrorKind::ConnectionRefused => "refused",
+                ErrorKind::ConnectionAborted => "aborted",
+                ErrorKind::TimedOut => "timed out",
+                ErrorKind::BrokenPipe => "broken pipe",
+                _ => "transport",
+            };
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() {
+                return "closed";
+            }
+            if h.is_parse() {
+                return "bad response";
+            }
+        }
+        cur = err.source();
+    }
+    "transport"
 }
 
 type Connection = (
@@ -420,14 +481,24 @@ type Connection = (
 async fn open(addr: SocketAddr) -> Result<Connection, Outcome> {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Outcome::Connect(format!("connect: {e}"))),
-        Err(_) => return Err(Outcome::Connect("connect: timed out".into())),
+        Ok(Err(e)) => {
+            return Err(Outcome::Connect(
+                transport_kind(&e),
+                format!("connect: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(Outcome::Connect(
+                "connect timeout",
+                "connect: timed out".into(),
+            ))
+        }
     };
     // Latency of small requests, not Nagle's delay, is what we measure.
     let _ = stream.set_nodelay(true);
     http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| Outcome::Transport(format!("handshake: {e}")))
+        .map_err(|e| Outcome::Transport(transport_kind(&e), format!("handshake: {e}")))
 }
 
 async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
@@ -493,20 +564,26 @@ async fn request_loop(
         let exchange = async {
             let response = sender.send_request(request).await?;
             let status = response.status().as_u16();
+            let location = response
+                .status()
+                .is_redirection()
+                .then(|| response.headers().get(hyper::header::LOCATION))
+                .flatten()
+                .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
             // Read the whole body (a response is done when its last byte is
             // in), dropping each frame rather than collecting them.
             let mut body = response.into_body();
             while let Some(frame) = body.frame().await {
                 frame?;
             }
-            Ok::<u16, hyper::Error>(status)
+            Ok::<_, hyper::Error>((status, location))
         };
         let outcome = match tokio::time::timeout(shared.request_timeout, exchange).await {
-            Ok(Ok(status)) => Outcome::Status(status),
-            Ok(Err(e)) => Outcome::Transport(e.to_string()),
+            Ok(Ok((status, location))) => Outcome::Status(status, location),
+            Ok(Err(e)) => Outcome::Transport(transport_kind(&e), e.to_string()),
             Err(_) => Outcome::Timeout,
         };
-        let reusable = matches!(outcome, Outcome::Status(_));
+        let reusable = matches!(outcome, Outcome::Status(..));
         account(shared, tally, hist, phase_at_start, started, outcome);
         if !reusable {
             // After a timeout or a broken exchange the connection's state is
@@ -528,7 +605,7 @@ fn account(
     let mut latency = finished - started;
     if shared.phase.load(Relaxed) == MEASURE {
         tally.completed_in_window += 1;
-        if matches!(outcome, Outcome::Status(code) if (200..300).contains(&code)) {
+        if matches!(outcome, Outcome::Status(code, _) if (200..300).contains(&code)) {
             tally.ok_in_window += 1;
         }
     }
@@ -537,26 +614,31 @@ fn account(
     }
     tally.requests += 1;
     shared.measured.fetch_add(1, Relaxed);
-    if !matches!(outcome, Outcome::Status(code) if (200..300).contains(&code)) {
+    if !matches!(outcome, Outcome::Status(code, _) if (200..300).contains(&code)) {
         shared.failed.fetch_add(1, Relaxed);
     }
     match outcome {
-        Outcome::Status(code) if (200..300).contains(&code) => {}
-        Outcome::Status(code) => {
+        Outcome::Status(code, _) if (200..300).contains(&code) => {}
+        Outcome::Status(code, location) => {
             tally.errors += 1;
             *tally.statuses.entry(code).or_default() += 1;
+            if tally.redirect.is_none() {
+                tally.redirect = location;
+            }
         }
-        Outcome::Connect(e) => {
+        Outcome::Connect(kind, e) => {
             tally.errors += 1;
             tally.transport_errors += 1;
             tally.connect_errors += 1;
+            *tally.transport_kinds.entry(kind).or_default() += 1;
             if tally.first_error.is_none() {
                 tally.first_error = Some(e);
             }
         }
-        Outcome::Transport(e) => {
+        Outcome::Transport(kind, e) => {
             tally.errors += 1;
             tally.transport_errors += 1;
+            *tally.transport_kinds.entry(kind).or_default() += 1;
             if tally.first_error.is_none() {
                 tally.first_error = Some(e);
             }
@@ -615,6 +697,22 @@ mod tests {
         s.ok_in_window = latencies_ms.len() as u64 - errors;
         s.window = Duration::from_secs(2);
         s
+    }
+
+    #[test]
+    fn errors_are_named_by_kind() {
+        let mut s = stats_with(&[5, 5, 5, 5], 4);
+        s.transport_errors = 3;
+        s.transport_kinds.insert("reset", 2);
+        s.transport_kinds.insert("refused", 1);
+        s.statuses.insert(302, 1);
+        s.redirect = Some("/login".into());
+        assert_eq!(
+            s.error_summary(),
+            "302 x1, refused x1, reset x2, redirects to /login are not followed: probe the path it points to"
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(transport_kind(&reset), "reset");
     }
 
     #[test]

@@ -265,7 +265,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     let report = ProbeReport {
         command: "probe",
         version: env!("CARGO_PKG_VERSION"),
-        target: args.url.clone(),
+        target: crate::redis_records::redact(&args.url),
         config: args.config.as_ref().map(|p| p.display().to_string()),
         service,
         thresholds: ThresholdsReport {

@@ -727,3 +727,89 @@ fn a_write_that_fails_after_measuring_still_reports_the_capacities() {
     );
     assert_eq!(read(&cfg), CONFIG);
 }
+
+/// A one-trick HTTP server on a free port: `answer` (or nothing at all, if
+/// `None`) to every request on every connection. Lives as long as the test.
+fn fake_server(answer: Option<&'static str>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match std::io::Read::read(&mut conn, &mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        if let Some(a) = answer {
+                            if conn.write_all(a.as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn a_redirect_says_it_is_not_followed() {
+    let _serial = serial();
+    let url = fake_server(Some(
+        "HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 0\r\n\r\n",
+    ));
+    let mut args = vec!["probe", "--url", &url, "--endpoint", "/r"];
+    args.extend_from_slice(FAST_LEVELS);
+    let run = prober(&args, LIMIT);
+    assert_eq!(run.code, 4, "{}", run.stderr);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        all.contains("302 x") && all.contains("redirects to /login are not followed"),
+        "{all}"
+    );
+}
+
+#[test]
+fn bad_values_get_clear_messages() {
+    let port = free_port().to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    let base = ["probe", "--url", url.as_str(), "--endpoint", "/a"];
+    for (extra, expect) in [
+        (
+            &["--warmup", "-1"][..],
+            "--warmup -1: must be a number of seconds ≥ 0",
+        ),
+        (&["--threads", "-1"][..], "must be ≥ 0"),
+        (&["--error-threshold", "NaN"][..], "got NaN"),
+        (
+            &["--max-duration", "1", "--duration", "5"][..],
+            "max_duration (1 s) must be ≥ duration (5 s)",
+        ),
+        (
+            &["--redis", "redis://h:notaport"][..],
+            "not a valid redis:// URL",
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let run = prober(&args, LIMIT);
+        assert_eq!(run.code, 2, "{extra:?}: {}", run.stderr);
+        assert!(run.stderr.contains(expect), "{extra:?}: {}", run.stderr);
+    }
+    let secret = format!("http://user:hunter2@127.0.0.1:{port}");
+    let run = prober(&["probe", "--url", &secret, "--endpoint", "/a"], LIMIT);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("user:***@") && !run.stderr.contains("hunter2"),
+        "{}",
+        run.stderr
+    );
+}
