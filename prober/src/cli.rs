@@ -13,7 +13,9 @@ Exit codes:
   4  no concurrency level met the thresholds for at least one endpoint (the
      other endpoints' capacities are written)
   5  Redis unreachable or the push failed (checked before measuring: nothing is
-     measured; failing after measuring: the file is written, Redis is not)";
+     measured; failing after measuring: the file is written, Redis is not)
+130  interrupted (Ctrl-C, SIGTERM): what was measured is printed; nothing is
+     written unless --write-partial";
 
 /// A count given on the command line: a negative one is refused by name
 /// rather than as an unexpected argument.
@@ -150,6 +152,10 @@ pub struct ProbeArgs {
     /// Measure and report, but write neither the file nor Redis
     #[arg(long)]
     pub dry_run: bool,
+    /// When interrupted (Ctrl-C, SIGTERM), still write and push the
+    /// endpoints that finished; without it an interrupted run writes nothing
+    #[arg(long)]
+    pub write_partial: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }

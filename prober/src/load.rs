@@ -16,7 +16,7 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -281,6 +281,34 @@ const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
+/// Set on SIGINT/SIGTERM (see `interrupt`): the level in progress stops at
+/// once, abandoning requests in flight.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Stops the level in progress and every later one.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Relaxed);
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Relaxed)
+}
+
+/// Turns SIGINT and SIGTERM into [`interrupt`], so a probe can report what
+/// it finished. A second signal ends the process at once.
+pub fn stop_on_signals() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        // Only async-signal-safe work here: an atomic, or _exit.
+        if INTERRUPTED.swap(true, Relaxed) {
+            unsafe { libc::_exit(crate::exit::INTERRUPTED as libc::c_int) };
+        }
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only touches an atomic or calls _exit.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
 struct Shared {
     target: Target,
     request: RequestSpec,
@@ -290,6 +318,15 @@ struct Shared {
     measured: AtomicU64,
     /// Of those, the failed ones, so the controller can stop a lost cause.
     failed: AtomicU64,
+    /// Anything that came back at all, warm-up included (a response, a
+    /// reset), but not a timeout: with none after `request_timeout` the
+    /// level is judged at once instead of waiting out a window of timeouts.
+    answered: AtomicU64,
+    /// Set with `phase = STOP` when requests in flight are to be dropped
+    /// rather than waited for (interrupted, or nothing answers).
+    abandon: AtomicBool,
+    /// One per load thread, woken when `abandon` is set.
+    wake: Vec<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -328,6 +365,11 @@ pub fn run_level(
         phase: AtomicU8::new(WARMUP),
         measured: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        answered: AtomicU64::new(0),
+        abandon: AtomicBool::new(false),
+        wake: (0..threads.clamp(1, concurrency.max(1)))
+            .map(|_| tokio::sync::Notify::new())
+            .collect(),
     });
     let threads = threads.clamp(1, concurrency.max(1));
     let mut handles = Vec::with_capacity(threads);
@@ -342,7 +384,7 @@ pub fn run_level(
             .spawn(move || {
                 runtime.block_on(async move {
                     let workers: Vec<_> = (0..connections)
-                        .map(|_| tokio::spawn(worker(for_thread.clone())))
+                        .map(|_| tokio::spawn(worker(for_thread.clone(), t)))
                         .collect();
                     let mut results = Vec::with_capacity(workers.len());
                     for w in workers {
@@ -365,7 +407,19 @@ pub fn run_level(
         }
     }
 
-    std::thread::sleep(timing.warmup);
+    let level_start = Instant::now();
+    // Nothing at all came back within a request timeout: the level has
+    // failed, and waiting out its window would only add timeouts.
+    let silent =
+        || level_start.elapsed() >= timing.request_timeout && shared.answered.load(Relaxed) == 0;
+    let mut abandon = false;
+    while level_start.elapsed() < timing.warmup {
+        if interrupted() || silent() {
+            abandon = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10).min(timing.warmup));
+    }
     let cpu_start = process_cpu_seconds();
     let wait_start = process_cpu_wait_seconds();
     let start = Instant::now();
@@ -386,12 +440,24 @@ pub fn run_level(
         let enough = elapsed >= timing.duration
             && (shared.measured.load(Relaxed) >= timing.min_samples
                 || elapsed >= timing.max_duration);
-        if enough || lost_cause(elapsed) {
+        if abandon || enough || lost_cause(elapsed) {
+            break;
+        }
+        if interrupted() || silent() {
+            abandon = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(10).min(timing.duration));
     }
+    if abandon {
+        shared.abandon.store(true, Relaxed);
+    }
     shared.phase.store(STOP, Relaxed);
+    if abandon {
+        for w in &shared.wake {
+            w.notify_waiters();
+        }
+    }
     let window = start.elapsed();
     let cpu_seconds = process_cpu_seconds() - cpu_start;
     let cpu_wait_seconds = match (wait_start, process_cpu_wait_seconds()) {
@@ -501,7 +567,7 @@ async fn open(addr: SocketAddr) -> Result<Connection, Outcome> {
         .map_err(|e| Outcome::Transport(transport_kind(&e), format!("handshake: {e}")))
 }
 
-async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
+async fn worker(shared: Arc<Shared>, thread: usize) -> (WorkerTally, Histogram<u64>) {
     let mut tally = WorkerTally::default();
     let mut hist = new_histogram();
     while shared.phase.load(Relaxed) != STOP {
@@ -524,8 +590,20 @@ async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
         };
         // Drive the connection and the request loop in this one task; the loop
         // drops `sender` when it ends, which lets `conn` finish.
-        let requests = request_loop(&shared, sender, &mut tally, &mut hist);
-        let _ = tokio::join!(conn, requests);
+        let requests = request_loop(&shared, thread, sender, &mut tally, &mut hist);
+        tokio::pin!(conn);
+        tokio::pin!(requests);
+        let mut conn_done = false;
+        loop {
+            tokio::select! {
+                _ = &mut conn, if !conn_done => conn_done = true,
+                _ = &mut requests => break,
+            }
+        }
+        // An abandoned request may never be answered: do not wait for it.
+        if !conn_done && !shared.abandon.load(Relaxed) {
+            let _ = conn.await;
+        }
     }
     (tally, hist)
 }
@@ -534,6 +612,7 @@ async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
 /// can no longer be used (closed by the target, or an error).
 async fn request_loop(
     shared: &Shared,
+    thread: usize,
     mut sender: http1::SendRequest<Full<Bytes>>,
     tally: &mut WorkerTally,
     hist: &mut Histogram<u64>,
@@ -578,10 +657,23 @@ async fn request_loop(
             }
             Ok::<_, hyper::Error>((status, location))
         };
-        let outcome = match tokio::time::timeout(shared.request_timeout, exchange).await {
-            Ok(Ok((status, location))) => Outcome::Status(status, location),
-            Ok(Err(e)) => Outcome::Transport(transport_kind(&e), e.to_string()),
-            Err(_) => Outcome::Timeout,
+        // Registered before the phase is read again, so a wake-up between
+        // the two is not missed.
+        let abandoned = shared.wake[thread].notified();
+        tokio::pin!(abandoned);
+        abandoned.as_mut().enable();
+        if shared.abandon.load(Relaxed) {
+            return;
+        }
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(shared.request_timeout, exchange) => match r {
+                Ok(Ok((status, location))) => Outcome::Status(status, location),
+                Ok(Err(e)) => Outcome::Transport(transport_kind(&e), e.to_string()),
+                Err(_) => Outcome::Timeout,
+            },
+            // A request still waiting is dropped: it has waited at least a
+            // request timeout with nothing answering, or the run was interrupted.
+            _ = &mut abandoned => Outcome::Timeout,
         };
         let reusable = matches!(outcome, Outcome::Status(..));
         account(shared, tally, hist, phase_at_start, started, outcome);
@@ -603,6 +695,9 @@ fn account(
 ) {
     let finished = Instant::now();
     let mut latency = finished - started;
+    if !matches!(outcome, Outcome::Timeout) {
+        shared.answered.fetch_add(1, Relaxed);
+    }
     if shared.phase.load(Relaxed) == MEASURE {
         tally.completed_in_window += 1;
         if matches!(outcome, Outcome::Status(code, _) if (200..300).contains(&code)) {

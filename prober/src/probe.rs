@@ -46,6 +46,8 @@ struct LoadRunner<'a> {
     threads: usize,
     progress: &'a Progress,
     path: &'a str,
+    /// Every run judged so far, kept for the report of an interrupted search.
+    runs: Vec<RunReport>,
 }
 
 impl LevelRunner for LoadRunner<'_> {
@@ -57,6 +59,9 @@ impl LevelRunner for LoadRunner<'_> {
         ));
         let stats = load::run_level(self.target, self.request, n, &self.timing, self.threads)
             .map_err(|e| Abort(format!("cannot start the load threads: {e}")))?;
+        if load::interrupted() {
+            return Err(Abort("interrupted".into()));
+        }
         if stats.unreachable() {
             return Err(Abort(
                 stats
@@ -69,6 +74,7 @@ impl LevelRunner for LoadRunner<'_> {
     }
 
     fn judged(&mut self, run: &search::Run) {
+        self.runs.push(RunReport::from(run));
         self.progress.line(report::run_line(self.path, run));
     }
 }
@@ -241,7 +247,8 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         .map(|p| target::request_spec(&p.spec))
         .collect::<Result<_, _>>()?;
 
-    // 2. Measure.
+    // 2. Measure. From here on a signal stops the load and reports.
+    load::stop_on_signals();
     let mut found = probe_all(
         args,
         &settings,
@@ -250,6 +257,10 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         &requests,
         redis.as_mut(),
     )?;
+
+    if found.interrupted {
+        found.settle_interrupt(args.write_partial, planned.len());
+    }
 
     // 3. Write the file. A failure here must not cost the measurements: they
     // are reported below, with what to set by hand.
@@ -458,9 +469,31 @@ struct Findings {
     to_push: Vec<(usize, CapacityRecord)>,
     problems: Vec<String>,
     exit_code: u8,
+    interrupted: bool,
 }
 
 impl Findings {
+    /// After Ctrl-C or SIGTERM: nothing is written or pushed unless the
+    /// finished endpoints are asked for.
+    fn settle_interrupt(&mut self, write_partial: bool, planned: usize) {
+        let finished = self
+            .reports
+            .iter()
+            .filter(|r| r.outcome != Outcome::NotProbed)
+            .count();
+        let what = if write_partial {
+            "writing those (--write-partial)"
+        } else {
+            self.edits.clear();
+            self.to_push.clear();
+            "nothing written (--write-partial writes them)"
+        };
+        self.problems.push(format!(
+            "interrupted: {finished} of {planned} endpoints finished; {what}"
+        ));
+        self.exit_code = exit::INTERRUPTED;
+    }
+
     /// Records a failure's exit code, unless an earlier failure set one.
     fn fail(&mut self, code: u8) {
         if self.exit_code == exit::OK {
@@ -540,11 +573,16 @@ fn probe_all(
         to_push: Vec::new(),
         problems: Vec::new(),
         exit_code: exit::OK,
+        interrupted: false,
     };
     let mut aborted: Option<String> = None;
     for (p, request) in planned.iter().zip(requests) {
         let idx = found.reports.len();
         let mut rep = EndpointReport::new(&p.spec.path, &p.spec.method, Outcome::NotProbed);
+        if load::interrupted() && aborted.is_none() {
+            aborted = Some("interrupted".into());
+            found.interrupted = true;
+        }
         if let Some(reason) = &aborted {
             rep.note = Some(format!("not probed: {reason}"));
         } else if let Some(record) = kept_from_file(args, p, &mut rep) {
@@ -565,6 +603,10 @@ fn probe_all(
                         settings.thresholds.p99_ms
                     ));
                     found.fail(exit::NO_PASSING_LEVEL);
+                }
+                Measured::Interrupted => {
+                    aborted = Some("interrupted".into());
+                    found.interrupted = true;
                 }
                 Measured::Unreachable(reason) => {
                     found.problems.push(reason.clone());
@@ -643,6 +685,8 @@ enum Measured {
     NoPassingLevel,
     /// The target stopped answering; the reason names the endpoint.
     Unreachable(String),
+    /// Ctrl-C or SIGTERM while measuring; the runs so far are in the report.
+    Interrupted,
 }
 
 /// Searches for the endpoint's capacity under real load; fills `rep` with
@@ -664,11 +708,20 @@ fn measure(
         threads: settings.threads,
         progress,
         path,
+        runs: Vec::new(),
     };
     let result = search::find_capacity(&mut runner, settings.thresholds, settings.max_concurrency);
     rep.elapsed_s = report::round(started.elapsed().as_secs_f64(), 2);
     let result = match result {
         Ok(r) => r,
+        Err(Abort(_)) if load::interrupted() => {
+            rep.note = Some(format!(
+                "interrupted after {} runs; not written",
+                runner.runs.len()
+            ));
+            rep.runs = std::mem::take(&mut runner.runs);
+            return Measured::Interrupted;
+        }
         Err(Abort(reason)) => {
             let reason = format!("the target stopped answering while probing {path}: {reason}");
             rep.note = Some(reason.clone());

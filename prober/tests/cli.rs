@@ -728,6 +728,94 @@ fn a_write_that_fails_after_measuring_still_reports_the_capacities() {
     assert_eq!(read(&cfg), CONFIG);
 }
 
+/// Runs a probe and sends it `signal` once it prints a progress line for
+/// `endpoint` (stderr is a pipe, so progress comes as plain lines).
+fn probe_interrupted(url: &str, cfg: &Path, extra: &[&str], endpoint: &str, signal: &str) -> Run {
+    let start = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-prober"))
+        .args(probe_args(url, cfg, extra))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let mut stdout = child.stdout.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        s
+    });
+    let mut stderr = String::new();
+    let mut sent = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if !sent && line.starts_with(endpoint) {
+            let ok = Command::new("kill").args([signal, &pid]).status().unwrap();
+            assert!(ok.success());
+            sent = true;
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+        assert!(start.elapsed() < LIMIT, "{stderr}");
+    }
+    let status = child.wait().unwrap();
+    assert!(sent, "never saw {endpoint}:\n{stderr}");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: out.join().unwrap(),
+        stderr,
+        elapsed: start.elapsed(),
+    }
+}
+
+#[test]
+fn an_interrupt_reports_what_was_measured_and_writes_nothing() {
+    let _serial = serial();
+    let backend = Backend::start(ROUTES);
+    let dir = Scratch::new("interrupt");
+    let text = "endpoints:\n  /k2:\n  /fixed:\n";
+    let cfg = dir.file("sluice.yaml", text);
+    let run = probe_interrupted(&url(&backend), &cfg, &["--json"], "/fixed", "-INT");
+    assert_eq!(run.code, 130, "{}", run.stderr);
+    let doc = run.json();
+    assert_matches_schema("probe-output.schema.json", &doc);
+    assert_eq!(doc["exit_code"], 130);
+    // The exact figure is the accuracy tests' business; here, that it is kept.
+    assert_eq!(doc["endpoints"][0]["outcome"], "measured");
+    assert_eq!(doc["endpoints"][1]["outcome"], "not_probed");
+    assert!(!doc["endpoints"][1]["runs"].as_array().unwrap().is_empty());
+    assert_eq!(doc["config_written"], false);
+    assert!(
+        run.stderr
+            .contains("interrupted: 1 of 2 endpoints finished; nothing written"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(read(&cfg), text);
+
+    // With --write-partial (and SIGTERM) the finished endpoint is written.
+    let run = probe_interrupted(
+        &url(&backend),
+        &cfg,
+        &["--write-partial"],
+        "/fixed",
+        "-TERM",
+    );
+    assert_eq!(run.code, 130, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("capacities written to"),
+        "{}",
+        run.stdout
+    );
+    let written = read(&cfg);
+    assert!(
+        written.starts_with("endpoints:\n  /k2:\n    capacity: ")
+            && written.ends_with("  /fixed:\n"),
+        "{written}"
+    );
+}
+
 /// A one-trick HTTP server on a free port: `answer` (or nothing at all, if
 /// `None`) to every request on every connection. Lives as long as the test.
 fn fake_server(answer: Option<&'static str>) -> String {
@@ -758,6 +846,34 @@ fn fake_server(answer: Option<&'static str>) -> String {
         }
     });
     format!("http://{addr}")
+}
+
+#[test]
+fn an_endpoint_that_never_answers_is_judged_after_one_request_timeout() {
+    let _serial = serial();
+    let url = fake_server(None);
+    let args = [
+        "probe",
+        "--url",
+        &url,
+        "--endpoint",
+        "/hang",
+        "--request-timeout",
+        "1",
+        "--warmup",
+        "0.1",
+        "--duration",
+        "3",
+    ];
+    let run = prober(&args, LIMIT);
+    assert_eq!(run.code, 4, "{}", run.stderr);
+    assert!(run.elapsed < Duration::from_secs(8), "{:?}", run.elapsed);
+    // stderr is a pipe here: progress still comes, as plain lines.
+    assert!(
+        run.stderr.lines().any(|l| l.starts_with("/hang ")),
+        "{}",
+        run.stderr
+    );
 }
 
 #[test]
