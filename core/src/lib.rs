@@ -8,4 +8,5 @@ pub mod capacity_record;
 pub mod config;
 pub mod redis_keys;
 pub mod shared_data;
+pub mod sync_api;
 pub mod waiters;

@@ -8,7 +8,7 @@
 //! Every key of a service carries the service name in braces, e.g.
 //! `sluice:{demo}:capacity:/predict`. The braces are literal: they are a Redis
 //! Cluster hash tag, so all keys of one service live in one slot and the
-//! prober can update a record and the endpoint set in one `MULTI`.
+//! prober can update a record, the endpoint set and the version in one `MULTI`.
 
 use crate::config::ConfigError;
 use serde_json::Value;
@@ -133,6 +133,13 @@ pub fn updates_channel(service: &str) -> String {
     format!("sluice:{{{service}}}:updates")
 }
 
+/// The counter every writer `INCR`s in the `MULTI` of its record write: the
+/// version of the service's capacities the sync service streams, monotonic
+/// across sync restarts and replicas.
+pub fn version_key(service: &str) -> String {
+    format!("sluice:{{{service}}}:version")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,6 +156,7 @@ mod tests {
         );
         assert_eq!(endpoints_key("demo"), "sluice:{demo}:endpoints");
         assert_eq!(updates_channel("demo"), "sluice:{demo}:updates");
+        assert_eq!(version_key("demo"), "sluice:{demo}:version");
     }
 
     #[test]

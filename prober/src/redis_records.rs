@@ -4,7 +4,7 @@
 
 use crate::ProberError;
 use sluice_core::capacity_record::CapacityRecord;
-use sluice_core::redis_keys::{capacity_key, endpoints_key, updates_channel};
+use sluice_core::redis_keys::{capacity_key, endpoints_key, updates_channel, version_key};
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -74,8 +74,8 @@ impl RedisRecords {
             .map_err(|e| ProberError::Storage(format!("Redis at {}: {key}: {e}", self.shown_url)))
     }
 
-    /// Replaces the record of `path`, adds it to the endpoint set and
-    /// announces it, all in one transaction.
+    /// Replaces the record of `path`, adds it to the endpoint set, moves the
+    /// service's version and announces it, all in one transaction.
     pub fn put(&mut self, path: &str, record: &CapacityRecord) -> Result<(), ProberError> {
         let key = capacity_key(&self.service, path);
         let message = record.update_message(path);
@@ -92,6 +92,9 @@ impl RedisRecords {
             .arg(endpoints_key(&self.service))
             .arg(path)
             .ignore();
+        // The sync service streams this as the snapshot's version: in the
+        // same MULTI, so a reader never sees the record without it.
+        pipe.cmd("INCR").arg(version_key(&self.service)).ignore();
         pipe.cmd("PUBLISH")
             .arg(updates_channel(&self.service))
             .arg(message)
