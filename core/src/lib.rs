@@ -9,4 +9,5 @@ pub mod config;
 pub mod redis_keys;
 pub mod shared_data;
 pub mod sync_api;
+pub mod sync_config;
 pub mod waiters;
