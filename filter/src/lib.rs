@@ -4,11 +4,15 @@
 //! The proxy-wasm callbacks are thin glue over state machines that are
 //! generic over [`host::Host`], so the tests run them against a fake host.
 
+mod health;
 mod host;
+mod leader;
 mod replies;
 mod root;
 mod routes;
+mod status;
 mod stream;
+mod sync_stream;
 mod worker;
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 use crate::host::Host;
 use crate::routes::{Route, Routes};
 use serde_json::json;
+use crate::status;
 use sluice_core::admission;
 use sluice_core::shared_data::SharedData;
 
@@ -14,6 +15,8 @@ pub enum LocalReply<'a> {
     QueueFull(&'a Route),
     /// 504: waited `queue_timeout` without getting a slot.
     QueueTimeout(&'a Route),
+    /// 503: the backend failed its health checks (new or queued request).
+    Unhealthy(&'a Route),
     /// 200: the stats document.
     Stats(&'a Routes),
 }
@@ -23,6 +26,7 @@ impl LocalReply<'_> {
         match self {
             LocalReply::QueueFull(_) => 503,
             LocalReply::QueueTimeout(_) => 504,
+            LocalReply::Unhealthy(_) => 503,
             LocalReply::Stats(_) => 200,
         }
     }
@@ -32,6 +36,7 @@ impl LocalReply<'_> {
         match self {
             LocalReply::QueueFull(_) => "queue-full",
             LocalReply::QueueTimeout(_) => "queue-timeout",
+            LocalReply::Unhealthy(_) => "unhealthy",
             LocalReply::Stats(_) => "stats",
         }
     }
@@ -54,18 +59,18 @@ impl LocalReply<'_> {
                     .to_string();
                 headers.push(("retry-after", &retry_after));
             }
-            LocalReply::QueueTimeout(_) => {}
+            LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) => {}
             LocalReply::Stats(_) => headers.push(("cache-control", "no-store")),
         }
-        let body = self.body(host);
+        let body = self.body(host, host.now_ns());
         if let Err(e) = host.send_http_response(self.status(), headers, body.as_bytes()) {
             log::warn!("cannot send the {} reply: {e:?}", self.status());
         }
     }
 
     /// The JSON body; the stats are read from `store`, so every worker
-    /// answers with the whole process's numbers.
-    pub fn body<S: SharedData>(&self, store: &S) -> String {
+    /// answers with the whole process's numbers (ages as of `now_ns`).
+    pub fn body<S: SharedData>(&self, store: &S, now_ns: u64) -> String {
         match self {
             LocalReply::QueueFull(route) => line(json!({
                 "error": "too many requests waiting",
@@ -79,7 +84,12 @@ impl LocalReply<'_> {
                 "endpoint": route.path,
                 "queue_timeout_ms": route.queue_timeout.as_millis() as u64,
             })),
-            LocalReply::Stats(routes) => stats(store, routes).to_string(),
+            LocalReply::Unhealthy(route) => line(json!({
+                "error": "backend unhealthy",
+                "reason": self.reason(),
+                "endpoint": route.path,
+            })),
+            LocalReply::Stats(routes) => stats(store, routes, now_ns).to_string(),
         }
     }
 }
@@ -89,22 +99,33 @@ fn line(doc: serde_json::Value) -> String {
     format!("{doc}\n")
 }
 
-/// A superset of fastapi-balancer's stats document.
-fn stats<S: SharedData>(store: &S, routes: &Routes) -> serde_json::Value {
+/// A superset of fastapi-balancer's stats document. The capacity is the one
+/// in force (shared record); `null` while an endpoint has none (it passes).
+fn stats<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_json::Value {
     let mut endpoints = serde_json::Map::new();
     for r in &routes.endpoints {
         let entry = match admission::snapshot(store, &r.key) {
             Ok(s) => json!({
-                "capacity": r.capacity,
+                "capacity": s.capacity,
+                "capacity_source": s.source.as_str(),
+                "configured_capacity": r.configured,
                 "active_requests": s.active,
-                "available_slots": r.capacity.saturating_sub(s.active),
+                "available_slots": s.capacity.map(|c| c.saturating_sub(s.active)),
                 "queued": s.queued(),
                 "max_queue": r.max_queue,
                 "queue_timeout": r.queue_timeout.as_secs_f64(),
+                "sync_version": s.sync_version,
+                "unhealthy": s.unhealthy,
             }),
-            Err(e) => json!({ "capacity": r.capacity, "error": e.to_string() }),
+            Err(e) => json!({ "capacity": r.configured, "error": e.to_string() }),
         };
         endpoints.insert(r.path.clone(), entry);
     }
-    json!({ "service": routes.service, "endpoints": endpoints })
+    let (sync, health) = status::for_stats(store, &routes.service, now_ns);
+    json!({
+        "service": routes.service,
+        "sync": sync,
+        "health": health,
+        "endpoints": endpoints,
+    })
 }

@@ -2,17 +2,22 @@
 //! and a short-lived canary at each configuration). It reads the
 //! configuration, creates the shared records, takes a worker index, and
 //! hands its worker to every HTTP context it creates. Process-wide duties
-//! that only one root context should do belong here too.
+//! (the sync stream, health checks) are the leader's: every root context is
+//! a candidate (`leader`).
 
 use crate::host::{Envoy, Host};
+use crate::leader::{self, Holder, Leader};
 use crate::routes::Routes;
 use crate::stream::Stream;
-use crate::worker::{queue_name, Worker};
+use crate::worker::{queue_name, Worker, BASE_TICK};
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{BufferType, ContextType, MapType};
 use sluice_core::admission::{self, WorkerId};
 use sluice_core::config::Config;
 use sluice_core::shared_data::{SharedData, StoreError};
+use sluice_core::sync_config::CalloutConfig;
+use std::cell::RefCell;
 use std::rc::Rc;
 
 /// Counter from which each root context takes its worker index. Envoy gives a
@@ -24,11 +29,16 @@ pub struct Root<H> {
     host: H,
     /// `None` until configured.
     worker: Option<Rc<Worker<H>>>,
+    leader: RefCell<Option<Leader<H>>>,
 }
 
 impl<H: Host + Clone> Root<H> {
     pub fn new(host: H) -> Root<H> {
-        Root { host, worker: None }
+        Root {
+            host,
+            worker: None,
+            leader: RefCell::new(None),
+        }
     }
 
     /// Takes the plugin configuration (JSON text) of the VM `vm_id`. An error
@@ -36,16 +46,18 @@ impl<H: Host + Clone> Root<H> {
     pub fn configure(&mut self, configuration: &str, vm_id: String) -> Result<(), String> {
         let config = Config::from_json_str(configuration)
             .map_err(|e| format!("invalid configuration: {e}"))?;
+        // Valid JSON by now.
+        let document: serde_json::Value = serde_json::from_str(configuration)
+            .map_err(|e| format!("invalid configuration: {e}"))?;
+        let callouts = CalloutConfig::from_json(&document, &config.service)
+            .map_err(|e| format!("invalid configuration: {e}"))?;
         for w in &config.warnings {
             log::warn!("{w}");
         }
-        let routes = Routes::new(&config);
-        // Create every endpoint's record before traffic. Envoy runs this on
-        // the main thread before any worker VM exists, and a write to a
-        // missing key ignores CAS, so creating later could race.
-        for key in routes.keys() {
-            admission::ensure(&self.host, key).map_err(|e| format!("shared data {key}: {e}"))?;
+        for w in &callouts.warnings {
+            log::warn!("{w}");
         }
+        let routes = Routes::new(&config);
         let id = allocate_worker_id(&self.host)
             .map_err(|e| format!("cannot allocate a worker index: {e}"))?;
         let queue = queue_name(id);
@@ -58,8 +70,28 @@ impl<H: Host + Clone> Root<H> {
             config.service,
             config.endpoints.len()
         );
-        let worker = Worker::new(self.host.clone(), id, vm_id, routes);
-        self.worker = Some(Rc::new(worker));
+        let worker = Rc::new(Worker::new(self.host.clone(), id, vm_id, routes));
+        // Create every endpoint's record before traffic (Envoy runs this on
+        // the main thread before any worker VM exists, and a write to a
+        // missing key ignores CAS) and apply this configuration's
+        // capacities, in force at once on every worker, old VMs included.
+        for route in &worker.routes.endpoints {
+            let key = &route.key;
+            let wakeups = admission::configure(&self.host, key, route.configured)
+                .map_err(|e| format!("shared data {key}: {e}"))?;
+            worker.wake(&wakeups);
+        }
+        let now = self.host.now_ns();
+        let me = Holder {
+            worker: id,
+            started_ns: now,
+            config_since_ns: leader::config_since(&self.host, &config.service, configuration, now),
+        };
+        // The lease and the leader's duties run on the base tick. The canary
+        // VM is destroyed before its first tick, so it never opens a stream.
+        *self.leader.borrow_mut() = Some(Leader::new(Rc::clone(&worker), me, callouts));
+        worker.set_idle_tick(BASE_TICK);
+        self.worker = Some(worker);
         Ok(())
     }
 
@@ -75,6 +107,34 @@ impl<H: Host + Clone> Root<H> {
     pub fn tick(&self) {
         if let Some(w) = &self.worker {
             w.tick();
+        }
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.tick();
+        }
+    }
+
+    /// The VM ends (`on_done`): a leader hands over at once.
+    pub fn done(&self) {
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.done();
+        }
+    }
+
+    pub fn on_grpc_message(&self, token: u32, message: &[u8]) {
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.on_grpc_message(token, message);
+        }
+    }
+
+    pub fn on_grpc_close(&self, token: u32, grpc_status: u32) {
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.on_grpc_close(token, grpc_status);
+        }
+    }
+
+    pub fn on_http_response(&self, token: u32, status: Option<u32>) {
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.on_http_response(token, status);
         }
     }
 
@@ -106,7 +166,39 @@ fn allocate_worker_id<S: SharedData>(store: &S) -> Result<WorkerId, String> {
     }
 }
 
-impl Context for Root<Envoy> {}
+impl Context for Root<Envoy> {
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        // Already without the 5-byte gRPC frame header.
+        match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, message_size) {
+            Ok(bytes) => self.on_grpc_message(token_id, &bytes.unwrap_or_default()),
+            Err(e) => log::warn!("sync: cannot read a message: {e:?}"),
+        }
+    }
+
+    fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
+        self.on_grpc_close(token_id, status_code);
+    }
+
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        _body_size: usize,
+        _num_trailers: usize,
+    ) {
+        // No `:status` when Envoy gave up on the call (timeout, reset).
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok());
+        self.on_http_response(token_id, status);
+    }
+
+    fn on_done(&mut self) -> bool {
+        self.done();
+        true
+    }
+}
 
 impl RootContext for Root<Envoy> {
     fn on_configure(&mut self, _size: usize) -> bool {

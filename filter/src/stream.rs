@@ -6,7 +6,7 @@ use crate::replies::LocalReply;
 use crate::worker::{Fate, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use sluice_core::admission::{self, Acquired, Limits};
+use sluice_core::admission::{self, Acquired};
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -58,11 +58,8 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         };
         let route = &worker.routes.endpoints[ep];
-        let limits = Limits {
-            capacity: route.capacity,
-            max_queue: route.max_queue,
-        };
-        match admission::acquire(host, &route.key, limits, worker.id) {
+        // The capacity in force is in the record this reads anyway.
+        match admission::acquire(host, &route.key, route.max_queue, worker.id) {
             Ok((acquired, wakeups)) => {
                 worker.wake(&wakeups);
                 match acquired {
@@ -80,6 +77,10 @@ impl<H: Host> Stream<H> {
                     }
                     Acquired::QueueFull => {
                         LocalReply::QueueFull(route).send(host);
+                        Action::Pause
+                    }
+                    Acquired::Unhealthy => {
+                        LocalReply::Unhealthy(route).send(host);
                         Action::Pause
                     }
                 }
