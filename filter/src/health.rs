@@ -62,9 +62,11 @@ impl HealthCheck {
     /// This VM became the leader: check at once, carrying on from the marks
     /// a former leader left (recovery still takes `healthy_threshold`).
     pub fn start<H: Host>(&mut self, worker: &Worker<H>, now_ns: u64) {
-        let marked = worker.routes.endpoints.iter().any(|r| {
-            admission::snapshot(&worker.host, &r.key).is_ok_and(|s| s.unhealthy)
-        });
+        let marked = worker
+            .routes
+            .endpoints
+            .iter()
+            .any(|r| admission::snapshot(&worker.host, &r.key).is_ok_and(|s| s.unhealthy));
         self.state = if marked {
             Health::Unhealthy
         } else {
@@ -146,9 +148,7 @@ impl HealthCheck {
             self.successes = 0;
         }
         let next = match self.state {
-            Health::Unhealthy if self.successes >= self.config.healthy_threshold => {
-                Health::Healthy
-            }
+            Health::Unhealthy if self.successes >= self.config.healthy_threshold => Health::Healthy,
             Health::Unknown if ok => Health::Healthy,
             Health::Healthy | Health::Unknown
                 if self.failures >= self.config.unhealthy_threshold =>

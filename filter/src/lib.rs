@@ -18,6 +18,8 @@ mod worker;
 #[cfg(test)]
 mod fake_host;
 #[cfg(test)]
+mod sync_tests;
+#[cfg(test)]
 mod tests;
 
 use proxy_wasm::hostcalls;

@@ -4,8 +4,8 @@
 
 use crate::host::Host;
 use crate::routes::{Route, Routes};
-use serde_json::json;
 use crate::status;
+use serde_json::json;
 use sluice_core::admission;
 use sluice_core::shared_data::SharedData;
 

@@ -102,7 +102,9 @@ impl SyncClient {
             .map(|s| s.sync_version)
             .max()
             .unwrap_or(0);
-        self.conn = Conn::Waiting { retry_at_ns: now_ns };
+        self.conn = Conn::Waiting {
+            retry_at_ns: now_ns,
+        };
         self.failures = 0;
         self.disconnected_since_ns = Some(now_ns);
         self.connected_once = false;
@@ -156,15 +158,15 @@ impl SyncClient {
         .encode_to_vec();
         let opened = host
             .open_grpc_stream(&self.grpc_service, SERVICE_NAME, WATCH_METHOD)
-            .and_then(|token| {
-                match host.send_grpc_stream_message(token, &request, true) {
+            .and_then(
+                |token| match host.send_grpc_stream_message(token, &request, true) {
                     Ok(()) => Ok(token),
                     Err(e) => {
                         let _ = host.cancel_grpc_stream(token);
                         Err(e)
                     }
-                }
-            });
+                },
+            );
         match opened {
             Ok(token) => {
                 log::debug!("sync: stream {token} opened to {}", self.config.cluster);
@@ -175,7 +177,10 @@ impl SyncClient {
                 };
             }
             Err(e) => {
-                log::warn!("sync: cannot open a stream to {}: {e:?}", self.config.cluster);
+                log::warn!(
+                    "sync: cannot open a stream to {}: {e:?}",
+                    self.config.cluster
+                );
                 self.lost(now_ns);
             }
         }
