@@ -245,6 +245,10 @@ impl<H: Host> Leader<H> {
     }
 
     pub fn on_grpc_message(&mut self, token: u32, bytes: &[u8]) {
+        // A callout of a former term: not ours to act on any more.
+        if !self.leading {
+            return;
+        }
         let now = self.worker.host.now_ns();
         if let Some(s) = &mut self.sync {
             if s.on_message(&self.worker, token, bytes, now) {
@@ -254,6 +258,9 @@ impl<H: Host> Leader<H> {
     }
 
     pub fn on_grpc_close(&mut self, token: u32, grpc_status: u32) {
+        if !self.leading {
+            return;
+        }
         let now = self.worker.host.now_ns();
         if let Some(s) = &mut self.sync {
             if s.on_close(token, grpc_status, now) {
@@ -263,6 +270,9 @@ impl<H: Host> Leader<H> {
     }
 
     pub fn on_http_response(&mut self, token: u32, status: Option<u32>) {
+        if !self.leading {
+            return;
+        }
         let now = self.worker.host.now_ns();
         if let Some(h) = &mut self.health {
             if h.on_response(&self.worker, token, status, now) {

@@ -121,11 +121,12 @@ fn stats<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_json::
         };
         endpoints.insert(r.path.clone(), entry);
     }
-    let (sync, health) = status::for_stats(store, &routes.service, now_ns);
+    let service = status::for_stats(store, &routes.service, now_ns);
     json!({
         "service": routes.service,
-        "sync": sync,
-        "health": health,
+        "sync": service.sync,
+        "health": service.health,
+        "leader": service.leader,
         "endpoints": endpoints,
     })
 }

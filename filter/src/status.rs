@@ -29,10 +29,17 @@ fn read<S: SharedData>(store: &S, service: &str) -> Value {
     }
 }
 
-/// The `sync` and `health` objects of the stats: what the leader last
-/// wrote, with the age of the last sync message as of `now_ns`. `off` when
-/// no leader has reported (neither configured).
-pub fn for_stats<S: SharedData>(store: &S, service: &str, now_ns: u64) -> (Value, Value) {
+/// The service-level parts of the stats.
+pub struct ServiceStatus {
+    pub sync: Value,
+    pub health: Value,
+    /// Which root context leads, since when (`null` before any did).
+    pub leader: Value,
+}
+
+/// What the leader last wrote, with the age of the last sync message as of
+/// `now_ns`. `off` when no leader has reported.
+pub fn for_stats<S: SharedData>(store: &S, service: &str, now_ns: u64) -> ServiceStatus {
     let doc = read(store, service);
     let mut sync = match &doc["sync"] {
         Value::Object(_) => doc["sync"].clone(),
@@ -47,5 +54,9 @@ pub fn for_stats<S: SharedData>(store: &S, service: &str, now_ns: u64) -> (Value
         Value::Object(_) => doc["health"].clone(),
         _ => json!({"state": "off"}),
     };
-    (sync, health)
+    ServiceStatus {
+        sync,
+        health,
+        leader: doc["leader"].clone(),
+    }
 }
