@@ -6,7 +6,7 @@ use crate::host::Host;
 use crate::routes::{Route, Routes};
 use crate::status;
 use serde_json::json;
-use sluice_core::admission;
+use sluice_core::admission::{self, WorkerId};
 use sluice_core::shared_data::SharedData;
 
 /// A local reply, instead of the upstream's.
@@ -17,8 +17,10 @@ pub enum LocalReply<'a> {
     QueueTimeout(&'a Route),
     /// 503: the backend failed its health checks (new or queued request).
     Unhealthy(&'a Route),
-    /// 200: the stats document.
-    Stats(&'a Routes),
+    /// 200: the stats document, served by worker `.1` (the numbers are the
+    /// whole process's; the worker is there so a client can tell who read
+    /// them, e.g. to time how fast a change reaches each worker).
+    Stats(&'a Routes, WorkerId),
 }
 
 impl LocalReply<'_> {
@@ -27,7 +29,7 @@ impl LocalReply<'_> {
             LocalReply::QueueFull(_) => 503,
             LocalReply::QueueTimeout(_) => 504,
             LocalReply::Unhealthy(_) => 503,
-            LocalReply::Stats(_) => 200,
+            LocalReply::Stats(..) => 200,
         }
     }
 
@@ -37,7 +39,7 @@ impl LocalReply<'_> {
             LocalReply::QueueFull(_) => "queue-full",
             LocalReply::QueueTimeout(_) => "queue-timeout",
             LocalReply::Unhealthy(_) => "unhealthy",
-            LocalReply::Stats(_) => "stats",
+            LocalReply::Stats(..) => "stats",
         }
     }
 
@@ -60,7 +62,7 @@ impl LocalReply<'_> {
                 headers.push(("retry-after", &retry_after));
             }
             LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) => {}
-            LocalReply::Stats(_) => headers.push(("cache-control", "no-store")),
+            LocalReply::Stats(..) => headers.push(("cache-control", "no-store")),
         }
         let body = self.body(host, host.now_ns());
         if let Err(e) = host.send_http_response(self.status(), headers, body.as_bytes()) {
@@ -89,7 +91,11 @@ impl LocalReply<'_> {
                 "reason": self.reason(),
                 "endpoint": route.path,
             })),
-            LocalReply::Stats(routes) => stats(store, routes, now_ns).to_string(),
+            LocalReply::Stats(routes, worker) => {
+                let mut doc = stats(store, routes, now_ns);
+                doc["served_by_worker"] = (*worker).into();
+                doc.to_string()
+            }
         }
     }
 }

@@ -52,7 +52,7 @@ impl<H: Host> Stream<H> {
             .find(&path, || host.get_http_request_header(":method"))
         else {
             if path.split('?').next() == Some(STATS_PATH) {
-                LocalReply::Stats(&worker.routes).send(host);
+                LocalReply::Stats(&worker.routes, worker.id).send(host);
                 return Action::Pause;
             }
             return Action::Continue;

@@ -5,6 +5,9 @@
 //! and what happens beyond capacity (`queue` FIFO inside the backend, or
 //! `reject` with 503). `GET /__backend/stats` tells what the backend saw: how
 //! many requests were inside at once, and the `x-seq` headers in arrival order.
+//! `GET /__backend/health` answers 200, or 503 after `POST
+//! /__backend/health/fail` until `POST /__backend/health/ok`: a backend whose
+//! health check starts failing, for Sluice's health tests.
 
 pub mod path_stats;
 pub mod precise_sleep;
@@ -24,12 +27,17 @@ use route::{parse_service_ms, Overload, RouteSpec};
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
 
 pub const STATS_PATH: &str = "/__backend/stats";
 pub const RESET_PATH: &str = "/__backend/reset";
+/// 200 while healthy, 503 while failing.
+pub const HEALTH_PATH: &str = "/__backend/health";
+pub const HEALTH_FAIL_PATH: &str = "/__backend/health/fail";
+pub const HEALTH_OK_PATH: &str = "/__backend/health/ok";
 /// Overrides the service time of one request (float milliseconds).
 pub const SERVICE_MS_HEADER: &str = "x-service-ms";
 /// Recorded in the path's `arrivals`, in the order requests arrive.
@@ -84,6 +92,7 @@ impl Server {
             listen(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
         let app = Arc::new(App {
             paths: Paths::new(&opts.routes),
+            failing: AtomicBool::new(false),
         });
         Ok(Server { listener, app })
     }
@@ -143,6 +152,8 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 struct App {
     paths: Paths,
+    /// The health endpoint answers 503.
+    failing: AtomicBool,
 }
 
 impl App {
@@ -154,6 +165,18 @@ impl App {
             (&Method::POST, RESET_PATH) => {
                 self.paths.reset();
                 return json(StatusCode::OK, r#"{"reset":true}"#);
+            }
+            (&Method::GET, HEALTH_PATH) => {
+                return if self.failing.load(Ordering::SeqCst) {
+                    json(StatusCode::SERVICE_UNAVAILABLE, r#"{"healthy":false}"#)
+                } else {
+                    json(StatusCode::OK, r#"{"healthy":true}"#)
+                };
+            }
+            (&Method::POST, HEALTH_FAIL_PATH | HEALTH_OK_PATH) => {
+                let fail = req.uri().path() == HEALTH_FAIL_PATH;
+                self.failing.store(fail, Ordering::SeqCst);
+                return json(StatusCode::OK, format!("{{\"healthy\":{}}}", !fail));
             }
             (_, STATS_PATH | RESET_PATH) => {
                 return json(

@@ -18,14 +18,18 @@ mod backend;
 mod envoy;
 mod front_proxy;
 pub mod http;
+mod keep_alive;
 mod process;
 mod redis;
+mod sync;
 
 pub use backend::Backend;
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError};
 pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME};
+pub use keep_alive::KeepAliveClients;
 pub use process::{unique_scratch_path, ScratchDir};
 pub use redis::{Redis, RespValue};
+pub use sync::{sync_cluster_yaml, SyncService, SYNC_CLUSTER};
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
