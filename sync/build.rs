@@ -1,0 +1,36 @@
+//! Generates the CapacitySync server and client with tonic-build's manual
+//! builder: no protoc, and the messages are the hand-written ones in
+//! `sluice_core::sync_api`, shared with the wasm filter. The names here
+//! follow `proto/sluice/sync/v1/sync.proto`; `tests/proto.rs` checks both.
+
+use tonic_build::manual::{Builder, Method, Service};
+
+fn main() {
+    let codec = "tonic_prost::ProstCodec";
+    let api = "::sluice_core::sync_api";
+    let service = Service::builder()
+        .name("CapacitySync")
+        .package("sluice.sync.v1")
+        .method(
+            Method::builder()
+                .name("watch")
+                .route_name("Watch")
+                .input_type(format!("{api}::WatchRequest"))
+                .output_type(format!("{api}::Snapshot"))
+                .codec_path(codec)
+                .server_streaming()
+                .build(),
+        )
+        .method(
+            Method::builder()
+                .name("fetch")
+                .route_name("Fetch")
+                .input_type(format!("{api}::FetchRequest"))
+                .output_type(format!("{api}::Snapshot"))
+                .codec_path(codec)
+                .build(),
+        )
+        .build();
+    Builder::new().compile(&[service]);
+    println!("cargo:rerun-if-changed=build.rs");
+}

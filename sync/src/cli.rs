@@ -1,0 +1,222 @@
+//! Command line and environment, and the settings they resolve to.
+
+use clap::Parser;
+use sluice_core::redis_keys::Storage;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "sluice-sync",
+    version,
+    about = "Streams the capacities in Redis to every Envoy's Sluice filter (gRPC sluice.sync.v1.CapacitySync)",
+    after_help = "Logs go to stderr: level from SLUICE_LOG or RUST_LOG (e.g. info, sluice_sync=debug), \
+                  JSON lines with SLUICE_LOG_FORMAT=json. Once listening, the first line on stdout is \
+                  `listening on ADDR`. See docs/sync.md."
+)]
+pub struct Opts {
+    /// Address to serve gRPC on (port 0: any free port)
+    #[arg(
+        long,
+        env = "SLUICE_SYNC_LISTEN",
+        default_value = "127.0.0.1:50051",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+
+    /// Redis to read capacities from (wins over --config)
+    #[arg(long, env = "SLUICE_REDIS_URL", value_name = "URL")]
+    pub redis: Option<String>,
+
+    /// Take Redis from `storage:` of this sluice.yaml
+    #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Full re-read of every watched service, the backstop for a lost
+    /// update message
+    #[arg(long, env = "SLUICE_SYNC_RESYNC_INTERVAL", default_value = "5s", value_parser = interval, value_name = "DURATION")]
+    pub resync_interval: Duration,
+
+    /// A heartbeat goes to a watcher when nothing else was sent for this long
+    #[arg(long, env = "SLUICE_SYNC_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = interval, value_name = "DURATION")]
+    pub heartbeat_interval: Duration,
+}
+
+/// What the service runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub redis_url: String,
+    pub resync_interval: Duration,
+    pub heartbeat_interval: Duration,
+}
+
+/// A setting that cannot be used. Each message names the flag or key.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SettingsError {
+    #[error(
+        "no Redis to read: pass --redis URL (or SLUICE_REDIS_URL), or --config sluice.yaml \
+         with storage: {{type: redis, url: ...}}"
+    )]
+    NoRedis,
+    #[error("--config {path}: {problem}")]
+    ConfigFile { path: String, problem: String },
+    #[error("{flag}: {problem}")]
+    BadRedisUrl { flag: &'static str, problem: String },
+}
+
+impl Settings {
+    pub fn from_opts(opts: &Opts) -> Result<Settings, SettingsError> {
+        let (redis_url, flag) = match (&opts.redis, &opts.config) {
+            (Some(url), _) => (url.clone(), "--redis"),
+            (None, Some(path)) => {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| SettingsError::ConfigFile {
+                        path: path.display().to_string(),
+                        problem: format!("cannot read it: {e}"),
+                    })?;
+                (redis_url_from_config(path, &text)?, "storage.url")
+            }
+            (None, None) => return Err(SettingsError::NoRedis),
+        };
+        redis::Client::open(redis_url.as_str()).map_err(|e| SettingsError::BadRedisUrl {
+            flag,
+            problem: format!("not a Redis URL (redis://[user:pass@]host:port[/db]): {e}"),
+        })?;
+        Ok(Settings {
+            listen: opts.listen,
+            redis_url,
+            resync_interval: opts.resync_interval,
+            heartbeat_interval: opts.heartbeat_interval,
+        })
+    }
+}
+
+/// The Redis URL from `storage:` of a sluice.yaml (YAML, so JSON too).
+pub fn redis_url_from_config(path: &Path, text: &str) -> Result<String, SettingsError> {
+    let fail = |problem: String| SettingsError::ConfigFile {
+        path: path.display().to_string(),
+        problem,
+    };
+    let doc: serde_json::Value =
+        serde_norway::from_str(text).map_err(|e| fail(format!("not valid YAML: {e}")))?;
+    match Storage::from_json(&doc).map_err(|e| fail(e.to_string()))? {
+        Some(Storage::Redis { url }) => Ok(url),
+        Some(Storage::Memory) => Err(fail(
+            "storage.type is memory: the sync service needs storage: {type: redis, url: ...}"
+                .into(),
+        )),
+        None => Err(fail(
+            "has no storage: add storage: {type: redis, url: ...}, or pass --redis URL".into(),
+        )),
+    }
+}
+
+fn interval(text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 500ms, 5s)"))?;
+    if d.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Opts, clap::Error> {
+        Opts::try_parse_from(std::iter::once("sluice-sync").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let opts = parse(&["--redis", "redis://127.0.0.1:6379"]).unwrap();
+        let settings = Settings::from_opts(&opts).unwrap();
+        assert_eq!(
+            settings,
+            Settings {
+                listen: "127.0.0.1:50051".parse().unwrap(),
+                redis_url: "redis://127.0.0.1:6379".into(),
+                resync_interval: Duration::from_secs(5),
+                heartbeat_interval: Duration::from_secs(1),
+            }
+        );
+        let opts = parse(&[
+            "--redis",
+            "redis://h:1/2",
+            "--listen",
+            "0.0.0.0:0",
+            "--resync-interval",
+            "250ms",
+            "--heartbeat-interval",
+            "2s",
+        ])
+        .unwrap();
+        let settings = Settings::from_opts(&opts).unwrap();
+        assert_eq!(settings.listen.port(), 0);
+        assert_eq!(settings.resync_interval, Duration::from_millis(250));
+        assert_eq!(settings.heartbeat_interval, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_flags_name_the_problem() {
+        let cases: [(&[&str], &str); 4] = [
+            (
+                &["--listen", "nowhere"],
+                "invalid value 'nowhere' for '--listen <ADDR>'",
+            ),
+            (
+                &["--resync-interval", "0s"],
+                "invalid value '0s' for '--resync-interval <DURATION>': must be more than 0",
+            ),
+            (
+                &["--heartbeat-interval", "soon"],
+                "invalid value 'soon' for '--heartbeat-interval <DURATION>'",
+            ),
+            (&["--bogus"], "unexpected argument '--bogus'"),
+        ];
+        for (args, want) in cases {
+            let error = parse(args).unwrap_err().to_string();
+            assert!(error.contains(want), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn redis_comes_from_the_flag_or_the_config() {
+        let opts = parse(&[]).unwrap();
+        assert_eq!(Settings::from_opts(&opts), Err(SettingsError::NoRedis));
+        let opts = parse(&["--redis", "http://h"]).unwrap();
+        let error = Settings::from_opts(&opts).unwrap_err().to_string();
+        assert!(error.starts_with("--redis: not a Redis URL"), "{error}");
+
+        let path = Path::new("sluice.yaml");
+        let ok = "service: demo\nstorage: {type: redis, url: \"redis://r:6380/1\"}\n";
+        assert_eq!(redis_url_from_config(path, ok).unwrap(), "redis://r:6380/1");
+        let json = r#"{"storage": {"type": "redis"}}"#;
+        assert_eq!(
+            redis_url_from_config(path, json).unwrap(),
+            "redis://127.0.0.1:6379"
+        );
+        let cases = [
+            ("service: demo\n", "--config sluice.yaml: has no storage: add storage: {type: redis, url: ...}, or pass --redis URL"),
+            ("storage: {type: memory}\n", "--config sluice.yaml: storage.type is memory: the sync service needs storage: {type: redis, url: ...}"),
+            ("storage: {type: redis, url: \"http://x\"}\n", "--config sluice.yaml: storage.url: must be a redis:// URL, got \"http://x\""),
+            ("storage: [\n", "--config sluice.yaml: not valid YAML: "),
+        ];
+        for (text, want) in cases {
+            let error = redis_url_from_config(path, text).unwrap_err().to_string();
+            assert!(error.starts_with(want), "{text:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_missing_config_file_is_named() {
+        let opts = parse(&["--config", "/nonexistent/sluice.yaml"]).unwrap();
+        let error = Settings::from_opts(&opts).unwrap_err().to_string();
+        assert!(
+            error.starts_with("--config /nonexistent/sluice.yaml: cannot read it: "),
+            "{error}"
+        );
+    }
+}

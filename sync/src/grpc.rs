@@ -1,0 +1,187 @@
+//! The CapacitySync gRPC service: `Watch` streams a service's snapshots
+//! from its view in [`Services`], `Fetch` answers with it once.
+
+use crate::api::capacity_sync_server::CapacitySync;
+use crate::api::{FetchRequest, Snapshot, WatchRequest};
+use crate::services::{stopping, Services, WatchedService};
+use crate::snapshots::heartbeat;
+use sluice_core::redis_keys::check_service_name;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info};
+
+/// How long `Fetch` waits for the first read of a service it names first.
+const FETCH_WAIT: Duration = Duration::from_secs(2);
+/// Snapshots queued for one watcher. A slow watcher only delays itself; it
+/// always gets the newest view next (older ones are never queued).
+const SEND_QUEUE: usize = 2;
+/// Longer names are refused: they would become Redis keys.
+const MAX_SERVICE_NAME: usize = 200;
+
+pub struct CapacitySyncService {
+    services: Arc<Services>,
+    heartbeat_interval: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl CapacitySyncService {
+    pub fn new(
+        services: Arc<Services>,
+        heartbeat_interval: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> CapacitySyncService {
+        CapacitySyncService {
+            services,
+            heartbeat_interval,
+            shutdown,
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl CapacitySync for CapacitySyncService {
+    type WatchStream = ReceiverStream<Result<Snapshot, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let peer = request.remote_addr();
+        let request = request.into_inner();
+        check_service(&request.service)?;
+        let entry = self.services.watch(&request.service, request.last_version);
+        info!(
+            service = %request.service, node = %request.node,
+            last_version = request.last_version, peer = ?peer, "watcher connected"
+        );
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let watcher = Watcher {
+            service: request.service,
+            node: request.node,
+            entry,
+            services: self.services.clone(),
+            tx,
+            heartbeat_interval: self.heartbeat_interval,
+            shutdown: self.shutdown.clone(),
+        };
+        tokio::spawn(watcher.run());
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<Snapshot>, Status> {
+        let service = request.into_inner().service;
+        check_service(&service)?;
+        let entry = self.services.watch(&service, 0);
+        let mut views = entry.subscribe();
+        let first_read = tokio::time::timeout(FETCH_WAIT, async {
+            loop {
+                if let Some(view) = views.borrow_and_update().clone() {
+                    return Some(view);
+                }
+                if views.changed().await.is_err() {
+                    return None;
+                }
+            }
+        });
+        match first_read.await {
+            Ok(Some(view)) => Ok(Response::new(view.snapshot(&service, now_unix_ms()))),
+            _ => Err(Status::unavailable(format!(
+                "no capacities for service {service:?} yet: Redis has not answered since sluice-sync started"
+            ))),
+        }
+    }
+}
+
+fn check_service(service: &str) -> Result<(), Status> {
+    if service.is_empty() {
+        return Err(Status::invalid_argument(
+            "service is empty: name the service (`service:` of sluice.yaml)",
+        ));
+    }
+    if service.len() > MAX_SERVICE_NAME {
+        return Err(Status::invalid_argument(format!(
+            "service is longer than {MAX_SERVICE_NAME} bytes"
+        )));
+    }
+    check_service_name(service).map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+/// One `Watch` stream.
+struct Watcher {
+    service: String,
+    node: String,
+    entry: Arc<WatchedService>,
+    services: Arc<Services>,
+    tx: mpsc::Sender<Result<Snapshot, Status>>,
+    heartbeat_interval: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Watcher {
+    /// Sends the current view (if the service was read yet), then each new
+    /// one, and a heartbeat whenever nothing was sent for a heartbeat
+    /// interval. Ends when the client goes away, or on shutdown with
+    /// UNAVAILABLE so the client reconnects (to another replica).
+    async fn run(self) {
+        let mut shutdown = self.shutdown.clone();
+        let mut views = self.entry.subscribe();
+        let mut heartbeats = tokio::time::interval(self.heartbeat_interval);
+        heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let first = views.borrow_and_update().clone();
+        if let Some(view) = first {
+            if !self.send(view.snapshot(&self.service, now_unix_ms())).await {
+                return;
+            }
+        }
+        heartbeats.reset();
+        loop {
+            tokio::select! {
+                changed = views.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let view = views.borrow_and_update().clone();
+                    if let Some(view) = view {
+                        if !self.send(view.snapshot(&self.service, now_unix_ms())).await {
+                            break;
+                        }
+                        heartbeats.reset();
+                    }
+                }
+                _ = heartbeats.tick() => {
+                    let view = self.entry.current();
+                    let beat = heartbeat(&self.service, view.as_ref(), self.services.redis_up(), now_unix_ms());
+                    if !self.send(beat).await {
+                        break;
+                    }
+                }
+                _ = stopping(&mut shutdown) => {
+                    let status = Status::unavailable("sluice-sync is shutting down: reconnect");
+                    let _ = self.tx.send(Err(status)).await;
+                    info!(service = %self.service, node = %self.node, "watch stream ended: shutting down");
+                    return;
+                }
+                _ = self.tx.closed() => break,
+            }
+        }
+        info!(service = %self.service, node = %self.node, "watcher disconnected");
+    }
+
+    /// `false` once the client is gone.
+    async fn send(&self, snapshot: Snapshot) -> bool {
+        debug!(
+            service = %self.service, node = %self.node, version = snapshot.version,
+            heartbeat = snapshot.heartbeat, stale = snapshot.stale, "sending"
+        );
+        self.tx.send(Ok(snapshot)).await.is_ok()
+    }
+}
+
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

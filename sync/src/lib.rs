@@ -1,0 +1,165 @@
+//! sluice-sync: streams the capacities in Redis to every Envoy's Sluice
+//! filter over gRPC (`sluice.sync.v1.CapacitySync`, docs/sync.md).
+//!
+//! `main.rs` only parses arguments and calls [`run`]. The parts:
+//! [`redis_source`] reads Redis into per-service views held by
+//! [`services`]; [`grpc`] streams them; [`snapshots`] holds the rules
+//! (versions, bad records, staleness) as pure code.
+
+pub mod api;
+pub mod cli;
+pub mod grpc;
+pub mod logging;
+pub mod redis_source;
+pub mod services;
+pub mod snapshots;
+
+use anyhow::Context;
+use api::capacity_sync_server::CapacitySyncServer;
+use cli::{Opts, Settings};
+use grpc::CapacitySyncService;
+use redis_source::RedisSource;
+use services::{stopping, Services};
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+/// How long open connections get to close after the streams were ended on
+/// shutdown (a health `Watch` never ends by itself).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// HTTP/2 pings, so a vanished Envoy's stream is noticed and dropped.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Exit status for bad settings, like clap's usage errors.
+pub const EXIT_USAGE: u8 = 2;
+
+/// The exit status for an error that ended [`run`].
+pub fn exit_code_of(e: &anyhow::Error) -> u8 {
+    let usage = e
+        .chain()
+        .any(|cause| cause.is::<cli::SettingsError>() || cause.is::<logging::LoggingError>());
+    if usage {
+        EXIT_USAGE
+    } else {
+        1
+    }
+}
+
+pub fn run(opts: Opts) -> anyhow::Result<()> {
+    logging::init()?;
+    let settings = Settings::from_opts(&opts)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(serve(settings))
+}
+
+/// Serves until SIGTERM or Ctrl-C.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let incoming = TcpIncoming::bind(settings.listen)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("--listen {}: cannot listen", settings.listen))?
+        // Snapshots are small and must leave at once.
+        .with_nodelay(Some(true));
+    let addr = incoming.local_addr().context("listening address")?;
+    let client = redis::Client::open(settings.redis_url.as_str())
+        .with_context(|| "--redis: not a Redis URL".to_string())?;
+    let shown_url = redis_source::shown_url(&client);
+
+    let (services, requests) = Services::new();
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_health(&health, ServingStatus::NotServing).await;
+    tokio::spawn(follow_redis_in_health(
+        services.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let source = RedisSource::new(client, services.clone(), requests, settings.resync_interval);
+    let source = tokio::spawn(source.run(shutdown.clone()));
+    let sync_service =
+        CapacitySyncService::new(services, settings.heartbeat_interval, shutdown.clone());
+
+    // The harness (and people) learn a `--listen ...:0` port from this line.
+    println!("listening on {addr}");
+    let _ = std::io::stdout().flush();
+    info!(listen = %addr, redis = %shown_url, "sluice-sync serving");
+
+    tokio::spawn(async move {
+        let signal = shutdown_signal().await;
+        info!(signal, "shutting down: ending every stream");
+        let _ = shutdown_tx.send(true);
+    });
+    let mut stop = shutdown.clone();
+    let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .add_service(health_service)
+        .add_service(CapacitySyncServer::new(sync_service))
+        .serve_with_incoming_shutdown(incoming, async move { stopping(&mut stop).await });
+    let mut grace = shutdown.clone();
+    tokio::select! {
+        result = server => result.context("gRPC server failed")?,
+        _ = async {
+            stopping(&mut grace).await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period: closing them"),
+    }
+    let _ = source.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// The health of `sluice.sync.v1.CapacitySync` and of the server as a whole
+/// (`""`) is Redis's: SERVING while it answers, NOT_SERVING while it does
+/// not and once shutting down.
+async fn follow_redis_in_health(
+    services: Arc<Services>,
+    health: HealthReporter,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut redis_up = services.subscribe_redis_up();
+    loop {
+        let up = *redis_up.borrow_and_update();
+        let status = if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(&health, status).await;
+        tokio::select! {
+            changed = redis_up.changed() => if changed.is_err() { break },
+            _ = stopping(&mut shutdown) => break,
+        }
+    }
+    set_health(&health, ServingStatus::NotServing).await;
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(sluice_core::sync_api::SERVICE_NAME, status)
+        .await;
+}
+
+/// Waits for SIGTERM or Ctrl-C (SIGINT) and names it.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            "SIGINT"
+        }
+    }
+}

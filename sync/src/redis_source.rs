@@ -1,0 +1,325 @@
+//! The Redis side: one task that subscribes to every watched service's
+//! updates channel and re-reads a service on each message, when a watcher
+//! first names it, and every `resync_interval` (the backstop for a lost
+//! message). When Redis goes away it marks every view stale, keeps serving
+//! them, and reconnects with backoff. Key layout: docs/redis-keys.md.
+
+use crate::services::{stopping, Services};
+use crate::snapshots::{Outcome, RedisRead, ServiceState};
+use futures_util::{FutureExt, StreamExt};
+use redis::aio::{MultiplexedConnection, PubSubSink};
+use redis::{AsyncConnectionConfig, RedisError, Value};
+use sluice_core::redis_keys::{capacity_key, endpoints_key, updates_channel, version_key};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{sleep, timeout, MissedTickBehavior};
+use tracing::{debug, info, warn};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Also what a hung Redis costs before its views are marked stale (on the
+/// next read).
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reads of one service whose endpoint set changed under them before we
+/// take the last one (the write's own message triggers another read).
+const READ_ATTEMPTS: usize = 4;
+/// Raises of a version counter that keeps falling behind before we wait for
+/// the next read.
+const RAISE_ATTEMPTS: usize = 3;
+
+pub struct RedisSource {
+    client: redis::Client,
+    /// The URL without any password, for logs.
+    shown_url: String,
+    services: Arc<Services>,
+    requests: mpsc::UnboundedReceiver<String>,
+    resync_interval: Duration,
+    states: HashMap<String, ServiceState>,
+}
+
+/// Why a session with Redis ended.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("{0}")]
+    Redis(#[from] RedisError),
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the subscription connection closed")]
+    SubscriptionClosed,
+}
+
+/// Why one service could not be read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Redis(#[from] RedisError),
+    #[error("{key} is not an integer: {value:?}")]
+    BadVersion { key: String, value: String },
+}
+
+impl RedisSource {
+    pub fn new(
+        client: redis::Client,
+        services: Arc<Services>,
+        requests: mpsc::UnboundedReceiver<String>,
+        resync_interval: Duration,
+    ) -> RedisSource {
+        RedisSource {
+            shown_url: shown_url(&client),
+            client,
+            services,
+            requests,
+            resync_interval,
+            states: HashMap::new(),
+        }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut backoff = BACKOFF_FIRST;
+        // One warning per outage, not one per reconnect attempt.
+        let mut warned = false;
+        loop {
+            let result = self.session(&mut shutdown, &mut backoff).await;
+            if *shutdown.borrow() {
+                return;
+            }
+            let Err(error) = result else { return };
+            let was_up = self.services.set_redis_up(false);
+            self.mark_all_stale();
+            if was_up || !warned {
+                warn!(
+                    redis = %self.shown_url, %error,
+                    "Redis unreachable: serving the last snapshots as stale; reconnecting"
+                );
+                warned = true;
+            } else {
+                debug!(redis = %self.shown_url, %error, retry_in = ?backoff, "still no Redis");
+            }
+            tokio::select! {
+                _ = sleep(backoff) => {}
+                _ = stopping(&mut shutdown) => return,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    /// Connects, subscribes, reads everything, then follows changes until
+    /// the connection fails (`Err`) or shutdown (`Ok`).
+    async fn session(
+        &mut self,
+        shutdown: &mut watch::Receiver<bool>,
+        backoff: &mut Duration,
+    ) -> Result<(), SessionError> {
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        let pubsub = within(CONNECT_TIMEOUT, self.client.get_async_pubsub()).await?;
+        let (mut sink, mut messages) = pubsub.split();
+
+        // Subscribe before the first full read, so no change falls between.
+        let mut channels: HashMap<String, String> = HashMap::new();
+        while self.requests.try_recv().is_ok() {} // all of them are read below
+        for service in self.services.names() {
+            subscribe(&mut sink, &mut channels, &service).await?;
+        }
+        for service in self.services.names() {
+            self.refresh(&mut conn, &service).await?;
+        }
+        self.services.set_redis_up(true);
+        *backoff = BACKOFF_FIRST;
+        info!(redis = %self.shown_url, services = channels.len(), "Redis reachable: serving fresh snapshots");
+
+        let mut resync = tokio::time::interval_at(
+            tokio::time::Instant::now() + self.resync_interval,
+            self.resync_interval,
+        );
+        resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopping(shutdown) => return Ok(()),
+                message = messages.next() => {
+                    let Some(message) = message else {
+                        return Err(SessionError::SubscriptionClosed);
+                    };
+                    // One read per service for a burst of messages.
+                    let mut due = BTreeSet::new();
+                    due.extend(channels.get(message.get_channel_name()).cloned());
+                    while let Some(Some(message)) = messages.next().now_or_never() {
+                        due.extend(channels.get(message.get_channel_name()).cloned());
+                    }
+                    for service in due {
+                        self.refresh(&mut conn, &service).await?;
+                    }
+                }
+                Some(service) = self.requests.recv() => {
+                    if !channels.values().any(|s| *s == service) {
+                        subscribe(&mut sink, &mut channels, &service).await?;
+                    }
+                    self.refresh(&mut conn, &service).await?;
+                }
+                _ = resync.tick() => {
+                    for service in self.services.names() {
+                        self.refresh(&mut conn, &service).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads one service and publishes its view if it changed. A failed
+    /// connection ends the session; anything else wrong with this service's
+    /// keys is logged and its last view kept.
+    async fn refresh(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        service: &str,
+    ) -> Result<(), SessionError> {
+        let Some(entry) = self.services.get(service) else {
+            return Ok(());
+        };
+        for _ in 0..RAISE_ATTEMPTS {
+            let read = match read_service(conn, service).await {
+                Ok(read) => read,
+                Err(ReadError::Redis(e)) if is_connection_failure(&e) => return Err(e.into()),
+                Err(error) => {
+                    warn!(service, %error, "cannot read this service's records; keeping its last snapshot");
+                    return Ok(());
+                }
+            };
+            let state = self.states.entry(service.to_string()).or_default();
+            let (outcome, skipped) = state.apply(service, &read, entry.held());
+            for record in skipped {
+                warn!(service, key = %record.key, problem = %record.problem, "skipping a malformed capacity record");
+            }
+            match outcome {
+                Outcome::Changed(view) => {
+                    debug!(
+                        service,
+                        version = view.version,
+                        endpoints = view.endpoints.len(),
+                        "new snapshot"
+                    );
+                    entry.publish(view);
+                    return Ok(());
+                }
+                Outcome::Unchanged => return Ok(()),
+                Outcome::Behind { raise_to } => {
+                    warn!(
+                        service,
+                        redis_version = read.version,
+                        raise_to,
+                        "Redis's version counter is below a version already sent \
+                         (Redis lost its data?): raising it so Envoys take the new state"
+                    );
+                    // INCRBY, not SET: never lowers it, whoever else writes.
+                    redis::cmd("INCRBY")
+                        .arg(version_key(service))
+                        .arg(raise_to - read.version)
+                        .query_async::<i64>(conn)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn mark_all_stale(&mut self) {
+        for (service, state) in &mut self.states {
+            if let (Some(view), Some(entry)) = (state.mark_stale(), self.services.get(service)) {
+                entry.publish(view);
+            }
+        }
+    }
+}
+
+async fn within<T>(
+    limit: Duration,
+    future: impl std::future::Future<Output = Result<T, RedisError>>,
+) -> Result<T, SessionError> {
+    match timeout(limit, future).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(SessionError::Timeout(limit)),
+    }
+}
+
+async fn subscribe(
+    sink: &mut PubSubSink,
+    channels: &mut HashMap<String, String>,
+    service: &str,
+) -> Result<(), SessionError> {
+    let channel = updates_channel(service);
+    within(RESPONSE_TIMEOUT, sink.subscribe(&channel)).await?;
+    channels.insert(channel, service.to_string());
+    Ok(())
+}
+
+/// The version and every record of a service, consistent with each other:
+/// they come from one `MULTI`. The endpoint set is read first to know which
+/// hashes to ask for, and again inside the `MULTI`; if it changed in
+/// between, the read is repeated.
+async fn read_service(
+    conn: &mut MultiplexedConnection,
+    service: &str,
+) -> Result<RedisRead, ReadError> {
+    let version_key = version_key(service);
+    let endpoints_key = endpoints_key(service);
+    let mut members: Vec<String> = redis::cmd("SMEMBERS")
+        .arg(&endpoints_key)
+        .query_async(conn)
+        .await?;
+    members.sort();
+    for attempt in 1..=READ_ATTEMPTS {
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        pipe.cmd("GET").arg(&version_key);
+        pipe.cmd("SMEMBERS").arg(&endpoints_key);
+        for path in &members {
+            pipe.cmd("HGETALL").arg(capacity_key(service, path));
+        }
+        let mut values: std::vec::IntoIter<Value> =
+            pipe.query_async::<Vec<Value>>(conn).await?.into_iter();
+        let version: Option<String> = parse(values.next())?;
+        let mut listed: Vec<String> = parse(values.next())?;
+        listed.sort();
+        if listed == members || attempt == READ_ATTEMPTS {
+            let version = match version {
+                None => 0,
+                Some(v) => v.trim().parse().map_err(|_| ReadError::BadVersion {
+                    key: version_key.clone(),
+                    value: v,
+                })?,
+            };
+            let mut records = Vec::with_capacity(members.len());
+            for path in members {
+                records.push((path, parse(values.next())?));
+            }
+            return Ok(RedisRead { version, records });
+        }
+        members = listed;
+    }
+    unreachable!("the last attempt returns")
+}
+
+fn parse<T: redis::FromRedisValue>(value: Option<Value>) -> Result<T, RedisError> {
+    Ok(redis::from_redis_value(value.unwrap_or(Value::Nil))?)
+}
+
+/// The connection is gone or unusable (as opposed to a bad reply about one
+/// key, such as `WRONGTYPE`).
+fn is_connection_failure(e: &RedisError) -> bool {
+    e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
+}
+
+/// `redis://host:port/db`, never the password.
+pub fn shown_url(client: &redis::Client) -> String {
+    let info = client.get_connection_info();
+    format!("redis://{}/{}", info.addr(), info.redis_settings().db())
+}

@@ -1,0 +1,369 @@
+//! What the sync service holds for each service: the capacities it last read
+//! from Redis, in the shape it streams them. Pure: built from what Redis
+//! returned, so the rules (versions, bad records, unknown services, stale)
+//! are tested without Redis.
+
+use sluice_core::capacity_record::CapacityRecord;
+use sluice_core::redis_keys::capacity_key;
+use sluice_core::sync_api::{EndpointCapacity, Snapshot};
+use std::collections::{BTreeMap, HashMap};
+
+/// One read of a service from Redis, all in one `MULTI`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RedisRead {
+    /// `sluice:{SERVICE}:version`, 0 when the key does not exist.
+    pub version: u64,
+    /// Each member of the endpoints set with its record (`HGETALL`; empty
+    /// when the hash is missing).
+    pub records: Vec<(String, HashMap<String, String>)>,
+}
+
+/// A service's state as it is streamed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub version: u64,
+    /// Sorted by path.
+    pub endpoints: Vec<EndpointCapacity>,
+    /// Redis is unreachable: this is the last state read.
+    pub stale: bool,
+}
+
+impl ServiceView {
+    pub fn snapshot(&self, service: &str, sent_at_unix_ms: i64) -> Snapshot {
+        Snapshot {
+            service: service.to_string(),
+            version: self.version,
+            endpoints: self.endpoints.clone(),
+            heartbeat: false,
+            stale: self.stale,
+            sent_at_unix_ms,
+        }
+    }
+}
+
+/// "Nothing changed, the stream is alive". `view` is `None` while the
+/// service has never been read (Redis unreachable since the start).
+pub fn heartbeat(
+    service: &str,
+    view: Option<&ServiceView>,
+    redis_up: bool,
+    sent_at_unix_ms: i64,
+) -> Snapshot {
+    Snapshot {
+        service: service.to_string(),
+        version: view.map_or(0, |v| v.version),
+        endpoints: Vec::new(),
+        heartbeat: true,
+        stale: view.map_or(!redis_up, |v| v.stale),
+        sent_at_unix_ms,
+    }
+}
+
+/// A record left out of the snapshot, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedRecord {
+    pub key: String,
+    pub problem: String,
+}
+
+/// The endpoints of a read, sorted by path. A record that does not decode is
+/// left out (the others still count); a member whose hash is gone (being
+/// deleted) is left out silently.
+pub fn endpoints_from(
+    service: &str,
+    records: &[(String, HashMap<String, String>)],
+) -> (Vec<EndpointCapacity>, Vec<SkippedRecord>) {
+    let mut endpoints = Vec::with_capacity(records.len());
+    let mut skipped = Vec::new();
+    for (path, hash) in records {
+        match CapacityRecord::from_hash(hash) {
+            Ok(Some(record)) => endpoints.push(EndpointCapacity {
+                path: path.clone(),
+                capacity: record.capacity,
+                source: record.source.as_str().to_string(),
+                measured_at: record.measured_at,
+            }),
+            Ok(None) => {}
+            Err(e) => skipped.push(SkippedRecord {
+                key: capacity_key(service, path),
+                problem: e.to_string(),
+            }),
+        }
+    }
+    endpoints.sort_by(|a, b| a.path.cmp(&b.path));
+    (endpoints, skipped)
+}
+
+/// What became of a read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The view changed (content, version or staleness): send it.
+    Changed(ServiceView),
+    /// Same as before: send nothing.
+    Unchanged,
+    /// Redis's counter is below a version already sent or held by a watcher
+    /// (Redis lost it): raise it to `raise_to` and read again. Nothing was
+    /// applied.
+    Behind { raise_to: u64 },
+}
+
+/// One service's state across reads.
+#[derive(Debug, Default)]
+pub struct ServiceState {
+    view: Option<ServiceView>,
+    /// Keys of the records skipped in the last read, with the problem, so
+    /// each is warned about once, not on every read.
+    skipped: BTreeMap<String, String>,
+}
+
+impl ServiceState {
+    /// `None` until the service was read once.
+    pub fn view(&self) -> Option<&ServiceView> {
+        self.view.as_ref()
+    }
+
+    /// Applies a read. `held` is the newest version a watcher said it holds.
+    /// Returns the outcome and the records skipped now that were not (with
+    /// the same problem) in the read before.
+    pub fn apply(
+        &mut self,
+        service: &str,
+        read: &RedisRead,
+        held: u64,
+    ) -> (Outcome, Vec<SkippedRecord>) {
+        let sent = self.view.as_ref().map_or(0, |v| v.version);
+        let floor = sent.max(held);
+        if read.version < floor {
+            // Strictly above: the content under the lost versions may differ.
+            return (
+                Outcome::Behind {
+                    raise_to: floor + 1,
+                },
+                Vec::new(),
+            );
+        }
+        let (endpoints, skipped) = endpoints_from(service, &read.records);
+        let newly_skipped = skipped
+            .iter()
+            .filter(|s| self.skipped.get(&s.key) != Some(&s.problem))
+            .cloned()
+            .collect();
+        self.skipped = skipped.into_iter().map(|s| (s.key, s.problem)).collect();
+        let view = ServiceView {
+            version: read.version,
+            endpoints,
+            stale: false,
+        };
+        let outcome = if self.view.as_ref() == Some(&view) {
+            Outcome::Unchanged
+        } else {
+            self.view = Some(view.clone());
+            Outcome::Changed(view)
+        };
+        (outcome, newly_skipped)
+    }
+
+    /// Redis became unreachable: the view (if any) is now stale. Returns it
+    /// when that is news.
+    pub fn mark_stale(&mut self) -> Option<ServiceView> {
+        let view = self.view.as_mut()?;
+        if view.stale {
+            return None;
+        }
+        view.stale = true;
+        Some(view.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn record(capacity: &str, source: &str) -> HashMap<String, String> {
+        hash(&[
+            ("capacity", capacity),
+            ("source", source),
+            ("measured_at", "1763842052"),
+        ])
+    }
+
+    fn read(version: u64, records: &[(&str, HashMap<String, String>)]) -> RedisRead {
+        RedisRead {
+            version,
+            records: records
+                .iter()
+                .map(|(p, h)| (p.to_string(), h.clone()))
+                .collect(),
+        }
+    }
+
+    fn changed(outcome: Outcome) -> ServiceView {
+        match outcome {
+            Outcome::Changed(view) => view,
+            other => panic!("expected a change, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn snapshot_holds_every_record_sorted_by_path() {
+        let mut state = ServiceState::default();
+        let r = read(
+            7,
+            &[
+                ("/predict", record("8", "probe")),
+                ("/embed", record("3", "manual")),
+            ],
+        );
+        let (outcome, skipped) = state.apply("demo", &r, 0);
+        assert!(skipped.is_empty());
+        let snapshot = changed(outcome).snapshot("demo", 1234);
+        assert_eq!(
+            snapshot,
+            Snapshot {
+                service: "demo".into(),
+                version: 7,
+                endpoints: vec![
+                    EndpointCapacity {
+                        path: "/embed".into(),
+                        capacity: 3,
+                        source: "manual".into(),
+                        measured_at: 1763842052,
+                    },
+                    EndpointCapacity {
+                        path: "/predict".into(),
+                        capacity: 8,
+                        source: "probe".into(),
+                        measured_at: 1763842052,
+                    },
+                ],
+                heartbeat: false,
+                stale: false,
+                sent_at_unix_ms: 1234,
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_service_is_an_empty_snapshot_at_version_0() {
+        let mut state = ServiceState::default();
+        let view = changed(state.apply("nobody", &RedisRead::default(), 0).0);
+        assert_eq!(view.version, 0);
+        assert!(view.endpoints.is_empty());
+        assert_eq!(
+            state.apply("nobody", &RedisRead::default(), 0).0,
+            Outcome::Unchanged
+        );
+    }
+
+    #[test]
+    fn sends_only_when_content_or_version_changes() {
+        let mut state = ServiceState::default();
+        let r = read(1, &[("/p", record("8", "probe"))]);
+        changed(state.apply("s", &r, 0).0);
+        assert_eq!(state.apply("s", &r, 0).0, Outcome::Unchanged);
+        // A new version with the same content is still news.
+        let r2 = read(2, &[("/p", record("8", "probe"))]);
+        assert_eq!(changed(state.apply("s", &r2, 0).0).version, 2);
+        // A hand edit without INCR: same version, new content.
+        let r3 = read(2, &[("/p", record("9", "manual"))]);
+        let view = changed(state.apply("s", &r3, 0).0);
+        assert_eq!((view.version, view.endpoints[0].capacity), (2, 9));
+    }
+
+    #[test]
+    fn a_bad_record_is_skipped_and_reported_once() {
+        let mut state = ServiceState::default();
+        let r = read(
+            3,
+            &[
+                ("/good", record("4", "probe")),
+                ("/bad", hash(&[("capacity", "ten")])),
+                ("/gone", HashMap::new()),
+            ],
+        );
+        let (outcome, skipped) = state.apply("demo", &r, 0);
+        let view = changed(outcome);
+        assert_eq!(view.endpoints.len(), 1);
+        assert_eq!(view.endpoints[0].path, "/good");
+        assert_eq!(
+            skipped,
+            [SkippedRecord {
+                key: "sluice:{demo}:capacity:/bad".into(),
+                problem: "field capacity: must be a positive integer, got \"ten\"".into(),
+            }]
+        );
+        // The next read finds it still bad: no second warning.
+        let (outcome, skipped) = state.apply("demo", &r, 0);
+        assert_eq!(outcome, Outcome::Unchanged);
+        assert!(skipped.is_empty());
+        // Fixed, then broken again: warned again.
+        let fixed = read(4, &[("/bad", record("2", "manual"))]);
+        assert!(state.apply("demo", &fixed, 0).1.is_empty());
+        let broken = read(5, &[("/bad", hash(&[("capacity", "0")]))]);
+        assert_eq!(state.apply("demo", &broken, 0).1.len(), 1);
+    }
+
+    #[test]
+    fn a_counter_below_what_was_sent_is_raised_not_sent() {
+        let mut state = ServiceState::default();
+        changed(
+            state
+                .apply("s", &read(5, &[("/p", record("8", "probe"))]), 0)
+                .0,
+        );
+        // Redis restarted without persistence: the counter starts again.
+        let after_restart = read(1, &[("/p", record("6", "probe"))]);
+        assert_eq!(
+            state.apply("s", &after_restart, 0).0,
+            Outcome::Behind { raise_to: 6 }
+        );
+        assert_eq!(state.view().unwrap().endpoints[0].capacity, 8, "kept");
+        let raised = read(6, &[("/p", record("6", "probe"))]);
+        assert_eq!(changed(state.apply("s", &raised, 0).0).version, 6);
+    }
+
+    #[test]
+    fn a_watcher_holding_a_newer_version_raises_the_floor() {
+        let mut state = ServiceState::default();
+        assert_eq!(
+            state.apply("s", &read(2, &[]), 9).0,
+            Outcome::Behind { raise_to: 10 }
+        );
+        assert_eq!(changed(state.apply("s", &read(9, &[]), 9).0).version, 9);
+    }
+
+    #[test]
+    fn stale_is_news_once_and_a_fresh_read_clears_it() {
+        let mut state = ServiceState::default();
+        assert_eq!(state.mark_stale(), None, "nothing read yet");
+        let r = read(1, &[("/p", record("8", "probe"))]);
+        changed(state.apply("s", &r, 0).0);
+        let stale = state.mark_stale().expect("news");
+        assert!(stale.stale);
+        assert_eq!(stale.version, 1);
+        assert_eq!(state.mark_stale(), None);
+        // Redis is back with the same records: fresh again is news too.
+        assert!(!changed(state.apply("s", &r, 0).0).stale);
+    }
+
+    #[test]
+    fn heartbeats_carry_the_version_and_staleness_but_no_endpoints() {
+        let view = ServiceView {
+            version: 4,
+            endpoints: vec![EndpointCapacity::default()],
+            stale: true,
+        };
+        let beat = heartbeat("s", Some(&view), true, 99);
+        assert!(beat.heartbeat && beat.stale && beat.endpoints.is_empty());
+        assert_eq!((beat.version, beat.sent_at_unix_ms), (4, 99));
+        let never_read = heartbeat("s", None, false, 99);
+        assert_eq!((never_read.version, never_read.stale), (0, true));
+    }
+}

@@ -1,0 +1,176 @@
+//! The hand-written messages (`sluice_core::sync_api`) and the generated
+//! service agree with `proto/sluice/sync/v1/sync.proto`: the .proto is
+//! parsed (protox, pure Rust), a fully populated Rust message is decoded by
+//! the .proto's descriptor and every field must come out under its .proto
+//! name, with its .proto type, and nothing unknown; then back again.
+
+use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
+use sluice_core::sync_api::{
+    EndpointCapacity, FetchRequest, Snapshot, WatchRequest, FETCH_METHOD, SERVICE_NAME,
+    WATCH_METHOD,
+};
+use sluice_sync::api::capacity_sync_server::CapacitySyncServer;
+use sluice_sync::grpc::CapacitySyncService;
+use std::fmt::Debug;
+
+fn pool() -> DescriptorPool {
+    let include = concat!(env!("CARGO_MANIFEST_DIR"), "/proto");
+    let files = protox::compile(["sluice/sync/v1/sync.proto"], [include])
+        .unwrap_or_else(|e| panic!("sync.proto does not compile: {e}"));
+    DescriptorPool::from_file_descriptor_set(files).expect("descriptor pool")
+}
+
+fn message(pool: &DescriptorPool, name: &str) -> MessageDescriptor {
+    pool.get_message_by_name(&format!("sluice.sync.v1.{name}"))
+        .unwrap_or_else(|| panic!("sync.proto has no message {name}"))
+}
+
+/// `rust` must have every field set to a non-default value; `fields` is what
+/// the .proto's view of it must hold, by .proto name.
+fn agrees<M: Message + Default + PartialEq + Debug>(
+    desc: MessageDescriptor,
+    rust: &M,
+    fields: &[(&str, Value)],
+) {
+    let dynamic = DynamicMessage::decode(desc.clone(), rust.encode_to_vec().as_slice())
+        .unwrap_or_else(|e| panic!("{}: {e}", desc.name()));
+    let unknown: Vec<_> = dynamic.unknown_fields().map(|f| f.number()).collect();
+    assert!(
+        unknown.is_empty(),
+        "{}: Rust fields {unknown:?} are not in the .proto",
+        desc.name()
+    );
+    let mut proto_fields: Vec<String> = desc.fields().map(|f| f.name().to_string()).collect();
+    let mut expected: Vec<String> = fields.iter().map(|(n, _)| n.to_string()).collect();
+    proto_fields.sort();
+    expected.sort();
+    assert_eq!(
+        proto_fields,
+        expected,
+        "{}: the .proto's fields",
+        desc.name()
+    );
+    for (name, want) in fields {
+        assert!(
+            dynamic.has_field_by_name(name),
+            "{}.{name}: the .proto field is not in the Rust struct (or not under that number)",
+            desc.name()
+        );
+        assert_eq!(
+            dynamic.get_field_by_name(name).unwrap().as_ref(),
+            want,
+            "{}.{name}: value (and so type) as the .proto reads it",
+            desc.name()
+        );
+    }
+    let back = M::decode(dynamic.encode_to_vec().as_slice()).unwrap();
+    assert_eq!(&back, rust, "{}: .proto bytes decode in Rust", desc.name());
+}
+
+#[test]
+fn messages_match_the_proto() {
+    let pool = pool();
+    agrees(
+        message(&pool, "WatchRequest"),
+        &WatchRequest {
+            service: "demo".into(),
+            node: "envoy-1".into(),
+            last_version: 1 << 40,
+        },
+        &[
+            ("service", Value::String("demo".into())),
+            ("node", Value::String("envoy-1".into())),
+            ("last_version", Value::U64(1 << 40)),
+        ],
+    );
+    agrees(
+        message(&pool, "FetchRequest"),
+        &FetchRequest {
+            service: "demo".into(),
+        },
+        &[("service", Value::String("demo".into()))],
+    );
+    let endpoint = EndpointCapacity {
+        path: "/predict".into(),
+        capacity: 8,
+        source: "probe".into(),
+        measured_at: 1_763_842_052,
+    };
+    let endpoint_fields = [
+        ("path", Value::String("/predict".into())),
+        ("capacity", Value::U32(8)),
+        ("source", Value::String("probe".into())),
+        ("measured_at", Value::U64(1_763_842_052)),
+    ];
+    let endpoint_desc = message(&pool, "EndpointCapacity");
+    agrees(endpoint_desc.clone(), &endpoint, &endpoint_fields);
+
+    let mut endpoint_dynamic = DynamicMessage::new(endpoint_desc);
+    for (name, value) in endpoint_fields {
+        endpoint_dynamic.set_field_by_name(name, value);
+    }
+    agrees(
+        message(&pool, "Snapshot"),
+        &Snapshot {
+            service: "demo".into(),
+            version: 42,
+            endpoints: vec![endpoint],
+            heartbeat: true,
+            stale: true,
+            sent_at_unix_ms: -5,
+        },
+        &[
+            ("service", Value::String("demo".into())),
+            ("version", Value::U64(42)),
+            (
+                "endpoints",
+                Value::List(vec![Value::Message(endpoint_dynamic)]),
+            ),
+            ("heartbeat", Value::Bool(true)),
+            ("stale", Value::Bool(true)),
+            ("sent_at_unix_ms", Value::I64(-5)),
+        ],
+    );
+}
+
+#[test]
+fn service_matches_the_proto() {
+    let pool = pool();
+    let service = pool
+        .get_service_by_name(SERVICE_NAME)
+        .unwrap_or_else(|| panic!("sync.proto has no service {SERVICE_NAME}"));
+    let methods: Vec<_> = service
+        .methods()
+        .map(|m| {
+            (
+                m.name().to_string(),
+                m.input().name().to_string(),
+                m.output().name().to_string(),
+                m.is_client_streaming(),
+                m.is_server_streaming(),
+            )
+        })
+        .collect();
+    let row = |name: &str, input: &str, streaming| {
+        (
+            name.to_string(),
+            input.to_string(),
+            "Snapshot".to_string(),
+            false,
+            streaming,
+        )
+    };
+    assert_eq!(
+        methods,
+        [
+            row(WATCH_METHOD, "WatchRequest", true),
+            row(FETCH_METHOD, "FetchRequest", false)
+        ]
+    );
+    // The generated server (build.rs) answers under the same name.
+    assert_eq!(
+        <CapacitySyncServer<CapacitySyncService> as tonic::server::NamedService>::NAME,
+        SERVICE_NAME
+    );
+}
