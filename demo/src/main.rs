@@ -52,8 +52,11 @@ fn main() {
     let dir = unique_scratch_path("demo");
     std::fs::create_dir_all(&dir).expect("scratch dir");
     let file = dir.join("sluice.yaml");
-    std::fs::write(&file, "service: demo\nendpoints:\n  /predict:\n    method: GET\n")
-        .expect("write sluice.yaml");
+    std::fs::write(
+        &file,
+        "service: demo\nendpoints:\n  /predict:\n    method: GET\n",
+    )
+    .expect("write sluice.yaml");
     let url = format!("http://{}", backend.addr());
     let out = Command::new(bin_path("sluice-prober"))
         .args(["probe", "--url", &url, "--config"])

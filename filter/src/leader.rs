@@ -14,7 +14,7 @@ use crate::health::{self, HealthCheck};
 use crate::host::Host;
 use crate::status;
 use crate::sync_stream::SyncClient;
-use crate::worker::Worker;
+use crate::worker::{Worker, BASE_TICK};
 use serde_json::json;
 use sluice_core::admission::WorkerId;
 use sluice_core::shared_data::{SharedData, StoreError};
@@ -157,6 +157,9 @@ pub struct Leader<H> {
     me: Holder,
     leading: bool,
     since_ns: u64,
+    /// The lease is looked at once per base tick, not on every 5 ms tick
+    /// of a worker with waiters.
+    next_lease_check_ns: u64,
     sync: Option<SyncClient>,
     health: Option<HealthCheck>,
 }
@@ -169,6 +172,7 @@ impl<H: Host> Leader<H> {
             me,
             leading: false,
             since_ns: 0,
+            next_lease_check_ns: 0,
             sync: callouts.sync.map(|c| SyncClient::new(c, node)),
             health: callouts.health.map(HealthCheck::new),
         }
@@ -181,8 +185,13 @@ impl<H: Host> Leader<H> {
     /// Every base tick: the lease, then the duties.
     pub fn tick(&mut self) {
         let now = self.worker.host.now_ns();
-        let holds = renew(&self.worker.host, self.service(), &self.me, now);
         let mut changed = false;
+        let holds = if now >= self.next_lease_check_ns {
+            self.next_lease_check_ns = now.saturating_add(BASE_TICK.as_nanos() as u64 * 9 / 10);
+            renew(&self.worker.host, self.service(), &self.me, now)
+        } else {
+            self.leading
+        };
         match (self.leading, holds) {
             (false, true) => {
                 self.take_office(now);

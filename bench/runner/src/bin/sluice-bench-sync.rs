@@ -70,8 +70,8 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             Envoy::start(&proxy, opts.concurrency)
         })
         .collect();
-    let mut records = RedisRecords::connect(&redis.url(), SERVICE)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut records =
+        RedisRecords::connect(&redis.url(), SERVICE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let put = |records: &mut RedisRecords, capacity: u32| {
         let record = CapacityRecord {
             capacity,
@@ -136,7 +136,10 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     println!("| seen by | p50 ms | p99 ms | max ms |");
     println!("|---|---:|---:|---:|");
     for (name, samples) in [
-        ("every worker of every Envoy (slowest of each change)", &mut every_worker),
+        (
+            "every worker of every Envoy (slowest of each change)",
+            &mut every_worker,
+        ),
         ("one worker (each worker, each change)", &mut one_worker),
     ] {
         samples.sort();
@@ -249,7 +252,9 @@ fn stats(conn: &mut Conn) -> anyhow::Result<(u64, u64)> {
     let mut body = vec![0; length];
     conn.reader.read_exact(&mut body)?;
     let doc: Value = serde_json::from_slice(&body)?;
-    let worker = doc["served_by_worker"].as_u64().context("served_by_worker")?;
+    let worker = doc["served_by_worker"]
+        .as_u64()
+        .context("served_by_worker")?;
     let capacity = doc["endpoints"][PATH]["capacity"].as_u64().unwrap_or(0);
     Ok((worker, capacity))
 }
