@@ -5,10 +5,10 @@ export PATH := $(HOME)/.cargo/bin:$(PATH)
 # The filter runs on every request: whole-program LTO for the wasm only (see
 # Cargo.toml; the variables touch only what this one command builds).
 WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
-NATIVE_BINS := -p sluice-backend -p sluice-prober
+NATIVE_BINS := -p sluice-backend -p sluice-prober -p sluice-sync
 
-.PHONY: deps deps-demo deps-test deps-bench build wasm test test-unit test-wasm lint fmt \
-	bench bench-prober bench-sync demo clean
+.PHONY: deps deps-demo deps-test deps-bench build wasm wasm-image test test-unit test-wasm lint fmt \
+	bench bench-isolation bench-prober bench-sync soak demo clean
 
 # What each command installs: the demo needs least.
 deps: deps-test
@@ -22,6 +22,13 @@ deps-bench:
 wasm:
 	$(WASM_PROFILE) cargo build --release --target wasm32-wasip1 -p sluice-filter -p sluice-empty-filter
 	@ls -l $(WASM)
+
+# The filter as an OCI image for Istio's WasmPlugin, built without a Docker
+# daemon (buildah), as an OCI layout directory. Push it with
+#   skopeo copy oci:target/wasm-image:$(WASM_IMAGE_TAG) docker://REGISTRY/sluice-filter:$(WASM_IMAGE_TAG)
+WASM_IMAGE_TAG ?= 0.1.0
+wasm-image: wasm
+	scripts/wasm-image.sh $(WASM) target/wasm-image $(WASM_IMAGE_TAG)
 
 build: wasm
 	cargo build --release $(NATIVE_BINS)
@@ -54,9 +61,27 @@ test-wasm:
 	  cargo test -p sluice-core --target wasm32-unknown-unknown
 
 # Figures for the README: side by side in one run, printed as markdown.
+# Short, noisy runs: make bench BENCH_ARGS="--seconds 2 --rounds 1 --timeout-waves 2"
+# (target/release/sluice-bench filter --help lists every flag).
+BENCH_ARGS ?=
 bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-bench
-	target/release/sluice-bench
+	target/release/sluice-bench filter $(BENCH_ARGS)
+
+# Small requests while a large endpoint is flooded: straight, plain Envoy,
+# HAProxy, Sluice. Short: make bench-isolation BENCH_ARGS="--seconds 3"
+bench-isolation: deps-bench wasm
+	cargo build --release -p sluice-backend -p sluice-bench
+	target/release/sluice-bench isolation $(BENCH_ARGS)
+
+# Not in CI (make test runs its 60-second version): SOAK_MINUTES at 3x
+# overload with client aborts and a listener update every minute.
+SOAK_MINUTES ?= 10
+soak: deps-test wasm
+	cargo build --release -p sluice-backend
+	SLUICE_SOAK_SECS=$$(( $(SOAK_MINUTES) * 60 )) \
+	  cargo test --release -p sluice-e2e --test soak -- --nocapture
+
 
 # Redis write -> new capacity in force on every worker of two Envoys
 # (through sluice-sync), p50/p99/max over 200 changes.

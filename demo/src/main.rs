@@ -23,12 +23,8 @@ fn main() {
     println!("A backend with {CAPACITY} workers, 300 ms per request (more wait inside it).");
     let backend = Backend::start(&[&format!("/predict:capacity={CAPACITY},service_ms=300")]);
     let redis = Redis::start();
-    let sync = SyncService::start(&redis.url());
-    println!(
-        "Redis on {}, sluice-sync on 127.0.0.1:{}",
-        redis.url(),
-        sync.port()
-    );
+    let sync = SyncService::start(&redis.url(), &[]);
+    println!("Redis on {}, sluice-sync on {}", redis.url(), sync.addr());
 
     // Envoy knows the endpoint but not its capacity: sync will tell it.
     let config = json!({

@@ -25,8 +25,14 @@ pub struct Opts {
     )]
     pub listen: SocketAddr,
 
+    // The env value stays out of --help: the URL can hold a password.
     /// Redis to read capacities from (wins over --config)
-    #[arg(long, env = "SLUICE_REDIS_URL", value_name = "URL")]
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis: Option<String>,
 
     /// Take Redis from `storage:` of this sluice.yaml
@@ -208,6 +214,21 @@ mod tests {
             let error = redis_url_from_config(path, text).unwrap_err().to_string();
             assert!(error.starts_with(want), "{text:?}: {error}");
         }
+    }
+
+    #[test]
+    fn help_never_shows_the_redis_url_from_the_environment() {
+        use clap::CommandFactory;
+        let mut command = Opts::command();
+        let redis = command
+            .get_arguments()
+            .find(|a| a.get_id() == "redis")
+            .unwrap();
+        assert!(redis.is_hide_env_values_set());
+        assert!(command
+            .render_help()
+            .to_string()
+            .contains("SLUICE_REDIS_URL"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Logs to stderr with `tracing`: the level from `SLUICE_LOG` (or
 //! `RUST_LOG`), JSON lines with `SLUICE_LOG_FORMAT=json`.
 
+use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -62,7 +63,9 @@ pub fn init() -> Result<(), LoggingError> {
     )?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        // Colours only for a person: not in files, pipes or log collectors.
+        .with_ansi(std::io::stderr().is_terminal());
     // try_init: a second call (tests running in-process) keeps the first.
     let _ = match format {
         LogFormat::Text => builder.try_init(),

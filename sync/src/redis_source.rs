@@ -190,19 +190,19 @@ impl RedisSource {
                 Ok(read) => read,
                 Err(ReadError::Redis(e)) if is_connection_failure(&e) => return Err(e.into()),
                 Err(error) => {
-                    warn!(service, %error, "cannot read this service's records; keeping its last snapshot");
+                    warn!(service = %service, %error, "cannot read this service's records; keeping its last snapshot");
                     return Ok(());
                 }
             };
             let state = self.states.entry(service.to_string()).or_default();
             let (outcome, skipped) = state.apply(service, &read, entry.held());
             for record in skipped {
-                warn!(service, key = %record.key, problem = %record.problem, "skipping a malformed capacity record");
+                warn!(service = %service, key = %record.key, problem = %record.problem, "skipping a malformed capacity record");
             }
             match outcome {
                 Outcome::Changed(view) => {
                     debug!(
-                        service,
+                        service = %service,
                         version = view.version,
                         endpoints = view.endpoints.len(),
                         "new snapshot"
@@ -213,7 +213,7 @@ impl RedisSource {
                 Outcome::Unchanged => return Ok(()),
                 Outcome::Behind { raise_to } => {
                     warn!(
-                        service,
+                        service = %service,
                         redis_version = read.version,
                         raise_to,
                         "Redis's version counter is below a version already sent \

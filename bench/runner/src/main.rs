@@ -1,5 +1,5 @@
 use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    sluice_bench::run(&sluice_bench::Opts::parse())
+    sluice_bench::run(&sluice_bench::Cli::parse())
 }

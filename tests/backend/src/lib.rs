@@ -3,12 +3,18 @@
 //!
 //! Each `--route` gives a path a number of slots (`capacity`), a service time
 //! and what happens beyond capacity (`queue` FIFO inside the backend, or
-//! `reject` with 503). `GET /__backend/stats` tells what the backend saw: how
-//! many requests were inside at once, and the `x-seq` headers in arrival order.
+//! `reject` with 503). `--workers K` adds one pool of K workers that every
+//! routed request holds while it is served, like the worker processes of a
+//! uvicorn app: a flood on one path then delays all the others.
+//! `GET /__backend/stats` tells what the backend saw: how many requests were
+//! inside at once, the `x-seq` headers in arrival order, how long each slot
+//! of a saturated path stayed empty between two requests (`handover_gap`,
+//! see [`handover`]), and how long requests took from arrival to answer.
 //! `GET /__backend/health` answers 200, or 503 after `POST
 //! /__backend/health/fail` until `POST /__backend/health/ok`: a backend whose
 //! health check starts failing, for Sluice's health tests.
 
+pub mod handover;
 pub mod path_stats;
 pub mod precise_sleep;
 pub mod route;
@@ -31,6 +37,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
+use tokio::sync::Semaphore;
 
 pub const STATS_PATH: &str = "/__backend/stats";
 pub const RESET_PATH: &str = "/__backend/reset";
@@ -38,10 +45,15 @@ pub const RESET_PATH: &str = "/__backend/reset";
 pub const HEALTH_PATH: &str = "/__backend/health";
 pub const HEALTH_FAIL_PATH: &str = "/__backend/health/fail";
 pub const HEALTH_OK_PATH: &str = "/__backend/health/ok";
+/// With `--trace`: every routed request's id and wall-clock times.
+pub const TRACE_PATH: &str = "/__backend/trace";
 /// Overrides the service time of one request (float milliseconds).
 pub const SERVICE_MS_HEADER: &str = "x-service-ms";
 /// Recorded in the path's `arrivals`, in the order requests arrive.
 pub const SEQ_HEADER: &str = "x-seq";
+/// Every response carries the instance's `--name`, so a test (or a person
+/// with curl) behind a load balancer sees which instance answered.
+pub const NAME_HEADER: &str = "x-backend-name";
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -49,6 +61,14 @@ pub struct Options {
     pub routes: Vec<RouteSpec>,
     /// Runtime worker threads; 1 runs everything on the calling thread.
     pub threads: usize,
+    /// Workers shared by every routed path (FIFO); `None`: no such limit.
+    pub workers: Option<usize>,
+    /// Keep each routed request's `x-request-id` with its arrival and
+    /// departure on the wall clock (`GET /__backend/trace`), so a benchmark
+    /// can line the backend up with Envoy's access log.
+    pub trace: bool,
+    /// Sent back in [`NAME_HEADER`] on every response.
+    pub name: Option<String>,
 }
 
 /// Serves until the process is killed. Prints `listening on ADDR` once the
@@ -90,8 +110,17 @@ impl Server {
         }
         let listener =
             listen(opts.listen).with_context(|| format!("cannot listen on {}", opts.listen))?;
+        let name = match &opts.name {
+            None => None,
+            Some(name) => Some(
+                HeaderValue::from_str(name)
+                    .with_context(|| format!("--name {name:?} is not a valid header value"))?,
+            ),
+        };
         let app = Arc::new(App {
-            paths: Paths::new(&opts.routes),
+            paths: Paths::new(&opts.routes, opts.trace),
+            workers: opts.workers.map(Semaphore::new),
+            name,
             failing: AtomicBool::new(false),
         });
         Ok(Server { listener, app })
@@ -121,7 +150,13 @@ impl Server {
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let app = app.clone();
-                    async move { Ok::<_, Infallible>(app.handle(req).await) }
+                    async move {
+                        let mut response = app.handle(req).await;
+                        if let Some(name) = &app.name {
+                            response.headers_mut().insert(NAME_HEADER, name.clone());
+                        }
+                        Ok::<_, Infallible>(response)
+                    }
                 });
                 // Errors here are clients going away mid-request: nothing to do.
                 let _ = http1::Builder::new()
@@ -152,6 +187,10 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 struct App {
     paths: Paths,
+    /// tokio's semaphore is FIFO: a request waits for a worker behind every
+    /// request that asked before it, whatever its path.
+    workers: Option<Semaphore>,
+    name: Option<HeaderValue>,
     /// The health endpoint answers 503.
     failing: AtomicBool,
 }
@@ -178,10 +217,13 @@ impl App {
                 self.failing.store(fail, Ordering::SeqCst);
                 return json(StatusCode::OK, format!("{{\"healthy\":{}}}", !fail));
             }
-            (_, STATS_PATH | RESET_PATH) => {
+            (&Method::GET, TRACE_PATH) => {
+                return json(StatusCode::OK, self.paths.trace_json().to_string());
+            }
+            (_, STATS_PATH | RESET_PATH | TRACE_PATH) => {
                 return json(
                     StatusCode::METHOD_NOT_ALLOWED,
-                    r#"{"error":"use GET /__backend/stats or POST /__backend/reset"}"#,
+                    r#"{"error":"use GET /__backend/stats, GET /__backend/trace or POST /__backend/reset"}"#,
                 );
             }
             _ => {}
@@ -202,7 +244,11 @@ impl App {
         if let Some(seq) = req.headers().get(SEQ_HEADER) {
             state.record_arrival(&String::from_utf8_lossy(seq.as_bytes()));
         }
-        let _in_flight = state.in_flight.enter();
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok());
+        let inside = state.enter(request_id);
 
         if req.into_body().collect().await.is_err() {
             return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
@@ -230,6 +276,14 @@ impl App {
                 },
             },
         };
+        // A request waiting for its path's slot holds no worker: the path's
+        // own limit comes first, as in an app with a per-endpoint semaphore.
+        let _worker = match &self.workers {
+            Some(pool) if state.routed => {
+                Some(pool.acquire().await.expect("the semaphore is never closed"))
+            }
+            _ => None,
+        };
         let _serving = state.serving.enter();
         let (service_time, body) = match service_ms {
             None => (state.service_time, state.default_body.clone()),
@@ -238,7 +292,7 @@ impl App {
         if !service_time.is_zero() {
             precise_sleep::sleep(service_time).await;
         }
-        state.count_completed();
+        state.count_completed(inside.arrived);
         json(StatusCode::OK, body)
     }
 }

@@ -16,6 +16,18 @@ struct Args {
     /// Runtime worker threads.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     threads: u16,
+    /// Workers shared by every routed path, first come first served: a
+    /// request holds one while it is served (after its path's slot).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    workers: Option<u16>,
+    /// Keep each routed request's x-request-id and wall-clock arrival and
+    /// departure, served at GET /__backend/trace.
+    #[arg(long)]
+    trace: bool,
+    /// Echoed in an `x-backend-name` header on every response, to tell
+    /// instances apart behind a load balancer.
+    #[arg(long)]
+    name: Option<String>,
 }
 
 fn main() {
@@ -24,6 +36,9 @@ fn main() {
         listen: args.listen,
         routes: args.routes,
         threads: args.threads.into(),
+        workers: args.workers.map(usize::from),
+        trace: args.trace,
+        name: args.name,
     });
     if let Err(e) = result {
         // One line with the causes, not anyhow's backtrace dump.

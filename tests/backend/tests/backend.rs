@@ -10,6 +10,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 async fn start(routes: &[&str]) -> SocketAddr {
+    start_with_workers(routes, None).await
+}
+
+async fn start_with_workers(routes: &[&str], workers: Option<usize>) -> SocketAddr {
     let opts = Options {
         listen: "127.0.0.1:0".parse().unwrap(),
         routes: routes
@@ -17,6 +21,9 @@ async fn start(routes: &[&str]) -> SocketAddr {
             .map(|r| r.parse::<RouteSpec>().unwrap())
             .collect(),
         threads: 1,
+        workers,
+        trace: true,
+        name: None,
     };
     let server = Server::bind(&opts).await.unwrap();
     let addr = server.local_addr();
@@ -187,6 +194,42 @@ async fn a_client_that_leaves_frees_its_place() {
     }
 }
 
+#[tokio::test]
+async fn every_response_names_the_instance() {
+    let opts = Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        routes: vec!["/p".parse().unwrap()],
+        threads: 1,
+        workers: None,
+        trace: false,
+        name: Some("backend-a".to_string()),
+    };
+    let server = Server::bind(&opts).await.unwrap();
+    let addr = server.local_addr();
+    tokio::spawn(server.serve());
+    for path in ["/p", "/unrouted", "/__backend/stats"] {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let head = format!("GET {path} HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n");
+        stream.write_all(head.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        assert!(
+            response.contains("\r\nx-backend-name: backend-a\r\n"),
+            "{path}: {response}"
+        );
+    }
+    // Without --name there is no such header.
+    let addr = start(&["/p"]).await;
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /p HTTP/1.1\r\nhost: b\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(!response.contains("x-backend-name"), "{response}");
+}
+
 #[test]
 fn bad_route_spec_exits_non_zero_naming_the_bad_part() {
     let out = Command::new(env!("CARGO_BIN_EXE_sluice-backend"))
@@ -229,4 +272,131 @@ fn binary_prints_its_port_when_ready() {
         addr.is_some_and(|port| port.parse::<u16>().unwrap() > 0),
         "{line:?}"
     );
+}
+
+/// `clients` loops of: request, then `pause` before the next one.
+async fn closed_loop(
+    addr: SocketAddr,
+    path: &'static str,
+    clients: usize,
+    rounds: usize,
+    pause: Duration,
+) {
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..rounds {
+                let (status, _) = request(addr, "GET", path, &[]).await;
+                assert_eq!(status, 200);
+                tokio::time::sleep(pause).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn handover_gap_times_a_full_paths_empty_slot_until_the_next_arrival() {
+    let addr = start(&["/p:capacity=2,service_ms=20", "/q:capacity=2,service_ms=20"]).await;
+    // Two clients keep both slots of /p busy, each pausing 30 ms after its
+    // answer: every slot freed at capacity stays empty about 30 ms.
+    closed_loop(addr, "/p", 2, 6, Duration::from_millis(30)).await;
+    // One client never fills /q: nothing there is a handover.
+    closed_loop(addr, "/q", 1, 4, Duration::from_millis(30)).await;
+    let paths = &stats(addr).await["paths"];
+    let gap = &paths["/p"]["handover_gap"];
+    let count = gap["count"].as_u64().unwrap();
+    // 12 departures; the first pair may find the path not yet full, the
+    // last two are still open.
+    assert!((8..=10).contains(&count), "{gap}");
+    assert_eq!(gap["open"], 2, "{gap}");
+    let p50 = gap["p50_ms"].as_f64().unwrap();
+    let max = gap["max_ms"].as_f64().unwrap();
+    assert!((29.0..60.0).contains(&p50), "{gap}");
+    assert!(
+        max >= p50 && gap["p99_ms"].as_f64().unwrap() <= max,
+        "{gap}"
+    );
+    assert_eq!(paths["/q"]["handover_gap"]["count"], 0, "{}", paths["/q"]);
+    assert_eq!(
+        paths["/p"]["over_capacity"]["episodes"], 0,
+        "{}",
+        paths["/p"]
+    );
+
+    // Latency runs from arrival to answer: the service time, no pause.
+    let latency = &paths["/p"]["latency"];
+    assert_eq!(latency["count"], 12);
+    let p50 = latency["p50_ms"].as_f64().unwrap();
+    assert!((19.9..35.0).contains(&p50), "{latency}");
+
+    // Reset starts a new measurement: samples and open gaps are gone.
+    request(addr, "POST", "/__backend/reset", &[]).await;
+    let gap = &stats(addr).await["paths"]["/p"]["handover_gap"];
+    assert_eq!(
+        (gap["count"].as_u64(), gap["open"].as_u64()),
+        (Some(0), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn a_path_without_capacity_reports_no_handover_gap() {
+    let addr = start(&["/p:service_ms=1"]).await;
+    closed_loop(addr, "/p", 2, 2, Duration::ZERO).await;
+    let s = &stats(addr).await["paths"]["/p"];
+    assert!(s["handover_gap"].is_null(), "{s}");
+    assert!(s["over_capacity"].is_null(), "{s}");
+    assert_eq!(s["latency"]["count"], 4, "{s}");
+}
+
+#[tokio::test]
+async fn a_worker_pool_makes_every_path_wait_behind_a_flood() {
+    let addr = start_with_workers(&["/slow:service_ms=300", "/fast:service_ms=1"], Some(1)).await;
+    let slow = tokio::spawn(async move { request(addr, "GET", "/slow", &[]).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    let (status, _) = request(addr, "GET", "/fast", &[]).await;
+    assert_eq!(status, 200);
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(200),
+        "/fast did not wait for the worker: {took:?}"
+    );
+    assert_eq!(slow.await.unwrap().0, 200);
+    // Its wait counts in its latency, as the backend saw it.
+    let fast = &stats(addr).await["paths"]["/fast"]["latency"];
+    assert!(fast["p50_ms"].as_f64().unwrap() >= 200.0, "{fast}");
+    // Stats and unrouted paths never wait for a worker.
+    let slow = tokio::spawn(async move { request(addr, "GET", "/slow", &[]).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = Instant::now();
+    request(addr, "GET", "/elsewhere", &[]).await;
+    stats(addr).await;
+    assert!(started.elapsed() < Duration::from_millis(150));
+    slow.await.unwrap();
+}
+
+#[tokio::test]
+async fn trace_keeps_each_request_id_with_its_wall_clock_times() {
+    let addr = start(&["/p:service_ms=30"]).await;
+    let before_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    request(addr, "GET", "/p", &[("x-request-id", "abc")]).await;
+    request(addr, "GET", "/p", &[]).await; // no id: not traced
+    let (status, body) = request(addr, "GET", "/__backend/trace", &[]).await;
+    assert_eq!(status, 200);
+    let trace: Value = serde_json::from_str(&body).unwrap();
+    let rows = trace["paths"]["/p"].as_array().unwrap();
+    assert_eq!(rows.len(), 1, "{trace}");
+    assert_eq!(rows[0][0], "abc");
+    let (arrived, departed) = (rows[0][1].as_u64().unwrap(), rows[0][2].as_u64().unwrap());
+    assert!(arrived >= before_us, "{trace}");
+    assert!(departed - arrived >= 30_000, "{trace}");
+    request(addr, "POST", "/__backend/reset", &[]).await;
+    let (_, body) = request(addr, "GET", "/__backend/trace", &[]).await;
+    assert_eq!(body, r#"{"paths":{"/p":[]}}"#);
 }

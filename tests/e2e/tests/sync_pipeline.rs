@@ -49,7 +49,7 @@ struct Stack {
 impl Stack {
     fn start(backend_routes: &[&str]) -> Stack {
         let redis = Redis::start();
-        let sync = SyncService::start(&redis.url());
+        let sync = SyncService::start(&redis.url(), &[]);
         let backend = Backend::start(backend_routes);
         Stack {
             redis,
@@ -301,6 +301,7 @@ fn sync_killed_capacities_stay_restarted_new_values_flow() {
     stack.push(PATH, 3);
     wait_capacity(&envoy, 3, Duration::from_secs(10));
 
+    let sync_addr = stack.sync.addr().to_string();
     stack.sync.kill();
     let s = wait_sync_state(&envoy, "disconnected", Duration::from_secs(6));
     assert!(
@@ -315,7 +316,7 @@ fn sync_killed_capacities_stay_restarted_new_values_flow() {
 
     // A value written while sync is down arrives once it is back.
     stack.push(PATH, 5);
-    stack.sync.restart();
+    stack.sync = SyncService::start(&stack.redis.url(), &["--listen", &sync_addr]);
     wait_sync_state(&envoy, "connected", Duration::from_secs(10));
     wait_capacity(&envoy, 5, Duration::from_secs(5));
     stack.push(PATH, 4);

@@ -8,7 +8,9 @@
 //! (Istio and Kubernetes manifests, which start with `apiVersion:`; LDS/CDS
 //! fragments, which hold `resources:`) is skipped, and listed on stderr.
 
-use sluice_harness::{empty_wasm_path, wasm_path, workspace_root, Envoy, FrontProxy, ScratchDir};
+use sluice_harness::{
+    empty_wasm_path, with_built_wasm, workspace_root, Envoy, FrontProxy, ScratchDir,
+};
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -35,17 +37,6 @@ fn yaml_files(dir: &Path, found: &mut Vec<PathBuf>) {
 fn is_bootstrap(yaml: &str) -> bool {
     yaml.lines()
         .any(|line| line.starts_with("static_resources:") || line.starts_with("dynamic_resources:"))
-}
-
-/// Repo configs load the filter as `target/wasm32-wasip1/release/...`
-/// (relative to the repo root). Point them at the module this build made,
-/// which differs when `CARGO_TARGET_DIR` is set.
-fn with_built_wasm(yaml: &str) -> String {
-    let built_dir = wasm_path().parent().unwrap().to_string_lossy().into_owned();
-    yaml.replace(
-        "filename: target/wasm32-wasip1/release/",
-        &format!("filename: {built_dir}/"),
-    )
 }
 
 #[test]
@@ -79,6 +70,181 @@ fn every_envoy_bootstrap_in_the_repo_is_valid() {
         validated.contains(&"envoy/front-proxy/envoy.yaml".to_string()),
         "the demo config was not found or not recognised as a bootstrap: {validated:?}"
     );
+    // One folder per scenario, each with its README and a bootstrap that
+    // was validated above.
+    for recipe in recipe_dirs() {
+        let name = recipe.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            recipe.join("README.md").is_file(),
+            "envoy/{name}/ has no README.md"
+        );
+        let bootstrap = format!("envoy/{name}/envoy.yaml");
+        assert!(
+            validated.contains(&bootstrap),
+            "{bootstrap} is missing or is not a bootstrap: {validated:?}"
+        );
+    }
+}
+
+fn recipe_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = fs::read_dir(workspace_root().join("envoy"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    dirs
+}
+
+/// What Sluice needs from every HTTP listener we ship (docs/deploy.md), as
+/// text checks on the bootstrap: each HTTP connection manager normalizes
+/// paths and refuses encoded slashes (no spelling of a path escapes its
+/// capacity) and sets `stream_idle_timeout` above every queue timeout in
+/// the file (the idle timer runs on queued requests); each listener raises
+/// its accept backlog; no route retries with a per-try timeout or on
+/// anything but a failed connection (a retry that reached a backend
+/// repeats its work).
+fn hardening_problems(yaml: &str) -> Vec<String> {
+    // Comments may name a setting to say why it is absent.
+    let yaml: String = yaml
+        .lines()
+        .filter(|line| !line.trim_start().starts_with('#'))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let yaml = yaml.as_str();
+    let mut problems = Vec::new();
+    let managers = yaml
+        .matches("name: envoy.filters.network.http_connection_manager")
+        .count();
+    if managers == 0 {
+        problems.push("no HTTP connection manager".to_string());
+    }
+    for setting in [
+        "normalize_path: true",
+        "merge_slashes: true",
+        "path_with_escaped_slashes_action: REJECT_REQUEST",
+        "stream_idle_timeout: ",
+    ] {
+        let found = yaml.matches(setting).count();
+        if found != managers {
+            problems.push(format!(
+                "`{setting}` {found} times for {managers} HTTP connection managers"
+            ));
+        }
+    }
+    let listeners = yaml.matches("filter_chains:").count();
+    let backlogs = yaml.matches("tcp_backlog_size: 4096").count();
+    if backlogs != listeners {
+        problems.push(format!(
+            "`tcp_backlog_size: 4096` {backlogs} times for {listeners} listeners"
+        ));
+    }
+    if yaml.contains("per_try_timeout") {
+        problems.push("a retry_policy sets per_try_timeout".to_string());
+    }
+    for retry_on in values_of(yaml, "retry_on:") {
+        if retry_on.trim_matches('"') != "connect-failure" {
+            problems.push(format!(
+                "retry_on: {retry_on} (only connect-failure never reached a backend)"
+            ));
+        }
+    }
+    // The plugin configuration is JSON, sometimes inside a quoted string.
+    let longest_queue_timeout = values_of(&yaml.replace('\\', ""), "\"queue_timeout\":")
+        .iter()
+        .map(|v| {
+            let number: String = v
+                .chars()
+                .take_while(|c| c.is_ascii_digit() || *c == '.')
+                .collect();
+            number.parse::<f64>().unwrap_or(f64::MAX)
+        })
+        .fold(0.0, f64::max);
+    for idle in values_of(yaml, "stream_idle_timeout:") {
+        let seconds = idle.strip_suffix('s').and_then(|s| s.parse::<f64>().ok());
+        if seconds.is_none_or(|s| s <= longest_queue_timeout) {
+            problems.push(format!(
+                "stream_idle_timeout: {idle} is not above the longest queue_timeout ({longest_queue_timeout} s)"
+            ));
+        }
+    }
+    problems
+}
+
+/// The word after each `key` in `text`.
+fn values_of(text: &str, key: &str) -> Vec<String> {
+    text.match_indices(key)
+        .filter_map(|(at, _)| text[at + key.len()..].split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn every_shipped_listener_keeps_paths_and_queues_safe() {
+    let root = workspace_root();
+    let mut files = Vec::new();
+    yaml_files(&root.join("envoy"), &mut files);
+    let mut checked = Vec::new();
+    let mut problems = Vec::new();
+    for path in &files {
+        let relative = path.strip_prefix(&root).unwrap().display().to_string();
+        let yaml = fs::read_to_string(path).unwrap();
+        if !is_bootstrap(&yaml) {
+            continue;
+        }
+        problems.extend(
+            hardening_problems(&yaml)
+                .into_iter()
+                .map(|p| format!("{relative}: {p}")),
+        );
+        checked.push(relative);
+    }
+    let rendered = FrontProxy::new(8080, PLUGIN_CONFIG).render();
+    problems.extend(
+        hardening_problems(&rendered)
+            .into_iter()
+            .map(|p| format!("FrontProxy::render: {p}")),
+    );
+    eprintln!("checked: {checked:?}");
+    assert!(checked.len() >= 8, "too few bootstraps found: {checked:?}");
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+#[test]
+fn the_hardening_check_catches_what_it_is_for() {
+    let good = fs::read_to_string(workspace_root().join("envoy/round-robin/envoy.yaml")).unwrap();
+    assert_eq!(hardening_problems(&good), Vec::<String>::new());
+    for (from, to, expected) in [
+        (
+            "merge_slashes: true",
+            "merge_slashes: false",
+            "`merge_slashes: true` 0 times",
+        ),
+        (
+            "REJECT_REQUEST",
+            "KEEP_UNCHANGED",
+            "`path_with_escaped_slashes_action: REJECT_REQUEST` 0 times",
+        ),
+        (
+            "stream_idle_timeout: 600s",
+            "stream_idle_timeout: 20s",
+            "is not above the longest queue_timeout (30 s)",
+        ),
+        (
+            "tcp_backlog_size: 4096",
+            "",
+            "`tcp_backlog_size: 4096` 0 times for 1 listeners",
+        ),
+        (
+            "timeout: 0s",
+            "timeout: 0s\n                  retry_policy: { retry_on: 5xx, per_try_timeout: 1s }",
+            "per_try_timeout",
+        ),
+    ] {
+        let bad = good.replacen(from, to, 1);
+        let problems = hardening_problems(&bad).join("\n");
+        assert!(problems.contains(expected), "{from} -> {to}: {problems}");
+    }
 }
 
 #[test]

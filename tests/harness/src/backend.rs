@@ -93,7 +93,8 @@ impl Backend {
     }
 
     /// `GET /__backend/stats`: `{"paths": {"/p": {"in_flight", "max_in_flight",
-    /// "serving", "max_serving", "completed", "rejected", "arrivals"}}}`.
+    /// "serving", "max_serving", "completed", "rejected", "arrivals",
+    /// "handover_gap", "latency"}}}`.
     pub fn stats(&self) -> Value {
         let response = http::get(self.addr, "/__backend/stats").expect("backend stats request");
         assert_eq!(response.status, 200, "backend stats: {}", response.text());

@@ -35,6 +35,10 @@ pub struct FrontProxy {
     pub extra_clusters_yaml: String,
     /// More top-level bootstrap keys (e.g. `stats_config:`), appended as is.
     pub extra_bootstrap_yaml: String,
+    /// Envoy's file access log: one line per stream, in this text format
+    /// (command operators such as `%RESPONSE_CODE% %DURATION%\n`), written
+    /// to this file. `None`: no access log.
+    pub access_log: Option<(PathBuf, String)>,
 }
 
 impl FrontProxy {
@@ -68,6 +72,7 @@ impl FrontProxy {
             route_timeout_secs: 0,
             extra_clusters_yaml: String::new(),
             extra_bootstrap_yaml: String::new(),
+            access_log: None,
         }
     }
 
@@ -191,6 +196,22 @@ static_resources:
                 configuration = json_string(&self.plugin_config_json),
             ),
         };
+        let access_log = match &self.access_log {
+            None => String::new(),
+            Some((path, format)) => format!(
+                r#"        access_log:
+        - name: envoy.access_loggers.file
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+            path: {path}
+            log_format:
+              text_format_source:
+                inline_string: {format}
+"#,
+                path = json_string(&path.to_string_lossy()),
+                format = json_string(format),
+            ),
+        };
         let name = FRONT_LISTENER_NAME;
         let port = self.listener_port;
         let stream_idle_timeout = self.stream_idle_timeout_secs;
@@ -209,11 +230,16 @@ static_resources:
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
         stat_prefix: {name}
+        # Capacity is per path: no spelling of a path may escape it
+        # (`//p`, `/./p`, `/%70` are normalized; `%2F` is refused with 400).
+        normalize_path: true
+        merge_slashes: true
+        path_with_escaped_slashes_action: REJECT_REQUEST
         # The idle timer keeps running on a stream the filter has paused
         # (queued) and answers 408 when it fires (default 5 min): it must
         # exceed the longest queue_timeout. See ENVOY-WASM-NOTES.md.
         stream_idle_timeout: {stream_idle_timeout}s
-        route_config:
+{access_log}        route_config:
           name: {name}
           virtual_hosts:
           - name: backend

@@ -157,15 +157,16 @@ impl Process {
 impl Process {
     /// SIGTERM, then up to `grace` for the process to exit: Envoy flushes
     /// its buffered log file on the way out, SIGKILL would lose the tail.
-    fn terminate(&mut self, grace: Duration) {
+    /// `None` if it still runs.
+    pub fn terminate(&mut self, grace: Duration) -> Option<ExitStatus> {
         if self.exited().is_none() {
             // SAFETY: kill(2) on the pid of a child we have not reaped yet,
             // so the pid cannot have been reused.
             unsafe {
                 libc::kill(self.pid() as libc::pid_t, libc::SIGTERM);
             }
-            self.wait_exit(grace);
         }
+        self.wait_exit(grace)
     }
 }
 

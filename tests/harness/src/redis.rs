@@ -22,37 +22,9 @@ impl Redis {
     pub fn start() -> Redis {
         let mut last_log = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            let port = crate::free_port();
-            let dir = ScratchDir::new("redis");
-            let log_path = dir.path().join("redis.log");
-            let log = File::create(&log_path).expect("redis log file");
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .arg("--dir")
-                .arg(dir.path())
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("redis log file"))
-                .stderr(log)
-                .spawn()
-                .expect("cannot run redis-server (apt-get install redis-server)");
-            let mut redis = Redis {
-                port,
-                process: Process {
-                    name: "redis-server".to_string(),
-                    child,
-                    logs: vec![log_path],
-                    dir,
-                },
-            };
-            let deadline = Instant::now() + READY_TIMEOUT;
-            while Instant::now() < deadline && redis.process.exited().is_none() {
-                if let Ok(RespValue::Simple(pong)) = redis.try_command(&["PING"]) {
-                    if pong == "PONG" {
-                        return redis;
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            let mut redis = Redis::spawn(crate::free_port());
+            if redis.wait_ready() {
+                return redis;
             }
             last_log = redis.process.log_text();
             if redis.process.exited().is_none() {
@@ -60,6 +32,73 @@ impl Redis {
             }
         }
         panic!("redis-server did not answer PING; its log:\n{last_log}");
+    }
+
+    /// Kills redis-server (SIGKILL, as a crash would) and waits until it is
+    /// gone: its clients see their connections drop.
+    pub fn kill(&mut self) {
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
+    }
+
+    /// A new, empty redis-server on the same port (after [`Redis::kill`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            *self = Redis::spawn(self.port);
+            if self.wait_ready() {
+                return;
+            }
+            // The port can be held for a moment by the dying process.
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not restart on port {}; its log:\n{}",
+                self.port,
+                self.process.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn spawn(port: u16) -> Redis {
+        let dir = ScratchDir::new("redis");
+        let log_path = dir.path().join("redis.log");
+        let log = File::create(&log_path).expect("redis log file");
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("redis log file"))
+            .stderr(log)
+            .spawn()
+            .expect("cannot run redis-server (apt-get install redis-server)");
+        Redis {
+            port,
+            process: Process {
+                name: "redis-server".to_string(),
+                child,
+                logs: vec![log_path],
+                dir,
+            },
+        }
+    }
+
+    /// Whether it answers PING within the ready timeout (`false` at once if
+    /// it exits).
+    fn wait_ready(&mut self) -> bool {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while Instant::now() < deadline && self.process.exited().is_none() {
+            if let Ok(RespValue::Simple(pong)) = self.try_command(&["PING"]) {
+                if pong == "PONG" {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     pub fn port(&self) -> u16 {

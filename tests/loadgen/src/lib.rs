@@ -1,6 +1,12 @@
 //! Fires bursts of concurrent HTTP/1.1 requests, one connection each, and
 //! records what became of every one of them. The e2e tests assert on these
-//! outcomes; the demo and the benchmarks print them.
+//! outcomes; the demo and the benchmarks print them. [`closed_loop`] keeps
+//! a number of clients busy for a while instead, some of them giving up on
+//! requests at random moments.
+
+pub mod closed_loop;
+
+pub use closed_loop::{run_closed_loop, run_closed_loop_blocking, ClosedLoop, LoopReport};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

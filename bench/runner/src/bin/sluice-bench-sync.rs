@@ -56,7 +56,7 @@ type Seen = Arc<Mutex<BTreeMap<(usize, u64), (u64, Instant)>>>;
 
 fn run(opts: &Opts) -> anyhow::Result<()> {
     let redis = Redis::start();
-    let sync = SyncService::start(&redis.url());
+    let sync = SyncService::start(&redis.url(), &[]);
     let backend = Backend::start(&["/k:service_ms=1"]);
     let config = json!({
         "service": SERVICE,

@@ -1,0 +1,460 @@
+//! `make bench`: the filter side by side with its references, one run, one
+//! machine, one markdown table.
+//!
+//! - hot path: requests/s through Sluice (endpoint under capacity) over an
+//!   empty proxy-wasm filter and plain Envoy;
+//! - saturation: for two shapes of endpoint, the handover gap (how long a
+//!   freed slot stays empty while requests wait, on the backend's clock and
+//!   on Envoy's) and the throughput, Sluice against HAProxy's `maxconn`
+//!   queue on the same backend and load, at each Envoy `--concurrency`;
+//! - queue timeouts: how late the 504 (Sluice, from Envoy's access log) and
+//!   HAProxy's 503 (from its log) come after the timeout.
+
+use crate::access_log;
+use crate::figures::{gap_from_backend, median, Percentiles, Table};
+use crate::haproxy::Haproxy;
+use crate::machine;
+use crate::wrk::wrk;
+use anyhow::{bail, Context};
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use sluice_backend::handover::GapSummary;
+use sluice_harness::{empty_wasm_path, wait_until, Backend, Envoy, FrontProxy};
+use sluice_loadgen::{run_blocking, Burst, Outcome};
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct Opts {
+    /// Seconds of load per hot-path and saturation measurement.
+    #[arg(long, default_value_t = 8)]
+    pub seconds: u32,
+    /// Rounds of the three hot-path variants, interleaved; the median counts.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Envoy worker threads for the hot path.
+    #[arg(long, default_value_t = 2)]
+    pub concurrency: u32,
+    /// Envoy worker threads (and HAProxy's nbthread) for saturation and
+    /// queue timeouts, each in turn.
+    #[arg(long, value_delimiter = ',', default_values_t = [2, 4])]
+    pub concurrencies: Vec<u32>,
+    /// Connections for the hot-path load.
+    #[arg(long, default_value_t = 32)]
+    pub connections: u32,
+    /// Bursts of 40 requests that time out in the queue, per proxy and
+    /// concurrency.
+    #[arg(long, default_value_t = 5)]
+    pub timeout_waves: usize,
+    /// Only these parts.
+    #[arg(long, value_delimiter = ',', value_enum,
+          default_values_t = [Part::HotPath, Part::Saturation, Part::Timeout])]
+    pub only: Vec<Part>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Part {
+    HotPath,
+    Saturation,
+    Timeout,
+}
+
+/// An endpoint of known capacity and service time, saturated by closed-loop
+/// clients.
+#[derive(Debug, Clone, Copy)]
+struct Scenario {
+    capacity: u32,
+    service_ms: u32,
+    clients: u32,
+}
+
+const SCENARIOS: [Scenario; 2] = [
+    Scenario {
+        capacity: 8,
+        service_ms: 20,
+        clients: 64,
+    },
+    Scenario {
+        capacity: 5,
+        service_ms: 50,
+        clients: 40,
+    },
+];
+
+impl Scenario {
+    fn label(&self) -> String {
+        format!(
+            "cap {} × {} ms, {} clients",
+            self.capacity, self.service_ms, self.clients
+        )
+    }
+
+    fn route(&self) -> String {
+        format!(
+            "/work:capacity={},service_ms={}",
+            self.capacity, self.service_ms
+        )
+    }
+
+    fn ideal_rps(&self) -> f64 {
+        f64::from(self.capacity) * 1000.0 / f64::from(self.service_ms)
+    }
+}
+
+/// The queue timeout of the lateness measurements.
+const QUEUE_TIMEOUT_MS: f64 = 200.0;
+
+pub fn run(o: &Opts) -> anyhow::Result<()> {
+    machine::require("wrk")?;
+    machine::require("haproxy")?;
+    let mut t = Table::new(&["measure", "value", "goal", "detail"]);
+
+    if o.only.contains(&Part::HotPath) {
+        hot_path_rows(o, &mut t)?;
+    }
+    if o.only.contains(&Part::Saturation) {
+        for s in SCENARIOS {
+            saturation_rows(o, s, &mut t)?;
+        }
+    }
+    if o.only.contains(&Part::Timeout) {
+        for &c in &o.concurrencies {
+            timeout_rows(o, c, &mut t)?;
+        }
+    }
+
+    println!(
+        "{}; hot path at --concurrency {}, {} s per measurement\n",
+        machine::header("make bench"),
+        o.concurrency,
+        o.seconds
+    );
+    print!("{}", t.render());
+    Ok(())
+}
+
+fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
+    eprintln!(
+        "hot path: {} rounds of {} s per variant ...",
+        o.rounds, o.seconds
+    );
+    let backend = Backend::start_with_args(&["--threads", "1", "--route", "/fast"]);
+    let config =
+        json!({"service": "bench", "endpoints": {"/fast": {"capacity": 100000}}}).to_string();
+    let mut plain = FrontProxy::without_wasm(backend.port());
+    plain.stream_idle_timeout_secs = 60;
+    let mut empty = FrontProxy::new(backend.port(), "{}");
+    empty.wasm_path = Some(empty_wasm_path());
+    let sluice = FrontProxy::new(backend.port(), config);
+    let (mut p, mut e, mut s) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..o.rounds {
+        // Interleaved, so drift in the machine's load hits all three alike.
+        for (proxy, out, name) in [
+            (&plain, &mut p, "plain Envoy"),
+            (&empty, &mut e, "empty wasm filter"),
+            (&sluice, &mut s, "Sluice"),
+        ] {
+            let envoy = Envoy::start(proxy, o.concurrency);
+            // Warm up connections, VMs and caches before measuring.
+            wrk(envoy.listener_port(), "/fast", o.connections, 1)?;
+            let rps = wrk(envoy.listener_port(), "/fast", o.connections, o.seconds)?;
+            eprintln!("  round {round}: {rps:>6.0} req/s {name}");
+            out.push(rps);
+        }
+    }
+    let (plain, empty, sluice) = (median(p), median(e), median(s));
+    for (what, goal, a, b) in [
+        ("Sluice / empty wasm filter", "≥ 0.95", sluice, empty),
+        ("Sluice / plain Envoy", "—", sluice, plain),
+        ("empty wasm filter / plain Envoy", "—", empty, plain),
+    ] {
+        t.row(vec![
+            format!("hot path: {what} (req/s)"),
+            format!("{:.3}", a / b),
+            goal.into(),
+            format!("{a:.0} / {b:.0}"),
+        ]);
+    }
+    Ok(())
+}
+
+/// One saturated run: what the clients got and what the backend saw.
+struct Saturation {
+    rps: f64,
+    max_in_flight: u64,
+    /// On the backend's clock.
+    gap: GapSummary,
+    /// On Envoy's clock (Sluice only).
+    envoy_gap: Option<GapSummary>,
+    /// The backend's trace against Envoy's access log (Sluice only).
+    parts: Option<access_log::HandoverParts>,
+}
+
+fn saturation_rows(o: &Opts, s: Scenario, t: &mut Table) -> anyhow::Result<()> {
+    eprintln!("saturation: {} ...", s.label());
+    let direct = {
+        let backend = Backend::start(&[&s.route()]);
+        saturate(backend.port(), &backend, s.capacity, o.seconds)?
+    };
+    t.row(vec![
+        format!(
+            "{}: the backend alone, {} clients straight to it: throughput / ideal",
+            s.label(),
+            s.capacity
+        ),
+        format!("{:.3}", direct.rps / s.ideal_rps()),
+        "ceiling".into(),
+        format!(
+            "{:.1} / {:.0} req/s; gap (client's turnaround) p50 / p99 {}",
+            direct.rps,
+            s.ideal_rps(),
+            gap_ms(&direct.gap)
+        ),
+    ]);
+    for &c in &o.concurrencies {
+        let sluice = saturation_sluice(s, c, o.seconds)?;
+        let haproxy = saturation_haproxy(s, c, o.seconds)?;
+        let at = format!("{}, --concurrency {c}", s.label());
+        let envoy_gap = sluice.envoy_gap.as_ref().map_or("—".into(), gap_ms);
+        t.row(vec![
+            format!("{at}: handover gap p50 / p99, Sluice (backend's clock)"),
+            gap_ms(&sluice.gap),
+            "—".into(),
+            format!(
+                "{} gaps, max {:.2} ms; on Envoy's clock (response in → next request out) {envoy_gap}",
+                sluice.gap.count, sluice.gap.max_ms
+            ),
+        ]);
+        if let Some(p) = &sluice.parts {
+            let part = |x: &Percentiles| format!("{:.2} / {:.2}", x.p50, x.p99);
+            t.row(vec![
+                format!(
+                    "{at}: where Sluice's gap goes, p50 / p99 ms: backend done → Envoy has the response; \
+                     in Envoy (release … next request written upstream); → backend reads it"
+                ),
+                format!(
+                    "{}; {}; {}",
+                    part(&p.response_in),
+                    part(&p.in_envoy),
+                    part(&p.request_out)
+                ),
+                "—".into(),
+                format!(
+                    "{} of {} handovers matched by x-request-id (backend's trace × access log, wall clock)",
+                    p.matched, p.handovers
+                ),
+            ]);
+        }
+        t.row(vec![
+            format!(
+                "{at}: handover gap p50 / p99, HAProxy maxconn {} (backend's clock)",
+                s.capacity
+            ),
+            gap_ms(&haproxy.gap),
+            "reference".into(),
+            format!(
+                "{} gaps, max {:.2} ms; nbthread {c}",
+                haproxy.gap.count, haproxy.gap.max_ms
+            ),
+        ]);
+        t.row(vec![
+            format!("{at}: utilisation Sluice / HAProxy (req/s)"),
+            format!("{:.3}", sluice.rps / haproxy.rps),
+            "≥ 1".into(),
+            format!(
+                "{:.1} / {:.1} req/s; ideal {:.0}, Sluice {:.3} of it, HAProxy {:.3}",
+                sluice.rps,
+                haproxy.rps,
+                s.ideal_rps(),
+                sluice.rps / s.ideal_rps(),
+                haproxy.rps / s.ideal_rps()
+            ),
+        ]);
+        t.row(vec![
+            format!("{at}: backend's max concurrency, Sluice / HAProxy"),
+            format!("{} / {}", sluice.max_in_flight, haproxy.max_in_flight),
+            format!("= {}", s.capacity),
+            String::new(),
+        ]);
+    }
+    Ok(())
+}
+
+fn gap_ms(g: &GapSummary) -> String {
+    if g.count == 0 {
+        return "no gaps".into();
+    }
+    format!("{:.2} / {:.2} ms", g.p50_ms, g.p99_ms)
+}
+
+fn saturation_sluice(s: Scenario, concurrency: u32, seconds: u32) -> anyhow::Result<Saturation> {
+    let backend = Backend::start_with_args(&["--trace", "--route", &s.route()]);
+    let config = json!({"service": "bench",
+        "endpoints": {"/work": {"capacity": s.capacity, "queue_timeout": 30}}});
+    let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    let log = access_log::enable(&mut proxy);
+    let envoy = Envoy::start(&proxy, concurrency);
+    let mut run = saturate(envoy.listener_port(), &backend, s.clients, seconds)?;
+    let entries = access_log::read_settled(&log);
+    let measured = entries.iter().filter(|e| e.path == MEASURED_PATH);
+    run.envoy_gap = Some(access_log::upstream_gaps(measured, s.capacity.into()));
+    let trace = backend_trace(&backend, "/work")?;
+    run.parts = Some(access_log::handover_parts(
+        &trace,
+        &entries,
+        s.capacity.into(),
+    ));
+    Ok(run)
+}
+
+/// `GET /__backend/trace` of a backend started with `--trace`.
+fn backend_trace(backend: &Backend, path: &str) -> anyhow::Result<Vec<access_log::TraceRow>> {
+    let response = sluice_harness::http::get(backend.addr(), "/__backend/trace")?;
+    let rows = response.json()["paths"][path]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    rows.iter()
+        .map(|r| Some((r[0].as_str()?.to_string(), r[1].as_u64()?, r[2].as_u64()?)))
+        .collect::<Option<Vec<_>>>()
+        .context("a malformed row in the backend's trace")
+}
+
+fn saturation_haproxy(s: Scenario, concurrency: u32, seconds: u32) -> anyhow::Result<Saturation> {
+    let backend = Backend::start(&[&s.route()]);
+    let haproxy = Haproxy::start(
+        backend.port(),
+        s.capacity,
+        concurrency,
+        Duration::from_secs(30),
+    )?;
+    saturate(haproxy.port, &backend, s.clients, seconds)
+}
+
+/// The measured requests carry a query string the warm-up's lack, so the
+/// access log tells them apart (Sluice and the backend ignore it).
+const MEASURED_PATH: &str = "/work?measured";
+
+fn saturate(
+    port: u16,
+    backend: &Backend,
+    clients: u32,
+    seconds: u32,
+) -> anyhow::Result<Saturation> {
+    wrk(port, "/work", clients, 1)?;
+    // Requests of the warm-up whose clients wrk closed may still be inside
+    // the backend; let them go before the maximum restarts.
+    wait_until(Duration::from_secs(10), "the backend to be idle", || {
+        (backend.path_stats("/work")["in_flight"] == 0).then_some(())
+    });
+    backend.reset();
+    let rps = wrk(port, MEASURED_PATH, clients, seconds)?;
+    let seen = backend.path_stats("/work");
+    Ok(Saturation {
+        rps,
+        max_in_flight: seen["max_in_flight"].as_u64().unwrap_or(0),
+        gap: gap_from_backend(&seen),
+        envoy_gap: None,
+        parts: None,
+    })
+}
+
+fn timeout_rows(o: &Opts, concurrency: u32, t: &mut Table) -> anyhow::Result<()> {
+    eprintln!("queue timeouts at --concurrency {concurrency} ...");
+    let (log, client) = timeouts_sluice(concurrency, o.timeout_waves)?;
+    t.row(vec![
+        format!(
+            "504 lateness after a 200 ms queue timeout, p50 / p99 / max, Sluice at --concurrency {concurrency} (Envoy's access log)"
+        ),
+        lateness_ms(&log),
+        "tens of ms".into(),
+        format!(
+            "{} timeouts; the client saw p50 / p99 / max {}",
+            log.n,
+            lateness_ms(&client)
+        ),
+    ]);
+    let (log, client) = timeouts_haproxy(concurrency, o.timeout_waves)?;
+    t.row(vec![
+        format!(
+            "503 lateness after `timeout queue 200ms`, p50 / p99 / max, HAProxy nbthread {concurrency} (its log, Ta)"
+        ),
+        lateness_ms(&log),
+        "reference".into(),
+        format!(
+            "{} timeouts; the client saw p50 / p99 / max {}",
+            log.n,
+            lateness_ms(&client)
+        ),
+    ]);
+    Ok(())
+}
+
+fn lateness_ms(p: &Percentiles) -> String {
+    format!("{:.1} / {:.1} / {:.1} ms", p.p50, p.p99, p.max)
+}
+
+/// A slot held for a second and bursts of 40 behind it: all of them time
+/// out. Several waves, so the figure covers timer phases and every worker.
+fn timeout_bursts(addr: std::net::SocketAddr, waves: usize) -> Vec<Outcome> {
+    let mut all = Vec::new();
+    for wave in 0..waves {
+        let mut burst = Burst::new(addr, "/slow", 41);
+        burst.spacing = Duration::from_millis(3);
+        burst.first_seq = wave * 100;
+        burst.timeout = Duration::from_secs(10);
+        all.extend(run_blocking(&burst));
+    }
+    all
+}
+
+const SLOW_ROUTE: &str = "/slow:service_ms=1000";
+
+fn client_lateness(outcomes: &[Outcome], status: u16) -> Percentiles {
+    Percentiles::of(
+        outcomes
+            .iter()
+            .filter(|o| o.status == status)
+            .map(|o| o.latency_ms - QUEUE_TIMEOUT_MS)
+            .collect(),
+    )
+}
+
+fn timeouts_sluice(concurrency: u32, waves: usize) -> anyhow::Result<(Percentiles, Percentiles)> {
+    let backend = Backend::start(&[SLOW_ROUTE]);
+    let config = json!({"service": "bench",
+        "endpoints": {"/slow": {"capacity": 1, "queue_timeout": QUEUE_TIMEOUT_MS / 1000.0}}});
+    let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    let log = access_log::enable(&mut proxy);
+    let envoy = Envoy::start(&proxy, concurrency);
+    let outcomes = timeout_bursts(envoy.listener_addr(), waves);
+    let late: Vec<f64> = access_log::read_settled(&log)
+        .iter()
+        .filter(|e| e.reason.as_deref() == Some("queue-timeout"))
+        .map(|e| e.total_ms() - QUEUE_TIMEOUT_MS)
+        .collect();
+    if late.is_empty() {
+        bail!("no request timed out in Sluice's queue");
+    }
+    Ok((Percentiles::of(late), client_lateness(&outcomes, 504)))
+}
+
+fn timeouts_haproxy(concurrency: u32, waves: usize) -> anyhow::Result<(Percentiles, Percentiles)> {
+    let backend = Backend::start(&[SLOW_ROUTE]);
+    let haproxy = Haproxy::start(
+        backend.port(),
+        1,
+        concurrency,
+        Duration::from_millis(QUEUE_TIMEOUT_MS as u64),
+    )?;
+    let outcomes = timeout_bursts(([127, 0, 0, 1], haproxy.port).into(), waves);
+    let late: Vec<f64> = haproxy
+        .log_lines()
+        .iter()
+        .filter(|l| l.status == 503 && l.termination.starts_with("sQ"))
+        .map(|l| l.ta_ms as f64 - QUEUE_TIMEOUT_MS)
+        .collect();
+    if late.is_empty() {
+        bail!("no request timed out in HAProxy's queue");
+    }
+    Ok((Percentiles::of(late), client_lateness(&outcomes, 503)))
+}

@@ -1,0 +1,519 @@
+//! The deployment files, checked offline and strictly (a misspelled field
+//! fails): the Istio and Kubernetes manifests against their schemas, the
+//! Envoy part of the Istio resources with `envoy --mode validate` and the
+//! real wasm, the compose file with compose v1 and the compose-spec schema,
+//! the Dockerfile's stages, and the OCI image `make wasm-image` builds.
+//!
+//! Schemas and tools come from `make deps` (scripts/deps.sh): Python
+//! `kubernetes-validate`, `cloudcoil-models-istio`, `check-jsonschema`, and
+//! Debian's `docker-compose` and `buildah`. The checks themselves are in
+//! `scripts/validate_manifests.py`. Needs `make wasm`.
+
+use serde_json::Value;
+use sluice_harness::{wasm_path, with_built_wasm, workspace_root, Envoy, ScratchDir};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const SYNC_CLUSTER: &str = "outbound|50051||sluice-sync.sluice-system.svc.cluster.local";
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program} (make deps installs it): {e}"))
+}
+
+/// `scripts/validate_manifests.py ARGS`: (success, stdout, stderr).
+fn validator(args: &[&str]) -> (bool, String, String) {
+    let mut full = vec!["scripts/validate_manifests.py"];
+    full.extend_from_slice(args);
+    let out = run("python3", &full);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn istio_manifests() -> Vec<String> {
+    let mut files: Vec<String> = fs::read_dir(workspace_root().join("deploy/istio"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| {
+            p.strip_prefix(workspace_root())
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A YAML file as JSON (PyYAML; the tests need Python anyway).
+fn yaml_as_json(path: &Path) -> Value {
+    let out = run(
+        "python3",
+        &[
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+            &path.to_string_lossy(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// A copy of `relative` in `dir` with `from` replaced by `to` (once).
+fn broken_copy(dir: &Path, relative: &str, from: &str, to: &str) -> PathBuf {
+    let text = fs::read_to_string(workspace_root().join(relative)).unwrap();
+    assert!(text.contains(from), "{relative} has no {from:?}");
+    let path = dir.join(Path::new(relative).file_name().unwrap());
+    fs::write(&path, text.replacen(from, to, 1)).unwrap();
+    path
+}
+
+#[test]
+fn every_istio_and_kubernetes_manifest_matches_its_schema_strictly() {
+    let files = istio_manifests();
+    let args: Vec<&str> = ["k8s"]
+        .into_iter()
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let (ok, stdout, stderr) = validator(&args);
+    assert!(ok, "{stderr}\n{stdout}");
+    eprint!("{stdout}");
+    // Every document was checked against a schema, none skipped: the kinds
+    // the docs promise are all there.
+    for kind in [
+        "WasmPlugin demo/sluice (Istio",
+        "EnvoyFilter demo/sluice (Istio",
+        "EnvoyFilter demo/sluice-listener-settings (Istio",
+        "Sidecar demo/default (Istio",
+        "VirtualService demo/demo (Istio",
+        "Deployment sluice-system/sluice-sync (Kubernetes",
+        "Service sluice-system/sluice-sync (Kubernetes",
+        "Deployment sluice-system/redis (Kubernetes",
+        "ConfigMap demo/sluice-stats-bootstrap (Kubernetes",
+        "Deployment demo/demo (Kubernetes",
+    ] {
+        assert!(stdout.contains(kind), "{kind} not validated:\n{stdout}");
+    }
+    let documents = files
+        .iter()
+        .map(|f| {
+            let text = fs::read_to_string(workspace_root().join(f)).unwrap();
+            text.lines().filter(|l| l.starts_with("kind:")).count()
+        })
+        .sum::<usize>();
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        documents
+    );
+}
+
+#[test]
+fn a_misspelled_field_fails_schema_validation() {
+    let scratch = ScratchDir::new("bad-manifests");
+    let dir = scratch.path();
+    let cases = [
+        (
+            broken_copy(dir, "deploy/istio/wasmplugin.yaml", "  failStrategy:", "  failStrategyy:"),
+            "$.spec: Additional properties are not allowed ('failStrategyy' was unexpected)",
+        ),
+        (
+            broken_copy(dir, "deploy/istio/envoyfilter.yaml", "      context: SIDECAR_INBOUND", "      contex: SIDECAR_INBOUND"),
+            // match is one of several shapes, so the message names the object.
+            "$.spec.configPatches[0].match: {'contex': 'SIDECAR_INBOUND'} is not valid",
+        ),
+        (
+            broken_copy(dir, "deploy/istio/sidecar.yaml", "  egress:", "  egres:"),
+            "Additional properties are not allowed ('egres' was unexpected)",
+        ),
+        (
+            broken_copy(dir, "deploy/istio/sluice-sync.yaml", "  replicas: 2", "  replica: 2"),
+            "Deployment sluice-system/sluice-sync: $.spec: Additional properties are not allowed ('replica' was unexpected)",
+        ),
+        (
+            broken_copy(dir, "deploy/istio/demo-app.yaml", "        readinessProbe:", "        readynessProbe:"),
+            "$.spec.template.spec.containers[0]: Additional properties are not allowed ('readynessProbe' was unexpected)",
+        ),
+    ];
+    // A wrong enum value fails too.
+    let phase_dir = dir.join("phase");
+    fs::create_dir_all(&phase_dir).unwrap();
+    let phase = broken_copy(
+        &phase_dir,
+        "deploy/istio/wasmplugin.yaml",
+        "phase: UNSPECIFIED_PHASE",
+        "phase: BEFORE_ROUTER",
+    );
+    // One run for all (loading the schemas takes a while).
+    let paths: Vec<String> = cases
+        .iter()
+        .map(|(path, _)| path)
+        .chain([&phase])
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    let args: Vec<&str> = ["k8s"]
+        .into_iter()
+        .chain(paths.iter().map(String::as_str))
+        .collect();
+    let (ok, stdout, stderr) = validator(&args);
+    assert!(!ok, "broken manifests passed:\n{stdout}");
+    for (path, expected) in &cases {
+        let file = path.to_string_lossy();
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with(&*file))
+            .unwrap_or_else(|| panic!("no error for {file}:\n{stderr}"));
+        assert!(line.contains(expected), "{line}");
+    }
+    assert!(
+        stderr.contains("$.spec.phase: 'BEFORE_ROUTER' is not one of"),
+        "{stderr}"
+    );
+    // Nothing else was wrong in them.
+    assert_eq!(stderr.lines().count(), cases.len() + 1, "{stderr}");
+}
+
+/// The Envoy part of each WasmPlugin and EnvoyFilter, as bootstraps.
+fn istio_bootstraps(files: &[String]) -> Vec<(String, String)> {
+    let args: Vec<&str> = ["envoy-bootstraps"]
+        .into_iter()
+        .chain(files.iter().map(String::as_str))
+        .collect();
+    let (ok, stdout, stderr) = validator(&args);
+    assert!(ok, "{stderr}");
+    let wasm = wasm_path().to_string_lossy().into_owned();
+    let items: Vec<Value> = serde_json::from_str(&stdout).unwrap();
+    items
+        .iter()
+        .map(|item| {
+            let bootstrap = item["bootstrap"].to_string().replace("@WASM@", &wasm);
+            (item["name"].as_str().unwrap().to_string(), bootstrap)
+        })
+        .collect()
+}
+
+#[test]
+fn the_envoy_part_of_the_istio_resources_passes_envoy_validate_with_the_real_wasm() {
+    let bootstraps = istio_bootstraps(&istio_manifests());
+    let names: Vec<&str> = bootstraps.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "deploy/istio/envoyfilter.yaml#0 EnvoyFilter demo/sluice",
+            "deploy/istio/listener-settings.yaml#0 EnvoyFilter demo/sluice-listener-settings",
+            "deploy/istio/wasmplugin.yaml#0 WasmPlugin demo/sluice",
+        ]
+    );
+    for (name, bootstrap) in &bootstraps {
+        if let Err(e) = Envoy::validate_yaml(bootstrap) {
+            panic!("{name}: {e}");
+        }
+    }
+    // The filter really read the plugin configuration: a bad one is refused,
+    // with the filter's own message naming the key.
+    let scratch = ScratchDir::new("bad-plugin-config");
+    let bad = broken_copy(
+        scratch.path(),
+        "deploy/istio/wasmplugin.yaml",
+        "        capacity: 4",
+        "        capacity: 0",
+    );
+    let (name, bootstrap) = istio_bootstraps(&[bad.to_string_lossy().into_owned()]).remove(0);
+    let err = Envoy::validate_yaml(&bootstrap).expect_err(&name);
+    assert!(err.contains("endpoints./predict.capacity"), "{err}");
+    // And a misspelled Envoy field in an EnvoyFilter patch (which Istio's
+    // schema leaves open) is caught by Envoy.
+    let bad = broken_copy(
+        scratch.path(),
+        "deploy/istio/listener-settings.yaml",
+        "merge_slashes: true",
+        "merge_slash: true",
+    );
+    let (name, bootstrap) = istio_bootstraps(&[bad.to_string_lossy().into_owned()]).remove(0);
+    let err = Envoy::validate_yaml(&bootstrap).expect_err(&name);
+    assert!(err.contains("merge_slash"), "{err}");
+}
+
+#[test]
+fn the_istio_resources_agree_on_the_plugin_configuration_and_the_sync_cluster() {
+    let root = workspace_root();
+    let plugin = yaml_as_json(&root.join("deploy/istio/wasmplugin.yaml"));
+    let plugin_config = &plugin["spec"]["pluginConfig"];
+    let filter = yaml_as_json(&root.join("deploy/istio/envoyfilter.yaml"));
+    let configuration = filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
+        ["config"]["configuration"]["value"]
+        .as_str()
+        .unwrap();
+    let filter_config: Value = serde_json::from_str(configuration).unwrap();
+    assert_eq!(
+        &filter_config, plugin_config,
+        "WasmPlugin and EnvoyFilter differ"
+    );
+    assert_eq!(plugin_config["sync"]["cluster"], SYNC_CLUSTER);
+
+    // That cluster is what Istio makes of the sluice-sync Service: port
+    // 50051, named grpc (so HTTP/2), in sluice-system.
+    let sync = fs::read_to_string(root.join("deploy/istio/sluice-sync.yaml")).unwrap();
+    let service = sync
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: Service\n"))
+        .expect("a Service in sluice-sync.yaml");
+    for needle in [
+        "  name: sluice-sync\n",
+        "  namespace: sluice-system\n",
+        "  - name: grpc\n",
+        "    port: 50051\n",
+    ] {
+        assert!(service.contains(needle), "{needle:?} not in:\n{service}");
+    }
+    // And the Sidecar's egress scope lets the proxies see it.
+    let sidecar = fs::read_to_string(root.join("deploy/istio/sidecar.yaml")).unwrap();
+    assert!(sidecar.contains("\"sluice-system/sluice-sync.sluice-system.svc.cluster.local\""));
+}
+
+#[test]
+fn docker_compose_v1_accepts_the_compose_file_and_refuses_a_misspelled_key() {
+    let out = run(
+        "docker-compose",
+        &["-f", "docker-compose.yml", "config", "-q"],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The broken copy's relative paths resolve from the repository, as the
+    // original's do.
+    let scratch = ScratchDir::new("bad-compose-v1");
+    let broken = broken_copy(
+        scratch.path(),
+        "docker-compose.yml",
+        "    image: sluice-envoy:dev",
+        "    imagee: sluice-envoy:dev",
+    );
+    let root = workspace_root().to_string_lossy().into_owned();
+    let out = run(
+        "docker-compose",
+        &[
+            "--project-directory",
+            &root,
+            "-f",
+            &broken.to_string_lossy(),
+            "config",
+            "-q",
+        ],
+    );
+    assert!(!out.status.success(), "a misspelled key passed");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("'imagee'"), "{stderr}");
+}
+
+#[test]
+fn the_compose_file_matches_the_compose_spec_and_mounts_files_that_exist() {
+    let (ok, stdout, stderr) = validator(&["compose", "docker-compose.yml"]);
+    assert!(ok, "{stderr}");
+    let summary: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        summary["services"],
+        serde_json::json!([
+            "backend-1",
+            "backend-2",
+            "envoy",
+            "prober",
+            "redis",
+            "sluice-sync"
+        ])
+    );
+    let mounts = summary["bind_mounts"].as_array().unwrap();
+    assert!(mounts.len() >= 3, "{mounts:?}");
+    for mount in mounts {
+        let source = mount["source"].as_str().unwrap();
+        assert!(
+            workspace_root().join(source).is_file(),
+            "{} mounts {source}, which is not a file in the repository",
+            mount["service"]
+        );
+    }
+
+    // The schema is strict too.
+    let scratch = ScratchDir::new("bad-compose");
+    let bad = broken_copy(
+        scratch.path(),
+        "docker-compose.yml",
+        "    profiles:",
+        "    profile:",
+    );
+    let (ok, _, stderr) = validator(&["compose", &bad.to_string_lossy()]);
+    assert!(!ok && stderr.contains("'profile'"), "{stderr}");
+}
+
+#[test]
+fn the_compose_envoy_runs_the_real_wasm_with_the_services_sluice_yaml() {
+    let root = workspace_root();
+    let compose = yaml_as_json(&root.join("docker-compose.yml"));
+    let envoy = &compose["services"]["envoy"];
+    let mount = envoy["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|v| v.contains(":/etc/envoy/envoy.yaml"))
+        .expect("the envoy service mounts its config");
+    let config_path = root.join(mount.split(':').next().unwrap());
+    let config = fs::read_to_string(&config_path).unwrap();
+
+    // The image puts the module where the config loads it from.
+    let dockerfile = fs::read_to_string(root.join("deploy/docker/Dockerfile")).unwrap();
+    assert!(config.contains("filename: /etc/envoy/sluice_filter.wasm"));
+    assert!(dockerfile.contains("/etc/envoy/sluice_filter.wasm"));
+    if let Err(e) = Envoy::validate_yaml(&with_built_wasm(&config)) {
+        panic!("{}: {e}", config_path.display());
+    }
+
+    // The filter's configuration is the JSON form of the sluice.yaml that
+    // sluice-sync and the prober read: same service, endpoints, settings.
+    let sluice_mount = compose["services"]["sluice-sync"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .find(|v| v.contains(":/etc/sluice/sluice.yaml"))
+        .expect("sluice-sync mounts sluice.yaml");
+    let sluice = yaml_as_json(&root.join(sluice_mount.split(':').next().unwrap()));
+    let bootstrap = yaml_as_json(&config_path);
+    let wasm_filter = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+        [0]["typed_config"]["http_filters"][0];
+    let plugin: Value = serde_json::from_str(
+        wasm_filter["typed_config"]["config"]["configuration"]["value"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    for key in ["service", "queue_timeout", "max_queue"] {
+        assert_eq!(plugin[key], sluice[key], "{key}");
+    }
+    let endpoints = |doc: &Value| -> Vec<String> {
+        doc["endpoints"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    assert_eq!(endpoints(&plugin), endpoints(&sluice));
+    for (path, endpoint) in plugin["endpoints"].as_object().unwrap() {
+        for (key, value) in endpoint.as_object().unwrap() {
+            assert_eq!(value, &sluice["endpoints"][path][key], "{path}.{key}");
+        }
+    }
+    assert_eq!(plugin["sync"]["cluster"], "sluice_sync");
+    assert!(config.contains("- name: sluice_sync\n"));
+    assert!(config.contains("{ address: sluice-sync, port_value: 50051 }"));
+}
+
+#[test]
+fn the_dockerfile_builds_what_compose_uses_as_an_unprivileged_user() {
+    let root = workspace_root();
+    let dockerfile = fs::read_to_string(root.join("deploy/docker/Dockerfile")).unwrap();
+    let stages: Vec<(&str, &str)> = dockerfile
+        .lines()
+        .filter_map(|l| l.strip_prefix("FROM "))
+        .filter_map(|l| l.split_once(" AS "))
+        .collect();
+    let names: Vec<&str> = stages.iter().map(|(_, name)| *name).collect();
+    assert_eq!(names, ["builder", "wasm", "envoy", "runtime"]);
+    assert!(stages.contains(&("envoyproxy/envoy:v1.40-latest", "envoy")));
+    assert!(stages.contains(&("scratch", "wasm")));
+    // The runtime stage ends as a numeric non-root user.
+    let runtime = dockerfile.split("AS runtime").nth(1).unwrap();
+    let user = runtime
+        .lines()
+        .filter_map(|l| l.strip_prefix("USER "))
+        .next_back()
+        .expect("runtime sets USER");
+    let uid: u32 = user
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .expect("numeric uid");
+    assert!(uid >= 1000, "USER {user}");
+    // Every target compose builds exists.
+    let compose = yaml_as_json(&root.join("docker-compose.yml"));
+    for (service, definition) in compose["services"].as_object().unwrap() {
+        if let Some(build) = definition.get("build") {
+            assert_eq!(build["dockerfile"], "deploy/docker/Dockerfile", "{service}");
+            let target = build["target"].as_str().unwrap();
+            assert!(names.contains(&target), "{service}: no stage {target}");
+        }
+    }
+    // The build context leaves out what is big or local.
+    let ignore = fs::read_to_string(root.join(".dockerignore")).unwrap();
+    assert!(ignore.lines().any(|l| l == "target/"), "{ignore}");
+}
+
+#[test]
+fn the_wasm_image_holds_exactly_the_built_wasm_in_a_layout_istio_accepts() {
+    let scratch = ScratchDir::new("wasm-image");
+    let layout = scratch.path().join("image");
+    let wasm = wasm_path();
+    let out = run(
+        "scripts/wasm-image.sh",
+        &[&wasm.to_string_lossy(), &layout.to_string_lossy(), "test"],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, stdout, stderr) = validator(&["oci-image", &layout.to_string_lossy()]);
+    assert!(ok, "{stderr}");
+    let image: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(image["oci_layout"]["imageLayoutVersion"], "1.0.0");
+    let images = image["images"].as_array().unwrap();
+    assert_eq!(images.len(), 1, "{image}");
+    let manifest = &images[0];
+    assert_eq!(manifest["ref_name"], "test");
+    assert_eq!(
+        manifest["manifest_media_type"],
+        "application/vnd.oci.image.manifest.v1+json"
+    );
+    // Istio's "compat" variant: exactly one tar+gzip layer holding plugin.wasm.
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert_eq!(
+        layers[0]["media_type"],
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
+    let files = layers[0]["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "exactly one file in the layer: {files:?}");
+    assert_eq!(files[0]["name"], "plugin.wasm");
+    assert_eq!(files[0]["type"], "file");
+    let built = fs::read(&wasm).unwrap();
+    assert_eq!(files[0]["size"], built.len());
+    let sha256 = run("sha256sum", &[&wasm.to_string_lossy()]);
+    let expected = String::from_utf8_lossy(&sha256.stdout);
+    assert_eq!(
+        files[0]["sha256"].as_str().unwrap(),
+        expected.split_whitespace().next().unwrap()
+    );
+    // The script says the same digest it wrote (for the WasmPlugin's sha256).
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(manifest["digest"].as_str().unwrap()),
+        "{said}"
+    );
+}
