@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what one use of the repo needs, and nothing more:
 #   scripts/deps.sh demo    Envoy, Redis, the wasm target (make demo)
-#   scripts/deps.sh test    + the wasm test runner (make test)
+#   scripts/deps.sh test    + the wasm test runner, chromium and playwright-core
+#                           (the dashboard test), the manifest schemas (make test)
 #   scripts/deps.sh bench   + HAProxy and wrk, the references (make bench*)
 # Idempotent: each step is skipped when its tool is already there, so a
 # machine that has run it once starts at once.
@@ -18,6 +19,10 @@ esac
 apt_missing=()
 need_apt() { command -v "$1" >/dev/null || apt_missing+=("$2"); }
 need_apt redis-server redis-server
+if [ "$use" = test ]; then
+  # The dashboard test drives Debian's chromium headless (playwright-core).
+  need_apt chromium chromium
+fi
 if [ "$use" = bench ]; then
   need_apt haproxy haproxy
   need_apt wrk wrk
@@ -41,11 +46,11 @@ if ! command -v envoy >/dev/null || ! envoy --version 2>/dev/null | grep -q '/1\
 fi
 
 # Schemas for scripts/validate_manifests.py: Kubernetes (strict), Istio's
-# CRDs (generated models) and the compose spec (with its licence).
-if [ "$use" = test ] && ! python3 -c 'import kubernetes_validate, check_jsonschema, cloudcoil.models.istio' 2>/dev/null; then
+# and KEDA's CRDs (generated models) and the compose spec (with its licence).
+if [ "$use" = test ] && ! python3 -c 'import kubernetes_validate, check_jsonschema, cloudcoil.models.istio, cloudcoil.models.keda' 2>/dev/null; then
   echo "deps: pip install the manifest schemas" >&2
   python3 -m pip install -q 'kubernetes-validate==1.37.0' 'check-jsonschema==0.39.0' \
-    'cloudcoil-models-istio==1.24.2.1'
+    'cloudcoil-models-istio==1.24.2.1' 'cloudcoil-models-keda==2.16.1.0'
 fi
 
 targets=(wasm32-wasip1)
@@ -59,6 +64,11 @@ if [ "$use" != demo ]; then
   if ! wasm-bindgen-test-runner --version 2>/dev/null | grep -q "$WASM_BINDGEN_VERSION"; then
     echo "deps: cargo install wasm-bindgen-cli $WASM_BINDGEN_VERSION (a few minutes, once)" >&2
     cargo install -q --locked wasm-bindgen-cli --version "$WASM_BINDGEN_VERSION"
+  fi
+  browser="$(cd "$(dirname "$0")/.." && pwd)/tests/e2e/browser"
+  if [ ! -d "$browser/node_modules/playwright-core" ]; then
+    echo "deps: npm ci in $browser (playwright-core, no browser download)" >&2
+    (cd "$browser" && npm ci --no-audit --no-fund --silent)
   fi
   if ! cargo nextest --version >/dev/null 2>&1; then
     echo "deps: cargo install cargo-nextest (a few minutes, once)" >&2

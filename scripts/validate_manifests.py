@@ -17,6 +17,11 @@ Schemas come from packages (scripts/deps.sh installs them):
   (Istio ISTIO_VERSION); their JSON schema is closed here the same way,
   except where the CRD itself leaves an object open (pluginConfig, the
   EnvoyFilter patch value, labels...).
+- KEDA kinds (ScaledObject, ...): `cloudcoil-models-keda`, generated from
+  KEDA's CRDs, closed the same way.
+- prometheus-adapter's rules (`config.yaml` of a ConfigMap with `rules` or
+  `externalRules`): ADAPTER_CONFIG below, written from the adapter's
+  configuration docs (it publishes no schema).
 - compose: the compose-spec schema `check-jsonschema` ships (with its licence).
 
 Exit status 1 and one line per problem (file, document, path) when invalid.
@@ -33,6 +38,54 @@ import yaml
 
 K8S_VERSION = "1.30.0"
 ISTIO_VERSION = "1.24"  # cloudcoil-models-istio 1.24.2.x
+KEDA_VERSION = "2.16"  # cloudcoil-models-keda 2.16.1.0
+
+# prometheus-adapter's configuration (docs/config.md of
+# kubernetes-sigs/prometheus-adapter), closed like the rest.
+_ADAPTER_RULE = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["seriesQuery", "metricsQuery"],
+    "properties": {
+        "seriesQuery": {"type": "string"},
+        "seriesFilters": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {"is": {"type": "string"}, "isNot": {"type": "string"}},
+            },
+        },
+        "resources": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "template": {"type": "string"},
+                "namespaced": {"type": "boolean"},
+                "overrides": {
+                    "type": "object",
+                    "additionalProperties": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["resource"],
+                        "properties": {"group": {"type": "string"}, "resource": {"type": "string"}},
+                    },
+                },
+            },
+        },
+        "name": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"matches": {"type": "string"}, "as": {"type": "string"}},
+        },
+        "metricsQuery": {"type": "string"},
+    },
+}
+ADAPTER_CONFIG = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {key: {"type": "array", "items": _ADAPTER_RULE} for key in ("rules", "externalRules")},
+}
 
 
 def documents(path):
@@ -70,18 +123,23 @@ _istio_schemas = {}
 
 
 def istio_schema(api_version, kind):
-    """The strict JSON schema of an Istio kind, or None if not an Istio kind."""
+    """The strict JSON schema of an Istio or KEDA kind, or None if neither."""
     group, _, version = api_version.partition("/")
-    if not group.endswith(".istio.io") or not version:
+    if not version:
+        return None
+    if group.endswith(".istio.io"):
+        module_name, source = f"cloudcoil.models.istio.{group.split('.')[0]}.{version}", f"Istio {ISTIO_VERSION}"
+    elif group == "keda.sh":
+        module_name, source = f"cloudcoil.models.keda.{version}", f"KEDA {KEDA_VERSION}"
+    else:
         return None
     key = (api_version, kind)
     if key not in _istio_schemas:
-        module_name = f"cloudcoil.models.istio.{group.split('.')[0]}.{version}"
         try:
             module = importlib.import_module(module_name)
             model = getattr(module, kind)
         except (ImportError, AttributeError):
-            raise LookupError(f"no schema for {kind} {api_version} in Istio {ISTIO_VERSION}")
+            raise LookupError(f"no schema for {kind} {api_version} in {source}")
         schema = model.model_json_schema(by_alias=True, mode="validation")
         _istio_schemas[key] = close_objects(copy.deepcopy(schema))
     return _istio_schemas[key]
@@ -115,7 +173,8 @@ def validate_k8s(paths):
                 errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
                 problems.extend(problem(where, e) for e in errors)
                 if not errors:
-                    print(f"ok {where} (Istio {ISTIO_VERSION})")
+                    source = f"KEDA {KEDA_VERSION}" if api_version.startswith("keda.sh/") else f"Istio {ISTIO_VERSION}"
+                    print(f"ok {where} ({source})")
                 continue
             try:
                 validator = k8s_validator(api_version, kind)
@@ -126,7 +185,25 @@ def validate_k8s(paths):
             problems.extend(problem(where, e) for e in errors)
             if not errors:
                 print(f"ok {where} (Kubernetes {K8S_VERSION}, strict)")
+            adapter = adapter_config(doc)
+            if adapter is not None:
+                validator = jsonschema.Draft202012Validator(ADAPTER_CONFIG)
+                errors = sorted(validator.iter_errors(adapter), key=lambda e: list(e.absolute_path))
+                problems.extend(problem(f"{where} data.config.yaml", e) for e in errors)
+                if not errors:
+                    print(f"ok {where} data.config.yaml (prometheus-adapter rules)")
     return problems
+
+
+def adapter_config(doc):
+    """The prometheus-adapter configuration a ConfigMap holds, or None."""
+    if doc.get("kind") != "ConfigMap":
+        return None
+    text = (doc.get("data") or {}).get("config.yaml")
+    config = yaml.safe_load(text) if text else None
+    if isinstance(config, dict) and ({"rules", "externalRules"} & config.keys()):
+        return config
+    return None
 
 
 def k8s_validator(api_version, kind):

@@ -72,6 +72,10 @@ impl std::fmt::Display for AdmissionError {
     }
 }
 
+// `Store` is transparent: its Display is the store error's own, so it names
+// no `source()` (a report would print the same text twice).
+impl std::error::Error for AdmissionError {}
+
 impl From<StoreError> for AdmissionError {
     fn from(e: StoreError) -> Self {
         AdmissionError::Store(e)

@@ -1,4 +1,5 @@
-//! The enforcement part of `sluice.yaml` (DESIGN.md), parsed from its JSON form.
+//! The enforcement part of `sluice.yaml`, parsed from its JSON form (the keys
+//! are documented for users in `docs/filter.md`).
 //!
 //! The filter receives the document as JSON in its plugin `configuration`; the
 //! native tools read YAML and hand the same tree over as a `serde_json::Value`,
@@ -60,7 +61,7 @@ pub struct Config {
     pub max_queue: u32,
     pub endpoints: Vec<Endpoint>,
     /// Things worth a log line that do not stop the plugin (unknown keys).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<ConfigWarning>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,11 +83,31 @@ pub struct Endpoint {
     pub max_queue: u32,
 }
 
-/// A configuration mistake: `key` is the dotted path to the offending value.
+/// A configuration mistake: its key is the dotted path to the offending value.
+/// Built only by [`ConfigError::new`], so every part words it alike.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
-    pub key: String,
-    pub problem: String,
+    key: String,
+    problem: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            key: key.into(),
+            problem: problem.into(),
+        }
+    }
+
+    /// Dotted path to the offending value, e.g. `endpoints./predict.capacity`.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// What is wrong with it, without the key.
+    pub fn problem(&self) -> &str {
+        &self.problem
+    }
 }
 
 impl fmt::Display for ConfigError {
@@ -97,17 +118,35 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-impl ConfigError {
-    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-        ConfigError {
-            key: key.into(),
-            problem: problem.into(),
-        }
-    }
+/// Something in the document worth a log line that does not stop the plugin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigWarning {
+    /// Dotted path to what the warning is about.
+    pub key: String,
+    pub kind: WarningKind,
 }
 
-fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::new(key, problem)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WarningKind {
+    /// A key no part of Sluice reads: a typo, or a newer version's key.
+    UnknownKey,
+    /// `endpoints` is absent or empty: every request passes through.
+    NoEndpoints,
+    /// An endpoint without `capacity`: watched, not limited, until measured.
+    CapacityNotSet,
+}
+
+impl fmt::Display for ConfigWarning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            WarningKind::UnknownKey => "unknown key, ignored",
+            WarningKind::NoEndpoints => "none configured; every request passes through",
+            WarningKind::CapacityNotSet => {
+                "not set; the endpoint is not limited until a capacity is measured"
+            }
+        };
+        write!(f, "{}: {what}", self.key)
+    }
 }
 
 /// The value as the user wrote it, for error messages (strings quoted).
@@ -123,17 +162,20 @@ impl Config {
     /// Parses the JSON text of the plugin configuration.
     pub fn from_json_str(text: &str) -> Result<Config, ConfigError> {
         if text.trim().is_empty() {
-            return Err(err("configuration", "is empty; expected a JSON object"));
+            return Err(ConfigError::new(
+                "configuration",
+                "is empty; expected a JSON object",
+            ));
         }
         let value: Value = serde_json::from_str(text)
-            .map_err(|e| err("configuration", format!("is not valid JSON: {e}")))?;
+            .map_err(|e| ConfigError::new("configuration", format!("is not valid JSON: {e}")))?;
         Config::from_json(&value)
     }
 
     /// Parses an already-decoded document (JSON, or YAML turned into JSON).
     pub fn from_json(value: &Value) -> Result<Config, ConfigError> {
         let root = value.as_object().ok_or_else(|| {
-            err(
+            ConfigError::new(
                 "configuration",
                 format!("must be an object, got {}", shown(value)),
             )
@@ -145,7 +187,7 @@ impl Config {
             None | Some(Value::Null) => DEFAULT_SERVICE.to_string(),
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(v) => {
-                return Err(err(
+                return Err(ConfigError::new(
                     "service",
                     format!("must be a non-empty string, got {}", shown(v)),
                 ))
@@ -175,7 +217,7 @@ impl Config {
                 }
             }
             Some(v) => {
-                return Err(err(
+                return Err(ConfigError::new(
                     "endpoints",
                     format!(
                         "must be a map from path to endpoint settings, got {}",
@@ -185,14 +227,17 @@ impl Config {
             }
         }
         if endpoints.is_empty() {
-            warnings.push("endpoints: none configured; every request passes through".to_string());
+            warnings.push(ConfigWarning {
+                key: "endpoints".into(),
+                kind: WarningKind::NoEndpoints,
+            });
         }
         for e in &endpoints {
             if e.capacity.is_none() {
-                warnings.push(format!(
-                    "endpoints.{}.capacity: not set; the endpoint is not limited until a capacity is measured",
-                    e.path
-                ));
+                warnings.push(ConfigWarning {
+                    key: format!("endpoints.{}.capacity", e.path),
+                    kind: WarningKind::CapacityNotSet,
+                });
             }
         }
         Ok(Config {
@@ -209,11 +254,14 @@ fn warn_unknown(
     map: &Map<String, Value>,
     known: &[&str],
     prefix: &str,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<ConfigWarning>,
 ) {
     for key in map.keys() {
         if !known.contains(&key.as_str()) {
-            warnings.push(format!("{prefix}{key}: unknown key, ignored"));
+            warnings.push(ConfigWarning {
+                key: format!("{prefix}{key}"),
+                kind: WarningKind::UnknownKey,
+            });
         }
     }
 }
@@ -223,14 +271,17 @@ fn endpoint(
     spec: &Value,
     default_timeout: Duration,
     default_max_queue: u32,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<ConfigWarning>,
 ) -> Result<Endpoint, ConfigError> {
     let key = |field: &str| format!("endpoints.{path}.{field}");
     if !path.starts_with('/') {
-        return Err(err(format!("endpoints.{path}"), "path must start with '/'"));
+        return Err(ConfigError::new(
+            format!("endpoints.{path}"),
+            "path must start with '/'",
+        ));
     }
     if path.contains('?') {
-        return Err(err(
+        return Err(ConfigError::new(
             format!("endpoints.{path}"),
             "path must not contain a query string (requests match on the path alone)",
         ));
@@ -240,7 +291,7 @@ fn endpoint(
         Value::Null => &empty,
         Value::Object(m) => m,
         v => {
-            return Err(err(
+            return Err(ConfigError::new(
                 format!("endpoints.{path}"),
                 format!("must be a map of endpoint settings, got {}", shown(v)),
             ))
@@ -258,7 +309,7 @@ fn endpoint(
         Some(Value::String(s)) if s == "exact" => MatchKind::Exact,
         Some(Value::String(s)) if s == "prefix" => MatchKind::Prefix,
         Some(v) => {
-            return Err(err(
+            return Err(ConfigError::new(
                 key("match"),
                 format!("must be \"exact\" or \"prefix\", got {}", shown(v)),
             ))
@@ -274,7 +325,7 @@ fn endpoint(
                         out.push(m.to_ascii_uppercase())
                     }
                     _ => {
-                        return Err(err(
+                        return Err(ConfigError::new(
                             key("methods"),
                             format!("must be a list of HTTP method names, got {}", shown(item)),
                         ))
@@ -284,7 +335,7 @@ fn endpoint(
             out
         }
         Some(v) => {
-            return Err(err(
+            return Err(ConfigError::new(
                 key("methods"),
                 format!("must be a list of HTTP method names, got {}", shown(v)),
             ))
@@ -295,7 +346,7 @@ fn endpoint(
         Some(v) => match v.as_u64() {
             Some(n) if n >= 1 && n <= u64::from(u32::MAX) => Some(n as u32),
             _ => {
-                return Err(err(
+                return Err(ConfigError::new(
                     key("capacity"),
                     format!("must be a positive integer, got {}", shown(v)),
                 ))
@@ -324,7 +375,7 @@ fn seconds(v: &Value, key: &str) -> Result<Duration, ConfigError> {
     match v.as_f64() {
         // Durations past a day are certainly a unit mistake (ms for s).
         Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(err(
+        _ => Err(ConfigError::new(
             key,
             format!(
                 "must be a number of seconds greater than 0 and at most 86400, got {}",
@@ -337,13 +388,143 @@ fn seconds(v: &Value, key: &str) -> Result<Duration, ConfigError> {
 fn queue_len(v: &Value, key: &str) -> Result<u32, ConfigError> {
     match v.as_u64() {
         Some(n) if n <= u64::from(MAX_QUEUE_LIMIT) => Ok(n as u32),
-        _ => Err(err(
+        _ => Err(ConfigError::new(
             key,
             format!(
                 "must be an integer from 0 to {MAX_QUEUE_LIMIT}, got {}",
                 shown(v)
             ),
         )),
+    }
+}
+
+/// Where the dashboard is served unless `ui.path` says otherwise
+/// (fastapi-balancer's path).
+pub const DEFAULT_UI_PATH: &str = "/balancer/ui";
+/// Seconds between the dashboard's polls of the stats.
+pub const DEFAULT_UI_REFRESH_SECS: f64 = 2.0;
+const UI_KEYS: &[&str] = &["enable", "path", "username", "password", "refresh"];
+
+/// The dashboard's settings: the `ui` key, with balancer.yml's names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ui {
+    /// Serve the page at all (default: no).
+    pub enable: bool,
+    pub path: String,
+    /// `(username, password)`: when set, the page and the stats JSON ask for
+    /// them (HTTP Basic); when not, both are open to anyone who can reach
+    /// the proxy.
+    pub credentials: Option<(String, String)>,
+    /// How often the page polls the stats.
+    pub refresh: Duration,
+}
+
+impl Default for Ui {
+    fn default() -> Ui {
+        Ui {
+            enable: false,
+            path: DEFAULT_UI_PATH.to_string(),
+            credentials: None,
+            refresh: Duration::from_secs_f64(DEFAULT_UI_REFRESH_SECS),
+        }
+    }
+}
+
+impl Ui {
+    /// Reads `ui` from the whole document. Unlike elsewhere, an unknown key
+    /// here is an error: a misspelt `password` would leave the stats open.
+    pub fn from_json(document: &Value) -> Result<Ui, ConfigError> {
+        let mut ui = Ui::default();
+        let fields = match document.get("ui") {
+            None | Some(Value::Null) => return Ok(ui),
+            Some(Value::Object(m)) => m,
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "ui",
+                    format!("must be a map of dashboard settings, got {}", shown(v)),
+                ))
+            }
+        };
+        if let Some(key) = fields.keys().find(|k| !UI_KEYS.contains(&k.as_str())) {
+            return Err(ConfigError::new(
+                format!("ui.{key}"),
+                format!(
+                    "unknown key; the dashboard's keys are {}",
+                    UI_KEYS.join(", ")
+                ),
+            ));
+        }
+        match fields.get("enable") {
+            None | Some(Value::Null) => {}
+            Some(Value::Bool(b)) => ui.enable = *b,
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "ui.enable",
+                    format!("must be true or false, got {}", shown(v)),
+                ))
+            }
+        }
+        match fields.get("path") {
+            None | Some(Value::Null) => {}
+            Some(Value::String(p)) if p.starts_with('/') && !p.contains(['?', '#']) => {
+                ui.path = p.clone()
+            }
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "ui.path",
+                    format!(
+                        "must be a path starting with '/', without a query string, got {}",
+                        shown(v)
+                    ),
+                ))
+            }
+        }
+        let text = |key: &str| match fields.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(v) => Err(ConfigError::new(
+                format!("ui.{key}"),
+                format!("must be a non-empty string, got {}", shown(v)),
+            )),
+        };
+        ui.credentials = match (text("username")?, text("password")?) {
+            (None, None) => None,
+            (Some(user), Some(password)) if !user.contains(':') => Some((user, password)),
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "ui.username",
+                    "must not contain ':' (HTTP Basic separates it from the password with one)",
+                ))
+            }
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "ui.password",
+                    "missing: set both username and password, or neither",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "ui.username",
+                    "missing: set both username and password, or neither",
+                ))
+            }
+        };
+        match fields.get("refresh") {
+            None | Some(Value::Null) => {}
+            Some(v) => match v.as_f64() {
+                Some(s) if (0.1..=60.0).contains(&s) => ui.refresh = Duration::from_secs_f64(s),
+                _ => {
+                    return Err(ConfigError::new(
+                        "ui.refresh",
+                        format!(
+                            "must be a number of seconds from 0.1 to 60, got {}",
+                            shown(v)
+                        ),
+                    ))
+                }
+            },
+        }
+        Ok(ui)
     }
 }
 
@@ -393,8 +574,14 @@ mod tests {
         assert_eq!(
             c.warnings,
             vec![
-                "endpoints./embed.capacity: not set; the endpoint is not limited until a capacity is measured",
-                "endpoints./health.capacity: not set; the endpoint is not limited until a capacity is measured",
+                ConfigWarning {
+                    key: "endpoints./embed.capacity".into(),
+                    kind: WarningKind::CapacityNotSet
+                },
+                ConfigWarning {
+                    key: "endpoints./health.capacity".into(),
+                    kind: WarningKind::CapacityNotSet
+                },
             ]
         );
     }
@@ -418,9 +605,36 @@ mod tests {
         assert_eq!(
             c.warnings,
             vec![
-                "colour: unknown key, ignored",
-                "endpoints./a.capcity: unknown key, ignored"
+                ConfigWarning {
+                    key: "colour".into(),
+                    kind: WarningKind::UnknownKey
+                },
+                ConfigWarning {
+                    key: "endpoints./a.capcity".into(),
+                    kind: WarningKind::UnknownKey
+                },
             ]
+        );
+    }
+
+    /// The exact text a user sees for each warning.
+    #[test]
+    fn warning_texts() {
+        let shown = |doc: Value| -> Vec<String> {
+            let c = Config::from_json(&doc).unwrap();
+            c.warnings.iter().map(ToString::to_string).collect()
+        };
+        assert_eq!(
+            shown(json!({"colour": "red", "endpoints": {"/a": {"capcity": 3}}})),
+            vec![
+                "colour: unknown key, ignored",
+                "endpoints./a.capcity: unknown key, ignored",
+                "endpoints./a.capacity: not set; the endpoint is not limited until a capacity is measured",
+            ]
+        );
+        assert_eq!(
+            shown(json!({})),
+            vec!["endpoints: none configured; every request passes through"]
         );
     }
 
@@ -499,5 +713,62 @@ mod tests {
             got.starts_with("configuration: is not valid JSON: "),
             "{got}"
         );
+    }
+
+    #[test]
+    fn ui_defaults_and_full() {
+        assert_eq!(Ui::from_json(&json!({})).unwrap(), Ui::default());
+        assert!(!Ui::default().enable);
+        let ui = Ui::from_json(&json!({"ui": {
+            "enable": true, "path": "/ops/ui", "username": "admin", "password": "s:cret",
+            "refresh": 0.5
+        }}))
+        .unwrap();
+        assert_eq!(
+            ui,
+            Ui {
+                enable: true,
+                path: "/ops/ui".into(),
+                credentials: Some(("admin".into(), "s:cret".into())),
+                refresh: Duration::from_millis(500),
+            }
+        );
+    }
+
+    /// The exact text a user sees for each bad `ui`.
+    #[test]
+    fn ui_error_texts() {
+        let cases: &[(Value, &str)] = &[
+            (json!({"ui": true}), "ui: must be a map of dashboard settings, got true"),
+            (
+                json!({"ui": {"passwd": "x"}}),
+                "ui.passwd: unknown key; the dashboard's keys are enable, path, username, password, refresh",
+            ),
+            (json!({"ui": {"enable": "yes"}}), "ui.enable: must be true or false, got \"yes\""),
+            (
+                json!({"ui": {"path": "ui"}}),
+                "ui.path: must be a path starting with '/', without a query string, got \"ui\"",
+            ),
+            (
+                json!({"ui": {"username": "admin"}}),
+                "ui.password: missing: set both username and password, or neither",
+            ),
+            (
+                json!({"ui": {"password": "x"}}),
+                "ui.username: missing: set both username and password, or neither",
+            ),
+            (json!({"ui": {"username": "", "password": "x"}}), "ui.username: must be a non-empty string, got \"\""),
+            (
+                json!({"ui": {"username": "a:b", "password": "x"}}),
+                "ui.username: must not contain ':' (HTTP Basic separates it from the password with one)",
+            ),
+            (json!({"ui": {"refresh": 0}}), "ui.refresh: must be a number of seconds from 0.1 to 60, got 0"),
+        ];
+        for (input, want) in cases {
+            let got = Ui::from_json(input)
+                .expect_err(&input.to_string())
+                .to_string();
+            assert_eq!(&got, want, "input: {input}");
+        }
     }
 }

@@ -52,10 +52,10 @@ impl Storage {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Object(m)) => m,
             Some(v) => {
-                return Err(ConfigError {
-                    key: "storage".into(),
-                    problem: format!("must be a map like {STORAGE_EXAMPLE}, got {v}"),
-                })
+                return Err(ConfigError::new(
+                    "storage",
+                    format!("must be a map like {STORAGE_EXAMPLE}, got {v}"),
+                ))
             }
         };
         let kind = match spec.get("type") {
@@ -63,18 +63,18 @@ impl Storage {
                 if spec.contains_key("url") {
                     "redis"
                 } else {
-                    return Err(ConfigError {
-                        key: "storage.type".into(),
-                        problem: "is missing; expected \"redis\" or \"memory\"".into(),
-                    });
+                    return Err(ConfigError::new(
+                        "storage.type",
+                        "is missing; expected \"redis\" or \"memory\"",
+                    ));
                 }
             }
             Some(Value::String(s)) => s.as_str(),
             Some(v) => {
-                return Err(ConfigError {
-                    key: "storage.type".into(),
-                    problem: format!("must be \"redis\" or \"memory\", got {v}"),
-                })
+                return Err(ConfigError::new(
+                    "storage.type",
+                    format!("must be \"redis\" or \"memory\", got {v}"),
+                ))
             }
         };
         match kind {
@@ -91,15 +91,15 @@ impl Storage {
                 {
                     Ok(Some(Storage::Redis { url: u.clone() }))
                 }
-                Some(v) => Err(ConfigError {
-                    key: "storage.url".into(),
-                    problem: format!("must be a redis:// URL, got {v}"),
-                }),
+                Some(v) => Err(ConfigError::new(
+                    "storage.url",
+                    format!("must be a redis:// URL, got {v}"),
+                )),
             },
-            other => Err(ConfigError {
-                key: "storage.type".into(),
-                problem: format!("must be \"redis\" or \"memory\", got {other:?}"),
-            }),
+            other => Err(ConfigError::new(
+                "storage.type",
+                format!("must be \"redis\" or \"memory\", got {other:?}"),
+            )),
         }
     }
 }
@@ -107,12 +107,12 @@ impl Storage {
 /// Checks that a service name can be used inside a hash tag.
 pub fn check_service_name(service: &str) -> Result<(), ConfigError> {
     if service.contains(['{', '}']) || service.chars().any(char::is_whitespace) {
-        return Err(ConfigError {
-            key: "service".into(),
-            problem: format!(
+        return Err(ConfigError::new(
+            "service",
+            format!(
                 "must not contain braces or spaces (it is a Redis key's hash tag), got {service:?}"
             ),
-        });
+        ));
     }
     Ok(())
 }

@@ -30,6 +30,8 @@ impl std::fmt::Display for StoreError {
     }
 }
 
+impl std::error::Error for StoreError {}
+
 /// A key-value store with compare-and-swap, shaped like Envoy's shared data.
 pub trait SharedData {
     /// The value and its CAS number, or `None` if the key does not exist.

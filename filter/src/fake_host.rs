@@ -14,7 +14,7 @@
 use crate::host::Host;
 use crate::root::Root;
 use crate::stream::Stream;
-use proxy_wasm::types::{Action, Status};
+use proxy_wasm::types::{Action, MetricType, Status};
 use sluice_core::admission::{self, EndpointState};
 use sluice_core::shared_data::{MemSharedData, SharedData, StoreError};
 use std::cell::{Cell, RefCell};
@@ -34,6 +34,30 @@ pub struct FakeEnvoy {
     queues: Mutex<Queues>,
     /// Callout tokens are unique in the process.
     next_token: AtomicU64,
+    metrics: Mutex<Metrics>,
+}
+
+/// Envoy's stats as wasm sees them: one per name for the whole process.
+#[derive(Default)]
+struct Metrics {
+    ids: HashMap<String, u32>,
+    /// By id - 1.
+    all: Vec<Metric>,
+}
+
+struct Metric {
+    name: String,
+    kind: MetricType,
+    value: u64,
+    /// A histogram's samples.
+    samples: Vec<u64>,
+}
+
+impl Metrics {
+    fn get(&mut self, id: u32) -> &mut Metric {
+        let i = id.checked_sub(1).expect("metric id 0 is never handed out");
+        self.all.get_mut(i as usize).expect("defined metric id")
+    }
 }
 
 #[derive(Default)]
@@ -51,6 +75,7 @@ impl FakeEnvoy {
             clock_ns: AtomicU64::new(1_700_000_000_000_000_000),
             queues: Mutex::new(Queues::default()),
             next_token: AtomicU64::new(1),
+            metrics: Mutex::new(Metrics::default()),
         })
     }
 
@@ -73,6 +98,27 @@ impl FakeEnvoy {
             (0, &[][..]),
             "{key}: {r:?}"
         );
+    }
+
+    /// A counter's or gauge's value by name (without `wasmcustom.`); panics
+    /// if nobody defined it.
+    pub fn metric(&self, name: &str) -> u64 {
+        let mut m = self.metrics.lock().unwrap();
+        let id = *m
+            .ids
+            .get(name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
+        m.get(id).value
+    }
+
+    /// A histogram's samples by name.
+    pub fn samples(&self, name: &str) -> Vec<u64> {
+        let mut m = self.metrics.lock().unwrap();
+        let id = *m
+            .ids
+            .get(name)
+            .unwrap_or_else(|| panic!("no metric {name}"));
+        m.get(id).samples.clone()
     }
 
     fn has_messages(&self, queue_id: u32) -> bool {
@@ -163,6 +209,9 @@ struct HostState {
     http_calls: RefCell<Vec<HttpCall>>,
     /// `open_grpc_stream` fails (the cluster does not exist).
     fail_grpc_open: Cell<bool>,
+    /// Runs just before this VM's next `record_metric`: another worker's
+    /// step slipped in between a write and its gauge update.
+    before_record: RefCell<Option<Box<dyn FnOnce()>>>,
 }
 
 impl FakeHost {
@@ -174,6 +223,7 @@ impl FakeHost {
             streams: RefCell::new(HashMap::new()),
             tick_period: Cell::new(Duration::ZERO),
             queues: RefCell::new(Vec::new()),
+            before_record: RefCell::new(None),
             grpc: RefCell::new(Vec::new()),
             http_calls: RefCell::new(Vec::new()),
             fail_grpc_open: Cell::new(false),
@@ -190,6 +240,11 @@ impl FakeHost {
             ROOT_CONTEXT,
             "{what} from a stream context"
         );
+    }
+
+    /// `step` runs just before this VM's next `record_metric`.
+    pub fn before_next_record(&self, step: impl FnOnce() + 'static) {
+        *self.0.before_record.borrow_mut() = Some(Box::new(step));
     }
 
     pub fn tick_period(&self) -> Duration {
@@ -395,6 +450,56 @@ impl Host for FakeHost {
         });
         Ok(token)
     }
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
+        let mut m = self.0.envoy.metrics.lock().unwrap();
+        if let Some(&id) = m.ids.get(name) {
+            let existing = m.get(id);
+            assert_eq!(existing.kind, kind, "{name} defined again as another type");
+            return Ok(id);
+        }
+        m.all.push(Metric {
+            name: name.to_string(),
+            kind,
+            value: 0,
+            samples: Vec::new(),
+        });
+        let id = m.all.len() as u32;
+        m.ids.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    fn increment_metric(&self, id: u32, offset: i64) -> Result<(), Status> {
+        let mut m = self.0.envoy.metrics.lock().unwrap();
+        let metric = m.get(id);
+        match metric.kind {
+            // Envoy refuses to lower a counter.
+            MetricType::Counter if offset < 0 => return Err(Status::BadArgument),
+            MetricType::Histogram => return Err(Status::BadArgument),
+            _ => {}
+        }
+        // A u64 gauge in Envoy wraps below 0 (asserts in debug builds).
+        metric.value = metric
+            .value
+            .checked_add_signed(offset)
+            .unwrap_or_else(|| panic!("{} wrapped: {} + {offset}", metric.name, metric.value));
+        Ok(())
+    }
+
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
+        let step = self.0.before_record.borrow_mut().take();
+        if let Some(step) = step {
+            step();
+        }
+        let mut m = self.0.envoy.metrics.lock().unwrap();
+        let metric = m.get(id);
+        match metric.kind {
+            MetricType::Gauge => metric.value = value,
+            MetricType::Histogram => metric.samples.push(value),
+            // Envoy does not record into a counter.
+            _ => return Err(Status::BadArgument),
+        }
+        Ok(())
+    }
 }
 
 /// One worker thread's VM, configured. Not `Send`, like the real one: a
@@ -423,13 +528,25 @@ impl FakeWorker {
 
     /// A new request; its request headers have been through the filter.
     pub fn request(&self, method: &str, path: &str) -> FakeStream {
+        self.request_with(method, path, None)
+    }
+
+    /// A new request with one more request header.
+    pub fn request_with(
+        &self,
+        method: &str,
+        path: &str,
+        header: Option<(&str, &str)>,
+    ) -> FakeStream {
         let id = self.next_context.get();
         self.next_context.set(id + 1);
+        let mut request_headers = vec![
+            (":method".to_string(), method.to_string()),
+            (":path".to_string(), path.to_string()),
+        ];
+        request_headers.extend(header.map(|(k, v)| (k.to_string(), v.to_string())));
         let record = StreamRecord {
-            request_headers: vec![
-                (":method".to_string(), method.to_string()),
-                (":path".to_string(), path.to_string()),
-            ],
+            request_headers,
             ..StreamRecord::default()
         };
         self.host.0.streams.borrow_mut().insert(id, record);

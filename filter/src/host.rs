@@ -7,7 +7,7 @@
 //! to the same calls as before, with no `dyn` and no allocation of its own.
 
 use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MapType, Status};
+use proxy_wasm::types::{MapType, MetricType, Status};
 use sluice_core::shared_data::{SharedData, StoreError};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -70,6 +70,14 @@ pub trait Host: SharedData {
         headers: Vec<(&str, &str)>,
         timeout: Duration,
     ) -> Result<u32, Status>;
+
+    /// An Envoy stat (`wasmcustom.<name>`). The same name from every VM is
+    /// one process-wide stat.
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status>;
+    /// Adds to a counter or gauge (a gauge is a u64: below 0 wraps).
+    fn increment_metric(&self, id: u32, offset: i64) -> Result<(), Status>;
+    /// Sets a gauge, or adds a sample to a histogram.
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status>;
 }
 
 /// The real host: Envoy's hostcalls.
@@ -184,5 +192,17 @@ impl Host for Envoy {
         timeout: Duration,
     ) -> Result<u32, Status> {
         hostcalls::dispatch_http_call(cluster, headers, None, Vec::new(), timeout)
+    }
+
+    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
+        hostcalls::define_metric(kind, name)
+    }
+
+    fn increment_metric(&self, id: u32, offset: i64) -> Result<(), Status> {
+        hostcalls::increment_metric(id, offset)
+    }
+
+    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
+        hostcalls::record_metric(id, value)
     }
 }

@@ -4,9 +4,11 @@
 //! The proxy-wasm callbacks are thin glue over state machines that are
 //! generic over [`host::Host`], so the tests run them against a fake host.
 
+mod dashboard;
 mod health;
 mod host;
 mod leader;
+mod metrics;
 mod replies;
 mod root;
 mod routes;

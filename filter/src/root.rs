@@ -5,6 +5,7 @@
 //! (the sync stream, health checks) are the leader's: every root context is
 //! a candidate (`leader`).
 
+use crate::dashboard::Dashboard;
 use crate::host::{Envoy, Host};
 use crate::leader::{self, Holder, Leader};
 use crate::routes::Routes;
@@ -70,14 +71,17 @@ impl<H: Host + Clone> Root<H> {
             config.service,
             config.endpoints.len()
         );
-        let worker = Rc::new(Worker::new(self.host.clone(), id, vm_id, routes));
+        let mut worker = Worker::new(self.host.clone(), id, vm_id, routes);
+        worker.dashboard = Dashboard::from_configuration(configuration)?;
+        let worker = Rc::new(worker);
         // Create every endpoint's record before traffic (Envoy runs this on
         // the main thread before any worker VM exists, and a write to a
         // missing key ignores CAS) and apply this configuration's
         // capacities, in force at once on every worker, old VMs included.
         for route in &worker.routes.endpoints {
             let key = &route.key;
-            let wakeups = admission::configure(&self.host, key, route.configured)
+            // Through the worker's host, so the capacity gauge follows.
+            let wakeups = admission::configure(&worker.host, key, route.configured)
                 .map_err(|e| format!("shared data {key}: {e}"))?;
             worker.wake(&wakeups);
         }

@@ -2,6 +2,7 @@
 //! and whatever it holds released exactly once at its end.
 
 use crate::host::{Envoy, Host};
+use crate::metrics::Counter;
 use crate::replies::LocalReply;
 use crate::worker::{Fate, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -51,6 +52,9 @@ impl<H: Host> Stream<H> {
             .routes
             .find(&path, || host.get_http_request_header(":method"))
         else {
+            if worker.dashboard.answer(host, &path) {
+                return Action::Pause;
+            }
             if path.split('?').next() == Some(STATS_PATH) {
                 LocalReply::Stats(&worker.routes, worker.id).send(host);
                 return Action::Pause;
@@ -58,12 +62,14 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         };
         let route = &worker.routes.endpoints[ep];
+        host.count(ep, Counter::Requests);
         // The capacity in force is in the record this reads anyway.
         match admission::acquire(host, &route.key, route.max_queue, worker.id) {
             Ok((acquired, wakeups)) => {
                 worker.wake(&wakeups);
                 match acquired {
                     Acquired::Admitted => {
+                        host.count(ep, Counter::AdmittedAtOnce);
                         self.state = State::Holding(ep);
                         Action::Continue
                     }
@@ -76,10 +82,12 @@ impl<H: Host> Stream<H> {
                         Action::Pause
                     }
                     Acquired::QueueFull => {
+                        host.count(ep, Counter::QueueFull);
                         LocalReply::QueueFull(route).send(host);
                         Action::Pause
                     }
                     Acquired::Unhealthy => {
+                        host.count(ep, Counter::Unhealthy);
                         LocalReply::Unhealthy(route).send(host);
                         Action::Pause
                     }
@@ -87,6 +95,7 @@ impl<H: Host> Stream<H> {
             }
             Err(e) => {
                 // Fail open: shared data trouble must not take the service down.
+                host.count(ep, Counter::FailedOpen);
                 log::warn!(
                     "acquire on {}: {e}; letting the request through",
                     route.path

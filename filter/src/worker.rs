@@ -4,10 +4,13 @@
 //! handed to them, times them out, and wakes the other workers whose waiters
 //! its releases served.
 
+use crate::dashboard::Dashboard;
 use crate::host::Host;
+use crate::metrics::{Counter, Metered};
 use crate::replies::LocalReply;
 use crate::routes::Routes;
 use sluice_core::admission::{self, Wakeups, Withdrawn, WorkerId};
+use sluice_core::config::Ui;
 use sluice_core::waiters::{LocalWaiter, LocalWaiters};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -38,10 +41,12 @@ pub fn queue_name(id: WorkerId) -> String {
 }
 
 pub struct Worker<H> {
-    pub host: H,
+    /// Writes of endpoint records through it also set the gauges.
+    pub host: Metered<H>,
     pub id: WorkerId,
     vm_id: String,
     pub routes: Routes,
+    pub dashboard: Dashboard,
     waiters: RefCell<LocalWaiters<Rc<Cell<Fate>>>>,
     /// Other workers' wake-up queues, resolved once.
     peers: RefCell<HashMap<WorkerId, u32>>,
@@ -53,10 +58,11 @@ pub struct Worker<H> {
 impl<H: Host> Worker<H> {
     pub fn new(host: H, id: WorkerId, vm_id: String, routes: Routes) -> Worker<H> {
         Worker {
-            host,
+            host: Metered::new(host, &routes),
             id,
             vm_id,
             routes,
+            dashboard: Dashboard::new(&Ui::default()),
             waiters: RefCell::new(LocalWaiters::default()),
             peers: RefCell::new(HashMap::new()),
             fast_tick: Cell::new(false),
@@ -170,6 +176,7 @@ impl<H: Host> Worker<H> {
                         if let Some(w) = waiter {
                             // Out of the queue, holding nothing: answered once.
                             w.handle.set(Fate::Answered);
+                            self.left_queue(&w, Counter::Unhealthy);
                             if self.host.set_effective_context(w.context_id).is_ok() {
                                 LocalReply::Unhealthy(route).send(&self.host);
                             }
@@ -203,6 +210,7 @@ impl<H: Host> Worker<H> {
                 // us; the request must be answered either way, never left paused.
                 Ok(Withdrawn::Removed | Withdrawn::NotFound) => {
                     w.handle.set(Fate::Answered);
+                    self.left_queue(&w, Counter::QueueTimeout);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         LocalReply::QueueTimeout(route).send(&self.host);
                     }
@@ -217,6 +225,7 @@ impl<H: Host> Worker<H> {
                         route.path
                     );
                     w.handle.set(Fate::Answered);
+                    self.host.count(w.endpoint, Counter::FailedOpen);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         let _ = self.host.resume_http_request();
                     }
@@ -231,11 +240,23 @@ impl<H: Host> Worker<H> {
         w.handle.set(Fate::Admitted(self.host.now_ns()));
         let resumed = self.host.set_effective_context(w.context_id).is_ok()
             && self.host.resume_http_request().is_ok();
-        if !resumed {
+        if resumed {
+            self.left_queue(&w, Counter::AdmittedAfterWait);
+        } else {
             // The stream is gone (on_log will not run again for it).
             w.handle.set(Fate::Answered);
             self.release(w.endpoint);
         }
+    }
+
+    /// Counts how a waiter left the queue, and how long it waited.
+    fn left_queue(&self, w: &LocalWaiter<Rc<Cell<Fate>>>, how: Counter) {
+        let queue_timeout = self.routes.endpoints[w.endpoint].queue_timeout;
+        let since_ns = w
+            .deadline_ns
+            .saturating_sub(queue_timeout.as_nanos() as u64);
+        self.host.count(w.endpoint, how);
+        self.host.waited(w.endpoint, since_ns);
     }
 
     /// A request that held a slot of `endpoint` has ended.

@@ -9,8 +9,16 @@
 //! produce; on any difference the edit is refused with a message saying what
 //! to add by hand, and the file is left alone. Block-style YAML (the usual
 //! kind) is edited; flow style is edited only for a one-line endpoint like
-//! `/embed: {match: prefix}`.
+//! `/embed: {match: prefix}`. Which line holds what comes from `yaml_lines`.
+//!
+//! Why not a lossless YAML editor: yaml-edit 0.3 keeps layout as well, but
+//! cannot add a trailing comment, and the `# sluice-prober: …` note on the
+//! `capacity:` line is how a later run tells a measured capacity from one
+//! set by hand (and reads back its p99, rate and time).
 
+use crate::yaml_lines::{
+    children, find_child, indent_unit, inline_value, scan, strip_comment, top_level, Kind, Line,
+};
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
 
@@ -52,252 +60,16 @@ pub enum EditError {
     Unparsable(String),
 }
 
-/// One physical line of the file.
-#[derive(Debug, Clone)]
-struct Line<'a> {
-    /// Byte offset of the line's start in the text.
-    start: usize,
-    /// The line without its line break.
-    text: &'a str,
-    indent: usize,
-    kind: Kind,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-enum Kind {
-    Blank,
-    Comment,
-    /// `key: value`; `value_at` is the byte offset (in `text`) just past the colon.
-    Key {
-        key: String,
-        value_at: usize,
-    },
-    /// Anything else: sequence items, scalar continuation, document markers.
-    Other,
-}
-
-fn scan(text: &str) -> Vec<Line<'_>> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    // Inside a block scalar (`key: |`), every line indented deeper than the
-    // key is content, whatever it looks like.
-    let mut scalar_parent: Option<usize> = None;
-    for raw in text.split_inclusive('\n') {
-        let line = raw.strip_suffix('\n').unwrap_or(raw);
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        let indent = line.len() - line.trim_start_matches(' ').len();
-        let content = &line[indent..];
-        let trimmed = content.trim();
-        let kind = if trimmed.is_empty() {
-            Kind::Blank
-        } else if scalar_parent.is_some_and(|p| indent > p) {
-            Kind::Other
-        } else if trimmed.starts_with('#') {
-            Kind::Comment
-        } else {
-            scalar_parent = None;
-            match parse_key(content) {
-                Some((key, used)) => {
-                    let value = strip_comment(&content[used..]).trim();
-                    if value.starts_with('|') || value.starts_with('>') {
-                        scalar_parent = Some(indent);
-                    }
-                    Kind::Key {
-                        key,
-                        value_at: indent + used,
-                    }
-                }
-                None => Kind::Other,
-            }
-        };
-        out.push(Line {
-            start,
-            text: line,
-            indent,
-            kind,
-        });
-        start += raw.len();
-    }
-    out
-}
-
-/// Reads a mapping key at the start of `s`; returns it and the bytes used
-/// through its colon.
-fn parse_key(s: &str) -> Option<(String, usize)> {
-    let first = s.chars().next()?;
-    let (key, rest_at) = match first {
-        '"' => {
-            let mut escaped = false;
-            let mut end = None;
-            for (i, c) in s.char_indices().skip(1) {
-                match c {
-                    '\\' if !escaped => escaped = true,
-                    '"' if !escaped => {
-                        end = Some(i);
-                        break;
-                    }
-                    _ => escaped = false,
-                }
-            }
-            let end = end?;
-            let key: String = serde_json::from_str(&s[..=end]).ok()?;
-            (key, end + 1)
-        }
-        '\'' => {
-            let mut key = String::new();
-            let mut chars = s.char_indices().skip(1).peekable();
-            let mut end = None;
-            while let Some((i, c)) = chars.next() {
-                if c == '\'' {
-                    if chars.peek().map(|p| p.1) == Some('\'') {
-                        key.push('\'');
-                        chars.next();
-                    } else {
-                        end = Some(i);
-                        break;
-                    }
-                } else {
-                    key.push(c);
-                }
-            }
-            (key, end? + 1)
-        }
-        '-' if s.len() == 1 || s[1..].starts_with([' ', '\t']) => return None,
-        '{' | '[' | '&' | '*' | '!' | '|' | '>' | '%' | '@' | '`' | '?' | '#' => return None,
-        _ => {
-            let bytes = s.as_bytes();
-            let mut i = 0;
-            loop {
-                let colon = s[i..].find(':')? + i;
-                let next = bytes.get(colon + 1);
-                if next.is_none() || next == Some(&b' ') || next == Some(&b'\t') {
-                    let key = s[..colon].trim_end();
-                    if key.contains(" #") {
-                        return None;
-                    }
-                    return Some((key.to_string(), colon + 1));
-                }
-                i = colon + 1;
-            }
-        }
-    };
-    let after = &s[rest_at..];
-    let spaces = after.len() - after.trim_start_matches([' ', '\t']).len();
-    let rest = &after[spaces..];
-    if rest.starts_with(':') && (rest.len() == 1 || rest[1..].starts_with([' ', '\t'])) {
-        Some((key, rest_at + spaces + 1))
-    } else {
-        None
-    }
-}
-
-/// The part of an inline value before its comment (` # …`), quotes respected.
-fn strip_comment(value: &str) -> &str {
-    let (mut single, mut double) = (false, false);
-    let mut prev_space = true;
-    for (i, c) in value.char_indices() {
-        match c {
-            '\'' if !double => single = !single,
-            '"' if !single => double = !double,
-            '#' if !single && !double && prev_space => return &value[..i],
-            _ => {}
-        }
-        prev_space = c == ' ' || c == '\t';
-    }
-    value
-}
-
-fn inline_value<'a>(line: &Line<'a>) -> &'a str {
-    match line.kind {
-        Kind::Key { value_at, .. } => strip_comment(&line.text[value_at..]).trim(),
-        _ => "",
-    }
-}
-
-fn is_content(line: &Line) -> bool {
-    !matches!(line.kind, Kind::Blank | Kind::Comment)
-}
-
-/// Index range of the lines under the key at `idx` (deeper indented), cut
-/// after its last content line so trailing comments stay with what follows.
-fn children(lines: &[Line], idx: usize) -> (usize, usize) {
-    let parent = lines[idx].indent;
-    let mut last_content = idx;
-    for (i, l) in lines.iter().enumerate().skip(idx + 1) {
-        // Content at or left of the parent closes the block; comments don't
-        // (a commented-out line at column 0 is common inside a block).
-        if is_content(l) && l.indent <= parent {
-            break;
-        }
-        if is_content(l) {
-            last_content = i;
-        }
-    }
-    (idx + 1, last_content + 1)
-}
-
-/// The key line named `key` directly inside `range`, and the indent of that
-/// level (the first key line's).
-fn find_child(lines: &[Line], range: (usize, usize), key: &str) -> (Option<usize>, Option<usize>) {
-    let level = lines[range.0..range.1]
-        .iter()
-        .find(|l| is_content(l))
-        .map(|l| l.indent);
-    let Some(level) = level else {
-        return (None, None);
-    };
-    let found = (range.0..range.1).find(|&i| {
-        lines[i].indent == level && matches!(&lines[i].kind, Kind::Key { key: k, .. } if k == key)
-    });
-    (found, Some(level))
-}
-
-fn top_level(lines: &[Line]) -> (usize, usize) {
-    (0, lines.len())
-}
-
-/// 1-based line of the deepest key of `keys` found (e.g. `["endpoints",
-/// "/predict", "capacity"]` gives the `capacity:` line, or the endpoint's line
-/// if it has none). `None` if not even the first key is there.
-pub fn locate(text: &str, keys: &[&str]) -> Option<usize> {
-    let lines = scan(text);
-    let mut range = top_level(&lines);
-    let mut found = None;
-    for key in keys {
-        match find_child(&lines, range, key).0 {
-            Some(i) => {
-                found = Some(i + 1);
-                range = children(&lines, i);
-            }
-            None => break,
-        }
-    }
-    found
-}
-
-/// The trailing comment of `endpoints.<path>.capacity`, without `#`.
-pub fn capacity_comment(text: &str, path: &str) -> Option<String> {
-    let lines = scan(text);
-    let (ep, _) = find_child(&lines, top_level(&lines), "endpoints");
-    let (p, _) = find_child(&lines, children(&lines, ep?), path);
-    let (c, _) = find_child(&lines, children(&lines, p?), "capacity");
-    let line = &lines[c?];
-    let Kind::Key { value_at, .. } = line.kind else {
-        return None;
-    };
-    let rest = &line.text[value_at..];
-    let value = strip_comment(rest);
-    let comment = rest[value.len()..].trim();
-    comment
-        .strip_prefix('#')
-        .map(|c| c.trim().to_string())
-        .filter(|c| !c.is_empty())
-}
-
 /// Text edits expressed as byte ranges of the original, applied back to front.
+#[derive(Default)]
 struct Splices(Vec<(usize, usize, String)>);
 
 impl Splices {
+    /// Replaces bytes `from..to` of the original with `with`.
+    fn push(&mut self, from: usize, to: usize, with: String) {
+        self.0.push((from, to, with));
+    }
+
     fn apply(mut self, text: &str) -> String {
         self.0.sort_by_key(|s| std::cmp::Reverse(s.0));
         let mut out = text.to_string();
@@ -313,31 +85,6 @@ fn newline_of(text: &str) -> &'static str {
         "\r\n"
     } else {
         "\n"
-    }
-}
-
-/// The file's indentation step: the smallest indent of any key line, or 2.
-fn indent_unit(lines: &[Line]) -> usize {
-    lines
-        .iter()
-        .filter(|l| matches!(l.kind, Kind::Key { .. }) && l.indent > 0)
-        .map(|l| l.indent)
-        .min()
-        .unwrap_or(2)
-}
-
-/// Byte offset just past the line at `idx` (after its line break), inserting
-/// a line break first if the file's last line has none.
-fn after_line(text: &str, lines: &[Line], idx: usize, nl: &str) -> (usize, String) {
-    let line = &lines[idx];
-    let end = line.start + line.text.len();
-    let rest = &text[end..];
-    if rest.starts_with("\r\n") {
-        (end + 2, String::new())
-    } else if rest.starts_with('\n') {
-        (end + 1, String::new())
-    } else {
-        (end, nl.to_string())
     }
 }
 
@@ -414,26 +161,53 @@ fn endpoint_block(
 
 /// Applies one edit to the text.
 fn apply_one(text: &str, edit: &Edit) -> Result<String, EditError> {
-    let lines = scan(text);
-    let nl = newline_of(text);
-    let unit = indent_unit(&lines);
-    let mut splices: Vec<(usize, usize, String)> = Vec::new();
-    let (endpoints_idx, top_indent) = find_child(&lines, top_level(&lines), "endpoints");
-    let top_indent = top_indent.unwrap_or(0);
+    let file = Scanned::new(text);
+    let mut splices = Splices::default();
+    match find_child(&file.lines, top_level(&file.lines), "endpoints") {
+        (Some(endpoints), _) => file.edit_endpoints(endpoints, edit, &mut splices)?,
+        (None, top_indent) => file.append_endpoints(edit, top_indent.unwrap_or(0), &mut splices)?,
+    }
+    Ok(splices.apply(text))
+}
 
-    let Some(ep_idx) = endpoints_idx else {
-        // No `endpoints:` at all: append it at the end of the document.
+/// The text being edited, scanned into lines, and the habits an edit follows.
+struct Scanned<'a> {
+    text: &'a str,
+    lines: Vec<Line<'a>>,
+    /// The file's line break.
+    nl: &'static str,
+    /// The file's indentation step.
+    unit: usize,
+}
+
+impl<'a> Scanned<'a> {
+    fn new(text: &'a str) -> Scanned<'a> {
+        let lines = scan(text);
+        Scanned {
+            text,
+            nl: newline_of(text),
+            unit: indent_unit(&lines),
+            lines,
+        }
+    }
+
+    /// No `endpoints:` at all: appends it, holding the new endpoint, at the
+    /// end of the document.
+    fn append_endpoints(
+        &self,
+        edit: &Edit,
+        top_indent: usize,
+        splices: &mut Splices,
+    ) -> Result<(), EditError> {
         let Edit::AddEndpoint {
             path,
             settings,
             note,
         } = edit
         else {
-            return Err(EditError::Mismatch(format!(
-                "endpoints.{}: not in the file",
-                edit.path()
-            )));
+            return Err(not_in_file(edit.path()));
         };
+        let (text, nl, unit) = (self.text, self.nl, self.unit);
         let mut block = String::new();
         if !text.is_empty() && !text.ends_with('\n') {
             block.push_str(nl);
@@ -447,136 +221,163 @@ fn apply_one(text: &str, edit: &Edit) -> Result<String, EditError> {
             unit,
             nl,
         ));
-        splices.push((text.len(), text.len(), block));
-        return Ok(Splices(splices).apply(text));
-    };
-    let ep_line = &lines[ep_idx];
-    let ep_value = inline_value(ep_line);
-    if !ep_value.is_empty() && !matches!(ep_value, "null" | "~" | "{}") {
-        return Err(EditError::FlowStyle {
-            line: ep_idx + 1,
-            what: "endpoints".into(),
-        });
+        splices.push(text.len(), text.len(), block);
+        Ok(())
     }
-    if !ep_value.is_empty() {
-        // `endpoints: {}` or `endpoints: null`: drop the inline value.
-        let Kind::Key { value_at, .. } = ep_line.kind else {
-            unreachable!()
-        };
-        let from = ep_line.start + value_at;
-        let value_start = from + ep_line.text[value_at..].find(ep_value).unwrap_or(0);
-        splices.push((from, value_start + ep_value.len(), String::new()));
-    }
-    let ep_children = children(&lines, ep_idx);
-    let (endpoint_idx, level) = find_child(&lines, ep_children, edit.path());
-    let level = level.unwrap_or(ep_line.indent + unit);
 
-    match (edit, endpoint_idx) {
-        (
-            Edit::AddEndpoint {
-                path,
-                settings,
-                note,
-            },
-            None,
-        ) => {
-            let last = ep_children.1 - 1;
-            let (at, prefix) = after_line(text, &lines, last, nl);
-            let block = endpoint_block(path, settings, note, level, unit, nl);
-            splices.push((at, at, format!("{prefix}{block}")));
-        }
-        (Edit::AddEndpoint { path, .. }, Some(_)) => {
-            return Err(EditError::Mismatch(format!(
-                "endpoints.{path}: already in the file"
-            )));
-        }
-        (Edit::SetCapacity { path, .. }, None) => {
-            return Err(EditError::Mismatch(format!(
-                "endpoints.{path}: not in the file"
-            )));
-        }
-        (
-            Edit::SetCapacity {
-                path,
-                capacity,
-                note,
-            },
-            Some(idx),
-        ) => {
-            let line = &lines[idx];
-            let Kind::Key { value_at, .. } = line.kind else {
-                unreachable!()
-            };
-            let value = inline_value(line);
-            let value_from = line.start + value_at;
-            let value_to = line.start + line.text.len();
-            if value.starts_with('{') {
-                // One-line flow mapping: `/embed: {match: prefix}`.
-                let rest = &line.text[value_at..];
-                let flow = strip_comment(rest);
-                let close = flow.rfind('}').ok_or(EditError::FlowStyle {
-                    line: idx + 1,
-                    what: format!("endpoints.{path}"),
-                })?;
-                let inner = flow[flow.find('{').unwrap_or(0) + 1..close].trim();
-                if let Some(cap_at) = find_flow_capacity(flow) {
-                    let (from, to) = cap_at;
-                    splices.push((value_from + from, value_from + to, capacity.to_string()));
-                } else {
-                    let sep = if inner.is_empty() { "" } else { ", " };
-                    splices.push((
-                        value_from + close,
-                        value_from + close,
-                        format!("{sep}capacity: {capacity}"),
-                    ));
-                }
-            } else if value.is_empty() || matches!(value, "null" | "~") {
-                let block = children(&lines, idx);
-                let (cap_idx, child_level) = find_child(&lines, block, "capacity");
-                let child_level = child_level.unwrap_or(line.indent + unit);
-                if !value.is_empty() {
-                    let value_start = value_from + line.text[value_at..].find(value).unwrap_or(0);
-                    splices.push((value_from, value_start + value.len(), String::new()));
-                }
-                match cap_idx {
-                    Some(c) => {
-                        let cl = &lines[c];
-                        let key_from = cl.start + cl.indent;
-                        splices.push((
-                            key_from,
-                            cl.start + cl.text.len(),
-                            capacity_text(*capacity, note),
-                        ));
-                    }
-                    None => {
-                        let last = block.1 - 1;
-                        let (at, prefix) = after_line(text, &lines, last, nl);
-                        splices.push((
-                            at,
-                            at,
-                            format!(
-                                "{prefix}{}{}{nl}",
-                                " ".repeat(child_level),
-                                capacity_text(*capacity, note)
-                            ),
-                        ));
-                    }
-                }
-            } else if value == "{}" {
-                splices.push((
-                    value_from,
-                    value_to,
-                    format!(" {{capacity: {capacity}}}  # {note}"),
-                ));
-            } else {
+    /// Applies `edit` under the `endpoints:` line at `endpoints`.
+    fn edit_endpoints(
+        &self,
+        endpoints: usize,
+        edit: &Edit,
+        splices: &mut Splices,
+    ) -> Result<(), EditError> {
+        let ep_line = &self.lines[endpoints];
+        match inline_value(ep_line) {
+            "" => {}
+            // `endpoints: {}` or `endpoints: null`: the block takes its place.
+            "null" | "~" | "{}" => self.drop_inline_value(ep_line, splices),
+            _ => {
                 return Err(EditError::FlowStyle {
-                    line: idx + 1,
-                    what: format!("endpoints.{path}"),
-                });
+                    line: endpoints + 1,
+                    what: "endpoints".into(),
+                })
+            }
+        }
+        let block = children(&self.lines, endpoints);
+        let (found, level) = find_child(&self.lines, block, edit.path());
+        match (edit, found) {
+            (
+                Edit::AddEndpoint {
+                    path,
+                    settings,
+                    note,
+                },
+                None,
+            ) => {
+                let level = level.unwrap_or(ep_line.indent + self.unit);
+                let (at, prefix) = self.after_line(block.1 - 1);
+                let new = endpoint_block(path, settings, note, level, self.unit, self.nl);
+                splices.push(at, at, format!("{prefix}{new}"));
+                Ok(())
+            }
+            (Edit::AddEndpoint { path, .. }, Some(_)) => Err(EditError::Mismatch(format!(
+                "endpoints.{path}: already in the file"
+            ))),
+            (Edit::SetCapacity { path, .. }, None) => Err(not_in_file(path)),
+            (
+                Edit::SetCapacity {
+                    path,
+                    capacity,
+                    note,
+                },
+                Some(idx),
+            ) => self.set_capacity(idx, path, *capacity, note, splices),
+        }
+    }
+
+    /// Sets the capacity of the endpoint whose key is on line `idx`.
+    fn set_capacity(
+        &self,
+        idx: usize,
+        path: &str,
+        capacity: u32,
+        note: &str,
+        splices: &mut Splices,
+    ) -> Result<(), EditError> {
+        let flow_style = || EditError::FlowStyle {
+            line: idx + 1,
+            what: format!("endpoints.{path}"),
+        };
+        match inline_value(&self.lines[idx]) {
+            // One-line flow mapping: `/embed: {match: prefix}`.
+            v if v.starts_with('{') => self
+                .set_flow_capacity(idx, capacity, splices)
+                .ok_or_else(flow_style),
+            "" | "null" | "~" => {
+                self.set_block_capacity(idx, capacity, note, splices);
+                Ok(())
+            }
+            _ => Err(flow_style()),
+        }
+    }
+
+    /// Sets `capacity` inside the one-line flow mapping on line `idx`;
+    /// `None` if the mapping does not close on that line.
+    fn set_flow_capacity(&self, idx: usize, capacity: u32, splices: &mut Splices) -> Option<()> {
+        let line = &self.lines[idx];
+        let Kind::Key { value_at, .. } = line.kind else {
+            unreachable!("an endpoint is found by its key")
+        };
+        let value_from = line.start + value_at;
+        let flow = strip_comment(&line.text[value_at..]);
+        let close = flow.rfind('}')?;
+        let inner = flow[flow.find('{').unwrap_or(0) + 1..close].trim();
+        if let Some((from, to)) = find_flow_capacity(flow) {
+            splices.push(value_from + from, value_from + to, capacity.to_string());
+        } else {
+            let sep = if inner.is_empty() { "" } else { ", " };
+            let at = value_from + close;
+            splices.push(at, at, format!("{sep}capacity: {capacity}"));
+        }
+        Some(())
+    }
+
+    /// Rewrites the `capacity:` line under the endpoint on line `idx`, or adds
+    /// one after its last setting.
+    fn set_block_capacity(&self, idx: usize, capacity: u32, note: &str, splices: &mut Splices) {
+        let line = &self.lines[idx];
+        let block = children(&self.lines, idx);
+        let (existing, child_level) = find_child(&self.lines, block, "capacity");
+        let child_level = child_level.unwrap_or(line.indent + self.unit);
+        if !inline_value(line).is_empty() {
+            // `/health: null`: the settings block takes its place.
+            self.drop_inline_value(line, splices);
+        }
+        let new_line = capacity_text(capacity, note);
+        match existing {
+            Some(c) => {
+                let old = &self.lines[c];
+                splices.push(old.start + old.indent, old.start + old.text.len(), new_line);
+            }
+            None => {
+                let (at, prefix) = self.after_line(block.1 - 1);
+                let pad = " ".repeat(child_level);
+                splices.push(at, at, format!("{prefix}{pad}{new_line}{}", self.nl));
             }
         }
     }
-    Ok(Splices(splices).apply(text))
+
+    /// Removes the inline value of a key line (`null` in `/a: null`), keeping
+    /// any comment after it.
+    fn drop_inline_value(&self, line: &Line, splices: &mut Splices) {
+        let Kind::Key { value_at, .. } = line.kind else {
+            unreachable!("only key lines have an inline value")
+        };
+        let value = inline_value(line);
+        let from = line.start + value_at;
+        let value_start = from + line.text[value_at..].find(value).unwrap_or(0);
+        splices.push(from, value_start + value.len(), String::new());
+    }
+
+    /// Byte offset just past the line at `idx` (after its line break), and a
+    /// line break to insert first if the file's last line has none.
+    fn after_line(&self, idx: usize) -> (usize, String) {
+        let line = &self.lines[idx];
+        let end = line.start + line.text.len();
+        let rest = &self.text[end..];
+        if rest.starts_with("\r\n") {
+            (end + 2, String::new())
+        } else if rest.starts_with('\n') {
+            (end + 1, String::new())
+        } else {
+            (end, self.nl.to_string())
+        }
+    }
+}
+
+fn not_in_file(path: &str) -> EditError {
+    EditError::Mismatch(format!("endpoints.{path}: not in the file"))
 }
 
 /// Byte range of the number after `capacity:` inside a one-line flow mapping.
@@ -602,15 +403,15 @@ fn find_flow_capacity(flow: &str) -> Option<(usize, usize)> {
 }
 
 /// Parses YAML text into the JSON form every part of Sluice reads.
-pub fn parse(text: &str) -> Result<Value, serde_yaml::Error> {
-    let yaml: serde_yaml::Value = serde_yaml::from_str(text)?;
+pub fn parse(text: &str) -> Result<Value, yaml_serde::Error> {
+    let yaml: yaml_serde::Value = yaml_serde::from_str(text)?;
     Ok(to_json(yaml))
 }
 
 /// YAML to JSON: scalar keys become strings (`200: x` → `"200"`), tags are
 /// dropped, and non-finite floats become null (JSON has none).
-pub fn to_json(v: serde_yaml::Value) -> Value {
-    use serde_yaml::Value as Y;
+pub fn to_json(v: yaml_serde::Value) -> Value {
+    use yaml_serde::Value as Y;
     match v {
         Y::Null => Value::Null,
         Y::Bool(b) => Value::Bool(b),
@@ -721,7 +522,7 @@ pub fn new_document(top: &Map<String, Value>, edits: &[Edit]) -> Result<String, 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
@@ -733,7 +534,7 @@ mod tests {
         }
     }
 
-    const DOC: &str = "\
+    pub(crate) const DOC: &str = "\
 # Demo service
 service: demo                  # namespace
 queue_timeout: 30
@@ -910,34 +711,5 @@ ui: { enable: true }
                 EditError::Mismatch(_) | EditError::FlowStyle { .. }
             )),
         }
-    }
-
-    #[test]
-    fn locates_keys_for_error_messages() {
-        assert_eq!(locate(DOC, &["service"]), Some(2));
-        assert_eq!(
-            locate(DOC, &["endpoints", "/predict", "queue_timeout"]),
-            Some(13)
-        );
-        assert_eq!(locate(DOC, &["endpoints", "/embed", "match"]), Some(15));
-        assert_eq!(locate(DOC, &["endpoints", "/fixed", "capacity"]), Some(23));
-        // A key that is not there: the deepest one that is.
-        assert_eq!(locate(DOC, &["endpoints", "/health", "capacity"]), Some(16));
-        assert_eq!(locate(DOC, &["nope"]), None);
-        assert_eq!(
-            capacity_comment(DOC, "/fixed").as_deref(),
-            Some("set by hand")
-        );
-        assert_eq!(capacity_comment(DOC, "/predict"), None);
-    }
-
-    #[test]
-    fn keys_plain_and_quoted() {
-        assert_eq!(parse_key("a: 1"), Some(("a".into(), 2)));
-        assert_eq!(parse_key("http://x: 1"), Some(("http://x".into(), 9)));
-        assert_eq!(parse_key("\"a\\\"b\" : 1"), Some(("a\"b".into(), 8)));
-        assert_eq!(parse_key("'it''s':"), Some(("it's".into(), 8)));
-        assert_eq!(parse_key("- a: 1"), None);
-        assert_eq!(parse_key("plain text"), None);
     }
 }

@@ -5,10 +5,10 @@
 //! `probe:` timings, each endpoint's `method`, `headers`, `body`) and puts the
 //! file name and line in front of every message.
 
-use crate::config_edit;
+use crate::{config_edit, yaml_lines};
 use hyper::header::{HeaderName, HeaderValue};
 use serde_json::{Map, Value};
-use sluice_core::config::{shown, Config, ConfigError};
+use sluice_core::config::{shown, Config, ConfigError, WarningKind};
 use sluice_core::redis_keys::Storage;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -111,17 +111,15 @@ impl ConfigFile {
             .warnings
             .iter()
             // Not measured yet is what the prober is here to fix.
-            .filter(|w| !w.contains(".capacity: not set") && !w.starts_with("endpoints: none"))
-            .map(|w| {
-                let err = ConfigError {
-                    key: w.split(':').next().unwrap_or("").to_string(),
-                    problem: String::new(),
-                };
-                let line = line_of(&self.text, &self.doc, &err.key);
-                match line {
-                    Some(l) => format!("{}:{l}: warning: {w}", self.path.display()),
-                    None => format!("{}: warning: {w}", self.path.display()),
-                }
+            .filter(|w| {
+                !matches!(
+                    w.kind,
+                    WarningKind::CapacityNotSet | WarningKind::NoEndpoints
+                )
+            })
+            .map(|w| match line_of(&self.text, &self.doc, &w.key) {
+                Some(l) => format!("{}:{l}: warning: {w}", self.path.display()),
+                None => format!("{}: warning: {w}", self.path.display()),
             })
             .collect()
     }
@@ -161,7 +159,7 @@ pub fn parse_text(file: &str, text: &str) -> Result<ConfigFile, ConfigFileError>
             Err(e) => {
                 let loc = e.location();
                 let message = e.to_string();
-                // serde_yaml appends " at line L column C"; we lead with it.
+                // yaml_serde appends " at line L column C"; we lead with it.
                 let message = match message.find(" at line ") {
                     Some(i) => message[..i].to_string(),
                     None => message,
@@ -174,7 +172,7 @@ pub fn parse_text(file: &str, text: &str) -> Result<ConfigFile, ConfigFileError>
             }
         }
     };
-    let located = |e: ConfigError| fail(line_of(text, &doc, &e.key), None, e.to_string());
+    let located = |e: ConfigError| fail(line_of(text, &doc, e.key()), None, e.to_string());
     let config = Config::from_json(&doc).map_err(located)?;
     let storage = Storage::from_json(&doc).map_err(located)?;
     let settings = file_settings(&doc).map_err(located)?;
@@ -183,7 +181,7 @@ pub fn parse_text(file: &str, text: &str) -> Result<ConfigFile, ConfigFileError>
         for (path, spec) in map {
             let mut e = endpoint_spec(path, spec).map_err(located)?;
             if e.capacity.is_some() {
-                e.capacity_note = config_edit::capacity_comment(text, path);
+                e.capacity_note = yaml_lines::capacity_comment(text, path);
             }
             endpoints.push(e);
         }
@@ -232,11 +230,7 @@ pub fn line_of(text: &str, doc: &Value, key: &str) -> Option<usize> {
             keys.extend(rest.split('.'));
         }
     }
-    config_edit::locate(text, &keys)
-}
-
-fn err(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
-    ConfigError::new(key, problem)
+    yaml_lines::locate(text, &keys)
 }
 
 fn seconds(v: &Value, key: &str, allow_zero: bool) -> Result<Duration, ConfigError> {
@@ -244,7 +238,7 @@ fn seconds(v: &Value, key: &str, allow_zero: bool) -> Result<Duration, ConfigErr
         Some(s) if (s > 0.0 || (allow_zero && s == 0.0)) && s <= 3600.0 => {
             Ok(Duration::from_secs_f64(s))
         }
-        _ => Err(err(
+        _ => Err(ConfigError::new(
             key,
             format!(
                 "must be a number of seconds {} 0 and at most 3600, got {}",
@@ -258,7 +252,7 @@ fn seconds(v: &Value, key: &str, allow_zero: bool) -> Result<Duration, ConfigErr
 fn whole(v: &Value, key: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
     match v.as_u64() {
         Some(n) if n >= min && n <= max => Ok(n),
-        _ => Err(err(
+        _ => Err(ConfigError::new(
             key,
             format!(
                 "must be a whole number from {min} to {max}, got {}",
@@ -272,7 +266,7 @@ fn whole(v: &Value, key: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
 pub fn error_threshold(v: &Value, key: &str) -> Result<f64, ConfigError> {
     match v.as_f64() {
         Some(f) if (0.0..=1.0).contains(&f) => Ok(f),
-        _ => Err(err(
+        _ => Err(ConfigError::new(
             key,
             format!(
                 "must be a fraction from 0 to 1 (0.05 is 5%), got {}",
@@ -286,7 +280,7 @@ pub fn error_threshold(v: &Value, key: &str) -> Result<f64, ConfigError> {
 pub fn latency_threshold_ms(v: &Value, key: &str) -> Result<f64, ConfigError> {
     match v.as_f64() {
         Some(f) if f > 0.0 && f <= 3_600_000.0 => Ok(f),
-        _ => Err(err(
+        _ => Err(ConfigError::new(
             key,
             format!(
                 "must be a number of milliseconds greater than 0, got {}",
@@ -309,7 +303,7 @@ fn file_settings(doc: &Value) -> Result<FileSettings, ConfigError> {
         None => return Ok(s),
         Some(Value::Object(m)) => m,
         Some(v) => {
-            return Err(err(
+            return Err(ConfigError::new(
                 "probe",
                 format!(
                     "must be a map of level settings (warmup, duration, …), got {}",
@@ -332,7 +326,7 @@ fn file_settings(doc: &Value) -> Result<FileSettings, ConfigError> {
             "max_concurrency" => s.max_concurrency = Some(whole(v, &key, 1, 10_000)? as usize),
             "threads" => s.threads = Some(whole(v, &key, 1, 64)? as usize),
             _ => {
-                return Err(err(
+                return Err(ConfigError::new(
                     key,
                     "unknown key (expected warmup, duration, max_duration, min_samples, max_concurrency, request_timeout or threads)",
                 ))
@@ -347,7 +341,7 @@ pub fn method(v: &str, key: &str) -> Result<String, ConfigError> {
     if !v.is_empty() && v.len() <= 20 && v.bytes().all(|b| b.is_ascii_alphabetic()) {
         Ok(v.to_ascii_uppercase())
     } else {
-        Err(err(
+        Err(ConfigError::new(
             key,
             format!("must be an HTTP method name like GET or POST, got {v:?}"),
         ))
@@ -357,9 +351,9 @@ pub fn method(v: &str, key: &str) -> Result<String, ConfigError> {
 /// Checks a header name and value the way the HTTP client will.
 pub fn header(name: &str, value: &str, key: &str) -> Result<(String, String), ConfigError> {
     HeaderName::from_bytes(name.as_bytes())
-        .map_err(|_| err(key, format!("{name:?} is not a valid header name")))?;
+        .map_err(|_| ConfigError::new(key, format!("{name:?} is not a valid header name")))?;
     HeaderValue::from_str(value)
-        .map_err(|_| err(key, format!("{value:?} is not a valid header value")))?;
+        .map_err(|_| ConfigError::new(key, format!("{value:?} is not a valid header value")))?;
     Ok((name.to_string(), value.to_string()))
 }
 
@@ -372,7 +366,7 @@ fn endpoint_spec(path: &str, spec: &Value) -> Result<EndpointSpec, ConfigError> 
         None | Some(Value::Null) => {}
         Some(Value::String(m)) => e.method = method(m, &key("method"))?,
         Some(v) => {
-            return Err(err(
+            return Err(ConfigError::new(
                 key("method"),
                 format!(
                     "must be an HTTP method name like GET or POST, got {}",
@@ -389,7 +383,7 @@ fn endpoint_spec(path: &str, spec: &Value) -> Result<EndpointSpec, ConfigError> 
                     Value::String(s) => s.clone(),
                     Value::Number(_) | Value::Bool(_) => value.to_string(),
                     other => {
-                        return Err(err(
+                        return Err(ConfigError::new(
                             format!("{}.{name}", key("headers")),
                             format!("must be a string, got {}", shown(other)),
                         ))
@@ -400,7 +394,7 @@ fn endpoint_spec(path: &str, spec: &Value) -> Result<EndpointSpec, ConfigError> 
             }
         }
         Some(v) => {
-            return Err(err(
+            return Err(ConfigError::new(
                 key("headers"),
                 format!("must be a map of header names to values, got {}", shown(v)),
             ))

@@ -19,6 +19,7 @@ pub mod search;
 pub mod settings;
 pub mod sweep;
 pub mod target;
+pub mod yaml_lines;
 
 use cli::{Cli, Command};
 

@@ -217,24 +217,7 @@ fn new_endpoint_settings(spec: &EndpointSpec, capacity: u32) -> Map<String, Valu
 
 pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     // 1. Everything that needs no load.
-    let file = match &args.config {
-        Some(p) if p.exists() => Some(config_file::load(p)?),
-        Some(p) if args.endpoints.is_empty() => {
-            return Err(ProberError::Usage(format!(
-                "{} does not exist; pass --endpoint PATH (with --method, --header, --body) to create it",
-                p.display()
-            ))
-            .into())
-        }
-        _ => None,
-    };
-    if let Some(f) = &file {
-        if !args.output.quiet {
-            for w in f.warnings() {
-                eprintln!("{w}");
-            }
-        }
-    }
+    let file = load_config(args)?;
     let planned = plan(args, file.as_ref())?;
     let settings = settings::resolve(
         &args.level,
@@ -243,32 +226,10 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         args.max_concurrency,
         file.as_ref().map(|f| &f.settings),
     )?;
-    let service = match (&args.service, &file) {
-        (Some(s), Some(f)) if f.doc.get("service").is_some() && *s != f.config.service => {
-            return Err(ProberError::Usage(format!(
-                "--service {s} differs from {}'s service {:?}; the file's name is the namespace",
-                f.path.display(),
-                f.config.service
-            ))
-            .into())
-        }
-        (Some(s), _) => s.clone(),
-        (None, Some(f)) => f.config.service.clone(),
-        (None, None) => sluice_core::config::DEFAULT_SERVICE.to_string(),
-    };
-    if service.is_empty() {
-        return Err(ProberError::Usage("--service must not be empty".into()).into());
-    }
-    let redis_url = match (&args.redis, file.as_ref().and_then(|f| f.storage.as_ref())) {
-        (Some(u), _) => Some(u.clone()),
-        (None, Some(Storage::Redis { url })) => Some(url.clone()),
-        _ => None,
-    };
+    let service = service_name(args, file.as_ref())?;
+    let redis_url = redis_url(args, file.as_ref());
     let mut redis = match (&redis_url, args.dry_run) {
-        (Some(url), false) => {
-            check_service_name(&service).map_err(|e| ProberError::Usage(e.to_string()))?;
-            Some(RedisRecords::connect(url, &service)?)
-        }
+        (Some(url), false) => Some(connect_redis(url, &service)?),
         _ => None,
     };
     let target = target::connect_target(&args.url)?;
@@ -278,195 +239,25 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         .collect::<Result<_, _>>()?;
 
     // 2. Measure.
-    let progress = Progress::new(args.output.quiet);
-    let mut reports: Vec<EndpointReport> = Vec::new();
-    let mut edits: Vec<Edit> = Vec::new();
-    let mut to_push: Vec<(usize, CapacityRecord)> = Vec::new();
-    let mut problems: Vec<String> = Vec::new();
-    let mut exit_code = exit::OK;
-    let mut aborted: Option<String> = None;
-
-    for (p, request) in planned.iter().zip(&requests) {
-        let spec = &p.spec;
-        let idx = reports.len();
-        let mut rep = EndpointReport::new(&spec.path, &spec.method, Outcome::NotProbed);
-        if let Some(reason) = &aborted {
-            rep.note = Some(format!("not probed: {reason}"));
-            reports.push(rep);
-            continue;
-        }
-        if !args.force {
-            if let Some(c) = spec.capacity {
-                rep.outcome = Outcome::KeptFile;
-                rep.capacity = Some(c);
-                let record = record_from_file(spec).expect("capacity is set");
-                rep.source = Some(record.source);
-                rep.note = Some(format!(
-                    "capacity {c} kept from the file ({}); --force probes it again",
-                    record.source.as_str()
-                ));
-                to_push.push((idx, record));
-                reports.push(rep);
-                continue;
-            }
-            if let Some(store) = redis.as_mut() {
-                if let Some(record) = store.get(&spec.path)? {
-                    rep.outcome = Outcome::ReusedRedis;
-                    rep.capacity = Some(record.capacity);
-                    rep.source = Some(record.source);
-                    rep.redis = RedisOutcome::Exists;
-                    rep.note = Some(format!(
-                        "capacity {} reused from Redis ({}); --force probes it again",
-                        record.capacity,
-                        record.source.as_str()
-                    ));
-                    let note = format!(
-                        "{MEASURED_MARK} from Redis ({}), {}",
-                        record.source.as_str(),
-                        humantime::format_rfc3339_seconds(
-                            UNIX_EPOCH + std::time::Duration::from_secs(record.measured_at)
-                        )
-                    );
-                    edits.push(edit_for(p, record.capacity, note));
-                    reports.push(rep);
-                    continue;
-                }
-            }
-        }
-        let started = Instant::now();
-        let mut runner = LoadRunner {
-            target: &target,
-            request,
-            timing: settings.timing,
-            threads: settings.threads,
-            progress: &progress,
-            path: &spec.path,
-        };
-        let result =
-            search::find_capacity(&mut runner, settings.thresholds, settings.max_concurrency);
-        rep.elapsed_s = report::round(started.elapsed().as_secs_f64(), 2);
-        let result = match result {
-            Ok(r) => r,
-            Err(Abort(reason)) => {
-                let reason = format!(
-                    "the target stopped answering while probing {}: {reason}",
-                    spec.path
-                );
-                rep.note = Some(reason.clone());
-                problems.push(reason.clone());
-                aborted = Some(reason);
-                exit_code = exit::UNREACHABLE;
-                reports.push(rep);
-                continue;
-            }
-        };
-        fill_search(&mut rep, &result);
-        match (result.capacity, result.at_capacity()) {
-            (Some(c), Some(at)) => {
-                let c = c as u32;
-                rep.outcome = Outcome::Measured;
-                rep.capacity = Some(c);
-                rep.source = Some(Source::Probe);
-                let at_unix = now_unix();
-                let record = CapacityRecord {
-                    capacity: c,
-                    p99_ms: Some(report::round(at.quantile_ms(0.99), 3)),
-                    rps: Some(report::round(at.rps(), 1)),
-                    error_rate: Some(at.error_rate()),
-                    measured_at: at_unix,
-                    source: Source::Probe,
-                };
-                edits.push(edit_for(
-                    p,
-                    c,
-                    measured_note(at.quantile_ms(0.99), at.rps(), at_unix),
-                ));
-                to_push.push((idx, record));
-            }
-            _ => {
-                rep.outcome = Outcome::NoPassingLevel;
-                if let Some(first) = result.runs.first() {
-                    rep.note = Some(first.failures.join("; "));
-                }
-                problems.push(format!(
-                    "{}: no concurrency level met the thresholds (errors <= {}, p99 <= {} ms)",
-                    spec.path,
-                    report::pct(settings.thresholds.error_rate),
-                    settings.thresholds.p99_ms
-                ));
-                if exit_code == exit::OK {
-                    exit_code = exit::NO_PASSING_LEVEL;
-                }
-            }
-        }
-        reports.push(rep);
-    }
-    progress.finish();
+    let mut found = probe_all(
+        args,
+        &settings,
+        &target,
+        &planned,
+        &requests,
+        redis.as_mut(),
+    )?;
 
     // 3. Write the file.
-    let mut config_written = false;
-    if let (Some(path), false, false) = (&args.config, args.dry_run, edits.is_empty()) {
-        let top = new_file_top(args, &settings, &service);
-        write_capacities(path, &edits, &top)?;
-        config_written = true;
-        for r in reports.iter_mut() {
-            if edits.iter().any(|e| e.path() == r.path) {
-                r.written = true;
-            }
-        }
-    }
+    let config_written = !args.dry_run && write_file(args, &settings, &service, &mut found)?;
 
     // 4. Push.
-    for r in reports.iter_mut() {
-        r.redis = match (&redis_url, args.dry_run) {
-            (None, _) => RedisOutcome::Off,
-            (Some(_), true) => RedisOutcome::Skipped,
-            _ => r.redis,
-        };
-    }
+    found.mark_redis(redis_url.is_some(), args.dry_run);
     if let Some(store) = redis.as_mut() {
-        for (idx, record) in &to_push {
-            let rep = &mut reports[*idx];
-            let kept = rep.outcome == Outcome::KeptFile;
-            let result = (|| -> Result<RedisOutcome, ProberError> {
-                if kept && store.get(&rep.path)?.is_some() {
-                    return Ok(RedisOutcome::Exists);
-                }
-                store.put(&rep.path, record)?;
-                Ok(RedisOutcome::Pushed)
-            })();
-            match result {
-                Ok(o) => rep.redis = o,
-                Err(e) => {
-                    rep.redis = RedisOutcome::Failed;
-                    problems.push(format!(
-                        "{e}; {}run `sluice-prober push --config FILE` to push them later",
-                        if config_written {
-                            "the capacities are in the file: "
-                        } else {
-                            ""
-                        }
-                    ));
-                    if exit_code == exit::OK {
-                        exit_code = exit::STORAGE;
-                    }
-                    break;
-                }
-            }
-        }
+        found.push_all(store, config_written);
     }
 
-    let client_bound: Vec<String> = reports
-        .iter()
-        .filter(|r| !r.client_bound_levels.is_empty())
-        .map(|r| format!("{} at {:?}", r.path, r.client_bound_levels))
-        .collect();
-    if !client_bound.is_empty() && !args.output.quiet {
-        eprintln!(
-            "warning: the prober's own CPU was the limit for {}; figures there understate the target",
-            client_bound.join(", ")
-        );
-    }
+    warn_if_client_bound(&found.reports, args.output.quiet);
     let report = ProbeReport {
         command: "probe",
         version: env!("CARGO_PKG_VERSION"),
@@ -479,14 +270,364 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         },
         timing: TimingReport::from(&settings),
         max_concurrency: settings.max_concurrency,
-        endpoints: reports,
+        endpoints: found.reports,
         config_written,
         redis_url: redis.as_ref().map(|r| r.url().to_string()),
-        problems: problems.clone(),
-        exit_code,
+        problems: found.problems.clone(),
+        exit_code: found.exit_code,
     };
-    report::emit(&report, || report.to_text(), &args.output, &problems)?;
-    Ok(exit_code)
+    report::emit(&report, || report.to_text(), &args.output, &found.problems)?;
+    Ok(found.exit_code)
+}
+
+/// The config file, if `--config` names one that exists; its warnings go to
+/// stderr. A missing file is fine when `--endpoint` says what to create.
+fn load_config(args: &ProbeArgs) -> anyhow::Result<Option<ConfigFile>> {
+    let file = match &args.config {
+        Some(p) if p.exists() => config_file::load(p)?,
+        Some(p) if args.endpoints.is_empty() => {
+            return Err(ProberError::Usage(format!(
+                "{} does not exist; pass --endpoint PATH (with --method, --header, --body) to create it",
+                p.display()
+            ))
+            .into())
+        }
+        _ => return Ok(None),
+    };
+    if !args.output.quiet {
+        for w in file.warnings() {
+            eprintln!("{w}");
+        }
+    }
+    Ok(Some(file))
+}
+
+/// The namespace of the capacities: the file's `service`, which `--service`
+/// may repeat but not contradict.
+fn service_name(args: &ProbeArgs, file: Option<&ConfigFile>) -> Result<String, ProberError> {
+    let service = match (&args.service, file) {
+        (Some(s), Some(f)) if f.doc.get("service").is_some() && *s != f.config.service => {
+            return Err(ProberError::Usage(format!(
+                "--service {s} differs from {}'s service {:?}; the file's name is the namespace",
+                f.path.display(),
+                f.config.service
+            )))
+        }
+        (Some(s), _) => s.clone(),
+        (None, Some(f)) => f.config.service.clone(),
+        (None, None) => sluice_core::config::DEFAULT_SERVICE.to_string(),
+    };
+    if service.is_empty() {
+        return Err(ProberError::Usage("--service must not be empty".into()));
+    }
+    Ok(service)
+}
+
+/// `--redis`, else the file's `storage:` when it is Redis.
+fn redis_url(args: &ProbeArgs, file: Option<&ConfigFile>) -> Option<String> {
+    match (&args.redis, file.and_then(|f| f.storage.as_ref())) {
+        (Some(u), _) => Some(u.clone()),
+        (None, Some(Storage::Redis { url })) => Some(url.clone()),
+        _ => None,
+    }
+}
+
+fn connect_redis(url: &str, service: &str) -> Result<RedisRecords, ProberError> {
+    check_service_name(service).map_err(|e| ProberError::Usage(e.to_string()))?;
+    RedisRecords::connect(url, service)
+}
+
+/// Writes the capacities found into `--config`, if there is one and there
+/// is something to write; says whether it did.
+fn write_file(
+    args: &ProbeArgs,
+    settings: &Settings,
+    service: &str,
+    found: &mut Findings,
+) -> anyhow::Result<bool> {
+    let Some(path) = &args.config else {
+        return Ok(false);
+    };
+    if found.edits.is_empty() {
+        return Ok(false);
+    }
+    write_capacities(path, &found.edits, &new_file_top(args, settings, service))?;
+    for r in found.reports.iter_mut() {
+        if found.edits.iter().any(|e| e.path() == r.path) {
+            r.written = true;
+        }
+    }
+    Ok(true)
+}
+
+/// What the run found, endpoint by endpoint, and what it owes the file and
+/// Redis.
+struct Findings {
+    /// One per planned endpoint, in order.
+    reports: Vec<EndpointReport>,
+    /// Capacities to write into the file.
+    edits: Vec<Edit>,
+    /// Records to push, with the index of their endpoint in `reports`.
+    to_push: Vec<(usize, CapacityRecord)>,
+    problems: Vec<String>,
+    exit_code: u8,
+}
+
+impl Findings {
+    /// Records a failure's exit code, unless an earlier failure set one.
+    fn fail(&mut self, code: u8) {
+        if self.exit_code == exit::OK {
+            self.exit_code = code;
+        }
+    }
+
+    /// Says, for endpoints nothing will be pushed for, why not.
+    fn mark_redis(&mut self, redis_configured: bool, dry_run: bool) {
+        for r in self.reports.iter_mut() {
+            r.redis = match (redis_configured, dry_run) {
+                (false, _) => RedisOutcome::Off,
+                (true, true) => RedisOutcome::Skipped,
+                _ => r.redis,
+            };
+        }
+    }
+
+    /// Pushes every record; stops at the first failure, which is a problem
+    /// of the run.
+    fn push_all(&mut self, store: &mut RedisRecords, config_written: bool) {
+        let failed = self.to_push.iter().find_map(|(idx, record)| {
+            let rep = &mut self.reports[*idx];
+            match push_one(store, rep, record) {
+                Ok(outcome) => {
+                    rep.redis = outcome;
+                    None
+                }
+                Err(e) => {
+                    rep.redis = RedisOutcome::Failed;
+                    Some(e)
+                }
+            }
+        });
+        if let Some(e) = failed {
+            let written = if config_written {
+                "the capacities are in the file: "
+            } else {
+                ""
+            };
+            self.problems.push(format!(
+                "{e}; {written}run `sluice-prober push --config FILE` to push them later"
+            ));
+            self.fail(exit::STORAGE);
+        }
+    }
+}
+
+/// Pushes one record. A capacity kept from the file is not pushed over one
+/// that Redis already holds.
+fn push_one(
+    store: &mut RedisRecords,
+    rep: &EndpointReport,
+    record: &CapacityRecord,
+) -> Result<RedisOutcome, ProberError> {
+    if rep.outcome == Outcome::KeptFile && store.get(&rep.path)?.is_some() {
+        return Ok(RedisOutcome::Exists);
+    }
+    store.put(&rep.path, record)?;
+    Ok(RedisOutcome::Pushed)
+}
+
+/// Finds a capacity for every planned endpoint: from the file, from Redis,
+/// or by measuring. Once the target stops answering, the rest are skipped.
+fn probe_all(
+    args: &ProbeArgs,
+    settings: &Settings,
+    target: &Target,
+    planned: &[Planned],
+    requests: &[RequestSpec],
+    mut redis: Option<&mut RedisRecords>,
+) -> anyhow::Result<Findings> {
+    let progress = Progress::new(args.output.quiet);
+    let mut found = Findings {
+        reports: Vec::new(),
+        edits: Vec::new(),
+        to_push: Vec::new(),
+        problems: Vec::new(),
+        exit_code: exit::OK,
+    };
+    let mut aborted: Option<String> = None;
+    for (p, request) in planned.iter().zip(requests) {
+        let idx = found.reports.len();
+        let mut rep = EndpointReport::new(&p.spec.path, &p.spec.method, Outcome::NotProbed);
+        if let Some(reason) = &aborted {
+            rep.note = Some(format!("not probed: {reason}"));
+        } else if let Some(record) = kept_from_file(args, p, &mut rep) {
+            found.to_push.push((idx, record));
+        } else if let Some(edit) = reused_from_redis(args, p, redis.as_deref_mut(), &mut rep)? {
+            found.edits.push(edit);
+        } else {
+            match measure(p, request, target, settings, &progress, &mut rep) {
+                Measured::Capacity { edit, record } => {
+                    found.edits.push(edit);
+                    found.to_push.push((idx, record));
+                }
+                Measured::NoPassingLevel => {
+                    found.problems.push(format!(
+                        "{}: no concurrency level met the thresholds (errors <= {}, p99 <= {} ms)",
+                        p.spec.path,
+                        report::pct(settings.thresholds.error_rate),
+                        settings.thresholds.p99_ms
+                    ));
+                    found.fail(exit::NO_PASSING_LEVEL);
+                }
+                Measured::Unreachable(reason) => {
+                    found.problems.push(reason.clone());
+                    aborted = Some(reason);
+                    found.exit_code = exit::UNREACHABLE;
+                }
+            }
+        }
+        found.reports.push(rep);
+    }
+    progress.finish();
+    Ok(found)
+}
+
+/// The file's capacity, kept unless `--force`: the record to push.
+fn kept_from_file(
+    args: &ProbeArgs,
+    p: &Planned,
+    rep: &mut EndpointReport,
+) -> Option<CapacityRecord> {
+    if args.force {
+        return None;
+    }
+    let c = p.spec.capacity?;
+    let record = record_from_file(&p.spec)?;
+    rep.outcome = Outcome::KeptFile;
+    rep.capacity = Some(c);
+    rep.source = Some(record.source);
+    rep.note = Some(format!(
+        "capacity {c} kept from the file ({}); --force probes it again",
+        record.source.as_str()
+    ));
+    Some(record)
+}
+
+/// A capacity Redis already holds, reused unless `--force`: the edit that
+/// writes it into the file.
+fn reused_from_redis(
+    args: &ProbeArgs,
+    p: &Planned,
+    redis: Option<&mut RedisRecords>,
+    rep: &mut EndpointReport,
+) -> Result<Option<Edit>, ProberError> {
+    let Some(store) = redis.filter(|_| !args.force) else {
+        return Ok(None);
+    };
+    let Some(record) = store.get(&p.spec.path)? else {
+        return Ok(None);
+    };
+    rep.outcome = Outcome::ReusedRedis;
+    rep.capacity = Some(record.capacity);
+    rep.source = Some(record.source);
+    rep.redis = RedisOutcome::Exists;
+    rep.note = Some(format!(
+        "capacity {} reused from Redis ({}); --force probes it again",
+        record.capacity,
+        record.source.as_str()
+    ));
+    let note = format!(
+        "{MEASURED_MARK} from Redis ({}), {}",
+        record.source.as_str(),
+        humantime::format_rfc3339_seconds(
+            UNIX_EPOCH + std::time::Duration::from_secs(record.measured_at)
+        )
+    );
+    Ok(Some(edit_for(p, record.capacity, note)))
+}
+
+/// What measuring one endpoint gave.
+enum Measured {
+    Capacity {
+        edit: Edit,
+        record: CapacityRecord,
+    },
+    /// Not even one request at a time met the thresholds.
+    NoPassingLevel,
+    /// The target stopped answering; the reason names the endpoint.
+    Unreachable(String),
+}
+
+/// Searches for the endpoint's capacity under real load; fills `rep` with
+/// what the search saw.
+fn measure(
+    p: &Planned,
+    request: &RequestSpec,
+    target: &Target,
+    settings: &Settings,
+    progress: &Progress,
+    rep: &mut EndpointReport,
+) -> Measured {
+    let path = &p.spec.path;
+    let started = Instant::now();
+    let mut runner = LoadRunner {
+        target,
+        request,
+        timing: settings.timing,
+        threads: settings.threads,
+        progress,
+        path,
+    };
+    let result = search::find_capacity(&mut runner, settings.thresholds, settings.max_concurrency);
+    rep.elapsed_s = report::round(started.elapsed().as_secs_f64(), 2);
+    let result = match result {
+        Ok(r) => r,
+        Err(Abort(reason)) => {
+            let reason = format!("the target stopped answering while probing {path}: {reason}");
+            rep.note = Some(reason.clone());
+            return Measured::Unreachable(reason);
+        }
+    };
+    fill_search(rep, &result);
+    let (Some(c), Some(at)) = (result.capacity, result.at_capacity()) else {
+        rep.outcome = Outcome::NoPassingLevel;
+        if let Some(first) = result.runs.first() {
+            rep.note = Some(first.failures.join("; "));
+        }
+        return Measured::NoPassingLevel;
+    };
+    let c = c as u32;
+    rep.outcome = Outcome::Measured;
+    rep.capacity = Some(c);
+    rep.source = Some(Source::Probe);
+    let at_unix = now_unix();
+    let record = CapacityRecord {
+        capacity: c,
+        p99_ms: Some(report::round(at.quantile_ms(0.99), 3)),
+        rps: Some(report::round(at.rps(), 1)),
+        error_rate: Some(at.error_rate()),
+        measured_at: at_unix,
+        source: Source::Probe,
+    };
+    let note = measured_note(at.quantile_ms(0.99), at.rps(), at_unix);
+    Measured::Capacity {
+        edit: edit_for(p, c, note),
+        record,
+    }
+}
+
+fn warn_if_client_bound(reports: &[EndpointReport], quiet: bool) {
+    let client_bound: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.client_bound_levels.is_empty())
+        .map(|r| format!("{} at {:?}", r.path, r.client_bound_levels))
+        .collect();
+    if !client_bound.is_empty() && !quiet {
+        eprintln!(
+            "warning: the prober's own CPU was the limit for {}; figures there understate the target",
+            client_bound.join(", ")
+        );
+    }
 }
 
 fn edit_for(p: &Planned, capacity: u32, note: String) -> Edit {

@@ -14,12 +14,12 @@
 //!   latency) turns it into instances for a target rate.
 
 use crate::cli::SweepArgs;
-use crate::config_file;
-use crate::load::{self, LevelStats};
+use crate::config_file::{self, ConfigFile, EndpointSpec};
+use crate::load::{self, LevelStats, RequestSpec, Target};
 use crate::progress::Progress;
 use crate::report::{self, round, LevelReport, TimingReport};
 use crate::scaling::{self, Point, UslFit};
-use crate::settings;
+use crate::settings::{self, Settings};
 use crate::{exit, target, ProberError};
 use anyhow::Context;
 use serde::Serialize;
@@ -160,29 +160,8 @@ pub fn recommended_threshold(saturation: usize) -> usize {
 }
 
 pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
-    let file = match &args.config {
-        Some(p) => Some(config_file::load(p)?),
-        None => None,
-    };
-    let flags_given = args.request.method.is_some()
-        || !args.request.headers.is_empty()
-        || args.request.body.is_some();
-    let spec = match file.as_ref().and_then(|f| f.endpoint(&args.endpoint)) {
-        Some(_) if flags_given => {
-            return Err(ProberError::Usage(format!(
-                "endpoint {} is in the config: change its method, headers and body there",
-                args.endpoint
-            ))
-            .into())
-        }
-        Some(s) => s.clone(),
-        None => target::spec_from_flags(
-            &args.endpoint,
-            args.request.method.as_deref(),
-            &args.request.headers,
-            args.request.body.as_deref(),
-        )?,
-    };
+    let file = args.config.as_deref().map(config_file::load).transpose()?;
+    let spec = endpoint_spec(args, file.as_ref())?;
     let settings = settings::resolve(
         &args.level,
         args.error_threshold,
@@ -190,6 +169,47 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
         None,
         file.as_ref().map(|f| &f.settings),
     )?;
+    let levels = levels(args)?;
+    check_sizing_targets(args)?;
+    let target = target::connect_target(&args.url)?;
+    let request = target::request_spec(&spec)?;
+
+    let sweep = measure_levels(args, &spec.path, &levels, &target, &request, &settings)?;
+    let report = SweepReport::new(args, &spec, &settings, sweep);
+    if !report.client_bound_levels.is_empty() && !args.output.quiet {
+        eprintln!(
+            "warning: the prober's own CPU was the limit at concurrency {:?}; \
+             figures there understate the target",
+            report.client_bound_levels
+        );
+    }
+    report::emit(&report, || report.to_text(), &args.output, &report.problems)?;
+    Ok(report.exit_code)
+}
+
+/// The endpoint to sweep: from the file if it is there, else from the flags
+/// (which must not contradict the file).
+fn endpoint_spec(args: &SweepArgs, file: Option<&ConfigFile>) -> Result<EndpointSpec, ProberError> {
+    let flags_given = args.request.method.is_some()
+        || !args.request.headers.is_empty()
+        || args.request.body.is_some();
+    match file.and_then(|f| f.endpoint(&args.endpoint)) {
+        Some(_) if flags_given => Err(ProberError::Usage(format!(
+            "endpoint {} is in the config: change its method, headers and body there",
+            args.endpoint
+        ))),
+        Some(s) => Ok(s.clone()),
+        None => target::spec_from_flags(
+            &args.endpoint,
+            args.request.method.as_deref(),
+            &args.request.headers,
+            args.request.body.as_deref(),
+        ),
+    }
+}
+
+/// `--levels` (or the default list), sorted, each once.
+fn levels(args: &SweepArgs) -> Result<Vec<usize>, ProberError> {
     let mut levels: Vec<usize> = if args.levels.is_empty() {
         DEFAULT_LEVELS.to_vec()
     } else {
@@ -198,53 +218,68 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
     levels.sort_unstable();
     levels.dedup();
     if levels.first() == Some(&0) || levels.last().is_some_and(|&n| n > 10_000) {
-        return Err(
-            ProberError::Usage("--levels: each level must be from 1 to 10000".into()).into(),
-        );
+        return Err(ProberError::Usage(
+            "--levels: each level must be from 1 to 10000".into(),
+        ));
     }
+    Ok(levels)
+}
+
+fn check_sizing_targets(args: &SweepArgs) -> Result<(), ProberError> {
     for (v, flag) in [
         (args.target_rps, "--target-rps"),
         (args.target_p95_ms, "--target-p95-ms"),
     ] {
         if v.is_some_and(|v| !(v > 0.0 && v.is_finite())) {
-            return Err(
-                ProberError::Usage(format!("{flag}: must be a number greater than 0")).into(),
-            );
+            return Err(ProberError::Usage(format!(
+                "{flag}: must be a number greater than 0"
+            )));
         }
     }
-    let target = target::connect_target(&args.url)?;
-    let request = target::request_spec(&spec)?;
-    let progress = Progress::new(args.output.quiet);
+    Ok(())
+}
 
-    let mut measured: Vec<LevelStats> = Vec::new();
-    let mut problems = Vec::new();
-    let mut exit_code = exit::OK;
+/// The levels measured, and how the sweep ended.
+struct Sweep {
+    measured: Vec<LevelStats>,
+    problems: Vec<String>,
+    exit_code: u8,
+}
+
+/// Runs the levels in order, printing each as it is judged. Stops when the
+/// target stops answering, or after two saturated levels in a row unless
+/// `--all-levels`.
+fn measure_levels(
+    args: &SweepArgs,
+    path: &str,
+    levels: &[usize],
+    target: &Target,
+    request: &RequestSpec,
+    settings: &Settings,
+) -> anyhow::Result<Sweep> {
+    let progress = Progress::new(args.output.quiet);
+    let mut sweep = Sweep {
+        measured: Vec::new(),
+        problems: Vec::new(),
+        exit_code: exit::OK,
+    };
     let mut saturated_in_a_row = 0;
-    for &n in &levels {
-        progress.status(format!("{}  concurrency {n}", spec.path));
-        let stats = load::run_level(&target, &request, n, &settings.timing, settings.threads)
+    for &n in levels {
+        progress.status(format!("{path}  concurrency {n}"));
+        let stats = load::run_level(target, request, n, &settings.timing, settings.threads)
             .context("starting the load threads")?;
         if stats.unreachable() {
-            problems.push(format!(
+            sweep.problems.push(format!(
                 "the target stopped answering at concurrency {n}: {}",
                 stats.first_error.clone().unwrap_or_default()
             ));
-            exit_code = exit::UNREACHABLE;
+            sweep.exit_code = exit::UNREACHABLE;
             break;
         }
-        measured.push(stats);
-        let judged = statuses(&measured, settings.thresholds.error_rate);
+        sweep.measured.push(stats);
+        let judged = statuses(&sweep.measured, settings.thresholds.error_rate);
         let last = judged.last().expect("just pushed");
-        progress.line(format!(
-            "{}  c={n:<4} p50 {:>7} p95 {:>7} p99 {:>7} ms  {:>7} req/s  err {:>6}  {}",
-            spec.path,
-            report::ms(last.level.p50_ms),
-            report::ms(last.level.p95_ms),
-            report::ms(last.level.p99_ms),
-            report::rps(last.level.rps),
-            report::pct(last.level.error_rate),
-            report::serde_plain(&last.status)
-        ));
+        progress.line(level_line(path, last));
         saturated_in_a_row = if last.status == Status::Saturated {
             saturated_in_a_row + 1
         } else {
@@ -255,79 +290,98 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
         }
     }
     progress.finish();
+    Ok(sweep)
+}
 
-    let judged = statuses(&measured, settings.thresholds.error_rate);
-    let sat = saturation(&measured);
-    let recommended = sat.concurrency.map(recommended_threshold);
-    let littles_law = sat.concurrency.and_then(|c| {
+/// One level as the progress output shows it.
+fn level_line(path: &str, l: &SweepLevel) -> String {
+    format!(
+        "{path}  c={:<4} p50 {:>7} p95 {:>7} p99 {:>7} ms  {:>7} req/s  err {:>6}  {}",
+        l.level.concurrency,
+        report::ms(l.level.p50_ms),
+        report::ms(l.level.p95_ms),
+        report::ms(l.level.p99_ms),
+        report::rps(l.level.rps),
+        report::pct(l.level.error_rate),
+        report::serde_plain(&l.status)
+    )
+}
+
+/// Little's law at the saturation point `c`, if it was measured.
+fn littles_law(measured: &[LevelStats], c: usize) -> Option<LittlesLaw> {
+    let l = measured.iter().find(|l| l.concurrency == c)?;
+    Some(LittlesLaw {
+        concurrency: c,
+        rps: round(l.rps(), 1),
+        p95_ms: round(l.quantile_ms(0.95), 3),
+        in_flight: round(l.rps() * l.quantile_ms(0.95) / 1000.0, 2),
+    })
+}
+
+/// Instances for `target_rps` at `threshold` in flight each. Without
+/// `target_p95_ms`, the latency is that of the level nearest below the
+/// threshold, else the baseline's.
+fn sizing(
+    target_rps: f64,
+    target_p95_ms: Option<f64>,
+    threshold: usize,
+    measured: &[LevelStats],
+) -> Sizing {
+    let p95 = target_p95_ms.unwrap_or_else(|| {
         measured
             .iter()
-            .find(|l| l.concurrency == c)
-            .map(|l| LittlesLaw {
-                concurrency: c,
-                rps: round(l.rps(), 1),
-                p95_ms: round(l.quantile_ms(0.95), 3),
-                in_flight: round(l.rps() * l.quantile_ms(0.95) / 1000.0, 2),
-            })
+            .rev()
+            .find(|l| l.concurrency <= threshold)
+            .or(measured.first())
+            .map(|l| l.quantile_ms(0.95))
+            .unwrap_or(0.0)
     });
-    let sizing = match (args.target_rps, recommended) {
-        (Some(rps), Some(threshold)) => {
-            // Latency at the threshold: the level nearest below it, else the baseline.
-            let p95 = args.target_p95_ms.unwrap_or_else(|| {
-                measured
-                    .iter()
-                    .rev()
-                    .find(|l| l.concurrency <= threshold)
-                    .or(measured.first())
-                    .map(|l| l.quantile_ms(0.95))
-                    .unwrap_or(0.0)
-            });
-            let needed = rps * p95 / 1000.0;
-            Some(Sizing {
-                target_rps: rps,
-                target_p95_ms: round(p95, 3),
-                in_flight_needed: round(needed, 2),
-                instances: (needed / threshold as f64).ceil().max(1.0) as u64,
-            })
-        }
-        _ => None,
-    };
-    let points: Vec<Point> = measured.iter().map(LevelStats::point).collect();
-    let client_bound_levels: Vec<usize> = measured
-        .iter()
-        .filter(|l| l.client_bound())
-        .map(|l| l.concurrency)
-        .collect();
-    if !client_bound_levels.is_empty() && !args.output.quiet {
-        eprintln!(
-            "warning: the prober's own CPU was the limit at concurrency {client_bound_levels:?}; \
-             figures there understate the target"
-        );
+    let needed = target_rps * p95 / 1000.0;
+    Sizing {
+        target_rps,
+        target_p95_ms: round(p95, 3),
+        in_flight_needed: round(needed, 2),
+        instances: (needed / threshold as f64).ceil().max(1.0) as u64,
     }
-    let report = SweepReport {
-        command: "sweep",
-        version: env!("CARGO_PKG_VERSION"),
-        target: args.url.clone(),
-        endpoint: spec.path.clone(),
-        method: spec.method.clone(),
-        error_threshold: settings.thresholds.error_rate,
-        timing: TimingReport::from(&settings),
-        baseline_p95_ms: measured.first().map(|l| round(l.quantile_ms(0.95), 3)),
-        levels: judged,
-        saturation: sat,
-        recommended_threshold: recommended,
-        littles_law,
-        sizing,
-        usl: scaling::fit_usl(&points),
-        client_bound_levels,
-        problems: problems.clone(),
-        exit_code,
-    };
-    report::emit(&report, || report.to_text(), &args.output, &problems)?;
-    Ok(exit_code)
 }
 
 impl SweepReport {
+    /// Judges what `sweep` measured.
+    fn new(args: &SweepArgs, spec: &EndpointSpec, settings: &Settings, sweep: Sweep) -> Self {
+        let measured = &sweep.measured;
+        let saturation = saturation(measured);
+        let recommended = saturation.concurrency.map(recommended_threshold);
+        let points: Vec<Point> = measured.iter().map(LevelStats::point).collect();
+        SweepReport {
+            command: "sweep",
+            version: env!("CARGO_PKG_VERSION"),
+            target: args.url.clone(),
+            endpoint: spec.path.clone(),
+            method: spec.method.clone(),
+            error_threshold: settings.thresholds.error_rate,
+            timing: TimingReport::from(settings),
+            baseline_p95_ms: measured.first().map(|l| round(l.quantile_ms(0.95), 3)),
+            levels: statuses(measured, settings.thresholds.error_rate),
+            littles_law: saturation
+                .concurrency
+                .and_then(|c| littles_law(measured, c)),
+            saturation,
+            recommended_threshold: recommended,
+            sizing: args
+                .target_rps
+                .zip(recommended)
+                .map(|(rps, t)| sizing(rps, args.target_p95_ms, t, measured)),
+            usl: scaling::fit_usl(&points),
+            client_bound_levels: measured
+                .iter()
+                .filter(|l| l.client_bound())
+                .map(|l| l.concurrency)
+                .collect(),
+            problems: sweep.problems,
+            exit_code: sweep.exit_code,
+        }
+    }
+
     pub fn to_text(&self) -> String {
         let mut out = String::new();
         let _ = writeln!(

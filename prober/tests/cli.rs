@@ -224,7 +224,7 @@ fn creates_a_config_from_flags() {
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_matches_schema("probe-output.schema.json", &run.json());
     let text = read(&cfg);
-    let doc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let doc: yaml_serde::Value = yaml_serde::from_str(&text).unwrap();
     let doc: Value = serde_json::to_value(doc).unwrap();
     assert_eq!(doc["service"], "demo");
     assert_eq!(doc["latency_threshold_ms"], 30);

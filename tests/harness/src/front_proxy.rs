@@ -8,6 +8,20 @@ use std::path::PathBuf;
 /// The listener's name (and its stats prefix).
 pub const FRONT_LISTENER_NAME: &str = "sluice_front";
 
+/// Turns the service and the endpoint in the filter's metric names
+/// (`sluice.<service>.<path>.<metric>`) into tags, so `/stats/prometheus`
+/// shows `sluice_in_flight{service="demo",endpoint="/predict"}`. Of each
+/// regex, the first group is cut from the name and the inner one is the
+/// tag's value; a path runs from the first `/` to the last dot. The same
+/// block is in every Envoy configuration of the repo (docs/metrics.md).
+pub const STATS_TAGS_YAML: &str = r#"stats_config:
+  stats_tags:
+  - tag_name: service
+    regex: '^wasmcustom\.sluice\.(([^/]*)\.)/'
+  - tag_name: endpoint
+    regex: '^wasmcustom\.sluice\.[^/]*\.((/.*)\.)[a-z_]+$'
+"#;
+
 #[derive(Debug, Clone)]
 pub struct FrontProxy {
     pub listener_port: u16,
@@ -33,7 +47,8 @@ pub struct FrontProxy {
     /// More clusters (e.g. the sync service), YAML list items written at
     /// column 0; they are indented into `static_resources.clusters`.
     pub extra_clusters_yaml: String,
-    /// More top-level bootstrap keys (e.g. `stats_config:`), appended as is.
+    /// More top-level bootstrap keys, appended as is (not `stats_config`:
+    /// the bootstrap has one, see [`STATS_TAGS_YAML`]).
     pub extra_bootstrap_yaml: String,
     /// Envoy's file access log: one line per stream, in this text format
     /// (command operators such as `%RESPONSE_CODE% %DURATION%\n`), written
@@ -153,7 +168,7 @@ static_resources:
         - endpoint:
             address:
               socket_address: {{ address: 127.0.0.1, port_value: {backend_port} }}
-{extra_clusters}{dynamic_resources}{extra_bootstrap}"#
+{extra_clusters}{dynamic_resources}{STATS_TAGS_YAML}{extra_bootstrap}"#
         )
     }
 

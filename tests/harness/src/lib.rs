@@ -27,7 +27,7 @@ mod sync_service;
 
 pub use backend::Backend;
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError};
-pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME};
+pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, STATS_TAGS_YAML};
 pub use keep_alive::KeepAliveClients;
 pub use process::{unique_scratch_path, ScratchDir};
 pub use recipe::{with_built_wasm, Recipe, RECIPE_ADMIN_PORT, RECIPE_LISTENER_PORT};

@@ -1,0 +1,352 @@
+//! The filter's metrics in the real Envoy, read from the admin
+//! `/stats/prometheus` as Prometheus scrapes it, with the `stats_tags` every
+//! Envoy configuration of the repo carries (`STATS_TAGS_YAML`).
+
+use serde_json::{json, Value};
+use sluice_harness::{wait_until, Backend, Envoy, FrontProxy};
+use sluice_loadgen::{run_blocking, Burst, Outcome};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// One sample of the exposition: name, labels, value.
+#[derive(Debug, Clone, PartialEq)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// The samples of `/stats/prometheus` (comments skipped).
+fn scrape(envoy: &Envoy) -> Vec<Sample> {
+    let res = envoy
+        .admin_get("/stats/prometheus")
+        .expect("admin /stats/prometheus");
+    assert_eq!(res.status, 200);
+    res.text()
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| parse_sample(l).unwrap_or_else(|| panic!("unparsable sample: {l}")))
+        .collect()
+}
+
+/// `name{a="x",b="y"} 4`; label values here never hold `"` or `,`.
+fn parse_sample(line: &str) -> Option<Sample> {
+    let (series, value) = line.rsplit_once(' ')?;
+    let (name, labels) = match series.split_once('{') {
+        Some((name, rest)) => (name, rest.strip_suffix('}')?),
+        None => (series, ""),
+    };
+    let labels = labels
+        .split("\",")
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once("=\"")?;
+            Some((k.to_string(), v.trim_end_matches('"').to_string()))
+        })
+        .collect::<Option<_>>()?;
+    Some(Sample {
+        name: name.to_string(),
+        labels,
+        value: value.parse().ok()?,
+    })
+}
+
+/// The value of `name` for this service and endpoint (and extra labels).
+fn value(
+    samples: &[Sample],
+    name: &str,
+    service: &str,
+    endpoint: &str,
+    extra: &[(&str, &str)],
+) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && s.labels.get("service").map(String::as_str) == Some(service)
+                && s.labels.get("endpoint").map(String::as_str) == Some(endpoint)
+                && extra
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(v))
+        })
+        .map(|s| s.value)
+}
+
+fn sluice(samples: &[Sample], metric: &str) -> Option<f64> {
+    value(samples, &format!("sluice_{metric}"), "e2e", "/predict", &[])
+}
+
+fn count(outcomes: &[Outcome], status: u16) -> usize {
+    outcomes.iter().filter(|o| o.status == status).count()
+}
+
+#[test]
+fn gauges_mid_burst_and_counters_after_match_what_clients_saw() {
+    // 4 slots; 6 may wait 2 s; each request takes 1.5 s. A burst of 14: 4 in
+    // at once, 6 wait (4 of them get the slots at 1.5 s, 2 time out at 2 s),
+    // 4 are refused at once.
+    let backend = Backend::start(&["/predict:service_ms=1500"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 4, "queue_timeout": 2, "max_queue": 6},
+    }});
+    let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 4);
+    let before = scrape(&envoy);
+    assert_eq!(sluice(&before, "capacity"), Some(4.0), "{before:#?}");
+    assert_eq!(sluice(&before, "in_flight"), Some(0.0));
+
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 14);
+    burst.spacing = Duration::from_millis(2);
+    let running = std::thread::spawn(move || run_blocking(&burst));
+    // Mid-burst (before the first slot frees at 1.5 s): the gauges show the
+    // full house and the queue, as the filter's own stats do.
+    // All 14 arrived (the last 4 refused), before the first slot frees.
+    wait_until(
+        Duration::from_secs(1),
+        "4 in flight, 6 queued, 14 seen",
+        || {
+            let s = scrape(&envoy);
+            let seen = sluice(&s, "requests") == Some(14.0);
+            (seen && sluice(&s, "in_flight") == Some(4.0) && sluice(&s, "queued") == Some(6.0))
+                .then_some(())
+        },
+    );
+    let stats: Value = envoy
+        .request("GET", "/balancer/stats")
+        .send()
+        .unwrap()
+        .json();
+    assert_eq!(stats["endpoints"]["/predict"]["active_requests"], 4);
+    assert_eq!(stats["endpoints"]["/predict"]["queued"], 6);
+
+    let outcomes = running.join().unwrap();
+    let after_wait = outcomes
+        .iter()
+        .filter(|o| o.status == 200 && o.wait_ms.is_some())
+        .count();
+    let (ok, timeouts, full) = (
+        count(&outcomes, 200),
+        count(&outcomes, 504),
+        count(&outcomes, 503),
+    );
+    assert_eq!(
+        (ok, after_wait, timeouts, full),
+        (8, 4, 2, 4),
+        "{outcomes:#?}"
+    );
+
+    let end = scrape(&envoy);
+    let counters: Vec<(&str, Option<f64>)> = [
+        "requests",
+        "admitted_at_once",
+        "admitted_after_wait",
+        "queue_timeout",
+        "queue_full",
+        "unhealthy",
+        "failed_open",
+    ]
+    .iter()
+    .map(|m| (*m, sluice(&end, m)))
+    .collect();
+    let clients_saw = |n: usize| Some(n as f64);
+    assert_eq!(
+        counters,
+        [
+            ("requests", clients_saw(outcomes.len())),
+            ("admitted_at_once", clients_saw(ok - after_wait)),
+            ("admitted_after_wait", clients_saw(after_wait)),
+            ("queue_timeout", clients_saw(timeouts)),
+            ("queue_full", clients_saw(full)),
+            ("unhealthy", Some(0.0)),
+            ("failed_open", Some(0.0)),
+        ]
+    );
+    assert_eq!(
+        (sluice(&end, "in_flight"), sluice(&end, "queued")),
+        (Some(0.0), Some(0.0)),
+        "gauges back to zero"
+    );
+
+    // Histograms reach the admin output at Envoy's stats flush (5 s).
+    let waits = wait_until(Duration::from_secs(12), "the queue-wait histogram", || {
+        let s = scrape(&envoy);
+        (sluice(&s, "queue_wait_ms_count") == Some(6.0)).then_some(s)
+    });
+    // Everyone who waited waited at least 1.4 s: none in the 1 s bucket.
+    let under_1s = value(
+        &waits,
+        "sluice_queue_wait_ms_bucket",
+        "e2e",
+        "/predict",
+        &[("le", "1000")],
+    );
+    assert_eq!(under_1s, Some(0.0), "{waits:#?}");
+}
+
+/// The tag regexes keep a service name with dots and a path with dots and
+/// slashes whole, and leave a bare metric name.
+#[test]
+fn dotted_service_and_path_come_out_whole_as_labels() {
+    let path = "/v1/models/m.v2/predict";
+    let backend = Backend::start(&[path]);
+    let config = json!({"service": "team.e2e", "endpoints": {path: {"capacity": 2}}});
+    let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 2);
+    for _ in 0..3 {
+        assert_eq!(envoy.request("GET", path).send().unwrap().status, 200);
+    }
+    let samples = scrape(&envoy);
+    assert_eq!(
+        value(&samples, "sluice_requests", "team.e2e", path, &[]),
+        Some(3.0),
+        "{:#?}",
+        samples
+            .iter()
+            .filter(|s| s.name.contains("sluice"))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        value(&samples, "sluice_capacity", "team.e2e", path, &[]),
+        Some(2.0)
+    );
+}
+
+/// Every Envoy bootstrap in the repo carries the same tag regexes as the
+/// rendered front proxy, so the metrics have the same labels everywhere.
+#[test]
+fn every_envoy_bootstrap_in_the_repo_carries_the_stats_tags() {
+    fn walk(dir: &std::path::Path, found: &mut Vec<std::path::PathBuf>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy();
+            if path.is_dir() {
+                if !name.starts_with('.') && !name.starts_with("target") && name != "node_modules" {
+                    walk(&path, found);
+                }
+            } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+                found.push(path);
+            }
+        }
+    }
+    let root = sluice_harness::workspace_root();
+    let mut files = Vec::new();
+    walk(&root, &mut files);
+    let regexes: Vec<&str> = sluice_harness::STATS_TAGS_YAML
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("regex:") || l.starts_with("- tag_name:"))
+        .collect();
+    let bootstraps: Vec<_> = files
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).unwrap_or_default();
+            text.lines().any(|l| l.starts_with("static_resources:"))
+        })
+        .collect();
+    assert!(
+        !bootstraps.is_empty(),
+        "no Envoy bootstrap found under {}",
+        root.display()
+    );
+    for file in bootstraps {
+        let text = std::fs::read_to_string(file).unwrap();
+        let lines: Vec<&str> = text.lines().map(str::trim).collect();
+        for want in &regexes {
+            assert!(
+                lines.contains(want),
+                "{} lacks `{want}` (copy stats_config from STATS_TAGS_YAML)",
+                file.display()
+            );
+        }
+    }
+}
+
+/// The hot path's cost of the metrics: the filter as built against the same
+/// filter without them (`SLUICE_BASELINE_WASM`, e.g. built from the commit
+/// before them), in interleaved rounds. On a shared machine throughput swings
+/// with the neighbours' load, so it also reports Envoy's own CPU time per
+/// request (from /proc), which moves much less. Needs wrk (`make
+/// deps-bench`):
+/// `SLUICE_BASELINE_WASM=… cargo test --release -p sluice-e2e --test metrics -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn hot_path_cost_of_metrics() {
+    let baseline = std::path::PathBuf::from(
+        std::env::var("SLUICE_BASELINE_WASM")
+            .expect("SLUICE_BASELINE_WASM: the filter without metrics"),
+    );
+    let rounds: usize = std::env::var("ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(5);
+    let backend = Backend::start_with_args(&["--threads", "1", "--route", "/fast"]);
+    let config =
+        json!({"service": "bench", "endpoints": {"/fast": {"capacity": 100000}}}).to_string();
+    let with = FrontProxy::new(backend.port(), config.clone());
+    let without = FrontProxy::with_wasm(backend.port(), Some(baseline), config);
+    let (mut rps, mut cpu) = ([Vec::new(), Vec::new()], [Vec::new(), Vec::new()]);
+    for round in 0..rounds {
+        for (i, name, proxy) in [(0, "metrics", &with), (1, "baseline", &without)] {
+            let envoy = Envoy::start(proxy, 2);
+            wrk(envoy.listener_port(), 1);
+            let before = cpu_ticks(envoy.pid());
+            let (r, requests) = wrk(envoy.listener_port(), 8);
+            let us = (cpu_ticks(envoy.pid()) - before) as f64 * 1e6 / ticks_per_second() / requests;
+            eprintln!("round {round}: {name:>8} {r:>8.0} req/s {us:>6.1} µs Envoy CPU/request");
+            rps[i].push(r);
+            cpu[i].push(us);
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (r0, r1) = (median(&mut rps[0]), median(&mut rps[1]));
+    let (c0, c1) = (median(&mut cpu[0]), median(&mut cpu[1]));
+    println!(
+        "hot path, with metrics / without (medians of {rounds}): throughput {:.3} ({r0:.0} / {r1:.0} req/s), Envoy CPU per request {:.3} ({c0:.1} / {c1:.1} µs)",
+        r0 / r1,
+        c0 / c1
+    );
+}
+
+/// Requests/s and the number of requests.
+fn wrk(port: u16, seconds: u32) -> (f64, f64) {
+    let out = std::process::Command::new("wrk")
+        .args(["-t1", "-c32", &format!("-d{seconds}s")])
+        .arg(format!("http://127.0.0.1:{port}/fast"))
+        .output()
+        .expect("wrk (make deps-bench)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("Non-2xx"), "{text}");
+    let rps = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok());
+    // "  123456 requests in 8.00s, 12.34MB read"
+    let requests = text
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok());
+    match (rps, requests) {
+        (Some(r), Some(n)) => (r, n),
+        _ => panic!("no figures in wrk's output: {text}"),
+    }
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+fn ticks_per_second() -> f64 {
+    let out = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output();
+    out.ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
