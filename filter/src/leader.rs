@@ -195,7 +195,12 @@ impl<H: Host> Leader<H> {
         match (self.leading, holds) {
             (false, true) => {
                 self.take_office(now);
-                changed = true;
+                // Without sync or health checks there is nothing to report,
+                // unless a former configuration's leader reported something
+                // that is no longer true.
+                changed = self.sync.is_some()
+                    || self.health.is_some()
+                    || status::exists(&self.worker.host, self.service());
             }
             (true, false) => {
                 log::info!("worker {} no longer leads", self.me.worker);

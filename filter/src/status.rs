@@ -22,6 +22,11 @@ pub fn write<S: SharedData>(store: &S, service: &str, doc: &Value) {
     }
 }
 
+/// Whether any leader has written the document.
+pub fn exists<S: SharedData>(store: &S, service: &str) -> bool {
+    matches!(store.get(&key(service)), Ok(Some((bytes, _))) if !bytes.is_empty())
+}
+
 fn read<S: SharedData>(store: &S, service: &str) -> Value {
     match store.get(&key(service)) {
         Ok(Some((bytes, _))) => serde_json::from_slice(&bytes).unwrap_or(Value::Null),
