@@ -13,7 +13,22 @@ Exit codes:
   4  no concurrency level met the thresholds for at least one endpoint (the
      other endpoints' capacities are written)
   5  Redis unreachable or the push failed (checked before measuring: nothing is
-     measured; failing after measuring: the file is written, Redis is not)";
+     measured; failing after measuring: the file is written, Redis is not)
+130  interrupted (Ctrl-C, SIGTERM): what was measured is printed; nothing is
+     written unless --write-partial";
+
+/// A count given on the command line: a negative one is refused by name
+/// rather than as an unexpected argument.
+fn count<T: std::str::FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    if s.trim_start().starts_with('-') {
+        return Err("must be ≥ 0".into());
+    }
+    s.parse::<T>()
+        .map_err(|e| format!("{e}: expected a whole number ≥ 0"))
+}
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,24 +79,24 @@ pub struct RequestArgs {
 #[derive(Debug, Clone, Args)]
 pub struct LevelArgs {
     /// Seconds of load before measuring each level [default: 1]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub warmup: Option<f64>,
     /// Seconds each level is measured for, at least [default: 5]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub duration: Option<f64>,
     /// Keep measuring past --duration until this many requests were measured
     /// (so the p99 rests on enough samples) [default: 300]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = count::<u64>)]
     pub min_samples: Option<u64>,
     /// ...but never longer than this many seconds [default: 30]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub max_duration: Option<f64>,
     /// Seconds before a request without a full response counts as an error
     /// [default: 30]
-    #[arg(long, value_name = "SECONDS")]
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub request_timeout: Option<f64>,
     /// Threads generating load [default: 2, or 1 on a one-core machine]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = count::<usize>)]
     pub threads: Option<usize>,
 }
 
@@ -116,14 +131,14 @@ pub struct ProbeArgs {
     pub service: Option<String>,
     /// Highest passing error rate, 0..1 (non-2xx and transport errors)
     /// [default: the file's error_threshold, else 0.05]
-    #[arg(long, value_name = "FRACTION")]
+    #[arg(long, value_name = "FRACTION", allow_negative_numbers = true)]
     pub error_threshold: Option<f64>,
     /// Highest passing p99 in milliseconds
     /// [default: the file's latency_threshold_ms, else 2000]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", allow_negative_numbers = true)]
     pub latency_threshold_ms: Option<f64>,
     /// Highest concurrency to try [default: 256]
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", allow_negative_numbers = true, value_parser = count::<usize>)]
     pub max_concurrency: Option<usize>,
     #[command(flatten)]
     pub level: LevelArgs,
@@ -137,6 +152,10 @@ pub struct ProbeArgs {
     /// Measure and report, but write neither the file nor Redis
     #[arg(long)]
     pub dry_run: bool,
+    /// When interrupted (Ctrl-C, SIGTERM), still write and push the
+    /// endpoints that finished; without it an interrupted run writes nothing
+    #[arg(long)]
+    pub write_partial: bool,
     #[command(flatten)]
     pub output: OutputArgs,
 }
@@ -156,21 +175,21 @@ pub struct SweepArgs {
     #[command(flatten)]
     pub request: RequestArgs,
     /// Concurrency levels, comma-separated [default: 1,2,4,8,16,32,64]
-    #[arg(long, value_delimiter = ',', value_name = "N,N,...")]
+    #[arg(long, value_delimiter = ',', value_name = "N,N,...", allow_negative_numbers = true, value_parser = count::<usize>)]
     pub levels: Vec<usize>,
     /// Run every level even after two saturated ones in a row
     #[arg(long)]
     pub all_levels: bool,
     /// Error rate above which a level counts as saturated
     /// [default: the file's error_threshold, else 0.05]
-    #[arg(long, value_name = "FRACTION")]
+    #[arg(long, value_name = "FRACTION", allow_negative_numbers = true)]
     pub error_threshold: Option<f64>,
     /// Requests per second the service must serve, for the sizing line
-    #[arg(long, value_name = "RPS")]
+    #[arg(long, value_name = "RPS", allow_negative_numbers = true)]
     pub target_rps: Option<f64>,
     /// p95 in milliseconds the service must keep, for the sizing line
     /// [default: the p95 measured at the threshold]
-    #[arg(long, value_name = "MS")]
+    #[arg(long, value_name = "MS", allow_negative_numbers = true)]
     pub target_p95_ms: Option<f64>,
     #[command(flatten)]
     pub level: LevelArgs,

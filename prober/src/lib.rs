@@ -31,6 +31,8 @@ pub mod exit {
     pub const UNREACHABLE: u8 = 3;
     pub const NO_PASSING_LEVEL: u8 = 4;
     pub const STORAGE: u8 = 5;
+    /// Ctrl-C or SIGTERM (128 + SIGINT, as shells report it).
+    pub const INTERRUPTED: u8 = 130;
 }
 
 /// Failures with their own exit code. Anything else exits with 1.

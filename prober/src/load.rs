@@ -16,7 +16,7 @@ use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -103,6 +103,11 @@ pub struct LevelStats {
     pub threads: usize,
     /// One example of a transport error, for the report.
     pub first_error: Option<String>,
+    /// Transport errors by kind (`reset`, `refused`, `timeout`, `closed`, …).
+    pub transport_kinds: BTreeMap<&'static str, u64>,
+    /// The `Location` of the first redirect answered: redirects are not
+    /// followed, so they count as errors and the report says where they point.
+    pub redirect: Option<String>,
 }
 
 impl LevelStats {
@@ -123,6 +128,8 @@ impl LevelStats {
             cpu_wait_seconds: None,
             threads,
             first_error: None,
+            transport_kinds: BTreeMap::new(),
+            redirect: None,
         }
     }
 
@@ -226,6 +233,12 @@ impl LevelStats {
         if self.first_error.is_none() {
             self.first_error.clone_from(&other.first_error);
         }
+        for (kind, n) in &other.transport_kinds {
+            *self.transport_kinds.entry(kind).or_default() += n;
+        }
+        if self.redirect.is_none() {
+            self.redirect.clone_from(&other.redirect);
+        }
     }
 
     /// Every measured attempt failed to connect: the target is gone.
@@ -233,18 +246,28 @@ impl LevelStats {
         self.connect_errors > 0 && self.connect_errors == self.requests
     }
 
-    /// A short account of the errors, e.g. `503 x812, timeout x2`.
+    /// A short account of the errors, e.g. `503 x812, reset x3, timeout x2`.
     pub fn error_summary(&self) -> String {
         let mut parts: Vec<String> = self
             .statuses
             .iter()
             .map(|(code, n)| format!("{code} x{n}"))
             .collect();
-        if self.transport_errors > 0 {
-            parts.push(format!("transport x{}", self.transport_errors));
+        let mut named = 0;
+        for (kind, n) in &self.transport_kinds {
+            parts.push(format!("{kind} x{n}"));
+            named += n;
+        }
+        if self.transport_errors > named {
+            parts.push(format!("transport x{}", self.transport_errors - named));
         }
         if self.timeouts > 0 {
             parts.push(format!("timeout x{}", self.timeouts));
+        }
+        if let Some(to) = &self.redirect {
+            parts.push(format!(
+                "redirects to {to} are not followed: probe the path it points to"
+            ));
         }
         parts.join(", ")
     }
@@ -258,6 +281,34 @@ const WARMUP: u8 = 0;
 const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
+/// Set on SIGINT/SIGTERM (see `interrupt`): the level in progress stops at
+/// once, abandoning requests in flight.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Stops the level in progress and every later one.
+pub fn interrupt() {
+    INTERRUPTED.store(true, Relaxed);
+}
+
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Relaxed)
+}
+
+/// Turns SIGINT and SIGTERM into [`interrupt`], so a probe can report what
+/// it finished. A second signal ends the process at once.
+pub fn stop_on_signals() {
+    extern "C" fn on_signal(_: libc::c_int) {
+        // Only async-signal-safe work here: an atomic, or _exit.
+        if INTERRUPTED.swap(true, Relaxed) {
+            unsafe { libc::_exit(crate::exit::INTERRUPTED as libc::c_int) };
+        }
+    }
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only touches an atomic or calls _exit.
+        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    }
+}
+
 struct Shared {
     target: Target,
     request: RequestSpec,
@@ -267,6 +318,15 @@ struct Shared {
     measured: AtomicU64,
     /// Of those, the failed ones, so the controller can stop a lost cause.
     failed: AtomicU64,
+    /// Anything that came back at all, warm-up included (a response, a
+    /// reset), but not a timeout: with none after `request_timeout` the
+    /// level is judged at once instead of waiting out a window of timeouts.
+    answered: AtomicU64,
+    /// Set with `phase = STOP` when requests in flight are to be dropped
+    /// rather than waited for (interrupted, or nothing answers).
+    abandon: AtomicBool,
+    /// One per load thread, woken when `abandon` is set.
+    wake: Vec<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -280,6 +340,8 @@ struct WorkerTally {
     completed_in_window: u64,
     ok_in_window: u64,
     first_error: Option<String>,
+    transport_kinds: BTreeMap<&'static str, u64>,
+    redirect: Option<String>,
 }
 
 /// Runs one level: `concurrency` connections in a closed loop, warm-up, then
@@ -303,6 +365,11 @@ pub fn run_level(
         phase: AtomicU8::new(WARMUP),
         measured: AtomicU64::new(0),
         failed: AtomicU64::new(0),
+        answered: AtomicU64::new(0),
+        abandon: AtomicBool::new(false),
+        wake: (0..threads.clamp(1, concurrency.max(1)))
+            .map(|_| tokio::sync::Notify::new())
+            .collect(),
     });
     let threads = threads.clamp(1, concurrency.max(1));
     let mut handles = Vec::with_capacity(threads);
@@ -317,7 +384,7 @@ pub fn run_level(
             .spawn(move || {
                 runtime.block_on(async move {
                     let workers: Vec<_> = (0..connections)
-                        .map(|_| tokio::spawn(worker(for_thread.clone())))
+                        .map(|_| tokio::spawn(worker(for_thread.clone(), t)))
                         .collect();
                     let mut results = Vec::with_capacity(workers.len());
                     for w in workers {
@@ -340,7 +407,19 @@ pub fn run_level(
         }
     }
 
-    std::thread::sleep(timing.warmup);
+    let level_start = Instant::now();
+    // Nothing at all came back within a request timeout: the level has
+    // failed, and waiting out its window would only add timeouts.
+    let silent =
+        || level_start.elapsed() >= timing.request_timeout && shared.answered.load(Relaxed) == 0;
+    let mut abandon = false;
+    while level_start.elapsed() < timing.warmup {
+        if interrupted() || silent() {
+            abandon = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10).min(timing.warmup));
+    }
     let cpu_start = process_cpu_seconds();
     let wait_start = process_cpu_wait_seconds();
     let start = Instant::now();
@@ -361,12 +440,24 @@ pub fn run_level(
         let enough = elapsed >= timing.duration
             && (shared.measured.load(Relaxed) >= timing.min_samples
                 || elapsed >= timing.max_duration);
-        if enough || lost_cause(elapsed) {
+        if abandon || enough || lost_cause(elapsed) {
+            break;
+        }
+        if interrupted() || silent() {
+            abandon = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(10).min(timing.duration));
     }
+    if abandon {
+        shared.abandon.store(true, Relaxed);
+    }
     shared.phase.store(STOP, Relaxed);
+    if abandon {
+        for w in &shared.wake {
+            w.notify_waiters();
+        }
+    }
     let window = start.elapsed();
     let cpu_seconds = process_cpu_seconds() - cpu_start;
     let cpu_wait_seconds = match (wait_start, process_cpu_wait_seconds()) {
@@ -398,16 +489,52 @@ pub fn run_level(
             if stats.first_error.is_none() {
                 stats.first_error = tally.first_error;
             }
+            for (kind, n) in tally.transport_kinds {
+                *stats.transport_kinds.entry(kind).or_default() += n;
+            }
+            if stats.redirect.is_none() {
+                stats.redirect = tally.redirect;
+            }
         }
     }
     Ok(stats)
 }
 
 enum Outcome {
-    Status(u16),
-    Connect(String),
-    Transport(String),
+    /// The status, and the `Location` of a redirect.
+    Status(u16, Option<String>),
+    Connect(&'static str, String),
+    Transport(&'static str, String),
     Timeout,
+}
+
+/// What kind of transport failure `e` is, for the report: a count of
+/// `transport` alone says nothing about what to look at.
+fn transport_kind(e: &(dyn std::error::Error + 'static)) -> &'static str {
+    use std::io::ErrorKind;
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                ErrorKind::ConnectionReset => "reset",
+                ErrorKind::ConnectionRefused => "refused",
+                ErrorKind::ConnectionAborted => "aborted",
+                ErrorKind::TimedOut => "timed out",
+                ErrorKind::BrokenPipe => "broken pipe",
+                _ => "transport",
+            };
+        }
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() {
+                return "closed";
+            }
+            if h.is_parse() {
+                return "bad response";
+            }
+        }
+        cur = err.source();
+    }
+    "transport"
 }
 
 type Connection = (
@@ -420,17 +547,27 @@ type Connection = (
 async fn open(addr: SocketAddr) -> Result<Connection, Outcome> {
     let stream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(Outcome::Connect(format!("connect: {e}"))),
-        Err(_) => return Err(Outcome::Connect("connect: timed out".into())),
+        Ok(Err(e)) => {
+            return Err(Outcome::Connect(
+                transport_kind(&e),
+                format!("connect: {e}"),
+            ))
+        }
+        Err(_) => {
+            return Err(Outcome::Connect(
+                "connect timeout",
+                "connect: timed out".into(),
+            ))
+        }
     };
     // Latency of small requests, not Nagle's delay, is what we measure.
     let _ = stream.set_nodelay(true);
     http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| Outcome::Transport(format!("handshake: {e}")))
+        .map_err(|e| Outcome::Transport(transport_kind(&e), format!("handshake: {e}")))
 }
 
-async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
+async fn worker(shared: Arc<Shared>, thread: usize) -> (WorkerTally, Histogram<u64>) {
     let mut tally = WorkerTally::default();
     let mut hist = new_histogram();
     while shared.phase.load(Relaxed) != STOP {
@@ -453,8 +590,20 @@ async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
         };
         // Drive the connection and the request loop in this one task; the loop
         // drops `sender` when it ends, which lets `conn` finish.
-        let requests = request_loop(&shared, sender, &mut tally, &mut hist);
-        let _ = tokio::join!(conn, requests);
+        let requests = request_loop(&shared, thread, sender, &mut tally, &mut hist);
+        tokio::pin!(conn);
+        tokio::pin!(requests);
+        let mut conn_done = false;
+        loop {
+            tokio::select! {
+                _ = &mut conn, if !conn_done => conn_done = true,
+                _ = &mut requests => break,
+            }
+        }
+        // An abandoned request may never be answered: do not wait for it.
+        if !conn_done && !shared.abandon.load(Relaxed) {
+            let _ = conn.await;
+        }
     }
     (tally, hist)
 }
@@ -463,6 +612,7 @@ async fn worker(shared: Arc<Shared>) -> (WorkerTally, Histogram<u64>) {
 /// can no longer be used (closed by the target, or an error).
 async fn request_loop(
     shared: &Shared,
+    thread: usize,
     mut sender: http1::SendRequest<Full<Bytes>>,
     tally: &mut WorkerTally,
     hist: &mut Histogram<u64>,
@@ -493,20 +643,39 @@ async fn request_loop(
         let exchange = async {
             let response = sender.send_request(request).await?;
             let status = response.status().as_u16();
+            let location = response
+                .status()
+                .is_redirection()
+                .then(|| response.headers().get(hyper::header::LOCATION))
+                .flatten()
+                .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
             // Read the whole body (a response is done when its last byte is
             // in), dropping each frame rather than collecting them.
             let mut body = response.into_body();
             while let Some(frame) = body.frame().await {
                 frame?;
             }
-            Ok::<u16, hyper::Error>(status)
+            Ok::<_, hyper::Error>((status, location))
         };
-        let outcome = match tokio::time::timeout(shared.request_timeout, exchange).await {
-            Ok(Ok(status)) => Outcome::Status(status),
-            Ok(Err(e)) => Outcome::Transport(e.to_string()),
-            Err(_) => Outcome::Timeout,
+        // Registered before the phase is read again, so a wake-up between
+        // the two is not missed.
+        let abandoned = shared.wake[thread].notified();
+        tokio::pin!(abandoned);
+        abandoned.as_mut().enable();
+        if shared.abandon.load(Relaxed) {
+            return;
+        }
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(shared.request_timeout, exchange) => match r {
+                Ok(Ok((status, location))) => Outcome::Status(status, location),
+                Ok(Err(e)) => Outcome::Transport(transport_kind(&e), e.to_string()),
+                Err(_) => Outcome::Timeout,
+            },
+            // A request still waiting is dropped: it has waited at least a
+            // request timeout with nothing answering, or the run was interrupted.
+            _ = &mut abandoned => Outcome::Timeout,
         };
-        let reusable = matches!(outcome, Outcome::Status(_));
+        let reusable = matches!(outcome, Outcome::Status(..));
         account(shared, tally, hist, phase_at_start, started, outcome);
         if !reusable {
             // After a timeout or a broken exchange the connection's state is
@@ -526,9 +695,12 @@ fn account(
 ) {
     let finished = Instant::now();
     let mut latency = finished - started;
+    if !matches!(outcome, Outcome::Timeout) {
+        shared.answered.fetch_add(1, Relaxed);
+    }
     if shared.phase.load(Relaxed) == MEASURE {
         tally.completed_in_window += 1;
-        if matches!(outcome, Outcome::Status(code) if (200..300).contains(&code)) {
+        if matches!(outcome, Outcome::Status(code, _) if (200..300).contains(&code)) {
             tally.ok_in_window += 1;
         }
     }
@@ -537,26 +709,31 @@ fn account(
     }
     tally.requests += 1;
     shared.measured.fetch_add(1, Relaxed);
-    if !matches!(outcome, Outcome::Status(code) if (200..300).contains(&code)) {
+    if !matches!(outcome, Outcome::Status(code, _) if (200..300).contains(&code)) {
         shared.failed.fetch_add(1, Relaxed);
     }
     match outcome {
-        Outcome::Status(code) if (200..300).contains(&code) => {}
-        Outcome::Status(code) => {
+        Outcome::Status(code, _) if (200..300).contains(&code) => {}
+        Outcome::Status(code, location) => {
             tally.errors += 1;
             *tally.statuses.entry(code).or_default() += 1;
+            if tally.redirect.is_none() {
+                tally.redirect = location;
+            }
         }
-        Outcome::Connect(e) => {
+        Outcome::Connect(kind, e) => {
             tally.errors += 1;
             tally.transport_errors += 1;
             tally.connect_errors += 1;
+            *tally.transport_kinds.entry(kind).or_default() += 1;
             if tally.first_error.is_none() {
                 tally.first_error = Some(e);
             }
         }
-        Outcome::Transport(e) => {
+        Outcome::Transport(kind, e) => {
             tally.errors += 1;
             tally.transport_errors += 1;
+            *tally.transport_kinds.entry(kind).or_default() += 1;
             if tally.first_error.is_none() {
                 tally.first_error = Some(e);
             }
@@ -615,6 +792,22 @@ mod tests {
         s.ok_in_window = latencies_ms.len() as u64 - errors;
         s.window = Duration::from_secs(2);
         s
+    }
+
+    #[test]
+    fn errors_are_named_by_kind() {
+        let mut s = stats_with(&[5, 5, 5, 5], 4);
+        s.transport_errors = 3;
+        s.transport_kinds.insert("reset", 2);
+        s.transport_kinds.insert("refused", 1);
+        s.statuses.insert(302, 1);
+        s.redirect = Some("/login".into());
+        assert_eq!(
+            s.error_summary(),
+            "302 x1, refused x1, reset x2, redirects to /login are not followed: probe the path it points to"
+        );
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(transport_kind(&reset), "reset");
     }
 
     #[test]

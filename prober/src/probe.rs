@@ -46,6 +46,8 @@ struct LoadRunner<'a> {
     threads: usize,
     progress: &'a Progress,
     path: &'a str,
+    /// Every run judged so far, kept for the report of an interrupted search.
+    runs: Vec<RunReport>,
 }
 
 impl LevelRunner for LoadRunner<'_> {
@@ -57,6 +59,9 @@ impl LevelRunner for LoadRunner<'_> {
         ));
         let stats = load::run_level(self.target, self.request, n, &self.timing, self.threads)
             .map_err(|e| Abort(format!("cannot start the load threads: {e}")))?;
+        if load::interrupted() {
+            return Err(Abort("interrupted".into()));
+        }
         if stats.unreachable() {
             return Err(Abort(
                 stats
@@ -69,6 +74,7 @@ impl LevelRunner for LoadRunner<'_> {
     }
 
     fn judged(&mut self, run: &search::Run) {
+        self.runs.push(RunReport::from(run));
         self.progress.line(report::run_line(self.path, run));
     }
 }
@@ -232,13 +238,17 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         (Some(url), false) => Some(connect_redis(url, &service)?),
         _ => None,
     };
+    if let (Some(path), false) = (&args.config, args.dry_run) {
+        check_writable(path)?;
+    }
     let target = target::connect_target(&args.url)?;
     let requests: Vec<RequestSpec> = planned
         .iter()
         .map(|p| target::request_spec(&p.spec))
         .collect::<Result<_, _>>()?;
 
-    // 2. Measure.
+    // 2. Measure. From here on a signal stops the load and reports.
+    load::stop_on_signals();
     let mut found = probe_all(
         args,
         &settings,
@@ -248,8 +258,13 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         redis.as_mut(),
     )?;
 
-    // 3. Write the file.
-    let config_written = !args.dry_run && write_file(args, &settings, &service, &mut found)?;
+    if found.interrupted {
+        found.settle_interrupt(args.write_partial, planned.len());
+    }
+
+    // 3. Write the file. A failure here must not cost the measurements: they
+    // are reported below, with what to set by hand.
+    let config_written = !args.dry_run && write_file(args, &settings, &service, &mut found);
 
     // 4. Push.
     found.mark_redis(redis_url.is_some(), args.dry_run);
@@ -261,7 +276,7 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     let report = ProbeReport {
         command: "probe",
         version: env!("CARGO_PKG_VERSION"),
-        target: args.url.clone(),
+        target: crate::redis_records::redact(&args.url),
         config: args.config.as_ref().map(|p| p.display().to_string()),
         service,
         thresholds: ThresholdsReport {
@@ -338,26 +353,109 @@ fn connect_redis(url: &str, service: &str) -> Result<RedisRecords, ProberError> 
 }
 
 /// Writes the capacities found into `--config`, if there is one and there
-/// is something to write; says whether it did.
-fn write_file(
-    args: &ProbeArgs,
-    settings: &Settings,
-    service: &str,
-    found: &mut Findings,
-) -> anyhow::Result<bool> {
+/// is something to write; says whether it did. A failure becomes a problem
+/// of the run that lists the capacities to set by hand.
+fn write_file(args: &ProbeArgs, settings: &Settings, service: &str, found: &mut Findings) -> bool {
     let Some(path) = &args.config else {
-        return Ok(false);
+        return false;
     };
     if found.edits.is_empty() {
-        return Ok(false);
+        return false;
     }
-    write_capacities(path, &found.edits, &new_file_top(args, settings, service))?;
+    if let Err(e) = write_capacities(path, &found.edits, &new_file_top(args, settings, service)) {
+        found.problems.push(format!(
+            "{e:#}. {} is unchanged; set by hand: {}",
+            path.display(),
+            by_hand(&found.edits)
+        ));
+        found.fail(crate::exit_code_of(&e));
+        return false;
+    }
     for r in found.reports.iter_mut() {
         if found.edits.iter().any(|e| e.path() == r.path) {
             r.written = true;
         }
     }
-    Ok(true)
+    true
+}
+
+/// The capacities of `edits` as a person would set them in the file.
+fn by_hand(edits: &[Edit]) -> String {
+    edits
+        .iter()
+        .map(|e| match e {
+            Edit::SetCapacity { path, capacity, .. } => {
+                format!("endpoints.{path}.capacity: {capacity}")
+            }
+            Edit::AddEndpoint { path, settings, .. } => {
+                format!("endpoints.{path}: {}", Value::Object(settings.clone()))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Checks, before any load, that `path` can be replaced: it is not
+/// read-only, and its directory takes the new file (the replace is a rename
+/// from there). Root ignores permission bits, so the mode is checked too.
+pub fn check_writable(path: &Path) -> Result<(), ProberError> {
+    use std::os::unix::fs::MetadataExt;
+    let shown = path.display();
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Ok(meta) = std::fs::metadata(&real) {
+        if meta.mode() & 0o222 == 0 {
+            return Err(ProberError::Usage(format!(
+                "{shown} is read-only (mode {:o}): the prober would replace it; make it writable \
+                 (chmod u+w) or pass --dry-run",
+                meta.mode() & 0o7777
+            )));
+        }
+        if !access_writable(&real) {
+            return Err(ProberError::Usage(format!(
+                "{shown}: permission denied (owned by uid {}); nothing was measured",
+                meta.uid()
+            )));
+        }
+        let euid = unsafe { libc::geteuid() };
+        if euid != 0 && meta.uid() != euid {
+            return Err(ProberError::Usage(format!(
+                "{shown} is owned by uid {}: replacing it would make it yours (uid {euid}); \
+                 run as its owner or as root",
+                meta.uid()
+            )));
+        }
+    }
+    let dir = parent_dir(&real);
+    if !dir.is_dir() {
+        return Err(ProberError::Usage(format!(
+            "{shown}: directory {} does not exist",
+            dir.display()
+        )));
+    }
+    if !access_writable(&dir) {
+        return Err(ProberError::Usage(format!(
+            "{shown}: cannot write in {} (permission denied), and the file is replaced by a new \
+             one from there; nothing was measured",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+fn access_writable(p: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(p.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+}
+
+fn parent_dir(p: &Path) -> std::path::PathBuf {
+    match p.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    }
 }
 
 /// What the run found, endpoint by endpoint, and what it owes the file and
@@ -371,9 +469,31 @@ struct Findings {
     to_push: Vec<(usize, CapacityRecord)>,
     problems: Vec<String>,
     exit_code: u8,
+    interrupted: bool,
 }
 
 impl Findings {
+    /// After Ctrl-C or SIGTERM: nothing is written or pushed unless the
+    /// finished endpoints are asked for.
+    fn settle_interrupt(&mut self, write_partial: bool, planned: usize) {
+        let finished = self
+            .reports
+            .iter()
+            .filter(|r| r.outcome != Outcome::NotProbed)
+            .count();
+        let what = if write_partial {
+            "writing those (--write-partial)"
+        } else {
+            self.edits.clear();
+            self.to_push.clear();
+            "nothing written (--write-partial writes them)"
+        };
+        self.problems.push(format!(
+            "interrupted: {finished} of {planned} endpoints finished; {what}"
+        ));
+        self.exit_code = exit::INTERRUPTED;
+    }
+
     /// Records a failure's exit code, unless an earlier failure set one.
     fn fail(&mut self, code: u8) {
         if self.exit_code == exit::OK {
@@ -453,11 +573,16 @@ fn probe_all(
         to_push: Vec::new(),
         problems: Vec::new(),
         exit_code: exit::OK,
+        interrupted: false,
     };
     let mut aborted: Option<String> = None;
     for (p, request) in planned.iter().zip(requests) {
         let idx = found.reports.len();
         let mut rep = EndpointReport::new(&p.spec.path, &p.spec.method, Outcome::NotProbed);
+        if load::interrupted() && aborted.is_none() {
+            aborted = Some("interrupted".into());
+            found.interrupted = true;
+        }
         if let Some(reason) = &aborted {
             rep.note = Some(format!("not probed: {reason}"));
         } else if let Some(record) = kept_from_file(args, p, &mut rep) {
@@ -478,6 +603,10 @@ fn probe_all(
                         settings.thresholds.p99_ms
                     ));
                     found.fail(exit::NO_PASSING_LEVEL);
+                }
+                Measured::Interrupted => {
+                    aborted = Some("interrupted".into());
+                    found.interrupted = true;
                 }
                 Measured::Unreachable(reason) => {
                     found.problems.push(reason.clone());
@@ -556,6 +685,8 @@ enum Measured {
     NoPassingLevel,
     /// The target stopped answering; the reason names the endpoint.
     Unreachable(String),
+    /// Ctrl-C or SIGTERM while measuring; the runs so far are in the report.
+    Interrupted,
 }
 
 /// Searches for the endpoint's capacity under real load; fills `rep` with
@@ -577,11 +708,20 @@ fn measure(
         threads: settings.threads,
         progress,
         path,
+        runs: Vec::new(),
     };
     let result = search::find_capacity(&mut runner, settings.thresholds, settings.max_concurrency);
     rep.elapsed_s = report::round(started.elapsed().as_secs_f64(), 2);
     let result = match result {
         Ok(r) => r,
+        Err(Abort(_)) if load::interrupted() => {
+            rep.note = Some(format!(
+                "interrupted after {} runs; not written",
+                runner.runs.len()
+            ));
+            rep.runs = std::mem::take(&mut runner.runs);
+            return Measured::Interrupted;
+        }
         Err(Abort(reason)) => {
             let reason = format!("the target stopped answering while probing {path}: {reason}");
             rep.note = Some(reason.clone());
@@ -719,41 +859,26 @@ pub fn write_capacities(
     top: &Map<String, Value>,
 ) -> anyhow::Result<()> {
     let shown = path.display();
-    let manual = || {
-        edits
-            .iter()
-            .map(|e| match e {
-                Edit::SetCapacity { path, capacity, .. } => {
-                    format!("endpoints.{path}.capacity: {capacity}")
-                }
-                Edit::AddEndpoint { path, settings, .. } => {
-                    format!("endpoints.{path}: {}", Value::Object(settings.clone()))
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
     let text = if path.exists() {
         let current = std::fs::read_to_string(path).with_context(|| format!("reading {shown}"))?;
         // It must still be a valid config: never write over a file that broke meanwhile.
         config_file::parse_text(&shown.to_string(), &current)?;
         config_edit::apply(&current, edits).map_err(|e| {
-            anyhow::anyhow!(
-                "could not write the capacities into {shown} safely: {e}. The file is unchanged; \
-                 set them by hand: {}",
-                manual()
-            )
+            anyhow::anyhow!("could not write the capacities into {shown} safely: {e}")
         })?
     } else {
         config_edit::new_document(top, edits)
             .map_err(|e| anyhow::anyhow!("could not create {shown}: {e}"))?
     };
+    // Checked again: it may have changed while we measured. Not a usage
+    // error any more, since the load has run.
+    check_writable(path).map_err(|e| anyhow::anyhow!("{e}"))?;
     replace_file(path, &text).with_context(|| format!("writing {shown}"))
 }
 
 /// Writes `text` to `path` by renaming a temporary file from the same
-/// directory over it, keeping the old file's permissions: readers see the old
-/// file or the new one, never half of one.
+/// directory over it, keeping the old file's permissions and owner: readers
+/// see the old file or the new one, never half of one.
 pub fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     // Through a symlink, replace the file it points to, not the link.
@@ -761,10 +886,7 @@ pub fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
         Ok(p) => p,
         Err(_) => path.to_path_buf(),
     };
-    let dir = match real.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+    let dir = parent_dir(&real);
     let name = real
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -775,9 +897,19 @@ pub fn replace_file(path: &Path, text: &str) -> std::io::Result<()> {
         .tempfile_in(&dir)?;
     tmp.write_all(text.as_bytes())?;
     tmp.as_file().sync_all()?;
-    let perms = match std::fs::metadata(&real) {
-        Ok(m) => m.permissions(),
-        Err(_) => std::fs::Permissions::from_mode(0o644),
+    let old = std::fs::metadata(&real).ok();
+    if let Some(m) = &old {
+        use std::os::unix::fs::MetadataExt;
+        let new = tmp.as_file().metadata()?;
+        if (new.uid(), new.gid()) != (m.uid(), m.gid()) {
+            // Only root can give a file away; anyone else was stopped by
+            // check_writable, so a failure here is a real one.
+            std::os::unix::fs::fchown(tmp.as_file(), Some(m.uid()), Some(m.gid()))?;
+        }
+    }
+    let perms = match &old {
+        Some(m) => m.permissions(),
+        None => std::fs::Permissions::from_mode(0o644),
     };
     std::fs::set_permissions(tmp.path(), perms)?;
     tmp.persist(&real).map_err(|e| e.error)?;
@@ -836,5 +968,36 @@ mod tests {
         assert_eq!(mode, 0o640);
         // No temporary files left behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    }
+
+    #[test]
+    fn replace_keeps_the_owner() {
+        use std::os::unix::fs::MetadataExt;
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root can make a file someone else's
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sluice.yaml");
+        std::fs::write(&p, "a: 1\n").unwrap();
+        std::os::unix::fs::chown(&p, Some(65534), Some(65534)).unwrap();
+        replace_file(&p, "a: 2\n").unwrap();
+        let m = std::fs::metadata(&p).unwrap();
+        assert_eq!((m.uid(), m.gid()), (65534, 65534));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "a: 2\n");
+    }
+
+    #[test]
+    fn read_only_files_and_missing_directories_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sluice.yaml");
+        std::fs::write(&p, "a: 1\n").unwrap();
+        assert!(check_writable(&p).is_ok());
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let e = check_writable(&p).unwrap_err();
+        assert!(e.to_string().contains("is read-only (mode 444)"), "{e}");
+        assert_eq!(e.exit_code(), crate::exit::USAGE);
+        let e = check_writable(&dir.path().join("no/such.yaml")).unwrap_err();
+        assert!(e.to_string().contains("does not exist"), "{e}");
     }
 }

@@ -1,12 +1,16 @@
 //! Progress on stderr while a person watches: a spinner naming the level
-//! being run and one line per finished level. Hidden when stderr is not a
-//! terminal (indicatif's own check) and with --quiet.
+//! being run and one line per finished level. When stderr is not a terminal
+//! (a CI log, a file) only the lines are printed, plainly; nothing with
+//! --quiet.
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::io::IsTerminal;
 use std::time::Duration;
 
 pub struct Progress {
     bar: ProgressBar,
+    /// Lines go straight to stderr: nobody watches a spinner in a log.
+    plain: bool,
 }
 
 impl Progress {
@@ -23,7 +27,8 @@ impl Progress {
         if !bar.is_hidden() {
             bar.enable_steady_tick(Duration::from_millis(120));
         }
-        Progress { bar }
+        let plain = !quiet && !std::io::stderr().is_terminal();
+        Progress { bar, plain }
     }
 
     /// What is running now.
@@ -33,7 +38,11 @@ impl Progress {
 
     /// A line that stays above the spinner.
     pub fn line(&self, msg: String) {
-        self.bar.println(msg);
+        if self.plain {
+            eprintln!("{msg}");
+        } else {
+            self.bar.println(msg);
+        }
     }
 
     pub fn finish(&self) {

@@ -38,7 +38,12 @@ impl RedisRecords {
         let fail = |e: redis::RedisError| {
             ProberError::Storage(format!("cannot connect to Redis at {shown_url}: {e}"))
         };
-        let client = redis::Client::open(url).map_err(fail)?;
+        // A URL that does not parse is a usage mistake, not an unreachable Redis.
+        let client = redis::Client::open(url).map_err(|e| {
+            ProberError::Usage(format!(
+                "Redis URL {shown_url}: not a valid redis:// URL: {e}"
+            ))
+        })?;
         let mut conn = client
             .get_connection_with_timeout(CONNECT_TIMEOUT)
             .map_err(fail)?;
@@ -113,5 +118,14 @@ mod tests {
         assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
         assert_eq!(redact("redis://h:6379"), "redis://h:6379");
+    }
+
+    #[test]
+    fn a_malformed_url_is_bad_usage() {
+        let e = RedisRecords::connect("redis://:pw@h:notaport", "s")
+            .err()
+            .unwrap();
+        assert_eq!(e.exit_code(), crate::exit::USAGE, "{e}");
+        assert!(!e.to_string().contains("pw"), "{e}");
     }
 }

@@ -39,7 +39,7 @@ fn flag_seconds(
         }
         Some(s) => Err(ProberError::Usage(format!(
             "{flag} {s}: must be a number of seconds {} 0 and at most 3600",
-            if allow_zero { "from" } else { "greater than" }
+            if allow_zero { "≥" } else { ">" }
         ))),
     }
 }
@@ -56,6 +56,17 @@ pub fn resolve(
     let no_file = FileSettings::default();
     let file = file.unwrap_or(&no_file);
     let usage = |e: sluice_core::config::ConfigError| ProberError::Usage(e.to_string());
+    // serde_json turns NaN into null, which would read "got null".
+    for (flag, v) in [
+        ("--error-threshold", error_threshold),
+        ("--latency-threshold-ms", latency_threshold_ms),
+    ] {
+        if v.is_some_and(f64::is_nan) {
+            return Err(ProberError::Usage(format!(
+                "{flag}: must be a number, got NaN"
+            )));
+        }
+    }
     let error_rate = match error_threshold {
         Some(f) => {
             config_file::error_threshold(&Value::from(f), "--error-threshold").map_err(usage)?
@@ -75,10 +86,19 @@ pub fn resolve(
     let duration = flag_seconds(level.duration, "--duration", false)?
         .or(file.duration)
         .unwrap_or(DEFAULT_DURATION);
-    let max_duration = flag_seconds(level.max_duration, "--max-duration", false)?
-        .or(file.max_duration)
-        .unwrap_or(DEFAULT_MAX_DURATION)
-        .max(duration);
+    let max_duration =
+        match flag_seconds(level.max_duration, "--max-duration", false)?.or(file.max_duration) {
+            Some(m) if m < duration => {
+                return Err(ProberError::Usage(format!(
+                    "max_duration ({} s) must be ≥ duration ({} s): it is how long a level may \
+                 run past duration to reach min_samples",
+                    m.as_secs_f64(),
+                    duration.as_secs_f64()
+                )))
+            }
+            Some(m) => m,
+            None => DEFAULT_MAX_DURATION.max(duration),
+        };
     let request_timeout = flag_seconds(level.request_timeout, "--request-timeout", false)?
         .or(file.request_timeout)
         .unwrap_or(DEFAULT_REQUEST_TIMEOUT);
@@ -177,5 +197,35 @@ mod tests {
         flags.duration = Some(0.0);
         let e = resolve(&flags, None, None, None, None).unwrap_err();
         assert_eq!(e.exit_code(), crate::exit::USAGE);
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = resolve(&no_flags(), Some(f64::NAN), None, None, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--error-threshold: must be a number, got NaN"
+        );
+        let mut flags = no_flags();
+        flags.warmup = Some(-1.0);
+        let e = resolve(&flags, None, None, None, None).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--warmup -1: must be a number of seconds ≥ 0 and at most 3600"
+        );
+        let mut flags = no_flags();
+        flags.max_duration = Some(1.0);
+        flags.duration = Some(5.0);
+        let e = resolve(&flags, None, None, None, None).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("max_duration (1 s) must be ≥ duration (5 s)"),
+            "{e}"
+        );
+        // Without max_duration, a long duration raises the default.
+        let mut flags = no_flags();
+        flags.duration = Some(40.0);
+        let s = resolve(&flags, None, None, None, None).unwrap();
+        assert_eq!(s.timing.max_duration, Duration::from_secs(40));
     }
 }

@@ -355,7 +355,7 @@ impl SweepReport {
         SweepReport {
             command: "sweep",
             version: env!("CARGO_PKG_VERSION"),
-            target: args.url.clone(),
+            target: crate::redis_records::redact(&args.url),
             endpoint: spec.path.clone(),
             method: spec.method.clone(),
             error_threshold: settings.thresholds.error_rate,

@@ -2,6 +2,7 @@
 
 use crate::config_file::{self, body_bytes, EndpointSpec};
 use crate::load::{RequestSpec, Target};
+use crate::redis_records::redact;
 use crate::ProberError;
 use bytes::Bytes;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
@@ -16,7 +17,7 @@ const PREFLIGHT_TIMEOUT: Duration = Duration::from_secs(3);
 pub fn connect_target(url: &str) -> Result<Target, ProberError> {
     let (host, port) = parse_url(url)?;
     let unreachable = |reason: String| ProberError::Unreachable {
-        url: url.to_string(),
+        url: redact(url),
         reason,
     };
     let addrs: Vec<SocketAddr> = (host.as_str(), port)
@@ -45,7 +46,7 @@ pub fn connect_target(url: &str) -> Result<Target, ProberError> {
 
 /// `http://host[:port][/]` → host and port.
 pub fn parse_url(url: &str) -> Result<(String, u16), ProberError> {
-    let bad = |why: &str| ProberError::Usage(format!("--url {url:?}: {why}"));
+    let bad = |why: &str| ProberError::Usage(format!("--url {:?}: {why}", redact(url)));
     let uri: Uri = url
         .parse()
         .map_err(|_| bad("not a URL; expected http://host:port"))?;
@@ -156,6 +157,24 @@ mod tests {
             let e = parse_url(url).unwrap_err().to_string();
             assert!(e.contains(why), "{url}: {e}");
         }
+    }
+
+    #[test]
+    fn passwords_in_the_url_are_masked() {
+        let e = parse_url("http://u:hunter2@x/api").unwrap_err().to_string();
+        assert!(e.contains("u:***@x") && !e.contains("hunter2"), "{e}");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = connect_target(&format!("http://u:hunter2@127.0.0.1:{port}"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("u:***@127.0.0.1") && !e.contains("hunter2"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -674,3 +674,258 @@ fn the_schema_check_catches_mistakes() {
     let e = errors(&bad);
     assert_eq!(e.len(), 4, "{e:?}");
 }
+
+#[test]
+fn a_file_that_cannot_be_written_is_refused_before_any_load() {
+    let dir = Scratch::new("readonly");
+    let cfg = dir.file("sluice.yaml", CONFIG);
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o444)).unwrap();
+    // Nothing listens there: the refusal must come before the URL check.
+    let url = format!("http://127.0.0.1:{}", free_port());
+    let run = probe_config(&url, &cfg, &[]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("is read-only (mode 444)"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(run.stdout, "");
+    assert_eq!(read(&cfg), CONFIG);
+
+    let missing = dir.0.join("no-such-dir/sluice.yaml");
+    let run = probe_config(&url, &missing, &["--endpoint", "/k2"]);
+    assert_eq!(run.code, 2, "{}", run.stderr);
+    assert!(run.stderr.contains("does not exist"), "{}", run.stderr);
+}
+
+#[test]
+fn a_write_that_fails_after_measuring_still_reports_the_capacities() {
+    let _serial = serial();
+    let backend = Backend::start(ROUTES);
+    let dir = Scratch::new("writefails");
+    let cfg = dir.file("sluice.yaml", CONFIG);
+    let for_thread = cfg.clone();
+    // Made read-only while the probe runs (it takes seconds).
+    let chmod = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        std::fs::set_permissions(&for_thread, std::fs::Permissions::from_mode(0o444)).unwrap();
+    });
+    let run = probe_config(&url(&backend), &cfg, &["--json"]);
+    chmod.join().unwrap();
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    let doc = run.json();
+    assert_matches_schema("probe-output.schema.json", &doc);
+    assert_eq!(doc["config_written"], false);
+    assert_eq!(doc["endpoints"][0]["capacity"], 2);
+    assert!(
+        run.stderr.contains("is read-only")
+            && run
+                .stderr
+                .contains("is unchanged; set by hand: endpoints./k2.capacity: 2"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(read(&cfg), CONFIG);
+}
+
+/// Runs a probe and sends it `signal` once it prints a progress line for
+/// `endpoint` (stderr is a pipe, so progress comes as plain lines).
+fn probe_interrupted(url: &str, cfg: &Path, extra: &[&str], endpoint: &str, signal: &str) -> Run {
+    let start = std::time::Instant::now();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sluice-prober"))
+        .args(probe_args(url, cfg, extra))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id().to_string();
+    let mut stdout = child.stdout.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).unwrap();
+        s
+    });
+    let mut stderr = String::new();
+    let mut sent = false;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if !sent && line.starts_with(endpoint) {
+            let ok = Command::new("kill").args([signal, &pid]).status().unwrap();
+            assert!(ok.success());
+            sent = true;
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+        assert!(start.elapsed() < LIMIT, "{stderr}");
+    }
+    let status = child.wait().unwrap();
+    assert!(sent, "never saw {endpoint}:\n{stderr}");
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: out.join().unwrap(),
+        stderr,
+        elapsed: start.elapsed(),
+    }
+}
+
+#[test]
+fn an_interrupt_reports_what_was_measured_and_writes_nothing() {
+    let _serial = serial();
+    let backend = Backend::start(ROUTES);
+    let dir = Scratch::new("interrupt");
+    let text = "endpoints:\n  /k2:\n  /fixed:\n";
+    let cfg = dir.file("sluice.yaml", text);
+    let run = probe_interrupted(&url(&backend), &cfg, &["--json"], "/fixed", "-INT");
+    assert_eq!(run.code, 130, "{}", run.stderr);
+    let doc = run.json();
+    assert_matches_schema("probe-output.schema.json", &doc);
+    assert_eq!(doc["exit_code"], 130);
+    // The exact figure is the accuracy tests' business; here, that it is kept.
+    assert_eq!(doc["endpoints"][0]["outcome"], "measured");
+    assert_eq!(doc["endpoints"][1]["outcome"], "not_probed");
+    assert!(!doc["endpoints"][1]["runs"].as_array().unwrap().is_empty());
+    assert_eq!(doc["config_written"], false);
+    assert!(
+        run.stderr
+            .contains("interrupted: 1 of 2 endpoints finished; nothing written"),
+        "{}",
+        run.stderr
+    );
+    assert_eq!(read(&cfg), text);
+
+    // With --write-partial (and SIGTERM) the finished endpoint is written.
+    let run = probe_interrupted(
+        &url(&backend),
+        &cfg,
+        &["--write-partial"],
+        "/fixed",
+        "-TERM",
+    );
+    assert_eq!(run.code, 130, "{}", run.stderr);
+    assert!(
+        run.stdout.contains("capacities written to"),
+        "{}",
+        run.stdout
+    );
+    let written = read(&cfg);
+    assert!(
+        written.starts_with("endpoints:\n  /k2:\n    capacity: ")
+            && written.ends_with("  /fixed:\n"),
+        "{written}"
+    );
+}
+
+/// A one-trick HTTP server on a free port: `answer` (or nothing at all, if
+/// `None`) to every request on every connection. Lives as long as the test.
+fn fake_server(answer: Option<&'static str>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match std::io::Read::read(&mut conn, &mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        if let Some(a) = answer {
+                            if conn.write_all(a.as_bytes()).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn an_endpoint_that_never_answers_is_judged_after_one_request_timeout() {
+    let _serial = serial();
+    let url = fake_server(None);
+    let args = [
+        "probe",
+        "--url",
+        &url,
+        "--endpoint",
+        "/hang",
+        "--request-timeout",
+        "1",
+        "--warmup",
+        "0.1",
+        "--duration",
+        "3",
+    ];
+    let run = prober(&args, LIMIT);
+    assert_eq!(run.code, 4, "{}", run.stderr);
+    assert!(run.elapsed < Duration::from_secs(8), "{:?}", run.elapsed);
+    // stderr is a pipe here: progress still comes, as plain lines.
+    assert!(
+        run.stderr.lines().any(|l| l.starts_with("/hang ")),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn a_redirect_says_it_is_not_followed() {
+    let _serial = serial();
+    let url = fake_server(Some(
+        "HTTP/1.1 302 Found\r\nLocation: /login\r\nContent-Length: 0\r\n\r\n",
+    ));
+    let mut args = vec!["probe", "--url", &url, "--endpoint", "/r"];
+    args.extend_from_slice(FAST_LEVELS);
+    let run = prober(&args, LIMIT);
+    assert_eq!(run.code, 4, "{}", run.stderr);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        all.contains("302 x") && all.contains("redirects to /login are not followed"),
+        "{all}"
+    );
+}
+
+#[test]
+fn bad_values_get_clear_messages() {
+    let port = free_port().to_string();
+    let url = format!("http://127.0.0.1:{port}");
+    let base = ["probe", "--url", url.as_str(), "--endpoint", "/a"];
+    for (extra, expect) in [
+        (
+            &["--warmup", "-1"][..],
+            "--warmup -1: must be a number of seconds ≥ 0",
+        ),
+        (&["--threads", "-1"][..], "must be ≥ 0"),
+        (&["--error-threshold", "NaN"][..], "got NaN"),
+        (
+            &["--max-duration", "1", "--duration", "5"][..],
+            "max_duration (1 s) must be ≥ duration (5 s)",
+        ),
+        (
+            &["--redis", "redis://h:notaport"][..],
+            "not a valid redis:// URL",
+        ),
+    ] {
+        let mut args = base.to_vec();
+        args.extend_from_slice(extra);
+        let run = prober(&args, LIMIT);
+        assert_eq!(run.code, 2, "{extra:?}: {}", run.stderr);
+        assert!(run.stderr.contains(expect), "{extra:?}: {}", run.stderr);
+    }
+    let secret = format!("http://user:hunter2@127.0.0.1:{port}");
+    let run = prober(&["probe", "--url", &secret, "--endpoint", "/a"], LIMIT);
+    assert_eq!(run.code, 3, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("user:***@") && !run.stderr.contains("hunter2"),
+        "{}",
+        run.stderr
+    );
+}
