@@ -8,7 +8,7 @@ WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNIT
 NATIVE_BINS := -p sluice-backend -p sluice-prober -p sluice-sync
 
 .PHONY: deps deps-demo deps-test deps-bench build wasm wasm-image test test-unit test-wasm lint fmt \
-	bench bench-isolation bench-prober soak demo clean
+	bench bench-isolation bench-prober bench-sync soak demo clean
 
 # What each command installs: the demo needs least.
 deps: deps-test
@@ -83,14 +83,21 @@ soak: deps-test wasm
 	  cargo test --release -p sluice-e2e --test soak -- --nocapture
 
 
+# Redis write -> new capacity in force on every worker of two Envoys
+# (through sluice-sync), p50/p99/max over 200 changes.
+bench-sync: deps-bench wasm
+	cargo build --release -p sluice-backend -p sluice-sync -p sluice-bench
+	target/release/sluice-bench-sync
+
 # Repeatability of probes and the load generator against wrk.
 bench-prober: deps-bench
 	cargo build --release $(NATIVE_BINS)
 	bench/prober.sh
 
-# The same burst against a capacity-4 service, without and with Sluice.
+# The path end to end (backend, Redis, sync, Envoy; the prober measures and
+# pushes; the capacity arrives), then one burst without and with Sluice.
 demo: deps-demo wasm
-	cargo build --release -p sluice-backend -p sluice-demo
+	cargo build --release -p sluice-backend -p sluice-prober -p sluice-sync -p sluice-demo
 	target/release/sluice-demo
 
 clean:

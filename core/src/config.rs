@@ -38,6 +38,11 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "ui",
     "sync",
     "probe",
+    // The health check (fastapi-balancer's keys), read with `sync` by
+    // `sync_config`.
+    "health_endpoint",
+    "health_check_interval",
+    "health",
 ];
 const ENDPOINT_KEYS: &[&str] = &[
     "match",

@@ -10,4 +10,5 @@ pub mod json_keys;
 pub mod redis_keys;
 pub mod shared_data;
 pub mod sync_api;
+pub mod sync_config;
 pub mod waiters;

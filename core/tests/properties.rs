@@ -10,7 +10,7 @@
 
 use proptest::prelude::*;
 use serde_json::{Map, Value};
-use sluice_core::admission::{EndpointState, Waiter};
+use sluice_core::admission::{CapacitySource, EndpointState, Waiter};
 use sluice_core::capacity_record::{CapacityRecord, Source};
 use sluice_core::config::{Config, ConfigError, MAX_QUEUE_LIMIT};
 use sluice_core::redis_keys::fields;
@@ -205,13 +205,41 @@ fn endpoint_state() -> impl Strategy<Value = EndpointState> {
     (
         any::<u32>(),
         any::<u32>(),
+        // 0 is how the record spells "none", so a capacity is never Some(0).
+        prop::option::of(1..=u32::MAX),
+        prop::option::of(1..=u32::MAX),
+        any::<bool>(),
+        any::<u64>(),
+        any::<bool>(),
         prop::collection::vec(waiter(), 0..40),
     )
-        .prop_map(|(active, next_ticket, waiters)| EndpointState {
-            active,
-            next_ticket,
-            waiters,
-        })
+        .prop_map(
+            |(
+                active,
+                next_ticket,
+                capacity,
+                configured,
+                from_sync,
+                sync_version,
+                unhealthy,
+                waiters,
+            )| {
+                EndpointState {
+                    active,
+                    next_ticket,
+                    capacity,
+                    configured,
+                    source: if from_sync {
+                        CapacitySource::Sync
+                    } else {
+                        CapacitySource::Config
+                    },
+                    sync_version,
+                    unhealthy,
+                    waiters,
+                }
+            },
+        )
 }
 
 proptest! {

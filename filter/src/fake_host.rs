@@ -32,6 +32,8 @@ pub struct FakeEnvoy {
     pub store: MemSharedData,
     clock_ns: AtomicU64,
     queues: Mutex<Queues>,
+    /// Callout tokens are unique in the process.
+    next_token: AtomicU64,
     metrics: Mutex<Metrics>,
 }
 
@@ -72,6 +74,7 @@ impl FakeEnvoy {
             // Any start will do; not zero, which the filter reads as "no clock".
             clock_ns: AtomicU64::new(1_700_000_000_000_000_000),
             queues: Mutex::new(Queues::default()),
+            next_token: AtomicU64::new(1),
             metrics: Mutex::new(Metrics::default()),
         })
     }
@@ -169,6 +172,29 @@ struct StreamRecord {
     code_details: Option<String>,
 }
 
+/// A gRPC stream a VM opened.
+#[derive(Debug, Clone)]
+pub struct GrpcStream {
+    pub token: u32,
+    /// The serialized GrpcService it was opened with.
+    pub grpc_service: Vec<u8>,
+    pub service_name: String,
+    pub method: String,
+    /// Messages sent, and whether the last one ended the stream.
+    pub sent: Vec<Vec<u8>>,
+    pub end_stream: bool,
+    pub cancelled: bool,
+}
+
+/// An HTTP callout a VM dispatched.
+#[derive(Debug, Clone)]
+pub struct HttpCall {
+    pub token: u32,
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+}
+
 /// One worker VM's view of the host. Cheap to clone: the root context and
 /// the worker hold the same one.
 #[derive(Clone)]
@@ -183,6 +209,10 @@ struct HostState {
     tick_period: Cell<Duration>,
     /// Queues this VM registered (it is notified of them).
     queues: RefCell<Vec<u32>>,
+    grpc: RefCell<Vec<GrpcStream>>,
+    http_calls: RefCell<Vec<HttpCall>>,
+    /// `open_grpc_stream` fails (the cluster does not exist).
+    fail_grpc_open: Cell<bool>,
     /// Runs just before this VM's next `record_metric`: another worker's
     /// step slipped in between a write and its gauge update.
     before_record: RefCell<Option<Box<dyn FnOnce()>>>,
@@ -198,7 +228,22 @@ impl FakeHost {
             tick_period: Cell::new(Duration::ZERO),
             queues: RefCell::new(Vec::new()),
             before_record: RefCell::new(None),
+            grpc: RefCell::new(Vec::new()),
+            http_calls: RefCell::new(Vec::new()),
+            fail_grpc_open: Cell::new(false),
         }))
+    }
+
+    fn token(&self) -> u32 {
+        self.0.envoy.next_token.fetch_add(1, Ordering::SeqCst) as u32
+    }
+
+    fn assert_root(&self, what: &str) {
+        assert_eq!(
+            self.0.current.get(),
+            ROOT_CONTEXT,
+            "{what} from a stream context"
+        );
     }
 
     /// `step` runs just before this VM's next `record_metric`.
@@ -361,6 +406,75 @@ impl Host for FakeHost {
         })
     }
 
+    fn open_grpc_stream(
+        &self,
+        grpc_service: &[u8],
+        service_name: &str,
+        method: &str,
+    ) -> Result<u32, Status> {
+        self.assert_root("open_grpc_stream");
+        if self.0.fail_grpc_open.get() {
+            return Err(Status::InternalFailure);
+        }
+        let token = self.token();
+        self.0.grpc.borrow_mut().push(GrpcStream {
+            token,
+            grpc_service: grpc_service.to_vec(),
+            service_name: service_name.to_string(),
+            method: method.to_string(),
+            sent: Vec::new(),
+            end_stream: false,
+            cancelled: false,
+        });
+        Ok(token)
+    }
+
+    fn send_grpc_stream_message(
+        &self,
+        token: u32,
+        message: &[u8],
+        end_stream: bool,
+    ) -> Result<(), Status> {
+        let mut grpc = self.0.grpc.borrow_mut();
+        let s = grpc
+            .iter_mut()
+            .find(|s| s.token == token && !s.cancelled)
+            .ok_or(Status::NotFound)?;
+        assert!(!s.end_stream, "message after end of stream");
+        s.sent.push(message.to_vec());
+        s.end_stream = end_stream;
+        Ok(())
+    }
+
+    fn cancel_grpc_stream(&self, token: u32) -> Result<(), Status> {
+        let mut grpc = self.0.grpc.borrow_mut();
+        let s = grpc
+            .iter_mut()
+            .find(|s| s.token == token && !s.cancelled)
+            .ok_or(Status::NotFound)?;
+        s.cancelled = true;
+        Ok(())
+    }
+
+    fn dispatch_http_call(
+        &self,
+        cluster: &str,
+        headers: Vec<(&str, &str)>,
+        timeout: Duration,
+    ) -> Result<u32, Status> {
+        self.assert_root("dispatch_http_call");
+        let token = self.token();
+        self.0.http_calls.borrow_mut().push(HttpCall {
+            token,
+            cluster: cluster.to_string(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            timeout,
+        });
+        Ok(token)
+    }
     fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
         let mut m = self.0.envoy.metrics.lock().unwrap();
         if let Some(&id) = m.ids.get(name) {
@@ -469,12 +583,6 @@ impl FakeWorker {
         stream
     }
 
-    /// Envoy's `on_done` for this VM's root context.
-    pub fn done(&mut self) {
-        self.host.0.current.set(ROOT_CONTEXT);
-        self.root.done();
-    }
-
     /// Its worker index.
     pub fn worker_id(&self) -> u16 {
         self.root.worker_id().expect("configured")
@@ -497,6 +605,65 @@ impl FakeWorker {
             }
         }
         delivered
+    }
+
+    /// Envoy ends this VM (`on_done`): after a config update's drain, or at
+    /// shutdown. Its open streams are reset with no close callback.
+    pub fn done(&self) {
+        self.in_root(|r| r.done());
+        for s in self.host.0.grpc.borrow_mut().iter_mut() {
+            s.cancelled = true;
+        }
+    }
+
+    /// The gRPC streams this VM opened, oldest first.
+    pub fn grpc_streams(&self) -> Vec<GrpcStream> {
+        self.host.0.grpc.borrow().clone()
+    }
+
+    /// The one stream open (not cancelled), if any.
+    pub fn open_stream(&self) -> Option<GrpcStream> {
+        let open: Vec<_> = self
+            .grpc_streams()
+            .into_iter()
+            .filter(|s| !s.cancelled)
+            .collect();
+        assert!(open.len() <= 1, "more than one open stream: {open:?}");
+        open.into_iter().next()
+    }
+
+    /// The sync service sends `message` on stream `token`.
+    pub fn grpc_message(&self, token: u32, message: &[u8]) {
+        self.in_root(|r| r.on_grpc_message(token, message));
+    }
+
+    /// The stream ends (server gone, or it ended it) with `status`.
+    pub fn grpc_close(&self, token: u32, status: u32) {
+        let closed = {
+            let mut grpc = self.host.0.grpc.borrow_mut();
+            let s = grpc.iter_mut().find(|s| s.token == token).expect("known");
+            let was_open = !s.cancelled;
+            s.cancelled = true;
+            was_open
+        };
+        if closed {
+            self.in_root(|r| r.on_grpc_close(token, status));
+        }
+    }
+
+    /// Makes `open_grpc_stream` fail (or work again).
+    pub fn fail_grpc_open(&self, fail: bool) {
+        self.host.0.fail_grpc_open.set(fail);
+    }
+
+    /// The HTTP callouts this VM dispatched, oldest first.
+    pub fn http_calls(&self) -> Vec<HttpCall> {
+        self.host.0.http_calls.borrow().clone()
+    }
+
+    /// The answer to callout `token`: its status, `None` for Envoy giving up.
+    pub fn http_response(&self, token: u32, status: Option<u32>) {
+        self.in_root(|r| r.on_http_response(token, status));
     }
 
     fn in_root(&self, f: impl FnOnce(&Root<FakeHost>)) {

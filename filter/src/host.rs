@@ -47,6 +47,33 @@ pub trait Host: SharedData {
     /// A property of the current stream, e.g. `["response", "code_details"]`.
     fn get_property(&self, path: &[&str]) -> Option<Vec<u8>>;
 
+    // Callouts, from a root context (the leader's). Their results arrive in
+    // the root context's callbacks, which hand them to `leader`.
+
+    /// Opens a gRPC stream. `grpc_service` is a serialized
+    /// `envoy.config.core.v3.GrpcService` (never a bare cluster name).
+    fn open_grpc_stream(
+        &self,
+        grpc_service: &[u8],
+        service_name: &str,
+        method: &str,
+    ) -> Result<u32, Status>;
+    fn send_grpc_stream_message(
+        &self,
+        token: u32,
+        message: &[u8],
+        end_stream: bool,
+    ) -> Result<(), Status>;
+    /// Resets the stream; no close callback follows.
+    fn cancel_grpc_stream(&self, token: u32) -> Result<(), Status>;
+    /// An HTTP request to `cluster`; `headers` include the pseudo-headers.
+    fn dispatch_http_call(
+        &self,
+        cluster: &str,
+        headers: Vec<(&str, &str)>,
+        timeout: Duration,
+    ) -> Result<u32, Status>;
+
     /// An Envoy stat (`wasmcustom.<name>`). The same name from every VM is
     /// one process-wide stat.
     fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status>;
@@ -141,6 +168,42 @@ impl Host for Envoy {
     // Not the trait method, which panics on a serialization failure.
     fn get_property(&self, path: &[&str]) -> Option<Vec<u8>> {
         hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+
+    fn open_grpc_stream(
+        &self,
+        grpc_service: &[u8],
+        service_name: &str,
+        method: &str,
+    ) -> Result<u32, Status> {
+        // The SDK takes the first argument as `&str` but hands Envoy its
+        // bytes, which Envoy parses as a GrpcService first. Short names
+        // serialize to valid UTF-8 (lengths below 128 are single bytes).
+        let upstream = std::str::from_utf8(grpc_service).map_err(|_| Status::BadArgument)?;
+        hostcalls::open_grpc_stream(upstream, service_name, method, Vec::new())
+    }
+
+    // The hostcalls, not the trait wrappers, which panic on any error.
+    fn send_grpc_stream_message(
+        &self,
+        token: u32,
+        message: &[u8],
+        end_stream: bool,
+    ) -> Result<(), Status> {
+        hostcalls::send_grpc_stream_message(token, Some(message), end_stream)
+    }
+
+    fn cancel_grpc_stream(&self, token: u32) -> Result<(), Status> {
+        hostcalls::cancel_grpc_stream(token)
+    }
+
+    fn dispatch_http_call(
+        &self,
+        cluster: &str,
+        headers: Vec<(&str, &str)>,
+        timeout: Duration,
+    ) -> Result<u32, Status> {
+        hostcalls::dispatch_http_call(cluster, headers, None, Vec::new(), timeout)
     }
 
     fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {

@@ -7,19 +7,25 @@
 mod abandon;
 mod config_log;
 mod dashboard;
+mod health;
 mod host;
+mod leader;
 mod metrics;
 mod path;
 mod queued_bytes;
 mod replies;
 mod root;
 mod routes;
+mod status;
 mod stream;
+mod sync_stream;
 mod worker;
 mod worker_ids;
 
 #[cfg(test)]
 mod fake_host;
+#[cfg(test)]
+mod sync_tests;
 #[cfg(test)]
 mod tests;
 

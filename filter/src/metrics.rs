@@ -21,7 +21,7 @@
 use crate::host::Host;
 use crate::routes::Routes;
 use proxy_wasm::types::{MetricType, Status};
-use sluice_core::admission::EndpointState;
+use sluice_core::admission::{self, EndpointState};
 use sluice_core::shared_data::{SharedData, StoreError};
 use std::cell::Cell;
 use std::collections::HashMap;
@@ -86,17 +86,20 @@ pub fn metric_name(service: &str, path: &str, suffix: &str) -> String {
 /// One endpoint's metric ids in this VM.
 struct Ids {
     counters: [u32; Counter::ALL.len()],
+    capacity: u32,
     in_flight: u32,
     queued: u32,
     queue_wait_ms: u32,
 }
 
 /// What the gauges show of a record: slots in use (granted ones included,
-/// as in the stats JSON) and requests waiting.
+/// as in the stats JSON), requests waiting, and the capacity in force (0:
+/// none yet), which sync or a newer configuration may change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Gauges {
     in_flight: u32,
     queued: u32,
+    capacity: u32,
 }
 
 impl Gauges {
@@ -110,6 +113,7 @@ impl Gauges {
         Some(Gauges {
             in_flight: state.active,
             queued: state.queued(),
+            capacity: state.capacity.unwrap_or(0),
         })
     }
 }
@@ -139,7 +143,14 @@ impl<H: Host> Metered<H> {
         let mut by_key = HashMap::new();
         for (i, r) in routes.endpoints.iter().enumerate() {
             by_key.insert(r.key.clone(), i);
-            match define(&host, &routes.service, &r.path, r.capacity) {
+            // The capacity in force, if the record exists already (sync or a
+            // newer configuration may have set it); else this configuration's.
+            let capacity = admission::snapshot(&host, &r.key)
+                .ok()
+                .and_then(|s| s.capacity)
+                .or(r.configured)
+                .unwrap_or(0);
+            match define(&host, &routes.service, &r.path, capacity) {
                 Ok(endpoint_ids) => ids.push(Some(endpoint_ids)),
                 Err(e) => {
                     log::warn!("no metrics for {}: Envoy refused them ({e:?})", r.path);
@@ -185,14 +196,19 @@ impl<H: Host> Metered<H> {
         let mut in_flight =
             (before.map(|b| b.in_flight) != Some(after.in_flight)).then_some(after.in_flight);
         let mut queued = (before.map(|b| b.queued) != Some(after.queued)).then_some(after.queued);
+        let mut capacity =
+            (before.map(|b| b.capacity) != Some(after.capacity)).then_some(after.capacity);
         for _ in 0..MAX_CATCH_UP {
+            if let Some(v) = capacity {
+                let _ = self.host.record_metric(ids.capacity, u64::from(v));
+            }
             if let Some(v) = in_flight {
                 let _ = self.host.record_metric(ids.in_flight, u64::from(v));
             }
             if let Some(v) = queued {
                 let _ = self.host.record_metric(ids.queued, u64::from(v));
             }
-            if in_flight.is_none() && queued.is_none() {
+            if in_flight.is_none() && queued.is_none() && capacity.is_none() {
                 return;
             }
             let Ok(Some((bytes, _))) = self.host.get(key) else {
@@ -205,6 +221,9 @@ impl<H: Host> Metered<H> {
                 .filter(|&v| v != now.in_flight)
                 .map(|_| now.in_flight);
             queued = queued.filter(|&v| v != now.queued).map(|_| now.queued);
+            capacity = capacity
+                .filter(|&v| v != now.capacity)
+                .map(|_| now.capacity);
         }
     }
 }
@@ -216,10 +235,11 @@ fn define<H: Host>(host: &H, service: &str, path: &str, capacity: u32) -> Result
         counters[c as usize] = host.define_metric(MetricType::Counter, &name(c.suffix()))?;
     }
     let capacity_id = host.define_metric(MetricType::Gauge, &name(CAPACITY))?;
-    // Every VM of the configuration sets the same value.
+    // What the record holds now; every write that changes it sets it again.
     host.record_metric(capacity_id, u64::from(capacity))?;
     Ok(Ids {
         counters,
+        capacity: capacity_id,
         in_flight: host.define_metric(MetricType::Gauge, &name(IN_FLIGHT))?,
         queued: host.define_metric(MetricType::Gauge, &name(QUEUED))?,
         queue_wait_ms: host.define_metric(MetricType::Histogram, &name(QUEUE_WAIT_MS))?,
@@ -304,6 +324,35 @@ impl<H: Host> Host for Metered<H> {
     }
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
         self.host.record_metric(id, value)
+    }
+    fn open_grpc_stream(
+        &self,
+        grpc_service: &[u8],
+        service_name: &str,
+        method: &str,
+    ) -> Result<u32, Status> {
+        self.host
+            .open_grpc_stream(grpc_service, service_name, method)
+    }
+    fn send_grpc_stream_message(
+        &self,
+        token: u32,
+        message: &[u8],
+        end_stream: bool,
+    ) -> Result<(), Status> {
+        self.host
+            .send_grpc_stream_message(token, message, end_stream)
+    }
+    fn cancel_grpc_stream(&self, token: u32) -> Result<(), Status> {
+        self.host.cancel_grpc_stream(token)
+    }
+    fn dispatch_http_call(
+        &self,
+        cluster: &str,
+        headers: Vec<(&str, &str)>,
+        timeout: Duration,
+    ) -> Result<u32, Status> {
+        self.host.dispatch_http_call(cluster, headers, timeout)
     }
 }
 

@@ -4,8 +4,9 @@
 
 use crate::host::Host;
 use crate::routes::{Route, Routes};
+use crate::status;
 use serde_json::json;
-use sluice_core::admission;
+use sluice_core::admission::{self, WorkerId};
 use sluice_core::shared_data::SharedData;
 
 /// A local reply, instead of the upstream's.
@@ -14,8 +15,13 @@ pub enum LocalReply<'a> {
     QueueFull(&'a Route),
     /// 504: waited `queue_timeout` without getting a slot.
     QueueTimeout(&'a Route),
-    /// 200: the stats document.
-    Stats(&'a Routes),
+    /// 503: the backend failed its health checks (new or queued request).
+    Unhealthy(&'a Route),
+    /// 200: the stats document, served by worker `.1` (the numbers are the
+    /// whole process's; the worker is there so a client can tell who read
+    /// them, e.g. to time how fast a change reaches each worker).
+    /// With the index of the worker that answers, if it has one yet.
+    Stats(&'a Routes, Option<WorkerId>),
 }
 
 impl LocalReply<'_> {
@@ -23,7 +29,8 @@ impl LocalReply<'_> {
         match self {
             LocalReply::QueueFull(_) => 503,
             LocalReply::QueueTimeout(_) => 504,
-            LocalReply::Stats(_) => 200,
+            LocalReply::Unhealthy(_) => 503,
+            LocalReply::Stats(..) => 200,
         }
     }
 
@@ -32,7 +39,8 @@ impl LocalReply<'_> {
         match self {
             LocalReply::QueueFull(_) => "queue-full",
             LocalReply::QueueTimeout(_) => "queue-timeout",
-            LocalReply::Stats(_) => "stats",
+            LocalReply::Unhealthy(_) => "unhealthy",
+            LocalReply::Stats(..) => "stats",
         }
     }
 
@@ -54,18 +62,18 @@ impl LocalReply<'_> {
                     .to_string();
                 headers.push(("retry-after", &retry_after));
             }
-            LocalReply::QueueTimeout(_) => {}
-            LocalReply::Stats(_) => headers.push(("cache-control", "no-store")),
+            LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) => {}
+            LocalReply::Stats(..) => headers.push(("cache-control", "no-store")),
         }
-        let body = self.body(host);
+        let body = self.body(host, host.now_ns());
         if let Err(e) = host.send_http_response(self.status(), headers, body.as_bytes()) {
             log::warn!("cannot send the {} reply: {e:?}", self.status());
         }
     }
 
     /// The JSON body; the stats are read from `store`, so every worker
-    /// answers with the whole process's numbers.
-    pub fn body<S: SharedData>(&self, store: &S) -> String {
+    /// answers with the whole process's numbers (ages as of `now_ns`).
+    pub fn body<S: SharedData>(&self, store: &S, now_ns: u64) -> String {
         match self {
             LocalReply::QueueFull(route) => line(json!({
                 "error": "too many requests waiting",
@@ -79,7 +87,16 @@ impl LocalReply<'_> {
                 "endpoint": route.path,
                 "queue_timeout_ms": route.queue_timeout.as_millis() as u64,
             })),
-            LocalReply::Stats(routes) => stats(store, routes).to_string(),
+            LocalReply::Unhealthy(route) => line(json!({
+                "error": "backend unhealthy",
+                "reason": self.reason(),
+                "endpoint": route.path,
+            })),
+            LocalReply::Stats(routes, worker) => {
+                let mut doc = stats(store, routes, now_ns);
+                doc["served_by_worker"] = (*worker).into();
+                doc.to_string()
+            }
         }
     }
 }
@@ -89,20 +106,25 @@ fn line(doc: serde_json::Value) -> String {
     format!("{doc}\n")
 }
 
-/// A superset of fastapi-balancer's stats document.
-fn stats<S: SharedData>(store: &S, routes: &Routes) -> serde_json::Value {
+/// A superset of fastapi-balancer's stats document. The capacity is the one
+/// in force (shared record); `null` while an endpoint has none (it passes).
+fn stats<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_json::Value {
     let mut endpoints = serde_json::Map::new();
     for r in &routes.endpoints {
         let mut entry = match admission::snapshot(store, &r.key) {
             Ok(s) => json!({
-                "capacity": r.capacity,
+                "capacity": s.capacity,
+                "capacity_source": s.source.as_str(),
+                "configured_capacity": r.configured,
                 "active_requests": s.active,
-                "available_slots": r.capacity.saturating_sub(s.active),
+                "available_slots": s.capacity.map(|c| c.saturating_sub(s.active)),
                 "queued": s.queued(),
                 "max_queue": r.max_queue,
                 "queue_timeout": r.queue_timeout.as_secs_f64(),
+                "sync_version": s.sync_version,
+                "unhealthy": s.unhealthy,
             }),
-            Err(e) => json!({ "capacity": r.capacity, "error": e.to_string() }),
+            Err(e) => json!({ "capacity": r.configured, "error": e.to_string() }),
         };
         if let Some((cap, key)) = &r.queued_bytes {
             entry["max_queued_bytes"] = json!(cap);
@@ -110,5 +132,12 @@ fn stats<S: SharedData>(store: &S, routes: &Routes) -> serde_json::Value {
         }
         endpoints.insert(r.path.clone(), entry);
     }
-    json!({ "service": routes.service, "endpoints": endpoints })
+    let service = status::for_stats(store, &routes.service, now_ns);
+    json!({
+        "service": routes.service,
+        "sync": service.sync,
+        "health": service.health,
+        "leader": service.leader,
+        "endpoints": endpoints,
+    })
 }

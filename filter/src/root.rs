@@ -2,29 +2,48 @@
 //! and a short-lived canary at each configuration). It reads the
 //! configuration, creates the shared records, takes a worker index, and
 //! hands its worker to every HTTP context it creates. Process-wide duties
-//! that only one root context should do belong here too.
+//! (the sync stream, health checks) are the leader's: every root context is
+//! a candidate (`leader`).
 
 use crate::dashboard::Dashboard;
 use crate::host::{Envoy, Host};
+use crate::leader::{self, Holder, Leader};
 use crate::routes::Routes;
 use crate::stream::Stream;
-use crate::worker::Worker;
+use crate::worker::{Worker, BASE_TICK};
 use crate::worker_ids;
+use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::ContextType;
+use proxy_wasm::types::{BufferType, ContextType, MapType};
 use sluice_core::admission;
 use sluice_core::config::Config;
+use sluice_core::sync_config::CalloutConfig;
+use std::cell::RefCell;
 use std::rc::Rc;
 
 pub struct Root<H> {
     host: H,
     /// `None` until configured.
-    worker: Option<Rc<Worker<H>>>,
+    worker: RefCell<Option<Rc<Worker<H>>>>,
+    /// What this VM needs to stand for the lease once it has an index.
+    candidacy: RefCell<Option<Candidacy>>,
+    leader: RefCell<Option<Leader<H>>>,
+}
+
+struct Candidacy {
+    started_ns: u64,
+    config_since_ns: u64,
+    callouts: CalloutConfig,
 }
 
 impl<H: Host + Clone> Root<H> {
     pub fn new(host: H) -> Root<H> {
-        Root { host, worker: None }
+        Root {
+            host,
+            worker: RefCell::new(None),
+            candidacy: RefCell::new(None),
+            leader: RefCell::new(None),
+        }
     }
 
     /// Takes the plugin configuration (JSON text) of the VM `vm_id`. An error
@@ -33,18 +52,20 @@ impl<H: Host + Clone> Root<H> {
         let config = Config::from_json_str(configuration)
             .map_err(|e| format!("invalid configuration: {e}"))?;
         let first = crate::config_log::first_to_see(&self.host, configuration);
+        // Valid JSON by now.
+        let document: serde_json::Value = serde_json::from_str(configuration)
+            .map_err(|e| format!("invalid configuration: {e}"))?;
+        let callouts = CalloutConfig::from_json(&document, &config.service)
+            .map_err(|e| format!("invalid configuration: {e}"))?;
         if first {
             for w in &config.warnings {
                 log::warn!("{w}");
             }
         }
-        let routes = Routes::new(&config);
-        // Create every endpoint's record before traffic. Envoy runs this on
-        // the main thread before any worker VM exists, and a write to a
-        // missing key ignores CAS, so creating later could race.
-        for key in routes.keys() {
-            admission::ensure(&self.host, key).map_err(|e| format!("shared data {key}: {e}"))?;
+        for w in &callouts.warnings {
+            log::warn!("{w}");
         }
+        let routes = Routes::new(&config);
         for (_, key) in routes
             .endpoints
             .iter()
@@ -63,8 +84,31 @@ impl<H: Host + Clone> Root<H> {
         }
         let mut worker = Worker::new(self.host.clone(), vm_id, routes);
         worker.dashboard = Dashboard::from_configuration(configuration)?;
+        let worker = Rc::new(worker);
+        // Create every endpoint's record before traffic (Envoy runs this on
+        // the main thread before any worker VM exists, and a write to a
+        // missing key ignores CAS) and apply this configuration's
+        // capacities, in force at once on every worker, old VMs included.
+        for route in &worker.routes.endpoints {
+            let key = &route.key;
+            // Through the worker's host, so the capacity gauge follows.
+            let wakeups = admission::configure(&worker.host, key, route.configured)
+                .map_err(|e| format!("shared data {key}: {e}"))?;
+            worker.wake(&wakeups);
+        }
+        let now = self.host.now_ns();
+        // The lease and the leader's duties run on the base tick, from the
+        // first tick on, once this VM has its worker index (the canary VM is
+        // destroyed before its first tick, so it never takes an index nor
+        // opens a stream).
+        *self.candidacy.borrow_mut() = Some(Candidacy {
+            started_ns: now,
+            config_since_ns: leader::config_since(&self.host, &config.service, configuration, now),
+            callouts,
+        });
+        worker.set_idle_tick(BASE_TICK);
         worker.start();
-        self.worker = Some(Rc::new(worker));
+        *self.worker.borrow_mut() = Some(worker);
         Ok(())
     }
 
@@ -72,22 +116,63 @@ impl<H: Host + Clone> Root<H> {
     pub fn wake_up(&self, queue_id: u32) {
         // The messages carry nothing: being woken means "claim your grants".
         while let Ok(Some(_)) = self.host.dequeue_shared_queue(queue_id) {}
-        if let Some(w) = &self.worker {
+        if let Some(w) = self.worker.borrow().as_ref() {
             w.claim_granted();
         }
     }
 
     pub fn tick(&self) {
-        if let Some(w) = &self.worker {
-            w.tick();
+        let Some(w) = self.worker.borrow().clone() else {
+            return;
+        };
+        w.tick();
+        // A candidate for the lease from the first tick that has an index.
+        if self.leader.borrow().is_none() {
+            if let Some(id) = w.taken_id() {
+                if let Some(c) = self.candidacy.borrow_mut().take() {
+                    let me = Holder {
+                        worker: id,
+                        started_ns: c.started_ns,
+                        config_since_ns: c.config_since_ns,
+                    };
+                    *self.leader.borrow_mut() = Some(Leader::new(Rc::clone(&w), me, c.callouts));
+                }
+            }
+        }
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.tick();
+        }
+    }
+
+    pub fn on_grpc_message(&self, token: u32, message: &[u8]) {
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.on_grpc_message(token, message);
+        }
+    }
+
+    pub fn on_grpc_close(&self, token: u32, grpc_status: u32) {
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.on_grpc_close(token, grpc_status);
+        }
+    }
+
+    pub fn on_http_response(&self, token: u32, status: Option<u32>) {
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.on_http_response(token, status);
         }
     }
 
     /// The VM is going away (Envoy's `on_done`): slots it holds for
     /// abandoned requests go back now, as no tick will release them.
     /// Its worker index goes back for a later VM to reuse.
-    pub fn done(&mut self) {
-        if let Some(w) = self.worker.take() {
+    pub fn done(&self) {
+        // A leader hands over at once.
+        if let Some(l) = self.leader.borrow_mut().as_mut() {
+            l.done();
+        }
+        *self.leader.borrow_mut() = None;
+        let worker = self.worker.borrow_mut().take();
+        if let Some(w) = worker {
             w.release_all_held();
             if let Some(id) = w.taken_id() {
                 if let Err(e) = worker_ids::free(&self.host, id) {
@@ -99,17 +184,44 @@ impl<H: Host + Clone> Root<H> {
 
     #[cfg(test)]
     pub fn worker_id(&self) -> Option<sluice_core::admission::WorkerId> {
-        self.worker.as_ref().and_then(|w| w.taken_id())
+        self.worker.borrow().as_ref().and_then(|w| w.taken_id())
     }
 
     /// The state of a new request; `None` before configuration.
     pub fn new_stream(&self, context_id: u32) -> Option<Stream<H>> {
-        let worker = self.worker.clone()?;
+        let worker = self.worker.borrow().clone()?;
         Some(Stream::new(worker, context_id))
     }
 }
 
 impl Context for Root<Envoy> {
+    fn on_grpc_stream_message(&mut self, token_id: u32, message_size: usize) {
+        // Already without the 5-byte gRPC frame header.
+        match hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, message_size) {
+            Ok(bytes) => self.on_grpc_message(token_id, &bytes.unwrap_or_default()),
+            Err(e) => log::warn!("sync: cannot read a message: {e:?}"),
+        }
+    }
+
+    fn on_grpc_stream_close(&mut self, token_id: u32, status_code: u32) {
+        self.on_grpc_close(token_id, status_code);
+    }
+
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        _num_headers: usize,
+        _body_size: usize,
+        _num_trailers: usize,
+    ) {
+        // No `:status` when Envoy gave up on the call (timeout, reset).
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse().ok());
+        self.on_http_response(token_id, status);
+    }
+
     fn on_done(&mut self) -> bool {
         self.done();
         true

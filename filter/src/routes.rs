@@ -5,12 +5,14 @@ use sluice_core::config::{Config, MatchKind};
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// A watched endpoint with a capacity, ready for the request path.
+/// A watched endpoint, ready for the request path.
 pub struct Route {
     pub path: String,
     /// Its shared-data key: `sluice:<service>:ep:<path>`.
     pub key: String,
-    pub capacity: u32,
+    /// The capacity this configuration gives it. The one in force is in the
+    /// shared record (sync or a newer configuration may have changed it).
+    pub configured: Option<u32>,
     pub max_queue: u32,
     pub queue_timeout: Duration,
     /// Longest hold of an abandoned request's slot (see `abandon.rs`).
@@ -35,10 +37,9 @@ impl Routes {
         let mut endpoints = Vec::new();
         let mut exact = HashMap::new();
         let mut prefixes = Vec::new();
-        // Endpoints with no capacity yet are not limited: leaving them out
-        // keeps their requests off shared data entirely.
+        // Endpoints with no capacity yet are routed too: they pass through,
+        // counted, until sync gives them one.
         for e in config.endpoints.iter() {
-            let Some(capacity) = e.capacity else { continue };
             let i = endpoints.len();
             let key = format!("sluice:{}:ep:{}", config.service, e.path);
             endpoints.push(Route {
@@ -47,7 +48,7 @@ impl Routes {
                     .max_queued_bytes
                     .map(|cap| (cap, crate::queued_bytes::key(&key))),
                 key,
-                capacity,
+                configured: e.capacity,
                 max_queue: e.max_queue,
                 queue_timeout: e.queue_timeout,
                 abandon_hold: e.abandon_hold,
@@ -68,10 +69,6 @@ impl Routes {
             exact,
             prefixes,
         }
-    }
-
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.endpoints.iter().map(|r| r.key.as_str())
     }
 
     /// The endpoint of a request by its raw `:path`; see [`Routes::find_path`].
@@ -135,8 +132,8 @@ mod tests {
         assert_eq!(path_of("/v1/embed/special/more"), Some("/v1/embed"));
         assert_eq!(path_of("/v1/other"), Some("/v1"));
         assert_eq!(path_of("/v2"), None);
-        // No capacity yet: not limited, so not routed to shared data at all.
-        assert_eq!(path_of("/unmeasured"), None);
+        // No capacity yet: routed, and passes until sync gives it one.
+        assert_eq!(path_of("/unmeasured"), Some("/unmeasured"));
         assert_eq!(r.endpoints[0].key, "sluice:s:ep:/v1");
     }
 

@@ -9,7 +9,7 @@ use crate::routes::Route;
 use crate::worker::{Fate, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use sluice_core::admission::{self, Acquired, Limits, Withdrawn};
+use sluice_core::admission::{self, Acquired, Withdrawn};
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -75,7 +75,7 @@ impl<H: Host> Stream<H> {
             if method == "GET" || method == "HEAD" {
                 // Asks for credentials when the dashboard has them.
                 if !worker.dashboard.answer(host, &path) {
-                    LocalReply::Stats(&worker.routes).send(host);
+                    LocalReply::Stats(&worker.routes, worker.taken_id()).send(host);
                 }
                 return Action::Pause;
             }
@@ -95,15 +95,12 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         }
         host.count(ep, Counter::Requests);
-        let limits = Limits {
-            capacity: route.capacity,
-            max_queue: route.max_queue,
-        };
         let Some(worker_id) = worker.id() else {
             // Fail open: without an index nobody could wake this request.
             return Action::Continue;
         };
-        match admission::acquire(host, &route.key, limits, worker_id) {
+        // The capacity in force is in the record this reads anyway.
+        match admission::acquire(host, &route.key, route.max_queue, worker_id) {
             Ok((acquired, wakeups)) => {
                 worker.wake(&wakeups);
                 match acquired {
@@ -132,6 +129,11 @@ impl<H: Host> Stream<H> {
                     Acquired::QueueFull => {
                         host.count(ep, Counter::QueueFull);
                         LocalReply::QueueFull(route).send(host);
+                        Action::Pause
+                    }
+                    Acquired::Unhealthy => {
+                        host.count(ep, Counter::Unhealthy);
+                        LocalReply::Unhealthy(route).send(host);
                         Action::Pause
                     }
                 }

@@ -8,7 +8,7 @@
 
 use crate::fake_host::{take_problems, FakeEnvoy, FakeStream, FakeWorker};
 use crate::stream::STATS_PATH;
-use crate::worker::FAST_TICK;
+use crate::worker::{BASE_TICK, FAST_TICK};
 use proxy_wasm::types::Action;
 use serde_json::{json, Value};
 use std::sync::{mpsc, Arc, Barrier};
@@ -94,9 +94,9 @@ fn reset_while_queued_leaves_the_queue_holding_nothing() {
     assert_eq!(counts(&envoy), (1, 0, 0));
     a.complete();
     envoy.assert_neutral(KEY);
-    // Nobody left to hand the slot to, and the tick stops.
+    // Nobody left to hand the slot to: back to the base tick.
     w.tick();
-    assert_eq!(w.host.tick_period(), Duration::ZERO);
+    assert_eq!(w.host.tick_period(), BASE_TICK);
     assert_quiet();
 }
 
@@ -120,7 +120,7 @@ fn granted_slot_resumes_the_waiter_on_its_own_worker() {
     assert_eq!(b.response_header("x-sluice-wait-ms").as_deref(), Some("7"));
     envoy.assert_neutral(KEY);
     w2.tick();
-    assert_eq!(w2.host.tick_period(), Duration::ZERO);
+    assert_eq!(w2.host.tick_period(), BASE_TICK);
     assert_quiet();
 }
 
@@ -403,7 +403,7 @@ fn abandoned_slot_is_held_for_the_rest_of_the_recent_duration_then_released_once
     c.complete();
     envoy.assert_neutral(KEY);
     w.tick();
-    assert_eq!(w.host.tick_period(), Duration::ZERO);
+    assert_eq!(w.host.tick_period(), BASE_TICK);
     assert_quiet();
 }
 
@@ -496,7 +496,7 @@ fn an_abandoned_waiter_that_was_admitted_is_held_too() {
 #[test]
 fn a_vm_going_away_releases_what_it_holds() {
     let envoy = FakeEnvoy::new();
-    let mut w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
     let mut a = admitted(&w);
     a.reset();
     assert_eq!(counts(&envoy), (1, 0, 0));
@@ -648,7 +648,7 @@ fn a_new_vm_reuses_the_index_of_one_that_is_gone_and_is_woken_through_it() {
     // The main thread's VM serves no watched request: it takes no index.
     let _main = FakeWorker::start(&envoy, &cfg);
     let first = FakeWorker::start(&envoy, &cfg);
-    let mut old = FakeWorker::start(&envoy, &cfg);
+    let old = FakeWorker::start(&envoy, &cfg);
     let mut a = admitted(&first);
     queued(&old).reset();
     assert_eq!((first.worker_id(), old.worker_id()), (0, 1));
@@ -696,6 +696,10 @@ fn the_first_tick_takes_the_index_before_any_request() {
     assert_eq!(w.host.tick_period(), FAST_TICK, "asked for at configure");
     w.tick();
     assert_eq!(w.worker_id(), 0);
-    assert_eq!(w.host.tick_period(), Duration::ZERO, "then it stops");
+    assert_eq!(
+        w.host.tick_period(),
+        BASE_TICK,
+        "then back to the base tick"
+    );
     assert_quiet();
 }

@@ -22,6 +22,8 @@ use std::time::Duration;
 /// Tick while requests wait: the backstop for lost wake-ups and the clock of
 /// queue timeouts, so it bounds how late a 504 can be.
 pub const FAST_TICK: Duration = Duration::from_millis(5);
+/// Tick otherwise: the leader's lease, sync watchdog and health checks.
+pub const BASE_TICK: Duration = Duration::from_millis(100);
 
 /// What became of a paused request; shared between its HTTP context and the
 /// worker that finishes the wait.
@@ -58,6 +60,8 @@ pub struct Worker<H> {
     /// Slots of abandoned requests, released when the backend is most
     /// likely done with them.
     held: RefCell<HeldSlots>,
+    /// The period when nobody waits ([`BASE_TICK`] once the root has duties).
+    idle_tick: Cell<Duration>,
 }
 
 impl<H: Host> Worker<H> {
@@ -74,6 +78,17 @@ impl<H: Host> Worker<H> {
             waiters: RefCell::new(LocalWaiters::default()),
             peers: RefCell::new(HashMap::new()),
             fast_tick: Cell::new(false),
+            idle_tick: Cell::new(Duration::ZERO),
+        }
+    }
+
+    /// The tick when nobody waits; starts it now.
+    pub fn set_idle_tick(&self, period: Duration) {
+        self.idle_tick.set(period);
+        if !self.fast_tick.get() {
+            if let Err(e) = self.host.set_tick_period(period) {
+                log::warn!("cannot set tick period: {e:?}");
+            }
         }
     }
 
@@ -265,24 +280,40 @@ impl<H: Host> Worker<H> {
     fn set_fast_tick(&self, fast: bool) {
         if self.fast_tick.get() != fast {
             self.fast_tick.set(fast);
-            let period = if fast { FAST_TICK } else { Duration::ZERO };
+            let period = if fast {
+                FAST_TICK
+            } else {
+                self.idle_tick.get()
+            };
             if let Err(e) = self.host.set_tick_period(period) {
                 log::warn!("cannot set tick period: {e:?}");
             }
         }
     }
 
-    /// Resumes this worker's requests whose tickets were granted.
+    /// Resumes this worker's requests whose tickets were granted, and
+    /// answers those of an unhealthy backend 503.
     pub fn claim_granted(&self) {
         let endpoints = self.waiters.borrow().endpoints();
         // Waiters mean an index was taken.
         let Some(id) = self.id.get() else { return };
         for ep in endpoints {
             let route = &self.routes.endpoints[ep];
-            match admission::claim(&self.host, &route.key, id, route.capacity) {
-                Ok((tickets, wakeups)) => {
-                    self.wake(&wakeups);
-                    for ticket in tickets {
+            match admission::claim(&self.host, &route.key, id) {
+                Ok(claimed) => {
+                    self.wake(&claimed.wakeups);
+                    for ticket in claimed.refused {
+                        let waiter = self.waiters.borrow_mut().take_ticket(ep, ticket);
+                        if let Some(w) = waiter {
+                            // Out of the queue, holding nothing: answered once.
+                            w.handle.0.set(Fate::Answered);
+                            self.left_queue(&w, Counter::Unhealthy);
+                            if self.host.set_effective_context(w.context_id).is_ok() {
+                                LocalReply::Unhealthy(route).send(&self.host);
+                            }
+                        }
+                    }
+                    for ticket in claimed.granted {
                         let waiter = self.waiters.borrow_mut().take_ticket(ep, ticket);
                         match waiter {
                             Some(w) => {
@@ -367,7 +398,7 @@ impl<H: Host> Worker<H> {
     /// A request that held a slot of `endpoint` has ended.
     pub fn release(&self, endpoint: usize) {
         let route = &self.routes.endpoints[endpoint];
-        match admission::release(&self.host, &route.key, route.capacity) {
+        match admission::release(&self.host, &route.key) {
             Ok(wakeups) => self.wake(&wakeups),
             Err(e) => log::error!("release on {}: {e}", route.path),
         }

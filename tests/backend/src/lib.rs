@@ -13,6 +13,9 @@
 //! Paths are decoded the way an application server routes them (`app_path`),
 //! and with `on_disconnect=finish` a route keeps working on, and counting, a
 //! request whose client left, as a thread-pool server does.
+//! `GET /__backend/health` answers 200, or 503 after `POST
+//! /__backend/health/fail` until `POST /__backend/health/ok`: a backend whose
+//! health check starts failing, for Sluice's health tests.
 
 pub mod app_path;
 pub mod handover;
@@ -34,6 +37,7 @@ use route::{parse_service_ms, OnDisconnect, Overload, RouteSpec};
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
@@ -41,6 +45,10 @@ use tokio::sync::Semaphore;
 
 pub const STATS_PATH: &str = "/__backend/stats";
 pub const RESET_PATH: &str = "/__backend/reset";
+/// 200 while healthy, 503 while failing.
+pub const HEALTH_PATH: &str = "/__backend/health";
+pub const HEALTH_FAIL_PATH: &str = "/__backend/health/fail";
+pub const HEALTH_OK_PATH: &str = "/__backend/health/ok";
 /// With `--trace`: every routed request's id and wall-clock times.
 pub const TRACE_PATH: &str = "/__backend/trace";
 /// Overrides the service time of one request (float milliseconds).
@@ -117,6 +125,7 @@ impl Server {
             paths: Paths::new(&opts.routes, opts.trace),
             workers: opts.workers.map(Semaphore::new),
             name,
+            failing: AtomicBool::new(false),
         });
         Ok(Server { listener, app })
     }
@@ -186,6 +195,8 @@ struct App {
     /// request that asked before it, whatever its path.
     workers: Option<Semaphore>,
     name: Option<HeaderValue>,
+    /// The health endpoint answers 503.
+    failing: AtomicBool,
 }
 
 impl App {
@@ -197,6 +208,18 @@ impl App {
             (&Method::POST, RESET_PATH) => {
                 self.paths.reset();
                 return json(StatusCode::OK, r#"{"reset":true}"#);
+            }
+            (&Method::GET, HEALTH_PATH) => {
+                return if self.failing.load(Ordering::SeqCst) {
+                    json(StatusCode::SERVICE_UNAVAILABLE, r#"{"healthy":false}"#)
+                } else {
+                    json(StatusCode::OK, r#"{"healthy":true}"#)
+                };
+            }
+            (&Method::POST, HEALTH_FAIL_PATH | HEALTH_OK_PATH) => {
+                let fail = req.uri().path() == HEALTH_FAIL_PATH;
+                self.failing.store(fail, Ordering::SeqCst);
+                return json(StatusCode::OK, format!("{{\"healthy\":{}}}", !fail));
             }
             (&Method::GET, TRACE_PATH) => {
                 return json(StatusCode::OK, self.paths.trace_json().to_string());

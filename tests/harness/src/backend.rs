@@ -125,6 +125,17 @@ impl Backend {
         assert_eq!(response.status, 200, "backend reset: {}", response.text());
     }
 
+    /// Makes `GET /__backend/health` answer 503 (`false`) or 200 (`true`).
+    pub fn set_healthy(&self, healthy: bool) {
+        let path = if healthy {
+            "/__backend/health/ok"
+        } else {
+            "/__backend/health/fail"
+        };
+        let response = http::post(self.addr, path, "").expect("backend health request");
+        assert_eq!(response.status, 200, "backend health: {}", response.text());
+    }
+
     /// The backend's log (its stderr and any stdout after the first line).
     pub fn log(&self) -> String {
         self.process.log_text()

@@ -18,17 +18,21 @@ mod backend;
 mod envoy;
 mod front_proxy;
 pub mod http;
+mod keep_alive;
 mod process;
 mod recipe;
 mod redis;
+mod sync_cluster;
 mod sync_service;
 
 pub use backend::Backend;
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError};
 pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, STATS_TAGS_YAML};
+pub use keep_alive::KeepAliveClients;
 pub use process::{unique_scratch_path, ScratchDir};
 pub use recipe::{with_built_wasm, Recipe, RECIPE_ADMIN_PORT, RECIPE_LISTENER_PORT};
 pub use redis::{Redis, RespValue};
+pub use sync_cluster::{sync_cluster_yaml, SYNC_CLUSTER};
 pub use sync_service::SyncService;
 
 use std::net::TcpListener;
