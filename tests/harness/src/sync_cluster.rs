@@ -5,7 +5,7 @@ use crate::SyncService;
 use std::time::{Duration, Instant};
 
 /// The Envoy cluster name the rendered configs give the sync service. Never
-/// `envoy`: see ENVOY-WASM-NOTES.md, "Callouts".
+/// `envoy`: docs/sync.md says why.
 pub const SYNC_CLUSTER: &str = "sluice_sync";
 
 /// An HTTP/2 (gRPC) cluster named [`SYNC_CLUSTER`] to 127.0.0.1:`port`,
