@@ -76,6 +76,11 @@ impl<T> LocalWaiters<T> {
         expired
     }
 
+    /// The earliest deadline, if anyone waits.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.waiters.iter().map(|w| w.deadline_ns).min()
+    }
+
     /// Endpoints this worker has waiters on (each once, ascending).
     pub fn endpoints(&self) -> Vec<usize> {
         let mut eps: Vec<usize> = self.waiters.iter().map(|w| w.endpoint).collect();
@@ -122,6 +127,7 @@ mod tests {
         q.push(w(1, 0, 1, 300));
         q.push(w(2, 0, 2, 100));
         q.push(w(3, 0, 3, 200));
+        assert_eq!(q.next_deadline(), Some(100));
         assert!(q.take_expired(99).is_empty());
         let got: Vec<u32> = q
             .take_expired(200)
@@ -130,5 +136,6 @@ mod tests {
             .collect();
         assert_eq!(got, vec![2, 3]);
         assert_eq!(q.len(), 1);
+        assert_eq!(q.next_deadline(), Some(300));
     }
 }

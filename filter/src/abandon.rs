@@ -53,12 +53,16 @@ pub struct RecentDurations {
 }
 
 impl RecentDurations {
-    /// Records a duration; returns the new estimate when it changed since
-    /// it was last published (the caller publishes it).
-    pub fn record(&mut self, ns: u64) -> Option<u64> {
+    /// Records a duration.
+    pub fn record(&mut self, ns: u64) {
         self.samples_ns[self.next] = ns;
         self.next = (self.next + 1) % SAMPLES;
         self.len = (self.len + 1).min(SAMPLES);
+    }
+
+    /// The estimate, if it changed since it was last taken here to be
+    /// published (on the worker's tick, off the request path).
+    pub fn take_unpublished(&mut self) -> Option<u64> {
         let estimate = self.estimate_ns().unwrap_or(0);
         (estimate != self.published_ns).then(|| {
             self.published_ns = estimate;
@@ -96,8 +100,9 @@ impl HeldSlots {
         self.held.push((endpoint, until_ns));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
+    /// When the next held slot is due, if any is held.
+    pub fn next_due(&self) -> Option<u64> {
+        self.held.iter().map(|&(_, until)| until).min()
     }
 
     /// Removes and returns the endpoints of slots due at `now_ns`.
@@ -129,11 +134,19 @@ mod tests {
     fn estimate_is_the_recent_maximum() {
         let mut d = RecentDurations::default();
         assert_eq!(d.estimate_ns(), None);
-        assert_eq!(d.record(300 * MS), Some(300 * MS), "published");
-        assert_eq!(d.record(200 * MS), None, "unchanged: not published again");
+        d.record(300 * MS);
+        assert_eq!(d.take_unpublished(), Some(300 * MS), "published");
+        d.record(200 * MS);
+        assert_eq!(d.take_unpublished(), None, "unchanged: not published again");
         assert_eq!(d.estimate_ns(), Some(300 * MS));
-        // The 300 ms sample ages out after SAMPLES newer ones.
-        let published: Vec<_> = (0..SAMPLES).filter_map(|_| d.record(100 * MS)).collect();
+        // The 300 ms sample ages out after SAMPLES newer ones; a tick in
+        // between publishes what changed, once.
+        let published: Vec<_> = (0..SAMPLES)
+            .filter_map(|_| {
+                d.record(100 * MS);
+                d.take_unpublished()
+            })
+            .collect();
         assert_eq!(published, vec![200 * MS, 100 * MS]);
         assert_eq!(d.estimate_ns(), Some(100 * MS));
     }
@@ -159,6 +172,6 @@ mod tests {
         assert_eq!(h.take_due(200), vec![0, 0]);
         assert!(h.take_due(200).is_empty());
         assert_eq!(h.take_all(), vec![1]);
-        assert!(h.is_empty());
+        assert_eq!(h.next_due(), None);
     }
 }

@@ -207,6 +207,9 @@ struct HostState {
     current: Cell<u32>,
     streams: RefCell<HashMap<u32, StreamRecord>>,
     tick_period: Cell<Duration>,
+    /// Every hostcall this VM made, by name, in order (see
+    /// [`FakeHost::take_calls`]).
+    calls: RefCell<Vec<&'static str>>,
     /// Queues this VM registered (it is notified of them).
     queues: RefCell<Vec<u32>>,
     grpc: RefCell<Vec<GrpcStream>>,
@@ -227,6 +230,7 @@ impl FakeHost {
             streams: RefCell::new(HashMap::new()),
             tick_period: Cell::new(Duration::ZERO),
             queues: RefCell::new(Vec::new()),
+            calls: RefCell::new(Vec::new()),
             before_record: RefCell::new(None),
             grpc: RefCell::new(Vec::new()),
             http_calls: RefCell::new(Vec::new()),
@@ -244,6 +248,15 @@ impl FakeHost {
             ROOT_CONTEXT,
             "{what} from a stream context"
         );
+    }
+
+    fn called(&self, name: &'static str) {
+        self.0.calls.borrow_mut().push(name);
+    }
+
+    /// The hostcalls this VM made since the last call of this, in order.
+    pub fn take_calls(&self) -> Vec<&'static str> {
+        std::mem::take(&mut *self.0.calls.borrow_mut())
     }
 
     /// `step` runs just before this VM's next `record_metric`.
@@ -276,24 +289,29 @@ impl FakeHost {
 
 impl SharedData for FakeHost {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        self.called("get");
         self.0.envoy.store.get(key)
     }
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
+        self.called("set");
         self.0.envoy.store.set(key, value, cas)
     }
 }
 
 impl Host for FakeHost {
     fn now_ns(&self) -> u64 {
+        self.called("now_ns");
         self.0.envoy.clock_ns.load(Ordering::SeqCst)
     }
 
     fn set_tick_period(&self, period: Duration) -> Result<(), Status> {
+        self.called("set_tick_period");
         self.0.tick_period.set(period);
         Ok(())
     }
 
     fn register_shared_queue(&self, name: &str) -> Result<u32, Status> {
+        self.called("register_shared_queue");
         let mut q = self.0.envoy.queues.lock().unwrap();
         let next = q.ids.len() as u32 + 1;
         let id = *q
@@ -306,11 +324,13 @@ impl Host for FakeHost {
     }
 
     fn resolve_shared_queue(&self, vm_id: &str, name: &str) -> Result<Option<u32>, Status> {
+        self.called("resolve_shared_queue");
         let q = self.0.envoy.queues.lock().unwrap();
         Ok(q.ids.get(&(vm_id.to_string(), name.to_string())).copied())
     }
 
     fn enqueue_shared_queue(&self, queue_id: u32, message: &[u8]) -> Result<(), Status> {
+        self.called("enqueue_shared_queue");
         let mut q = self.0.envoy.queues.lock().unwrap();
         let queue = q.messages.get_mut(&queue_id).ok_or(Status::NotFound)?;
         queue.push_back(message.to_vec());
@@ -318,12 +338,14 @@ impl Host for FakeHost {
     }
 
     fn dequeue_shared_queue(&self, queue_id: u32) -> Result<Option<Vec<u8>>, Status> {
+        self.called("dequeue_shared_queue");
         let mut q = self.0.envoy.queues.lock().unwrap();
         let queue = q.messages.get_mut(&queue_id).ok_or(Status::NotFound)?;
         Ok(queue.pop_front())
     }
 
     fn set_effective_context(&self, context_id: u32) -> Result<(), Status> {
+        self.called("set_effective_context");
         let streams = self.0.streams.borrow();
         match streams.get(&context_id) {
             Some(s) if !s.gone => {
@@ -335,6 +357,7 @@ impl Host for FakeHost {
     }
 
     fn resume_http_request(&self) -> Result<(), Status> {
+        self.called("resume_http_request");
         self.with_current(|id, s| {
             assert!(
                 s.paused && s.replies.is_empty(),
@@ -355,6 +378,7 @@ impl Host for FakeHost {
         headers: Vec<(&str, &str)>,
         body: &[u8],
     ) -> Result<(), Status> {
+        self.called("send_http_response");
         self.with_current(|id, s| {
             assert!(
                 s.resumes == 0 && s.replies.is_empty(),
@@ -373,10 +397,12 @@ impl Host for FakeHost {
     }
 
     fn get_http_request_header(&self, name: &str) -> Option<String> {
+        self.called("get_http_request_header");
         self.with_current(|_, s| header(&s.request_headers, name).map(str::to_string))
     }
 
     fn get_http_response_header(&self, name: &str) -> Option<String> {
+        self.called("get_http_response_header");
         self.with_current(|_, s| {
             if name == ":status" {
                 return Some(s.status.unwrap_or(200).to_string());
@@ -386,6 +412,7 @@ impl Host for FakeHost {
     }
 
     fn get_property(&self, path: &[&str]) -> Option<Vec<u8>> {
+        self.called("get_property");
         self.with_current(|_, s| match path {
             ["response", "code_details"] => Some(
                 s.code_details
@@ -398,6 +425,7 @@ impl Host for FakeHost {
     }
 
     fn set_http_response_header(&self, name: &str, value: &str) {
+        self.called("set_http_response_header");
         self.with_current(|_, s| {
             s.response_headers
                 .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
@@ -412,6 +440,7 @@ impl Host for FakeHost {
         service_name: &str,
         method: &str,
     ) -> Result<u32, Status> {
+        self.called("open_grpc_stream");
         self.assert_root("open_grpc_stream");
         if self.0.fail_grpc_open.get() {
             return Err(Status::InternalFailure);
@@ -435,6 +464,7 @@ impl Host for FakeHost {
         message: &[u8],
         end_stream: bool,
     ) -> Result<(), Status> {
+        self.called("send_grpc_stream_message");
         let mut grpc = self.0.grpc.borrow_mut();
         let s = grpc
             .iter_mut()
@@ -447,6 +477,7 @@ impl Host for FakeHost {
     }
 
     fn cancel_grpc_stream(&self, token: u32) -> Result<(), Status> {
+        self.called("cancel_grpc_stream");
         let mut grpc = self.0.grpc.borrow_mut();
         let s = grpc
             .iter_mut()
@@ -462,6 +493,7 @@ impl Host for FakeHost {
         headers: Vec<(&str, &str)>,
         timeout: Duration,
     ) -> Result<u32, Status> {
+        self.called("dispatch_http_call");
         self.assert_root("dispatch_http_call");
         let token = self.token();
         self.0.http_calls.borrow_mut().push(HttpCall {
@@ -476,6 +508,7 @@ impl Host for FakeHost {
         Ok(token)
     }
     fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
+        self.called("define_metric");
         let mut m = self.0.envoy.metrics.lock().unwrap();
         if let Some(&id) = m.ids.get(name) {
             let existing = m.get(id);
@@ -494,6 +527,7 @@ impl Host for FakeHost {
     }
 
     fn increment_metric(&self, id: u32, offset: i64) -> Result<(), Status> {
+        self.called("increment_metric");
         let mut m = self.0.envoy.metrics.lock().unwrap();
         let metric = m.get(id);
         match metric.kind {
@@ -511,6 +545,7 @@ impl Host for FakeHost {
     }
 
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
+        self.called("record_metric");
         let step = self.0.before_record.borrow_mut().take();
         if let Some(step) = step {
             step();
@@ -687,6 +722,14 @@ impl FakeStream {
         assert!(!self.is_gone(), "callback on deleted stream {}", self.id);
         self.host.0.current.set(self.id);
         let r = f(&mut self.state);
+        // In Envoy the effective context lasts until the callback returns:
+        // one that resumed another request must have come back to its own.
+        assert_eq!(
+            self.host.0.current.get(),
+            self.id,
+            "callback of stream {} ends in another stream's context",
+            self.id
+        );
         self.host.0.current.set(ROOT_CONTEXT);
         r
     }

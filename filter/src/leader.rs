@@ -27,6 +27,9 @@ use std::time::Duration;
 /// within a second.
 pub const LEASE_TTL: Duration = Duration::from_secs(1);
 
+/// How often, at most, the leader sets the gauges from the records.
+pub const GAUGE_PERIOD: Duration = Duration::from_millis(10);
+
 pub fn lease_key(service: &str) -> String {
     format!("sluice:{service}:leader")
 }
@@ -160,6 +163,8 @@ pub struct Leader<H> {
     /// The lease is looked at once per base tick, not on every 5 ms tick
     /// of a worker with waiters.
     next_lease_check_ns: u64,
+    /// When the gauges are set from the records next.
+    next_gauges_ns: u64,
     sync: Option<SyncClient>,
     health: Option<HealthCheck>,
 }
@@ -173,6 +178,7 @@ impl<H: Host> Leader<H> {
             leading: false,
             since_ns: 0,
             next_lease_check_ns: 0,
+            next_gauges_ns: 0,
             sync: callouts.sync.map(|c| SyncClient::new(c, node)),
             health: callouts.health.map(HealthCheck::new),
         }
@@ -212,6 +218,12 @@ impl<H: Host> Leader<H> {
         if !self.leading {
             return;
         }
+        // The one writer of the gauges; not more often than GAUGE_PERIOD
+        // when this worker ticks fast for its own waiters.
+        if now >= self.next_gauges_ns {
+            self.next_gauges_ns = now.saturating_add(GAUGE_PERIOD.as_nanos() as u64);
+            self.worker.host.publish_gauges();
+        }
         if let Some(s) = &mut self.sync {
             changed |= s.tick(&self.worker.host, now);
         }
@@ -231,6 +243,7 @@ impl<H: Host> Leader<H> {
         );
         self.leading = true;
         self.since_ns = now;
+        self.next_gauges_ns = now;
         if let Some(s) = &mut self.sync {
             s.start(&self.worker, now);
             s.tick(&self.worker.host, now);

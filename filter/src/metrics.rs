@@ -9,22 +9,22 @@
 //! the same names, and Envoy keeps one stat per name for the whole process,
 //! so counters from all workers add up.
 //!
-//! Gauges are never moved by ±1, which wraps (u64) when a -1 lands before its
-//! +1 from another worker. [`Metered`] wraps the worker's host: whenever an
-//! endpoint's shared record is written (by any admission operation, whoever
-//! calls it), it sets the gauges from the value just written. Last writer
-//! wins, so a writer that records late could leave an older value behind;
-//! each writer therefore reads the record again after recording and records
-//! again if it moved. The last record of a gauge is always followed by such a
-//! read, so once traffic stops every gauge equals the record.
+//! None of this costs the request path a hostcall. Counters add up in the
+//! worker's memory and go to Envoy on its next tick ([`Metered::flush`],
+//! at most a base tick, 100 ms, behind; and at the VM's end). Gauges are
+//! never moved by ±1, which wraps (u64) when a -1 lands before its +1 from
+//! another worker: the leader sets them from the endpoint records on its
+//! tick ([`Metered::publish_gauges`]). One writer, reading the records that
+//! admission writes: once traffic stops, every gauge equals the record by
+//! the leader's next tick. A scrape sees numbers at most one tick old,
+//! which a Prometheus interval of seconds never notices.
 
 use crate::host::Host;
 use crate::routes::Routes;
 use proxy_wasm::types::{MetricType, Status};
 use sluice_core::admission::{self, EndpointState};
 use sluice_core::shared_data::{SharedData, StoreError};
-use std::cell::Cell;
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::time::Duration;
 
 /// First segment of every name (after Envoy's `wasmcustom.`).
@@ -118,21 +118,15 @@ impl Gauges {
     }
 }
 
-/// Reads after a gauge write before giving up on catching up with other
-/// writers; only reached if the record changes on every read.
-const MAX_CATCH_UP: u32 = 8;
-
-/// The worker's host, plus its metrics: every call goes through to `H`;
-/// writes of endpoint records also set the gauges.
+/// The worker's host, plus its metrics: every call goes through to `H`.
 pub struct Metered<H> {
     host: H,
     /// By endpoint index; `None` if Envoy refused to define them.
     ids: Vec<Option<Ids>>,
-    /// Shared-data key of each endpoint record -> endpoint index.
-    by_key: HashMap<String, usize>,
-    /// The endpoint record read last and what it showed: the state that the
-    /// next write of it (same read-modify-write) replaces.
-    last_read: Cell<Option<(usize, Gauges)>>,
+    /// Shared-data key of each endpoint's record, by endpoint index.
+    keys: Vec<String>,
+    /// Counts not yet sent to Envoy, by endpoint index and [`Counter`].
+    pending: RefCell<Vec<[u64; Counter::ALL.len()]>>,
 }
 
 impl<H: Host> Metered<H> {
@@ -140,9 +134,7 @@ impl<H: Host> Metered<H> {
     /// sets the capacity gauges.
     pub fn new(host: H, routes: &Routes) -> Metered<H> {
         let mut ids = Vec::with_capacity(routes.endpoints.len());
-        let mut by_key = HashMap::new();
-        for (i, r) in routes.endpoints.iter().enumerate() {
-            by_key.insert(r.key.clone(), i);
+        for r in &routes.endpoints {
             // The capacity in force, if the record exists already (sync or a
             // newer configuration may have set it); else this configuration's.
             let capacity = admission::snapshot(&host, &r.key)
@@ -161,18 +153,52 @@ impl<H: Host> Metered<H> {
         Metered {
             host,
             ids,
-            by_key,
-            last_read: Cell::new(None),
+            keys: routes.endpoints.iter().map(|r| r.key.clone()).collect(),
+            pending: RefCell::new(vec![[0; Counter::ALL.len()]; routes.endpoints.len()]),
         }
     }
 
-    /// Adds one to an outcome counter of endpoint `ep`.
+    /// Adds one to an outcome counter of endpoint `ep`, in memory: the
+    /// next [`flush`](Self::flush) sends it.
     pub fn count(&self, ep: usize, counter: Counter) {
-        if let Some(ids) = &self.ids[ep] {
-            let id = ids.counters[counter as usize];
-            if let Err(e) = self.host.increment_metric(id, 1) {
-                log::debug!("increment_metric {counter:?}: {e:?}");
+        self.pending.borrow_mut()[ep][counter as usize] += 1;
+    }
+
+    /// Sends the counts made since the last flush to Envoy: on every tick
+    /// of the worker and at the VM's end.
+    pub fn flush(&self) {
+        let mut pending = self.pending.borrow_mut();
+        for (ep, counts) in pending.iter_mut().enumerate() {
+            let Some(ids) = &self.ids[ep] else {
+                *counts = [0; Counter::ALL.len()];
+                continue;
+            };
+            for (i, n) in counts.iter_mut().enumerate() {
+                if *n == 0 {
+                    continue;
+                }
+                if let Err(e) = self.host.increment_metric(ids.counters[i], *n as i64) {
+                    log::debug!("increment_metric {:?}: {e:?}", Counter::ALL[i]);
+                }
+                *n = 0;
             }
+        }
+    }
+
+    /// Sets every endpoint's gauges from its record: the leader's job, on
+    /// its tick.
+    pub fn publish_gauges(&self) {
+        for (ids, key) in self.ids.iter().zip(&self.keys) {
+            let Some(ids) = ids else { continue };
+            let Ok(Some((bytes, _))) = self.host.get(key) else {
+                continue;
+            };
+            let Some(g) = Gauges::of(&bytes) else {
+                continue;
+            };
+            let _ = self.host.record_metric(ids.capacity, u64::from(g.capacity));
+            let _ = self.host.record_metric(ids.in_flight, u64::from(g.in_flight));
+            let _ = self.host.record_metric(ids.queued, u64::from(g.queued));
         }
     }
 
@@ -184,46 +210,6 @@ impl<H: Host> Metered<H> {
             let _ = self
                 .host
                 .record_metric(ids.queue_wait_ms, waited.as_millis() as u64);
-        }
-    }
-
-    /// Sets the gauges of `ep` after a write that took its record from
-    /// `before` (if known) to `after`; then catches up with later writers.
-    fn publish(&self, ep: usize, key: &str, before: Option<Gauges>, after: Gauges) {
-        let Some(ids) = &self.ids[ep] else { return };
-        // Only the gauges this write moved: the writer of every other change
-        // publishes (and catches up on) its own.
-        let mut in_flight =
-            (before.map(|b| b.in_flight) != Some(after.in_flight)).then_some(after.in_flight);
-        let mut queued = (before.map(|b| b.queued) != Some(after.queued)).then_some(after.queued);
-        let mut capacity =
-            (before.map(|b| b.capacity) != Some(after.capacity)).then_some(after.capacity);
-        for _ in 0..MAX_CATCH_UP {
-            if let Some(v) = capacity {
-                let _ = self.host.record_metric(ids.capacity, u64::from(v));
-            }
-            if let Some(v) = in_flight {
-                let _ = self.host.record_metric(ids.in_flight, u64::from(v));
-            }
-            if let Some(v) = queued {
-                let _ = self.host.record_metric(ids.queued, u64::from(v));
-            }
-            if in_flight.is_none() && queued.is_none() && capacity.is_none() {
-                return;
-            }
-            let Ok(Some((bytes, _))) = self.host.get(key) else {
-                return;
-            };
-            let Some(now) = Gauges::of(&bytes) else {
-                return;
-            };
-            in_flight = in_flight
-                .filter(|&v| v != now.in_flight)
-                .map(|_| now.in_flight);
-            queued = queued.filter(|&v| v != now.queued).map(|_| now.queued);
-            capacity = capacity
-                .filter(|&v| v != now.capacity)
-                .map(|_| now.capacity);
         }
     }
 }
@@ -248,26 +234,11 @@ fn define<H: Host>(host: &H, service: &str, path: &str, capacity: u32) -> Result
 
 impl<H: Host> SharedData for Metered<H> {
     fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        let value = self.host.get(key)?;
-        if let Some(&ep) = self.by_key.get(key) {
-            let seen = value.as_ref().and_then(|(bytes, _)| Gauges::of(bytes));
-            self.last_read.set(seen.map(|g| (ep, g)));
-        }
-        Ok(value)
+        self.host.get(key)
     }
 
     fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        self.host.set(key, value, cas)?;
-        if let Some(&ep) = self.by_key.get(key) {
-            let before = match self.last_read.take() {
-                Some((read_ep, g)) if read_ep == ep => Some(g),
-                _ => None,
-            };
-            if let Some(after) = Gauges::of(value) {
-                self.publish(ep, key, before, after);
-            }
-        }
-        Ok(())
+        self.host.set(key, value, cas)
     }
 }
 
@@ -402,36 +373,58 @@ mod tests {
         );
     }
 
+    /// Time enough for the leader to set the gauges again at its tick.
+    const SETTLE: Duration = crate::leader::GAUGE_PERIOD;
+
     #[test]
     fn every_outcome_is_counted_and_gauges_follow_the_record() {
         let envoy = FakeEnvoy::new();
         let w = FakeWorker::start(&envoy, &config(1, 0.3, 1));
+        // Its first tick takes an index and the lease: it leads, and the
+        // leader sets the gauges.
+        w.tick();
         assert_eq!(metric(&envoy, CAPACITY), 1);
         let mut a = w.request("POST", PATH);
         assert_eq!(a.action, Action::Continue);
-        assert_eq!(gauges(&envoy), (1, 0));
         let mut b = w.request("POST", PATH);
-        assert_eq!(gauges(&envoy), (1, 1));
+        assert!(b.is_waiting());
         let mut c = w.request("POST", PATH);
         assert_eq!(c.reply().status, 503);
-        envoy.advance(Duration::from_millis(300));
+        // The request path made no metric hostcall: counts wait in memory
+        // for the tick, gauges for the leader's.
+        assert_eq!(metric(&envoy, "requests"), 0);
+        assert_eq!(gauges(&envoy), (0, 0));
+        envoy.advance(SETTLE);
+        w.tick();
+        assert_eq!(gauges(&envoy), (1, 1));
+        assert_eq!(metric(&envoy, "requests"), 3);
+        envoy.advance(Duration::from_millis(300) - SETTLE);
         w.tick();
         assert_eq!(b.reply().status, 504);
+        envoy.advance(SETTLE);
+        w.tick();
         assert_eq!(gauges(&envoy), (1, 0));
         // A second worker's waiter gets a's slot after 7 ms.
         let w2 = FakeWorker::start(&envoy, &config(1, 0.3, 1));
+        w2.tick();
         let mut d = w2.request("POST", PATH);
         assert_eq!(d.action, Action::Pause);
         envoy.advance(Duration::from_millis(7));
         a.complete();
-        // Handed over: still one slot in use, nobody waiting for one.
-        assert_eq!(gauges(&envoy), (1, 0));
         assert!(w2.deliver_wake_ups());
         assert_eq!(d.resumes(), 1);
+        envoy.advance(SETTLE);
+        w.tick();
+        w2.tick();
+        // Handed over: still one slot in use, nobody waiting for one.
+        assert_eq!(gauges(&envoy), (1, 0));
         d.complete();
         for s in [&mut b, &mut c] {
             s.complete();
         }
+        envoy.advance(SETTLE);
+        w.tick();
+        w2.tick();
         assert_eq!(gauges(&envoy), (0, 0));
         assert_eq!(
             counters(&envoy),
@@ -453,24 +446,34 @@ mod tests {
     }
 
     #[test]
-    fn a_late_gauge_write_is_corrected_by_its_writer() {
+    fn only_the_leader_sets_gauges_and_its_successor_takes_over() {
         let envoy = FakeEnvoy::new();
         let w1 = FakeWorker::start(&envoy, &config(2, 1.0, 10));
+        w1.tick();
         let w2 = FakeWorker::start(&envoy, &config(2, 1.0, 10));
+        w2.tick();
         let mut a = w2.request("POST", PATH);
-        assert_eq!(gauges(&envoy), (1, 0));
-        // w1 admits b (the record goes 1 -> 2), but before w1 sets the gauge
-        // to 2, w2 releases a (2 -> 1) and sets it to 1. w1's 2 lands last.
-        w1.host.before_next_record(move || a.complete());
-        let mut b = w1.request("POST", PATH);
-        assert_eq!(envoy.record(&format!("sluice:t:ep:{PATH}")).active, 1);
-        assert_eq!(gauges(&envoy), (1, 0), "a stale in-flight gauge");
+        envoy.advance(SETTLE);
+        w2.tick();
+        assert_eq!(gauges(&envoy), (0, 0), "w2 does not lead");
+        w1.tick();
+        assert_eq!(gauges(&envoy), (1, 0), "the leader does");
+        // The leader's VM goes away; w2 takes the lease when it next looks
+        // at it, once per base tick.
+        w1.done();
+        let mut b = w2.request("POST", PATH);
+        envoy.advance(crate::worker::BASE_TICK);
+        w2.tick();
+        assert_eq!(gauges(&envoy), (2, 0));
+        a.complete();
         b.complete();
+        envoy.advance(SETTLE);
+        w2.tick();
         assert_eq!(gauges(&envoy), (0, 0));
     }
 
     #[test]
-    fn gauges_stay_exact_under_racing_workers() {
+    fn counts_and_gauges_stay_exact_under_racing_workers() {
         let envoy = FakeEnvoy::new();
         let cfg = config(3, 5.0, 1000);
         drop(FakeWorker::start(&envoy, &cfg));
@@ -490,9 +493,14 @@ mod tests {
                         s.complete();
                     }
                     while w.deliver_wake_ups() {}
+                    // The VM's end sends what its last tick did not.
+                    w.done();
                 });
             }
         });
+        let w = FakeWorker::start(&envoy, &cfg);
+        envoy.advance(crate::leader::LEASE_TTL);
+        w.tick();
         assert_eq!(gauges(&envoy), (0, 0));
         assert_eq!(metric(&envoy, "requests"), 800);
         assert_eq!(

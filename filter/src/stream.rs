@@ -102,7 +102,9 @@ impl<H: Host> Stream<H> {
         // The capacity in force is in the record this reads anyway.
         match admission::acquire(host, &route.key, route.max_queue, worker_id) {
             Ok((acquired, wakeups)) => {
-                worker.wake(&wakeups);
+                if !wakeups.is_empty() {
+                    worker.in_stream(self.context_id, || worker.wake(&wakeups));
+                }
                 match acquired {
                     Acquired::Admitted => {
                         host.count(ep, Counter::AdmittedAtOnce);
@@ -255,14 +257,22 @@ impl<H: Host> Stream<H> {
             State::Queued { ep, fate, .. } => match fate.get() {
                 Fate::Admitted(at_ns) => (ep, at_ns),
                 Fate::Answered => return,
-                Fate::Waiting => return self.worker.leave_queue(self.context_id, ep),
+                Fate::Waiting => {
+                    let worker = &self.worker;
+                    return worker.in_stream(self.context_id, || {
+                        worker.leave_queue(self.context_id, ep)
+                    });
+                }
             },
         };
-        match how {
-            End::Complete => self.worker.complete(ep, admitted_ns),
-            End::Abandoned => self.worker.abandon(ep, admitted_ns),
-            End::Cut => self.worker.release(ep),
-        }
+        // A release may hand the slot to a waiter of this worker, which it
+        // resumes at once.
+        let worker = &self.worker;
+        worker.in_stream(self.context_id, || match how {
+            End::Complete => worker.complete(ep, admitted_ns),
+            End::Abandoned => worker.abandon(ep, admitted_ns),
+            End::Cut => worker.release(ep),
+        });
     }
 }
 

@@ -19,11 +19,18 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-/// Tick while requests wait: the backstop for lost wake-ups and the clock of
-/// queue timeouts, so it bounds how late a 504 can be.
+/// The longest tick while requests wait: the backstop for lost wake-ups.
+/// Queue timeouts and held slots set it shorter, to the millisecond they
+/// are due (see [`Worker::schedule`]).
 pub const FAST_TICK: Duration = Duration::from_millis(5);
 /// Tick otherwise: the leader's lease, sync watchdog and health checks.
 pub const BASE_TICK: Duration = Duration::from_millis(100);
+
+/// `ns` as a tick period: whole milliseconds (Envoy's unit), rounded up so
+/// that the tick is never early, and at least 1 ms.
+fn ceil_ms(ns: u64) -> Duration {
+    Duration::from_millis(ns.div_ceil(1_000_000).max(1))
+}
 
 /// What became of a paused request; shared between its HTTP context and the
 /// worker that finishes the wait.
@@ -54,7 +61,20 @@ pub struct Worker<H> {
     waiters: RefCell<LocalWaiters<(Rc<Cell<Fate>>, u64)>>,
     /// Other workers' wake-up queues, resolved once.
     peers: RefCell<HashMap<WorkerId, u32>>,
-    fast_tick: Cell<bool>,
+    /// The tick period last set (zero: none yet).
+    period: Cell<Duration>,
+    /// Host time (ns) at which the tick is due next; `u64::MAX`: none.
+    next_tick_ns: Cell<u64>,
+    /// Configured, first tick not yet run: tick soon to take the index.
+    starting: Cell<bool>,
+    /// The HTTP context whose callback runs, while it runs worker code that
+    /// may resume other requests: the host's effective context goes back to
+    /// it afterwards.
+    stream: Cell<Option<u32>>,
+    /// A claim of granted tickets is under way (claims do not nest: one
+    /// asked for meanwhile runs as another round).
+    claiming: Cell<bool>,
+    reclaim: Cell<bool>,
     /// Per endpoint: how long this worker's recent requests took upstream.
     durations: RefCell<Vec<RecentDurations>>,
     /// Slots of abandoned requests, released when the backend is most
@@ -77,7 +97,12 @@ impl<H: Host> Worker<H> {
             dashboard: Dashboard::new(&Ui::default()),
             waiters: RefCell::new(LocalWaiters::default()),
             peers: RefCell::new(HashMap::new()),
-            fast_tick: Cell::new(false),
+            period: Cell::new(Duration::ZERO),
+            next_tick_ns: Cell::new(u64::MAX),
+            starting: Cell::new(false),
+            stream: Cell::new(None),
+            claiming: Cell::new(false),
+            reclaim: Cell::new(false),
             idle_tick: Cell::new(Duration::ZERO),
         }
     }
@@ -85,11 +110,7 @@ impl<H: Host> Worker<H> {
     /// The tick when nobody waits; starts it now.
     pub fn set_idle_tick(&self, period: Duration) {
         self.idle_tick.set(period);
-        if !self.fast_tick.get() {
-            if let Err(e) = self.host.set_tick_period(period) {
-                log::warn!("cannot set tick period: {e:?}");
-            }
-        }
+        self.schedule(false);
     }
 
     /// This worker's index, taken (and its wake-up queue registered) at the
@@ -131,31 +152,90 @@ impl<H: Host> Worker<H> {
 
     /// From `on_configure`: tick once soon, to take the index.
     pub fn start(&self) {
-        self.set_fast_tick(true);
+        self.starting.set(true);
+        self.schedule(false);
     }
 
     pub fn tick(&self) {
+        self.starting.set(false);
         if self.id.get().is_none() {
             self.id();
         }
         self.claim_granted();
         self.expire_waiters();
         self.release_held();
-        if self.waiters.borrow().is_empty() && self.held.borrow().is_empty() {
-            self.set_fast_tick(false);
+        self.publish_estimates();
+        self.host.flush();
+        self.schedule(true);
+    }
+
+    /// Runs `f`, worker code called from the callback of HTTP context
+    /// `context_id` that may resume other requests of this worker.
+    pub fn in_stream<R>(&self, context_id: u32, f: impl FnOnce() -> R) -> R {
+        let outer = self.stream.replace(Some(context_id));
+        let r = f();
+        self.stream.set(outer);
+        r
+    }
+
+    /// Sets the tick to what is due next: the nearest queue deadline or held
+    /// slot, rounded up to Envoy's millisecond, but at most [`FAST_TICK`]
+    /// while anyone waits; the idle tick otherwise. Setting a period
+    /// restarts Envoy's timer from now, so outside a tick (`from_tick`
+    /// false: a request started waiting) it only moves the tick sooner.
+    fn schedule(&self, from_tick: bool) {
+        let now = self.host.now_ns();
+        let due = [
+            self.waiters.borrow().next_deadline(),
+            self.held.borrow().next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let period = match due {
+            Some(at) => FAST_TICK.min(ceil_ms(at.saturating_sub(now))),
+            None if self.starting.get() => FAST_TICK,
+            None => self.idle_tick.get(),
+        };
+        let next = if period.is_zero() {
+            u64::MAX
+        } else {
+            now.saturating_add(period.as_nanos() as u64)
+        };
+        if !from_tick && next >= self.next_tick_ns.get() {
+            return;
+        }
+        self.next_tick_ns.set(next);
+        // From a tick Envoy re-arms the timer with the period after the
+        // callback; from elsewhere only a new period restarts it.
+        if from_tick && period == self.period.get() {
+            return;
+        }
+        self.period.set(period);
+        if let Err(e) = self.host.set_tick_period(period) {
+            log::warn!("cannot set tick period: {e:?}");
         }
     }
 
     /// A request admitted at `admitted_ns` got its whole response: the
-    /// backend is done with it, and its duration feeds the estimate.
+    /// backend is done with it, and its duration feeds the estimate (which
+    /// the tick publishes).
     pub fn complete(&self, endpoint: usize, admitted_ns: u64) {
         let took = self.host.now_ns().saturating_sub(admitted_ns);
-        let changed = self.durations.borrow_mut()[endpoint].record(took);
-        if let Some(estimate) = changed {
-            let key = abandon::estimate_key(&self.routes.endpoints[endpoint].key);
-            abandon::publish(&self.host, &key, estimate);
-        }
+        self.durations.borrow_mut()[endpoint].record(took);
         self.release(endpoint);
+    }
+
+    /// Publishes the upstream-duration estimates that changed since the
+    /// last tick, for workers that have none of their own.
+    fn publish_estimates(&self) {
+        let mut durations = self.durations.borrow_mut();
+        for (ep, d) in durations.iter_mut().enumerate() {
+            if let Some(estimate) = d.take_unpublished() {
+                let key = abandon::estimate_key(&self.routes.endpoints[ep].key);
+                abandon::publish(&self.host, &key, estimate);
+            }
+        }
     }
 
     /// A request admitted at `admitted_ns` was abandoned before its response
@@ -183,7 +263,7 @@ impl<H: Host> Worker<H> {
             .borrow_mut()
             .hold(endpoint, now.saturating_add(hold));
         // The tick releases it.
-        self.set_fast_tick(true);
+        self.schedule(false);
     }
 
     fn release_held(&self) {
@@ -222,7 +302,7 @@ impl<H: Host> Worker<H> {
             deadline_ns: since_ns.saturating_add(queue_timeout.as_nanos() as u64),
             handle: (Rc::clone(&fate), queued_bytes),
         });
-        self.set_fast_tick(true);
+        self.schedule(false);
         fate
     }
 
@@ -252,9 +332,15 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// Tells each worker that it has granted tickets to claim.
+    /// Tells each worker that it has granted tickets to claim; this one
+    /// claims its own at once, with no round trip through its queue.
     pub fn wake(&self, wakeups: &Wakeups) {
+        let me = self.id.get();
         for &peer in wakeups.workers() {
+            if Some(peer) == me {
+                self.claim_granted();
+                continue;
+            }
             let queue = self.peer_queue(peer);
             match queue.map(|q| self.host.enqueue_shared_queue(q, b"w")) {
                 Some(Ok(())) => {}
@@ -277,23 +363,31 @@ impl<H: Host> Worker<H> {
         Some(q)
     }
 
-    fn set_fast_tick(&self, fast: bool) {
-        if self.fast_tick.get() != fast {
-            self.fast_tick.set(fast);
-            let period = if fast {
-                FAST_TICK
-            } else {
-                self.idle_tick.get()
-            };
-            if let Err(e) = self.host.set_tick_period(period) {
-                log::warn!("cannot set tick period: {e:?}");
+    /// Resumes this worker's requests whose tickets were granted, and
+    /// answers those of an unhealthy backend 503. From a stream's callback
+    /// (a release on this worker granted a slot to one of its waiters), the
+    /// host's effective context is that stream's again afterwards; Envoy
+    /// defers the resumes until the callback returns.
+    pub fn claim_granted(&self) {
+        if self.claiming.replace(true) {
+            self.reclaim.set(true);
+            return;
+        }
+        loop {
+            self.claim_once();
+            if !self.reclaim.replace(false) {
+                break;
+            }
+        }
+        self.claiming.set(false);
+        if let Some(context_id) = self.stream.get() {
+            if let Err(e) = self.host.set_effective_context(context_id) {
+                log::warn!("cannot return to stream {context_id}: {e:?}");
             }
         }
     }
 
-    /// Resumes this worker's requests whose tickets were granted, and
-    /// answers those of an unhealthy backend 503.
-    pub fn claim_granted(&self) {
+    fn claim_once(&self) {
         let endpoints = self.waiters.borrow().endpoints();
         // Waiters mean an index was taken.
         let Some(id) = self.id.get() else { return };

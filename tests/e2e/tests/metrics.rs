@@ -6,7 +6,7 @@ use serde_json::{json, Value};
 use sluice_harness::{wait_until, Backend, Envoy, FrontProxy};
 use sluice_loadgen::{run_blocking, Burst, Outcome};
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// One sample of the exposition: name, labels, value.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,7 +134,18 @@ fn gauges_mid_burst_and_counters_after_match_what_clients_saw() {
         "{outcomes:#?}"
     );
 
-    let end = scrape(&envoy);
+    // Counts reach Envoy on each worker's tick and the gauges on the
+    // leader's (100 ms at most): within a second, everything has settled.
+    let settled = Instant::now() + Duration::from_secs(1);
+    let end = loop {
+        let s = scrape(&envoy);
+        let done = sluice(&s, "requests") == Some(outcomes.len() as f64)
+            && sluice(&s, "in_flight") == Some(0.0);
+        if done || Instant::now() > settled {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let counters: Vec<(&str, Option<f64>)> = [
         "requests",
         "admitted_at_once",
@@ -193,7 +204,16 @@ fn dotted_service_and_path_come_out_whole_as_labels() {
     for _ in 0..3 {
         assert_eq!(envoy.request("GET", path).send().unwrap().status, 200);
     }
-    let samples = scrape(&envoy);
+    // Counted at the worker's next tick (100 ms at most).
+    let settled = Instant::now() + Duration::from_secs(1);
+    let samples = loop {
+        let s = scrape(&envoy);
+        let seen = value(&s, "sluice_requests", "team.e2e", path, &[]) == Some(3.0);
+        if seen || Instant::now() > settled {
+            break s;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(
         value(&samples, "sluice_requests", "team.e2e", path, &[]),
         Some(3.0),
