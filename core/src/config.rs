@@ -30,6 +30,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "queue_timeout",
     "max_queue",
     "abandon_hold",
+    "metrics",
     "endpoints",
     // Read by other parts of Sluice.
     "error_threshold",
@@ -66,6 +67,9 @@ pub struct Config {
     pub queue_timeout: Duration,
     pub max_queue: u32,
     pub abandon_hold: Duration,
+    /// Whether the filter defines its metrics in Envoy's stats (default
+    /// true); false leaves Envoy's stats without them.
+    pub metrics: bool,
     pub endpoints: Vec<Endpoint>,
     /// Things worth a log line that do not stop the plugin (unknown keys).
     pub warnings: Vec<ConfigWarning>,
@@ -238,6 +242,16 @@ impl Config {
             None | Some(Value::Null) => Duration::from_secs_f64(DEFAULT_ABANDON_HOLD_SECS),
             Some(v) => hold_seconds(v, "abandon_hold")?,
         };
+        let metrics = match root.get("metrics") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "metrics",
+                    format!("must be true or false, got {}", shown(v)),
+                ))
+            }
+        };
 
         let mut endpoints = Vec::new();
         match root.get("endpoints") {
@@ -284,6 +298,7 @@ impl Config {
             queue_timeout,
             max_queue,
             abandon_hold,
+            metrics,
             endpoints,
             warnings,
         })
@@ -728,6 +743,16 @@ mod tests {
         .unwrap();
         assert_eq!(c.endpoints[0].queue_timeout, Duration::from_millis(250));
         assert_eq!(c.service, "default");
+    }
+
+    #[test]
+    fn metrics_default_on_and_must_be_a_bool() {
+        let on = Config::from_json(&json!({"endpoints": {}})).unwrap();
+        assert!(on.metrics);
+        let off = Config::from_json(&json!({"metrics": false})).unwrap();
+        assert!(!off.metrics);
+        let e = Config::from_json(&json!({"metrics": "no"})).unwrap_err();
+        assert_eq!(e.to_string(), "metrics: must be true or false, got \"no\"");
     }
 
     #[test]

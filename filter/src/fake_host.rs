@@ -111,6 +111,11 @@ impl FakeEnvoy {
         m.get(id).value
     }
 
+    /// Whether anyone defined a metric of this name.
+    pub fn has_metric(&self, name: &str) -> bool {
+        self.metrics.lock().unwrap().ids.contains_key(name)
+    }
+
     /// A histogram's samples by name.
     pub fn samples(&self, name: &str) -> Vec<u64> {
         let mut m = self.metrics.lock().unwrap();

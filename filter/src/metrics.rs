@@ -131,10 +131,14 @@ pub struct Metered<H> {
 
 impl<H: Host> Metered<H> {
     /// Defines every endpoint's metrics (once per VM, at configuration) and
-    /// sets the capacity gauges.
+    /// sets the capacity gauges; none with `metrics: false`.
     pub fn new(host: H, routes: &Routes) -> Metered<H> {
         let mut ids = Vec::with_capacity(routes.endpoints.len());
         for r in &routes.endpoints {
+            if !routes.metrics {
+                ids.push(None);
+                continue;
+            }
             // The capacity in force, if the record exists already (sync or a
             // newer configuration may have set it); else this configuration's.
             let capacity = admission::snapshot(&host, &r.key)
@@ -197,7 +201,9 @@ impl<H: Host> Metered<H> {
                 continue;
             };
             let _ = self.host.record_metric(ids.capacity, u64::from(g.capacity));
-            let _ = self.host.record_metric(ids.in_flight, u64::from(g.in_flight));
+            let _ = self
+                .host
+                .record_metric(ids.in_flight, u64::from(g.in_flight));
             let _ = self.host.record_metric(ids.queued, u64::from(g.queued));
         }
     }
@@ -442,6 +448,30 @@ mod tests {
             envoy.samples(&metric_name("t", PATH, QUEUE_WAIT_MS)),
             [300, 7]
         );
+        assert!(take_problems().is_empty());
+    }
+
+    #[test]
+    fn metrics_false_defines_none_and_admission_is_unchanged() {
+        let envoy = FakeEnvoy::new();
+        let mut cfg = config(1, 0.3, 1);
+        cfg["metrics"] = json!(false);
+        let w = FakeWorker::start(&envoy, &cfg);
+        w.tick();
+        let mut a = w.request("POST", PATH);
+        assert_eq!(a.action, Action::Continue);
+        let mut b = w.request("POST", PATH);
+        assert!(b.is_waiting());
+        a.complete();
+        assert_eq!(b.resumes(), 1);
+        b.complete();
+        w.tick();
+        for suffix in [IN_FLIGHT, QUEUED, CAPACITY, QUEUE_WAIT_MS, "requests"] {
+            assert!(
+                !envoy.has_metric(&metric_name("t", PATH, suffix)),
+                "{suffix}"
+            );
+        }
         assert!(take_problems().is_empty());
     }
 

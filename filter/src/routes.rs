@@ -26,6 +26,8 @@ pub struct Route {
 
 pub struct Routes {
     pub service: String,
+    /// The configuration's `metrics`: define them in Envoy's stats.
+    pub metrics: bool,
     pub endpoints: Vec<Route>,
     exact: HashMap<String, usize>,
     /// Longest prefix first.
@@ -65,6 +67,7 @@ impl Routes {
         prefixes.sort_by_key(|&i| std::cmp::Reverse(endpoints[i].path.len()));
         Routes {
             service: config.service.clone(),
+            metrics: config.metrics,
             endpoints,
             exact,
             prefixes,

@@ -259,9 +259,8 @@ impl<H: Host> Stream<H> {
                 Fate::Answered => return,
                 Fate::Waiting => {
                     let worker = &self.worker;
-                    return worker.in_stream(self.context_id, || {
-                        worker.leave_queue(self.context_id, ep)
-                    });
+                    return worker
+                        .in_stream(self.context_id, || worker.leave_queue(self.context_id, ep));
                 }
             },
         };

@@ -721,13 +721,13 @@ fn an_admitted_request_costs_eight_hostcalls() {
     assert_eq!(
         w.host.take_calls(),
         [
-            "get_http_request_header", // :path
-            "get",                     // acquire: the record, capacity in it
-            "set",                     // acquire: CAS write
-            "now_ns",                  // admitted at
+            "get_http_request_header",  // :path
+            "get",                      // acquire: the record, capacity in it
+            "set",                      // acquire: CAS write
+            "now_ns",                   // admitted at
             "get_http_response_header", // :status: Envoy's own timeout reply?
-            "now_ns",                  // the upstream duration
-            "get",                     // release
+            "now_ns",                   // the upstream duration
+            "get",                      // release
             "set",
         ]
     );
@@ -743,7 +743,11 @@ fn the_tick_comes_when_the_first_waiter_is_due() {
     assert_eq!(w.host.tick_period(), BASE_TICK);
     let mut a = admitted(&w);
     let mut b = queued(&w);
-    assert_eq!(w.host.tick_period(), FAST_TICK, "at most this while anyone waits");
+    assert_eq!(
+        w.host.tick_period(),
+        FAST_TICK,
+        "at most this while anyone waits"
+    );
     envoy.advance(5 * MS);
     w.tick();
     assert_eq!(w.host.tick_period(), FAST_TICK, "7.3 ms to go");
@@ -769,16 +773,19 @@ fn the_tick_comes_when_the_first_waiter_is_due() {
 /// moves the tick only if it is due sooner than the tick already set.
 #[test]
 fn a_new_waiter_moves_the_tick_only_sooner() {
-    let calls_to = |w: &FakeWorker, name: &str| {
-        w.host.take_calls().iter().filter(|c| **c == name).count()
-    };
+    let calls_to =
+        |w: &FakeWorker, name: &str| w.host.take_calls().iter().filter(|c| **c == name).count();
     let envoy = FakeEnvoy::new();
     let w = FakeWorker::start(&envoy, &config(1, 1.0, 10));
     w.tick();
     let mut a = admitted(&w);
     w.host.take_calls();
     let mut b = queued(&w);
-    assert_eq!(calls_to(&w, "set_tick_period"), 1, "from the base tick to 5 ms");
+    assert_eq!(
+        calls_to(&w, "set_tick_period"),
+        1,
+        "from the base tick to 5 ms"
+    );
     envoy.advance(MS);
     let mut c = queued(&w);
     assert_eq!(calls_to(&w, "set_tick_period"), 0, "due in 4 ms anyway");

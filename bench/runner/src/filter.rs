@@ -2,7 +2,7 @@
 //! machine, one markdown table.
 //!
 //! - hot path: requests/s through Sluice (endpoint under capacity) over an
-//!   empty proxy-wasm filter and plain Envoy;
+//!   empty proxy-wasm filter, Sluice with `metrics: false`, and plain Envoy;
 //! - saturation: for two shapes of endpoint, the handover gap (how long a
 //!   freed slot stays empty while requests wait, on the backend's clock and
 //!   on Envoy's) and the throughput, Sluice against HAProxy's `maxconn`
@@ -28,7 +28,7 @@ pub struct Opts {
     /// Seconds of load per hot-path and saturation measurement.
     #[arg(long, default_value_t = 8)]
     pub seconds: u32,
-    /// Rounds of the three hot-path variants, interleaved; the median counts.
+    /// Rounds of the four hot-path variants, interleaved; the median counts.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Envoy worker threads for the hot path.
@@ -145,13 +145,20 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
     let mut empty = FrontProxy::new(backend.port(), "{}");
     empty.wasm_path = Some(empty_wasm_path());
     let sluice = FrontProxy::new(backend.port(), config);
-    let (mut p, mut e, mut s) = (Vec::new(), Vec::new(), Vec::new());
+    let unmetered = FrontProxy::new(
+        backend.port(),
+        json!({"service": "bench", "metrics": false,
+               "endpoints": {"/fast": {"capacity": 100000}}})
+        .to_string(),
+    );
+    let (mut p, mut e, mut s, mut u) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for round in 0..o.rounds {
-        // Interleaved, so drift in the machine's load hits all three alike.
+        // Interleaved, so drift in the machine's load hits all four alike.
         for (proxy, out, name) in [
             (&plain, &mut p, "plain Envoy"),
             (&empty, &mut e, "empty wasm filter"),
             (&sluice, &mut s, "Sluice"),
+            (&unmetered, &mut u, "Sluice, metrics: false"),
         ] {
             let envoy = Envoy::start(proxy, o.concurrency);
             // Warm up connections, VMs and caches before measuring.
@@ -161,9 +168,15 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
             out.push(rps);
         }
     }
-    let (plain, empty, sluice) = (median(p), median(e), median(s));
+    let (plain, empty, sluice, unmetered) = (median(p), median(e), median(s), median(u));
     for (what, goal, a, b) in [
         ("Sluice / empty wasm filter", "≥ 0.95", sluice, empty),
+        (
+            "Sluice / Sluice with `metrics: false`",
+            "≥ 0.98",
+            sluice,
+            unmetered,
+        ),
         ("Sluice / plain Envoy", "—", sluice, plain),
         ("empty wasm filter / plain Envoy", "—", empty, plain),
     ] {
@@ -171,7 +184,7 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
             format!("hot path: {what} (req/s)"),
             format!("{:.3}", a / b),
             goal.into(),
-            format!("{a:.0} / {b:.0}"),
+            format!("{a:.0} / {b:.0}; medians of {} rounds", o.rounds),
         ]);
     }
     Ok(())
