@@ -8,7 +8,7 @@ WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNIT
 NATIVE_BINS := -p sluice-backend -p sluice-prober -p sluice-sync
 
 .PHONY: deps deps-demo deps-test deps-bench build wasm wasm-image test test-unit test-wasm lint fmt \
-	bench bench-isolation bench-prober bench-sync soak demo clean
+	bench bench-isolation bench-prober bench-sync soak demo demo-watch clean
 
 # What each command installs: the demo needs least.
 deps: deps-test
@@ -96,9 +96,18 @@ bench-prober: deps-bench
 
 # The path end to end (backend, Redis, sync, Envoy; the prober measures and
 # pushes; the capacity arrives), then one burst without and with Sluice.
+# Envoy listens on 127.0.0.1:10100 (SLUICE_DEMO_PORT=... to change, 0 for any
+# free port); the dashboard is at /balancer/ui, user demo, password sluice.
+DEMO_BINS := -p sluice-backend -p sluice-prober -p sluice-sync -p sluice-demo
 demo: deps-demo wasm
-	cargo build --release -p sluice-backend -p sluice-prober -p sluice-sync -p sluice-demo
+	cargo build --release $(DEMO_BINS)
 	target/release/sluice-demo
+
+# The same, then everything keeps running with a burst every 3 s for the
+# dashboard, until Ctrl-C.
+demo-watch: deps-demo wasm
+	cargo build --release $(DEMO_BINS)
+	target/release/sluice-demo --watch
 
 clean:
 	cargo clean

@@ -118,6 +118,25 @@ impl Backend {
             .unwrap_or_default()
     }
 
+    /// What `GET /__backend/trace` holds for `path`: every request served
+    /// since the last reset, in order of departure. Empty unless the backend
+    /// was started with `--trace`.
+    pub fn trace(&self, path: &str) -> Vec<TracedRequest> {
+        let response = http::get(self.addr, "/__backend/trace").expect("backend trace request");
+        assert_eq!(response.status, 200, "backend trace: {}", response.text());
+        let rows = response.json()["paths"][path]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        rows.iter()
+            .map(|row| TracedRequest {
+                id: row[0].as_str().unwrap_or_default().to_string(),
+                arrived_us: row[1].as_u64().expect("arrival in the backend's trace"),
+                departed_us: row[2].as_u64().expect("departure in the backend's trace"),
+            })
+            .collect()
+    }
+
     /// `POST /__backend/reset`: zeroes maxima, counts and arrivals.
     pub fn reset(&self) {
         let response =
@@ -139,5 +158,60 @@ impl Backend {
     /// The backend's log (its stderr and any stdout after the first line).
     pub fn log(&self) -> String {
         self.process.log_text()
+    }
+}
+
+/// One request a backend started with `--trace` served: Envoy's
+/// `x-request-id`, and when it came and went on the wall clock
+/// (microseconds since the Unix epoch).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TracedRequest {
+    pub id: String,
+    pub arrived_us: u64,
+    pub departed_us: u64,
+}
+
+/// The most requests that were inside at the same moment, over the traces
+/// of one or several backends (one machine, one wall clock): what the
+/// instances together really had in flight, which the sum of each one's
+/// `max_in_flight` only bounds from above. A departure and an arrival in
+/// the same microsecond count as one after the other: a proxy admits the
+/// next request only after the previous one left.
+pub fn most_at_once<'a>(requests: impl IntoIterator<Item = &'a TracedRequest>) -> usize {
+    // (time, +1 arrival / -1 departure); at equal times -1 sorts first.
+    let mut events: Vec<(u64, i8)> = requests
+        .into_iter()
+        .flat_map(|r| [(r.arrived_us, 1), (r.departed_us, -1)])
+        .collect();
+    events.sort_unstable();
+    let (mut inside, mut most) = (0i64, 0i64);
+    for (_, step) in events {
+        inside += i64::from(step);
+        most = most.max(inside);
+    }
+    most as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{most_at_once, TracedRequest};
+
+    fn request(arrived_us: u64, departed_us: u64) -> TracedRequest {
+        TracedRequest {
+            id: String::new(),
+            arrived_us,
+            departed_us,
+        }
+    }
+
+    #[test]
+    fn counts_overlaps_across_backends_and_handovers_as_sequential() {
+        assert_eq!(most_at_once(&[]), 0);
+        let one = [request(0, 10), request(5, 20)];
+        let other = [request(8, 9), request(20, 30), request(10, 25)];
+        // At 8: [0,10), [5,20), [8,9). At 20 the first of `one` hands over
+        // to the second of `other`: never more than three.
+        assert_eq!(most_at_once(one.iter().chain(&other)), 3);
+        assert_eq!(most_at_once(&[request(0, 5), request(5, 9)]), 1);
     }
 }

@@ -25,7 +25,7 @@ mod redis;
 mod sync_cluster;
 mod sync_service;
 
-pub use backend::Backend;
+pub use backend::{most_at_once, Backend, TracedRequest};
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError};
 pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, STATS_TAGS_YAML};
 pub use keep_alive::KeepAliveClients;
