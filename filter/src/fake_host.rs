@@ -175,6 +175,8 @@ struct StreamRecord {
     /// reports them (`None`: a 200 from the backend).
     status: Option<u32>,
     code_details: Option<String>,
+    /// Host time (ns) its first byte reached Envoy (`request.time`).
+    arrived_ns: u64,
 }
 
 /// A gRPC stream a VM opened.
@@ -221,9 +223,6 @@ struct HostState {
     http_calls: RefCell<Vec<HttpCall>>,
     /// `open_grpc_stream` fails (the cluster does not exist).
     fail_grpc_open: Cell<bool>,
-    /// Runs just before this VM's next `record_metric`: another worker's
-    /// step slipped in between a write and its gauge update.
-    before_record: RefCell<Option<Box<dyn FnOnce()>>>,
 }
 
 impl FakeHost {
@@ -236,7 +235,6 @@ impl FakeHost {
             tick_period: Cell::new(Duration::ZERO),
             queues: RefCell::new(Vec::new()),
             calls: RefCell::new(Vec::new()),
-            before_record: RefCell::new(None),
             grpc: RefCell::new(Vec::new()),
             http_calls: RefCell::new(Vec::new()),
             fail_grpc_open: Cell::new(false),
@@ -262,11 +260,6 @@ impl FakeHost {
     /// The hostcalls this VM made since the last call of this, in order.
     pub fn take_calls(&self) -> Vec<&'static str> {
         std::mem::take(&mut *self.0.calls.borrow_mut())
-    }
-
-    /// `step` runs just before this VM's next `record_metric`.
-    pub fn before_next_record(&self, step: impl FnOnce() + 'static) {
-        *self.0.before_record.borrow_mut() = Some(Box::new(step));
     }
 
     pub fn tick_period(&self) -> Duration {
@@ -419,6 +412,7 @@ impl Host for FakeHost {
     fn get_property(&self, path: &[&str]) -> Option<Vec<u8>> {
         self.called("get_property");
         self.with_current(|_, s| match path {
+            ["request", "time"] => Some(s.arrived_ns.to_le_bytes().to_vec()),
             ["response", "code_details"] => Some(
                 s.code_details
                     .clone()
@@ -551,10 +545,6 @@ impl Host for FakeHost {
 
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
         self.called("record_metric");
-        let step = self.0.before_record.borrow_mut().take();
-        if let Some(step) = step {
-            step();
-        }
         let mut m = self.0.envoy.metrics.lock().unwrap();
         let metric = m.get(id);
         match metric.kind {
@@ -598,6 +588,18 @@ impl FakeWorker {
 
     /// A new request with more headers.
     pub fn request_with(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> FakeStream {
+        self.request_arrived(method, path, headers, Duration::ZERO)
+    }
+
+    /// A request whose first byte reached Envoy `ago` before its headers
+    /// reach the filter (a busy worker).
+    pub fn request_arrived(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        ago: Duration,
+    ) -> FakeStream {
         let id = self.next_context.get();
         self.next_context.set(id + 1);
         let mut request_headers = vec![
@@ -605,8 +607,10 @@ impl FakeWorker {
             (":path".to_string(), path.to_string()),
         ];
         request_headers.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        let now = self.host.0.envoy.clock_ns.load(Ordering::SeqCst);
         let record = StreamRecord {
             request_headers,
+            arrived_ns: now.saturating_sub(ago.as_nanos() as u64),
             ..StreamRecord::default()
         };
         self.host.0.streams.borrow_mut().insert(id, record);

@@ -121,7 +121,7 @@ impl<H: Host> Stream<H> {
                                 return self.leave_full_queue(ep, ticket);
                             }
                         };
-                        let since_ns = host.now_ns();
+                        let since_ns = arrived_ns(host);
                         let fate = worker.add_waiter(self.context_id, ep, ticket, since_ns, bytes);
                         self.state = State::Queued { ep, fate, since_ns };
                         // Resumed later by this worker's root context with
@@ -272,6 +272,23 @@ impl<H: Host> Stream<H> {
             End::Abandoned => worker.abandon(ep, admitted_ns),
             End::Cut => worker.release(ep),
         });
+    }
+}
+
+/// When the request reached Envoy (`request.time`: its first byte), which
+/// its queue timeout counts from, as the access log's `%DURATION%` does: a
+/// busy worker may see the headers of a burst's last request a while after
+/// they arrived. Now, if Envoy cannot say; never more than a second back.
+fn arrived_ns<H: Host>(host: &H) -> u64 {
+    let now = host.now_ns();
+    let arrived = host
+        .get_property(&["request", "time"])
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(i64::from_le_bytes)
+        .and_then(|ns| u64::try_from(ns).ok());
+    match arrived {
+        Some(ns) => ns.clamp(now.saturating_sub(1_000_000_000), now),
+        None => now,
     }
 }
 

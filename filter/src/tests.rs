@@ -795,3 +795,27 @@ fn a_new_waiter_moves_the_tick_only_sooner() {
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
+
+/// The queue timeout counts from the request's arrival in Envoy, as the
+/// access log's duration does, not from when a busy worker got to its
+/// headers.
+#[test]
+fn the_queue_timeout_counts_from_arrival() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config(1, 0.2, 10));
+    w.tick();
+    let mut a = admitted(&w);
+    let mut b = w.request_arrived("POST", PATH, &[], 3 * MS);
+    assert!(b.is_waiting());
+    envoy.advance(196 * MS);
+    w.tick();
+    assert!(b.is_waiting(), "199 ms since it arrived");
+    assert_eq!(w.host.tick_period(), MS, "due in 1 ms");
+    envoy.advance(MS);
+    w.tick();
+    assert_eq!(b.reply().status, 504);
+    a.complete();
+    b.complete();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}

@@ -14,7 +14,7 @@ use crate::access_log;
 use crate::figures::{gap_from_backend, median, Percentiles, Table};
 use crate::haproxy::Haproxy;
 use crate::machine;
-use crate::wrk::wrk;
+use crate::wrk::{cpu_time, wrk, wrk_run};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -151,24 +151,38 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
                "endpoints": {"/fast": {"capacity": 100000}}})
         .to_string(),
     );
-    let (mut p, mut e, mut s, mut u) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let variants = [
+        (&plain, "plain Envoy"),
+        (&empty, "empty wasm filter"),
+        (&sluice, "Sluice"),
+        (&unmetered, "Sluice, metrics: false"),
+    ];
+    // Per variant: requests/s, and Envoy's own CPU time per request (all
+    // its threads, from /proc): the second is what the filter costs, and
+    // does not move when a neighbour takes the shared cores for a while.
+    let mut rps = vec![Vec::new(); variants.len()];
+    let mut cpu_us = vec![Vec::new(); variants.len()];
     for round in 0..o.rounds {
         // Interleaved, so drift in the machine's load hits all four alike.
-        for (proxy, out, name) in [
-            (&plain, &mut p, "plain Envoy"),
-            (&empty, &mut e, "empty wasm filter"),
-            (&sluice, &mut s, "Sluice"),
-            (&unmetered, &mut u, "Sluice, metrics: false"),
-        ] {
+        for (i, (proxy, name)) in variants.iter().enumerate() {
             let envoy = Envoy::start(proxy, o.concurrency);
             // Warm up connections, VMs and caches before measuring.
             wrk(envoy.listener_port(), "/fast", o.connections, 1)?;
-            let rps = wrk(envoy.listener_port(), "/fast", o.connections, o.seconds)?;
-            eprintln!("  round {round}: {rps:>6.0} req/s {name}");
-            out.push(rps);
+            let before = cpu_time(envoy.pid())?;
+            let run = wrk_run(envoy.listener_port(), "/fast", o.connections, o.seconds)?;
+            let used = cpu_time(envoy.pid())?.saturating_sub(before);
+            let per_request = used.as_secs_f64() * 1e6 / run.requests.max(1) as f64;
+            eprintln!(
+                "  round {round}: {:>6.0} req/s, Envoy {per_request:>5.1} µs CPU per request: {name}",
+                run.rps
+            );
+            rps[i].push(run.rps);
+            cpu_us[i].push(per_request);
         }
     }
-    let (plain, empty, sluice, unmetered) = (median(p), median(e), median(s), median(u));
+    let rps: Vec<f64> = rps.into_iter().map(median).collect();
+    let cpu: Vec<f64> = cpu_us.into_iter().map(median).collect();
+    let [plain, empty, sluice, unmetered] = [rps[0], rps[1], rps[2], rps[3]];
     for (what, goal, a, b) in [
         ("Sluice / empty wasm filter", "≥ 0.95", sluice, empty),
         (
@@ -187,6 +201,21 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
             format!("{a:.0} / {b:.0}; medians of {} rounds", o.rounds),
         ]);
     }
+    t.row(vec![
+        "hot path: Envoy's CPU per request, µs: plain / empty wasm filter / Sluice / Sluice `metrics: false`".into(),
+        format!(
+            "{:.1} / {:.1} / {:.1} / {:.1}",
+            cpu[0], cpu[1], cpu[2], cpu[3]
+        ),
+        "—".into(),
+        format!(
+            "Sluice costs {:+.1} µs over the empty filter ({:.3} of its CPU per request), metrics {:+.1} µs; medians of {} rounds",
+            cpu[2] - cpu[1],
+            cpu[1] / cpu[2],
+            cpu[2] - cpu[3],
+            o.rounds
+        ),
+    ]);
     Ok(())
 }
 
