@@ -237,11 +237,27 @@ fn soak_at_three_times_overload_with_aborts_and_listener_updates() {
         "worker indices allocated (one shared queue each): {} at the start, {} at the end",
         start.worker_indices, end.worker_indices
     );
+    // Every key the filter writes in this configuration (no sync, health
+    // checks or max_queued_bytes): none is per request, per VM or per
+    // update. Worker indices are reused through the free list, whose value
+    // is bounded by the indices in use.
+    let mut keys = vec![
+        "sluice:config-logged".to_string(),
+        "sluice:workers".into(),
+        "sluice:workers:free".into(),
+        "sluice:soak:leader".into(),
+        "sluice:soak:config".into(),
+    ];
+    for (path, ..) in ENDPOINTS {
+        keys.push(format!("sluice:soak:ep:{path}"));
+        keys.push(format!("sluice:soak:ep:{path}:upstream-ns"));
+    }
     println!(
         "shared-data keys: not observable from outside (Envoy's admin API does not list \
-         shared data, and proxy-wasm has no call to enumerate keys); by construction \
-         sluice:workers plus one per endpoint = {}",
-        1 + ENDPOINTS.len()
+         shared data, and proxy-wasm has no call to enumerate keys); by construction {} \
+         at the start and the end: {}",
+        keys.len(),
+        keys.join(", ")
     );
 
     for ((path, capacity, ..), r) in ENDPOINTS.iter().zip(&reports) {
