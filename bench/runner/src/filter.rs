@@ -28,8 +28,9 @@ pub struct Opts {
     /// Seconds of load per hot-path and saturation measurement.
     #[arg(long, default_value_t = 8)]
     pub seconds: u32,
-    /// Rounds of the four hot-path variants, interleaved; the median counts.
-    #[arg(long, default_value_t = 3)]
+    /// Rounds of the four hot-path variants, interleaved, each round in a
+    /// rotated order; the median counts.
+    #[arg(long, default_value_t = 5)]
     pub rounds: usize,
     /// Envoy worker threads for the hot path.
     #[arg(long, default_value_t = 2)]
@@ -163,8 +164,11 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
     let mut rps = vec![Vec::new(); variants.len()];
     let mut cpu_us = vec![Vec::new(); variants.len()];
     for round in 0..o.rounds {
-        // Interleaved, so drift in the machine's load hits all four alike.
-        for (i, (proxy, name)) in variants.iter().enumerate() {
+        // Interleaved, so drift in the machine's load hits all four alike,
+        // and rotated, so that none always runs after the same one.
+        for k in 0..variants.len() {
+            let i = (k + round) % variants.len();
+            let (proxy, name) = variants[i];
             let envoy = Envoy::start(proxy, o.concurrency);
             // Warm up connections, VMs and caches before measuring.
             wrk(envoy.listener_port(), "/fast", o.connections, 1)?;

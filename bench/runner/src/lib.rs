@@ -12,7 +12,7 @@ mod figures;
 pub mod filter;
 pub mod haproxy;
 pub mod isolation;
-mod machine;
+pub mod machine;
 mod wrk;
 
 use clap::{Parser, Subcommand};

@@ -127,6 +127,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let _ = p.join();
     }
 
+    println!("{}\n", sluice_bench::machine::header("make bench-sync"));
     println!(
         "Redis write (prober's MULTI) to the new capacity in force, {} changes, {} Envoys x {} workers\n",
         opts.changes,
