@@ -65,7 +65,7 @@ test-wasm:
 # (target/release/sluice-bench filter --help lists every flag).
 BENCH_ARGS ?=
 bench: deps-bench wasm
-	cargo build --release -p sluice-backend -p sluice-bench
+	cargo build --release -p sluice-backend -p sluice-sync -p sluice-bench
 	target/release/sluice-bench filter $(BENCH_ARGS)
 
 # Small requests while a large endpoint is flooded: straight, plain Envoy,
