@@ -222,7 +222,7 @@ impl<H: Host> Leader<H> {
         // when this worker ticks fast for its own waiters.
         if now >= self.next_gauges_ns {
             self.next_gauges_ns = now.saturating_add(GAUGE_PERIOD.as_nanos() as u64);
-            self.worker.host.publish_gauges();
+            self.worker.metrics.publish_gauges(&self.worker.host);
         }
         if let Some(s) = &mut self.sync {
             changed |= s.tick(&self.worker.host, now);

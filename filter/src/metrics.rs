@@ -10,11 +10,11 @@
 //! so counters from all workers add up.
 //!
 //! None of this costs the request path a hostcall. Counters add up in the
-//! worker's memory and go to Envoy on its next tick ([`Metered::flush`],
+//! worker's memory and go to Envoy on its next tick ([`Metrics::flush`],
 //! at most a base tick, 100 ms, behind; and at the VM's end). Gauges are
 //! never moved by ±1, which wraps (u64) when a -1 lands before its +1 from
 //! another worker: the leader sets them from the endpoint records on its
-//! tick ([`Metered::publish_gauges`]). One writer, reading the records that
+//! tick ([`Metrics::publish_gauges`]). One writer, reading the records that
 //! admission writes: once traffic stops, every gauge equals the record by
 //! the leader's next tick. A scrape sees numbers at most one tick old,
 //! which a Prometheus interval of seconds never notices.
@@ -23,7 +23,6 @@ use crate::host::Host;
 use crate::routes::Routes;
 use proxy_wasm::types::{MetricType, Status};
 use sluice_core::admission::{self, EndpointState};
-use sluice_core::shared_data::{SharedData, StoreError};
 use std::cell::RefCell;
 use std::time::Duration;
 
@@ -118,9 +117,9 @@ impl Gauges {
     }
 }
 
-/// The worker's host, plus its metrics: every call goes through to `H`.
-pub struct Metered<H> {
-    host: H,
+/// One VM's metric ids and the counts it has not sent yet; the host is
+/// the worker's, passed in.
+pub struct Metrics {
     /// By endpoint index; `None` if Envoy refused to define them.
     ids: Vec<Option<Ids>>,
     /// Shared-data key of each endpoint's record, by endpoint index.
@@ -129,10 +128,10 @@ pub struct Metered<H> {
     pending: RefCell<Vec<[u64; Counter::ALL.len()]>>,
 }
 
-impl<H: Host> Metered<H> {
+impl Metrics {
     /// Defines every endpoint's metrics (once per VM, at configuration) and
     /// sets the capacity gauges; none with `metrics: false`.
-    pub fn new(host: H, routes: &Routes) -> Metered<H> {
+    pub fn new<H: Host>(host: &H, routes: &Routes) -> Metrics {
         let mut ids = Vec::with_capacity(routes.endpoints.len());
         for r in &routes.endpoints {
             if !routes.metrics {
@@ -141,12 +140,12 @@ impl<H: Host> Metered<H> {
             }
             // The capacity in force, if the record exists already (sync or a
             // newer configuration may have set it); else this configuration's.
-            let capacity = admission::snapshot(&host, &r.key)
+            let capacity = admission::snapshot(host, &r.key)
                 .ok()
                 .and_then(|s| s.capacity)
                 .or(r.configured)
                 .unwrap_or(0);
-            match define(&host, &routes.service, &r.path, capacity) {
+            match define(host, &routes.service, &r.path, capacity) {
                 Ok(endpoint_ids) => ids.push(Some(endpoint_ids)),
                 Err(e) => {
                     log::warn!("no metrics for {}: Envoy refused them ({e:?})", r.path);
@@ -154,8 +153,7 @@ impl<H: Host> Metered<H> {
                 }
             }
         }
-        Metered {
-            host,
+        Metrics {
             ids,
             keys: routes.endpoints.iter().map(|r| r.key.clone()).collect(),
             pending: RefCell::new(vec![[0; Counter::ALL.len()]; routes.endpoints.len()]),
@@ -170,7 +168,7 @@ impl<H: Host> Metered<H> {
 
     /// Sends the counts made since the last flush to Envoy: on every tick
     /// of the worker and at the VM's end.
-    pub fn flush(&self) {
+    pub fn flush<H: Host>(&self, host: &H) {
         let mut pending = self.pending.borrow_mut();
         for (ep, counts) in pending.iter_mut().enumerate() {
             let Some(ids) = &self.ids[ep] else {
@@ -181,7 +179,7 @@ impl<H: Host> Metered<H> {
                 if *n == 0 {
                     continue;
                 }
-                if let Err(e) = self.host.increment_metric(ids.counters[i], *n as i64) {
+                if let Err(e) = host.increment_metric(ids.counters[i], *n as i64) {
                     log::debug!("increment_metric {:?}: {e:?}", Counter::ALL[i]);
                 }
                 *n = 0;
@@ -191,31 +189,27 @@ impl<H: Host> Metered<H> {
 
     /// Sets every endpoint's gauges from its record: the leader's job, on
     /// its tick.
-    pub fn publish_gauges(&self) {
+    pub fn publish_gauges<H: Host>(&self, host: &H) {
         for (ids, key) in self.ids.iter().zip(&self.keys) {
             let Some(ids) = ids else { continue };
-            let Ok(Some((bytes, _))) = self.host.get(key) else {
+            let Ok(Some((bytes, _))) = host.get(key) else {
                 continue;
             };
             let Some(g) = Gauges::of(&bytes) else {
                 continue;
             };
-            let _ = self.host.record_metric(ids.capacity, u64::from(g.capacity));
-            let _ = self
-                .host
-                .record_metric(ids.in_flight, u64::from(g.in_flight));
-            let _ = self.host.record_metric(ids.queued, u64::from(g.queued));
+            let _ = host.record_metric(ids.capacity, u64::from(g.capacity));
+            let _ = host.record_metric(ids.in_flight, u64::from(g.in_flight));
+            let _ = host.record_metric(ids.queued, u64::from(g.queued));
         }
     }
 
     /// A request of `ep` left the queue (with a slot or a 504) after waiting
     /// since `since_ns`.
-    pub fn waited(&self, ep: usize, since_ns: u64) {
+    pub fn waited<H: Host>(&self, host: &H, ep: usize, since_ns: u64) {
         if let Some(ids) = &self.ids[ep] {
-            let waited = Duration::from_nanos(self.host.now_ns().saturating_sub(since_ns));
-            let _ = self
-                .host
-                .record_metric(ids.queue_wait_ms, waited.as_millis() as u64);
+            let waited = Duration::from_nanos(host.now_ns().saturating_sub(since_ns));
+            let _ = host.record_metric(ids.queue_wait_ms, waited.as_millis() as u64);
         }
     }
 }
@@ -236,101 +230,6 @@ fn define<H: Host>(host: &H, service: &str, path: &str, capacity: u32) -> Result
         queued: host.define_metric(MetricType::Gauge, &name(QUEUED))?,
         queue_wait_ms: host.define_metric(MetricType::Histogram, &name(QUEUE_WAIT_MS))?,
     })
-}
-
-impl<H: Host> SharedData for Metered<H> {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-        self.host.get(key)
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: u32) -> Result<(), StoreError> {
-        self.host.set(key, value, cas)
-    }
-}
-
-impl<H: Host> Host for Metered<H> {
-    fn now_ns(&self) -> u64 {
-        self.host.now_ns()
-    }
-    fn set_tick_period(&self, period: Duration) -> Result<(), Status> {
-        self.host.set_tick_period(period)
-    }
-    fn register_shared_queue(&self, name: &str) -> Result<u32, Status> {
-        self.host.register_shared_queue(name)
-    }
-    fn resolve_shared_queue(&self, vm_id: &str, name: &str) -> Result<Option<u32>, Status> {
-        self.host.resolve_shared_queue(vm_id, name)
-    }
-    fn enqueue_shared_queue(&self, queue_id: u32, message: &[u8]) -> Result<(), Status> {
-        self.host.enqueue_shared_queue(queue_id, message)
-    }
-    fn dequeue_shared_queue(&self, queue_id: u32) -> Result<Option<Vec<u8>>, Status> {
-        self.host.dequeue_shared_queue(queue_id)
-    }
-    fn set_effective_context(&self, context_id: u32) -> Result<(), Status> {
-        self.host.set_effective_context(context_id)
-    }
-    fn resume_http_request(&self) -> Result<(), Status> {
-        self.host.resume_http_request()
-    }
-    fn send_http_response(
-        &self,
-        status: u32,
-        headers: Vec<(&str, &str)>,
-        body: &[u8],
-    ) -> Result<(), Status> {
-        self.host.send_http_response(status, headers, body)
-    }
-    fn get_http_request_header(&self, name: &str) -> Option<String> {
-        self.host.get_http_request_header(name)
-    }
-    fn set_http_response_header(&self, name: &str, value: &str) {
-        self.host.set_http_response_header(name, value)
-    }
-    fn get_http_response_header(&self, name: &str) -> Option<String> {
-        self.host.get_http_response_header(name)
-    }
-    fn get_property(&self, path: &[&str]) -> Option<Vec<u8>> {
-        self.host.get_property(path)
-    }
-    fn define_metric(&self, kind: MetricType, name: &str) -> Result<u32, Status> {
-        self.host.define_metric(kind, name)
-    }
-    fn increment_metric(&self, id: u32, offset: i64) -> Result<(), Status> {
-        self.host.increment_metric(id, offset)
-    }
-    fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
-        self.host.record_metric(id, value)
-    }
-    fn open_grpc_stream(
-        &self,
-        grpc_service: &[u8],
-        service_name: &str,
-        method: &str,
-    ) -> Result<u32, Status> {
-        self.host
-            .open_grpc_stream(grpc_service, service_name, method)
-    }
-    fn send_grpc_stream_message(
-        &self,
-        token: u32,
-        message: &[u8],
-        end_stream: bool,
-    ) -> Result<(), Status> {
-        self.host
-            .send_grpc_stream_message(token, message, end_stream)
-    }
-    fn cancel_grpc_stream(&self, token: u32) -> Result<(), Status> {
-        self.host.cancel_grpc_stream(token)
-    }
-    fn dispatch_http_call(
-        &self,
-        cluster: &str,
-        headers: Vec<(&str, &str)>,
-        timeout: Duration,
-    ) -> Result<u32, Status> {
-        self.host.dispatch_http_call(cluster, headers, timeout)
-    }
 }
 
 #[cfg(test)]

@@ -174,7 +174,7 @@ impl<H: Host + Clone> Root<H> {
         let worker = self.worker.borrow_mut().take();
         if let Some(w) = worker {
             w.release_all_held();
-            w.host.flush();
+            w.metrics.flush(&w.host);
             if let Some(id) = w.taken_id() {
                 if let Err(e) = worker_ids::free(&self.host, id) {
                     log::warn!("cannot free worker index {id}: {e}");

@@ -94,7 +94,7 @@ impl<H: Host> Stream<H> {
         if !route.count_upgrades && host.get_http_request_header("upgrade").is_some() {
             return Action::Continue;
         }
-        host.count(ep, Counter::Requests);
+        worker.metrics.count(ep, Counter::Requests);
         let Some(worker_id) = worker.id() else {
             // Fail open: without an index nobody could wake this request.
             return Action::Continue;
@@ -107,7 +107,7 @@ impl<H: Host> Stream<H> {
                 }
                 match acquired {
                     Acquired::Admitted => {
-                        host.count(ep, Counter::AdmittedAtOnce);
+                        worker.metrics.count(ep, Counter::AdmittedAtOnce);
                         self.state = State::Holding {
                             ep,
                             admitted_ns: host.now_ns(),
@@ -129,12 +129,12 @@ impl<H: Host> Stream<H> {
                         Action::Pause
                     }
                     Acquired::QueueFull => {
-                        host.count(ep, Counter::QueueFull);
+                        worker.metrics.count(ep, Counter::QueueFull);
                         LocalReply::QueueFull(route).send(host);
                         Action::Pause
                     }
                     Acquired::Unhealthy => {
-                        host.count(ep, Counter::Unhealthy);
+                        worker.metrics.count(ep, Counter::Unhealthy);
                         LocalReply::Unhealthy(route).send(host);
                         Action::Pause
                     }
@@ -142,7 +142,7 @@ impl<H: Host> Stream<H> {
             }
             Err(e) => {
                 // Fail open: shared data trouble must not take the service down.
-                host.count(ep, Counter::FailedOpen);
+                worker.metrics.count(ep, Counter::FailedOpen);
                 log::warn!(
                     "acquire on {}: {e}; letting the request through",
                     route.path

@@ -7,7 +7,7 @@
 use crate::abandon::{self, hold_ns, HeldSlots, RecentDurations};
 use crate::dashboard::Dashboard;
 use crate::host::Host;
-use crate::metrics::{Counter, Metered};
+use crate::metrics::{Counter, Metrics};
 use crate::replies::LocalReply;
 use crate::routes::Routes;
 use crate::worker_ids;
@@ -50,8 +50,9 @@ pub fn queue_name(id: WorkerId) -> String {
 }
 
 pub struct Worker<H> {
-    /// Writes of endpoint records through it also set the gauges.
-    pub host: Metered<H>,
+    pub host: H,
+    /// Counted in memory; sent on the tick.
+    pub metrics: Metrics,
     /// Taken at this VM's first tick (see [`Worker::id`]).
     id: Cell<Option<WorkerId>>,
     vm_id: String,
@@ -91,7 +92,8 @@ impl<H: Host> Worker<H> {
             id: Cell::new(None),
             durations: RefCell::new(durations),
             held: RefCell::new(HeldSlots::default()),
-            host: Metered::new(host, &routes),
+            metrics: Metrics::new(&host, &routes),
+            host,
             vm_id,
             routes,
             dashboard: Dashboard::new(&Ui::default()),
@@ -165,7 +167,7 @@ impl<H: Host> Worker<H> {
         self.expire_waiters();
         self.release_held();
         self.publish_estimates();
-        self.host.flush();
+        self.metrics.flush(&self.host);
         self.schedule(true);
     }
 
@@ -454,7 +456,7 @@ impl<H: Host> Worker<H> {
                         route.path
                     );
                     w.handle.0.set(Fate::Answered);
-                    self.host.count(w.endpoint, Counter::FailedOpen);
+                    self.metrics.count(w.endpoint, Counter::FailedOpen);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         let _ = self.host.resume_http_request();
                     }
@@ -485,8 +487,8 @@ impl<H: Host> Worker<H> {
         let since_ns = w
             .deadline_ns
             .saturating_sub(queue_timeout.as_nanos() as u64);
-        self.host.count(w.endpoint, how);
-        self.host.waited(w.endpoint, since_ns);
+        self.metrics.count(w.endpoint, how);
+        self.metrics.waited(&self.host, w.endpoint, since_ns);
     }
 
     /// A request that held a slot of `endpoint` has ended.
