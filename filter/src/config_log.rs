@@ -13,16 +13,22 @@ const LOGGED_KEY: &str = "sluice:config-logged";
 /// was seen), and so should log its warnings. Fails open: if shared data
 /// cannot say, log.
 pub fn first_to_see<S: SharedData>(store: &S, configuration: &str) -> bool {
-    let hash = fnv1a(configuration.as_bytes()).to_le_bytes();
+    first_at(store, LOGGED_KEY, configuration)
+}
+
+/// Whether this VM is the first to see `what` at `key`: once per process
+/// (and per change of `what`) rather than once per VM. Fails open.
+pub fn first_at<S: SharedData>(store: &S, key: &str, what: &str) -> bool {
+    let hash = fnv1a(what.as_bytes()).to_le_bytes();
     loop {
-        let (value, cas) = match store.get(LOGGED_KEY) {
+        let (value, cas) = match store.get(key) {
             Ok(found) => found.unwrap_or_default(),
             Err(_) => return true,
         };
         if value == hash {
             return false;
         }
-        match store.set(LOGGED_KEY, &hash, cas) {
+        match store.set(key, &hash, cas) {
             Ok(()) => return true,
             // Another VM wrote first: look again.
             Err(StoreError::CasMismatch) => continue,

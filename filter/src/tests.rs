@@ -819,3 +819,52 @@ fn the_queue_timeout_counts_from_arrival() {
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
+
+/// Envoy's timers on libevent's coarse clock come up to a kernel tick late,
+/// and so would every 504: the filter notices from the ticks it plans for
+/// waiters and says so once per process, naming the remedy; ticks on time,
+/// or with nobody waiting, say nothing.
+#[test]
+fn late_ticks_name_envoys_coarse_timers_once() {
+    let ticks = |late: Duration, waiting: bool| {
+        let envoy = FakeEnvoy::new();
+        let workers = [
+            FakeWorker::start(&envoy, &config(1, 10.0, 10)),
+            FakeWorker::start(&envoy, &config(1, 10.0, 10)),
+        ];
+        let mut streams = Vec::new();
+        if waiting {
+            streams.push(admitted(&workers[0]));
+            for w in &workers {
+                let s = w.request("POST", PATH);
+                assert!(s.is_waiting());
+                streams.push(s);
+            }
+        }
+        for w in &workers {
+            for _ in 0..40 {
+                envoy.advance(w.host.tick_period() + late);
+                w.tick();
+            }
+        }
+        for s in &mut streams {
+            s.reset();
+        }
+        take_problems()
+    };
+    let problems = ticks(Duration::from_micros(2500), true);
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0].contains("EVENT_PRECISE_TIMER=1"),
+        "{problems:?}"
+    );
+    assert_eq!(
+        ticks(Duration::from_micros(100), true),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        ticks(Duration::from_micros(2500), false),
+        Vec::<String>::new(),
+        "idle ticks answer no deadline"
+    );
+}

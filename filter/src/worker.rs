@@ -26,6 +26,19 @@ pub const FAST_TICK: Duration = Duration::from_millis(5);
 /// Tick otherwise: the leader's lease, sync watchdog and health checks.
 pub const BASE_TICK: Duration = Duration::from_millis(100);
 
+/// A tick later than this after its planned time is late: Envoy's timers
+/// on libevent's coarse clock come up to a kernel tick (4 ms at 250 Hz)
+/// late, on its precise one (`EVENT_PRECISE_TIMER=1`) within about 0.1 ms.
+const LATE_TICK_NS: u64 = 1_500_000;
+/// A tick later than this says nothing about the timer: a starved worker,
+/// a clock step, a test that moved the clock.
+const STRAY_TICK_NS: u64 = 6_000_000;
+/// How many ticks each judgement takes.
+const JUDGED_TICKS: u32 = 32;
+
+/// Set by the first VM that found Envoy's timers coarse, so that one says so.
+const COARSE_TIMER_KEY: &str = "sluice:coarse-timer-logged";
+
 /// `ns` as a tick period: whole milliseconds (Envoy's unit), rounded up so
 /// that the tick is never early, and at least 1 ms.
 fn ceil_ms(ns: u64) -> Duration {
@@ -83,6 +96,11 @@ pub struct Worker<H> {
     held: RefCell<HeldSlots>,
     /// The period when nobody waits ([`BASE_TICK`] once the root has duties).
     idle_tick: Cell<Duration>,
+    /// Ticks judged in this round and how many of them were late; `None`
+    /// once found late.
+    tick_lateness: Cell<Option<(u32, u32)>>,
+    /// The tick planned last is for a deadline or a held slot.
+    timed_tick: Cell<bool>,
 }
 
 impl<H: Host> Worker<H> {
@@ -106,6 +124,8 @@ impl<H: Host> Worker<H> {
             claiming: Cell::new(false),
             reclaim: Cell::new(false),
             idle_tick: Cell::new(Duration::ZERO),
+            tick_lateness: Cell::new(Some((0, 0))),
+            timed_tick: Cell::new(false),
         }
     }
 
@@ -159,6 +179,7 @@ impl<H: Host> Worker<H> {
     }
 
     pub fn tick(&self) {
+        self.judge_timer();
         self.starting.set(false);
         if self.id.get().is_none() {
             self.id();
@@ -178,6 +199,39 @@ impl<H: Host> Worker<H> {
         let r = f();
         self.stream.set(outer);
         r
+    }
+
+    /// Judges Envoy's timer by how late the ticks that answer deadlines
+    /// come (queue timeouts, held slots), 32 at a time, and says once per
+    /// process if most come late enough to make queue timeouts late: Envoy
+    /// started without `EVENT_PRECISE_TIMER=1`.
+    fn judge_timer(&self) {
+        let Some((judged, late)) = self.tick_lateness.get() else {
+            return;
+        };
+        let planned = self.next_tick_ns.get();
+        let lateness = self.host.now_ns().saturating_sub(planned);
+        if !self.timed_tick.get() || lateness > STRAY_TICK_NS {
+            return;
+        }
+        let (judged, late) = (judged + 1, late + u32::from(lateness > LATE_TICK_NS));
+        if judged < JUDGED_TICKS {
+            self.tick_lateness.set(Some((judged, late)));
+            return;
+        }
+        if late * 2 <= judged {
+            self.tick_lateness.set(Some((0, 0)));
+            return;
+        }
+        self.tick_lateness.set(None);
+        if crate::config_log::first_at(&self.host, COARSE_TIMER_KEY, "") {
+            log::warn!(
+                "Envoy's timers fire late: {late} of {judged} ticks came more than 1.5 ms after \
+                 their time, so queue timeouts will be answered up to 4 ms late. Envoy's \
+                 event loop (libevent) is timing them by the kernel's coarse clock: set \
+                 EVENT_PRECISE_TIMER=1 in Envoy's environment (docs/filter.md, \"Timer precision\")"
+            );
+        }
     }
 
     /// Sets the tick to what is due next: the nearest queue deadline or held
@@ -208,6 +262,7 @@ impl<H: Host> Worker<H> {
             return;
         }
         self.next_tick_ns.set(next);
+        self.timed_tick.set(due.is_some());
         // From a tick Envoy re-arms the timer with the period after the
         // callback; from elsewhere only a new period restarts it.
         if from_tick && period == self.period.get() {

@@ -19,7 +19,7 @@
 use serde_json::{Map, Value};
 use sluice_harness::{
     bin_path, free_port, most_at_once, wait_until, wasm_path, workspace_root, Backend, Envoy,
-    EnvoyOptions, Redis, ScratchDir, SyncService,
+    EnvoyOptions, Redis, ScratchDir, SyncService, PRECISE_TIMER_ENV,
 };
 use sluice_loadgen::{run_blocking, summarize, Burst};
 use std::collections::{BTreeMap, BTreeSet};
@@ -537,6 +537,21 @@ fn start_envoy(compose: &Compose, network: &mut Network) -> Envoy {
     opts.listener_port = Some(port_of(&front["address"]));
     opts.concurrency = concurrency;
     opts.extra_args = extra_args;
+    // Compose's environment for Envoy: only the timer setting, which the
+    // harness passes or removes.
+    opts.precise_timers = false;
+    for (key, value) in compose.environment(&name) {
+        assert_eq!(
+            (key.as_str(), value.as_str()),
+            PRECISE_TIMER_ENV,
+            "envoy.environment: the local run passes only {PRECISE_TIMER_ENV:?}"
+        );
+        opts.precise_timers = true;
+    }
+    assert!(
+        opts.precise_timers,
+        "envoy.environment must set {PRECISE_TIMER_ENV:?}: docs/filter.md, Timer precision"
+    );
     Envoy::start_with(opts)
 }
 

@@ -10,7 +10,9 @@
 //! `scripts/validate_manifests.py`. Needs `make wasm`.
 
 use serde_json::Value;
-use sluice_harness::{wasm_path, with_built_wasm, workspace_root, Envoy, ScratchDir};
+use sluice_harness::{
+    wasm_path, with_built_wasm, workspace_root, Envoy, ScratchDir, PRECISE_TIMER_ENV,
+};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -421,6 +423,56 @@ fn the_compose_envoy_runs_the_real_wasm_with_the_services_sluice_yaml() {
     assert_eq!(plugin["sync"]["cluster"], "sluice_sync");
     assert!(config.contains("- name: sluice_sync\n"));
     assert!(config.contains("{ address: sluice-sync, port_value: 50051 }"));
+}
+
+/// Every shipped way of starting Envoy sets `EVENT_PRECISE_TIMER=1`, without
+/// which Envoy's timers (queue timeouts) run up to a kernel tick late
+/// (docs/filter.md, Timer precision): the image, the Istio pod's sidecar
+/// environment, and every recipe's command.
+#[test]
+fn every_shipped_envoy_runs_with_precise_timers() {
+    let root = workspace_root();
+    let (name, value) = PRECISE_TIMER_ENV;
+    let dockerfile = fs::read_to_string(root.join("deploy/docker/Dockerfile")).unwrap();
+    let envoy_stage = dockerfile
+        .split(" AS envoy\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\nFROM ").next())
+        .expect("an envoy stage");
+    assert!(
+        envoy_stage
+            .lines()
+            .any(|l| l == format!("ENV {name}={value}")),
+        "the envoy image does not set {name}={value}:\n{envoy_stage}"
+    );
+    let demo = fs::read_to_string(root.join("deploy/istio/demo-app.yaml")).unwrap();
+    let deployment = demo
+        .split("\n---\n")
+        .map(|doc| yaml_serde::from_str::<Value>(doc).unwrap())
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment in demo-app.yaml");
+    let proxy_config = deployment["spec"]["template"]["metadata"]["annotations"]
+        ["proxy.istio.io/config"]
+        .as_str()
+        .expect("the proxy.istio.io/config annotation");
+    let proxy_config: Value = yaml_serde::from_str(proxy_config).unwrap();
+    assert_eq!(proxy_config["proxyMetadata"][name], value, "{proxy_config}");
+    let mut recipes = 0;
+    for readme in fs::read_dir(root.join("envoy")).unwrap() {
+        let readme = readme.unwrap().path().join("README.md");
+        let Ok(text) = fs::read_to_string(&readme) else {
+            continue;
+        };
+        for line in text.lines().filter(|l| l.contains("envoy -c ")) {
+            recipes += 1;
+            assert!(
+                line.starts_with(&format!("{name}={value} envoy -c ")),
+                "{}: {line}",
+                readme.display()
+            );
+        }
+    }
+    assert!(recipes >= 8, "{recipes} recipe commands found");
 }
 
 #[test]

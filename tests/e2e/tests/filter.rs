@@ -146,6 +146,59 @@ fn queue_timeout_gives_504_on_time_without_reaching_the_backend() {
     assert_drains_to_zero(&envoy);
 }
 
+/// The resolution of `CLOCK_MONOTONIC_COARSE`, which libevent times Envoy's
+/// timers by unless `EVENT_PRECISE_TIMER` is set: a kernel tick (4 ms at
+/// 250 Hz, 1 ms at 1000 Hz).
+fn coarse_clock_resolution() -> Duration {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_getres writes one timespec into `res`, which outlives the call.
+    let rc = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+    assert_eq!(rc, 0, "clock_getres(CLOCK_MONOTONIC_COARSE)");
+    Duration::new(res.tv_sec as u64, res.tv_nsec as u32)
+}
+
+/// Without `EVENT_PRECISE_TIMER=1` Envoy's timers run on the kernel's coarse
+/// clock, and on a kernel whose coarse clock moves in steps of 2 ms or more
+/// every 504 comes that much late: the filter notices from its ticks while a
+/// request waits and names the remedy once in Envoy's log. With the variable
+/// set (as the harness and every shipped deployment do) it says nothing.
+#[test]
+fn coarse_envoy_timers_are_named_in_envoys_log() {
+    const NEEDLE: &str = "set EVENT_PRECISE_TIMER=1 in Envoy's environment";
+    let coarse = coarse_clock_resolution() >= Duration::from_millis(2);
+    for precise in [false, true] {
+        let backend = Backend::start(&["/predict:service_ms=1200"]);
+        let mut proxy = FrontProxy::new(backend.port(), plugin_config(1, 0.8, 10).to_string());
+        proxy.precise_timers = precise;
+        let envoy = Envoy::start(&proxy, 1);
+        // One request holds the slot, the other waits 800 ms: over a
+        // hundred ticks planned for its deadline.
+        let mut burst = Burst::new(envoy.listener_addr(), "/predict", 2);
+        burst.spacing = Duration::from_millis(20);
+        let outcomes = run_blocking(&burst);
+        assert_eq!(
+            outcomes.iter().map(|o| o.status).collect::<Vec<_>>(),
+            [200, 504]
+        );
+        if !precise && coarse {
+            envoy.wait_for_log(NEEDLE, Duration::from_secs(5));
+            assert_eq!(envoy.log().matches(NEEDLE).count(), 1, "once per process");
+        } else {
+            // The log is flushed every 100 ms.
+            std::thread::sleep(Duration::from_millis(500));
+            assert!(
+                !envoy.log().contains(NEEDLE),
+                "precise timers: {precise}, coarse clock {:?}: {}",
+                coarse_clock_resolution(),
+                envoy.log()
+            );
+        }
+    }
+}
+
 #[test]
 fn queue_full_gives_503_with_retry_after() {
     let backend = Backend::start(&["/predict:service_ms=600"]);

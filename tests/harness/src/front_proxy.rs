@@ -54,6 +54,8 @@ pub struct FrontProxy {
     /// (command operators such as `%RESPONSE_CODE% %DURATION%\n`), written
     /// to this file. `None`: no access log.
     pub access_log: Option<(PathBuf, String)>,
+    /// See [`crate::EnvoyOptions::precise_timers`].
+    pub precise_timers: bool,
 }
 
 impl FrontProxy {
@@ -88,6 +90,7 @@ impl FrontProxy {
             extra_clusters_yaml: String::new(),
             extra_bootstrap_yaml: String::new(),
             access_log: None,
+            precise_timers: true,
         }
     }
 
@@ -106,6 +109,7 @@ impl FrontProxy {
         opts.lds_yaml = self.use_lds.then(|| self.render_lds());
         opts.work_dir = Some(self.work_dir.clone());
         opts.concurrency = concurrency;
+        opts.precise_timers = self.precise_timers;
         opts
     }
 
