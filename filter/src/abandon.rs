@@ -39,6 +39,9 @@ pub fn published<S: SharedData>(store: &S, key: &str) -> Option<u64> {
 
 /// Completed upstream durations kept per endpoint and worker.
 const SAMPLES: usize = 16;
+/// Once it has [`SAMPLES`], a worker times one admitted request in this
+/// many: two clock reads fewer for the others (see [`RecentDurations::time_next`]).
+const TIME_ONE_IN: u32 = 8;
 
 /// The most recent upstream durations (admission to response end) of one
 /// endpoint on this worker. The estimate is their maximum: holding a little
@@ -50,9 +53,24 @@ pub struct RecentDurations {
     next: usize,
     /// The estimate last published to the other workers.
     published_ns: u64,
+    /// Admitted requests since the last one timed.
+    untimed: u32,
 }
 
 impl RecentDurations {
+    /// Whether to time the request being admitted now: each one until the
+    /// window is full, then one in [`TIME_ONE_IN`], so that the window
+    /// still covers the endpoint's last hundred or so requests. An untimed
+    /// request that is abandoned is timed from its arrival instead.
+    pub fn time_next(&mut self) -> bool {
+        if self.len < SAMPLES || self.untimed + 1 >= TIME_ONE_IN {
+            self.untimed = 0;
+            return true;
+        }
+        self.untimed += 1;
+        false
+    }
+
     /// Records a duration.
     pub fn record(&mut self, ns: u64) {
         self.samples_ns[self.next] = ns;

@@ -20,8 +20,9 @@ pub const STATS_PATH: &str = "/balancer/stats";
 enum State {
     /// Not a watched endpoint (or already finished).
     Untracked,
-    /// Admitted at once, at this host time (ns).
-    Holding { ep: usize, admitted_ns: u64 },
+    /// Admitted at once; at this host time (ns) if it is timed (one
+    /// request in several is: [`Worker::time_next`]).
+    Holding { ep: usize, admitted_ns: Option<u64> },
     /// Paused at `since_ns`; its fate is decided by the worker.
     Queued {
         ep: usize,
@@ -110,7 +111,7 @@ impl<H: Host> Stream<H> {
                         worker.metrics.count(ep, Counter::AdmittedAtOnce);
                         self.state = State::Holding {
                             ep,
-                            admitted_ns: host.now_ns(),
+                            admitted_ns: worker.time_next(ep).then(|| host.now_ns()),
                         };
                         Action::Continue
                     }
@@ -163,7 +164,7 @@ impl<H: Host> Stream<H> {
             Ok(Withdrawn::Granted) => {
                 self.state = State::Holding {
                     ep,
-                    admitted_ns: host.now_ns(),
+                    admitted_ns: Some(host.now_ns()),
                 };
                 Action::Continue
             }
@@ -255,7 +256,7 @@ impl<H: Host> Stream<H> {
             State::Untracked => return,
             State::Holding { ep, admitted_ns } => (ep, admitted_ns),
             State::Queued { ep, fate, .. } => match fate.get() {
-                Fate::Admitted(at_ns) => (ep, at_ns),
+                Fate::Admitted(at_ns) => (ep, Some(at_ns)),
                 Fate::Answered => return,
                 Fate::Waiting => {
                     let worker = &self.worker;
@@ -269,7 +270,16 @@ impl<H: Host> Stream<H> {
         let worker = &self.worker;
         worker.in_stream(self.context_id, || match how {
             End::Complete => worker.complete(ep, admitted_ns),
-            End::Abandoned => worker.abandon(ep, admitted_ns),
+            // An untimed request admitted at once was admitted when it
+            // arrived, give or take its worker's delay; if Envoy cannot
+            // say, now, which holds the slot longest.
+            End::Abandoned => {
+                let host = &worker.host;
+                let admitted_ns = admitted_ns
+                    .or_else(|| request_time_ns(host))
+                    .unwrap_or_else(|| host.now_ns());
+                worker.abandon(ep, admitted_ns)
+            }
             End::Cut => worker.release(ep),
         });
     }
@@ -281,15 +291,18 @@ impl<H: Host> Stream<H> {
 /// they arrived. Now, if Envoy cannot say; never more than a second back.
 fn arrived_ns<H: Host>(host: &H) -> u64 {
     let now = host.now_ns();
-    let arrived = host
-        .get_property(&["request", "time"])
-        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
-        .map(i64::from_le_bytes)
-        .and_then(|ns| u64::try_from(ns).ok());
-    match arrived {
+    match request_time_ns(host) {
         Some(ns) => ns.clamp(now.saturating_sub(1_000_000_000), now),
         None => now,
     }
+}
+
+/// Envoy's `request.time` (8-byte little-endian unix ns), if it has one.
+fn request_time_ns<H: Host>(host: &H) -> Option<u64> {
+    host.get_property(&["request", "time"])
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(i64::from_le_bytes)
+        .and_then(|ns| u64::try_from(ns).ok())
 }
 
 /// `max_queued_bytes` would be passed by this request's body.

@@ -708,29 +708,74 @@ fn the_first_tick_takes_the_index_before_any_request() {
 /// abandoned-request estimate stay in memory until the tick. The README's
 /// benchmark section quotes this list.
 #[test]
-fn an_admitted_request_costs_eight_hostcalls() {
+fn an_admitted_request_costs_six_hostcalls_and_one_in_eight_is_timed() {
     let envoy = FakeEnvoy::new();
     let w = FakeWorker::start(&envoy, &config(2, 1.0, 10));
     w.tick();
-    // One request before, so that nothing below is a first-time cost.
-    admitted(&w).complete();
+    // Every request is timed until the worker has 16 durations; nothing
+    // below is a first-time cost either.
+    for _ in 0..16 {
+        admitted(&w).complete();
+    }
     w.tick();
     w.host.take_calls();
-    let mut a = admitted(&w);
-    a.complete();
-    assert_eq!(
-        w.host.take_calls(),
-        [
-            "get_http_request_header",  // :path
-            "get",                      // acquire: the record, capacity in it
-            "set",                      // acquire: CAS write
-            "now_ns",                   // admitted at
-            "get_http_response_header", // :status: Envoy's own timeout reply?
-            "now_ns",                   // the upstream duration
-            "get",                      // release
-            "set",
-        ]
+    let untimed = [
+        "get_http_request_header",  // :path
+        "get",                      // acquire: the record, capacity in it
+        "set",                      // acquire: CAS write
+        "get_http_response_header", // :status: Envoy's own timeout reply?
+        "get",                      // release
+        "set",
+    ];
+    let timed = [
+        "get_http_request_header",
+        "get",
+        "set",
+        "now_ns", // admitted at
+        "get_http_response_header",
+        "now_ns", // the upstream duration
+        "get",
+        "set",
+    ];
+    let mut seen = Vec::new();
+    for _ in 0..16 {
+        admitted(&w).complete();
+        let calls = w.host.take_calls();
+        assert!(calls == untimed || calls == timed, "{calls:?}");
+        seen.push(calls == timed);
+    }
+    assert_eq!(seen.iter().filter(|&&t| t).count(), 2, "{seen:?}");
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
+/// An untimed request (admitted at once, no clock read) that is abandoned
+/// is held for the rest of the recent duration counted from its arrival in
+/// Envoy, as a timed one is from its admission.
+#[test]
+fn an_untimed_abandoned_request_is_held_from_its_arrival() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    for _ in 0..16 {
+        served_in(&envoy, &w, 300 * MS);
+    }
+    w.host.take_calls();
+    let mut b = admitted(&w);
+    assert!(
+        !w.host.take_calls().contains(&"now_ns"),
+        "the 17th request is not timed"
     );
+    envoy.advance(100 * MS);
+    b.reset();
+    assert_eq!(counts(&envoy), (1, 0, 0), "held, not released");
+    let mut c = queued(&w);
+    envoy.advance(199 * MS);
+    w.tick();
+    assert!(c.is_waiting(), "released before the backend was done");
+    envoy.advance(MS);
+    w.tick();
+    assert_eq!(c.resumes(), 1);
+    c.complete();
     envoy.assert_neutral(KEY);
     assert_quiet();
 }

@@ -274,12 +274,20 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// A request admitted at `admitted_ns` got its whole response: the
-    /// backend is done with it, and its duration feeds the estimate (which
-    /// the tick publishes).
-    pub fn complete(&self, endpoint: usize, admitted_ns: u64) {
-        let took = self.host.now_ns().saturating_sub(admitted_ns);
-        self.durations.borrow_mut()[endpoint].record(took);
+    /// Whether to read the clock for a request admitted now, to time it
+    /// (see [`RecentDurations::time_next`]).
+    pub fn time_next(&self, endpoint: usize) -> bool {
+        self.durations.borrow_mut()[endpoint].time_next()
+    }
+
+    /// A request admitted at `admitted_ns` (if it was timed) got its whole
+    /// response: the backend is done with it, and its duration feeds the
+    /// estimate (which the tick publishes).
+    pub fn complete(&self, endpoint: usize, admitted_ns: Option<u64>) {
+        if let Some(admitted_ns) = admitted_ns {
+            let took = self.host.now_ns().saturating_sub(admitted_ns);
+            self.durations.borrow_mut()[endpoint].record(took);
+        }
         self.release(endpoint);
     }
 
