@@ -149,7 +149,15 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
     plain.stream_idle_timeout_secs = 60;
     let mut empty = FrontProxy::new(backend.port(), "{}");
     empty.wasm_path = Some(empty_wasm_path());
-    let sluice = FrontProxy::new(backend.port(), config);
+    // The empty filter making Sluice's hostcalls and nothing else: splits
+    // Sluice's cost into the host's and its own code's.
+    let mut hostcalls = FrontProxy::new(backend.port(), json!({"hostcalls": true}).to_string());
+    hostcalls.wasm_path = Some(empty_wasm_path());
+    let sluice = FrontProxy::new(backend.port(), config.clone());
+    // Envoy's timers on the coarse clock, libevent's default: what the
+    // precise ones cost on the request path.
+    let mut coarse = FrontProxy::new(backend.port(), config);
+    coarse.precise_timers = false;
     let unmetered = FrontProxy::new(
         backend.port(),
         json!({"service": "bench", "metrics": false,
@@ -206,6 +214,18 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
     for (what, goal, a, b) in [
         ("Sluice / empty wasm filter", "≥ 0.95", &sluice, &empty),
         (
+            "empty filter making Sluice's 8 hostcalls / empty wasm filter",
+            "—",
+            &hostcalls,
+            &empty,
+        ),
+        (
+            "Sluice / empty filter making Sluice's 8 hostcalls",
+            "—",
+            &sluice,
+            &hostcalls,
+        ),
+        (
             "Sluice / Sluice with `metrics: false`",
             "≥ 0.98",
             &sluice,
@@ -216,6 +236,12 @@ fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
             "≥ 0.98",
             &synced,
             &sluice,
+        ),
+        (
+            "Sluice / Sluice on libevent's coarse timers (no EVENT_PRECISE_TIMER)",
+            "—",
+            &sluice,
+            &coarse,
         ),
     ] {
         let mut ratios = Vec::new();
@@ -393,6 +419,24 @@ fn saturation_rows(o: &Opts, s: Scenario, t: &mut Table) -> anyhow::Result<()> {
                 haproxy.rps / s.ideal_rps()
             ),
         ]);
+        // The proxies' own network path, with nothing to queue: as many
+        // clients as the capacity, so each freed slot waits for its client's
+        // next request through the proxy. This gap holds two trips through
+        // the proxy (response out, request in) where a handover holds one
+        // of each half; it shows what the proxy itself costs, filter or not.
+        let (plain, haproxy_alone) = turnaround(s, c, o.seconds)?;
+        t.row(vec![
+            format!(
+                "{at}: no queue ({} clients), gap p50 / p99 through plain Envoy / through HAProxy (backend's clock)",
+                s.capacity
+            ),
+            format!("{} / {}", gap_ms(&plain.gap), gap_ms(&haproxy_alone.gap)),
+            "—".into(),
+            format!(
+                "the proxies' own round trip (backend → proxy → client → proxy → backend); straight to the backend {}",
+                gap_ms(&direct.gap)
+            ),
+        ]);
         t.row(vec![
             format!("{at}: backend's max concurrency, Sluice / HAProxy"),
             format!("{} / {}", sluice.max_in_flight, haproxy.max_in_flight),
@@ -454,6 +498,28 @@ fn saturation_haproxy(s: Scenario, concurrency: u32, seconds: u32) -> anyhow::Re
     saturate(haproxy.port, &backend, s.clients, seconds)
 }
 
+/// Plain Envoy and HAProxy with only `capacity` clients: nobody queues.
+fn turnaround(
+    s: Scenario,
+    concurrency: u32,
+    seconds: u32,
+) -> anyhow::Result<(Saturation, Saturation)> {
+    let backend = Backend::start(&[&s.route()]);
+    let plain = {
+        let proxy = FrontProxy::without_wasm(backend.port());
+        let envoy = Envoy::start(&proxy, concurrency);
+        saturate(envoy.listener_port(), &backend, s.capacity, seconds)?
+    };
+    let haproxy = Haproxy::start(
+        backend.port(),
+        s.capacity,
+        concurrency,
+        Duration::from_secs(30),
+    )?;
+    let alone = saturate(haproxy.port, &backend, s.capacity, seconds)?;
+    Ok((plain, alone))
+}
+
 /// The measured requests carry a query string the warm-up's lack, so the
 /// access log tells them apart (Sluice and the backend ignore it).
 const MEASURED_PATH: &str = "/work?measured";
@@ -484,19 +550,28 @@ fn saturate(
 
 fn timeout_rows(o: &Opts, concurrency: u32, t: &mut Table) -> anyhow::Result<()> {
     eprintln!("queue timeouts at --concurrency {concurrency} ...");
-    let (log, client) = timeouts_sluice(concurrency, o.timeout_waves)?;
-    t.row(vec![
-        format!(
-            "504 lateness after a 200 ms queue timeout, p50 / p99 / max, Sluice at --concurrency {concurrency} (Envoy's access log)"
+    for (precise, how, goal) in [
+        (true, "", "≤ 3 ms at p99"),
+        (
+            false,
+            ", on libevent's coarse timers (Envoy without EVENT_PRECISE_TIMER)",
+            "—",
         ),
-        lateness_ms(&log),
-        "tens of ms".into(),
-        format!(
-            "{} timeouts; the client saw p50 / p99 / max {}",
-            log.n,
-            lateness_ms(&client)
-        ),
-    ]);
+    ] {
+        let (log, client) = timeouts_sluice(concurrency, o.timeout_waves, precise)?;
+        t.row(vec![
+            format!(
+                "504 lateness after a 200 ms queue timeout, p50 / p99 / max, Sluice at --concurrency {concurrency}{how} (Envoy's access log)"
+            ),
+            lateness_ms(&log),
+            goal.into(),
+            format!(
+                "{} timeouts; the client saw p50 / p99 / max {}",
+                log.n,
+                lateness_ms(&client)
+            ),
+        ]);
+    }
     let (log, client) = timeouts_haproxy(concurrency, o.timeout_waves)?;
     t.row(vec![
         format!(
@@ -543,11 +618,16 @@ fn client_lateness(outcomes: &[Outcome], status: u16) -> Percentiles {
     )
 }
 
-fn timeouts_sluice(concurrency: u32, waves: usize) -> anyhow::Result<(Percentiles, Percentiles)> {
+fn timeouts_sluice(
+    concurrency: u32,
+    waves: usize,
+    precise_timers: bool,
+) -> anyhow::Result<(Percentiles, Percentiles)> {
     let backend = Backend::start(&[SLOW_ROUTE]);
     let config = json!({"service": "bench",
         "endpoints": {"/slow": {"capacity": 1, "queue_timeout": QUEUE_TIMEOUT_MS / 1000.0}}});
     let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    proxy.precise_timers = precise_timers;
     let log = access_log::enable(&mut proxy);
     let envoy = Envoy::start(&proxy, concurrency);
     let outcomes = timeout_bursts(envoy.listener_addr(), waves);
