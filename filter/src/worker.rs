@@ -227,9 +227,10 @@ impl<H: Host> Worker<H> {
         if crate::config_log::first_at(&self.host, COARSE_TIMER_KEY, "") {
             log::warn!(
                 "Envoy's timers fire late: {late} of {judged} ticks came more than 1.5 ms after \
-                 their time, so queue timeouts will be answered up to 4 ms late. Envoy's \
-                 event loop (libevent) is timing them by the kernel's coarse clock: set \
-                 EVENT_PRECISE_TIMER=1 in Envoy's environment (docs/filter.md, \"Timer precision\")"
+                 their time, so queue timeouts will be answered late too. Unless its workers \
+                 are overloaded, Envoy's event loop (libevent) is timing them by the kernel's \
+                 coarse clock, up to 4 ms behind: set EVENT_PRECISE_TIMER=1 in Envoy's \
+                 environment (docs/filter.md, \"Timer precision\")"
             );
         }
     }
