@@ -374,25 +374,37 @@ fn served_in(envoy: &FakeEnvoy, w: &FakeWorker, took: Duration) {
     s.complete();
 }
 
-#[test]
-fn abandoned_slot_is_held_for_the_rest_of_the_recent_duration_then_released_once() {
-    let envoy = FakeEnvoy::new();
-    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
-    served_in(&envoy, &w, 300 * MS);
-    let mut b = admitted(&w);
+/// `b`, admitted on an endpoint whose requests take 300 ms, is abandoned
+/// 100 ms in: its slot is held, and goes to a waiter of this same worker
+/// 200 ms later (when the backend is done), not before, exactly once, at
+/// once. The waiter, holding that slot.
+fn abandoned_at_100_ms_is_held_200_ms(
+    envoy: &FakeEnvoy,
+    w: &FakeWorker,
+    mut b: FakeStream,
+) -> FakeStream {
     envoy.advance(100 * MS);
     b.reset(); // the client gives up; the backend goes on for ~200 ms
-    assert_eq!(counts(&envoy), (1, 0, 0), "held, not released");
+    assert_eq!(counts(envoy), (1, 0, 0), "held, not released");
     assert_eq!(w.host.tick_period(), FAST_TICK, "the tick releases it");
-    let mut c = queued(&w);
+    let c = queued(w);
     envoy.advance(199 * MS);
     w.tick();
     assert!(c.is_waiting(), "released before the backend was done");
     envoy.advance(MS);
     w.tick();
-    // Handed to the waiter of this same worker, exactly once, at once.
-    assert_eq!(counts(&envoy), (1, 0, 0));
+    assert_eq!(counts(envoy), (1, 0, 0));
     assert_eq!(c.resumes(), 1);
+    c
+}
+
+#[test]
+fn abandoned_slot_is_held_for_the_rest_of_the_recent_duration_then_released_once() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config_with_hold(1, 30.0));
+    served_in(&envoy, &w, 300 * MS);
+    let b = admitted(&w);
+    let mut c = abandoned_at_100_ms_is_held_200_ms(&envoy, &w, b);
     assert!(!w.deliver_wake_ups());
     for _ in 0..3 {
         envoy.advance(100 * MS);
@@ -760,21 +772,12 @@ fn an_untimed_abandoned_request_is_held_from_its_arrival() {
         served_in(&envoy, &w, 300 * MS);
     }
     w.host.take_calls();
-    let mut b = admitted(&w);
+    let b = admitted(&w);
     assert!(
         !w.host.take_calls().contains(&"now_ns"),
         "the 17th request is not timed"
     );
-    envoy.advance(100 * MS);
-    b.reset();
-    assert_eq!(counts(&envoy), (1, 0, 0), "held, not released");
-    let mut c = queued(&w);
-    envoy.advance(199 * MS);
-    w.tick();
-    assert!(c.is_waiting(), "released before the backend was done");
-    envoy.advance(MS);
-    w.tick();
-    assert_eq!(c.resumes(), 1);
+    let mut c = abandoned_at_100_ms_is_held_200_ms(&envoy, &w, b);
     c.complete();
     envoy.assert_neutral(KEY);
     assert_quiet();

@@ -209,9 +209,11 @@ impl<H: Host> Worker<H> {
         let Some((judged, late)) = self.tick_lateness.get() else {
             return;
         };
-        let planned = self.next_tick_ns.get();
-        let lateness = self.host.now_ns().saturating_sub(planned);
-        if !self.timed_tick.get() || lateness > STRAY_TICK_NS {
+        if !self.timed_tick.get() {
+            return;
+        }
+        let lateness = self.host.now_ns().saturating_sub(self.next_tick_ns.get());
+        if lateness > STRAY_TICK_NS {
             return;
         }
         let (judged, late) = (judged + 1, late + u32::from(lateness > LATE_TICK_NS));

@@ -489,13 +489,25 @@ fn backend_trace(backend: &Backend, path: &str) -> anyhow::Result<Vec<access_log
 
 fn saturation_haproxy(s: Scenario, concurrency: u32, seconds: u32) -> anyhow::Result<Saturation> {
     let backend = Backend::start(&[&s.route()]);
+    through_haproxy(&backend, s, concurrency, s.clients, seconds)
+}
+
+/// `clients` closed-loop clients through HAProxy's `maxconn` queue for
+/// the scenario's capacity, in front of `backend`.
+fn through_haproxy(
+    backend: &Backend,
+    s: Scenario,
+    concurrency: u32,
+    clients: u32,
+    seconds: u32,
+) -> anyhow::Result<Saturation> {
     let haproxy = Haproxy::start(
         backend.port(),
         s.capacity,
         concurrency,
         Duration::from_secs(30),
     )?;
-    saturate(haproxy.port, &backend, s.clients, seconds)
+    saturate(haproxy.port, backend, clients, seconds)
 }
 
 /// Plain Envoy and HAProxy with only `capacity` clients: nobody queues.
@@ -510,13 +522,7 @@ fn turnaround(
         let envoy = Envoy::start(&proxy, concurrency);
         saturate(envoy.listener_port(), &backend, s.capacity, seconds)?
     };
-    let haproxy = Haproxy::start(
-        backend.port(),
-        s.capacity,
-        concurrency,
-        Duration::from_secs(30),
-    )?;
-    let alone = saturate(haproxy.port, &backend, s.capacity, seconds)?;
+    let alone = through_haproxy(&backend, s, concurrency, s.capacity, seconds)?;
     Ok((plain, alone))
 }
 

@@ -537,20 +537,13 @@ fn start_envoy(compose: &Compose, network: &mut Network) -> Envoy {
     opts.listener_port = Some(port_of(&front["address"]));
     opts.concurrency = concurrency;
     opts.extra_args = extra_args;
-    // Compose's environment for Envoy: only the timer setting, which the
-    // harness passes or removes.
-    opts.precise_timers = false;
-    for (key, value) in compose.environment(&name) {
-        assert_eq!(
-            (key.as_str(), value.as_str()),
-            PRECISE_TIMER_ENV,
-            "envoy.environment: the local run passes only {PRECISE_TIMER_ENV:?}"
-        );
-        opts.precise_timers = true;
-    }
-    assert!(
-        opts.precise_timers,
-        "envoy.environment must set {PRECISE_TIMER_ENV:?}: docs/filter.md, Timer precision"
+    // Compose's environment for Envoy must be the timer setting alone,
+    // which the harness passes (`precise_timers`, on by default).
+    let (key, value) = PRECISE_TIMER_ENV;
+    assert_eq!(
+        compose.environment(&name),
+        [(key.to_string(), value.to_string())],
+        "envoy.environment: docs/filter.md, Timer precision"
     );
     Envoy::start_with(opts)
 }

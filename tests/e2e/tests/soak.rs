@@ -240,8 +240,8 @@ fn soak_at_three_times_overload_with_aborts_and_listener_updates() {
     // Every key the filter writes in this configuration (no sync, health
     // checks or max_queued_bytes; Envoy with precise timers, or there is
     // also the once-per-process mark of the coarse-timer warning): none is
-    // per request, per VM or per update. Worker indices are reused through the free list, whose value
-    // is bounded by the indices in use.
+    // per request, per VM or per update. Worker indices are reused through
+    // the free list, whose value is bounded by the indices in use.
     let mut keys = vec![
         "sluice:config-logged".to_string(),
         "sluice:workers".into(),
