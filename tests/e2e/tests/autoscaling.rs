@@ -3,12 +3,12 @@
 //! with the deployment files' validator, `scripts/validate_manifests.py k8s`
 //! (`make deps` installs its Python packages).
 
-use sluice_harness::{workspace_root, ScratchDir};
+use sluice_harness::{venv_program, workspace_root, ScratchDir};
 use std::path::Path;
 use std::process::{Command, Output};
 
 fn validate(files: &[&Path]) -> Output {
-    Command::new("python3")
+    Command::new(venv_program("python3"))
         .arg(workspace_root().join("scripts/validate_manifests.py"))
         .arg("k8s")
         .args(files)

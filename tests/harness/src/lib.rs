@@ -68,6 +68,22 @@ pub fn bin_path(name: &str) -> PathBuf {
     path
 }
 
+/// A program from the repo's Python environment (`target/py`, or
+/// `$SLUICE_VENV`), where `scripts/deps.sh` installs Envoy and the schema
+/// packages; the bare name (found on `PATH`) if it is not there.
+pub fn venv_program(name: &str) -> PathBuf {
+    let venv = match std::env::var_os("SLUICE_VENV") {
+        Some(dir) if !dir.is_empty() => workspace_root().join(dir),
+        _ => workspace_root().join("target").join("py"),
+    };
+    let path = venv.join("bin").join(name);
+    if path.is_file() {
+        path
+    } else {
+        PathBuf::from(name)
+    }
+}
+
 /// The Sluice filter built for Envoy.
 pub fn wasm_path() -> PathBuf {
     built_wasm("sluice_filter.wasm")
