@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 
 /// bench/README.md of this checkout, wherever the benchmark is run from.
 pub fn path() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")
+    // bench/runner's parent is bench/.
+    let runner = Path::new(env!("CARGO_MANIFEST_DIR"));
+    runner.parent().unwrap_or(runner).join("README.md")
 }
 
 /// `doc` with section `name` holding `body`; a section not there yet is
@@ -91,8 +93,32 @@ pub fn section_from_stdin(o: &SectionOpts) -> anyhow::Result<()> {
     };
     publish(
         &o.name,
-        &format!("{}\n\n{report}\n", machine::header(&o.command)),
+        &format!(
+            "{}\n\n{}\n",
+            machine::header(&o.command),
+            paragraphs(report)
+        ),
     )
+}
+
+/// Plain text as markdown: a blank line between lines that are not rows of
+/// one table, so each stays a line of its own (the soak prints lines, not
+/// paragraphs, and its table right under one).
+fn paragraphs(text: &str) -> String {
+    let mut out = String::new();
+    let mut prev: Option<&str> = None;
+    for line in text.lines() {
+        if let Some(p) = prev {
+            let same_table = p.starts_with('|') && line.starts_with('|');
+            if !p.trim().is_empty() && !line.trim().is_empty() && !same_table {
+                out.push('\n');
+            }
+            out.push('\n');
+        }
+        out.push_str(line);
+        prev = Some(line);
+    }
+    out
 }
 
 /// The report in a program's output: from the first line starting with
@@ -173,6 +199,16 @@ mod tests {
         );
         assert_eq!(select(out, Some("nothing")), None);
         assert_eq!(select("### a\n| b |\n", None), Some("### a\n| b |"));
+    }
+
+    #[test]
+    fn lines_become_paragraphs_and_tables_stay_whole() {
+        assert_eq!(
+            paragraphs("soak: 60 s\n| a |\n|---|\n| 1 |\nRSS: 1 MB\nVMs: 6"),
+            "soak: 60 s\n\n| a |\n|---|\n| 1 |\n\nRSS: 1 MB\n\nVMs: 6"
+        );
+        let already = "### a\n\n| b |\n|---|\n\nCommand: x";
+        assert_eq!(paragraphs(already), already);
     }
 
     #[test]
