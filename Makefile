@@ -64,8 +64,10 @@ test-wasm:
 	CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUNNER=wasm-bindgen-test-runner \
 	  cargo test -p sluice-core --target wasm32-unknown-unknown
 
-# Figures for the README: side by side in one run, printed as markdown.
-# Short, noisy runs: make bench BENCH_ARGS="--seconds 2 --rounds 1 --timeout-waves 2"
+# Every bench target prints its markdown and rewrites its own section of
+# bench/README.md (so a short run replaces the figures there too).
+# Side by side in one run. Short, noisy runs:
+# make bench BENCH_ARGS="--seconds 2 --rounds 1 --timeout-waves 2"
 # (target/release/sluice-bench filter --help lists every flag).
 BENCH_ARGS ?=
 bench: deps-bench wasm
@@ -82,9 +84,11 @@ bench-isolation: deps-bench wasm
 # overload with client aborts and a listener update every minute.
 SOAK_MINUTES ?= 10
 soak: deps-test wasm
-	cargo build --release -p sluice-backend
+	cargo build --release -p sluice-backend -p sluice-bench
 	SLUICE_SOAK_SECS=$$(( $(SOAK_MINUTES) * 60 )) \
-	  cargo test --release -p sluice-e2e --test soak -- --nocapture
+	  cargo test --release -p sluice-e2e --test soak -- --nocapture > target/soak.out \
+	  || { cat target/soak.out; exit 1; }
+	target/release/sluice-bench section soak --command "make soak" --from "soak: " < target/soak.out
 
 
 # Redis write -> new capacity in force on every worker of two Envoys
@@ -95,8 +99,9 @@ bench-sync: deps-bench wasm
 
 # Repeatability of probes and the load generator against wrk.
 bench-prober: deps-bench
-	cargo build --release $(NATIVE_BINS)
-	bench/prober.sh
+	cargo build --release $(NATIVE_BINS) -p sluice-bench
+	bench/prober.sh > target/bench-prober.out || { cat target/bench-prober.out; exit 1; }
+	target/release/sluice-bench section prober --command "make bench-prober" < target/bench-prober.out
 
 # The path end to end (backend, Redis, sync, Envoy; the prober measures and
 # pushes; the capacity arrives), then one burst without and with Sluice.

@@ -300,7 +300,7 @@ pub fn stop_on_signals() {
     extern "C" fn on_signal(_: libc::c_int) {
         // Only async-signal-safe work here: an atomic, or _exit.
         if INTERRUPTED.swap(true, Relaxed) {
-            unsafe { libc::_exit(crate::exit::INTERRUPTED as libc::c_int) };
+            unsafe { libc::_exit(crate::error::exit::INTERRUPTED as libc::c_int) };
         }
     }
     for sig in [libc::SIGINT, libc::SIGTERM] {

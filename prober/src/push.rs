@@ -3,10 +3,10 @@
 
 use crate::cli::PushArgs;
 use crate::config_file;
-use crate::probe::record_from_file;
+use crate::error::{exit, ProberError};
+use crate::note::record_from_file;
 use crate::redis_records::RedisRecords;
 use crate::report::{self, RedisOutcome};
-use crate::{exit, ProberError};
 use serde::Serialize;
 use sluice_core::capacity_record::Source;
 use sluice_core::redis_keys::{check_service_name, Storage};

@@ -2,7 +2,7 @@
 //! (layout: docs/redis-keys.md; names: `sluice_core::redis_keys`; codec:
 //! `sluice_core::capacity_record`).
 
-use crate::ProberError;
+use crate::error::ProberError;
 use sluice_core::capacity_record::CapacityRecord;
 use sluice_core::redis_keys::{capacity_key, endpoints_key, updates_channel, version_key};
 use std::collections::HashMap;

@@ -15,12 +15,13 @@
 
 use crate::cli::SweepArgs;
 use crate::config_file::{self, ConfigFile, EndpointSpec};
+use crate::error::{exit, ProberError};
 use crate::load::{self, LevelStats, RequestSpec, Target};
 use crate::progress::Progress;
 use crate::report::{self, round, LevelReport, TimingReport};
 use crate::scaling::{self, Point, UslFit};
 use crate::settings::{self, Settings};
-use crate::{exit, target, ProberError};
+use crate::target;
 use anyhow::Context;
 use serde::Serialize;
 use std::fmt::Write as _;

@@ -1,9 +1,9 @@
 //! The service under test: its URL, and the request sent to an endpoint.
 
 use crate::config_file::{self, body_bytes, EndpointSpec};
+use crate::error::ProberError;
 use crate::load::{RequestSpec, Target};
 use crate::redis_records::redact;
-use crate::ProberError;
 use bytes::Bytes;
 use hyper::header::{HeaderName, HeaderValue, CONTENT_TYPE};
 use hyper::{Method, Uri};

@@ -16,6 +16,7 @@ use crate::access_log;
 use crate::figures::{gap_from_backend, median, Percentiles, Table};
 use crate::haproxy::Haproxy;
 use crate::machine;
+use crate::readme;
 use crate::wrk::{cpu_time, wrk, wrk_run};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
@@ -127,14 +128,14 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
         }
     }
 
-    println!(
-        "{}; hot path at --concurrency {}, {} s per measurement\n",
+    let out = format!(
+        "{}; hot path at --concurrency {}, {} s per measurement\n\n{}",
         machine::header("make bench"),
         o.concurrency,
-        o.seconds
+        o.seconds,
+        t.render()
     );
-    print!("{}", t.render());
-    Ok(())
+    readme::publish("filter", &out)
 }
 
 fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {

@@ -15,6 +15,7 @@ use crate::access_log;
 use crate::figures::{latency_from_backend, Percentiles, Table};
 use crate::haproxy::Haproxy;
 use crate::machine;
+use crate::readme;
 use clap::Args;
 use serde_json::json;
 use sluice_harness::{Backend, Envoy, FrontProxy};
@@ -118,24 +119,26 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
             ]);
         }
     }
-    println!(
-        "{}; --concurrency {}\n",
+    let mut out = format!(
+        "{}; --concurrency {}\n\n",
         machine::header("make bench-isolation"),
         o.concurrency
     );
-    println!(
+    out += &format!(
         "Backend: {WORKERS} workers shared by /small ({SMALL_MS} ms) and /large ({LARGE_MS} ms). \
          Flood: {FLOOD_CLIENTS} closed-loop clients on /large (3× its capacity of {LARGE_CAPACITY}). \
          Small: {} req/s open loop, {} s idle then {} s flooded. \
-         Goal: through Sluice, small p99 flooded ≤ 2× idle.\n",
+         Goal: through Sluice, small p99 flooded ≤ 2× idle.\n\n",
         o.rate, o.seconds, o.seconds
     );
-    print!("{}", t.render());
+    out += &t.render();
     if let Some(ratio) = verdict {
         let met = if ratio <= 2.0 { "met" } else { "NOT met" };
-        println!("\nSluice, Envoy's access log: flooded p99 / idle p99 = {ratio:.2}: goal {met}.");
+        out += &format!(
+            "\nSluice, Envoy's access log: flooded p99 / idle p99 = {ratio:.2}: goal {met}.\n"
+        );
     }
-    Ok(())
+    readme::publish("isolation", &out)
 }
 
 fn measure(setup: Setup, o: &Opts) -> anyhow::Result<(Phase, Phase)> {

@@ -5,7 +5,11 @@
 //! - `filter` (`make bench`): hot-path cost, the handover gap and
 //!   throughput at saturation against HAProxy, queue-timeout lateness;
 //! - `isolation` (`make bench-isolation`): small requests beside a flooded
-//!   large endpoint, straight, through plain Envoy, HAProxy and Sluice.
+//!   large endpoint, straight, through plain Envoy, HAProxy and Sluice;
+//! - `section`: puts the output of a benchmark run by another program
+//!   (`make bench-prober`, `make soak`) into bench/README.md.
+//!
+//! Each run also rewrites its own section of bench/README.md.
 
 pub mod access_log;
 mod figures;
@@ -13,6 +17,7 @@ pub mod filter;
 pub mod haproxy;
 pub mod isolation;
 pub mod machine;
+pub mod readme;
 mod wrk;
 
 use clap::{Parser, Subcommand};
@@ -32,11 +37,15 @@ pub enum Bench {
     /// Small requests' latency while a large endpoint is flooded (make
     /// bench-isolation).
     Isolation(isolation::Opts),
+    /// Reads a benchmark's output on stdin and writes it into its section
+    /// of bench/README.md, under a line saying when and on what.
+    Section(readme::SectionOpts),
 }
 
 pub fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Bench::Filter(o) => filter::run(o),
         Bench::Isolation(o) => isolation::run(o),
+        Bench::Section(o) => readme::section_from_stdin(o),
     }
 }

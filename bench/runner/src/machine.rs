@@ -19,10 +19,11 @@ pub fn require(tool: &str) -> anyhow::Result<()> {
 /// One line above a table: when, on what, with which Envoy and HAProxy.
 pub fn header(command: &str) -> String {
     format!(
-        "`{command}`, {}: {}, {} cores; Envoy {}, HAProxy {}",
+        "`{command}`, {}: {}, {} cores, Linux {}; Envoy {}, HAProxy {}",
         utc_now(),
         cpu_model(),
         cores(),
+        kernel(),
         envoy_version(),
         haproxy_version(),
     )
@@ -68,6 +69,12 @@ fn cpu_model() -> String {
                 .map(|m| m.trim().to_string())
         })
         .unwrap_or_else(|| "unknown CPU".into())
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn cores() -> usize {

@@ -127,15 +127,14 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         let _ = p.join();
     }
 
-    println!("{}\n", sluice_bench::machine::header("make bench-sync"));
-    println!(
-        "Redis write (prober's MULTI) to the new capacity in force, {} changes, {} Envoys x {} workers\n",
+    let mut out = format!("{}\n\n", sluice_bench::machine::header("make bench-sync"));
+    out += &format!(
+        "Redis write (prober's MULTI) to the new capacity in force, {} changes, {} Envoys x {} workers\n\n",
         opts.changes,
         envoys.len(),
         opts.concurrency
     );
-    println!("| seen by | p50 ms | p99 ms | max ms |");
-    println!("|---|---:|---:|---:|");
+    out += "| seen by | p50 ms | p99 ms | max ms |\n|---|---:|---:|---:|\n";
     for (name, samples) in [
         (
             "every worker of every Envoy (slowest of each change)",
@@ -144,15 +143,15 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         ("one worker (each worker, each change)", &mut one_worker),
     ] {
         samples.sort();
-        println!(
-            "| {name} | {:.1} | {:.1} | {:.1} |",
+        out += &format!(
+            "| {name} | {:.1} | {:.1} | {:.1} |\n",
             ms(percentile(samples, 0.50)),
             ms(percentile(samples, 0.99)),
             ms(*samples.last().unwrap()),
         );
     }
-    println!("\n(stats polled every {POLL_GAP:?} per worker; figures include that)");
-    Ok(())
+    out += &format!("\n(stats polled every {POLL_GAP:?} per worker; figures include that)\n");
+    sluice_bench::readme::publish("sync", &out)
 }
 
 fn ms(d: Duration) -> f64 {
