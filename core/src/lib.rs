@@ -6,9 +6,10 @@
 pub mod admission;
 pub mod capacity_record;
 pub mod config;
-pub mod json_keys;
 pub mod redis_keys;
 pub mod shared_data;
 pub mod sync_api;
-pub mod sync_config;
 pub mod waiters;
+
+/// The callouts' keys moved into [`config`]; the old path still resolves.
+pub use config::callouts as sync_config;

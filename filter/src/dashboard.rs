@@ -20,14 +20,6 @@ pub struct Dashboard {
 }
 
 impl Dashboard {
-    /// From the plugin configuration (JSON text, already accepted by
-    /// `Config`): its `ui` settings. An error names the key.
-    pub fn from_configuration(configuration: &str) -> Result<Dashboard, String> {
-        let document = serde_json::from_str(configuration).unwrap_or_default();
-        let ui = Ui::from_json(&document).map_err(|e| format!("invalid configuration: {e}"))?;
-        Ok(Dashboard::new(&ui))
-    }
-
     pub fn new(ui: &Ui) -> Dashboard {
         let page = ui.enable.then(|| {
             let html = PAGE

@@ -16,7 +16,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
 use sluice_core::admission;
-use sluice_core::config::Config;
+use sluice_core::config::FilterConfig;
 use sluice_core::sync_config::CalloutConfig;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -49,14 +49,13 @@ impl<H: Host + Clone> Root<H> {
     /// Takes the plugin configuration (JSON text) of the VM `vm_id`. An error
     /// names what is wrong; the plugin must then fail to start.
     pub fn configure(&mut self, configuration: &str, vm_id: String) -> Result<(), String> {
-        let config = Config::from_json_str(configuration)
+        let FilterConfig {
+            config,
+            ui,
+            callouts,
+        } = FilterConfig::from_json_str(configuration)
             .map_err(|e| format!("invalid configuration: {e}"))?;
         let first = crate::config_log::first_to_see(&self.host, configuration);
-        // Valid JSON by now.
-        let document: serde_json::Value = serde_json::from_str(configuration)
-            .map_err(|e| format!("invalid configuration: {e}"))?;
-        let callouts = CalloutConfig::from_json(&document, &config.service)
-            .map_err(|e| format!("invalid configuration: {e}"))?;
         if first {
             for w in &config.warnings {
                 log::warn!("{w}");
@@ -83,7 +82,7 @@ impl<H: Host + Clone> Root<H> {
             );
         }
         let mut worker = Worker::new(self.host.clone(), vm_id, routes);
-        worker.dashboard = Dashboard::from_configuration(configuration)?;
+        worker.dashboard = Dashboard::new(&ui);
         let worker = Rc::new(worker);
         // Create every endpoint's record before traffic (Envoy runs this on
         // the main thread before any worker VM exists, and a write to a

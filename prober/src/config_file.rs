@@ -1,14 +1,18 @@
 //! Reading `sluice.yaml` (or fastapi-balancer's `balancer.yml`, same keys).
 //!
-//! The enforcement keys are checked by `sluice_core::config`, exactly as the
-//! filter checks them; this module adds the prober's own keys (thresholds,
-//! `probe:` timings, each endpoint's `method`, `headers`, `body`) and puts the
-//! file name and line in front of every message.
+//! The file is read once into `sluice_core::config::Document`; the
+//! enforcement keys are checked by `sluice_core::config`, exactly as the
+//! filter checks them; this module checks the prober's own keys (thresholds,
+//! `probe:` timings, each endpoint's `method`, `headers`, `body`) with the
+//! same checks, and puts the file name and line in front of every message.
 
 use crate::{config_edit, yaml_lines};
 use hyper::header::{HeaderName, HeaderValue};
-use serde_json::{Map, Value};
-use sluice_core::config::{shown, Config, ConfigError, WarningKind};
+use serde_json::Value;
+use sluice_core::config::check::{self, PROBE, PROBE_WARMUP};
+use sluice_core::config::{
+    shown, Config, ConfigError, Document, EndpointDoc, ProbeDoc, Section, WarningKind,
+};
 use sluice_core::redis_keys::Storage;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -173,13 +177,19 @@ pub fn parse_text(file: &str, text: &str) -> Result<ConfigFile, ConfigFileError>
         }
     };
     let located = |e: ConfigError| fail(line_of(text, &doc, e.key()), None, e.to_string());
-    let config = Config::from_json(&doc).map_err(located)?;
+    let document = Document::from_value(&doc).map_err(located)?;
+    let config = Config::try_from(&document).map_err(located)?;
     let storage = Storage::from_json(&doc).map_err(located)?;
-    let settings = file_settings(&doc).map_err(located)?;
+    let settings = file_settings(&document).map_err(located)?;
     let mut endpoints = Vec::new();
-    if let Some(Value::Object(map)) = doc.get("endpoints") {
+    if let Ok(Some(map)) = document.endpoints() {
         for (path, spec) in map {
-            let mut e = endpoint_spec(path, spec).map_err(located)?;
+            let fields = match spec {
+                Some(Section::Map(fields)) => fields,
+                // Any other value was refused by the core parser.
+                _ => &EndpointDoc::default(),
+            };
+            let mut e = endpoint_spec(path, fields).map_err(located)?;
             if e.capacity.is_some() {
                 e.capacity_note = yaml_lines::capacity_comment(text, path);
             }
@@ -233,22 +243,6 @@ pub fn line_of(text: &str, doc: &Value, key: &str) -> Option<usize> {
     yaml_lines::locate(text, &keys)
 }
 
-fn seconds(v: &Value, key: &str, allow_zero: bool) -> Result<Duration, ConfigError> {
-    match v.as_f64() {
-        Some(s) if (s > 0.0 || (allow_zero && s == 0.0)) && s <= 3600.0 => {
-            Ok(Duration::from_secs_f64(s))
-        }
-        _ => Err(ConfigError::new(
-            key,
-            format!(
-                "must be a number of seconds {} 0 and at most 3600, got {}",
-                if allow_zero { "from" } else { "greater than" },
-                shown(v)
-            ),
-        )),
-    }
-}
-
 fn whole(v: &Value, key: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
     match v.as_u64() {
         Some(n) if n >= min && n <= max => Ok(n),
@@ -290,19 +284,19 @@ pub fn latency_threshold_ms(v: &Value, key: &str) -> Result<f64, ConfigError> {
     }
 }
 
-fn file_settings(doc: &Value) -> Result<FileSettings, ConfigError> {
+fn file_settings(doc: &Document) -> Result<FileSettings, ConfigError> {
     let mut s = FileSettings::default();
-    let present = |k: &str| doc.get(k).filter(|v| !v.is_null());
-    if let Some(v) = present("error_threshold") {
-        s.error_threshold = Some(error_threshold(v, "error_threshold")?);
+    let present = |v: &Option<Value>| v.clone().filter(|v| !v.is_null());
+    if let Some(v) = present(&doc.error_threshold) {
+        s.error_threshold = Some(error_threshold(&v, "error_threshold")?);
     }
-    if let Some(v) = present("latency_threshold_ms") {
-        s.latency_threshold_ms = Some(latency_threshold_ms(v, "latency_threshold_ms")?);
+    if let Some(v) = present(&doc.latency_threshold_ms) {
+        s.latency_threshold_ms = Some(latency_threshold_ms(&v, "latency_threshold_ms")?);
     }
-    let probe = match present("probe") {
+    let probe: &ProbeDoc = match &doc.probe {
         None => return Ok(s),
-        Some(Value::Object(m)) => m,
-        Some(v) => {
+        Some(Section::Map(m)) => m,
+        Some(Section::Bad(v)) => {
             return Err(ConfigError::new(
                 "probe",
                 format!(
@@ -312,27 +306,28 @@ fn file_settings(doc: &Value) -> Result<FileSettings, ConfigError> {
             ))
         }
     };
-    for (k, v) in probe {
-        if v.is_null() {
-            continue;
-        }
-        let key = format!("probe.{k}");
-        match k.as_str() {
-            "warmup" => s.warmup = Some(seconds(v, &key, true)?),
-            "duration" => s.duration = Some(seconds(v, &key, false)?),
-            "max_duration" => s.max_duration = Some(seconds(v, &key, false)?),
-            "request_timeout" => s.request_timeout = Some(seconds(v, &key, false)?),
-            "min_samples" => s.min_samples = Some(whole(v, &key, 0, 10_000_000)?),
-            "max_concurrency" => s.max_concurrency = Some(whole(v, &key, 1, 10_000)? as usize),
-            "threads" => s.threads = Some(whole(v, &key, 1, 64)? as usize),
-            _ => {
-                return Err(ConfigError::new(
-                    key,
-                    "unknown key (expected warmup, duration, max_duration, min_samples, max_concurrency, request_timeout or threads)",
-                ))
-            }
-        }
+    if let Some(k) = probe.unknown.keys().next() {
+        return Err(ConfigError::new(
+            format!("probe.{k}"),
+            "unknown key (expected warmup, duration, max_duration, min_samples, max_concurrency, request_timeout or threads)",
+        ));
     }
+    let secs = |v: &Option<Value>, k: &str, range| match present(v) {
+        None => Ok(None),
+        Some(v) => check::seconds(&v, &format!("probe.{k}"), range).map(Some),
+    };
+    let count = |v: &Option<Value>, k: &str, min, max| match present(v) {
+        None => Ok(None),
+        Some(v) => whole(&v, &format!("probe.{k}"), min, max).map(Some),
+    };
+    s.warmup = secs(&probe.warmup, "warmup", PROBE_WARMUP)?;
+    s.duration = secs(&probe.duration, "duration", PROBE)?;
+    s.max_duration = secs(&probe.max_duration, "max_duration", PROBE)?;
+    s.min_samples = count(&probe.min_samples, "min_samples", 0, 10_000_000)?;
+    s.max_concurrency =
+        count(&probe.max_concurrency, "max_concurrency", 1, 10_000)?.map(|n| n as usize);
+    s.request_timeout = secs(&probe.request_timeout, "request_timeout", PROBE)?;
+    s.threads = count(&probe.threads, "threads", 1, 64)?.map(|n| n as usize);
     Ok(s)
 }
 
@@ -357,12 +352,10 @@ pub fn header(name: &str, value: &str, key: &str) -> Result<(String, String), Co
     Ok((name.to_string(), value.to_string()))
 }
 
-fn endpoint_spec(path: &str, spec: &Value) -> Result<EndpointSpec, ConfigError> {
+fn endpoint_spec(path: &str, fields: &EndpointDoc) -> Result<EndpointSpec, ConfigError> {
     let key = |f: &str| format!("endpoints.{path}.{f}");
     let mut e = EndpointSpec::new(path);
-    let empty = Map::new();
-    let fields = spec.as_object().unwrap_or(&empty);
-    match fields.get("method") {
+    match &fields.method {
         None | Some(Value::Null) => {}
         Some(Value::String(m)) => e.method = method(m, &key("method"))?,
         Some(v) => {
@@ -375,7 +368,7 @@ fn endpoint_spec(path: &str, spec: &Value) -> Result<EndpointSpec, ConfigError> 
             ))
         }
     }
-    match fields.get("headers") {
+    match &fields.headers {
         None | Some(Value::Null) => {}
         Some(Value::Object(h)) => {
             for (name, value) in h {
@@ -400,12 +393,12 @@ fn endpoint_spec(path: &str, spec: &Value) -> Result<EndpointSpec, ConfigError> 
             ))
         }
     }
-    e.body = fields.get("body").filter(|b| !b.is_null()).cloned();
+    e.body = fields.body.clone().filter(|b| !b.is_null());
     // Already checked by the core parser; read the value it accepted.
     e.capacity = fields
-        .get("capacity")
-        .and_then(Value::as_u64)
-        .map(|c| c as u32);
+        .capacity
+        .as_ref()
+        .and_then(sluice_core::config::capacity);
     Ok(e)
 }
 

@@ -7,6 +7,7 @@ use crate::load::LevelTiming;
 use crate::search::Thresholds;
 use crate::ProberError;
 use serde_json::Value;
+use sluice_core::config::check::{PROBE, PROBE_WARMUP};
 use std::time::Duration;
 
 pub const DEFAULT_ERROR_THRESHOLD: f64 = 0.05;
@@ -34,7 +35,8 @@ fn flag_seconds(
 ) -> Result<Option<Duration>, ProberError> {
     match v {
         None => Ok(None),
-        Some(s) if s.is_finite() && (s > 0.0 || (allow_zero && s == 0.0)) && s <= 3600.0 => {
+        // The file's range for the same key (`probe.*`).
+        Some(s) if s.is_finite() && if allow_zero { PROBE_WARMUP } else { PROBE }.contains(s) => {
             Ok(Some(Duration::from_secs_f64(s)))
         }
         Some(s) => Err(ProberError::Usage(format!(

@@ -105,8 +105,8 @@ pub fn redis_url_from_config(path: &Path, text: &str) -> Result<String, Settings
         path: path.display().to_string(),
         problem,
     };
-    let doc: serde_json::Value =
-        serde_norway::from_str(text).map_err(|e| fail(format!("not valid YAML: {e}")))?;
+    let doc =
+        sluice_core::config::yaml::parse(text).map_err(|e| fail(format!("not valid YAML: {e}")))?;
     match Storage::from_json(&doc).map_err(|e| fail(e.to_string()))? {
         Some(Storage::Redis { url }) => Ok(url),
         Some(Storage::Memory) => Err(fail(

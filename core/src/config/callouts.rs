@@ -3,11 +3,13 @@
 //! (fastapi-balancer's `health_endpoint` and `health_check_interval`, plus
 //! `health:` for what Envoy needs to reach the backend).
 //!
-//! Parsed from the same document as [`crate::config::Config`], apart from it
-//! so that the enforcement keys and these evolve without touching each other.
+//! Apart from [`super::Config`], so that the enforcement keys and these
+//! evolve without touching each other.
 
-use crate::config::{shown, ConfigError};
-use serde_json::{Map, Value};
+use super::check::{self, unknown_keys, ConfigError, ConfigWarning, WarningKind};
+use super::document::{Document, Section};
+use super::shown;
+use serde_json::Value;
 use std::time::Duration;
 
 /// Default seconds without any message on the sync stream before the filter
@@ -17,14 +19,6 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT_SECS: f64 = 3.0;
 pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
 pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
 pub const DEFAULT_HEALTH_TIMEOUT_SECS: f64 = 1.0;
-
-const SYNC_KEYS: &[&str] = &["cluster", "service", "heartbeat_timeout"];
-const HEALTH_KEYS: &[&str] = &[
-    "cluster",
-    "unhealthy_threshold",
-    "healthy_threshold",
-    "timeout",
-];
 
 /// `sync:`: the filter watches the sync service for its capacities.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,40 +52,37 @@ pub struct CalloutConfig {
     pub sync: Option<SyncConfig>,
     pub health: Option<HealthConfig>,
     /// Worth a log line, not a failure.
-    pub warnings: Vec<String>,
+    pub warnings: Vec<ConfigWarning>,
 }
 
 impl CalloutConfig {
     /// Reads `sync`, `health_endpoint`, `health_check_interval` and `health`
     /// of the document whose `service` is `service`.
     pub fn from_json(root: &Value, service: &str) -> Result<CalloutConfig, ConfigError> {
+        CalloutConfig::from_document(&Document::from_value(root)?, service)
+    }
+
+    pub fn from_document(doc: &Document, service: &str) -> Result<CalloutConfig, ConfigError> {
         let mut warnings = Vec::new();
-        let sync = match object(root.get("sync"), "sync", "{cluster: sluice_sync}")? {
+        let sync = match section(&doc.sync, "sync", "{cluster: sluice_sync}")? {
             None => None,
             Some(m) => {
-                unknown(m, SYNC_KEYS, "sync.", &mut warnings);
+                warnings.extend(unknown_keys(&m.unknown, "sync."));
                 Some(SyncConfig {
-                    cluster: cluster(m.get("cluster"), "sync.cluster")?,
-                    service: match m.get("service") {
-                        None | Some(Value::Null) => service.to_string(),
-                        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-                        Some(v) => {
-                            return Err(ConfigError::new(
-                                "sync.service",
-                                format!("must be a non-empty string, got {}", shown(v)),
-                            ))
-                        }
-                    },
-                    heartbeat_timeout: seconds_or(
-                        m.get("heartbeat_timeout"),
+                    cluster: cluster(m.cluster.as_ref(), "sync.cluster")?,
+                    service: check::text(m.service.as_ref(), "sync.service")?
+                        .unwrap_or_else(|| service.to_string()),
+                    heartbeat_timeout: check::seconds_or(
+                        m.heartbeat_timeout.as_ref(),
                         "sync.heartbeat_timeout",
-                        DEFAULT_HEARTBEAT_TIMEOUT_SECS,
+                        check::CALLOUT,
+                        Duration::from_secs_f64(DEFAULT_HEARTBEAT_TIMEOUT_SECS),
                     )?,
                 })
             }
         };
 
-        let endpoint = match root.get("health_endpoint") {
+        let endpoint = match &doc.health_endpoint {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) if s.starts_with('/') => Some(s.clone()),
             Some(v) => {
@@ -101,24 +92,23 @@ impl CalloutConfig {
                 ))
             }
         };
-        let interval = match root.get("health_check_interval") {
+        let interval = match &doc.health_check_interval {
             None | Some(Value::Null) => None,
-            Some(v) => Some(seconds(v, "health_check_interval")?),
+            Some(v) => Some(check::seconds(v, "health_check_interval", check::CALLOUT)?),
         };
-        let health = match object(root.get("health"), "health", "{cluster: backend}")? {
+        let health = match section(&doc.health, "health", "{cluster: backend}")? {
             None => {
                 if endpoint.is_some() {
-                    warnings.push(
-                        "health.cluster: not set; health checks are off (the filter needs the \
-                         Envoy cluster of the backend to call health_endpoint)"
-                            .to_string(),
-                    );
+                    warnings.push(ConfigWarning {
+                        key: "health.cluster".into(),
+                        kind: WarningKind::HealthCheckOff,
+                    });
                 }
                 None
             }
             Some(m) => {
-                unknown(m, HEALTH_KEYS, "health.", &mut warnings);
-                let cluster = cluster(m.get("cluster"), "health.cluster")?;
+                warnings.extend(unknown_keys(&m.unknown, "health."));
+                let cluster = cluster(m.cluster.as_ref(), "health.cluster")?;
                 let endpoint = endpoint.ok_or_else(|| {
                     ConfigError::new("health_endpoint", "is required when `health` is set")
                 })?;
@@ -130,19 +120,20 @@ impl CalloutConfig {
                     interval,
                     cluster,
                     unhealthy_threshold: threshold(
-                        m.get("unhealthy_threshold"),
+                        m.unhealthy_threshold.as_ref(),
                         "health.unhealthy_threshold",
                         DEFAULT_UNHEALTHY_THRESHOLD,
                     )?,
                     healthy_threshold: threshold(
-                        m.get("healthy_threshold"),
+                        m.healthy_threshold.as_ref(),
                         "health.healthy_threshold",
                         DEFAULT_HEALTHY_THRESHOLD,
                     )?,
-                    timeout: seconds_or(
-                        m.get("timeout"),
+                    timeout: check::seconds_or(
+                        m.timeout.as_ref(),
                         "health.timeout",
-                        DEFAULT_HEALTH_TIMEOUT_SECS,
+                        check::CALLOUT,
+                        Duration::from_secs_f64(DEFAULT_HEALTH_TIMEOUT_SECS),
                     )?,
                 })
             }
@@ -155,26 +146,18 @@ impl CalloutConfig {
     }
 }
 
-fn object<'a>(
-    v: Option<&'a Value>,
+fn section<'a, T>(
+    v: &'a Option<Section<T>>,
     key: &str,
     example: &str,
-) -> Result<Option<&'a Map<String, Value>>, ConfigError> {
+) -> Result<Option<&'a T>, ConfigError> {
     match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(m)) => Ok(Some(m)),
-        Some(v) => Err(ConfigError::new(
+        None => Ok(None),
+        Some(Section::Map(m)) => Ok(Some(m)),
+        Some(Section::Bad(v)) => Err(ConfigError::new(
             key,
             format!("must be a map like {example}, got {}", shown(v)),
         )),
-    }
-}
-
-fn unknown(map: &Map<String, Value>, known: &[&str], prefix: &str, warnings: &mut Vec<String>) {
-    for key in map.keys() {
-        if !known.contains(&key.as_str()) {
-            warnings.push(format!("{prefix}{key}: unknown key, ignored"));
-        }
     }
 }
 
@@ -195,36 +178,10 @@ fn cluster(v: Option<&Value>, key: &str) -> Result<String, ConfigError> {
     }
 }
 
-fn seconds(v: &Value, key: &str) -> Result<Duration, ConfigError> {
-    match v.as_f64() {
-        Some(s) if s > 0.0 && s <= 86_400.0 => Ok(Duration::from_secs_f64(s)),
-        _ => Err(ConfigError::new(
-            key,
-            format!(
-                "must be a number of seconds greater than 0 and at most 86400, got {}",
-                shown(v)
-            ),
-        )),
-    }
-}
-
-fn seconds_or(v: Option<&Value>, key: &str, default: f64) -> Result<Duration, ConfigError> {
-    match v {
-        None | Some(Value::Null) => Ok(Duration::from_secs_f64(default)),
-        Some(v) => seconds(v, key),
-    }
-}
-
 fn threshold(v: Option<&Value>, key: &str, default: u32) -> Result<u32, ConfigError> {
     match v {
         None | Some(Value::Null) => Ok(default),
-        Some(v) => match v.as_u64() {
-            Some(n) if (1..=1000).contains(&n) => Ok(n as u32),
-            _ => Err(ConfigError::new(
-                key,
-                format!("must be an integer from 1 to 1000, got {}", shown(v)),
-            )),
-        },
+        Some(v) => Ok(check::integer(v, key, 1, 1000)? as u32),
     }
 }
 
@@ -276,14 +233,17 @@ mod tests {
             "heartbeat_timeout": 10, "colour": 1}}))
         .unwrap();
         assert_eq!(c.sync.unwrap().service, "other");
-        assert_eq!(c.warnings, ["sync.colour: unknown key, ignored"]);
+        let warnings: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
+        assert_eq!(warnings, ["sync.colour: unknown key, ignored"]);
     }
 
     #[test]
     fn balancer_health_keys_without_a_cluster_warn() {
         let c = parse(json!({"health_endpoint": "/health", "health_check_interval": 5})).unwrap();
         assert_eq!(c.health, None);
-        assert!(c.warnings[0].starts_with("health.cluster: not set; health checks are off"));
+        assert!(c.warnings[0]
+            .to_string()
+            .starts_with("health.cluster: not set; health checks are off"));
     }
 
     /// The exact text a user sees for each bad input.
