@@ -30,6 +30,7 @@
 //!
 //! then one 8-byte waiter each: `ticket:u32, worker:u16, flags:u16`.
 
+use crate::cas::{self, u16_at, u32_at, u64_at, MAX_CAS_ATTEMPTS};
 use crate::shared_data::{SharedData, StoreError};
 
 const VERSION: u8 = 2;
@@ -38,10 +39,6 @@ const WAITER_LEN: usize = 8;
 const FLAG_GRANTED: u16 = 1;
 const FLAG_FROM_SYNC: u8 = 1;
 const FLAG_UNHEALTHY: u8 = 2;
-/// Bound on CAS retries of one operation. Each retry means another worker
-/// completed an operation in between, so this is only reached if something
-/// writes the key in a tight loop forever.
-const MAX_CAS_ATTEMPTS: u32 = 10_000;
 
 /// Identifies one VM (root context) of the plugin; see the filter for how it
 /// is allocated.
@@ -78,7 +75,10 @@ impl std::error::Error for AdmissionError {}
 
 impl From<StoreError> for AdmissionError {
     fn from(e: StoreError) -> Self {
-        AdmissionError::Store(e)
+        match e {
+            StoreError::Contention => AdmissionError::Contention,
+            e => AdmissionError::Store(e),
+        }
     }
 }
 
@@ -129,14 +129,6 @@ pub struct EndpointState {
     pub waiters: Vec<Waiter>,
 }
 
-fn u32_at(b: &[u8], i: usize) -> u32 {
-    u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]])
-}
-
-fn u16_at(b: &[u8], i: usize) -> u16 {
-    u16::from_le_bytes([b[i], b[i + 1]])
-}
-
 fn nonzero(n: u32) -> Option<u32> {
     (n != 0).then_some(n)
 }
@@ -155,6 +147,11 @@ impl EndpointState {
         if !(bytes.len() - HEADER_LEN).is_multiple_of(WAITER_LEN) {
             return Err(AdmissionError::Corrupt("truncated waiter list"));
         }
+        // In bounds: the lengths are checked above.
+        let (u16_at, u32_at) = (
+            |b, i| u16_at(b, i).unwrap_or(0),
+            |b, i| u32_at(b, i).unwrap_or(0),
+        );
         let waiters = bytes[HEADER_LEN..]
             .chunks_exact(WAITER_LEN)
             .map(|w| Waiter {
@@ -163,15 +160,13 @@ impl EndpointState {
                 granted: u16_at(w, 6) & FLAG_GRANTED != 0,
             })
             .collect();
-        let mut version = [0u8; 8];
-        version.copy_from_slice(&bytes[17..25]);
         let flags = bytes[25];
         Ok(EndpointState {
             active: u32_at(bytes, 1),
             next_ticket: u32_at(bytes, 5),
             capacity: nonzero(u32_at(bytes, 9)),
             configured: nonzero(u32_at(bytes, 13)),
-            sync_version: u64::from_le_bytes(version),
+            sync_version: u64_at(bytes, 17).unwrap_or(0),
             source: if flags & FLAG_FROM_SYNC != 0 {
                 CapacitySource::Sync
             } else {
@@ -303,31 +298,23 @@ pub struct Claimed {
     pub wakeups: Wakeups,
 }
 
-/// Runs one read-modify-write of `key` until its CAS write wins. `op`
-/// returns its result and whether it changed the state (no write if not).
+/// One read-modify-CAS-write of the record at `key` ([`cas::update`]).
+/// `op` returns its result and whether it changed the state (no write if not).
 fn update<S: SharedData, R>(
     store: &S,
     key: &str,
     mut op: impl FnMut(&mut EndpointState) -> Result<(R, bool), AdmissionError>,
 ) -> Result<R, AdmissionError> {
-    for _ in 0..MAX_CAS_ATTEMPTS {
+    cas::update(store, key, |value| {
         // A missing key reads as the neutral state; `configure` creates keys
         // before traffic because a write to a missing key ignores CAS.
-        let (mut state, cas) = match store.get(key)? {
-            Some((bytes, cas)) => (EndpointState::from_stored(&bytes)?, cas),
-            None => (EndpointState::default(), 0),
+        let mut state = match value {
+            Some(bytes) => EndpointState::from_stored(bytes)?,
+            None => EndpointState::default(),
         };
         let (result, changed) = op(&mut state)?;
-        if !changed {
-            return Ok(result);
-        }
-        match store.set(key, &state.encode(), cas) {
-            Ok(()) => return Ok(result),
-            Err(StoreError::CasMismatch) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(AdmissionError::Contention)
+        Ok((result, changed.then(|| state.encode())))
+    })
 }
 
 /// Creates the endpoint's record with neutral values if it does not exist.

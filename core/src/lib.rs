@@ -1,14 +1,23 @@
 //! Host-independent heart of Sluice.
 //!
-//! Nothing here depends on proxy-wasm: the filter wires Envoy's callbacks to
-//! these pieces, and the tests run them natively (with threads) and on wasm.
+//! Every state machine of the filter that does not need Envoy lives here,
+//! over the [`shared_data::SharedData`] trait: the filter only wires Envoy's
+//! callbacks to these pieces, and the tests run them natively (with threads
+//! and Envoy's CAS rules, [`shared_data::MemSharedData`]) and on wasm.
 
+pub mod abandon;
 pub mod admission;
 pub mod capacity_record;
+pub mod cas;
 pub mod config;
+pub mod config_seen;
 pub mod json_keys;
+pub mod lease;
+pub mod queued_bytes;
 pub mod redis_keys;
 pub mod shared_data;
+pub mod shared_keys;
 pub mod sync_api;
 pub mod sync_config;
 pub mod waiters;
+pub mod worker_ids;

@@ -428,7 +428,7 @@ mod tests {
             }
         });
         let w = FakeWorker::start(&envoy, &cfg);
-        envoy.advance(crate::leader::LEASE_TTL);
+        envoy.advance(sluice_core::lease::LEASE_TTL);
         w.tick();
         assert_eq!(gauges(&envoy), (0, 0));
         assert_eq!(metric(&envoy, "requests"), 800);

@@ -128,7 +128,7 @@ fn stats<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_json::
         };
         if let Some((cap, key)) = &r.queued_bytes {
             entry["max_queued_bytes"] = json!(cap);
-            entry["queued_bytes"] = json!(crate::queued_bytes::total(store, key));
+            entry["queued_bytes"] = json!(sluice_core::queued_bytes::total(store, key));
         }
         endpoints.insert(r.path.clone(), entry);
     }

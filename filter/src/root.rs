@@ -7,17 +7,17 @@
 
 use crate::dashboard::Dashboard;
 use crate::host::{Envoy, Host};
-use crate::leader::{self, Holder, Leader};
+use crate::leader::Leader;
 use crate::routes::Routes;
 use crate::stream::Stream;
 use crate::worker::{Worker, BASE_TICK};
-use crate::worker_ids;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
-use sluice_core::admission;
 use sluice_core::config::Config;
+use sluice_core::lease::Holder;
 use sluice_core::sync_config::CalloutConfig;
+use sluice_core::{admission, config_seen, queued_bytes, worker_ids};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -51,7 +51,7 @@ impl<H: Host + Clone> Root<H> {
     pub fn configure(&mut self, configuration: &str, vm_id: String) -> Result<(), String> {
         let config = Config::from_json_str(configuration)
             .map_err(|e| format!("invalid configuration: {e}"))?;
-        let first = crate::config_log::first_to_see(&self.host, configuration);
+        let first = config_seen::first_to_see(&self.host, configuration);
         // Valid JSON by now.
         let document: serde_json::Value = serde_json::from_str(configuration)
             .map_err(|e| format!("invalid configuration: {e}"))?;
@@ -71,8 +71,7 @@ impl<H: Host + Clone> Root<H> {
             .iter()
             .filter_map(|r| r.queued_bytes.as_ref())
         {
-            crate::queued_bytes::ensure(&self.host, key)
-                .map_err(|e| format!("shared data {key}: {e}"))?;
+            queued_bytes::ensure(&self.host, key).map_err(|e| format!("shared data {key}: {e}"))?;
         }
         worker_ids::ensure(&self.host).map_err(|e| format!("shared data: {e}"))?;
         if first {
@@ -103,7 +102,12 @@ impl<H: Host + Clone> Root<H> {
         // opens a stream).
         *self.candidacy.borrow_mut() = Some(Candidacy {
             started_ns: now,
-            config_since_ns: leader::config_since(&self.host, &config.service, configuration, now),
+            config_since_ns: config_seen::config_since(
+                &self.host,
+                &config.service,
+                configuration,
+                now,
+            ),
             callouts,
         });
         worker.set_idle_tick(BASE_TICK);

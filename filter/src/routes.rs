@@ -2,13 +2,14 @@
 //! ([`crate::path`]) and without allocation for ordinary paths.
 
 use sluice_core::config::{Config, MatchKind};
+use sluice_core::shared_keys;
 use std::collections::HashMap;
 use std::time::Duration;
 
 /// A watched endpoint, ready for the request path.
 pub struct Route {
     pub path: String,
-    /// Its shared-data key: `sluice:<service>:ep:<path>`.
+    /// Its record's shared-data key.
     pub key: String,
     /// The capacity this configuration gives it. The one in force is in the
     /// shared record (sync or a newer configuration may have changed it).
@@ -43,12 +44,12 @@ impl Routes {
         // counted, until sync gives them one.
         for e in config.endpoints.iter() {
             let i = endpoints.len();
-            let key = format!("sluice:{}:ep:{}", config.service, e.path);
+            let key = shared_keys::endpoint(&config.service, &e.path);
             endpoints.push(Route {
                 path: e.path.clone(),
                 queued_bytes: e
                     .max_queued_bytes
-                    .map(|cap| (cap, crate::queued_bytes::key(&key))),
+                    .map(|cap| (cap, shared_keys::queued_bytes(&key))),
                 key,
                 configured: e.capacity,
                 max_queue: e.max_queue,

@@ -322,7 +322,7 @@ fn queue_bytes<H: Host>(host: &H, route: &Route) -> Result<u64, QueueBytesFull> 
     else {
         return Ok(0);
     };
-    match crate::queued_bytes::try_add(host, key, n, *cap) {
+    match sluice_core::queued_bytes::try_add(host, key, n, *cap) {
         Ok(true) => Ok(n),
         Ok(false) => Err(QueueBytesFull),
         Err(e) => {

@@ -4,16 +4,16 @@
 //! handed to them, times them out, and wakes the other workers whose waiters
 //! its releases served.
 
-use crate::abandon::{self, hold_ns, HeldSlots, RecentDurations};
 use crate::dashboard::Dashboard;
 use crate::host::Host;
 use crate::metrics::{Counter, Metrics};
 use crate::replies::LocalReply;
 use crate::routes::Routes;
-use crate::worker_ids;
+use sluice_core::abandon::{self, hold_ns, HeldSlots, RecentDurations};
 use sluice_core::admission::{self, Wakeups, Withdrawn, WorkerId};
 use sluice_core::config::Ui;
 use sluice_core::waiters::{LocalWaiter, LocalWaiters};
+use sluice_core::{config_seen, shared_keys, worker_ids};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -36,9 +36,6 @@ const STRAY_TICK_NS: u64 = 6_000_000;
 /// How many ticks each judgement takes.
 const JUDGED_TICKS: u32 = 32;
 
-/// Set by the first VM that found Envoy's timers coarse, so that one says so.
-const COARSE_TIMER_KEY: &str = "sluice:coarse-timer-logged";
-
 /// `ns` as a tick period: whole milliseconds (Envoy's unit), rounded up so
 /// that the tick is never early, and at least 1 ms.
 fn ceil_ms(ns: u64) -> Duration {
@@ -54,12 +51,6 @@ pub enum Fate {
     Admitted(u64),
     /// Answered locally (504), or let through unaccounted: it holds nothing.
     Answered,
-}
-
-/// The shared queue through which other workers wake worker `id`. Envoy
-/// notifies only the last VM that registered a name, so each has its own.
-pub fn queue_name(id: WorkerId) -> String {
-    format!("sluice:wake:{id}")
 }
 
 pub struct Worker<H> {
@@ -152,7 +143,7 @@ impl<H: Host> Worker<H> {
                 return None;
             }
         };
-        let queue = queue_name(id);
+        let queue = shared_keys::wake_queue(id);
         // Envoy registers the queue for the root context even when asked
         // from a stream's callback: on_queue_ready goes to the root.
         if let Err(e) = self.host.register_shared_queue(&queue) {
@@ -226,7 +217,7 @@ impl<H: Host> Worker<H> {
             return;
         }
         self.tick_lateness.set(None);
-        if crate::config_log::first_at(&self.host, COARSE_TIMER_KEY, "") {
+        if config_seen::first_at(&self.host, shared_keys::COARSE_TIMER_LOGGED, "") {
             log::warn!(
                 "Envoy's timers fire late: {late} of {judged} ticks came more than 1.5 ms after \
                  their time, so queue timeouts will be answered late too. Unless its workers \
@@ -300,8 +291,10 @@ impl<H: Host> Worker<H> {
         let mut durations = self.durations.borrow_mut();
         for (ep, d) in durations.iter_mut().enumerate() {
             if let Some(estimate) = d.take_unpublished() {
-                let key = abandon::estimate_key(&self.routes.endpoints[ep].key);
-                abandon::publish(&self.host, &key, estimate);
+                let key = shared_keys::upstream_estimate(&self.routes.endpoints[ep].key);
+                if let Err(e) = abandon::publish(&self.host, &key, estimate) {
+                    log::debug!("cannot publish {key}: {e}");
+                }
             }
         }
     }
@@ -312,7 +305,7 @@ impl<H: Host> Worker<H> {
     pub fn abandon(&self, endpoint: usize, admitted_ns: u64) {
         let now = self.host.now_ns();
         let estimate = self.durations.borrow()[endpoint].estimate_ns().or_else(|| {
-            let key = abandon::estimate_key(&self.routes.endpoints[endpoint].key);
+            let key = shared_keys::upstream_estimate(&self.routes.endpoints[endpoint].key);
             abandon::published(&self.host, &key)
         });
         let cap = self.routes.endpoints[endpoint].abandon_hold;
@@ -379,7 +372,7 @@ impl<H: Host> Worker<H> {
         let bytes = w.handle.1;
         let route = &self.routes.endpoints[w.endpoint];
         if let (Some((_, key)), true) = (&route.queued_bytes, bytes > 0) {
-            if let Err(e) = crate::queued_bytes::sub(&self.host, key, bytes) {
+            if let Err(e) = sluice_core::queued_bytes::sub(&self.host, key, bytes) {
                 log::error!("queued bytes of {}: {e}", route.path);
             }
         }
@@ -425,7 +418,7 @@ impl<H: Host> Worker<H> {
         }
         let q = self
             .host
-            .resolve_shared_queue(&self.vm_id, &queue_name(peer))
+            .resolve_shared_queue(&self.vm_id, &shared_keys::wake_queue(peer))
             .ok()??;
         self.peers.borrow_mut().insert(peer, q);
         Some(q)

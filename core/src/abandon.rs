@@ -12,29 +12,20 @@
 //! publish in shared data (one key per endpoint, written only when a
 //! worker's estimate changes).
 
-use sluice_core::shared_data::SharedData;
+use crate::cas::as_u64;
+use crate::shared_data::{SharedData, StoreError};
 use std::time::Duration;
 
-/// The shared key where workers publish an endpoint's estimate.
-pub fn estimate_key(record_key: &str) -> String {
-    format!("{record_key}:upstream-ns")
-}
-
-/// Publishes `ns` as the endpoint's estimate (last writer wins: any
-/// worker's recent maximum will do for a worker that has none).
-pub fn publish<S: SharedData>(store: &S, key: &str, ns: u64) {
-    if let Err(e) = store.set(key, &ns.to_le_bytes(), 0) {
-        log::debug!("cannot publish {key}: {e}");
-    }
+/// Publishes `ns` as the endpoint's estimate at `key`
+/// ([`crate::shared_keys::upstream_estimate`]). Last writer wins, so no CAS:
+/// any worker's recent maximum will do for a worker that has none.
+pub fn publish<S: SharedData>(store: &S, key: &str, ns: u64) -> Result<(), StoreError> {
+    store.set(key, &ns.to_le_bytes(), 0)
 }
 
 /// The estimate another worker published, if any.
 pub fn published<S: SharedData>(store: &S, key: &str) -> Option<u64> {
-    match store.get(key).ok()??.0[..] {
-        [a, b, c, d, e, f, g, h] => Some(u64::from_le_bytes([a, b, c, d, e, f, g, h])),
-        _ => None,
-    }
-    .filter(|&ns| ns > 0)
+    as_u64(&store.get(key).ok()??.0).filter(|&ns| ns > 0)
 }
 
 /// Completed upstream durations kept per endpoint and worker.
@@ -145,6 +136,9 @@ impl HeldSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const MS: u64 = 1_000_000;
 
