@@ -3,9 +3,9 @@
 //! root context stands for it on each base tick and releases it in
 //! `on_done`.
 
+use crate::admin::status;
 use crate::health::{self, HealthCheck};
 use crate::host::Host;
-use crate::status;
 use crate::sync_stream::SyncClient;
 use crate::worker::{Worker, BASE_TICK};
 use serde_json::json;

@@ -4,7 +4,7 @@
 //! The proxy-wasm callbacks are thin glue over state machines that are
 //! generic over [`host::Host`], so the tests run them against a fake host.
 
-mod dashboard;
+mod admin;
 mod health;
 mod host;
 mod leader;
@@ -13,7 +13,6 @@ mod path;
 mod replies;
 mod root;
 mod routes;
-mod status;
 mod stream;
 mod sync_stream;
 mod worker;

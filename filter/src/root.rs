@@ -5,7 +5,7 @@
 //! (the sync stream, health checks) are the leader's: every root context is
 //! a candidate (`leader`).
 
-use crate::dashboard::Dashboard;
+use crate::admin::Dashboard;
 use crate::host::{Envoy, Host};
 use crate::leader::Leader;
 use crate::routes::Routes;

@@ -1,6 +1,7 @@
 //! One request (an HTTP context): admitted, queued or answered on arrival,
 //! and whatever it holds released exactly once at its end.
 
+use crate::admin;
 use crate::host::{Envoy, Host};
 use crate::metrics::Counter;
 use crate::path::request_path;
@@ -12,9 +13,6 @@ use proxy_wasm::types::Action;
 use sluice_core::admission::{self, Acquired, Withdrawn};
 use std::cell::Cell;
 use std::rc::Rc;
-
-/// Where the filter answers with its stats JSON (fastapi-balancer's path).
-pub const STATS_PATH: &str = "/balancer/stats";
 
 /// Where one request stands.
 enum State {
@@ -68,19 +66,13 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         };
         let path = request_path(&raw_path);
-        // The stats path and the dashboard win over any endpoint (a prefix
-        // `/` included); the stats path only for reads: other methods are
-        // the application's business.
-        if path == STATS_PATH {
-            let method = host.get_http_request_header(":method").unwrap_or_default();
-            if method == "GET" || method == "HEAD" {
-                // Asks for credentials when the dashboard has them.
-                if !worker.dashboard.answer(host, &path) {
-                    LocalReply::Stats(&worker.routes, worker.taken_id()).send(host);
-                }
-                return Action::Pause;
-            }
-        } else if worker.dashboard.answer(host, &path) {
+        if admin::answer(
+            host,
+            &worker.dashboard,
+            &worker.routes,
+            worker.taken_id(),
+            &path,
+        ) {
             return Action::Pause;
         }
         let Some(ep) = worker

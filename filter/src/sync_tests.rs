@@ -3,8 +3,8 @@
 //! ignored, raises admitting queued requests FIFO, lowers cutting none,
 //! fail static, and the fast 503s of an unhealthy backend.
 
+use crate::admin::STATS_PATH;
 use crate::fake_host::{take_problems, FakeEnvoy, FakeStream, FakeWorker};
-use crate::stream::STATS_PATH;
 use crate::sync_stream::grpc_service;
 use proxy_wasm::types::Action;
 use serde_json::{json, Value};

@@ -4,7 +4,7 @@
 //! handed to them, times them out, and wakes the other workers whose waiters
 //! its releases served.
 
-use crate::dashboard::Dashboard;
+use crate::admin::Dashboard;
 use crate::host::Host;
 use crate::metrics::{Counter, Metrics};
 use crate::replies::LocalReply;
