@@ -11,6 +11,7 @@ pub mod capacity_record;
 pub mod cas;
 pub mod config;
 pub mod config_seen;
+pub mod holding;
 pub mod json_keys;
 pub mod lease;
 pub mod queued_bytes;
@@ -21,3 +22,8 @@ pub mod sync_api;
 pub mod sync_config;
 pub mod waiters;
 pub mod worker_ids;
+
+/// An endpoint's index in its configuration's list (and in every per-endpoint
+/// table built from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointId(pub usize);
