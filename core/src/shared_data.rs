@@ -17,6 +17,8 @@ use std::sync::Mutex;
 pub enum StoreError {
     /// Someone else wrote the key since we read it: read again and retry.
     CasMismatch,
+    /// Conflicts on every attempt of a bounded CAS loop (`cas::update`).
+    Contention,
     /// The host refused the operation for another reason.
     Host(String),
 }
@@ -25,6 +27,11 @@ impl std::fmt::Display for StoreError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             StoreError::CasMismatch => f.write_str("CAS mismatch"),
+            StoreError::Contention => write!(
+                f,
+                "gave up after {} CAS conflicts",
+                crate::cas::MAX_CAS_ATTEMPTS
+            ),
             StoreError::Host(s) => write!(f, "shared data: {s}"),
         }
     }

@@ -4,16 +4,56 @@
 //! request can resume it (Envoy), so each worker keeps its waiters here to map
 //! a ticket back to its HTTP context and to time it out.
 
-/// A request this worker paused.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use crate::admission::{self, AdmissionError, Wakeups, WorkerId};
+use crate::holding::{Slot, Ticket};
+use crate::shared_data::SharedData;
+use crate::EndpointId;
+
+/// A request this worker paused: the owner of its ticket.
+#[derive(Debug, PartialEq, Eq)]
 pub struct LocalWaiter<T> {
     pub context_id: u32,
-    pub endpoint: usize,
-    pub ticket: u32,
+    pub ticket: Ticket,
     /// Host time (ns) at which it gets its 504.
     pub deadline_ns: u64,
     /// Whatever the host glue needs to finish the request.
     pub handle: T,
+}
+
+impl<T> LocalWaiter<T> {
+    /// Its ticket, and what is left to answer or resume the request by.
+    pub fn split(self) -> (Ticket, Left<T>) {
+        let left = Left {
+            context_id: self.context_id,
+            endpoint: self.ticket.endpoint(),
+            deadline_ns: self.deadline_ns,
+            handle: self.handle,
+        };
+        (self.ticket, left)
+    }
+}
+
+/// A paused request out of the queue, its ticket gone: to be resumed (with
+/// the slot it now holds) or answered.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Left<T> {
+    pub context_id: u32,
+    pub endpoint: EndpointId,
+    pub deadline_ns: u64,
+    pub handle: T,
+}
+
+/// What a [`LocalWaiters::claim`] took out of the queue.
+#[derive(Debug)]
+pub struct Claim<T> {
+    /// Resume these with their slots.
+    pub granted: Vec<(Slot, Left<T>)>,
+    /// Answer these 503: the backend is unhealthy. They hold nothing.
+    pub refused: Vec<Left<T>>,
+    /// Slots granted to tickets no waiter here holds (cannot happen while
+    /// a leaving request withdraws first): release them.
+    pub orphans: Vec<Slot>,
+    pub wakeups: Wakeups,
 }
 
 #[derive(Debug)]
@@ -53,12 +93,12 @@ impl<T> LocalWaiters<T> {
         Some(self.waiters.remove(i))
     }
 
-    /// Removes and returns the waiter holding `ticket` of `endpoint`.
-    pub fn take_ticket(&mut self, endpoint: usize, ticket: u32) -> Option<LocalWaiter<T>> {
+    /// Removes and returns the waiter holding ticket `number` of `endpoint`.
+    pub fn take_ticket(&mut self, endpoint: EndpointId, number: u32) -> Option<LocalWaiter<T>> {
         let i = self
             .waiters
             .iter()
-            .position(|w| w.endpoint == endpoint && w.ticket == ticket)?;
+            .position(|w| w.ticket.endpoint() == endpoint && w.ticket.number() == number)?;
         Some(self.waiters.remove(i))
     }
 
@@ -76,14 +116,48 @@ impl<T> LocalWaiters<T> {
         expired
     }
 
+    /// Claims this worker's granted tickets of `endpoint` in the record at
+    /// `key` ([`admission::claim`]) and takes their waiters out.
+    pub fn claim<S: SharedData>(
+        &mut self,
+        store: &S,
+        key: &str,
+        endpoint: EndpointId,
+        worker: WorkerId,
+    ) -> Result<Claim<T>, AdmissionError> {
+        let claimed = admission::claim(store, key, worker)?;
+        let mut out = Claim {
+            granted: Vec::with_capacity(claimed.granted.len()),
+            refused: Vec::with_capacity(claimed.refused.len()),
+            orphans: Vec::new(),
+            wakeups: claimed.wakeups,
+        };
+        for number in claimed.refused {
+            // Refused: out of the record's queue, holding nothing.
+            if let Some(w) = self.take_ticket(endpoint, number) {
+                out.refused.push(w.split().1);
+            }
+        }
+        for number in claimed.granted {
+            match self.take_ticket(endpoint, number) {
+                Some(w) => {
+                    let (ticket, left) = w.split();
+                    out.granted.push((Slot::new(ticket.endpoint(), None), left));
+                }
+                None => out.orphans.push(Slot::new(endpoint, None)),
+            }
+        }
+        Ok(out)
+    }
+
     /// The earliest deadline, if anyone waits.
     pub fn next_deadline(&self) -> Option<u64> {
         self.waiters.iter().map(|w| w.deadline_ns).min()
     }
 
     /// Endpoints this worker has waiters on (each once, ascending).
-    pub fn endpoints(&self) -> Vec<usize> {
-        let mut eps: Vec<usize> = self.waiters.iter().map(|w| w.endpoint).collect();
+    pub fn endpoints(&self) -> Vec<EndpointId> {
+        let mut eps: Vec<EndpointId> = self.waiters.iter().map(|w| w.ticket.endpoint()).collect();
         eps.sort_unstable();
         eps.dedup();
         eps
@@ -100,8 +174,7 @@ mod tests {
     fn w(context_id: u32, endpoint: usize, ticket: u32, deadline_ns: u64) -> LocalWaiter<()> {
         LocalWaiter {
             context_id,
-            endpoint,
-            ticket,
+            ticket: Ticket::new(EndpointId(endpoint), ticket),
             deadline_ns,
             handle: (),
         }
@@ -113,12 +186,46 @@ mod tests {
         q.push(w(10, 0, 1, 100));
         q.push(w(11, 1, 1, 100));
         q.push(w(12, 0, 2, 100));
-        assert_eq!(q.endpoints(), vec![0, 1]);
-        assert_eq!(q.take_ticket(0, 2).map(|w| w.context_id), Some(12));
-        assert_eq!(q.take_ticket(0, 2), None);
-        assert_eq!(q.remove_context(11).map(|w| w.ticket), Some(1));
+        assert_eq!(q.endpoints(), vec![EndpointId(0), EndpointId(1)]);
+        assert_eq!(
+            q.take_ticket(EndpointId(0), 2).map(|w| w.context_id),
+            Some(12)
+        );
+        assert_eq!(q.take_ticket(EndpointId(0), 2), None);
+        assert_eq!(q.remove_context(11).map(|w| w.ticket.number()), Some(1));
         assert_eq!(q.remove_context(11), None);
         assert_eq!(q.len(), 1);
+    }
+
+    #[test]
+    fn a_claim_matches_its_tickets_to_waiters() {
+        use crate::shared_data::MemSharedData;
+        const K: &str = "k";
+        let store = MemSharedData::new();
+        admission::configure(&store, K, Some(1)).unwrap();
+        admission::acquire(&store, K, 10, 0).unwrap();
+        let mut q = LocalWaiters::default();
+        for (context_id, worker) in [(1, 5), (2, 5), (3, 6)] {
+            let ticket = match admission::acquire(&store, K, 10, worker).unwrap().0 {
+                admission::Acquired::Queued { ticket } => ticket,
+                other => panic!("{other:?}"),
+            };
+            if worker == 5 {
+                q.push(w(context_id, 0, ticket, 100));
+            }
+        }
+        admission::release(&store, K).unwrap();
+        let c = q.claim(&store, K, EndpointId(0), 5).unwrap();
+        let got: Vec<_> = c.granted.iter().map(|(_, l)| l.context_id).collect();
+        assert_eq!((got, c.refused.len(), c.orphans.len()), (vec![1], 0, 0));
+        assert_eq!(q.len(), 1);
+        admission::set_unhealthy(&store, K, true).unwrap();
+        let c = q.claim(&store, K, EndpointId(0), 5).unwrap();
+        assert_eq!(
+            c.refused.iter().map(|l| l.context_id).collect::<Vec<_>>(),
+            [2]
+        );
+        assert!(q.is_empty());
     }
 
     #[test]

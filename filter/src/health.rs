@@ -5,8 +5,8 @@
 //! requests 503 at once and hands back its queued ones to answer the same
 //! way; after `healthy_threshold` consecutive successes the marks go.
 
+use crate::admin::status::unix_ms;
 use crate::host::Host;
-use crate::status::unix_ms;
 use crate::worker::Worker;
 use serde_json::{json, Value};
 use sluice_core::admission;

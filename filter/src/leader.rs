@@ -1,158 +1,21 @@
-//! One leader among the plugin's root contexts of an Envoy process holds the
-//! sync stream and runs the health checks, so each Envoy opens one stream,
-//! not one per worker (N+1 root contexts at `--concurrency N`).
-//!
-//! The lease is one shared-data key, `sluice:<service>:leader`: the holder
-//! (worker index, the VM's start time to tell a reused index apart, and when
-//! its configuration first appeared) and an expiry. Every root context tries
-//! it on each base tick: the holder renews it; anyone takes it once it has
-//! expired or been released (`on_done`); a VM of a newer configuration
-//! takes it at once, so a listener update moves leadership in one tick while
-//! the old VMs drain. Writes are CAS, so two takers cannot both win.
+//! The leader's duties (the sync stream, health checks, the gauges), run by
+//! the root context that holds the lease ([`sluice_core::lease`]). Every
+//! root context stands for it on each base tick and releases it in
+//! `on_done`.
 
+use crate::admin::status;
 use crate::health::{self, HealthCheck};
 use crate::host::Host;
-use crate::status;
 use crate::sync_stream::SyncClient;
 use crate::worker::{Worker, BASE_TICK};
 use serde_json::json;
-use sluice_core::admission::WorkerId;
-use sluice_core::shared_data::{SharedData, StoreError};
+use sluice_core::lease::{self, Holder};
 use sluice_core::sync_config::CalloutConfig;
 use std::rc::Rc;
 use std::time::Duration;
 
-/// How long a lease lasts without renewal: ten base ticks, so a busy
-/// worker's late tick does not lose it, and a vanished leader is replaced
-/// within a second.
-pub const LEASE_TTL: Duration = Duration::from_secs(1);
-
 /// How often, at most, the leader sets the gauges from the records.
 pub const GAUGE_PERIOD: Duration = Duration::from_millis(10);
-
-pub fn lease_key(service: &str) -> String {
-    format!("sluice:{service}:leader")
-}
-
-fn config_key(service: &str) -> String {
-    format!("sluice:{service}:config")
-}
-
-/// Who holds (or wants) the lease.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Holder {
-    pub worker: WorkerId,
-    /// Host time at which this VM was configured.
-    pub started_ns: u64,
-    /// When this VM's configuration first appeared in the process.
-    pub config_since_ns: u64,
-}
-
-const LEASE_LEN: usize = 2 + 8 + 8 + 8;
-
-fn encode(h: &Holder, expiry_ns: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(LEASE_LEN);
-    out.extend_from_slice(&h.worker.to_le_bytes());
-    out.extend_from_slice(&h.started_ns.to_le_bytes());
-    out.extend_from_slice(&h.config_since_ns.to_le_bytes());
-    out.extend_from_slice(&expiry_ns.to_le_bytes());
-    out
-}
-
-fn decode(b: &[u8]) -> Option<(Holder, u64)> {
-    if b.len() != LEASE_LEN {
-        return None;
-    }
-    let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
-    Some((
-        Holder {
-            worker: u16::from_le_bytes([b[0], b[1]]),
-            started_ns: u64_at(2),
-            config_since_ns: u64_at(10),
-        },
-        u64_at(18),
-    ))
-}
-
-/// Reads the lease: its holder and expiry, `None` when free (missing,
-/// released, or unreadable).
-#[cfg(test)]
-pub fn read_lease<S: SharedData>(store: &S, service: &str) -> Option<(Holder, u64)> {
-    match store.get(&lease_key(service)) {
-        Ok(Some((bytes, _))) => decode(&bytes),
-        _ => None,
-    }
-}
-
-/// When the configuration `text` first appeared in this process: the same
-/// text seen again (every VM of one configuration) keeps the first time, a
-/// different one starts a new generation.
-pub fn config_since<S: SharedData>(store: &S, service: &str, text: &str, now_ns: u64) -> u64 {
-    let hash = fnv1a(text.as_bytes());
-    let key = config_key(service);
-    loop {
-        let (value, cas) = match store.get(&key) {
-            Ok(Some(v)) => v,
-            Ok(None) => (Vec::new(), 0),
-            Err(_) => return now_ns,
-        };
-        if value.len() == 16 && value[..8] == hash.to_le_bytes() {
-            return u64::from_le_bytes(value[8..].try_into().unwrap());
-        }
-        let mut new = hash.to_le_bytes().to_vec();
-        new.extend_from_slice(&now_ns.to_le_bytes());
-        match store.set(&key, &new, cas) {
-            Ok(()) => return now_ns,
-            Err(StoreError::CasMismatch) => continue,
-            Err(_) => return now_ns,
-        }
-    }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
-    })
-}
-
-/// Takes or renews the lease for `me`; whether `me` holds it now.
-pub fn renew<S: SharedData>(store: &S, service: &str, me: &Holder, now_ns: u64) -> bool {
-    let key = lease_key(service);
-    let expiry = now_ns.saturating_add(LEASE_TTL.as_nanos() as u64);
-    loop {
-        let (value, cas) = match store.get(&key) {
-            Ok(Some(v)) => v,
-            Ok(None) => (Vec::new(), 0),
-            Err(_) => return false,
-        };
-        let may = match decode(&value) {
-            None => true,
-            Some((h, _)) if h == *me => true,
-            Some((_, until)) if until <= now_ns => true,
-            // A newer configuration's VM takes over from a draining one.
-            Some((h, _)) => h.config_since_ns < me.config_since_ns,
-        };
-        if !may {
-            return false;
-        }
-        match store.set(&key, &encode(me, expiry), cas) {
-            Ok(()) => return true,
-            Err(StoreError::CasMismatch) => continue,
-            Err(_) => return false,
-        }
-    }
-}
-
-/// Gives the lease up if `me` holds it, so another takes over at its next
-/// tick instead of waiting for the expiry.
-pub fn release<S: SharedData>(store: &S, service: &str, me: &Holder) {
-    let key = lease_key(service);
-    if let Ok(Some((value, cas))) = store.get(&key) {
-        if decode(&value).is_some_and(|(h, _)| h == *me) {
-            let _ = store.set(&key, b"", cas);
-        }
-    }
-}
 
 /// A root context's candidacy and, while it leads, its duties.
 pub struct Leader<H> {
@@ -194,7 +57,7 @@ impl<H: Host> Leader<H> {
         let mut changed = false;
         let holds = if now >= self.next_lease_check_ns {
             self.next_lease_check_ns = now.saturating_add(BASE_TICK.as_nanos() as u64 * 9 / 10);
-            renew(&self.worker.host, self.service(), &self.me, now)
+            lease::renew(&self.worker.host, self.service(), &self.me, now)
         } else {
             self.leading
         };
@@ -267,7 +130,7 @@ impl<H: Host> Leader<H> {
     pub fn done(&mut self) {
         if self.leading {
             self.leave_office();
-            release(&self.worker.host, self.service(), &self.me);
+            lease::release(&self.worker.host, self.service(), &self.me);
         }
     }
 

@@ -4,23 +4,18 @@
 //! The proxy-wasm callbacks are thin glue over state machines that are
 //! generic over [`host::Host`], so the tests run them against a fake host.
 
-mod abandon;
-mod config_log;
-mod dashboard;
+mod admin;
 mod health;
 mod host;
 mod leader;
 mod metrics;
 mod path;
-mod queued_bytes;
 mod replies;
 mod root;
 mod routes;
-mod status;
 mod stream;
 mod sync_stream;
 mod worker;
-mod worker_ids;
 
 #[cfg(test)]
 mod fake_host;

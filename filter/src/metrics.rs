@@ -23,6 +23,7 @@ use crate::host::Host;
 use crate::routes::Routes;
 use proxy_wasm::types::{MetricType, Status};
 use sluice_core::admission::{self, EndpointState};
+use sluice_core::EndpointId;
 use std::cell::RefCell;
 use std::time::Duration;
 
@@ -162,8 +163,8 @@ impl Metrics {
 
     /// Adds one to an outcome counter of endpoint `ep`, in memory: the
     /// next [`flush`](Self::flush) sends it.
-    pub fn count(&self, ep: usize, counter: Counter) {
-        self.pending.borrow_mut()[ep][counter as usize] += 1;
+    pub fn count(&self, ep: EndpointId, counter: Counter) {
+        self.pending.borrow_mut()[ep.0][counter as usize] += 1;
     }
 
     /// Sends the counts made since the last flush to Envoy: on every tick
@@ -206,8 +207,8 @@ impl Metrics {
 
     /// A request of `ep` left the queue (with a slot or a 504) after waiting
     /// since `since_ns`.
-    pub fn waited<H: Host>(&self, host: &H, ep: usize, since_ns: u64) {
-        if let Some(ids) = &self.ids[ep] {
+    pub fn waited<H: Host>(&self, host: &H, ep: EndpointId, since_ns: u64) {
+        if let Some(ids) = &self.ids[ep.0] {
             let waited = Duration::from_nanos(host.now_ns().saturating_sub(since_ns));
             let _ = host.record_metric(ids.queue_wait_ms, waited.as_millis() as u64);
         }
@@ -428,7 +429,7 @@ mod tests {
             }
         });
         let w = FakeWorker::start(&envoy, &cfg);
-        envoy.advance(crate::leader::LEASE_TTL);
+        envoy.advance(sluice_core::lease::LEASE_TTL);
         w.tick();
         assert_eq!(gauges(&envoy), (0, 0));
         assert_eq!(metric(&envoy, "requests"), 800);

@@ -1,13 +1,11 @@
-//! The replies the filter makes itself: each says why in `x-sluice-reason`
-//! and in a JSON body, built with serde_json so that any endpoint path
-//! (quotes, backslashes) stays valid JSON.
+//! The replies the filter makes for a request instead of the upstream:
+//! each says why in `x-sluice-reason` and in a JSON body, built with
+//! serde_json so that any endpoint path (quotes, backslashes) stays valid
+//! JSON. They are made off the admitted request's path.
 
 use crate::host::Host;
-use crate::routes::{Route, Routes};
-use crate::status;
+use crate::routes::Route;
 use serde_json::json;
-use sluice_core::admission::{self, WorkerId};
-use sluice_core::shared_data::SharedData;
 
 /// A local reply, instead of the upstream's.
 pub enum LocalReply<'a> {
@@ -17,11 +15,6 @@ pub enum LocalReply<'a> {
     QueueTimeout(&'a Route),
     /// 503: the backend failed its health checks (new or queued request).
     Unhealthy(&'a Route),
-    /// 200: the stats document, served by worker `.1` (the numbers are the
-    /// whole process's; the worker is there so a client can tell who read
-    /// them, e.g. to time how fast a change reaches each worker).
-    /// With the index of the worker that answers, if it has one yet.
-    Stats(&'a Routes, Option<WorkerId>),
 }
 
 impl LocalReply<'_> {
@@ -30,7 +23,6 @@ impl LocalReply<'_> {
             LocalReply::QueueFull(_) => 503,
             LocalReply::QueueTimeout(_) => 504,
             LocalReply::Unhealthy(_) => 503,
-            LocalReply::Stats(..) => 200,
         }
     }
 
@@ -40,7 +32,6 @@ impl LocalReply<'_> {
             LocalReply::QueueFull(_) => "queue-full",
             LocalReply::QueueTimeout(_) => "queue-timeout",
             LocalReply::Unhealthy(_) => "unhealthy",
-            LocalReply::Stats(..) => "stats",
         }
     }
 
@@ -63,17 +54,14 @@ impl LocalReply<'_> {
                 headers.push(("retry-after", &retry_after));
             }
             LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) => {}
-            LocalReply::Stats(..) => headers.push(("cache-control", "no-store")),
         }
-        let body = self.body(host, host.now_ns());
+        let body = self.body();
         if let Err(e) = host.send_http_response(self.status(), headers, body.as_bytes()) {
             log::warn!("cannot send the {} reply: {e:?}", self.status());
         }
     }
 
-    /// The JSON body; the stats are read from `store`, so every worker
-    /// answers with the whole process's numbers (ages as of `now_ns`).
-    pub fn body<S: SharedData>(&self, store: &S, now_ns: u64) -> String {
+    pub fn body(&self) -> String {
         match self {
             LocalReply::QueueFull(route) => line(json!({
                 "error": "too many requests waiting",
@@ -92,11 +80,6 @@ impl LocalReply<'_> {
                 "reason": self.reason(),
                 "endpoint": route.path,
             })),
-            LocalReply::Stats(routes, worker) => {
-                let mut doc = stats(store, routes, now_ns);
-                doc["served_by_worker"] = (*worker).into();
-                doc.to_string()
-            }
         }
     }
 }
@@ -104,40 +87,4 @@ impl LocalReply<'_> {
 /// A document on one line, as curl users expect.
 fn line(doc: serde_json::Value) -> String {
     format!("{doc}\n")
-}
-
-/// A superset of fastapi-balancer's stats document. The capacity is the one
-/// in force (shared record); `null` while an endpoint has none (it passes).
-fn stats<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_json::Value {
-    let mut endpoints = serde_json::Map::new();
-    for r in &routes.endpoints {
-        let mut entry = match admission::snapshot(store, &r.key) {
-            Ok(s) => json!({
-                "capacity": s.capacity,
-                "capacity_source": s.source.as_str(),
-                "configured_capacity": r.configured,
-                "active_requests": s.active,
-                "available_slots": s.capacity.map(|c| c.saturating_sub(s.active)),
-                "queued": s.queued(),
-                "max_queue": r.max_queue,
-                "queue_timeout": r.queue_timeout.as_secs_f64(),
-                "sync_version": s.sync_version,
-                "unhealthy": s.unhealthy,
-            }),
-            Err(e) => json!({ "capacity": r.configured, "error": e.to_string() }),
-        };
-        if let Some((cap, key)) = &r.queued_bytes {
-            entry["max_queued_bytes"] = json!(cap);
-            entry["queued_bytes"] = json!(crate::queued_bytes::total(store, key));
-        }
-        endpoints.insert(r.path.clone(), entry);
-    }
-    let service = status::for_stats(store, &routes.service, now_ns);
-    json!({
-        "service": routes.service,
-        "sync": service.sync,
-        "health": service.health,
-        "leader": service.leader,
-        "endpoints": endpoints,
-    })
 }

@@ -5,19 +5,19 @@
 //! (the sync stream, health checks) are the leader's: every root context is
 //! a candidate (`leader`).
 
-use crate::dashboard::Dashboard;
+use crate::admin::Dashboard;
 use crate::host::{Envoy, Host};
-use crate::leader::{self, Holder, Leader};
+use crate::leader::Leader;
 use crate::routes::Routes;
 use crate::stream::Stream;
 use crate::worker::{Worker, BASE_TICK};
-use crate::worker_ids;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
-use sluice_core::admission;
 use sluice_core::config::FilterConfig;
+use sluice_core::lease::Holder;
 use sluice_core::sync_config::CalloutConfig;
+use sluice_core::{admission, config_seen, queued_bytes, worker_ids};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -55,7 +55,7 @@ impl<H: Host + Clone> Root<H> {
             callouts,
         } = FilterConfig::from_json_str(configuration)
             .map_err(|e| format!("invalid configuration: {e}"))?;
-        let first = crate::config_log::first_to_see(&self.host, configuration);
+        let first = config_seen::first_to_see(&self.host, configuration);
         if first {
             for w in &config.warnings {
                 log::warn!("{w}");
@@ -70,8 +70,7 @@ impl<H: Host + Clone> Root<H> {
             .iter()
             .filter_map(|r| r.queued_bytes.as_ref())
         {
-            crate::queued_bytes::ensure(&self.host, key)
-                .map_err(|e| format!("shared data {key}: {e}"))?;
+            queued_bytes::ensure(&self.host, key).map_err(|e| format!("shared data {key}: {e}"))?;
         }
         worker_ids::ensure(&self.host).map_err(|e| format!("shared data: {e}"))?;
         if first {
@@ -102,7 +101,12 @@ impl<H: Host + Clone> Root<H> {
         // opens a stream).
         *self.candidacy.borrow_mut() = Some(Candidacy {
             started_ns: now,
-            config_since_ns: leader::config_since(&self.host, &config.service, configuration, now),
+            config_since_ns: config_seen::config_since(
+                &self.host,
+                &config.service,
+                configuration,
+                now,
+            ),
             callouts,
         });
         worker.set_idle_tick(BASE_TICK);

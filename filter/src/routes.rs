@@ -2,13 +2,15 @@
 //! ([`crate::path`]) and without allocation for ordinary paths.
 
 use sluice_core::config::{Config, MatchKind};
+use sluice_core::shared_keys;
+use sluice_core::EndpointId;
 use std::collections::HashMap;
 use std::time::Duration;
 
 /// A watched endpoint, ready for the request path.
 pub struct Route {
     pub path: String,
-    /// Its shared-data key: `sluice:<service>:ep:<path>`.
+    /// Its record's shared-data key.
     pub key: String,
     /// The capacity this configuration gives it. The one in force is in the
     /// shared record (sync or a newer configuration may have changed it).
@@ -43,12 +45,12 @@ impl Routes {
         // counted, until sync gives them one.
         for e in config.endpoints.iter() {
             let i = endpoints.len();
-            let key = format!("sluice:{}:ep:{}", config.service, e.path);
+            let key = shared_keys::endpoint(&config.service, &e.path);
             endpoints.push(Route {
                 path: e.path.clone(),
                 queued_bytes: e
                     .max_queued_bytes
-                    .map(|cap| (cap, crate::queued_bytes::key(&key))),
+                    .map(|cap| (cap, shared_keys::queued_bytes(&key))),
                 key,
                 configured: e.capacity,
                 max_queue: e.max_queue,
@@ -76,7 +78,11 @@ impl Routes {
 
     /// The endpoint of a request by its raw `:path`; see [`Routes::find_path`].
     #[cfg(test)]
-    pub fn find(&self, raw_path: &str, method: impl FnOnce() -> Option<String>) -> Option<usize> {
+    pub fn find(
+        &self,
+        raw_path: &str,
+        method: impl FnOnce() -> Option<String>,
+    ) -> Option<EndpointId> {
         self.find_path(&crate::path::request_path(raw_path), method)
     }
 
@@ -85,7 +91,11 @@ impl Routes {
     /// (`/embed` matches `/embed` and `/embed/x`, not `/embedding`, like
     /// Envoy's `path_separated_prefix`). `method` is asked for only when the
     /// endpoint filters on it.
-    pub fn find_path(&self, path: &str, method: impl FnOnce() -> Option<String>) -> Option<usize> {
+    pub fn find_path(
+        &self,
+        path: &str,
+        method: impl FnOnce() -> Option<String>,
+    ) -> Option<EndpointId> {
         let i = self.exact.get(path).copied().or_else(|| {
             self.prefixes
                 .iter()
@@ -94,13 +104,18 @@ impl Routes {
         })?;
         let methods = &self.endpoints[i].methods;
         if methods.is_empty() {
-            return Some(i);
+            return Some(EndpointId(i));
         }
         let m = method()?;
         methods
             .iter()
             .any(|x| x.eq_ignore_ascii_case(&m))
-            .then_some(i)
+            .then_some(EndpointId(i))
+    }
+
+    /// The endpoint `ep` of this configuration.
+    pub fn route(&self, ep: EndpointId) -> &Route {
+        &self.endpoints[ep.0]
     }
 }
 
@@ -129,7 +144,7 @@ mod tests {
             "/v1/embed/special": {"capacity": 3},
             "/unmeasured": {},
         }}));
-        let path_of = |p: &str| r.find(p, || None).map(|i| r.endpoints[i].path.as_str());
+        let path_of = |p: &str| r.find(p, || None).map(|i| r.route(i).path.as_str());
         assert_eq!(path_of("/v1/embed/special?x=1"), Some("/v1/embed/special"));
         assert_eq!(path_of("/v1/embed/special/"), Some("/v1/embed"));
         assert_eq!(path_of("/v1/embed/special/more"), Some("/v1/embed"));
@@ -143,7 +158,7 @@ mod tests {
     #[test]
     fn exact_match_ignores_query_but_not_trailing_segments() {
         let r = routes(json!({"endpoints": {"/predict": {"capacity": 1}}}));
-        assert_eq!(r.find("/predict?a=b#c", || None), Some(0));
+        assert_eq!(r.find("/predict?a=b#c", || None), Some(EndpointId(0)));
         assert_eq!(r.find("/predict/x", || None), None);
         assert_eq!(r.find("/predictx", || None), None);
     }
@@ -155,7 +170,7 @@ mod tests {
             "/files/": {"match": "prefix", "capacity": 1},
             "/": {"match": "prefix", "capacity": 1},
         }}));
-        let path_of = |p: &str| r.find(p, || None).map(|i| r.endpoints[i].path.as_str());
+        let path_of = |p: &str| r.find(p, || None).map(|i| r.route(i).path.as_str());
         let cases = [
             ("/embed", "/embed"),
             ("/embed/", "/embed"),
@@ -188,11 +203,15 @@ mod tests {
             "/x/../predict",
             "/predict/.",
         ] {
-            let want = if p.ends_with('.') { None } else { Some(0) };
+            let want = if p.ends_with('.') {
+                None
+            } else {
+                Some(EndpointId(0))
+            };
             assert_eq!(r.find(p, || None), want, "{p}");
         }
-        assert_eq!(r.find("/%65mbed//x", || None), Some(1));
-        assert_eq!(r.find("/embed/../predict", || None), Some(0));
+        assert_eq!(r.find("/%65mbed//x", || None), Some(EndpointId(1)));
+        assert_eq!(r.find("/embed/../predict", || None), Some(EndpointId(0)));
     }
 
     #[test]
@@ -201,8 +220,11 @@ mod tests {
             "/p": {"capacity": 1, "methods": ["POST"]},
             "/any": {"capacity": 1},
         }}));
-        assert_eq!(r.find("/p", || Some("post".into())), Some(0));
+        assert_eq!(r.find("/p", || Some("post".into())), Some(EndpointId(0)));
         assert_eq!(r.find("/p", || Some("GET".into())), None);
-        assert_eq!(r.find("/any", || panic!("method not needed")), Some(1));
+        assert_eq!(
+            r.find("/any", || panic!("method not needed")),
+            Some(EndpointId(1))
+        );
     }
 }

@@ -1,34 +1,30 @@
 //! One request (an HTTP context): admitted, queued or answered on arrival,
 //! and whatever it holds released exactly once at its end.
 
+use crate::admin;
 use crate::host::{Envoy, Host};
 use crate::metrics::Counter;
 use crate::path::request_path;
 use crate::replies::LocalReply;
 use crate::routes::Route;
-use crate::worker::{Fate, Worker};
+use crate::worker::Worker;
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use sluice_core::admission::{self, Acquired, Withdrawn};
-use std::cell::Cell;
+use sluice_core::holding::{self, Arrival, Slot, Ticket};
 use std::rc::Rc;
 
-/// Where the filter answers with its stats JSON (fastapi-balancer's path).
-pub const STATS_PATH: &str = "/balancer/stats";
-
-/// Where one request stands.
+/// Where one request stands, and who owns what it holds.
 enum State {
-    /// Not a watched endpoint (or already finished).
+    /// Not a watched endpoint (or already finished): holds nothing.
     Untracked,
-    /// Admitted at once; at this host time (ns) if it is timed (one
-    /// request in several is: [`Worker::time_next`]).
-    Holding { ep: usize, admitted_ns: Option<u64> },
-    /// Paused at `since_ns`; its fate is decided by the worker.
-    Queued {
-        ep: usize,
-        fate: Rc<Cell<Fate>>,
-        since_ns: u64,
-    },
+    /// This stream owns the slot: admitted at once (timed if one of the
+    /// requests [`Worker::time_next`] picks), or taken from the worker after
+    /// a resume.
+    Holding(Slot),
+    /// Paused at `since_ns`. The worker owns its ticket, then the slot it
+    /// was resumed with ([`Worker::take_resumed`]), or nothing once it was
+    /// answered.
+    Parked { since_ns: u64 },
 }
 
 /// How a request that holds a slot ended.
@@ -68,19 +64,13 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         };
         let path = request_path(&raw_path);
-        // The stats path and the dashboard win over any endpoint (a prefix
-        // `/` included); the stats path only for reads: other methods are
-        // the application's business.
-        if path == STATS_PATH {
-            let method = host.get_http_request_header(":method").unwrap_or_default();
-            if method == "GET" || method == "HEAD" {
-                // Asks for credentials when the dashboard has them.
-                if !worker.dashboard.answer(host, &path) {
-                    LocalReply::Stats(&worker.routes, worker.taken_id()).send(host);
-                }
-                return Action::Pause;
-            }
-        } else if worker.dashboard.answer(host, &path) {
+        if admin::answer(
+            host,
+            &worker.dashboard,
+            &worker.routes,
+            worker.taken_id(),
+            &path,
+        ) {
             return Action::Pause;
         }
         let Some(ep) = worker
@@ -89,7 +79,7 @@ impl<H: Host> Stream<H> {
         else {
             return Action::Continue;
         };
-        let route = &worker.routes.endpoints[ep];
+        let route = worker.routes.route(ep);
         // A websocket lives as long as its client likes, mostly idle: with
         // `count_upgrades: false` it does not take a slot at all.
         if !route.count_upgrades && host.get_http_request_header("upgrade").is_some() {
@@ -101,40 +91,38 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         };
         // The capacity in force is in the record this reads anyway.
-        match admission::acquire(host, &route.key, route.max_queue, worker_id) {
-            Ok((acquired, wakeups)) => {
+        match holding::acquire(host, &route.key, ep, route.max_queue, worker_id) {
+            Ok((arrival, wakeups)) => {
                 if !wakeups.is_empty() {
                     worker.in_stream(self.context_id, || worker.wake(&wakeups));
                 }
-                match acquired {
-                    Acquired::Admitted => {
+                match arrival {
+                    Arrival::Admitted(slot) => {
                         worker.metrics.count(ep, Counter::AdmittedAtOnce);
-                        self.state = State::Holding {
-                            ep,
-                            admitted_ns: worker.time_next(ep).then(|| host.now_ns()),
-                        };
+                        let admitted_ns = worker.time_next(ep).then(|| host.now_ns());
+                        self.state = State::Holding(slot.timed(admitted_ns));
                         Action::Continue
                     }
-                    Acquired::Queued { ticket } => {
+                    Arrival::Queued(ticket) => {
                         let bytes = match queue_bytes(host, route) {
                             Ok(bytes) => bytes,
                             Err(QueueBytesFull) => {
-                                return self.leave_full_queue(ep, ticket);
+                                return self.leave_full_queue(ticket);
                             }
                         };
                         let since_ns = arrived_ns(host);
-                        let fate = worker.add_waiter(self.context_id, ep, ticket, since_ns, bytes);
-                        self.state = State::Queued { ep, fate, since_ns };
+                        worker.add_waiter(self.context_id, ticket, since_ns, bytes);
+                        self.state = State::Parked { since_ns };
                         // Resumed later by this worker's root context with
                         // exactly one of resume_http_request or a 504.
                         Action::Pause
                     }
-                    Acquired::QueueFull => {
+                    Arrival::QueueFull => {
                         worker.metrics.count(ep, Counter::QueueFull);
                         LocalReply::QueueFull(route).send(host);
                         Action::Pause
                     }
-                    Acquired::Unhealthy => {
+                    Arrival::Unhealthy => {
                         worker.metrics.count(ep, Counter::Unhealthy);
                         LocalReply::Unhealthy(route).send(host);
                         Action::Pause
@@ -156,19 +144,16 @@ impl<H: Host> Stream<H> {
     /// The queue has no room for this request's body (`max_queued_bytes`):
     /// it gives its ticket back and gets `503 queue-full`, unless a slot was
     /// granted to the ticket in the meantime.
-    fn leave_full_queue(&mut self, ep: usize, ticket: u32) -> Action {
+    fn leave_full_queue(&mut self, ticket: Ticket) -> Action {
         let worker = Rc::clone(&self.worker);
         let host = &worker.host;
-        let route = &worker.routes.endpoints[ep];
-        match admission::withdraw(host, &route.key, ticket) {
-            Ok(Withdrawn::Granted) => {
-                self.state = State::Holding {
-                    ep,
-                    admitted_ns: Some(host.now_ns()),
-                };
+        let route = worker.routes.route(ticket.endpoint());
+        match ticket.withdraw(host, &route.key) {
+            Ok(Some(slot)) => {
+                self.state = State::Holding(slot.timed(Some(host.now_ns())));
                 Action::Continue
             }
-            Ok(_) => {
+            Ok(None) => {
                 LocalReply::QueueFull(route).send(host);
                 Action::Pause
             }
@@ -190,14 +175,17 @@ impl<H: Host> Stream<H> {
         if matches!(self.state, State::Untracked) {
             return Action::Continue;
         }
-        // Tell the client how long it queued: the number users tune
-        // queue_timeout and capacity by.
-        if let State::Queued { fate, since_ns, .. } = &self.state {
-            if let Fate::Admitted(at_ns) = fate.get() {
-                let waited_ms = at_ns.saturating_sub(*since_ns) / 1_000_000;
+        // A resumed request takes its slot from the worker, and tells the
+        // client how long it queued: the number users tune queue_timeout
+        // and capacity by.
+        if let State::Parked { since_ns } = self.state {
+            if let Some(slot) = self.worker.take_resumed(self.context_id) {
+                let at_ns = slot.admitted_ns().unwrap_or(since_ns);
+                let waited_ms = at_ns.saturating_sub(since_ns) / 1_000_000;
                 self.worker
                     .host
                     .set_http_response_header("x-sluice-wait-ms", &waited_ms.to_string());
+                self.state = State::Holding(slot);
             }
         }
         if self.answered_for_the_backend() {
@@ -252,35 +240,35 @@ impl<H: Host> Stream<H> {
     /// Releases (or holds, if abandoned) whatever the request holds, exactly
     /// once.
     fn finish(&mut self, how: End) {
-        let (ep, admitted_ns) = match std::mem::replace(&mut self.state, State::Untracked) {
+        let worker = &self.worker;
+        let slot = match std::mem::replace(&mut self.state, State::Untracked) {
             State::Untracked => return,
-            State::Holding { ep, admitted_ns } => (ep, admitted_ns),
-            State::Queued { ep, fate, .. } => match fate.get() {
-                Fate::Admitted(at_ns) => (ep, Some(at_ns)),
-                Fate::Answered => return,
-                Fate::Waiting => {
-                    let worker = &self.worker;
+            State::Holding(slot) => slot,
+            State::Parked { .. } => match worker.take_resumed(self.context_id) {
+                Some(slot) => slot,
+                // Still waiting (it leaves the queue), or answered (nothing).
+                None => {
                     return worker
-                        .in_stream(self.context_id, || worker.leave_queue(self.context_id, ep));
+                        .in_stream(self.context_id, || worker.leave_queue(self.context_id));
                 }
             },
         };
         // A release may hand the slot to a waiter of this worker, which it
         // resumes at once.
-        let worker = &self.worker;
         worker.in_stream(self.context_id, || match how {
-            End::Complete => worker.complete(ep, admitted_ns),
+            End::Complete => worker.complete(slot),
             // An untimed request admitted at once was admitted when it
             // arrived, give or take its worker's delay; if Envoy cannot
             // say, now, which holds the slot longest.
             End::Abandoned => {
                 let host = &worker.host;
-                let admitted_ns = admitted_ns
+                let admitted_ns = slot
+                    .admitted_ns()
                     .or_else(|| request_time_ns(host))
                     .unwrap_or_else(|| host.now_ns());
-                worker.abandon(ep, admitted_ns)
+                worker.abandon(slot, admitted_ns)
             }
-            End::Cut => worker.release(ep),
+            End::Cut => worker.release(slot),
         });
     }
 }
@@ -322,7 +310,7 @@ fn queue_bytes<H: Host>(host: &H, route: &Route) -> Result<u64, QueueBytesFull> 
     else {
         return Ok(0);
     };
-    match crate::queued_bytes::try_add(host, key, n, *cap) {
+    match sluice_core::queued_bytes::try_add(host, key, n, *cap) {
         Ok(true) => Ok(n),
         Ok(false) => Err(QueueBytesFull),
         Err(e) => {

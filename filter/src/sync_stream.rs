@@ -6,8 +6,8 @@
 //! Fail static: while the stream is down, the records keep the last
 //! capacities; the status says since when.
 
+use crate::admin::status::unix_ms;
 use crate::host::Host;
-use crate::status::unix_ms;
 use crate::worker::Worker;
 use prost::Message;
 use serde_json::{json, Value};

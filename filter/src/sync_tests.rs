@@ -3,13 +3,13 @@
 //! ignored, raises admitting queued requests FIFO, lowers cutting none,
 //! fail static, and the fast 503s of an unhealthy backend.
 
+use crate::admin::STATS_PATH;
 use crate::fake_host::{take_problems, FakeEnvoy, FakeStream, FakeWorker};
-use crate::leader::{read_lease, LEASE_TTL};
-use crate::stream::STATS_PATH;
 use crate::sync_stream::grpc_service;
 use proxy_wasm::types::Action;
 use serde_json::{json, Value};
 use sluice_core::admission::CapacitySource;
+use sluice_core::lease::{read as read_lease, LEASE_TTL};
 use sluice_core::sync_api::{EndpointCapacity, Snapshot, WatchRequest};
 use std::time::Duration;
 

@@ -6,8 +6,8 @@
 //! error. So each test checks the record after every step, and that nothing
 //! was logged at warn or above.
 
+use crate::admin::STATS_PATH;
 use crate::fake_host::{take_problems, FakeEnvoy, FakeStream, FakeWorker};
-use crate::stream::STATS_PATH;
 use crate::worker::{BASE_TICK, FAST_TICK};
 use proxy_wasm::types::Action;
 use serde_json::{json, Value};

@@ -5,10 +5,7 @@
 
 use serde_json::{json, Value};
 use sluice_core::shared_data::SharedData;
-
-pub fn key(service: &str) -> String {
-    format!("sluice:{service}:status")
-}
+use sluice_core::shared_keys::status as key;
 
 /// Unix milliseconds of a host time in ns.
 pub fn unix_ms(now_ns: u64) -> u64 {

@@ -12,29 +12,21 @@
 //! publish in shared data (one key per endpoint, written only when a
 //! worker's estimate changes).
 
-use sluice_core::shared_data::SharedData;
+use crate::cas::as_u64;
+use crate::holding::Slot;
+use crate::shared_data::{SharedData, StoreError};
 use std::time::Duration;
 
-/// The shared key where workers publish an endpoint's estimate.
-pub fn estimate_key(record_key: &str) -> String {
-    format!("{record_key}:upstream-ns")
-}
-
-/// Publishes `ns` as the endpoint's estimate (last writer wins: any
-/// worker's recent maximum will do for a worker that has none).
-pub fn publish<S: SharedData>(store: &S, key: &str, ns: u64) {
-    if let Err(e) = store.set(key, &ns.to_le_bytes(), 0) {
-        log::debug!("cannot publish {key}: {e}");
-    }
+/// Publishes `ns` as the endpoint's estimate at `key`
+/// ([`crate::shared_keys::upstream_estimate`]). Last writer wins, so no CAS:
+/// any worker's recent maximum will do for a worker that has none.
+pub fn publish<S: SharedData>(store: &S, key: &str, ns: u64) -> Result<(), StoreError> {
+    store.set(key, &ns.to_le_bytes(), 0)
 }
 
 /// The estimate another worker published, if any.
 pub fn published<S: SharedData>(store: &S, key: &str) -> Option<u64> {
-    match store.get(key).ok()??.0[..] {
-        [a, b, c, d, e, f, g, h] => Some(u64::from_le_bytes([a, b, c, d, e, f, g, h])),
-        _ => None,
-    }
-    .filter(|&ns| ns > 0)
+    as_u64(&store.get(key).ok()??.0).filter(|&ns| ns > 0)
 }
 
 /// Completed upstream durations kept per endpoint and worker.
@@ -105,17 +97,16 @@ pub fn hold_ns(estimate_ns: Option<u64>, elapsed_ns: u64, cap: Duration) -> u64 
         .min(cap_ns)
 }
 
-/// Slots of abandoned requests this worker still holds: (endpoint, host time
-/// in ns at which to release). Each entry is released exactly once: taken
-/// out of the list when due.
+/// Slots of abandoned requests this worker still holds, each with the host
+/// time (ns) at which to release it. The list owns them: each comes out once.
 #[derive(Debug, Default)]
 pub struct HeldSlots {
-    held: Vec<(usize, u64)>,
+    held: Vec<(Slot, u64)>,
 }
 
 impl HeldSlots {
-    pub fn hold(&mut self, endpoint: usize, until_ns: u64) {
-        self.held.push((endpoint, until_ns));
+    pub fn hold(&mut self, slot: Slot, until_ns: u64) {
+        self.held.push((slot, until_ns));
     }
 
     /// When the next held slot is due, if any is held.
@@ -123,28 +114,28 @@ impl HeldSlots {
         self.held.iter().map(|&(_, until)| until).min()
     }
 
-    /// Removes and returns the endpoints of slots due at `now_ns`.
-    pub fn take_due(&mut self, now_ns: u64) -> Vec<usize> {
-        let mut due = Vec::new();
-        self.held.retain(|&(ep, until)| {
-            let is_due = until <= now_ns;
-            if is_due {
-                due.push(ep);
-            }
-            !is_due
-        });
-        due
+    /// Removes and returns the slots due at `now_ns`.
+    pub fn take_due(&mut self, now_ns: u64) -> Vec<Slot> {
+        let (due, kept) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|&(_, until)| until <= now_ns);
+        self.held = kept;
+        due.into_iter().map(|(slot, _)| slot).collect()
     }
 
-    /// Removes and returns every held slot's endpoint (the VM is going away).
-    pub fn take_all(&mut self) -> Vec<usize> {
-        self.held.drain(..).map(|(ep, _)| ep).collect()
+    /// Removes and returns every held slot (the VM is going away).
+    pub fn take_all(&mut self) -> Vec<Slot> {
+        self.held.drain(..).map(|(slot, _)| slot).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::EndpointId;
+
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const MS: u64 = 1_000_000;
 
@@ -182,14 +173,16 @@ mod tests {
 
     #[test]
     fn held_slots_come_out_once_when_due() {
+        let slot = |ep| Slot::new(EndpointId(ep), None);
+        let eps = |slots: Vec<Slot>| slots.iter().map(|s| s.endpoint().0).collect::<Vec<_>>();
         let mut h = HeldSlots::default();
-        h.hold(0, 100);
-        h.hold(1, 300);
-        h.hold(0, 200);
+        h.hold(slot(0), 100);
+        h.hold(slot(1), 300);
+        h.hold(slot(0), 200);
         assert!(h.take_due(99).is_empty());
-        assert_eq!(h.take_due(200), vec![0, 0]);
+        assert_eq!(eps(h.take_due(200)), vec![0, 0]);
         assert!(h.take_due(200).is_empty());
-        assert_eq!(h.take_all(), vec![1]);
+        assert_eq!(eps(h.take_all()), vec![1]);
         assert_eq!(h.next_due(), None);
     }
 }

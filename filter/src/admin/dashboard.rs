@@ -2,11 +2,11 @@
 //! and of the stats JSON. The page is one self-contained HTML file (inline
 //! script and SVG, nothing fetched from elsewhere) that polls the stats.
 
+use super::STATS_PATH;
 use crate::host::Host;
-use crate::stream::STATS_PATH;
 use sluice_core::config::Ui;
 
-const PAGE: &str = include_str!("../assets/dashboard.html");
+const PAGE: &str = include_str!("../../assets/dashboard.html");
 /// The realm browsers show in their password prompt.
 pub const REALM: &str = "sluice";
 

@@ -1,0 +1,361 @@
+//! Per-endpoint admission across every worker of one Envoy process.
+//!
+//! Each endpoint has one shared-data record (its *key*) holding the number of
+//! slots in use, the FIFO of waiting requests of all workers, and the
+//! capacity in force. Every operation is one read-modify-CAS-write of that
+//! record, so the record is the single source of truth: capacity holds
+//! exactly whatever the number of workers, and a capacity change (from sync,
+//! or from a new Envoy configuration) reaches every worker, old VMs still
+//! draining included, with the read the request path does anyway.
+//!
+//! A freed slot is *handed over*: `release` does not lower `active` while
+//! someone waits; it marks the oldest waiter `granted` (the slot stays
+//! counted) and names that waiter's worker to be woken. The woken worker
+//! `claim`s its granted tickets and resumes those requests. New arrivals can
+//! never overtake a waiter, because a slot is only free when nobody waits.
+//! A paused request can only be resumed by its own worker (Envoy), which is
+//! why waiters carry their worker index.
+//!
+//! The record's layout is in [`record`].
+
+mod record;
+
+pub use record::{CapacitySource, EndpointState, Waiter};
+
+use crate::cas::{self, MAX_CAS_ATTEMPTS};
+use crate::shared_data::{SharedData, StoreError};
+
+/// Identifies one VM (root context) of the plugin; see the filter for how it
+/// is allocated.
+pub type WorkerId = u16;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdmissionError {
+    Store(StoreError),
+    /// The record could not be decoded (another plugin wrote our key, or a
+    /// different Sluice version shares the vm_id).
+    Corrupt(&'static str),
+    /// More than [`MAX_CAS_ATTEMPTS`] conflicts in a row.
+    Contention,
+    /// A release with no slot in use: a bug, reported rather than hidden.
+    ReleaseWithoutSlot,
+}
+
+impl std::fmt::Display for AdmissionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AdmissionError::Store(e) => write!(f, "{e}"),
+            AdmissionError::Corrupt(why) => write!(f, "endpoint record is corrupt: {why}"),
+            AdmissionError::Contention => {
+                write!(f, "gave up after {MAX_CAS_ATTEMPTS} CAS conflicts")
+            }
+            AdmissionError::ReleaseWithoutSlot => f.write_str("release with no slot in use"),
+        }
+    }
+}
+
+// `Store` is transparent: its Display is the store error's own, so it names
+// no `source()` (a report would print the same text twice).
+impl std::error::Error for AdmissionError {}
+
+impl From<StoreError> for AdmissionError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Contention => AdmissionError::Contention,
+            e => AdmissionError::Store(e),
+        }
+    }
+}
+/// Workers that must be told they have granted tickets to claim.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Wakeups(Vec<WorkerId>);
+
+impl Wakeups {
+    pub(super) fn add(&mut self, w: WorkerId) {
+        if !self.0.contains(&w) {
+            self.0.push(w);
+        }
+    }
+    pub fn workers(&self) -> &[WorkerId] {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Acquired {
+    /// A slot is held: forward the request, `release` at its end.
+    Admitted,
+    /// Pause the request; its worker will be woken when `ticket` is granted.
+    Queued { ticket: u32 },
+    /// `max_queue` requests already wait: answer 503.
+    QueueFull,
+    /// The backend is marked unhealthy: answer 503 at once. Holds nothing.
+    Unhealthy,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withdrawn {
+    /// The waiter left the queue and holds nothing.
+    Removed,
+    /// The waiter had just been granted a slot: the caller holds it now and
+    /// must either forward the request or `release`.
+    Granted,
+    /// No such ticket (already claimed).
+    NotFound,
+}
+
+/// What a worker's `claim` found for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claimed {
+    /// Tickets that now hold a slot: resume those requests (or release).
+    pub granted: Vec<u32>,
+    /// Tickets taken out of the queue because the backend is unhealthy:
+    /// answer those requests 503. They hold nothing.
+    pub refused: Vec<u32>,
+    pub wakeups: Wakeups,
+}
+
+/// One read-modify-CAS-write of the record at `key` ([`cas::update`]).
+/// `op` returns its result and whether it changed the state (no write if not).
+fn update<S: SharedData, R>(
+    store: &S,
+    key: &str,
+    mut op: impl FnMut(&mut EndpointState) -> Result<(R, bool), AdmissionError>,
+) -> Result<R, AdmissionError> {
+    cas::update(store, key, |value| {
+        // A missing key reads as the neutral state; `configure` creates keys
+        // before traffic because a write to a missing key ignores CAS.
+        let mut state = match value {
+            Some(bytes) => EndpointState::from_stored(bytes)?,
+            None => EndpointState::default(),
+        };
+        let (result, changed) = op(&mut state)?;
+        Ok((result, changed.then(|| state.encode())))
+    })
+}
+
+/// Creates the endpoint's record with neutral values if it does not exist.
+/// Never touches a live record. Call it before the endpoint sees traffic
+/// (Envoy runs `on_configure` on the main thread before the workers' VMs).
+pub fn ensure<S: SharedData>(store: &S, key: &str) -> Result<(), AdmissionError> {
+    match store.get(key)? {
+        Some((bytes, _)) => EndpointState::from_stored(&bytes).map(|_| ()),
+        None => Ok(store.set(key, &EndpointState::default().encode(), 0)?),
+    }
+}
+
+/// A configuration that gives the endpoint `configured` as its capacity is
+/// being applied (by each of Envoy's N+2 `on_configure`s of it).
+///
+/// The most recent change wins: the configured value replaces the capacity
+/// in force only when it differs from the last configured one (an operator
+/// changed it); the same configuration seen again by another VM leaves a
+/// capacity that sync set since alone. An endpoint configured without a
+/// capacity keeps a capacity sync gave it. Creates the record if needed.
+pub fn configure<S: SharedData>(
+    store: &S,
+    key: &str,
+    configured: Option<u32>,
+) -> Result<Wakeups, AdmissionError> {
+    ensure(store, key)?;
+    update(store, key, |s| {
+        let mut wake = Wakeups::default();
+        if s.configured == configured {
+            return Ok((wake, false));
+        }
+        s.configured = configured;
+        match configured {
+            Some(c) => {
+                s.capacity = Some(c);
+                s.source = CapacitySource::Config;
+            }
+            None if s.source == CapacitySource::Config => s.capacity = None,
+            None => {}
+        }
+        // A raise (or a capacity removed) admits waiters at once.
+        s.pump(&mut wake);
+        Ok((wake, true))
+    })
+}
+
+/// A sync snapshot of `version` says the endpoint takes `capacity`. `None`
+/// when the record already holds a newer version (the snapshot is ignored);
+/// otherwise the workers whose waiters a raise admitted.
+pub fn apply_sync<S: SharedData>(
+    store: &S,
+    key: &str,
+    capacity: u32,
+    version: u64,
+) -> Result<Option<Wakeups>, AdmissionError> {
+    update(store, key, |s| {
+        if version < s.sync_version {
+            return Ok((None, false));
+        }
+        let mut wake = Wakeups::default();
+        if capacity == 0
+            || (s.capacity == Some(capacity)
+                && s.source == CapacitySource::Sync
+                && s.sync_version == version)
+        {
+            return Ok((Some(wake), false));
+        }
+        s.capacity = Some(capacity);
+        s.source = CapacitySource::Sync;
+        s.sync_version = version;
+        // Raised: the oldest waiters get the new slots now. Lowered: nothing
+        // is cut; releases grant nothing until fewer than `capacity` are in
+        // flight.
+        s.pump(&mut wake);
+        Ok((Some(wake), true))
+    })
+}
+
+/// Marks the endpoint's backend unhealthy or healthy again. Returns the
+/// workers to wake: every worker with waiters when it turns unhealthy (they
+/// answer them 503), the granted ones when it recovers.
+pub fn set_unhealthy<S: SharedData>(
+    store: &S,
+    key: &str,
+    unhealthy: bool,
+) -> Result<Wakeups, AdmissionError> {
+    update(store, key, |s| {
+        let mut wake = Wakeups::default();
+        if s.unhealthy == unhealthy {
+            return Ok((wake, false));
+        }
+        s.unhealthy = unhealthy;
+        if unhealthy {
+            for w in &s.waiters {
+                wake.add(w.worker);
+            }
+        } else {
+            s.pump(&mut wake);
+        }
+        Ok((wake, true))
+    })
+}
+
+/// Reads the record without changing it.
+pub fn snapshot<S: SharedData>(store: &S, key: &str) -> Result<EndpointState, AdmissionError> {
+    match store.get(key)? {
+        Some((bytes, _)) => EndpointState::from_stored(&bytes),
+        None => Ok(EndpointState::default()),
+    }
+}
+
+/// A request arrives at `worker`; at most `max_queue` may wait.
+pub fn acquire<S: SharedData>(
+    store: &S,
+    key: &str,
+    max_queue: u32,
+    worker: WorkerId,
+) -> Result<(Acquired, Wakeups), AdmissionError> {
+    update(store, key, |s| {
+        let mut wake = Wakeups::default();
+        if s.unhealthy {
+            return Ok(((Acquired::Unhealthy, wake), false));
+        }
+        let pumped = s.pump(&mut wake);
+        // After pumping, a free slot means nobody is waiting for it.
+        if s.active < s.limit() {
+            s.active += 1;
+            Ok(((Acquired::Admitted, wake), true))
+        } else if s.queued() >= max_queue {
+            Ok(((Acquired::QueueFull, wake), pumped))
+        } else {
+            let ticket = s.next_ticket;
+            s.next_ticket = s.next_ticket.wrapping_add(1);
+            s.waiters.push(Waiter {
+                ticket,
+                worker,
+                granted: false,
+            });
+            Ok(((Acquired::Queued { ticket }, wake), true))
+        }
+    })
+}
+
+/// A request that held a slot has ended; the slot goes to the oldest waiter.
+pub fn release<S: SharedData>(store: &S, key: &str) -> Result<Wakeups, AdmissionError> {
+    update(store, key, |s| {
+        if s.active == 0 {
+            return Err(AdmissionError::ReleaseWithoutSlot);
+        }
+        s.active -= 1;
+        let mut wake = Wakeups::default();
+        s.pump(&mut wake);
+        Ok((wake, true))
+    })
+}
+
+/// Takes the tickets granted to `worker` out of the queue; each now holds a
+/// slot and its request must be resumed (or released). Also hands out any
+/// slots that are free (a backstop for lost wake-ups and capacity raises).
+/// While the backend is unhealthy, takes all of `worker`'s tickets out
+/// instead, giving back the slots of granted ones: every one is refused.
+pub fn claim<S: SharedData>(
+    store: &S,
+    key: &str,
+    worker: WorkerId,
+) -> Result<Claimed, AdmissionError> {
+    update(store, key, |s| {
+        let mut claimed = Claimed::default();
+        if s.unhealthy {
+            let mut freed = 0;
+            s.waiters.retain(|w| {
+                if w.worker != worker {
+                    return true;
+                }
+                if w.granted {
+                    freed += 1;
+                }
+                claimed.refused.push(w.ticket);
+                false
+            });
+            s.active = s.active.saturating_sub(freed);
+            let changed = !claimed.refused.is_empty();
+            return Ok((claimed, changed));
+        }
+        let pumped = s.pump(&mut claimed.wakeups);
+        s.waiters.retain(|w| {
+            if w.granted && w.worker == worker {
+                claimed.granted.push(w.ticket);
+                false
+            } else {
+                true
+            }
+        });
+        let changed = pumped || !claimed.granted.is_empty();
+        Ok((claimed, changed))
+    })
+}
+
+/// A waiter leaves the queue (timed out, or its client went away).
+pub fn withdraw<S: SharedData>(
+    store: &S,
+    key: &str,
+    ticket: u32,
+) -> Result<Withdrawn, AdmissionError> {
+    update(store, key, |s| {
+        match s.waiters.iter().position(|w| w.ticket == ticket) {
+            None => Ok((Withdrawn::NotFound, false)),
+            Some(i) => {
+                let granted = s.waiters.remove(i).granted;
+                Ok((
+                    if granted {
+                        Withdrawn::Granted
+                    } else {
+                        Withdrawn::Removed
+                    },
+                    true,
+                ))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests;

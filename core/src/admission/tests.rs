@@ -1,0 +1,384 @@
+//! The admission operations against Envoy's CAS rules, and workers racing.
+
+use super::record::{HEADER_LEN, WAITER_LEN};
+use super::*;
+use crate::shared_data::MemSharedData;
+
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+const K: &str = "sluice:test:/p";
+
+/// A store whose record of `K` is configured with `capacity`.
+fn store_with(capacity: u32) -> MemSharedData {
+    let store = MemSharedData::new();
+    configure(&store, K, Some(capacity)).unwrap();
+    store
+}
+
+fn queued_ticket(store: &MemSharedData, max_queue: u32, worker: WorkerId) -> u32 {
+    match acquire(store, K, max_queue, worker).unwrap().0 {
+        Acquired::Queued { ticket } => ticket,
+        other => panic!("expected queued, got {other:?}"),
+    }
+}
+
+#[test]
+fn encode_decode_round_trip() {
+    let s = EndpointState {
+        active: 7,
+        next_ticket: u32::MAX,
+        capacity: Some(12),
+        configured: Some(4),
+        source: CapacitySource::Sync,
+        sync_version: u64::MAX - 1,
+        unhealthy: true,
+        waiters: vec![
+            Waiter {
+                ticket: 1,
+                worker: 3,
+                granted: true,
+            },
+            Waiter {
+                ticket: 2,
+                worker: 65535,
+                granted: false,
+            },
+        ],
+    };
+    let bytes = s.encode();
+    assert_eq!(bytes.len(), HEADER_LEN + 2 * WAITER_LEN);
+    assert_eq!(EndpointState::decode(&bytes).unwrap(), s);
+    let neutral = EndpointState::default();
+    assert_eq!(
+        EndpointState::decode(&neutral.encode()).unwrap(),
+        neutral,
+        "no capacity and no configured capacity read back as None"
+    );
+    assert_eq!(
+        EndpointState::decode(&bytes[..5]),
+        Err(AdmissionError::Corrupt("shorter than its header"))
+    );
+    assert_eq!(
+        EndpointState::decode(&bytes[..HEADER_LEN + 3]),
+        Err(AdmissionError::Corrupt("truncated waiter list"))
+    );
+    let mut other = bytes.clone();
+    other[0] = 1;
+    assert_eq!(
+        EndpointState::decode(&other),
+        Err(AdmissionError::Corrupt("unknown version")),
+        "a version-1 record (older Sluice sharing the vm_id) is refused"
+    );
+}
+
+#[test]
+fn an_empty_value_reads_as_the_neutral_record() {
+    // What Envoy's shared-data remove leaves behind.
+    let store = MemSharedData::new();
+    store.set(K, b"", 0).unwrap();
+    configure(&store, K, Some(1)).unwrap();
+    let (acquired, _) = acquire(&store, K, 10, 0).unwrap();
+    assert_eq!(acquired, Acquired::Admitted);
+    assert_eq!(snapshot(&store, K).unwrap().active, 1);
+}
+
+#[test]
+fn configure_creates_once_and_never_resets_a_live_record() {
+    let store = store_with(2);
+    acquire(&store, K, 10, 0).unwrap();
+    configure(&store, K, Some(2)).unwrap();
+    configure(&store, K, Some(3)).unwrap();
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.active, s.capacity), (1, Some(3)));
+    store.set("sluice:other", b"junk", 0).unwrap();
+    assert_eq!(
+        configure(&store, "sluice:other", Some(1)),
+        Err(AdmissionError::Corrupt("unknown version"))
+    );
+    // Without a capacity the record exists too.
+    configure(&store, "sluice:none", None).unwrap();
+    assert!(store.get("sluice:none").unwrap().is_some());
+}
+
+#[test]
+fn admits_up_to_capacity_then_queues_then_rejects() {
+    let store = store_with(2);
+    assert_eq!(acquire(&store, K, 2, 0).unwrap().0, Acquired::Admitted);
+    assert_eq!(acquire(&store, K, 2, 1).unwrap().0, Acquired::Admitted);
+    assert_eq!(queued_ticket(&store, 2, 0), 0);
+    assert_eq!(queued_ticket(&store, 2, 1), 1);
+    assert_eq!(acquire(&store, K, 2, 2).unwrap().0, Acquired::QueueFull);
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.active, s.queued()), (2, 2));
+}
+
+#[test]
+fn max_queue_zero_never_queues() {
+    let store = store_with(1);
+    assert_eq!(acquire(&store, K, 0, 0).unwrap().0, Acquired::Admitted);
+    assert_eq!(acquire(&store, K, 0, 0).unwrap().0, Acquired::QueueFull);
+}
+
+#[test]
+fn without_a_capacity_requests_pass_counted_and_never_queue() {
+    let store = MemSharedData::new();
+    configure(&store, K, None).unwrap();
+    for _ in 0..50 {
+        assert_eq!(acquire(&store, K, 0, 0).unwrap().0, Acquired::Admitted);
+    }
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.active, s.capacity), (50, None));
+    // Sync gives it a capacity: nothing in flight is cut, newcomers wait.
+    apply_sync(&store, K, 10, 1).unwrap().unwrap();
+    assert_eq!(queued_ticket(&store, 10, 0), 0);
+    for _ in 0..40 {
+        assert!(release(&store, K).unwrap().is_empty());
+    }
+    // 10 in flight: the next release hands the slot to the waiter.
+    assert_eq!(release(&store, K).unwrap().workers(), &[0]);
+}
+
+#[test]
+fn release_hands_the_slot_to_the_oldest_waiter_across_workers() {
+    let store = store_with(1);
+    assert_eq!(acquire(&store, K, 10, 0).unwrap().0, Acquired::Admitted);
+    // Waiters arrive on workers 2, 1, 2, 0 in that order.
+    let tickets: Vec<_> = [2, 1, 2, 0]
+        .into_iter()
+        .map(|w| (queued_ticket(&store, 10, w), w))
+        .collect();
+    let mut order = Vec::new();
+    for _ in 0..4 {
+        let wake = release(&store, K).unwrap();
+        assert_eq!(
+            wake.workers().len(),
+            1,
+            "exactly one slot freed, one worker woken"
+        );
+        let w = wake.workers()[0];
+        // A worker that is not woken has nothing to claim.
+        for other in [0, 1, 2].into_iter().filter(|o| *o != w) {
+            assert!(claim(&store, K, other).unwrap().granted.is_empty());
+        }
+        let mine = claim(&store, K, w).unwrap().granted;
+        assert_eq!(mine.len(), 1);
+        order.push((mine[0], w));
+        // The slot stayed counted throughout the hand-over.
+        assert_eq!(snapshot(&store, K).unwrap().active, 1);
+    }
+    assert_eq!(order, tickets, "admitted in arrival order");
+    release(&store, K).unwrap();
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.active, s.next_ticket, s.waiters.len()), (0, 4, 0));
+}
+
+#[test]
+fn newcomers_do_not_overtake_a_granted_but_unclaimed_waiter() {
+    let store = store_with(1);
+    acquire(&store, K, 10, 0).unwrap();
+    queued_ticket(&store, 10, 1);
+    release(&store, K).unwrap();
+    // Slot granted to worker 1's waiter; a newcomer on worker 0 must queue.
+    queued_ticket(&store, 10, 0);
+    assert_eq!(snapshot(&store, K).unwrap().active, 1);
+}
+
+#[test]
+fn withdraw_waiting_and_granted() {
+    let store = store_with(1);
+    acquire(&store, K, 10, 0).unwrap();
+    let a = queued_ticket(&store, 10, 1);
+    let b = queued_ticket(&store, 10, 1);
+    // Timed-out waiter leaves and holds nothing.
+    assert_eq!(withdraw(&store, K, b).unwrap(), Withdrawn::Removed);
+    assert_eq!(withdraw(&store, K, b).unwrap(), Withdrawn::NotFound);
+    // A grant that races a client abort: the withdrawer now holds the slot.
+    release(&store, K).unwrap();
+    assert_eq!(withdraw(&store, K, a).unwrap(), Withdrawn::Granted);
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.active, s.waiters.len()), (1, 0));
+    release(&store, K).unwrap();
+    assert_eq!(snapshot(&store, K).unwrap().active, 0);
+    assert_eq!(release(&store, K), Err(AdmissionError::ReleaseWithoutSlot));
+}
+
+#[test]
+fn sync_raise_admits_waiters_at_once_in_fifo_order() {
+    let store = store_with(1);
+    acquire(&store, K, 100, 0).unwrap();
+    let tickets: Vec<_> = (0..6).map(|i| queued_ticket(&store, 100, i % 3)).collect();
+    let wake = apply_sync(&store, K, 4, 7).unwrap().unwrap();
+    // Three new slots go to the three oldest waiters, on workers 0, 1, 2.
+    assert_eq!(wake.workers(), &[0, 1, 2]);
+    let s = snapshot(&store, K).unwrap();
+    let granted: Vec<_> = s
+        .waiters
+        .iter()
+        .filter(|w| w.granted)
+        .map(|w| w.ticket)
+        .collect();
+    assert_eq!(granted, tickets[..3]);
+    assert_eq!(
+        (s.active, s.capacity, s.source),
+        (4, Some(4), CapacitySource::Sync)
+    );
+}
+
+#[test]
+fn sync_lower_cuts_nothing_and_drains_below_the_new_capacity() {
+    let store = store_with(3);
+    for _ in 0..3 {
+        acquire(&store, K, 10, 0).unwrap();
+    }
+    assert!(apply_sync(&store, K, 1, 2).unwrap().unwrap().is_empty());
+    assert_eq!(snapshot(&store, K).unwrap().active, 3, "nothing cut");
+    queued_ticket(&store, 10, 5);
+    assert!(release(&store, K).unwrap().is_empty());
+    assert!(release(&store, K).unwrap().is_empty());
+    assert_eq!(release(&store, K).unwrap().workers(), &[5]);
+}
+
+#[test]
+fn an_older_snapshot_is_ignored_an_equal_one_applied() {
+    let store = store_with(2);
+    apply_sync(&store, K, 5, 10).unwrap().unwrap();
+    assert_eq!(apply_sync(&store, K, 9, 9).unwrap(), None);
+    assert_eq!(snapshot(&store, K).unwrap().capacity, Some(5));
+    apply_sync(&store, K, 6, 10).unwrap().unwrap();
+    assert_eq!(snapshot(&store, K).unwrap().capacity, Some(6));
+}
+
+/// The most recent change wins: a configuration seen again (another VM,
+/// the same LDS resource) leaves sync's value; an operator's new value
+/// replaces it; sync's next snapshot wins again.
+#[test]
+fn config_and_sync_most_recent_change_wins() {
+    let store = store_with(4);
+    apply_sync(&store, K, 8, 1).unwrap().unwrap();
+    configure(&store, K, Some(4)).unwrap();
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.capacity, s.source), (Some(8), CapacitySource::Sync));
+    configure(&store, K, Some(2)).unwrap();
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.capacity, s.source), (Some(2), CapacitySource::Config));
+    apply_sync(&store, K, 8, 2).unwrap().unwrap();
+    assert_eq!(snapshot(&store, K).unwrap().capacity, Some(8));
+    // Capacity removed from the configuration: sync's value stays.
+    configure(&store, K, None).unwrap();
+    assert_eq!(snapshot(&store, K).unwrap().capacity, Some(8));
+    // A config-set capacity removed from the configuration is gone.
+    let store = store_with(4);
+    configure(&store, K, None).unwrap();
+    assert_eq!(snapshot(&store, K).unwrap().capacity, None);
+}
+
+#[test]
+fn unhealthy_refuses_newcomers_and_every_waiter_then_recovers() {
+    let store = store_with(1);
+    acquire(&store, K, 10, 0).unwrap();
+    let a = queued_ticket(&store, 10, 1);
+    let b = queued_ticket(&store, 10, 2);
+    let c = queued_ticket(&store, 10, 1);
+    release(&store, K).unwrap(); // a is granted, not claimed yet
+    let wake = set_unhealthy(&store, K, true).unwrap();
+    assert_eq!(wake.workers(), &[1, 2], "every worker with waiters");
+    assert_eq!(acquire(&store, K, 10, 0).unwrap().0, Acquired::Unhealthy);
+    let w1 = claim(&store, K, 1).unwrap();
+    assert_eq!((w1.granted, w1.refused), (vec![], vec![a, c]));
+    assert_eq!(claim(&store, K, 2).unwrap().refused, vec![b]);
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.active, s.waiters.len()), (0, 0), "a's slot given back");
+    assert!(set_unhealthy(&store, K, false).unwrap().is_empty());
+    assert_eq!(acquire(&store, K, 10, 0).unwrap().0, Acquired::Admitted);
+}
+
+/// Several threads act as Envoy workers, each with its own requests, all
+/// racing on one record. Capacity must hold at every instant and nothing
+/// may leak, whatever the interleaving.
+#[cfg(not(target_arch = "wasm32"))]
+#[test]
+fn racing_workers_never_exceed_capacity_and_leak_nothing() {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    const CAPACITY: u32 = 3;
+    const WORKERS: u16 = 6;
+    const REQUESTS: u32 = 400;
+    let store = Arc::new(store_with(CAPACITY));
+    let in_flight = Arc::new(AtomicU32::new(0));
+    let peak = Arc::new(AtomicU32::new(0));
+    let timed_out = Arc::new(AtomicU32::new(0));
+
+    let threads: Vec<_> = (0..WORKERS)
+        .map(|worker| {
+            let (store, in_flight, peak, timed_out) = (
+                store.clone(),
+                in_flight.clone(),
+                peak.clone(),
+                timed_out.clone(),
+            );
+            std::thread::spawn(move || {
+                for i in 0..REQUESTS {
+                    let mut holding = match acquire(&*store, K, 1000, worker).unwrap().0 {
+                        Acquired::Admitted => true,
+                        Acquired::QueueFull | Acquired::Unhealthy => {
+                            panic!("cannot happen here")
+                        }
+                        Acquired::Queued { ticket } => {
+                            // Poll like a tick; every 7th request gives up
+                            // early like a client abort or a timeout.
+                            let patience = if i % 7 == 0 { 3 } else { u32::MAX };
+                            let mut got = false;
+                            for _ in 0..patience {
+                                let mine = claim(&*store, K, worker).unwrap().granted;
+                                assert!(
+                                    mine.iter().all(|t| *t == ticket),
+                                    "one request per thread"
+                                );
+                                if !mine.is_empty() {
+                                    got = true;
+                                    break;
+                                }
+                                std::thread::yield_now();
+                            }
+                            if !got {
+                                match withdraw(&*store, K, ticket).unwrap() {
+                                    Withdrawn::Removed => timed_out.fetch_add(1, Ordering::SeqCst),
+                                    Withdrawn::Granted => {
+                                        got = true;
+                                        0
+                                    }
+                                    Withdrawn::NotFound => panic!("ticket vanished"),
+                                };
+                            }
+                            got
+                        }
+                    };
+                    if holding {
+                        let now = in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                        peak.fetch_max(now, Ordering::SeqCst);
+                        assert!(now <= CAPACITY, "{now} in flight with capacity {CAPACITY}");
+                        std::thread::yield_now();
+                        in_flight.fetch_sub(1, Ordering::SeqCst);
+                        release(&*store, K).unwrap();
+                        holding = false;
+                    }
+                    assert!(!holding);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let s = snapshot(&*store, K).unwrap();
+    assert_eq!(s.active, 0, "slots leaked: {s:?}");
+    assert!(s.waiters.is_empty(), "waiters leaked: {s:?}");
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        CAPACITY,
+        "the race should reach capacity"
+    );
+    assert!(s.next_ticket > 0, "the race should have queued requests");
+}

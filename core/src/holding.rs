@@ -1,0 +1,175 @@
+//! What one request holds, as a value: a [`Slot`] while it holds one of its
+//! endpoint's slots, a [`Ticket`] while it waits for one. Neither is `Clone`
+//! nor `Copy`, and each is given back by moving it into exactly one of the
+//! operations that end it (release, withdraw, grant, refuse), so releasing
+//! twice does not compile (tower's `OwnedSemaphorePermit`, without the drop:
+//! a release is a shared-data write that can fail, and the filter decides
+//! when it happens, e.g. later for an abandoned request).
+
+use crate::admission::{self, Acquired, AdmissionError, Wakeups, Withdrawn, WorkerId};
+use crate::shared_data::SharedData;
+use crate::EndpointId;
+
+/// One slot of an endpoint, counted in its record until released.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a slot stays counted until it is released"]
+pub struct Slot {
+    endpoint: EndpointId,
+    /// Host time at which it was admitted, if it was timed.
+    admitted_ns: Option<u64>,
+}
+
+impl Slot {
+    pub(crate) fn new(endpoint: EndpointId, admitted_ns: Option<u64>) -> Slot {
+        Slot {
+            endpoint,
+            admitted_ns,
+        }
+    }
+
+    pub fn endpoint(&self) -> EndpointId {
+        self.endpoint
+    }
+
+    pub fn admitted_ns(&self) -> Option<u64> {
+        self.admitted_ns
+    }
+
+    /// The same slot, timed from `admitted_ns` (`None`: untimed).
+    pub fn timed(self, admitted_ns: Option<u64>) -> Slot {
+        Slot {
+            admitted_ns,
+            ..self
+        }
+    }
+
+    /// Gives the slot back to the record at `key` (its endpoint's): it goes
+    /// to the oldest waiter, whose worker is among the wake-ups.
+    pub fn release<S: SharedData>(self, store: &S, key: &str) -> Result<Wakeups, AdmissionError> {
+        admission::release(store, key)
+    }
+}
+
+/// A place in an endpoint's queue.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use = "a ticket stays in the queue until it is withdrawn, granted or refused"]
+pub struct Ticket {
+    endpoint: EndpointId,
+    number: u32,
+}
+
+impl Ticket {
+    pub(crate) fn new(endpoint: EndpointId, number: u32) -> Ticket {
+        Ticket { endpoint, number }
+    }
+
+    pub fn endpoint(&self) -> EndpointId {
+        self.endpoint
+    }
+
+    /// Its number in the record's queue.
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+
+    /// Leaves the queue of the record at `key` (timed out, client gone, no
+    /// room for its body). A slot granted to it in the meantime is the
+    /// caller's now (untimed).
+    pub fn withdraw<S: SharedData>(
+        self,
+        store: &S,
+        key: &str,
+    ) -> Result<Option<Slot>, AdmissionError> {
+        Ok(match admission::withdraw(store, key, self.number)? {
+            Withdrawn::Granted => Some(Slot::new(self.endpoint, None)),
+            // NotFound: the record was reset under us; it holds nothing either way.
+            Withdrawn::Removed | Withdrawn::NotFound => None,
+        })
+    }
+}
+
+/// What became of a request on arrival.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Arrival {
+    /// Forward the request; the slot is untimed ([`Slot::timed`]).
+    Admitted(Slot),
+    /// Pause the request; its worker will be woken when the ticket is granted.
+    Queued(Ticket),
+    /// `max_queue` requests already wait: answer 503.
+    QueueFull,
+    /// The backend is marked unhealthy: answer 503.
+    Unhealthy,
+}
+
+/// A request to `endpoint` (record at `key`) arrives at `worker`; at most
+/// `max_queue` may wait. See [`admission::acquire`].
+pub fn acquire<S: SharedData>(
+    store: &S,
+    key: &str,
+    endpoint: EndpointId,
+    max_queue: u32,
+    worker: WorkerId,
+) -> Result<(Arrival, Wakeups), AdmissionError> {
+    let (acquired, wakeups) = admission::acquire(store, key, max_queue, worker)?;
+    let arrival = match acquired {
+        Acquired::Admitted => Arrival::Admitted(Slot::new(endpoint, None)),
+        Acquired::Queued { ticket } => Arrival::Queued(Ticket::new(endpoint, ticket)),
+        Acquired::QueueFull => Arrival::QueueFull,
+        Acquired::Unhealthy => Arrival::Unhealthy,
+    };
+    Ok((arrival, wakeups))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared_data::MemSharedData;
+
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const K: &str = "sluice:t:ep:/p";
+    const EP: EndpointId = EndpointId(3);
+
+    #[test]
+    fn a_slot_and_a_ticket_each_end_once() {
+        let store = MemSharedData::new();
+        admission::configure(&store, K, Some(1)).unwrap();
+        let (Arrival::Admitted(slot), _) = acquire(&store, K, EP, 10, 0).unwrap() else {
+            panic!("admitted");
+        };
+        assert_eq!((slot.endpoint(), slot.admitted_ns()), (EP, None));
+        let (Arrival::Queued(a), _) = acquire(&store, K, EP, 10, 1).unwrap() else {
+            panic!("queued");
+        };
+        let (Arrival::Queued(b), _) = acquire(&store, K, EP, 10, 1).unwrap() else {
+            panic!("queued");
+        };
+        assert_eq!(
+            b.withdraw(&store, K).unwrap(),
+            None,
+            "left, holding nothing"
+        );
+        // The release hands the slot to `a`, which withdraws just after.
+        assert_eq!(slot.release(&store, K).unwrap().workers(), &[1]);
+        let slot = a.withdraw(&store, K).unwrap().expect("granted meanwhile");
+        let slot = slot.timed(Some(7));
+        assert_eq!((slot.endpoint(), slot.admitted_ns()), (EP, Some(7)));
+        assert!(slot.release(&store, K).unwrap().is_empty());
+        let s = admission::snapshot(&store, K).unwrap();
+        assert_eq!((s.active, s.waiters.len()), (0, 0));
+    }
+
+    #[test]
+    fn refusals_and_full_queues_hold_nothing() {
+        let store = MemSharedData::new();
+        admission::configure(&store, K, Some(1)).unwrap();
+        let (Arrival::Admitted(slot), _) = acquire(&store, K, EP, 0, 0).unwrap() else {
+            panic!("admitted");
+        };
+        assert_eq!(acquire(&store, K, EP, 0, 0).unwrap().0, Arrival::QueueFull);
+        admission::set_unhealthy(&store, K, true).unwrap();
+        assert_eq!(acquire(&store, K, EP, 0, 0).unwrap().0, Arrival::Unhealthy);
+        slot.release(&store, K).unwrap();
+    }
+}

@@ -1,0 +1,42 @@
+//! What the filter serves about itself: the stats JSON, the dashboard page,
+//! and the HTTP Basic guard in front of both. Read only on those paths,
+//! never on a watched request's.
+
+mod dashboard;
+mod stats;
+pub mod status;
+
+pub use dashboard::Dashboard;
+
+use crate::host::Host;
+use crate::routes::Routes;
+use sluice_core::admission::WorkerId;
+
+/// Where the filter answers with its stats JSON (fastapi-balancer's path).
+pub const STATS_PATH: &str = "/balancer/stats";
+
+/// Answers the request for normalised `path` if it is the stats or the
+/// dashboard (or either without valid credentials); whether it did. They win
+/// over any endpoint (a prefix `/` included); the stats path only for reads:
+/// other methods are the application's business. `worker` is the index of
+/// the answering worker, if it has one yet.
+pub fn answer<H: Host>(
+    host: &H,
+    dashboard: &Dashboard,
+    routes: &Routes,
+    worker: Option<WorkerId>,
+    path: &str,
+) -> bool {
+    if path == STATS_PATH {
+        let method = host.get_http_request_header(":method").unwrap_or_default();
+        if method != "GET" && method != "HEAD" {
+            return false;
+        }
+        // Asks for credentials when the dashboard has them.
+        if !dashboard.answer(host, path) {
+            stats::send(host, routes, worker);
+        }
+        return true;
+    }
+    dashboard.answer(host, path)
+}

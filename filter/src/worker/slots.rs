@@ -1,0 +1,127 @@
+//! How a worker gives slots back: at once when a request completes or is
+//! cut, or, for an abandoned request, once the backend has most likely
+//! finished it (see `sluice_core::abandon`). It measures its own requests'
+//! upstream durations for that, and publishes them for workers with none.
+
+use super::Worker;
+use crate::host::Host;
+use sluice_core::abandon::{self, hold_ns, HeldSlots, RecentDurations};
+use sluice_core::holding::Slot;
+use sluice_core::shared_keys;
+use sluice_core::EndpointId;
+use std::cell::RefCell;
+
+pub struct Slots {
+    /// Per endpoint: how long this worker's recent requests took upstream.
+    durations: RefCell<Vec<RecentDurations>>,
+    /// Slots of abandoned requests, released when the backend is most
+    /// likely done with them.
+    held: RefCell<HeldSlots>,
+}
+
+impl Slots {
+    pub fn new(endpoints: usize) -> Slots {
+        Slots {
+            durations: RefCell::new(vec![RecentDurations::default(); endpoints]),
+            held: RefCell::new(HeldSlots::default()),
+        }
+    }
+
+    pub fn next_due(&self) -> Option<u64> {
+        self.held.borrow().next_due()
+    }
+}
+
+impl<H: Host> Worker<H> {
+    /// Whether to read the clock for a request admitted now, to time it
+    /// (see [`RecentDurations::time_next`]).
+    pub fn time_next(&self, endpoint: EndpointId) -> bool {
+        self.slots.durations.borrow_mut()[endpoint.0].time_next()
+    }
+
+    /// The request holding `slot` got its whole response: the backend is
+    /// done with it, and its duration (if it was timed) feeds the estimate,
+    /// which the tick publishes.
+    pub fn complete(&self, slot: Slot) {
+        if let Some(admitted_ns) = slot.admitted_ns() {
+            let took = self.host.now_ns().saturating_sub(admitted_ns);
+            self.slots.durations.borrow_mut()[slot.endpoint().0].record(took);
+        }
+        self.release(slot);
+    }
+
+    /// The request holding `slot`, admitted at `admitted_ns`, was abandoned
+    /// before its response (client gone, or Envoy answered for the backend):
+    /// the slot is held until the backend has most likely finished it.
+    pub fn abandon(&self, slot: Slot, admitted_ns: u64) {
+        let now = self.host.now_ns();
+        let ep = slot.endpoint();
+        let route = self.routes.route(ep);
+        let estimate = self.slots.durations.borrow()[ep.0]
+            .estimate_ns()
+            .or_else(|| {
+                abandon::published(&self.host, &shared_keys::upstream_estimate(&route.key))
+            });
+        let hold = hold_ns(
+            estimate,
+            now.saturating_sub(admitted_ns),
+            route.abandon_hold,
+        );
+        if hold == 0 {
+            self.release(slot);
+            return;
+        }
+        log::debug!(
+            "{}: abandoned after {} ms; slot held {} ms more",
+            route.path,
+            now.saturating_sub(admitted_ns) / 1_000_000,
+            hold / 1_000_000
+        );
+        self.slots
+            .held
+            .borrow_mut()
+            .hold(slot, now.saturating_add(hold));
+        // The tick releases it.
+        self.schedule(false);
+    }
+
+    pub(super) fn release_held(&self) {
+        let due = self.slots.held.borrow_mut().take_due(self.host.now_ns());
+        for slot in due {
+            self.release(slot);
+        }
+    }
+
+    /// The VM is going away: nothing will tick for its held slots, so they
+    /// go back now rather than never.
+    pub fn release_all_held(&self) {
+        let all = self.slots.held.borrow_mut().take_all();
+        for slot in all {
+            self.release(slot);
+        }
+    }
+
+    /// Publishes the upstream-duration estimates that changed since the
+    /// last tick, for workers that have none of their own.
+    pub(super) fn publish_estimates(&self) {
+        let mut durations = self.slots.durations.borrow_mut();
+        for (ep, d) in durations.iter_mut().enumerate() {
+            if let Some(estimate) = d.take_unpublished() {
+                let key = shared_keys::upstream_estimate(&self.routes.route(EndpointId(ep)).key);
+                if let Err(e) = abandon::publish(&self.host, &key, estimate) {
+                    log::debug!("cannot publish {key}: {e}");
+                }
+            }
+        }
+    }
+
+    /// Gives `slot` back; the release may hand it to a waiter of this worker
+    /// (claimed at once) or of another (woken).
+    pub fn release(&self, slot: Slot) {
+        let route = self.routes.route(slot.endpoint());
+        match slot.release(&self.host, &route.key) {
+            Ok(wakeups) => self.wake(&wakeups),
+            Err(e) => log::error!("release on {}: {e}", route.path),
+        }
+    }
+}
