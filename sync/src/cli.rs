@@ -1,5 +1,6 @@
 //! Command line and environment, and the settings they resolve to.
 
+use crate::auth::{Token, TokenError};
 use clap::Parser;
 use sluice_core::redis_keys::Storage;
 use std::net::SocketAddr;
@@ -47,6 +48,26 @@ pub struct Opts {
     /// A heartbeat goes to a watcher when nothing else was sent for this long
     #[arg(long, env = "SLUICE_SYNC_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = interval, value_name = "DURATION")]
     pub heartbeat_interval: Duration,
+
+    /// Forget a service (its snapshot, subscription and reads) once nobody
+    /// has watched it for this long
+    #[arg(long, env = "SLUICE_SYNC_FORGET_AFTER", default_value = "30s", value_parser = interval, value_name = "DURATION")]
+    pub forget_after: Duration,
+
+    /// Services held at once; a watcher of one more, while each is watched,
+    /// gets RESOURCE_EXHAUSTED
+    #[arg(long, env = "SLUICE_SYNC_MAX_SERVICES", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..), value_name = "N")]
+    pub max_services: u32,
+
+    /// Require `authorization: Bearer <token>` on CapacitySync calls, the
+    /// token read from this file (or SLUICE_SYNC_TOKEN holds it)
+    #[arg(long, env = "SLUICE_SYNC_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+
+    /// The token itself, from the environment only (a flag would show in
+    /// `ps`).
+    #[arg(skip = std::env::var("SLUICE_SYNC_TOKEN").ok())]
+    pub token_env: Option<String>,
 }
 
 /// What the service runs with.
@@ -56,6 +77,10 @@ pub struct Settings {
     pub redis_url: String,
     pub resync_interval: Duration,
     pub heartbeat_interval: Duration,
+    pub forget_after: Duration,
+    pub max_services: usize,
+    /// `None`: anyone may call CapacitySync.
+    pub token: Option<Token>,
 }
 
 /// A setting that cannot be used. Each message names the flag or key.
@@ -70,6 +95,10 @@ pub enum SettingsError {
     ConfigFile { path: String, problem: String },
     #[error("{flag}: {problem}")]
     BadRedisUrl { flag: &'static str, problem: String },
+    #[error("{0}")]
+    Token(#[from] TokenError),
+    #[error("--token-file and SLUICE_SYNC_TOKEN are both set: use one")]
+    TwoTokens,
 }
 
 impl Settings {
@@ -90,11 +119,20 @@ impl Settings {
             flag,
             problem: format!("not a Redis URL (redis://[user:pass@]host:port[/db]): {e}"),
         })?;
+        let token = match (&opts.token_file, &opts.token_env) {
+            (Some(_), Some(_)) => return Err(SettingsError::TwoTokens),
+            (Some(path), None) => Some(Token::from_file(path)?),
+            (None, Some(text)) => Some(Token::parse(text, "SLUICE_SYNC_TOKEN")?),
+            (None, None) => None,
+        };
         Ok(Settings {
             listen: opts.listen,
             redis_url,
             resync_interval: opts.resync_interval,
             heartbeat_interval: opts.heartbeat_interval,
+            forget_after: opts.forget_after,
+            max_services: opts.max_services as usize,
+            token,
         })
     }
 }
@@ -146,6 +184,9 @@ mod tests {
                 redis_url: "redis://127.0.0.1:6379".into(),
                 resync_interval: Duration::from_secs(5),
                 heartbeat_interval: Duration::from_secs(1),
+                forget_after: Duration::from_secs(30),
+                max_services: 1000,
+                token: None,
             }
         );
         let opts = parse(&[
@@ -229,6 +270,44 @@ mod tests {
             .render_help()
             .to_string()
             .contains("SLUICE_REDIS_URL"));
+    }
+
+    #[test]
+    fn limits_and_the_token() {
+        let dir = std::env::temp_dir().join(format!("sluice-sync-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, "s3cret\n").unwrap();
+        let mut opts = parse(&[
+            "--redis",
+            "redis://h",
+            "--forget-after",
+            "200ms",
+            "--max-services",
+            "7",
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ])
+        .unwrap();
+        opts.token_env = None; // whatever this test's environment holds
+        let settings = Settings::from_opts(&opts).unwrap();
+        assert_eq!(settings.forget_after, Duration::from_millis(200));
+        assert_eq!(settings.max_services, 7);
+        assert_eq!(settings.token, Some(Token::parse("s3cret", "x").unwrap()));
+        opts.token_env = Some("other".into());
+        assert_eq!(Settings::from_opts(&opts), Err(SettingsError::TwoTokens));
+        opts.token_file = None;
+        opts.token_env = Some("".into());
+        assert_eq!(
+            Settings::from_opts(&opts).unwrap_err().to_string(),
+            "SLUICE_SYNC_TOKEN: is empty"
+        );
+        let error = parse(&["--max-services", "0"]).unwrap_err().to_string();
+        assert!(
+            error.contains("invalid value '0' for '--max-services <N>'"),
+            "{error}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

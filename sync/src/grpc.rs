@@ -3,7 +3,7 @@
 
 use crate::api::capacity_sync_server::CapacitySync;
 use crate::api::{FetchRequest, Snapshot, WatchRequest};
-use crate::services::{stopping, Services, WatchedService};
+use crate::services::{stopping, Services, TooManyServices, Watching};
 use crate::snapshots::heartbeat;
 use sluice_core::redis_keys::check_service_name;
 use std::sync::Arc;
@@ -18,8 +18,13 @@ const FETCH_WAIT: Duration = Duration::from_secs(2);
 /// Snapshots queued for one watcher. A slow watcher only delays itself; it
 /// always gets the newest view next (older ones are never queued).
 const SEND_QUEUE: usize = 2;
-/// Longer names are refused: they would become Redis keys.
-const MAX_SERVICE_NAME: usize = 200;
+/// Longer names are refused: they become Redis keys and log fields.
+pub const MAX_SERVICE_NAME: usize = 128;
+/// `node` only names the caller in logs: longer is cut.
+const MAX_NODE_NAME: usize = 128;
+/// Redis's counters are signed 64-bit: no version a client holds can be
+/// above this.
+pub const MAX_VERSION: u64 = i64::MAX as u64;
 
 pub struct CapacitySyncService {
     services: Arc<Services>,
@@ -52,16 +57,21 @@ impl CapacitySync for CapacitySyncService {
         let peer = request.remote_addr();
         let request = request.into_inner();
         check_service(&request.service)?;
-        let entry = self.services.watch(&request.service, request.last_version);
+        check_last_version(request.last_version)?;
+        let node = shown_node(&request.node);
+        let watching = self
+            .services
+            .watch(&request.service, request.last_version)
+            .map_err(refused)?;
         info!(
-            service = %request.service, node = %request.node,
+            service = %request.service, node = %node,
             last_version = request.last_version, peer = ?peer, "watcher connected"
         );
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let watcher = Watcher {
             service: request.service,
-            node: request.node,
-            entry,
+            node,
+            watching,
             services: self.services.clone(),
             tx,
             heartbeat_interval: self.heartbeat_interval,
@@ -74,8 +84,9 @@ impl CapacitySync for CapacitySyncService {
     async fn fetch(&self, request: Request<FetchRequest>) -> Result<Response<Snapshot>, Status> {
         let service = request.into_inner().service;
         check_service(&service)?;
-        let entry = self.services.watch(&service, 0);
-        let mut views = entry.subscribe();
+        // Held for the call only: then forgotten after the idle grace.
+        let watching = self.services.watch(&service, 0).map_err(refused)?;
+        let mut views = watching.entry().subscribe();
         let first_read = tokio::time::timeout(FETCH_WAIT, async {
             loop {
                 if let Some(view) = views.borrow_and_update().clone() {
@@ -95,7 +106,13 @@ impl CapacitySync for CapacitySyncService {
     }
 }
 
-fn check_service(service: &str) -> Result<(), Status> {
+fn refused(e: TooManyServices) -> Status {
+    Status::resource_exhausted(e.to_string())
+}
+
+/// A service name is 1 to [`MAX_SERVICE_NAME`] bytes of printable ASCII
+/// without braces (it is a Redis key's hash tag) or spaces.
+pub fn check_service(service: &str) -> Result<(), Status> {
     if service.is_empty() {
         return Err(Status::invalid_argument(
             "service is empty: name the service (`service:` of sluice.yaml)",
@@ -106,14 +123,47 @@ fn check_service(service: &str) -> Result<(), Status> {
             "service is longer than {MAX_SERVICE_NAME} bytes"
         )));
     }
-    check_service_name(service).map_err(|e| Status::invalid_argument(e.to_string()))
+    check_service_name(service).map_err(|e| Status::invalid_argument(e.to_string()))?;
+    if !service.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(Status::invalid_argument(format!(
+            "service {service:?} holds a character that is not printable ASCII: \
+             use letters, digits and punctuation such as - _ . : /"
+        )));
+    }
+    Ok(())
+}
+
+/// A `last_version` no Redis counter can reach is a bad request, not news.
+fn check_last_version(last_version: u64) -> Result<(), Status> {
+    if last_version > MAX_VERSION {
+        return Err(Status::invalid_argument(format!(
+            "last_version {last_version} is above any version Redis can hold ({MAX_VERSION}): \
+             send the version of the last snapshot you applied, or 0"
+        )));
+    }
+    Ok(())
+}
+
+/// `node` as logged: control characters escaped, cut to a bounded length.
+fn shown_node(node: &str) -> String {
+    let mut shown: String = node.escape_default().collect();
+    if shown.len() > MAX_NODE_NAME {
+        let mut end = MAX_NODE_NAME;
+        while !shown.is_char_boundary(end) {
+            end -= 1;
+        }
+        shown.truncate(end);
+        shown.push_str("...");
+    }
+    shown
 }
 
 /// One `Watch` stream.
 struct Watcher {
     service: String,
     node: String,
-    entry: Arc<WatchedService>,
+    /// Keeps the service remembered while the stream lives.
+    watching: Watching,
     services: Arc<Services>,
     tx: mpsc::Sender<Result<Snapshot, Status>>,
     heartbeat_interval: Duration,
@@ -127,7 +177,7 @@ impl Watcher {
     /// UNAVAILABLE so the client reconnects (to another replica).
     async fn run(self) {
         let mut shutdown = self.shutdown.clone();
-        let mut views = self.entry.subscribe();
+        let mut views = self.watching.entry().subscribe();
         let mut heartbeats = tokio::time::interval(self.heartbeat_interval);
         heartbeats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let first = views.borrow_and_update().clone();
@@ -152,7 +202,7 @@ impl Watcher {
                     }
                 }
                 _ = heartbeats.tick() => {
-                    let view = self.entry.current();
+                    let view = self.watching.entry().current();
                     let beat = heartbeat(&self.service, view.as_ref(), self.services.redis_up(), now_unix_ms());
                     if !self.send(beat).await {
                         break;

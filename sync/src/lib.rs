@@ -4,9 +4,11 @@
 //! `main.rs` only parses arguments and calls [`run`]. The parts:
 //! [`redis_source`] reads Redis into per-service views held by
 //! [`services`]; [`grpc`] streams them; [`snapshots`] holds the rules
-//! (versions, bad records, staleness) as pure code.
+//! (versions, bad records, staleness) as pure code; [`auth`] checks the
+//! optional token.
 
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod grpc;
 pub mod logging;
@@ -16,6 +18,7 @@ pub mod snapshots;
 
 use anyhow::Context;
 use api::capacity_sync_server::CapacitySyncServer;
+use auth::TokenCheck;
 use cli::{Opts, Settings};
 use grpc::CapacitySyncService;
 use redis_source::RedisSource;
@@ -73,7 +76,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| "--redis: not a Redis URL".to_string())?;
     let shown_url = redis_source::shown_url(&client);
 
-    let (services, requests) = Services::new();
+    let (services, requests) = Services::new(settings.max_services);
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
@@ -82,7 +85,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         health.clone(),
         shutdown.clone(),
     ));
-    let source = RedisSource::new(client, services.clone(), requests, settings.resync_interval);
+    let source = RedisSource::new(
+        client,
+        services.clone(),
+        requests,
+        settings.resync_interval,
+        settings.forget_after,
+    );
     let source = tokio::spawn(source.run(shutdown.clone()));
     let sync_service =
         CapacitySyncService::new(services, settings.heartbeat_interval, shutdown.clone());
@@ -90,7 +99,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     // The harness (and people) learn a `--listen ...:0` port from this line.
     println!("listening on {addr}");
     let _ = std::io::stdout().flush();
-    info!(listen = %addr, redis = %shown_url, "sluice-sync serving");
+    info!(
+        listen = %addr, redis = %shown_url, token_required = settings.token.is_some(),
+        max_services = settings.max_services, forget_after = ?settings.forget_after,
+        "sluice-sync serving"
+    );
 
     tokio::spawn(async move {
         let signal = shutdown_signal().await;
@@ -102,7 +115,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)
-        .add_service(CapacitySyncServer::new(sync_service))
+        // Health stays open: probes carry no token.
+        .add_service(CapacitySyncServer::with_interceptor(
+            sync_service,
+            TokenCheck::new(settings.token.clone()),
+        ))
         .serve_with_incoming_shutdown(incoming, async move { stopping(&mut stop).await });
     let mut grace = shutdown.clone();
     tokio::select! {

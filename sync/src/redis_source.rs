@@ -2,7 +2,10 @@
 //! updates channel and re-reads a service on each message, when a watcher
 //! first names it, and every `resync_interval` (the backstop for a lost
 //! message). When Redis goes away it marks every view stale, keeps serving
-//! them, and reconnects with backoff. Key layout: docs/redis-keys.md.
+//! them, and reconnects with backoff. It forgets (and unsubscribes from) the
+//! services nobody watched for the idle grace period. It only reads Redis,
+//! except to raise a version counter below one it read itself (Redis lost
+//! its data). Key layout: docs/redis-keys.md.
 
 use crate::services::{stopping, Services};
 use crate::snapshots::{Outcome, RedisRead, ServiceState};
@@ -37,6 +40,7 @@ pub struct RedisSource {
     services: Arc<Services>,
     requests: mpsc::UnboundedReceiver<String>,
     resync_interval: Duration,
+    forget_after: Duration,
     states: HashMap<String, ServiceState>,
 }
 
@@ -66,6 +70,7 @@ impl RedisSource {
         services: Arc<Services>,
         requests: mpsc::UnboundedReceiver<String>,
         resync_interval: Duration,
+        forget_after: Duration,
     ) -> RedisSource {
         RedisSource {
             shown_url: shown_url(&client),
@@ -73,6 +78,7 @@ impl RedisSource {
             services,
             requests,
             resync_interval,
+            forget_after,
             states: HashMap::new(),
         }
     }
@@ -99,9 +105,13 @@ impl RedisSource {
             } else {
                 debug!(redis = %self.shown_url, %error, retry_in = ?backoff, "still no Redis");
             }
-            tokio::select! {
-                _ = sleep(backoff) => {}
-                _ = stopping(&mut shutdown) => return,
+            let retry = tokio::time::Instant::now() + backoff;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(retry) => break,
+                    _ = sleep(self.sweep_interval()) => self.forget_idle(),
+                    _ = stopping(&mut shutdown) => return,
+                }
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
         }
@@ -142,6 +152,8 @@ impl RedisSource {
             self.resync_interval,
         );
         resync.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(self.sweep_interval());
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stopping(shutdown) => return Ok(()),
@@ -160,6 +172,9 @@ impl RedisSource {
                     }
                 }
                 Some(service) = self.requests.recv() => {
+                    if !self.services.contains(&service) {
+                        continue; // forgotten before we got to it
+                    }
                     if !channels.values().any(|s| *s == service) {
                         subscribe(&mut sink, &mut channels, &service).await?;
                     }
@@ -170,7 +185,43 @@ impl RedisSource {
                         self.refresh(&mut conn, &service).await?;
                     }
                 }
+                _ = sweep.tick() => {
+                    self.forget_idle();
+                    let gone: Vec<String> = channels
+                        .iter()
+                        .filter(|(_, service)| !self.services.contains(service))
+                        .map(|(channel, _)| channel.clone())
+                        .collect();
+                    for channel in gone {
+                        within(RESPONSE_TIMEOUT, sink.unsubscribe(&channel)).await?;
+                        channels.remove(&channel);
+                    }
+                }
             }
+        }
+    }
+
+    /// Often enough that a service is forgotten soon after its grace ends.
+    fn sweep_interval(&self) -> Duration {
+        (self.forget_after / 4).clamp(Duration::from_millis(10), Duration::from_secs(1))
+    }
+
+    /// Forgets the services nobody watched for the grace period, and what
+    /// this side held for them (and for those evicted to make room).
+    fn forget_idle(&mut self) {
+        let forgotten = self
+            .services
+            .forget_idle(self.forget_after, std::time::Instant::now());
+        let before = self.states.len();
+        self.states
+            .retain(|service, _| self.services.contains(service));
+        if forgotten > 0 || self.states.len() < before {
+            info!(
+                forgotten = forgotten.max(before - self.states.len()),
+                services = self.services.len(),
+                idle_for = ?self.forget_after,
+                "forgot services nobody watches"
+            );
         }
     }
 
@@ -195,7 +246,7 @@ impl RedisSource {
                 }
             };
             let state = self.states.entry(service.to_string()).or_default();
-            let (outcome, skipped) = state.apply(service, &read, entry.held());
+            let (outcome, skipped) = state.apply(service, &read);
             for record in skipped {
                 warn!(service = %service, key = %record.key, problem = %record.problem, "skipping a malformed capacity record");
             }
@@ -220,11 +271,21 @@ impl RedisSource {
                          (Redis lost its data?): raising it so Envoys take the new state"
                     );
                     // INCRBY, not SET: never lowers it, whoever else writes.
-                    redis::cmd("INCRBY")
+                    let raised = redis::cmd("INCRBY")
                         .arg(version_key(service))
                         .arg(raise_to - read.version)
                         .query_async::<i64>(conn)
-                        .await?;
+                        .await;
+                    match raised {
+                        Ok(_) => {}
+                        Err(e) if is_connection_failure(&e) => return Err(e.into()),
+                        // E.g. an overflow: this service's problem, not an
+                        // outage of Redis.
+                        Err(error) => {
+                            warn!(service = %service, %error, "cannot raise the version counter; keeping the last snapshot");
+                            return Ok(());
+                        }
+                    }
                 }
             }
         }

@@ -101,9 +101,10 @@ pub enum Outcome {
     Changed(ServiceView),
     /// Same as before: send nothing.
     Unchanged,
-    /// Redis's counter is below a version already sent or held by a watcher
-    /// (Redis lost it): raise it to `raise_to` and read again. Nothing was
-    /// applied.
+    /// Redis's counter is below a version this service already sent (Redis
+    /// lost it): raise it to `raise_to` and read again. Nothing was applied.
+    /// Only versions read from Redis count: what a watcher says it holds
+    /// never raises anything (anyone can say anything).
     Behind { raise_to: u64 },
 }
 
@@ -122,25 +123,13 @@ impl ServiceState {
         self.view.as_ref()
     }
 
-    /// Applies a read. `held` is the newest version a watcher said it holds.
-    /// Returns the outcome and the records skipped now that were not (with
-    /// the same problem) in the read before.
-    pub fn apply(
-        &mut self,
-        service: &str,
-        read: &RedisRead,
-        held: u64,
-    ) -> (Outcome, Vec<SkippedRecord>) {
+    /// Applies a read. Returns the outcome and the records skipped now that
+    /// were not (with the same problem) in the read before.
+    pub fn apply(&mut self, service: &str, read: &RedisRead) -> (Outcome, Vec<SkippedRecord>) {
         let sent = self.view.as_ref().map_or(0, |v| v.version);
-        let floor = sent.max(held);
-        if read.version < floor {
+        if read.version < sent {
             // Strictly above: the content under the lost versions may differ.
-            return (
-                Outcome::Behind {
-                    raise_to: floor + 1,
-                },
-                Vec::new(),
-            );
+            return (Outcome::Behind { raise_to: sent + 1 }, Vec::new());
         }
         let (endpoints, skipped) = endpoints_from(service, &read.records);
         let newly_skipped = skipped
@@ -221,7 +210,7 @@ mod tests {
                 ("/embed", record("3", "manual")),
             ],
         );
-        let (outcome, skipped) = state.apply("demo", &r, 0);
+        let (outcome, skipped) = state.apply("demo", &r);
         assert!(skipped.is_empty());
         let snapshot = changed(outcome).snapshot("demo", 1234);
         assert_eq!(
@@ -253,11 +242,11 @@ mod tests {
     #[test]
     fn unknown_service_is_an_empty_snapshot_at_version_0() {
         let mut state = ServiceState::default();
-        let view = changed(state.apply("nobody", &RedisRead::default(), 0).0);
+        let view = changed(state.apply("nobody", &RedisRead::default()).0);
         assert_eq!(view.version, 0);
         assert!(view.endpoints.is_empty());
         assert_eq!(
-            state.apply("nobody", &RedisRead::default(), 0).0,
+            state.apply("nobody", &RedisRead::default()).0,
             Outcome::Unchanged
         );
     }
@@ -266,14 +255,14 @@ mod tests {
     fn sends_only_when_content_or_version_changes() {
         let mut state = ServiceState::default();
         let r = read(1, &[("/p", record("8", "probe"))]);
-        changed(state.apply("s", &r, 0).0);
-        assert_eq!(state.apply("s", &r, 0).0, Outcome::Unchanged);
+        changed(state.apply("s", &r).0);
+        assert_eq!(state.apply("s", &r).0, Outcome::Unchanged);
         // A new version with the same content is still news.
         let r2 = read(2, &[("/p", record("8", "probe"))]);
-        assert_eq!(changed(state.apply("s", &r2, 0).0).version, 2);
+        assert_eq!(changed(state.apply("s", &r2).0).version, 2);
         // A hand edit without INCR: same version, new content.
         let r3 = read(2, &[("/p", record("9", "manual"))]);
-        let view = changed(state.apply("s", &r3, 0).0);
+        let view = changed(state.apply("s", &r3).0);
         assert_eq!((view.version, view.endpoints[0].capacity), (2, 9));
     }
 
@@ -288,7 +277,7 @@ mod tests {
                 ("/gone", HashMap::new()),
             ],
         );
-        let (outcome, skipped) = state.apply("demo", &r, 0);
+        let (outcome, skipped) = state.apply("demo", &r);
         let view = changed(outcome);
         assert_eq!(view.endpoints.len(), 1);
         assert_eq!(view.endpoints[0].path, "/good");
@@ -300,14 +289,14 @@ mod tests {
             }]
         );
         // The next read finds it still bad: no second warning.
-        let (outcome, skipped) = state.apply("demo", &r, 0);
+        let (outcome, skipped) = state.apply("demo", &r);
         assert_eq!(outcome, Outcome::Unchanged);
         assert!(skipped.is_empty());
         // Fixed, then broken again: warned again.
         let fixed = read(4, &[("/bad", record("2", "manual"))]);
-        assert!(state.apply("demo", &fixed, 0).1.is_empty());
+        assert!(state.apply("demo", &fixed).1.is_empty());
         let broken = read(5, &[("/bad", hash(&[("capacity", "0")]))]);
-        assert_eq!(state.apply("demo", &broken, 0).1.len(), 1);
+        assert_eq!(state.apply("demo", &broken).1.len(), 1);
     }
 
     #[test]
@@ -315,28 +304,18 @@ mod tests {
         let mut state = ServiceState::default();
         changed(
             state
-                .apply("s", &read(5, &[("/p", record("8", "probe"))]), 0)
+                .apply("s", &read(5, &[("/p", record("8", "probe"))]))
                 .0,
         );
         // Redis restarted without persistence: the counter starts again.
         let after_restart = read(1, &[("/p", record("6", "probe"))]);
         assert_eq!(
-            state.apply("s", &after_restart, 0).0,
+            state.apply("s", &after_restart).0,
             Outcome::Behind { raise_to: 6 }
         );
         assert_eq!(state.view().unwrap().endpoints[0].capacity, 8, "kept");
         let raised = read(6, &[("/p", record("6", "probe"))]);
-        assert_eq!(changed(state.apply("s", &raised, 0).0).version, 6);
-    }
-
-    #[test]
-    fn a_watcher_holding_a_newer_version_raises_the_floor() {
-        let mut state = ServiceState::default();
-        assert_eq!(
-            state.apply("s", &read(2, &[]), 9).0,
-            Outcome::Behind { raise_to: 10 }
-        );
-        assert_eq!(changed(state.apply("s", &read(9, &[]), 9).0).version, 9);
+        assert_eq!(changed(state.apply("s", &raised).0).version, 6);
     }
 
     #[test]
@@ -344,13 +323,13 @@ mod tests {
         let mut state = ServiceState::default();
         assert_eq!(state.mark_stale(), None, "nothing read yet");
         let r = read(1, &[("/p", record("8", "probe"))]);
-        changed(state.apply("s", &r, 0).0);
+        changed(state.apply("s", &r).0);
         let stale = state.mark_stale().expect("news");
         assert!(stale.stale);
         assert_eq!(stale.version, 1);
         assert_eq!(state.mark_stale(), None);
         // Redis is back with the same records: fresh again is news too.
-        assert!(!changed(state.apply("s", &r, 0).0).stale);
+        assert!(!changed(state.apply("s", &r).0).stale);
     }
 
     #[test]
