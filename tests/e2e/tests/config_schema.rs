@@ -6,33 +6,13 @@
 
 use serde_json::Value;
 use sluice_core::config::{schema_json, yaml};
-use sluice_harness::workspace_root;
+use sluice_harness::{files_under, workspace_root};
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const SCHEMA: &str = "docs/sluice.schema.json";
 const REGENERATE: &str =
     "cargo run -p sluice-core --features schema --bin sluice-schema > docs/sluice.schema.json";
-
-fn files(dir: &Path, exts: &[&str], found: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            if !path.ends_with("node_modules") && !path.ends_with("target") {
-                files(&path, exts, found);
-            }
-        } else if path
-            .extension()
-            .is_some_and(|ext| exts.iter().any(|e| ext == *e))
-        {
-            found.push(path);
-        }
-    }
-}
 
 /// Every sluice document inside one parsed YAML (or JSON) tree: the JSON
 /// string of a `configuration` of the sluice filter, and `pluginConfig`.
@@ -110,7 +90,7 @@ fn every_configuration(root: &Path) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     let mut yamls = Vec::new();
     for dir in ["envoy", "deploy", "bench", "tests"] {
-        files(&root.join(dir), &["yaml", "yml"], &mut yamls);
+        yamls.extend(files_under(&root.join(dir), &["yaml", "yml"]));
     }
     yamls.push(root.join("docker-compose.yml"));
     for path in yamls {

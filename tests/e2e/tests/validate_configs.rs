@@ -9,30 +9,12 @@
 //! fragments, which hold `resources:`) is skipped, and listed on stderr.
 
 use sluice_harness::{
-    empty_wasm_path, with_built_wasm, workspace_root, Envoy, FrontProxy, ScratchDir,
+    empty_wasm_path, files_under, with_built_wasm, workspace_root, Envoy, FrontProxy, ScratchDir,
 };
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 const PLUGIN_CONFIG: &str = r#"{"service":"demo","queue_timeout":30,"max_queue":1000,"endpoints":{"/predict":{"capacity":10,"queue_timeout":2,"max_queue":100,"match":"exact","methods":["POST"]}}}"#;
-
-fn yaml_files(dir: &Path, found: &mut Vec<PathBuf>) {
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    entries.sort();
-    for path in entries {
-        if path.is_dir() {
-            yaml_files(&path, found);
-        } else if path
-            .extension()
-            .is_some_and(|ext| ext == "yaml" || ext == "yml")
-        {
-            found.push(path);
-        }
-    }
-}
 
 fn is_bootstrap(yaml: &str) -> bool {
     yaml.lines()
@@ -43,7 +25,7 @@ fn is_bootstrap(yaml: &str) -> bool {
 fn every_envoy_bootstrap_in_the_repo_is_valid() {
     let root = workspace_root();
     let mut files = Vec::new();
-    yaml_files(&root.join("envoy"), &mut files);
+    files.extend(files_under(&root.join("envoy"), &["yaml", "yml"]));
     let scratch = ScratchDir::new("validate-repo");
     let mut validated = Vec::new();
     let mut failures = Vec::new();
@@ -183,7 +165,7 @@ fn values_of(text: &str, key: &str) -> Vec<String> {
 fn every_shipped_listener_keeps_paths_and_queues_safe() {
     let root = workspace_root();
     let mut files = Vec::new();
-    yaml_files(&root.join("envoy"), &mut files);
+    files.extend(files_under(&root.join("envoy"), &["yaml", "yml"]));
     let mut checked = Vec::new();
     let mut problems = Vec::new();
     for path in &files {

@@ -107,6 +107,30 @@ fn built_wasm(file: &str) -> PathBuf {
     path
 }
 
+/// The files under `dir` whose extension is one of `exts`, in a stable
+/// order, leaving out `node_modules` and `target` folders.
+pub fn files_under(dir: &Path, exts: &[&str]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            if !path.ends_with("node_modules") && !path.ends_with("target") {
+                found.extend(files_under(&path, exts));
+            }
+        } else if path
+            .extension()
+            .is_some_and(|ext| exts.iter().any(|e| ext == *e))
+        {
+            found.push(path);
+        }
+    }
+    found
+}
+
 /// A loopback port that was free a moment ago. Another process can take it
 /// before ours binds it; with the kernel's ephemeral port rotation that is
 /// rare enough for tests.
