@@ -30,6 +30,7 @@ if [ -n "$(git -C "$repo" status --porcelain --untracked-files=no)" ]; then
   echo "fresh-check: uncommitted changes are not checked (the clone is of HEAD)" >&2
 fi
 git clone -q --no-local "$repo" "$work/sluice"
+checked=$(git -C "$work/sluice" rev-parse --short HEAD)
 # CI runs with shared/ beside the clone.
 [ -d "$repo/../shared" ] && cp -r "$repo/../shared" "$work/shared"
 
@@ -85,7 +86,7 @@ for cmd in demo test; do
 done
 
 echo
-echo "fresh-check of $(git -C "$repo" rev-parse --short HEAD) on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC')"
+echo "fresh-check of $checked on $(hostname), $(date -u '+%Y-%m-%d %H:%M UTC')"
 for cmd in demo test; do
   [ -n "${took[$cmd]:-}" ] && echo "  make $cmd: ${took[$cmd]}"
 done
