@@ -41,6 +41,20 @@ pub trait Host: SharedData {
         headers: Vec<(&str, &str)>,
         body: &[u8],
     ) -> Result<(), Status>;
+    /// [`Host::send_http_response`] with the response-code details Envoy
+    /// logs as `%RESPONSE_CODE_DETAILS%` (one word, e.g.
+    /// `sluice_queue_timeout`), so Sluice's 504 is told apart from an
+    /// upstream's. A host that cannot carry them answers without.
+    fn send_local_reply(
+        &self,
+        status: u32,
+        details: &str,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status> {
+        let _ = details;
+        self.send_http_response(status, headers, body)
+    }
     fn get_http_request_header(&self, name: &str) -> Option<String>;
     fn get_http_response_header(&self, name: &str) -> Option<String>;
     fn set_http_response_header(&self, name: &str, value: &str);
@@ -152,6 +166,36 @@ impl Host for Envoy {
         hostcalls::send_http_response(status, headers, Some(body))
     }
 
+    // The SDK's send_http_response passes no details (and panics on an
+    // error status): the hostcall itself, with them.
+    fn send_local_reply(
+        &self,
+        status: u32,
+        details: &str,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status> {
+        let headers = serialize_headers(&headers);
+        // SAFETY: every pointer is to a live buffer of the length passed;
+        // the host copies them before returning.
+        let status = unsafe {
+            proxy_send_local_response(
+                status,
+                details.as_ptr(),
+                details.len(),
+                body.as_ptr(),
+                body.len(),
+                headers.as_ptr(),
+                headers.len(),
+                -1,
+            )
+        };
+        match status {
+            Status::Ok => Ok(()),
+            other => Err(other),
+        }
+    }
+
     // The SDK's HttpContext methods unwrap these; so do we.
     fn get_http_request_header(&self, name: &str) -> Option<String> {
         hostcalls::get_map_value(MapType::HttpRequestHeaders, name).unwrap()
@@ -216,5 +260,56 @@ impl Host for Envoy {
 
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
         hostcalls::record_metric(id, value)
+    }
+}
+
+#[link(wasm_import_module = "env")]
+extern "C" {
+    // The ABI's local reply (proxy-wasm ABI 0.2.1), as the SDK declares it.
+    fn proxy_send_local_response(
+        status_code: u32,
+        status_code_details_data: *const u8,
+        status_code_details_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        grpc_status: i32,
+    ) -> Status;
+}
+
+/// A header map as the proxy-wasm ABI passes it: the number of pairs, each
+/// pair's key and value lengths (u32, little-endian), then each key and
+/// value followed by a NUL (the SDK's private `serialize_map`).
+fn serialize_headers(headers: &[(&str, &str)]) -> Vec<u8> {
+    let size = 4 + headers
+        .iter()
+        .map(|(k, v)| k.len() + v.len() + 10)
+        .sum::<usize>();
+    let mut bytes = Vec::with_capacity(size);
+    bytes.extend_from_slice(&(headers.len() as u32).to_le_bytes());
+    for (k, v) in headers {
+        bytes.extend_from_slice(&(k.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&(v.len() as u32).to_le_bytes());
+    }
+    for (k, v) in headers {
+        bytes.extend_from_slice(k.as_bytes());
+        bytes.push(0);
+        bytes.extend_from_slice(v.as_bytes());
+        bytes.push(0);
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serialize_headers;
+
+    #[test]
+    fn headers_serialize_as_the_abi_reads_them() {
+        let bytes = serialize_headers(&[("a", "bc"), ("de", "")]);
+        let mut want = vec![2, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0];
+        want.extend_from_slice(b"a\0bc\0de\0\0");
+        assert_eq!(bytes, want);
     }
 }

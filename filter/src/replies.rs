@@ -35,6 +35,16 @@ impl LocalReply<'_> {
         }
     }
 
+    /// Envoy's response-code details for it (`%RESPONSE_CODE_DETAILS%` in
+    /// the access log): one word per kind of reply.
+    pub fn details(&self) -> &'static str {
+        match self {
+            LocalReply::QueueFull(_) => details::QUEUE_FULL,
+            LocalReply::QueueTimeout(_) => details::QUEUE_TIMEOUT,
+            LocalReply::Unhealthy(_) => details::UNHEALTHY,
+        }
+    }
+
     /// Answers the host's current request with this reply.
     pub fn send<H: Host>(&self, host: &H) {
         let mut headers = vec![
@@ -56,7 +66,7 @@ impl LocalReply<'_> {
             LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) => {}
         }
         let body = self.body();
-        if let Err(e) = host.send_http_response(self.status(), headers, body.as_bytes()) {
+        if let Err(e) = host.send_local_reply(self.status(), self.details(), headers, body.as_bytes()) {
             log::warn!("cannot send the {} reply: {e:?}", self.status());
         }
     }
@@ -82,6 +92,22 @@ impl LocalReply<'_> {
             })),
         }
     }
+}
+
+/// `%RESPONSE_CODE_DETAILS%` of every reply the filter makes itself.
+pub mod details {
+    /// 503: `max_queue` (or `max_queued_bytes`) already waiting.
+    pub const QUEUE_FULL: &str = "sluice_queue_full";
+    /// 504: waited `queue_timeout`.
+    pub const QUEUE_TIMEOUT: &str = "sluice_queue_timeout";
+    /// 503: the backend failed its health checks.
+    pub const UNHEALTHY: &str = "sluice_unhealthy";
+    /// 200: the stats JSON.
+    pub const STATS: &str = "sluice_stats";
+    /// 200: the dashboard page.
+    pub const DASHBOARD: &str = "sluice_dashboard";
+    /// 401: the stats or the dashboard without valid credentials.
+    pub const UNAUTHORIZED: &str = "sluice_unauthorized";
 }
 
 /// A document on one line, as curl users expect.

@@ -4,6 +4,7 @@
 
 use super::STATS_PATH;
 use crate::host::Host;
+use crate::replies::details;
 use sluice_core::config::Ui;
 
 const PAGE: &str = include_str!("../../assets/dashboard.html");
@@ -50,6 +51,7 @@ impl Dashboard {
                 send(
                     host,
                     401,
+                    details::UNAUTHORIZED,
                     vec![
                         ("www-authenticate", &challenge),
                         ("content-type", "application/json"),
@@ -64,6 +66,7 @@ impl Dashboard {
         send(
             host,
             200,
+            details::DASHBOARD,
             vec![
                 ("content-type", "text/html; charset=utf-8"),
                 ("cache-control", "no-store"),
@@ -82,8 +85,8 @@ impl Dashboard {
     }
 }
 
-fn send<H: Host>(host: &H, status: u32, headers: Vec<(&str, &str)>, body: &str) {
-    if let Err(e) = host.send_http_response(status, headers, body.as_bytes()) {
+fn send<H: Host>(host: &H, status: u32, details: &str, headers: Vec<(&str, &str)>, body: &str) {
+    if let Err(e) = host.send_local_reply(status, details, headers, body.as_bytes()) {
         log::warn!("cannot send the {status} reply: {e:?}");
     }
 }

@@ -4,6 +4,7 @@
 
 use super::status;
 use crate::host::Host;
+use crate::replies::details;
 use crate::routes::Routes;
 use serde_json::json;
 use sluice_core::admission::{self, WorkerId};
@@ -20,7 +21,7 @@ pub fn send<H: Host>(host: &H, routes: &Routes, worker: Option<WorkerId>) {
         ("x-sluice-reason", "stats"),
         ("cache-control", "no-store"),
     ];
-    if let Err(e) = host.send_http_response(200, headers, doc.to_string().as_bytes()) {
+    if let Err(e) = host.send_local_reply(200, details::STATS, headers, doc.to_string().as_bytes()) {
         log::warn!("cannot send the 200 reply: {e:?}");
     }
 }
