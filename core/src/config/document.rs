@@ -96,6 +96,8 @@ pub struct Document {
     pub storage: Option<Section<StorageDoc>>,
     /// The dashboard and who may see it and the stats.
     pub ui: Option<Section<UiDoc>>,
+    /// The stats JSON: where it is served, or not at all.
+    pub stats: Option<Section<super::ui::StatsDoc>>,
     /// The filter watches the sync service for its capacities.
     pub sync: Option<Section<SyncDoc>>,
     /// Prober: how long each concurrency level runs.

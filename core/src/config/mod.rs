@@ -32,7 +32,7 @@ pub use enforcement::{
     capacity, path_problem, Config, Endpoint, MatchKind, DEFAULT_ABANDON_HOLD_SECS,
     DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_TIMEOUT_SECS, DEFAULT_SERVICE, MAX_QUEUE_LIMIT,
 };
-pub use ui::{Ui, DEFAULT_UI_PATH, DEFAULT_UI_REFRESH_SECS};
+pub use ui::{StatsDoc, Ui, DEFAULT_STATS_PATH, DEFAULT_UI_PATH, DEFAULT_UI_REFRESH_SECS};
 
 use serde_json::Value;
 

@@ -2,7 +2,6 @@
 //! and of the stats JSON. The page is one self-contained HTML file (inline
 //! script and SVG, nothing fetched from elsewhere) that polls the stats.
 
-use super::STATS_PATH;
 use crate::host::Host;
 use crate::replies::details;
 use sluice_core::config::Ui;
@@ -15,6 +14,8 @@ pub const REALM: &str = "sluice";
 pub struct Dashboard {
     /// The page, with its settings filled in; `None` when disabled.
     page: Option<(String, String)>,
+    /// Where the stats are served; `None`: nowhere.
+    stats_path: Option<String>,
     /// The base64 token of `Authorization: Basic <token>` that lets a
     /// client in.
     expected: Option<String>,
@@ -22,9 +23,12 @@ pub struct Dashboard {
 
 impl Dashboard {
     pub fn new(ui: &Ui) -> Dashboard {
+        // Config parsing refuses the page without the stats.
         let page = ui.enable.then(|| {
+            // A JS string literal, whatever the configured path holds.
+            let stats_path = serde_json::Value::from(ui.stats_path.as_deref().unwrap_or_default());
             let html = PAGE
-                .replace("{{STATS_PATH}}", STATS_PATH)
+                .replace("\"{{STATS_PATH}}\"", &stats_path.to_string())
                 .replace("{{REFRESH_MS}}", &ui.refresh.as_millis().to_string());
             (ui.path.clone(), html)
         });
@@ -32,7 +36,16 @@ impl Dashboard {
             .credentials
             .as_ref()
             .map(|(user, password)| base64(format!("{user}:{password}").as_bytes()));
-        Dashboard { page, expected }
+        Dashboard {
+            page,
+            stats_path: ui.stats_path.clone(),
+            expected,
+        }
+    }
+
+    /// Where the stats are served, if anywhere.
+    pub fn stats_path(&self) -> Option<&str> {
+        self.stats_path.as_deref()
     }
 
     /// Answers a request for the page, or a request for the page or the
@@ -41,7 +54,7 @@ impl Dashboard {
     pub fn answer<H: Host>(&self, host: &H, raw_path: &str) -> bool {
         let path = raw_path.split(['?', '#']).next().unwrap_or(raw_path);
         let page = self.page.as_ref().filter(|(p, _)| p == path);
-        if page.is_none() && path != STATS_PATH {
+        if page.is_none() && self.stats_path() != Some(path) {
             return false;
         }
         if let Some(expected) = &self.expected {

@@ -1,5 +1,5 @@
-//! The stats document at [`super::STATS_PATH`], a superset of
-//! fastapi-balancer's. Read from shared data, so every worker answers with
+//! The stats document at `stats.path` (default `/balancer/stats`), a
+//! superset of fastapi-balancer's. Read from shared data, so every worker answers with
 //! the whole process's numbers.
 
 use super::status;
