@@ -56,6 +56,8 @@ if [ "$use" = test ]; then
   # and `make wasm-image`.
   need_apt docker-compose docker-compose
   need_apt buildah buildah
+  # A real Prometheus (and promtool) for the metric, dashboard and alert tests.
+  need_apt prometheus prometheus
 fi
 if [ "$use" = bench ]; then
   need_apt haproxy haproxy

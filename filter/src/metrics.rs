@@ -2,12 +2,16 @@
 //! became of each request, gauges of what is in flight and queued and of
 //! the capacity, and a histogram of the time waited in the queue.
 //!
-//! Names are `sluice.<service>.<path>.<metric>`; Envoy shows them as
+//! Names are `sluice.<service>.<path>.<metric>`, and an outcome's
+//! `sluice.<service>.<path>.<outcome>.outcomes_total`; Envoy shows them as
 //! `wasmcustom.sluice.…`, and the `stats_tags` in docs/metrics.md turn the
-//! service and the path into tags, so `/stats/prometheus` shows
-//! `sluice_in_flight{service="demo",endpoint="/predict"} 4`. Every VM defines
-//! the same names, and Envoy keeps one stat per name for the whole process,
-//! so counters from all workers add up.
+//! service, the path and the outcome into the tags `sluice_service`,
+//! `sluice_endpoint` and `outcome` (not `service`/`endpoint`, which
+//! Prometheus Operator sets on every target), so `/stats/prometheus` shows
+//! `sluice_in_flight{sluice_service="demo",sluice_endpoint="/predict"} 4` and
+//! `sluice_outcomes_total{…,outcome="queue_full"} 2`. Every VM defines the
+//! same names, and Envoy keeps one stat per name for the whole process, so
+//! counters from all workers add up.
 //!
 //! None of this costs the request path a hostcall. Counters add up in the
 //! worker's memory and go to Envoy on its next tick ([`Metrics::flush`],
@@ -58,16 +62,25 @@ impl Counter {
         Counter::FailedOpen,
     ];
 
+    /// The end of the metric's name: `requests_total`, or the outcome then
+    /// `outcomes_total`, which the `outcome` tag cuts out.
     pub fn suffix(self) -> &'static str {
         match self {
-            Counter::Requests => "requests",
-            Counter::AdmittedAtOnce => "admitted_at_once",
-            Counter::AdmittedAfterWait => "admitted_after_wait",
-            Counter::QueueTimeout => "queue_timeout",
-            Counter::QueueFull => "queue_full",
-            Counter::Unhealthy => "unhealthy",
-            Counter::FailedOpen => "failed_open",
+            Counter::Requests => "requests_total",
+            Counter::AdmittedAtOnce => "admitted_at_once.outcomes_total",
+            Counter::AdmittedAfterWait => "admitted_after_wait.outcomes_total",
+            Counter::QueueTimeout => "queue_timeout.outcomes_total",
+            Counter::QueueFull => "queue_full.outcomes_total",
+            Counter::Unhealthy => "unhealthy.outcomes_total",
+            Counter::FailedOpen => "failed_open.outcomes_total",
         }
+    }
+
+    /// The `outcome` label of `sluice_outcomes_total`; `None` for
+    /// `sluice_requests_total`.
+    #[cfg(test)]
+    pub fn outcome(self) -> Option<&'static str> {
+        self.suffix().strip_suffix(".outcomes_total")
     }
 }
 
@@ -75,8 +88,17 @@ impl Counter {
 pub const IN_FLIGHT: &str = "in_flight";
 pub const QUEUED: &str = "queued";
 pub const CAPACITY: &str = "capacity";
+/// 1 while the endpoint's record is marked unhealthy (its requests get 503).
+pub const BACKEND_UNHEALTHY: &str = "backend_unhealthy";
+/// The sync version of the capacity in force (0: none from sync).
+pub const SYNC_VERSION: &str = "sync_version";
+/// 1 while the leader's sync stream is connected, else 0; only with `sync`.
+pub const SYNC_CONNECTED: &str = "sync_connected";
 /// Milliseconds each queued request waited, until it got a slot or its 504.
-pub const QUEUE_WAIT_MS: &str = "queue_wait_ms";
+/// Milliseconds, not seconds: an Envoy histogram records integers and
+/// cannot rescale them for Prometheus (docs/metrics.md says how to query
+/// seconds).
+pub const QUEUE_WAIT_MS: &str = "queue_wait_milliseconds";
 
 /// The full name of one endpoint's metric, without Envoy's `wasmcustom.`.
 pub fn metric_name(service: &str, path: &str, suffix: &str) -> String {
@@ -89,6 +111,8 @@ struct Ids {
     capacity: u32,
     in_flight: u32,
     queued: u32,
+    backend_unhealthy: u32,
+    sync_version: u32,
     queue_wait_ms: u32,
 }
 
@@ -100,6 +124,8 @@ struct Gauges {
     in_flight: u32,
     queued: u32,
     capacity: u32,
+    unhealthy: bool,
+    sync_version: u64,
 }
 
 impl Gauges {
@@ -114,6 +140,8 @@ impl Gauges {
             in_flight: state.active,
             queued: state.queued(),
             capacity: state.capacity.unwrap_or(0),
+            unhealthy: state.unhealthy,
+            sync_version: state.sync_version,
         })
     }
 }
@@ -127,6 +155,11 @@ pub struct Metrics {
     keys: Vec<String>,
     /// Counts not yet sent to Envoy, by endpoint index and [`Counter`].
     pending: RefCell<Vec<[u64; Counter::ALL.len()]>>,
+    /// `sync_connected` by endpoint index, defined by the leader the first
+    /// time it has a sync stream to report on (never without `sync`).
+    sync_connected: RefCell<Option<Vec<Option<u32>>>>,
+    /// `(service, path)` by endpoint index, to define that late.
+    names: Vec<(String, String)>,
 }
 
 impl Metrics {
@@ -158,6 +191,12 @@ impl Metrics {
             ids,
             keys: routes.endpoints.iter().map(|r| r.key.clone()).collect(),
             pending: RefCell::new(vec![[0; Counter::ALL.len()]; routes.endpoints.len()]),
+            sync_connected: RefCell::new(None),
+            names: routes
+                .endpoints
+                .iter()
+                .map(|r| (routes.service.clone(), r.path.clone()))
+                .collect(),
         }
     }
 
@@ -188,9 +227,10 @@ impl Metrics {
         }
     }
 
-    /// Sets every endpoint's gauges from its record: the leader's job, on
+    /// Sets every endpoint's gauges from its record, and `sync_connected`
+    /// from the leader's stream (`None`: no `sync`): the leader's job, on
     /// its tick.
-    pub fn publish_gauges<H: Host>(&self, host: &H) {
+    pub fn publish_gauges<H: Host>(&self, host: &H, sync_connected: Option<bool>) {
         for (ids, key) in self.ids.iter().zip(&self.keys) {
             let Some(ids) = ids else { continue };
             let Ok(Some((bytes, _))) = host.get(key) else {
@@ -202,6 +242,25 @@ impl Metrics {
             let _ = host.record_metric(ids.capacity, u64::from(g.capacity));
             let _ = host.record_metric(ids.in_flight, u64::from(g.in_flight));
             let _ = host.record_metric(ids.queued, u64::from(g.queued));
+            let _ = host.record_metric(ids.backend_unhealthy, u64::from(g.unhealthy));
+            let _ = host.record_metric(ids.sync_version, g.sync_version);
+        }
+        if let Some(connected) = sync_connected {
+            let mut defined = self.sync_connected.borrow_mut();
+            let ids = defined.get_or_insert_with(|| {
+                self.ids
+                    .iter()
+                    .zip(&self.names)
+                    .map(|(ids, (service, path))| {
+                        ids.as_ref()?;
+                        let name = metric_name(service, path, SYNC_CONNECTED);
+                        host.define_metric(MetricType::Gauge, &name).ok()
+                    })
+                    .collect()
+            });
+            for id in ids.iter().flatten() {
+                let _ = host.record_metric(*id, u64::from(connected));
+            }
         }
     }
 
@@ -229,6 +288,8 @@ fn define<H: Host>(host: &H, service: &str, path: &str, capacity: u32) -> Result
         capacity: capacity_id,
         in_flight: host.define_metric(MetricType::Gauge, &name(IN_FLIGHT))?,
         queued: host.define_metric(MetricType::Gauge, &name(QUEUED))?,
+        backend_unhealthy: host.define_metric(MetricType::Gauge, &name(BACKEND_UNHEALTHY))?,
+        sync_version: host.define_metric(MetricType::Gauge, &name(SYNC_VERSION))?,
         queue_wait_ms: host.define_metric(MetricType::Histogram, &name(QUEUE_WAIT_MS))?,
     })
 }
@@ -255,9 +316,11 @@ mod tests {
     fn counters(envoy: &FakeEnvoy) -> Vec<(&'static str, u64)> {
         Counter::ALL
             .iter()
-            .map(|c| (c.suffix(), metric(envoy, c.suffix())))
+            .map(|c| (c.outcome().unwrap_or("requests"), metric(envoy, c.suffix())))
             .collect()
     }
+
+    const REQUESTS: &str = "requests_total";
 
     /// `(in_flight, queued)` gauges.
     fn gauges(envoy: &FakeEnvoy) -> (u64, u64) {
@@ -277,6 +340,12 @@ mod tests {
             metric_name("demo", "/v1/model.json", IN_FLIGHT),
             "sluice.demo./v1/model.json.in_flight"
         );
+        assert_eq!(
+            metric_name("demo", "/p", Counter::QueueFull.suffix()),
+            "sluice.demo./p.queue_full.outcomes_total"
+        );
+        assert_eq!(Counter::Requests.outcome(), None);
+        assert_eq!(Counter::FailedOpen.outcome(), Some("failed_open"));
     }
 
     /// Time enough for the leader to set the gauges again at its tick.
@@ -298,12 +367,12 @@ mod tests {
         assert_eq!(c.reply().status, 503);
         // The request path made no metric hostcall: counts wait in memory
         // for the tick, gauges for the leader's.
-        assert_eq!(metric(&envoy, "requests"), 0);
+        assert_eq!(metric(&envoy, REQUESTS), 0);
         assert_eq!(gauges(&envoy), (0, 0));
         envoy.advance(SETTLE);
         w.tick();
         assert_eq!(gauges(&envoy), (1, 1));
-        assert_eq!(metric(&envoy, "requests"), 3);
+        assert_eq!(metric(&envoy, REQUESTS), 3);
         envoy.advance(Duration::from_millis(300) - SETTLE);
         w.tick();
         assert_eq!(b.reply().status, 504);
@@ -366,7 +435,7 @@ mod tests {
         assert_eq!(b.resumes(), 1);
         b.complete();
         w.tick();
-        for suffix in [IN_FLIGHT, QUEUED, CAPACITY, QUEUE_WAIT_MS, "requests"] {
+        for suffix in [IN_FLIGHT, QUEUED, CAPACITY, QUEUE_WAIT_MS, REQUESTS] {
             assert!(
                 !envoy.has_metric(&metric_name("t", PATH, suffix)),
                 "{suffix}"
@@ -432,9 +501,10 @@ mod tests {
         envoy.advance(sluice_core::lease::LEASE_TTL);
         w.tick();
         assert_eq!(gauges(&envoy), (0, 0));
-        assert_eq!(metric(&envoy, "requests"), 800);
+        assert_eq!(metric(&envoy, REQUESTS), 800);
         assert_eq!(
-            metric(&envoy, "admitted_at_once") + metric(&envoy, "admitted_after_wait"),
+            metric(&envoy, Counter::AdmittedAtOnce.suffix())
+                + metric(&envoy, Counter::AdmittedAfterWait.suffix()),
             800
         );
     }

@@ -63,8 +63,8 @@ fn value(
         .iter()
         .find(|s| {
             s.name == name
-                && s.labels.get("service").map(String::as_str) == Some(service)
-                && s.labels.get("endpoint").map(String::as_str) == Some(endpoint)
+                && s.labels.get("sluice_service").map(String::as_str) == Some(service)
+                && s.labels.get("sluice_endpoint").map(String::as_str) == Some(endpoint)
                 && extra
                     .iter()
                     .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(v))
@@ -74,6 +74,17 @@ fn value(
 
 fn sluice(samples: &[Sample], metric: &str) -> Option<f64> {
     value(samples, &format!("sluice_{metric}"), "e2e", "/predict", &[])
+}
+
+/// `sluice_outcomes_total{outcome=...}` of e2e's /predict.
+fn outcome(samples: &[Sample], outcome: &str) -> Option<f64> {
+    value(
+        samples,
+        "sluice_outcomes_total",
+        "e2e",
+        "/predict",
+        &[("outcome", outcome)],
+    )
 }
 
 fn count(outcomes: &[Outcome], status: u16) -> usize {
@@ -105,7 +116,7 @@ fn gauges_mid_burst_and_counters_after_match_what_clients_saw() {
         "4 in flight, 6 queued, 14 seen",
         || {
             let s = scrape(&envoy);
-            let seen = sluice(&s, "requests") == Some(14.0);
+            let seen = sluice(&s, "requests_total") == Some(14.0);
             (seen && sluice(&s, "in_flight") == Some(4.0) && sluice(&s, "queued") == Some(6.0))
                 .then_some(())
         },
@@ -139,15 +150,17 @@ fn gauges_mid_burst_and_counters_after_match_what_clients_saw() {
     let settled = Instant::now() + Duration::from_secs(1);
     let end = loop {
         let s = scrape(&envoy);
-        let done = sluice(&s, "requests") == Some(outcomes.len() as f64)
+        let done = sluice(&s, "requests_total") == Some(outcomes.len() as f64)
             && sluice(&s, "in_flight") == Some(0.0);
         if done || Instant::now() > settled {
             break s;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let counters: Vec<(&str, Option<f64>)> = [
-        "requests",
+    let mut counters: Vec<(&str, Option<f64>)> =
+        vec![("requests", sluice(&end, "requests_total"))];
+    counters.extend(
+        [
         "admitted_at_once",
         "admitted_after_wait",
         "queue_timeout",
@@ -156,8 +169,8 @@ fn gauges_mid_burst_and_counters_after_match_what_clients_saw() {
         "failed_open",
     ]
     .iter()
-    .map(|m| (*m, sluice(&end, m)))
-    .collect();
+    .map(|m| (*m, outcome(&end, m))),
+    );
     let clients_saw = |n: usize| Some(n as f64);
     assert_eq!(
         counters,
@@ -180,12 +193,12 @@ fn gauges_mid_burst_and_counters_after_match_what_clients_saw() {
     // Histograms reach the admin output at Envoy's stats flush (5 s).
     let waits = wait_until(Duration::from_secs(12), "the queue-wait histogram", || {
         let s = scrape(&envoy);
-        (sluice(&s, "queue_wait_ms_count") == Some(6.0)).then_some(s)
+        (sluice(&s, "queue_wait_milliseconds_count") == Some(6.0)).then_some(s)
     });
     // Everyone who waited waited at least 1.4 s: none in the 1 s bucket.
     let under_1s = value(
         &waits,
-        "sluice_queue_wait_ms_bucket",
+        "sluice_queue_wait_milliseconds_bucket",
         "e2e",
         "/predict",
         &[("le", "1000")],
@@ -208,14 +221,14 @@ fn dotted_service_and_path_come_out_whole_as_labels() {
     let settled = Instant::now() + Duration::from_secs(1);
     let samples = loop {
         let s = scrape(&envoy);
-        let seen = value(&s, "sluice_requests", "team.e2e", path, &[]) == Some(3.0);
+        let seen = value(&s, "sluice_requests_total", "team.e2e", path, &[]) == Some(3.0);
         if seen || Instant::now() > settled {
             break s;
         }
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(
-        value(&samples, "sluice_requests", "team.e2e", path, &[]),
+        value(&samples, "sluice_requests_total", "team.e2e", path, &[]),
         Some(3.0),
         "{:#?}",
         samples
@@ -227,6 +240,35 @@ fn dotted_service_and_path_come_out_whole_as_labels() {
         value(&samples, "sluice_capacity", "team.e2e", path, &[]),
         Some(2.0)
     );
+    // The outcome is a label of one counter, and the path stays whole in
+    // its name too.
+    assert_eq!(
+        value(
+            &samples,
+            "sluice_outcomes_total",
+            "team.e2e",
+            path,
+            &[("outcome", "admitted_at_once")]
+        ),
+        Some(3.0)
+    );
+    // No metric keeps a piece of a path or an outcome in its name.
+    for s in samples.iter().filter(|s| s.name.starts_with("sluice_")) {
+        assert!(
+            [
+                "sluice_requests_total",
+                "sluice_outcomes_total",
+                "sluice_in_flight",
+                "sluice_queued",
+                "sluice_capacity",
+                "sluice_backend_unhealthy",
+                "sluice_sync_version",
+            ]
+            .contains(&s.name.as_str())
+                || s.name.starts_with("sluice_queue_wait_milliseconds_"),
+            "{s:?}"
+        );
+    }
 }
 
 /// Every Envoy bootstrap in the repo carries the same tag regexes as the

@@ -8,18 +8,23 @@ use std::path::PathBuf;
 /// The listener's name (and its stats prefix).
 pub const FRONT_LISTENER_NAME: &str = "sluice_front";
 
-/// Turns the service and the endpoint in the filter's metric names
-/// (`sluice.<service>.<path>.<metric>`) into tags, so `/stats/prometheus`
-/// shows `sluice_in_flight{service="demo",endpoint="/predict"}`. Of each
-/// regex, the first group is cut from the name and the inner one is the
-/// tag's value; a path runs from the first `/` to the last dot. The same
-/// block is in every Envoy configuration of the repo (docs/metrics.md).
+/// Turns the service, the endpoint and the outcome in the filter's metric
+/// names (`sluice.<service>.<path>.<metric>`,
+/// `sluice.<service>.<path>.<outcome>.outcomes_total`) into tags, so
+/// `/stats/prometheus` shows
+/// `sluice_in_flight{sluice_service="demo",sluice_endpoint="/predict"}`. Of
+/// each regex, the first group is cut from the name and the inner one is the
+/// tag's value; a path runs from the first `/` to the dot before the metric.
+/// The same block is in every Envoy configuration of the repo
+/// (docs/metrics.md).
 pub const STATS_TAGS_YAML: &str = r#"stats_config:
   stats_tags:
-  - tag_name: service
+  - tag_name: sluice_service
     regex: '^wasmcustom\.sluice\.(([^/]*)\.)/'
-  - tag_name: endpoint
-    regex: '^wasmcustom\.sluice\.[^/]*\.((/.*)\.)[a-z_]+$'
+  - tag_name: sluice_endpoint
+    regex: '^wasmcustom\.sluice\.[^/]*\.((/.*?)\.)(?:[a-z_]+\.outcomes_total|[a-z_]+)$'
+  - tag_name: outcome
+    regex: '^wasmcustom\.sluice\.[^/]*\./.*\.(([a-z_]+)\.)outcomes_total$'
 "#;
 
 #[derive(Debug, Clone)]
