@@ -83,11 +83,12 @@ if ! "$venv/bin/envoy" --version 2>/dev/null | grep -q '/1\.40\.'; then
 fi
 
 # Schemas for scripts/validate_manifests.py: Kubernetes (strict), Istio's
-# and KEDA's CRDs (generated models) and the compose spec (with its licence).
-if [ "$use" = test ] && ! "$venv/bin/python" -c 'import yaml, kubernetes_validate, check_jsonschema, cloudcoil.models.istio, cloudcoil.models.keda' 2>/dev/null; then
+# KEDA's and Prometheus Operator's CRDs (generated models) and the compose spec (with its licence).
+if [ "$use" = test ] && ! "$venv/bin/python" -c 'import yaml, kubernetes_validate, check_jsonschema, cloudcoil.models.istio, cloudcoil.models.keda, cloudcoil.models.prometheus_operator' 2>/dev/null; then
   echo "deps: pip install the manifest schemas into $venv" >&2
   pip_install 'kubernetes-validate==1.37.0' 'check-jsonschema==0.39.0' \
-    'cloudcoil-models-istio==1.24.2.1' 'cloudcoil-models-keda==2.16.1.0' 'PyYAML>=6'
+    'cloudcoil-models-istio==1.24.2.1' 'cloudcoil-models-keda==2.16.1.0' \
+    'cloudcoil-models-prometheus-operator==0.80.1.0' 'PyYAML>=6'
 fi
 
 targets=(wasm32-wasip1)

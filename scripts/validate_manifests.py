@@ -19,6 +19,9 @@ Schemas come from packages (scripts/deps.sh installs them):
   EnvoyFilter patch value, labels...).
 - KEDA kinds (ScaledObject, ...): `cloudcoil-models-keda`, generated from
   KEDA's CRDs, closed the same way.
+- Prometheus Operator kinds (PrometheusRule, ...):
+  `cloudcoil-models-prometheus-operator`, generated from its CRDs, closed
+  the same way.
 - prometheus-adapter's rules (`config.yaml` of a ConfigMap with `rules` or
   `externalRules`): ADAPTER_CONFIG below, written from the adapter's
   configuration docs (it publishes no schema).
@@ -39,6 +42,7 @@ import yaml
 K8S_VERSION = "1.30.0"
 ISTIO_VERSION = "1.24"  # cloudcoil-models-istio 1.24.2.x
 KEDA_VERSION = "2.16"  # cloudcoil-models-keda 2.16.1.0
+PROMETHEUS_OPERATOR_VERSION = "0.80"  # cloudcoil-models-prometheus-operator 0.80.1.0
 
 # prometheus-adapter's configuration (docs/config.md of
 # kubernetes-sigs/prometheus-adapter), closed like the rest.
@@ -131,6 +135,9 @@ def istio_schema(api_version, kind):
         module_name, source = f"cloudcoil.models.istio.{group.split('.')[0]}.{version}", f"Istio {ISTIO_VERSION}"
     elif group == "keda.sh":
         module_name, source = f"cloudcoil.models.keda.{version}", f"KEDA {KEDA_VERSION}"
+    elif group == "monitoring.coreos.com":
+        module_name = f"cloudcoil.models.prometheus_operator.{version}"
+        source = f"Prometheus Operator {PROMETHEUS_OPERATOR_VERSION}"
     else:
         return None
     key = (api_version, kind)
@@ -143,6 +150,14 @@ def istio_schema(api_version, kind):
         schema = model.model_json_schema(by_alias=True, mode="validation")
         _istio_schemas[key] = close_objects(copy.deepcopy(schema))
     return _istio_schemas[key]
+
+
+def schema_source(api_version):
+    if api_version.startswith("keda.sh/"):
+        return f"KEDA {KEDA_VERSION}"
+    if api_version.startswith("monitoring.coreos.com/"):
+        return f"Prometheus Operator {PROMETHEUS_OPERATOR_VERSION}"
+    return f"Istio {ISTIO_VERSION}"
 
 
 def json_path(error):
@@ -173,7 +188,7 @@ def validate_k8s(paths):
                 errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
                 problems.extend(problem(where, e) for e in errors)
                 if not errors:
-                    source = f"KEDA {KEDA_VERSION}" if api_version.startswith("keda.sh/") else f"Istio {ISTIO_VERSION}"
+                    source = schema_source(api_version)
                     print(f"ok {where} ({source})")
                 continue
             try:
