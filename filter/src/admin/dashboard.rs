@@ -16,6 +16,8 @@ pub struct Dashboard {
     page: Option<(String, String)>,
     /// Where the stats are served; `None`: nowhere.
     stats_path: Option<String>,
+    /// This worker's last stats body ([`super::stats`]).
+    pub stats_cache: super::stats::Cache,
     /// The base64 token of `Authorization: Basic <token>` that lets a
     /// client in.
     expected: Option<String>,
@@ -39,6 +41,7 @@ impl Dashboard {
         Dashboard {
             page,
             stats_path: ui.stats_path.clone(),
+            stats_cache: Default::default(),
             expected,
         }
     }

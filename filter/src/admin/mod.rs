@@ -37,7 +37,7 @@ pub fn answer<H: Host>(
         }
         // Asks for credentials when the dashboard has them.
         if !dashboard.answer(host, path) {
-            stats::send(host, routes, worker);
+            stats::send(host, routes, worker, &dashboard.stats_cache);
         }
         return true;
     }

@@ -105,3 +105,85 @@ fn the_dashboard_without_stats_is_refused_at_start() {
     );
 }
 
+/// With 1,001 endpoints a worker serves a stats body again for a while
+/// instead of rebuilding it on every request (finding 9 of the review):
+/// the numbers still follow what really happens, within a fraction of a
+/// second, and every body is whole.
+#[test]
+fn stats_of_a_thousand_endpoints_stay_correct() {
+    let backend = Backend::start(&["/ep/7:service_ms=1500"]);
+    let endpoints: serde_json::Map<String, serde_json::Value> = (0..1001)
+        .map(|i| (format!("/ep/{i}"), json!({"capacity": 2, "queue_timeout": 10})))
+        .collect();
+    let config = json!({"service": "many", "endpoints": endpoints});
+    let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 2);
+    let ep7 = |doc: &serde_json::Value| {
+        let e = &doc["endpoints"]["/ep/7"];
+        (e["active_requests"].as_u64(), e["queued"].as_u64())
+    };
+    // One keep-alive connection: Envoy holds a local reply's
+    // `connection: close` for its 1 s delayed-close timeout.
+    let connection = std::cell::RefCell::new(std::net::TcpStream::connect(envoy.listener_addr()).unwrap());
+    let stats = || {
+        let doc = keep_alive_get(&mut connection.borrow_mut(), "/balancer/stats");
+        assert_eq!(doc["endpoints"].as_object().map(|m| m.len()), Some(1001));
+        assert!(doc["served_by_worker"].is_u64(), "{}", doc["served_by_worker"]);
+        doc
+    };
+    assert_eq!(ep7(&stats()), (Some(0), Some(0)));
+
+    let requests: Vec<_> = (0..3)
+        .map(|_| {
+            let addr = envoy.listener_addr();
+            std::thread::spawn(move || {
+                sluice_harness::http::Request::new("POST", addr, "/ep/7")
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .map(|r| r.status)
+            })
+        })
+        .collect();
+    // 2 in flight and 1 waiting, seen within a second.
+    sluice_harness::wait_until(Duration::from_secs(2), "2 in flight, 1 queued", || {
+        let seen = ep7(&stats());
+        let backend_runs = backend.path_stats("/ep/7")["in_flight"].as_u64();
+        (seen == (Some(2), Some(1)) && backend_runs == Some(2)).then_some(())
+    });
+    for r in requests {
+        assert_eq!(r.join().unwrap().unwrap(), 200);
+    }
+    // Done: back to zero within a second.
+    sluice_harness::wait_until(Duration::from_secs(1), "nothing in flight", || {
+        (ep7(&stats()) == (Some(0), Some(0))).then_some(())
+    });
+    assert_eq!(backend.path_stats("/ep/7")["completed"].as_u64(), Some(3));
+}
+
+/// GET `path` on an open keep-alive connection; the JSON body.
+fn keep_alive_get(stream: &mut std::net::TcpStream, path: &str) -> serde_json::Value {
+    use std::io::{Read, Write};
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: sluice\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = stream.read(&mut buf).expect("stats response");
+        assert!(n > 0, "connection closed: {}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("content-length");
+        if raw.len() >= end + 4 + length {
+            assert!(head.starts_with("http/1.1 200"), "{head}");
+            return serde_json::from_slice(&raw[end + 4..end + 4 + length]).expect("JSON");
+        }
+    }
+}
