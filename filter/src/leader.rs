@@ -85,7 +85,10 @@ impl<H: Host> Leader<H> {
         // when this worker ticks fast for its own waiters.
         if now >= self.next_gauges_ns {
             self.next_gauges_ns = now.saturating_add(GAUGE_PERIOD.as_nanos() as u64);
-            let sync_connected = self.sync.as_ref().map(|s| s.status()["state"] == "connected");
+            let sync_connected = self
+                .sync
+                .as_ref()
+                .map(|s| s.status()["state"] == "connected");
             self.worker
                 .metrics
                 .publish_gauges(&self.worker.host, sync_connected);

@@ -66,7 +66,9 @@ impl LocalReply<'_> {
             LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) => {}
         }
         let body = self.body();
-        if let Err(e) = host.send_local_reply(self.status(), self.details(), headers, body.as_bytes()) {
+        if let Err(e) =
+            host.send_local_reply(self.status(), self.details(), headers, body.as_bytes())
+        {
             log::warn!("cannot send the {} reply: {e:?}", self.status());
         }
     }

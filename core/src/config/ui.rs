@@ -193,8 +193,7 @@ fn stats_path(section: Option<&Section<StatsDoc>>) -> Result<Option<String>, Con
         return Ok(None);
     }
     Ok(Some(
-        path(fields.path.as_ref(), "stats.path")?
-            .unwrap_or_else(|| DEFAULT_STATS_PATH.to_string()),
+        path(fields.path.as_ref(), "stats.path")?.unwrap_or_else(|| DEFAULT_STATS_PATH.to_string()),
     ))
 }
 

@@ -17,10 +17,10 @@ use crate::host::Host;
 use crate::replies::details;
 use crate::routes::Routes;
 use serde_json::json;
-use std::cell::RefCell;
-use std::time::Duration;
 use sluice_core::admission::{self, WorkerId};
 use sluice_core::shared_data::SharedData;
+use std::cell::RefCell;
+use std::time::Duration;
 
 /// A body that cost this much to build is reused for this many times its
 /// cost.

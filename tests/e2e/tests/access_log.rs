@@ -15,9 +15,7 @@ const SHIPPED_ENDPOINT: &str =
 const SHIPPED_SERVICE: &str = r#""service": "demo","#;
 
 fn send(envoy: &Envoy, method: &str, path: &str, auth: bool) -> HttpResponse {
-    let mut request = envoy
-        .request(method, path)
-        .timeout(Duration::from_secs(10));
+    let mut request = envoy.request(method, path).timeout(Duration::from_secs(10));
     if auth {
         // admin:secret, the recipe's ui credentials.
         request = request.header("authorization", "Basic YWRtaW46c2VjcmV0");
@@ -86,9 +84,11 @@ fn every_local_reply_names_itself_in_the_access_log() {
 
     let fail = sluice_harness::http::post(backend.addr(), "/__backend/health/fail", "").unwrap();
     assert_eq!(fail.status, 200, "{fail:?}");
-    wait_until(Duration::from_secs(5), "the leader sees it unhealthy", || {
-        (stats(&envoy)["health"]["state"] == "unhealthy").then_some(())
-    });
+    wait_until(
+        Duration::from_secs(5),
+        "the leader sees it unhealthy",
+        || (stats(&envoy)["health"]["state"] == "unhealthy").then_some(()),
+    );
     let unhealthy = send(&envoy, "POST", "/predict", false);
     assert_eq!(unhealthy.status, 503, "{unhealthy:?}");
     assert_eq!(unhealthy.header("x-sluice-reason"), Some("unhealthy"));
@@ -108,9 +108,8 @@ fn every_local_reply_names_itself_in_the_access_log() {
         want.iter()
             .copied()
             .filter(|(request, reply)| {
-                !log.lines().any(|l| {
-                    l.contains(&format!("\"{request} HTTP/1.1\" {reply} "))
-                })
+                !log.lines()
+                    .any(|l| l.contains(&format!("\"{request} HTTP/1.1\" {reply} ")))
             })
             .collect()
     };

@@ -157,19 +157,18 @@ fn gauges_mid_burst_and_counters_after_match_what_clients_saw() {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut counters: Vec<(&str, Option<f64>)> =
-        vec![("requests", sluice(&end, "requests_total"))];
+    let mut counters: Vec<(&str, Option<f64>)> = vec![("requests", sluice(&end, "requests_total"))];
     counters.extend(
         [
-        "admitted_at_once",
-        "admitted_after_wait",
-        "queue_timeout",
-        "queue_full",
-        "unhealthy",
-        "failed_open",
-    ]
-    .iter()
-    .map(|m| (*m, outcome(&end, m))),
+            "admitted_at_once",
+            "admitted_after_wait",
+            "queue_timeout",
+            "queue_full",
+            "unhealthy",
+            "failed_open",
+        ]
+        .iter()
+        .map(|m| (*m, outcome(&end, m))),
     );
     let clients_saw = |n: usize| Some(n as f64);
     assert_eq!(

@@ -87,7 +87,10 @@ fn dashboard_exprs() -> Vec<(String, String)> {
             ));
         }
     }
-    for var in dashboard["templating"]["list"].as_array().expect("templating") {
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
         // label_values(SELECTOR, LABEL): Grafana's; the selector is PromQL.
         let Some(q) = var["query"]["query"].as_str() else {
             continue;
@@ -102,7 +105,10 @@ fn dashboard_exprs() -> Vec<(String, String)> {
             format!(
                 "count by ({}) ({})",
                 inner.1,
-                inner.0.replace("$namespace", "demo").replace("$service", "demo")
+                inner
+                    .0
+                    .replace("$namespace", "demo")
+                    .replace("$service", "demo")
             ),
         ));
     }
@@ -167,9 +173,11 @@ fn shipped_queries_return_what_the_backend_really_had() {
             .query_value(expr)
             .unwrap_or_else(|e| panic!("{expr}: {e}"))
     };
-    wait_until(Duration::from_secs(10), "Prometheus sees 3 in flight", || {
-        (value(&keda_query) == Some(CAPACITY as f64)).then_some(())
-    });
+    wait_until(
+        Duration::from_secs(10),
+        "Prometheus sees 3 in flight",
+        || (value(&keda_query) == Some(CAPACITY as f64)).then_some(()),
+    );
     // rate() needs two samples in its window: three scrapes, to be sure.
     wait_until(Duration::from_secs(10), "three scrapes", || {
         let n = value("max(count_over_time(sluice_requests_total[1m]))");
@@ -179,11 +187,16 @@ fn shipped_queries_return_what_the_backend_really_had() {
     // prometheus-adapter's rule, as the adapter fills it in for the HPA's
     // pods of namespace demo; the HPA asks for the name the rule serves.
     let adapter = yaml("deploy/autoscaling/prometheus-adapter-rules.yaml");
-    let rules: Value = yaml_serde::from_str(adapter["data"]["config.yaml"].as_str().unwrap()).unwrap();
+    let rules: Value =
+        yaml_serde::from_str(adapter["data"]["config.yaml"].as_str().unwrap()).unwrap();
     let rule = &rules["rules"][0];
     let series_query = rule["seriesQuery"].as_str().unwrap();
     let series = prometheus.query(series_query).expect(series_query);
-    assert_eq!(series["result"].as_array().map(Vec::len), Some(1), "{series}");
+    assert_eq!(
+        series["result"].as_array().map(Vec::len),
+        Some(1),
+        "{series}"
+    );
     let series_name = series_query.split('{').next().unwrap();
     let metrics_query = rule["metricsQuery"]
         .as_str()
@@ -200,7 +213,11 @@ fn shipped_queries_return_what_the_backend_really_had() {
     let (in_flight, queued) = really();
     assert_eq!((in_flight, queued), (CAPACITY, SENT - CAPACITY));
     let mut checked = vec![(keda_query.clone(), value(&keda_query))];
-    assert_eq!(value(&metrics_query), Some(in_flight as f64), "{metrics_query}");
+    assert_eq!(
+        value(&metrics_query),
+        Some(in_flight as f64),
+        "{metrics_query}"
+    );
     checked.push((metrics_query.clone(), value(&metrics_query)));
 
     let docs = markdown_queries("docs/autoscaling.md");
@@ -262,7 +279,9 @@ fn shipped_queries_return_what_the_backend_really_had() {
             .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
             .collect();
         let evaluated = rules.len() >= 8
-            && rules.iter().all(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z");
+            && rules
+                .iter()
+                .all(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z");
         evaluated.then_some(())
     });
     // No alert fires on a healthy Envoy without sync.
@@ -344,7 +363,11 @@ fn the_prometheus_rule_matches_its_crd_strictly() {
     let scratch = ScratchDir::new("prometheus-rule");
     let text = std::fs::read_to_string(&shipped).unwrap();
     let cases = [
-        ("    - alert: SluiceSyncDisconnected", "    - alrt: SluiceSyncDisconnected", "'alrt' was unexpected"),
+        (
+            "    - alert: SluiceSyncDisconnected",
+            "    - alrt: SluiceSyncDisconnected",
+            "'alrt' was unexpected",
+        ),
         ("  groups:", "  group:", "'group' was unexpected"),
     ];
     let mut files = Vec::new();

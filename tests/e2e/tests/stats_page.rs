@@ -56,7 +56,11 @@ fn stats_served_at_the_configured_path_and_the_old_one_reaches_the_backend() {
     // The page polls the moved path.
     let page = get(&envoy, "/ops/sluice/ui", true);
     assert_eq!(page.status, 200, "{page:?}");
-    assert!(page.text().contains("\"/ops/sluice/stats\""), "{}", page.text());
+    assert!(
+        page.text().contains("\"/ops/sluice/stats\""),
+        "{}",
+        page.text()
+    );
 
     // fastapi-balancer's path is the application's now, with or without
     // credentials.
@@ -95,10 +99,8 @@ fn the_dashboard_without_stats_is_refused_at_start() {
         "ui": {"enable": true},
         "endpoints": {"/predict": {"capacity": 2}},
     });
-    let (_, log) = Envoy::start_expecting_failure(
-        &FrontProxy::new(backend.port(), config.to_string()),
-        1,
-    );
+    let (_, log) =
+        Envoy::start_expecting_failure(&FrontProxy::new(backend.port(), config.to_string()), 1);
     assert!(
         log.contains("ui.enable: the dashboard reads the stats JSON"),
         "{log}"
@@ -113,7 +115,12 @@ fn the_dashboard_without_stats_is_refused_at_start() {
 fn stats_of_a_thousand_endpoints_stay_correct() {
     let backend = Backend::start(&["/ep/7:service_ms=1500"]);
     let endpoints: serde_json::Map<String, serde_json::Value> = (0..1001)
-        .map(|i| (format!("/ep/{i}"), json!({"capacity": 2, "queue_timeout": 10})))
+        .map(|i| {
+            (
+                format!("/ep/{i}"),
+                json!({"capacity": 2, "queue_timeout": 10}),
+            )
+        })
         .collect();
     let config = json!({"service": "many", "endpoints": endpoints});
     let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 2);
@@ -123,11 +130,16 @@ fn stats_of_a_thousand_endpoints_stay_correct() {
     };
     // One keep-alive connection: Envoy holds a local reply's
     // `connection: close` for its 1 s delayed-close timeout.
-    let connection = std::cell::RefCell::new(std::net::TcpStream::connect(envoy.listener_addr()).unwrap());
+    let connection =
+        std::cell::RefCell::new(std::net::TcpStream::connect(envoy.listener_addr()).unwrap());
     let stats = || {
         let doc = keep_alive_get(&mut connection.borrow_mut(), "/balancer/stats");
         assert_eq!(doc["endpoints"].as_object().map(|m| m.len()), Some(1001));
-        assert!(doc["served_by_worker"].is_u64(), "{}", doc["served_by_worker"]);
+        assert!(
+            doc["served_by_worker"].is_u64(),
+            "{}",
+            doc["served_by_worker"]
+        );
         doc
     };
     assert_eq!(ep7(&stats()), (Some(0), Some(0)));
@@ -170,7 +182,11 @@ fn keep_alive_get(stream: &mut std::net::TcpStream, path: &str) -> serde_json::V
     let mut buf = [0u8; 65536];
     loop {
         let n = stream.read(&mut buf).expect("stats response");
-        assert!(n > 0, "connection closed: {}", String::from_utf8_lossy(&raw));
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&raw)
+        );
         raw.extend_from_slice(&buf[..n]);
         let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
             continue;

@@ -93,8 +93,7 @@ impl Prometheus {
                     prometheus.process.log_text()
                 );
             }
-            if matches!(crate::http::get(prometheus.addr(), "/-/ready"), Ok(r) if r.status == 200)
-            {
+            if matches!(crate::http::get(prometheus.addr(), "/-/ready"), Ok(r) if r.status == 200) {
                 return prometheus;
             }
             assert!(
