@@ -509,5 +509,50 @@ mod tests {
         );
     }
 
+    /// `sync_connected` follows the leader's stream (and is not defined
+    /// without `sync`); `sync_version` follows the record.
+    #[test]
+    fn sync_gauges_follow_the_stream_and_the_record() {
+        use prost::Message;
+        use sluice_core::sync_api::{EndpointCapacity, Snapshot};
+        let envoy = FakeEnvoy::new();
+        let plain = FakeWorker::start(&envoy, &config(2, 1.0, 10));
+        plain.tick();
+        assert!(!envoy.has_metric(&metric_name("t", PATH, SYNC_CONNECTED)));
+        plain.done();
+
+        let envoy = FakeEnvoy::new();
+        let mut cfg = config(2, 1.0, 10);
+        cfg["sync"] = json!({"cluster": "sluice_sync"});
+        let w = FakeWorker::start(&envoy, &cfg);
+        w.tick();
+        let connected = || metric(&envoy, SYNC_CONNECTED);
+        assert!(envoy.has_metric(&metric_name("t", PATH, SYNC_CONNECTED)));
+        assert_eq!(connected(), 0, "connecting");
+        let token = w.open_stream().expect("the leader's stream").token;
+        let snapshot = Snapshot {
+            service: "t".into(),
+            version: 7,
+            endpoints: vec![EndpointCapacity {
+                path: PATH.into(),
+                capacity: 5,
+                source: "probe".into(),
+                measured_at: 1,
+            }],
+            ..Default::default()
+        };
+        w.grpc_message(token, &snapshot.encode_to_vec());
+        envoy.advance(SETTLE);
+        w.tick();
+        assert_eq!(connected(), 1);
+        assert_eq!(metric(&envoy, SYNC_VERSION), 7);
+        assert_eq!(metric(&envoy, CAPACITY), 5);
+        w.grpc_close(token, 14);
+        envoy.advance(SETTLE);
+        w.tick();
+        assert_eq!(connected(), 0, "disconnected");
+        assert_eq!(metric(&envoy, BACKEND_UNHEALTHY), 0);
+    }
+
     use std::sync::Arc;
 }
