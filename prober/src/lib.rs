@@ -20,6 +20,7 @@ pub mod report;
 pub mod scaling;
 pub mod search;
 pub mod settings;
+pub mod success;
 pub mod sweep;
 pub mod target;
 pub mod yaml_lines;

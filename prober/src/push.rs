@@ -37,7 +37,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
         (None, Some(Storage::Redis { url })) => url.clone(),
         _ => {
             return Err(ProberError::Usage(format!(
-            "no Redis to push to: pass --redis URL or set storage: {{type: redis, url: ...}} in {}",
+            "no Redis to push to: pass --redis URL (or SLUICE_REDIS_URL), or set storage: {{type: redis, url: ...}} in {}",
             args.config.display()
         ))
             .into())

@@ -18,19 +18,7 @@ pub struct RedisRecords {
     shown_url: String,
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
-        }
-        None => url.to_string(),
-    }
-}
+pub use sluice_core::redact::redact_url as redact;
 
 impl RedisRecords {
     pub fn connect(url: &str, service: &str) -> Result<RedisRecords, ProberError> {
@@ -112,13 +100,6 @@ impl RedisRecords {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
-        assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
-    }
 
     #[test]
     fn a_malformed_url_is_bad_usage() {

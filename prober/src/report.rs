@@ -66,6 +66,11 @@ pub struct LevelReport {
     pub prober_busy: f64,
     /// The prober's own CPU, not the target, was probably the limit.
     pub client_bound: bool,
+    /// Responses with an expected status whose body failed the body check
+    /// (counted in `errors`).
+    pub check_failures: u64,
+    /// Mean body size of the responses counted as successful, bytes.
+    pub body_bytes_mean: Option<f64>,
 }
 
 impl LevelReport {
@@ -85,6 +90,8 @@ impl LevelReport {
             prober_cpu_cores: round(s.cpu_cores(), 3),
             prober_busy: round(s.busy(), 3),
             client_bound: s.client_bound(),
+            check_failures: s.check_failures,
+            body_bytes_mean: s.shape.mean_bytes().map(|b| round(b, 1)),
         }
     }
 }
@@ -167,6 +174,9 @@ pub struct EndpointReport {
     pub written: bool,
     pub redis: RedisOutcome,
     pub note: Option<String>,
+    /// Levels whose successful responses differ in size or content type
+    /// from the first level's: errors answered with a success status, often.
+    pub response_changes: Vec<String>,
     pub elapsed_s: f64,
 }
 
@@ -188,6 +198,7 @@ impl EndpointReport {
             written: false,
             redis: RedisOutcome::Skipped,
             note: None,
+            response_changes: Vec::new(),
             elapsed_s: 0.0,
         }
     }
@@ -339,6 +350,9 @@ impl ProbeReport {
             if let Some(line) = advisory_line(e) {
                 let _ = writeln!(out, "  {line}");
             }
+            for change in &e.response_changes {
+                let _ = writeln!(out, "  warning: {change}");
+            }
             if !e.client_bound_levels.is_empty() {
                 let _ = writeln!(
                     out,
@@ -449,6 +463,34 @@ fn advisory_line(e: &EndpointReport) -> Option<String> {
         ));
     }
     (!parts.is_empty()).then(|| format!("advisory: {}", parts.join("; ")))
+}
+
+/// One line per level whose successful responses differ from those of the
+/// lowest level that had any, in size or content type.
+pub fn response_changes<'a>(
+    levels: impl IntoIterator<Item = &'a LevelStats>,
+    check: &crate::success::SuccessCheck,
+) -> Vec<String> {
+    let mut first: Option<&LevelStats> = None;
+    let mut lines = Vec::new();
+    for level in levels {
+        let Some(reference) = first else {
+            if level.shape.responses > 0 {
+                first = Some(level);
+            }
+            continue;
+        };
+        if let Some(change) = level.shape.differs_from(&reference.shape) {
+            lines.push(format!(
+                "at concurrency {} the responses counted as successful ({}) differ from those at {}: {change}; \
+                 if they are errors, say what success is with --expect-status, --expect-body-contains or --expect-json",
+                level.concurrency,
+                check.describe(),
+                reference.concurrency
+            ));
+        }
+    }
+    lines
 }
 
 /// Prints a command's report: JSON for machines or the text for people on

@@ -92,6 +92,9 @@ pub struct SweepReport {
     pub sizing: Option<Sizing>,
     pub usl: Option<UslFit>,
     pub client_bound_levels: Vec<usize>,
+    /// Levels whose successful responses differ in size or content type
+    /// from the first level's.
+    pub response_changes: Vec<String>,
     pub problems: Vec<String>,
     pub exit_code: u8,
 }
@@ -172,11 +175,13 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
     )?;
     let levels = levels(args)?;
     check_sizing_targets(args)?;
+    let check = std::sync::Arc::new(args.check.to_check()?);
     let target = target::connect_target(&args.url)?;
-    let request = target::request_spec(&spec)?;
+    let mut request = target::request_spec(&spec)?;
+    request.check = check;
 
     let sweep = measure_levels(args, &spec.path, &levels, &target, &request, &settings)?;
-    let report = SweepReport::new(args, &spec, &settings, sweep);
+    let report = SweepReport::new(args, &spec, &settings, sweep, &request.check);
     if !report.client_bound_levels.is_empty() && !args.output.quiet {
         eprintln!(
             "warning: the prober's own CPU was the limit at concurrency {:?}; \
@@ -348,7 +353,13 @@ fn sizing(
 
 impl SweepReport {
     /// Judges what `sweep` measured.
-    fn new(args: &SweepArgs, spec: &EndpointSpec, settings: &Settings, sweep: Sweep) -> Self {
+    fn new(
+        args: &SweepArgs,
+        spec: &EndpointSpec,
+        settings: &Settings,
+        sweep: Sweep,
+        check: &crate::success::SuccessCheck,
+    ) -> Self {
         let measured = &sweep.measured;
         let saturation = saturation(measured);
         let recommended = saturation.concurrency.map(recommended_threshold);
@@ -378,6 +389,7 @@ impl SweepReport {
                 .filter(|l| l.client_bound())
                 .map(|l| l.concurrency)
                 .collect(),
+            response_changes: report::response_changes(measured, check),
             problems: sweep.problems,
             exit_code: sweep.exit_code,
         }
@@ -478,6 +490,9 @@ impl SweepReport {
                     .unwrap_or_else(|| "none (no peak)".into()),
                 u.r_squared
             );
+        }
+        for change in &self.response_changes {
+            let _ = writeln!(out, "warning: {change}");
         }
         for p in &self.problems {
             let _ = writeln!(out, "problem: {p}");

@@ -53,10 +53,16 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     if let (Some(path), false) = (&args.config, args.dry_run) {
         check_writable(path)?;
     }
+    let check = std::sync::Arc::new(args.check.to_check()?);
     let target = target::connect_target(&args.url)?;
     let requests: Vec<RequestSpec> = planned
         .iter()
-        .map(|p| target::request_spec(&p.spec))
+        .map(|p| {
+            target::request_spec(&p.spec).map(|mut r| {
+                r.check = check.clone();
+                r
+            })
+        })
         .collect::<Result<_, _>>()?;
 
     // 2. Measure. From here on a signal stops the load and reports.

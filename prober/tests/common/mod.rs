@@ -38,8 +38,17 @@ impl Run {
 /// Runs `sluice-prober ARGS` (the binary Cargo built for these tests) and
 /// waits for it, at most `limit`.
 pub fn prober(args: &[&str], limit: Duration) -> Run {
+    prober_with_env(args, &[], limit)
+}
+
+/// `prober` with these environment variables set (and SLUICE_REDIS_URL
+/// removed unless given, so the caller's environment cannot leak in).
+pub fn prober_with_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
     let start = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice-prober"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice-prober"));
+    command.env_remove("SLUICE_REDIS_URL");
+    command.envs(env.iter().copied());
+    let child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
