@@ -26,6 +26,10 @@ pub struct Opts {
     )]
     pub listen: SocketAddr,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given)
+    #[arg(long, env = "SLUICE_SYNC_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     // The env value stays out of --help: the URL can hold a password.
     /// Redis to read capacities from (wins over --config)
     #[arg(
@@ -74,6 +78,7 @@ pub struct Opts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub listen: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub redis_url: String,
     pub resync_interval: Duration,
     pub heartbeat_interval: Duration,
@@ -127,6 +132,7 @@ impl Settings {
         };
         Ok(Settings {
             listen: opts.listen,
+            metrics_addr: opts.metrics_addr,
             redis_url,
             resync_interval: opts.resync_interval,
             heartbeat_interval: opts.heartbeat_interval,
@@ -181,6 +187,7 @@ mod tests {
             settings,
             Settings {
                 listen: "127.0.0.1:50051".parse().unwrap(),
+                metrics_addr: None,
                 redis_url: "redis://127.0.0.1:6379".into(),
                 resync_interval: Duration::from_secs(5),
                 heartbeat_interval: Duration::from_secs(1),

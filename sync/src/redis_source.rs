@@ -67,13 +67,14 @@ enum ReadError {
 impl RedisSource {
     pub fn new(
         client: redis::Client,
+        shown_url: String,
         services: Arc<Services>,
         requests: mpsc::UnboundedReceiver<String>,
         resync_interval: Duration,
         forget_after: Duration,
     ) -> RedisSource {
         RedisSource {
-            shown_url: shown_url(&client),
+            shown_url,
             client,
             services,
             requests,
@@ -162,13 +163,14 @@ impl RedisSource {
                         return Err(SessionError::SubscriptionClosed);
                     };
                     // One read per service for a burst of messages.
+                    let heard_at = std::time::Instant::now();
                     let mut due = BTreeSet::new();
                     due.extend(channels.get(message.get_channel_name()).cloned());
                     while let Some(Some(message)) = messages.next().now_or_never() {
                         due.extend(channels.get(message.get_channel_name()).cloned());
                     }
                     for service in due {
-                        self.refresh(&mut conn, &service).await?;
+                        self.refresh_heard(&mut conn, &service, Some(heard_at)).await?;
                     }
                 }
                 Some(service) = self.requests.recv() => {
@@ -233,6 +235,16 @@ impl RedisSource {
         conn: &mut MultiplexedConnection,
         service: &str,
     ) -> Result<(), SessionError> {
+        self.refresh_heard(conn, service, None).await
+    }
+
+    /// [`Self::refresh`] for an update message heard at `heard_at`.
+    async fn refresh_heard(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        service: &str,
+        heard_at: Option<std::time::Instant>,
+    ) -> Result<(), SessionError> {
         let Some(entry) = self.services.get(service) else {
             return Ok(());
         };
@@ -258,7 +270,7 @@ impl RedisSource {
                         endpoints = view.endpoints.len(),
                         "new snapshot"
                     );
-                    entry.publish(view);
+                    entry.publish_heard(view, heard_at);
                     return Ok(());
                 }
                 Outcome::Unchanged => return Ok(()),
@@ -377,10 +389,4 @@ fn parse<T: redis::FromRedisValue>(value: Option<Value>) -> Result<T, RedisError
 /// key, such as `WRONGTYPE`).
 fn is_connection_failure(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
-}
-
-/// `redis://host:port/db`, never the password.
-pub fn shown_url(client: &redis::Client) -> String {
-    let info = client.get_connection_info();
-    format!("redis://{}/{}", info.addr(), info.redis_settings().db())
 }
