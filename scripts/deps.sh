@@ -56,6 +56,10 @@ if [ "$use" = test ]; then
   # and `make wasm-image`.
   need_apt docker-compose docker-compose
   need_apt buildah buildah
+  # `kubectl kustomize` renders the Kustomize bases and overlay. Debian's
+  # kubernetes-client (kubectl 1.20, kustomize 2) is the fallback where no
+  # newer kubectl is installed; the overlay's `patches:` needs kustomize 3+.
+  need_apt kubectl kubernetes-client
 fi
 if [ "$use" = bench ]; then
   need_apt haproxy haproxy
