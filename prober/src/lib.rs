@@ -18,6 +18,7 @@ pub mod push;
 pub mod redis_records;
 pub mod report;
 pub mod scaling;
+pub mod schema;
 pub mod search;
 pub mod settings;
 pub mod success;

@@ -11,22 +11,29 @@ use serde::Serialize;
 use sluice_core::capacity_record::Source;
 use sluice_core::redis_keys::{check_service_name, Storage};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct PushedEndpoint {
     pub path: String,
+    #[schemars(range(min = 1))]
     pub capacity: Option<u32>,
+    #[schemars(with = "Option<crate::schema::SourceSchema>")]
     pub source: Option<Source>,
     pub redis: RedisOutcome,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct PushReport {
+    #[schemars(extend("const" = "push"))]
     pub command: &'static str,
     pub version: &'static str,
     pub config: String,
     pub service: String,
     pub redis_url: String,
     pub endpoints: Vec<PushedEndpoint>,
+    /// The process exit code (docs/prober.md).
+    #[schemars(range(max = 5))]
     pub exit_code: u8,
 }
 

@@ -15,13 +15,15 @@ pub fn round(v: f64, digits: i32) -> f64 {
     (v * f).round() / f
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct ThresholdsReport {
     pub error_rate: f64,
     pub p99_ms: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct TimingReport {
     pub warmup_s: f64,
     pub duration_s: f64,
@@ -45,7 +47,8 @@ impl TimingReport {
 }
 
 /// Figures of one level (one run, or pooled runs).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct LevelReport {
     pub concurrency: usize,
     pub requests: u64,
@@ -96,7 +99,8 @@ impl LevelReport {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct RunReport {
     pub stage: Stage,
     pub attempt: usize,
@@ -121,13 +125,14 @@ impl RunReport {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct KneeReport {
     pub concurrency: usize,
     pub rps: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Probed; a capacity was found.
@@ -142,7 +147,7 @@ pub enum Outcome {
     NotProbed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RedisOutcome {
     Pushed,
@@ -155,12 +160,14 @@ pub enum RedisOutcome {
     Skipped,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct EndpointReport {
     pub path: String,
     pub method: String,
     pub outcome: Outcome,
     pub capacity: Option<u32>,
+    #[schemars(with = "Option<crate::schema::SourceSchema>")]
     pub source: Option<Source>,
     pub capped: bool,
     pub unstable: bool,
@@ -204,8 +211,10 @@ impl EndpointReport {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct ProbeReport {
+    #[schemars(extend("const" = "probe"))]
     pub command: &'static str,
     pub version: &'static str,
     pub target: String,

@@ -28,7 +28,7 @@ use std::fmt::Write as _;
 
 pub const DEFAULT_LEVELS: &[usize] = &[1, 2, 4, 8, 16, 32, 64];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Ok,
@@ -36,7 +36,8 @@ pub enum Status {
     Saturated,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct SweepLevel {
     #[serde(flatten)]
     pub level: LevelReport,
@@ -46,7 +47,8 @@ pub struct SweepLevel {
     pub status: Status,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct Saturation {
     /// The saturation point: the lower of the two below.
     pub concurrency: Option<usize>,
@@ -57,7 +59,8 @@ pub struct Saturation {
 }
 
 /// Little's law at the saturation point: in flight = throughput × latency.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct LittlesLaw {
     pub concurrency: usize,
     pub rps: f64,
@@ -67,7 +70,8 @@ pub struct LittlesLaw {
 }
 
 /// Instances needed for a target rate at a target p95.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct Sizing {
     pub target_rps: f64,
     pub target_p95_ms: f64,
@@ -75,8 +79,10 @@ pub struct Sizing {
     pub instances: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct SweepReport {
+    #[schemars(extend("const" = "sweep"))]
     pub command: &'static str,
     pub version: &'static str,
     pub target: String,

@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{assert_matches_schema, load_schema, prober, prober_with_env, serial, validate, Run};
+use common::{
+    assert_matches_schema, load_schema, prober, prober_with_env, schema_errors, serial, Run,
+};
 use serde_json::{json, Value};
 use sluice_harness::{free_port, Backend, Redis, RespValue};
 use std::io::{BufRead, BufReader, Write};
@@ -796,11 +798,7 @@ fn the_schema_check_catches_mistakes() {
         "redis_url": "redis://h", "exit_code": 0,
         "endpoints": [{"path": "/a", "capacity": 3, "source": "manual", "redis": "pushed"}]
     });
-    let errors = |doc: &Value| {
-        let mut e = Vec::new();
-        validate(&schema, &schema, doc, "$", &mut e);
-        e
-    };
+    let errors = |doc: &Value| schema_errors(&schema, doc);
     assert_eq!(errors(&good), Vec::<String>::new());
     let mut bad = good.clone();
     bad["endpoints"][0]["redis"] = json!("maybe");
@@ -809,6 +807,28 @@ fn the_schema_check_catches_mistakes() {
     bad.as_object_mut().unwrap().remove("service");
     let e = errors(&bad);
     assert_eq!(e.len(), 4, "{e:?}");
+    for at in [
+        "/endpoints/0/redis: ",
+        "/endpoints/0/capacity: ",
+        ": Additional properties",
+        ": \"service\" is a required",
+    ] {
+        assert!(e.iter().any(|line| line.contains(at)), "no {at:?} in {e:?}");
+    }
+}
+
+/// The committed schemas are the ones the report types generate
+/// (`cargo run -p sluice-prober --bin sluice-prober-schema` rewrites them).
+#[test]
+fn the_committed_schemas_are_the_generated_ones() {
+    for (name, schema) in sluice_prober::schema::output_schemas() {
+        let committed = std::fs::read_to_string(common::schema_path(name)).unwrap();
+        assert!(
+            committed == sluice_prober::schema::file_text(&schema),
+            "prober/schema/{name} is not what the report types generate: \
+             run `cargo run -p sluice-prober --bin sluice-prober-schema`"
+        );
+    }
 }
 
 #[test]
