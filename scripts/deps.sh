@@ -42,6 +42,8 @@ NEXTEST_VERSION=0.9.143
 apt_missing=()
 need_apt() { command -v "$1" >/dev/null || apt_missing+=("$2"); }
 need_apt redis-server redis-server
+# tests/harness: certificates for the TLS Redis of redis_tls_cluster.rs.
+need_apt openssl openssl
 need_apt python3 python3
 # `python3 -m venv` needs ensurepip, which Debian ships apart.
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then

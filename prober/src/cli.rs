@@ -127,6 +127,26 @@ impl CheckArgs {
     }
 }
 
+/// How to reach Redis beyond its URL: TLS files and cluster mode.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RedisConnArgs {
+    /// CA certificate (PEM) that signed a rediss:// Redis's certificate
+    /// [default: the system's trusted roots]
+    #[arg(long, env = "SLUICE_REDIS_CA", value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a Redis that asks for one (with
+    /// --redis-key)
+    #[arg(long, env = "SLUICE_REDIS_CERT", value_name = "FILE")]
+    pub redis_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM)
+    #[arg(long, env = "SLUICE_REDIS_KEY", value_name = "FILE")]
+    pub redis_key: Option<PathBuf>,
+    /// Redis is a Redis Cluster (implied when --redis lists several nodes,
+    /// comma-separated)
+    #[arg(long, env = "SLUICE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
     /// Print a JSON document (see prober/schema/) instead of tables
@@ -181,6 +201,8 @@ pub struct ProbeArgs {
         hide_env_values = true
     )]
     pub redis: Option<String>,
+    #[command(flatten)]
+    pub redis_conn: RedisConnArgs,
     /// Probe endpoints that already have a capacity (in the file or in
     /// Redis) and overwrite it
     #[arg(long)]
@@ -249,6 +271,8 @@ pub struct PushArgs {
         hide_env_values = true
     )]
     pub redis: Option<String>,
+    #[command(flatten)]
+    pub redis_conn: RedisConnArgs,
     /// Overwrite records that already exist
     #[arg(long)]
     pub force: bool,

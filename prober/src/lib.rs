@@ -16,6 +16,7 @@ pub mod probe;
 pub mod progress;
 pub mod push;
 pub mod redis_records;
+pub mod redis_target;
 pub mod report;
 pub mod scaling;
 pub mod schema;

@@ -52,7 +52,8 @@ pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
     };
     let service = file.config.service.clone();
     check_service_name(&service).map_err(|e| ProberError::Usage(e.to_string()))?;
-    let mut store = RedisRecords::connect(&url, &service)?;
+    let target = crate::redis_target::RedisTarget::new(&url, &args.redis_conn)?;
+    let mut store = RedisRecords::connect_to(&target, &service)?;
     let mut endpoints = Vec::new();
     for spec in &file.endpoints {
         let Some(record) = record_from_file(spec) else {

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod grpc;
 pub mod logging;
 pub mod metrics;
+pub mod redis_conn;
 pub mod redis_source;
 pub mod services;
 pub mod snapshots;
@@ -73,9 +74,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         // Snapshots are small and must leave at once.
         .with_nodelay(Some(true));
     let addr = incoming.local_addr().context("listening address")?;
-    let client = redis::Client::open(settings.redis_url.as_str())
-        .with_context(|| "--redis: not a Redis URL".to_string())?;
-    let shown_url = sluice_core::redact::redact_url(&settings.redis_url);
+    let clients = settings
+        .redis
+        .clients()
+        .with_context(|| "--redis: cannot use these Redis settings".to_string())?;
+    let shown_url = sluice_core::redact::redact_urls(&settings.redis_url);
 
     let (services, requests) = Services::new(settings.max_services);
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -87,7 +90,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let source = RedisSource::new(
-        client,
+        clients,
         shown_url.clone(),
         services.clone(),
         requests,
@@ -116,7 +119,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     println!("listening on {addr}");
     let _ = std::io::stdout().flush();
     info!(
-        listen = %addr, redis = %shown_url, token_required = settings.token.is_some(),
+        listen = %addr, redis = %shown_url, redis_cluster = settings.redis.cluster,
+        redis_tls = settings.redis.urls[0].starts_with("rediss://"), token_required = settings.token.is_some(),
         max_services = settings.max_services, forget_after = ?settings.forget_after,
         "sluice-sync serving"
     );

@@ -22,6 +22,7 @@ mod keep_alive;
 mod process;
 mod recipe;
 mod redis;
+mod redis_variants;
 mod sync_cluster;
 mod sync_service;
 
@@ -32,6 +33,7 @@ pub use keep_alive::KeepAliveClients;
 pub use process::{unique_scratch_path, ScratchDir};
 pub use recipe::{with_built_wasm, Recipe, RECIPE_ADMIN_PORT, RECIPE_LISTENER_PORT};
 pub use redis::{Redis, RespValue};
+pub use redis_variants::{RedisCluster, TlsFiles, TlsRedis};
 pub use sync_cluster::{sync_cluster_yaml, SYNC_CLUSTER};
 pub use sync_service::SyncService;
 
