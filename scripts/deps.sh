@@ -42,6 +42,8 @@ NEXTEST_VERSION=0.9.143
 apt_missing=()
 need_apt() { command -v "$1" >/dev/null || apt_missing+=("$2"); }
 need_apt redis-server redis-server
+# tests/harness: certificates for the TLS Redis of redis_tls_cluster.rs.
+need_apt openssl openssl
 need_apt python3 python3
 # `python3 -m venv` needs ensurepip, which Debian ships apart.
 if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
@@ -58,6 +60,10 @@ if [ "$use" = test ]; then
   need_apt buildah buildah
   # A real Prometheus (and promtool) for the metric, dashboard and alert tests.
   need_apt prometheus prometheus
+  # `kubectl kustomize` renders the Kustomize bases and overlay. Debian's
+  # kubernetes-client (kubectl 1.20, kustomize 2) is the fallback where no
+  # newer kubectl is installed; the overlay's `patches:` needs kustomize 3+.
+  need_apt kubectl kubernetes-client
 fi
 if [ "$use" = bench ]; then
   need_apt haproxy haproxy

@@ -32,5 +32,17 @@ fn main() {
         )
         .build();
     Builder::new().compile(&[service]);
+
+    // The same API as a FileDescriptorSet, for gRPC reflection: compiled
+    // from the .proto in pure Rust (protox), so no protoc is needed either.
+    let descriptors = protox::compile(["sluice/sync/v1/sync.proto"], ["proto"])
+        .expect("proto/sluice/sync/v1/sync.proto compiles");
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
+    std::fs::write(
+        out.join("sluice_sync_descriptor.bin"),
+        prost::Message::encode_to_vec(&descriptors),
+    )
+    .expect("writing the descriptor set");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=proto");
 }

@@ -14,6 +14,7 @@ pub mod config_seen;
 pub mod holding;
 pub mod lease;
 pub mod queued_bytes;
+pub mod redact;
 pub mod redis_keys;
 pub mod shared_data;
 pub mod shared_keys;

@@ -100,6 +100,53 @@ pub struct LevelArgs {
     pub threads: Option<usize>,
 }
 
+/// What a successful response is. Without these, any 2xx.
+#[derive(Debug, Clone, Default, Args)]
+pub struct CheckArgs {
+    /// Statuses that count as success, comma-separated, e.g. 200,201
+    /// [default: any 2xx]
+    #[arg(long, value_delimiter = ',', value_name = "CODE,CODE,...", value_parser = count::<u16>)]
+    pub expect_status: Vec<u16>,
+    /// A response succeeds only if its body contains this text
+    #[arg(long, value_name = "TEXT")]
+    pub expect_body_contains: Option<String>,
+    /// A response succeeds only if its body is JSON with FIELD equal to
+    /// VALUE: FIELD a name (`status`, `result.ok`) or a JSON pointer
+    /// (`/result/ok`), VALUE JSON (`true`, `3`, `"ok"`) or else a string
+    #[arg(long, value_name = "FIELD=VALUE")]
+    pub expect_json: Option<String>,
+}
+
+impl CheckArgs {
+    pub fn to_check(&self) -> Result<crate::success::SuccessCheck, crate::ProberError> {
+        crate::success::SuccessCheck::from_flags(
+            &self.expect_status,
+            self.expect_body_contains.as_deref(),
+            self.expect_json.as_deref(),
+        )
+    }
+}
+
+/// How to reach Redis beyond its URL: TLS files and cluster mode.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RedisConnArgs {
+    /// CA certificate (PEM) that signed a rediss:// Redis's certificate
+    /// [default: the system's trusted roots]
+    #[arg(long, env = "SLUICE_REDIS_CA", value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a Redis that asks for one (with
+    /// --redis-key)
+    #[arg(long, env = "SLUICE_REDIS_CERT", value_name = "FILE")]
+    pub redis_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM)
+    #[arg(long, env = "SLUICE_REDIS_KEY", value_name = "FILE")]
+    pub redis_key: Option<PathBuf>,
+    /// Redis is a Redis Cluster (implied when --redis lists several nodes,
+    /// comma-separated)
+    #[arg(long, env = "SLUICE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
     /// Print a JSON document (see prober/schema/) instead of tables
@@ -125,6 +172,8 @@ pub struct ProbeArgs {
     pub endpoints: Vec<String>,
     #[command(flatten)]
     pub request: RequestArgs,
+    #[command(flatten)]
+    pub check: CheckArgs,
     /// Service name, the Redis namespace (for a config created from flags,
     /// or without a config) [default: the file's `service`, else "default"]
     #[arg(long)]
@@ -142,9 +191,18 @@ pub struct ProbeArgs {
     pub max_concurrency: Option<usize>,
     #[command(flatten)]
     pub level: LevelArgs,
-    /// Push results to this Redis (overrides the file's storage)
-    #[arg(long, value_name = "URL")]
+    // The env value stays out of --help: the URL can hold a password.
+    /// Push results to this Redis (overrides the file's storage); prefer
+    /// SLUICE_REDIS_URL when the URL holds a password, which argv shows
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis: Option<String>,
+    #[command(flatten)]
+    pub redis_conn: RedisConnArgs,
     /// Probe endpoints that already have a capacity (in the file or in
     /// Redis) and overwrite it
     #[arg(long)]
@@ -174,6 +232,8 @@ pub struct SweepArgs {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub request: RequestArgs,
+    #[command(flatten)]
+    pub check: CheckArgs,
     /// Concurrency levels, comma-separated [default: 1,2,4,8,16,32,64]
     #[arg(long, value_delimiter = ',', value_name = "N,N,...", allow_negative_numbers = true, value_parser = count::<usize>)]
     pub levels: Vec<usize>,
@@ -202,9 +262,17 @@ pub struct PushArgs {
     /// Config file whose capacities to push
     #[arg(long, short, value_name = "FILE")]
     pub config: PathBuf,
-    /// Redis to push to (overrides the file's storage)
-    #[arg(long, value_name = "URL")]
+    /// Redis to push to (overrides the file's storage); prefer
+    /// SLUICE_REDIS_URL when the URL holds a password, which argv shows
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub redis: Option<String>,
+    #[command(flatten)]
+    pub redis_conn: RedisConnArgs,
     /// Overwrite records that already exist
     #[arg(long)]
     pub force: bool,

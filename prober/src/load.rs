@@ -7,6 +7,7 @@
 //! task, no channel hop per request), which is what keeps the client cheap
 //! enough to measure a fast endpoint on the same two cores.
 
+use crate::success::{ResponseShape, SuccessCheck, MAX_CHECKED_BODY};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
@@ -17,7 +18,7 @@ use hyper_util::rt::TokioIo;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -44,6 +45,8 @@ pub struct RequestSpec {
     pub path: String,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Bytes,
+    /// What a successful response is (default: any 2xx).
+    pub check: Arc<SuccessCheck>,
 }
 
 /// How one level is run.
@@ -79,10 +82,15 @@ pub struct LevelStats {
     /// Requests started inside the measurement window (all of them finished
     /// or timed out before the level ended).
     pub requests: u64,
-    /// Of those: non-2xx answers, transport errors and timeouts.
+    /// Of those: unexpected statuses (non-2xx by default), bodies failing
+    /// the body check, transport errors and timeouts.
     pub errors: u64,
-    /// Non-2xx answers by status code.
+    /// Answers with an unexpected status, by status code.
     pub statuses: BTreeMap<u16, u64>,
+    /// Answers with an expected status whose body failed the body check.
+    pub check_failures: u64,
+    /// The measured responses counted as successful: their size and type.
+    pub shape: ResponseShape,
     pub transport_errors: u64,
     /// Of the transport errors: failed connection attempts.
     pub connect_errors: u64,
@@ -117,6 +125,8 @@ impl LevelStats {
             requests: 0,
             errors: 0,
             statuses: BTreeMap::new(),
+            check_failures: 0,
+            shape: ResponseShape::default(),
             transport_errors: 0,
             connect_errors: 0,
             timeouts: 0,
@@ -141,7 +151,7 @@ impl LevelStats {
         }
     }
 
-    /// Successful (2xx) responses per second.
+    /// Successful responses per second.
     pub fn rps(&self) -> f64 {
         self.per_second(self.ok_in_window)
     }
@@ -216,6 +226,8 @@ impl LevelStats {
         for (code, n) in &other.statuses {
             *self.statuses.entry(*code).or_default() += n;
         }
+        self.check_failures += other.check_failures;
+        self.shape.merge(&other.shape);
         self.transport_errors += other.transport_errors;
         self.connect_errors += other.connect_errors;
         self.timeouts += other.timeouts;
@@ -253,6 +265,9 @@ impl LevelStats {
             .iter()
             .map(|(code, n)| format!("{code} x{n}"))
             .collect();
+        if self.check_failures > 0 {
+            parts.push(format!("body check failed x{}", self.check_failures));
+        }
         let mut named = 0;
         for (kind, n) in &self.transport_kinds {
             parts.push(format!("{kind} x{n}"));
@@ -282,8 +297,9 @@ const MEASURE: u8 = 1;
 const STOP: u8 = 2;
 
 /// Set on SIGINT/SIGTERM (see `interrupt`): the level in progress stops at
-/// once, abandoning requests in flight.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// once, abandoning requests in flight. An `Arc` because signal-hook's flag
+/// handlers hold one.
+static INTERRUPTED: LazyLock<Arc<AtomicBool>> = LazyLock::new(|| Arc::new(AtomicBool::new(false)));
 
 /// Stops the level in progress and every later one.
 pub fn interrupt() {
@@ -297,15 +313,18 @@ pub fn interrupted() -> bool {
 /// Turns SIGINT and SIGTERM into [`interrupt`], so a probe can report what
 /// it finished. A second signal ends the process at once.
 pub fn stop_on_signals() {
-    extern "C" fn on_signal(_: libc::c_int) {
-        // Only async-signal-safe work here: an atomic, or _exit.
-        if INTERRUPTED.swap(true, Relaxed) {
-            unsafe { libc::_exit(crate::error::exit::INTERRUPTED as libc::c_int) };
-        }
-    }
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only touches an atomic or calls _exit.
-        unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    use signal_hook::flag;
+    for sig in [SIGINT, SIGTERM] {
+        // First the exit, checked before the flag is set by the second
+        // handler: only a signal that finds it already set exits.
+        flag::register_conditional_shutdown(
+            sig,
+            crate::error::exit::INTERRUPTED.into(),
+            Arc::clone(&INTERRUPTED),
+        )
+        .and_then(|_| flag::register(sig, Arc::clone(&INTERRUPTED)))
+        .expect("cannot install the SIGINT/SIGTERM handlers");
     }
 }
 
@@ -334,6 +353,8 @@ struct WorkerTally {
     requests: u64,
     errors: u64,
     statuses: BTreeMap<u16, u64>,
+    check_failures: u64,
+    shape: ResponseShape,
     transport_errors: u64,
     connect_errors: u64,
     timeouts: u64,
@@ -477,6 +498,8 @@ pub fn run_level(
             for (code, n) in tally.statuses {
                 *stats.statuses.entry(code).or_default() += n;
             }
+            stats.check_failures += tally.check_failures;
+            stats.shape.merge(&tally.shape);
             stats.transport_errors += tally.transport_errors;
             stats.connect_errors += tally.connect_errors;
             stats.timeouts += tally.timeouts;
@@ -501,11 +524,22 @@ pub fn run_level(
 }
 
 enum Outcome {
-    /// The status, and the `Location` of a redirect.
-    Status(u16, Option<String>),
+    /// A full response.
+    Status(Answer),
     Connect(&'static str, String),
     Transport(&'static str, String),
     Timeout,
+}
+
+/// A response read to its end.
+struct Answer {
+    status: u16,
+    /// The `Location` of a redirect.
+    location: Option<String>,
+    content_type: Option<String>,
+    body_bytes: usize,
+    /// The body passed the body check (or there is none).
+    body_ok: bool,
 }
 
 /// What kind of transport failure `e` is, for the report: a count of
@@ -649,13 +683,33 @@ async fn request_loop(
                 .then(|| response.headers().get(hyper::header::LOCATION))
                 .flatten()
                 .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+            let content_type = response
+                .headers()
+                .get(hyper::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let check = &spec.check;
+            let keep = check.reads_body() && check.status_ok(status);
             // Read the whole body (a response is done when its last byte is
-            // in), dropping each frame rather than collecting them.
+            // in); keep it only to check it, up to the checked size.
             let mut body = response.into_body();
+            let mut body_bytes = 0usize;
+            let mut kept = Vec::new();
             while let Some(frame) = body.frame().await {
-                frame?;
+                if let Ok(data) = frame?.into_data() {
+                    body_bytes += data.len();
+                    if keep && kept.len() <= MAX_CHECKED_BODY {
+                        kept.extend_from_slice(&data);
+                    }
+                }
             }
-            Ok::<_, hyper::Error>((status, location))
+            Ok::<_, hyper::Error>(Answer {
+                status,
+                location,
+                content_type,
+                body_bytes,
+                body_ok: !keep || check.body_ok(&kept),
+            })
         };
         // Registered before the phase is read again, so a wake-up between
         // the two is not missed.
@@ -667,7 +721,7 @@ async fn request_loop(
         }
         let outcome = tokio::select! {
             r = tokio::time::timeout(shared.request_timeout, exchange) => match r {
-                Ok(Ok((status, location))) => Outcome::Status(status, location),
+                Ok(Ok(answer)) => Outcome::Status(answer),
                 Ok(Err(e)) => Outcome::Transport(transport_kind(&e), e.to_string()),
                 Err(_) => Outcome::Timeout,
             },
@@ -698,9 +752,12 @@ fn account(
     if !matches!(outcome, Outcome::Timeout) {
         shared.answered.fetch_add(1, Relaxed);
     }
+    let check = &shared.request.check;
+    let succeeded =
+        matches!(&outcome, Outcome::Status(a) if check.status_ok(a.status) && a.body_ok);
     if shared.phase.load(Relaxed) == MEASURE {
         tally.completed_in_window += 1;
-        if matches!(outcome, Outcome::Status(code, _) if (200..300).contains(&code)) {
+        if succeeded {
             tally.ok_in_window += 1;
         }
     }
@@ -709,16 +766,22 @@ fn account(
     }
     tally.requests += 1;
     shared.measured.fetch_add(1, Relaxed);
-    if !matches!(outcome, Outcome::Status(code, _) if (200..300).contains(&code)) {
+    if !succeeded {
         shared.failed.fetch_add(1, Relaxed);
     }
     match outcome {
-        Outcome::Status(code, _) if (200..300).contains(&code) => {}
-        Outcome::Status(code, location) => {
+        Outcome::Status(a) if succeeded => {
+            tally.shape.record(a.body_bytes, a.content_type.as_deref());
+        }
+        Outcome::Status(a) if check.status_ok(a.status) => {
             tally.errors += 1;
-            *tally.statuses.entry(code).or_default() += 1;
+            tally.check_failures += 1;
+        }
+        Outcome::Status(a) => {
+            tally.errors += 1;
+            *tally.statuses.entry(a.status).or_default() += 1;
             if tally.redirect.is_none() {
-                tally.redirect = location;
+                tally.redirect = a.location;
             }
         }
         Outcome::Connect(kind, e) => {

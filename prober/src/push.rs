@@ -11,22 +11,29 @@ use serde::Serialize;
 use sluice_core::capacity_record::Source;
 use sluice_core::redis_keys::{check_service_name, Storage};
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct PushedEndpoint {
     pub path: String,
+    #[schemars(range(min = 1))]
     pub capacity: Option<u32>,
+    #[schemars(with = "Option<crate::schema::SourceSchema>")]
     pub source: Option<Source>,
     pub redis: RedisOutcome,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct PushReport {
+    #[schemars(extend("const" = "push"))]
     pub command: &'static str,
     pub version: &'static str,
     pub config: String,
     pub service: String,
     pub redis_url: String,
     pub endpoints: Vec<PushedEndpoint>,
+    /// The process exit code (docs/prober.md).
+    #[schemars(range(max = 5))]
     pub exit_code: u8,
 }
 
@@ -37,7 +44,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
         (None, Some(Storage::Redis { url })) => url.clone(),
         _ => {
             return Err(ProberError::Usage(format!(
-            "no Redis to push to: pass --redis URL or set storage: {{type: redis, url: ...}} in {}",
+            "no Redis to push to: pass --redis URL (or SLUICE_REDIS_URL), or set storage: {{type: redis, url: ...}} in {}",
             args.config.display()
         ))
             .into())
@@ -45,7 +52,8 @@ pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
     };
     let service = file.config.service.clone();
     check_service_name(&service).map_err(|e| ProberError::Usage(e.to_string()))?;
-    let mut store = RedisRecords::connect(&url, &service)?;
+    let target = crate::redis_target::RedisTarget::new(&url, &args.redis_conn)?;
+    let mut store = RedisRecords::connect_to(&target, &service)?;
     let mut endpoints = Vec::new();
     for spec in &file.endpoints {
         let Some(record) = record_from_file(spec) else {

@@ -3,6 +3,7 @@
 //! `sluice_core::capacity_record`).
 
 use crate::error::ProberError;
+use crate::redis_target::RedisTarget;
 use sluice_core::capacity_record::CapacityRecord;
 use sluice_core::redis_keys::{capacity_key, endpoints_key, updates_channel, version_key};
 use std::collections::HashMap;
@@ -12,46 +13,93 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct RedisRecords {
-    conn: redis::Connection,
+    conn: Conn,
     service: String,
     /// The URL with any password hidden, for messages.
     shown_url: String,
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.split_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{scheme}://{user}:***@{host}")
+pub use sluice_core::redact::redact_url as redact;
+
+/// One node (blocking), or a cluster. The cluster side is redis-rs's async
+/// client on a small runtime: its blocking client cannot send a MULTI
+/// pipeline, the async one routes it to the node of its keys' slot.
+enum Conn {
+    Single(redis::Connection),
+    Cluster {
+        runtime: tokio::runtime::Runtime,
+        conn: redis::cluster_async::ClusterConnection,
+    },
+}
+
+impl Conn {
+    fn query<T: redis::FromRedisValue>(&mut self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => cmd.query(c),
+            Conn::Cluster { runtime, conn } => runtime.block_on(cmd.query_async(conn)),
         }
-        None => url.to_string(),
+    }
+
+    fn query_pipe<T: redis::FromRedisValue>(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> redis::RedisResult<T> {
+        match self {
+            Conn::Single(c) => pipe.query(c),
+            Conn::Cluster { runtime, conn } => runtime.block_on(pipe.query_async(conn)),
+        }
     }
 }
 
 impl RedisRecords {
+    /// One plain `redis://` or `rediss://` URL.
     pub fn connect(url: &str, service: &str) -> Result<RedisRecords, ProberError> {
-        let shown_url = redact(url);
+        RedisRecords::connect_to(&RedisTarget::plain(url), service)
+    }
+
+    /// One node or a cluster, plain or TLS.
+    pub fn connect_to(target: &RedisTarget, service: &str) -> Result<RedisRecords, ProberError> {
+        let shown_url = target.shown();
         let fail = |e: redis::RedisError| {
             ProberError::Storage(format!("cannot connect to Redis at {shown_url}: {e}"))
         };
         // A URL that does not parse is a usage mistake, not an unreachable Redis.
-        let client = redis::Client::open(url).map_err(|e| {
+        let bad_url = |e: redis::RedisError| {
             ProberError::Usage(format!(
                 "Redis URL {shown_url}: not a valid redis:// URL: {e}"
             ))
-        })?;
-        let mut conn = client
-            .get_connection_with_timeout(CONNECT_TIMEOUT)
-            .map_err(fail)?;
-        conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
-        conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
-        redis::cmd("PING")
-            .query::<String>(&mut conn)
-            .map_err(fail)?;
+        };
+        let mut conn = if target.cluster {
+            let mut builder = redis::cluster::ClusterClientBuilder::new(target.urls.clone())
+                .connection_timeout(CONNECT_TIMEOUT)
+                .response_timeout(IO_TIMEOUT);
+            if let Some(certs) = &target.tls {
+                builder = builder.certs(certs.clone());
+            }
+            let client = builder.build().map_err(bad_url)?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| ProberError::Storage(format!("cannot start a runtime: {e}")))?;
+            let conn = runtime
+                .block_on(client.get_async_connection())
+                .map_err(fail)?;
+            Conn::Cluster { runtime, conn }
+        } else {
+            let url = target.urls[0].as_str();
+            let client = match &target.tls {
+                Some(certs) => redis::Client::build_with_tls(url, certs.clone()),
+                None => redis::Client::open(url),
+            }
+            .map_err(bad_url)?;
+            let conn = client
+                .get_connection_with_timeout(CONNECT_TIMEOUT)
+                .map_err(fail)?;
+            conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
+            conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(fail)?;
+            Conn::Single(conn)
+        };
+        conn.query::<String>(&redis::cmd("PING")).map_err(fail)?;
         Ok(RedisRecords {
             conn,
             service: service.to_string(),
@@ -70,11 +118,10 @@ impl RedisRecords {
     /// The record of `path`, if there is one.
     pub fn get(&mut self, path: &str) -> Result<Option<CapacityRecord>, ProberError> {
         let key = capacity_key(&self.service, path);
-        let hash: HashMap<String, String> =
-            redis::cmd("HGETALL")
-                .arg(&key)
-                .query(&mut self.conn)
-                .map_err(|e| self.failed(&format!("HGETALL {key}"), e))?;
+        let hash: HashMap<String, String> = self
+            .conn
+            .query(redis::cmd("HGETALL").arg(&key))
+            .map_err(|e| self.failed(&format!("HGETALL {key}"), e))?;
         CapacityRecord::from_hash(&hash)
             .map_err(|e| ProberError::Storage(format!("Redis at {}: {key}: {e}", self.shown_url)))
     }
@@ -104,7 +151,8 @@ impl RedisRecords {
             .arg(updates_channel(&self.service))
             .arg(message)
             .ignore();
-        pipe.query::<()>(&mut self.conn)
+        self.conn
+            .query_pipe::<()>(&pipe)
             .map_err(|e| self.failed(&format!("writing {key}"), e))
     }
 }
@@ -112,13 +160,6 @@ impl RedisRecords {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_stay_out_of_messages() {
-        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
-        assert_eq!(redact("redis://u:pw@h"), "redis://u:***@h");
-        assert_eq!(redact("redis://h:6379"), "redis://h:6379");
-    }
 
     #[test]
     fn a_malformed_url_is_bad_usage() {

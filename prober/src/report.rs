@@ -15,13 +15,15 @@ pub fn round(v: f64, digits: i32) -> f64 {
     (v * f).round() / f
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct ThresholdsReport {
     pub error_rate: f64,
     pub p99_ms: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct TimingReport {
     pub warmup_s: f64,
     pub duration_s: f64,
@@ -45,7 +47,8 @@ impl TimingReport {
 }
 
 /// Figures of one level (one run, or pooled runs).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct LevelReport {
     pub concurrency: usize,
     pub requests: u64,
@@ -66,6 +69,11 @@ pub struct LevelReport {
     pub prober_busy: f64,
     /// The prober's own CPU, not the target, was probably the limit.
     pub client_bound: bool,
+    /// Responses with an expected status whose body failed the body check
+    /// (counted in `errors`).
+    pub check_failures: u64,
+    /// Mean body size of the responses counted as successful, bytes.
+    pub body_bytes_mean: Option<f64>,
 }
 
 impl LevelReport {
@@ -85,11 +93,14 @@ impl LevelReport {
             prober_cpu_cores: round(s.cpu_cores(), 3),
             prober_busy: round(s.busy(), 3),
             client_bound: s.client_bound(),
+            check_failures: s.check_failures,
+            body_bytes_mean: s.shape.mean_bytes().map(|b| round(b, 1)),
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct RunReport {
     pub stage: Stage,
     pub attempt: usize,
@@ -114,13 +125,14 @@ impl RunReport {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct KneeReport {
     pub concurrency: usize,
     pub rps: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Probed; a capacity was found.
@@ -135,7 +147,7 @@ pub enum Outcome {
     NotProbed,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RedisOutcome {
     Pushed,
@@ -148,12 +160,14 @@ pub enum RedisOutcome {
     Skipped,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct EndpointReport {
     pub path: String,
     pub method: String,
     pub outcome: Outcome,
     pub capacity: Option<u32>,
+    #[schemars(with = "Option<crate::schema::SourceSchema>")]
     pub source: Option<Source>,
     pub capped: bool,
     pub unstable: bool,
@@ -167,6 +181,9 @@ pub struct EndpointReport {
     pub written: bool,
     pub redis: RedisOutcome,
     pub note: Option<String>,
+    /// Levels whose successful responses differ in size or content type
+    /// from the first level's: errors answered with a success status, often.
+    pub response_changes: Vec<String>,
     pub elapsed_s: f64,
 }
 
@@ -188,13 +205,16 @@ impl EndpointReport {
             written: false,
             redis: RedisOutcome::Skipped,
             note: None,
+            response_changes: Vec::new(),
             elapsed_s: 0.0,
         }
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct ProbeReport {
+    #[schemars(extend("const" = "probe"))]
     pub command: &'static str,
     pub version: &'static str,
     pub target: String,
@@ -339,6 +359,9 @@ impl ProbeReport {
             if let Some(line) = advisory_line(e) {
                 let _ = writeln!(out, "  {line}");
             }
+            for change in &e.response_changes {
+                let _ = writeln!(out, "  warning: {change}");
+            }
             if !e.client_bound_levels.is_empty() {
                 let _ = writeln!(
                     out,
@@ -449,6 +472,34 @@ fn advisory_line(e: &EndpointReport) -> Option<String> {
         ));
     }
     (!parts.is_empty()).then(|| format!("advisory: {}", parts.join("; ")))
+}
+
+/// One line per level whose successful responses differ from those of the
+/// lowest level that had any, in size or content type.
+pub fn response_changes<'a>(
+    levels: impl IntoIterator<Item = &'a LevelStats>,
+    check: &crate::success::SuccessCheck,
+) -> Vec<String> {
+    let mut first: Option<&LevelStats> = None;
+    let mut lines = Vec::new();
+    for level in levels {
+        let Some(reference) = first else {
+            if level.shape.responses > 0 {
+                first = Some(level);
+            }
+            continue;
+        };
+        if let Some(change) = level.shape.differs_from(&reference.shape) {
+            lines.push(format!(
+                "at concurrency {} the responses counted as successful ({}) differ from those at {}: {change}; \
+                 if they are errors, say what success is with --expect-status, --expect-body-contains or --expect-json",
+                level.concurrency,
+                check.describe(),
+                reference.concurrency
+            ));
+        }
+    }
+    lines
 }
 
 /// Prints a command's report: JSON for machines or the text for people on

@@ -59,7 +59,8 @@ pub fn knee(points: &[Point]) -> Option<Point> {
 }
 
 /// Universal Scalability Law: X(N) = λN / (1 + σ(N−1) + κN(N−1)).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct UslFit {
     /// Throughput of one request at a time, requests per second.
     pub lambda: f64,

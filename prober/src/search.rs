@@ -57,7 +57,7 @@ pub fn passes(stats: &LevelStats, t: &Thresholds) -> bool {
 }
 
 /// Why a level was run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     StepUp,

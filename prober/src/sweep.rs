@@ -28,7 +28,7 @@ use std::fmt::Write as _;
 
 pub const DEFAULT_LEVELS: &[usize] = &[1, 2, 4, 8, 16, 32, 64];
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
     Ok,
@@ -36,7 +36,8 @@ pub enum Status {
     Saturated,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct SweepLevel {
     #[serde(flatten)]
     pub level: LevelReport,
@@ -46,7 +47,8 @@ pub struct SweepLevel {
     pub status: Status,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct Saturation {
     /// The saturation point: the lower of the two below.
     pub concurrency: Option<usize>,
@@ -57,7 +59,8 @@ pub struct Saturation {
 }
 
 /// Little's law at the saturation point: in flight = throughput × latency.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct LittlesLaw {
     pub concurrency: usize,
     pub rps: f64,
@@ -67,7 +70,8 @@ pub struct LittlesLaw {
 }
 
 /// Instances needed for a target rate at a target p95.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct Sizing {
     pub target_rps: f64,
     pub target_p95_ms: f64,
@@ -75,8 +79,10 @@ pub struct Sizing {
     pub instances: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
 pub struct SweepReport {
+    #[schemars(extend("const" = "sweep"))]
     pub command: &'static str,
     pub version: &'static str,
     pub target: String,
@@ -92,6 +98,9 @@ pub struct SweepReport {
     pub sizing: Option<Sizing>,
     pub usl: Option<UslFit>,
     pub client_bound_levels: Vec<usize>,
+    /// Levels whose successful responses differ in size or content type
+    /// from the first level's.
+    pub response_changes: Vec<String>,
     pub problems: Vec<String>,
     pub exit_code: u8,
 }
@@ -172,11 +181,13 @@ pub fn run(args: &SweepArgs) -> anyhow::Result<u8> {
     )?;
     let levels = levels(args)?;
     check_sizing_targets(args)?;
+    let check = std::sync::Arc::new(args.check.to_check()?);
     let target = target::connect_target(&args.url)?;
-    let request = target::request_spec(&spec)?;
+    let mut request = target::request_spec(&spec)?;
+    request.check = check;
 
     let sweep = measure_levels(args, &spec.path, &levels, &target, &request, &settings)?;
-    let report = SweepReport::new(args, &spec, &settings, sweep);
+    let report = SweepReport::new(args, &spec, &settings, sweep, &request.check);
     if !report.client_bound_levels.is_empty() && !args.output.quiet {
         eprintln!(
             "warning: the prober's own CPU was the limit at concurrency {:?}; \
@@ -348,7 +359,13 @@ fn sizing(
 
 impl SweepReport {
     /// Judges what `sweep` measured.
-    fn new(args: &SweepArgs, spec: &EndpointSpec, settings: &Settings, sweep: Sweep) -> Self {
+    fn new(
+        args: &SweepArgs,
+        spec: &EndpointSpec,
+        settings: &Settings,
+        sweep: Sweep,
+        check: &crate::success::SuccessCheck,
+    ) -> Self {
         let measured = &sweep.measured;
         let saturation = saturation(measured);
         let recommended = saturation.concurrency.map(recommended_threshold);
@@ -378,6 +395,7 @@ impl SweepReport {
                 .filter(|l| l.client_bound())
                 .map(|l| l.concurrency)
                 .collect(),
+            response_changes: report::response_changes(measured, check),
             problems: sweep.problems,
             exit_code: sweep.exit_code,
         }
@@ -478,6 +496,9 @@ impl SweepReport {
                     .unwrap_or_else(|| "none (no peak)".into()),
                 u.r_squared
             );
+        }
+        for change in &self.response_changes {
+            let _ = writeln!(out, "warning: {change}");
         }
         for p in &self.problems {
             let _ = writeln!(out, "problem: {p}");

@@ -133,6 +133,7 @@ pub fn request_spec(spec: &EndpointSpec) -> Result<RequestSpec, ProberError> {
         path: spec.path.clone(),
         headers,
         body: Bytes::from(body),
+        check: Default::default(),
     })
 }
 

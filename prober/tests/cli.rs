@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{assert_matches_schema, load_schema, prober, serial, validate, Run};
+use common::{
+    assert_matches_schema, load_schema, prober, prober_with_env, schema_errors, serial, Run,
+};
 use serde_json::{json, Value};
 use sluice_harness::{free_port, Backend, Redis, RespValue};
 use std::io::{BufRead, BufReader, Write};
@@ -570,6 +572,142 @@ fn redis_dying_mid_probe_keeps_the_file_and_push_catches_up() {
 }
 
 #[test]
+fn the_redis_url_can_come_from_the_environment_and_the_flag_wins() {
+    let redis = Redis::start();
+    let dir = Scratch::new("redisenv");
+    let cfg = dir.file(
+        "s.yaml",
+        "service: demo\nendpoints:\n  /fixed:\n    capacity: 5\n",
+    );
+    let cfg_arg = cfg.to_str().unwrap();
+    let from_env = redis.url();
+    let run = prober_with_env(
+        &["push", "--config", cfg_arg, "--json"],
+        &[("SLUICE_REDIS_URL", &from_env)],
+        LIMIT,
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.json()["endpoints"][0]["redis"], "pushed");
+    assert_eq!(
+        hash(&redis, "sluice:{demo}:capacity:/fixed")["capacity"],
+        "5"
+    );
+
+    // The flag wins: a dead Redis in the environment is never tried.
+    let other = Redis::start();
+    let dead = format!("redis://:hunter2@127.0.0.1:{}", free_port());
+    let run = prober_with_env(
+        &[
+            "push",
+            "--config",
+            cfg_arg,
+            "--redis",
+            &other.url(),
+            "--json",
+        ],
+        &[("SLUICE_REDIS_URL", &dead)],
+        LIMIT,
+    );
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        hash(&other, "sluice:{demo}:capacity:/fixed")["capacity"],
+        "5"
+    );
+
+    // Only the environment: the dead one is used, and its password is not shown.
+    let run = prober_with_env(
+        &["push", "--config", cfg_arg],
+        &[("SLUICE_REDIS_URL", &dead)],
+        LIMIT,
+    );
+    assert_eq!(run.code, 5, "{}", run.stderr);
+    assert!(
+        run.stderr.contains("redis://:***@127.0.0.1:"),
+        "{}",
+        run.stderr
+    );
+    assert!(!run.stderr.contains("hunter2"), "{}", run.stderr);
+    // --help names the variable but never shows its value.
+    let run = prober_with_env(&["push", "--help"], &[("SLUICE_REDIS_URL", &dead)], LIMIT);
+    assert!(run.stdout.contains("SLUICE_REDIS_URL"), "{}", run.stdout);
+    assert!(!run.stdout.contains("hunter2"), "{}", run.stdout);
+}
+
+/// Finding 13 of issue 22: a backend answering 200 with an error body past
+/// its capacity of 4 was probed as the --max-concurrency cap.
+#[test]
+fn a_body_check_finds_the_capacity_of_a_backend_answering_errors_with_200() {
+    let _serial = serial();
+    let backend = Backend::start(&["/e4:capacity=4,service_ms=20,overload=error200"]);
+    let url = url(&backend);
+    let probe = |extra: &[&str]| {
+        let mut args = vec!["probe"];
+        args.extend_from_slice(FAST_LEVELS);
+        args.extend_from_slice(&[
+            "--url",
+            &url,
+            "--endpoint",
+            "/e4",
+            "--dry-run",
+            "--json",
+            "--max-concurrency",
+            "16",
+        ]);
+        args.extend_from_slice(extra);
+        prober(&args, LIMIT)
+    };
+
+    // Status alone: every answer is a 200, so the cap passes; the report
+    // says the successful responses changed size past the first level.
+    let run = probe(&[]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let doc = run.json();
+    assert_matches_schema("probe-output.schema.json", &doc);
+    let e = &doc["endpoints"][0];
+    assert_eq!(e["capacity"], 16, "{e}");
+    let changes = e["response_changes"].as_array().unwrap();
+    assert!(
+        changes
+            .iter()
+            .any(|c| c.as_str().unwrap().contains("bytes on average")),
+        "no size change reported: {e}"
+    );
+
+    // With a body check the error bodies fail, and the capacity is found.
+    for check in [
+        &["--expect-json", "path=/e4"][..],
+        &[
+            "--expect-status",
+            "200",
+            "--expect-body-contains",
+            "service_ms",
+        ][..],
+    ] {
+        let run = probe(check);
+        assert_eq!(run.code, 0, "{check:?}: {}", run.stderr);
+        let doc = run.json();
+        assert_matches_schema("probe-output.schema.json", &doc);
+        let e = &doc["endpoints"][0];
+        let capacity = e["capacity"].as_u64().unwrap();
+        assert!((3..=4).contains(&capacity), "{check:?}: {e}");
+        assert_eq!(e["response_changes"], json!([]), "{check:?}: {e}");
+        let failed_checks: u64 = e["runs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["check_failures"].as_u64().unwrap())
+            .sum();
+        assert!(failed_checks > 0, "{check:?}: {e}");
+    }
+    // What the backend really did: served at most its 4 slots at once and
+    // answered the rest with its 200 error body, which the first probe
+    // counted as success.
+    let stats = backend.path_stats("/e4");
+    assert_eq!(stats["max_serving"], 4, "{stats}");
+    assert!(stats["rejected"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
 fn sweep_finds_saturation_and_a_threshold() {
     let _serial = serial();
     let backend = Backend::start(&["/k4:capacity=4,service_ms=20"]);
@@ -660,11 +798,7 @@ fn the_schema_check_catches_mistakes() {
         "redis_url": "redis://h", "exit_code": 0,
         "endpoints": [{"path": "/a", "capacity": 3, "source": "manual", "redis": "pushed"}]
     });
-    let errors = |doc: &Value| {
-        let mut e = Vec::new();
-        validate(&schema, &schema, doc, "$", &mut e);
-        e
-    };
+    let errors = |doc: &Value| schema_errors(&schema, doc);
     assert_eq!(errors(&good), Vec::<String>::new());
     let mut bad = good.clone();
     bad["endpoints"][0]["redis"] = json!("maybe");
@@ -673,6 +807,28 @@ fn the_schema_check_catches_mistakes() {
     bad.as_object_mut().unwrap().remove("service");
     let e = errors(&bad);
     assert_eq!(e.len(), 4, "{e:?}");
+    for at in [
+        "/endpoints/0/redis: ",
+        "/endpoints/0/capacity: ",
+        ": Additional properties",
+        ": \"service\" is a required",
+    ] {
+        assert!(e.iter().any(|line| line.contains(at)), "no {at:?} in {e:?}");
+    }
+}
+
+/// The committed schemas are the ones the report types generate
+/// (`cargo run -p sluice-prober --bin sluice-prober-schema` rewrites them).
+#[test]
+fn the_committed_schemas_are_the_generated_ones() {
+    for (name, schema) in sluice_prober::schema::output_schemas() {
+        let committed = std::fs::read_to_string(common::schema_path(name)).unwrap();
+        assert!(
+            committed == sluice_prober::schema::file_text(&schema),
+            "prober/schema/{name} is not what the report types generate: \
+             run `cargo run -p sluice-prober --bin sluice-prober-schema`"
+        );
+    }
 }
 
 #[test]

@@ -4,3 +4,8 @@
 pub use sluice_core::sync_api::*;
 
 include!(concat!(env!("OUT_DIR"), "/sluice.sync.v1.CapacitySync.rs"));
+
+/// The compiled `proto/sluice/sync/v1/sync.proto` (by `build.rs`), for gRPC
+/// reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sluice_sync_descriptor.bin"));

@@ -26,6 +26,10 @@ pub struct Opts {
     )]
     pub listen: SocketAddr,
 
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given)
+    #[arg(long, env = "SLUICE_SYNC_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+
     // The env value stays out of --help: the URL can hold a password.
     /// Redis to read capacities from (wins over --config)
     #[arg(
@@ -35,6 +39,34 @@ pub struct Opts {
         hide_env_values = true
     )]
     pub redis: Option<String>,
+
+    /// CA certificate (PEM) that signed a rediss:// Redis's certificate
+    /// [default: the system's trusted roots]
+    #[arg(long, env = "SLUICE_REDIS_CA", value_name = "FILE")]
+    pub redis_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for a Redis that asks for one (with --redis-key)
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_CERT",
+        value_name = "FILE",
+        requires = "redis_key"
+    )]
+    pub redis_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM)
+    #[arg(
+        long,
+        env = "SLUICE_REDIS_KEY",
+        value_name = "FILE",
+        requires = "redis_cert"
+    )]
+    pub redis_key: Option<PathBuf>,
+
+    /// Redis is a Redis Cluster (implied when --redis lists several nodes,
+    /// comma-separated)
+    #[arg(long, env = "SLUICE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
 
     /// Take Redis from `storage:` of this sluice.yaml
     #[arg(long, env = "SLUICE_CONFIG", value_name = "FILE")]
@@ -74,7 +106,10 @@ pub struct Opts {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     pub listen: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
     pub redis_url: String,
+    /// Cluster mode and TLS files, beside the URL(s) in `redis_url`.
+    pub redis: crate::redis_conn::RedisConn,
     pub resync_interval: Duration,
     pub heartbeat_interval: Duration,
     pub forget_after: Duration,
@@ -97,6 +132,8 @@ pub enum SettingsError {
     BadRedisUrl { flag: &'static str, problem: String },
     #[error("{0}")]
     Token(#[from] TokenError),
+    #[error("{0}")]
+    TlsFiles(String),
     #[error("--token-file and SLUICE_SYNC_TOKEN are both set: use one")]
     TwoTokens,
 }
@@ -115,10 +152,7 @@ impl Settings {
             }
             (None, None) => return Err(SettingsError::NoRedis),
         };
-        redis::Client::open(redis_url.as_str()).map_err(|e| SettingsError::BadRedisUrl {
-            flag,
-            problem: format!("not a Redis URL (redis://[user:pass@]host:port[/db]): {e}"),
-        })?;
+        let redis = redis_conn(opts, &redis_url, flag)?;
         let token = match (&opts.token_file, &opts.token_env) {
             (Some(_), Some(_)) => return Err(SettingsError::TwoTokens),
             (Some(path), None) => Some(Token::from_file(path)?),
@@ -127,7 +161,9 @@ impl Settings {
         };
         Ok(Settings {
             listen: opts.listen,
+            metrics_addr: opts.metrics_addr,
             redis_url,
+            redis,
             resync_interval: opts.resync_interval,
             heartbeat_interval: opts.heartbeat_interval,
             forget_after: opts.forget_after,
@@ -135,6 +171,60 @@ impl Settings {
             token,
         })
     }
+}
+
+/// The URL list (one, or a cluster's nodes) and the TLS files, checked.
+fn redis_conn(
+    opts: &Opts,
+    redis_url: &str,
+    flag: &'static str,
+) -> Result<crate::redis_conn::RedisConn, SettingsError> {
+    let bad = |problem: String| SettingsError::BadRedisUrl { flag, problem };
+    let urls: Vec<String> = redis_url
+        .split(',')
+        .map(|u| u.trim().to_string())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err(bad("no URL given".into()));
+    }
+    for url in &urls {
+        redis::Client::open(url.as_str()).map_err(|e| {
+            bad(format!(
+                "not a Redis URL (redis://[user:pass@]host:port[/db], rediss:// for TLS): {e}"
+            ))
+        })?;
+    }
+    let secure = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+    if secure != 0 && secure != urls.len() {
+        return Err(bad(
+            "mix of rediss:// and redis:// nodes: use one scheme".into()
+        ));
+    }
+    if (opts.redis_ca.is_some() || opts.redis_cert.is_some()) && secure == 0 {
+        return Err(SettingsError::TlsFiles(
+            "--redis-ca/--redis-cert need a rediss:// URL".into(),
+        ));
+    }
+    let read = |path: &PathBuf, flag: &str| {
+        std::fs::read(path).map_err(|e| {
+            SettingsError::TlsFiles(format!("{flag} {}: cannot read it: {e}", path.display()))
+        })
+    };
+    let ca = match &opts.redis_ca {
+        Some(path) => Some(read(path, "--redis-ca")?),
+        None => None,
+    };
+    let client_cert = match (&opts.redis_cert, &opts.redis_key) {
+        (Some(cert), Some(key)) => Some((read(cert, "--redis-cert")?, read(key, "--redis-key")?)),
+        _ => None,
+    };
+    Ok(crate::redis_conn::RedisConn {
+        cluster: opts.redis_cluster || urls.len() > 1,
+        urls,
+        ca,
+        client_cert,
+    })
 }
 
 /// The Redis URL from `storage:` of a sluice.yaml (YAML, so JSON too).
@@ -181,7 +271,12 @@ mod tests {
             settings,
             Settings {
                 listen: "127.0.0.1:50051".parse().unwrap(),
+                metrics_addr: None,
                 redis_url: "redis://127.0.0.1:6379".into(),
+                redis: crate::redis_conn::RedisConn {
+                    urls: vec!["redis://127.0.0.1:6379".into()],
+                    ..Default::default()
+                },
                 resync_interval: Duration::from_secs(5),
                 heartbeat_interval: Duration::from_secs(1),
                 forget_after: Duration::from_secs(30),

@@ -3,6 +3,7 @@
 
 use crate::api::capacity_sync_server::CapacitySync;
 use crate::api::{FetchRequest, Snapshot, WatchRequest};
+use crate::metrics::Kind;
 use crate::services::{stopping, Services, TooManyServices, Watching};
 use crate::snapshots::heartbeat;
 use sluice_core::redis_keys::check_service_name;
@@ -176,6 +177,13 @@ impl Watcher {
     /// interval. Ends when the client goes away, or on shutdown with
     /// UNAVAILABLE so the client reconnects (to another replica).
     async fn run(self) {
+        let metrics = self.services.metrics().clone();
+        metrics.watcher_joined(&self.service);
+        self.follow().await;
+        metrics.watcher_left(&self.service);
+    }
+
+    async fn follow(&self) {
         let mut shutdown = self.shutdown.clone();
         let mut views = self.watching.entry().subscribe();
         let mut heartbeats = tokio::time::interval(self.heartbeat_interval);
@@ -195,8 +203,12 @@ impl Watcher {
                     }
                     let view = views.borrow_and_update().clone();
                     if let Some(view) = view {
+                        let heard_at = self.watching.entry().heard_at();
                         if !self.send(view.snapshot(&self.service, now_unix_ms())).await {
                             break;
+                        }
+                        if let Some(at) = heard_at {
+                            self.services.metrics().write_to_send(at.elapsed());
                         }
                         heartbeats.reset();
                     }
@@ -226,7 +238,16 @@ impl Watcher {
             service = %self.service, node = %self.node, version = snapshot.version,
             heartbeat = snapshot.heartbeat, stale = snapshot.stale, "sending"
         );
-        self.tx.send(Ok(snapshot)).await.is_ok()
+        let kind = if snapshot.heartbeat {
+            Kind::heartbeat
+        } else {
+            Kind::state
+        };
+        let sent = self.tx.send(Ok(snapshot)).await.is_ok();
+        if sent {
+            self.services.metrics().sent(&self.service, kind);
+        }
+        sent
     }
 }
 

@@ -5,13 +5,15 @@
 //! [`redis_source`] reads Redis into per-service views held by
 //! [`services`]; [`grpc`] streams them; [`snapshots`] holds the rules
 //! (versions, bad records, staleness) as pure code; [`auth`] checks the
-//! optional token.
+//! optional token; [`metrics`] serves Prometheus metrics.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod grpc;
 pub mod logging;
+pub mod metrics;
+pub mod redis_conn;
 pub mod redis_source;
 pub mod services;
 pub mod snapshots;
@@ -72,9 +74,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         // Snapshots are small and must leave at once.
         .with_nodelay(Some(true));
     let addr = incoming.local_addr().context("listening address")?;
-    let client = redis::Client::open(settings.redis_url.as_str())
-        .with_context(|| "--redis: not a Redis URL".to_string())?;
-    let shown_url = redis_source::shown_url(&client);
+    let clients = settings
+        .redis
+        .clients()
+        .with_context(|| "--redis: cannot use these Redis settings".to_string())?;
+    let shown_url = sluice_core::redact::redact_urls(&settings.redis_url);
 
     let (services, requests) = Services::new(settings.max_services);
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -86,21 +90,37 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     let source = RedisSource::new(
-        client,
+        clients,
+        shown_url.clone(),
         services.clone(),
         requests,
         settings.resync_interval,
         settings.forget_after,
     );
     let source = tokio::spawn(source.run(shutdown.clone()));
+    if let Some(metrics_addr) = settings.metrics_addr {
+        let listener = tokio::net::TcpListener::bind(metrics_addr)
+            .await
+            .with_context(|| format!("--metrics-addr {metrics_addr}: cannot listen"))?;
+        let bound = listener.local_addr().context("metrics address")?;
+        info!(metrics = %bound, "serving Prometheus metrics at /metrics");
+        tokio::spawn(metrics::serve(listener, services.clone(), shutdown.clone()));
+    }
     let sync_service =
         CapacitySyncService::new(services, settings.heartbeat_interval, shutdown.clone());
+    // grpcurl and friends list and call the services without the .proto.
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("gRPC reflection")?;
 
     // The harness (and people) learn a `--listen ...:0` port from this line.
     println!("listening on {addr}");
     let _ = std::io::stdout().flush();
     info!(
-        listen = %addr, redis = %shown_url, token_required = settings.token.is_some(),
+        listen = %addr, redis = %shown_url, redis_cluster = settings.redis.cluster,
+        redis_tls = settings.redis.urls[0].starts_with("rediss://"), token_required = settings.token.is_some(),
         max_services = settings.max_services, forget_after = ?settings.forget_after,
         "sluice-sync serving"
     );
@@ -115,6 +135,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
         .add_service(health_service)
+        // Reflection stays open too: it describes the API, it serves no data.
+        .add_service(reflection)
         // Health stays open: probes carry no token.
         .add_service(CapacitySyncServer::with_interceptor(
             sync_service,

@@ -7,11 +7,12 @@
 //! except to raise a version counter below one it read itself (Redis lost
 //! its data). Key layout: docs/redis-keys.md.
 
+use crate::redis_conn::{Conn, RedisClients};
 use crate::services::{stopping, Services};
 use crate::snapshots::{Outcome, RedisRead, ServiceState};
 use futures_util::{FutureExt, StreamExt};
-use redis::aio::{MultiplexedConnection, PubSubSink};
-use redis::{AsyncConnectionConfig, RedisError, Value};
+use redis::aio::PubSubSink;
+use redis::{RedisError, Value};
 use sluice_core::redis_keys::{capacity_key, endpoints_key, updates_channel, version_key};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -34,7 +35,9 @@ const READ_ATTEMPTS: usize = 4;
 const RAISE_ATTEMPTS: usize = 3;
 
 pub struct RedisSource {
-    client: redis::Client,
+    clients: RedisClients,
+    /// Sessions started, to rotate the subscription over the nodes given.
+    sessions: usize,
     /// The URL without any password, for logs.
     shown_url: String,
     services: Arc<Services>,
@@ -66,15 +69,17 @@ enum ReadError {
 
 impl RedisSource {
     pub fn new(
-        client: redis::Client,
+        clients: RedisClients,
+        shown_url: String,
         services: Arc<Services>,
         requests: mpsc::UnboundedReceiver<String>,
         resync_interval: Duration,
         forget_after: Duration,
     ) -> RedisSource {
         RedisSource {
-            shown_url: shown_url(&client),
-            client,
+            shown_url,
+            clients,
+            sessions: 0,
             services,
             requests,
             resync_interval,
@@ -124,14 +129,13 @@ impl RedisSource {
         shutdown: &mut watch::Receiver<bool>,
         backoff: &mut Duration,
     ) -> Result<(), SessionError> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let pubsub = within(CONNECT_TIMEOUT, self.client.get_async_pubsub()).await?;
+        let mut conn = within(
+            CONNECT_TIMEOUT * 2,
+            self.clients.connect(CONNECT_TIMEOUT, RESPONSE_TIMEOUT),
+        )
+        .await?;
+        self.sessions += 1;
+        let pubsub = within(CONNECT_TIMEOUT, self.clients.pubsub(self.sessions - 1)).await?;
         let (mut sink, mut messages) = pubsub.split();
 
         // Subscribe before the first full read, so no change falls between.
@@ -162,13 +166,14 @@ impl RedisSource {
                         return Err(SessionError::SubscriptionClosed);
                     };
                     // One read per service for a burst of messages.
+                    let heard_at = std::time::Instant::now();
                     let mut due = BTreeSet::new();
                     due.extend(channels.get(message.get_channel_name()).cloned());
                     while let Some(Some(message)) = messages.next().now_or_never() {
                         due.extend(channels.get(message.get_channel_name()).cloned());
                     }
                     for service in due {
-                        self.refresh(&mut conn, &service).await?;
+                        self.refresh_heard(&mut conn, &service, Some(heard_at)).await?;
                     }
                 }
                 Some(service) = self.requests.recv() => {
@@ -228,10 +233,16 @@ impl RedisSource {
     /// Reads one service and publishes its view if it changed. A failed
     /// connection ends the session; anything else wrong with this service's
     /// keys is logged and its last view kept.
-    async fn refresh(
+    async fn refresh(&mut self, conn: &mut Conn, service: &str) -> Result<(), SessionError> {
+        self.refresh_heard(conn, service, None).await
+    }
+
+    /// [`Self::refresh`] for an update message heard at `heard_at`.
+    async fn refresh_heard(
         &mut self,
-        conn: &mut MultiplexedConnection,
+        conn: &mut Conn,
         service: &str,
+        heard_at: Option<std::time::Instant>,
     ) -> Result<(), SessionError> {
         let Some(entry) = self.services.get(service) else {
             return Ok(());
@@ -258,7 +269,7 @@ impl RedisSource {
                         endpoints = view.endpoints.len(),
                         "new snapshot"
                     );
-                    entry.publish(view);
+                    entry.publish_heard(view, heard_at);
                     return Ok(());
                 }
                 Outcome::Unchanged => return Ok(()),
@@ -326,10 +337,7 @@ async fn subscribe(
 /// they come from one `MULTI`. The endpoint set is read first to know which
 /// hashes to ask for, and again inside the `MULTI`; if it changed in
 /// between, the read is repeated.
-async fn read_service(
-    conn: &mut MultiplexedConnection,
-    service: &str,
-) -> Result<RedisRead, ReadError> {
+async fn read_service(conn: &mut Conn, service: &str) -> Result<RedisRead, ReadError> {
     let version_key = version_key(service);
     let endpoints_key = endpoints_key(service);
     let mut members: Vec<String> = redis::cmd("SMEMBERS")
@@ -377,10 +385,4 @@ fn parse<T: redis::FromRedisValue>(value: Option<Value>) -> Result<T, RedisError
 /// key, such as `WRONGTYPE`).
 fn is_connection_failure(e: &RedisError) -> bool {
     e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error()
-}
-
-/// `redis://host:port/db`, never the password.
-pub fn shown_url(client: &redis::Client) -> String {
-    let info = client.get_connection_info();
-    format!("redis://{}/{}", info.addr(), info.redis_settings().db())
 }

@@ -7,6 +7,7 @@
 //! period ([`Services::forget_idle`]), so names that nobody watches cost
 //! nothing: no memory, no subscription, no reads. Their number is bounded.
 
+use crate::metrics::Metrics;
 use crate::snapshots::ServiceView;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ pub struct Services {
     to_read: mpsc::UnboundedSender<String>,
     redis_up: watch::Sender<bool>,
     max_services: usize,
+    metrics: Arc<Metrics>,
 }
 
 struct Entry {
@@ -33,6 +35,8 @@ struct Entry {
 pub struct WatchedService {
     /// `None` until the service was read once.
     view: watch::Sender<Option<ServiceView>>,
+    /// When the update message behind the current view was heard.
+    heard_at: Mutex<Option<Instant>>,
 }
 
 /// Every service slot is held by a stream or a call (`--max-services`).
@@ -64,6 +68,7 @@ impl Services {
             to_read,
             redis_up: watch::channel(false).0,
             max_services: max_services.max(1),
+            metrics: Arc::new(Metrics::new()),
         };
         (Arc::new(services), requests)
     }
@@ -91,7 +96,10 @@ impl Services {
                         .min_by_key(|(_, e)| e.idle_since)
                         .map(|(name, _)| name.clone());
                     match idlest {
-                        Some(name) => entries.remove(&name),
+                        Some(name) => {
+                            self.metrics.forget(&name);
+                            entries.remove(&name)
+                        }
                         None => {
                             return Err(TooManyServices {
                                 limit: self.max_services,
@@ -102,6 +110,7 @@ impl Services {
                 let entry = Entry {
                     shared: Arc::new(WatchedService {
                         view: watch::channel(None).0,
+                        heard_at: Mutex::new(None),
                     }),
                     users: 1,
                     idle_since: now,
@@ -141,7 +150,13 @@ impl Services {
     pub fn forget_idle(&self, grace: Duration, now: Instant) -> usize {
         let mut entries = self.entries.lock().expect("services lock");
         let before = entries.len();
-        entries.retain(|_, e| e.users > 0 || now.saturating_duration_since(e.idle_since) < grace);
+        entries.retain(|name, e| {
+            let keep = e.users > 0 || now.saturating_duration_since(e.idle_since) < grace;
+            if !keep {
+                self.metrics.forget(name);
+            }
+            keep
+        });
         before - entries.len()
     }
 
@@ -193,6 +208,10 @@ impl Services {
     pub fn subscribe_redis_up(&self) -> watch::Receiver<bool> {
         self.redis_up.subscribe()
     }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
 }
 
 impl Watching {
@@ -223,7 +242,19 @@ impl WatchedService {
     }
 
     pub fn publish(&self, view: ServiceView) {
+        self.publish_heard(view, None);
+    }
+
+    /// Publishes a view read because of an update message heard at
+    /// `heard_at` (for the write-to-send histogram).
+    pub fn publish_heard(&self, view: ServiceView, heard_at: Option<Instant>) {
+        *self.heard_at.lock().expect("heard_at lock") = heard_at;
         self.view.send_replace(Some(view));
+    }
+
+    /// When the update message behind the current view was heard, if one was.
+    pub fn heard_at(&self) -> Option<Instant> {
+        *self.heard_at.lock().expect("heard_at lock")
     }
 }
 

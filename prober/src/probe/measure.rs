@@ -9,6 +9,7 @@ use crate::report::{self, EndpointReport, KneeReport, LevelReport, Outcome, RunR
 use crate::scaling::{self, Point};
 use crate::search::{self, Abort, LevelRunner, Stage};
 use crate::settings::Settings;
+use crate::success::SuccessCheck;
 use sluice_core::capacity_record::{CapacityRecord, Source};
 use std::time::Instant;
 
@@ -106,7 +107,7 @@ pub(super) fn measure(
             return Measured::Unreachable(reason);
         }
     };
-    fill_search(rep, &result);
+    fill_search(rep, &result, &request.check);
     let (Some(c), Some(at)) = (result.capacity, result.at_capacity()) else {
         rep.outcome = Outcome::NoPassingLevel;
         if let Some(first) = result.runs.first() {
@@ -148,7 +149,8 @@ pub(super) fn warn_if_client_bound(reports: &[EndpointReport], quiet: bool) {
     }
 }
 
-fn fill_search(rep: &mut EndpointReport, result: &search::SearchResult) {
+fn fill_search(rep: &mut EndpointReport, result: &search::SearchResult, check: &SuccessCheck) {
+    rep.response_changes = report::response_changes(result.levels.values(), check);
     rep.capped = result.capped;
     rep.unstable = result.unstable;
     rep.runs = result.runs.iter().map(RunReport::from).collect();

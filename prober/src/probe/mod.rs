@@ -47,16 +47,22 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     let service = service_name(args, file.as_ref())?;
     let redis_url = redis_url(args, file.as_ref());
     let mut redis = match (&redis_url, args.dry_run) {
-        (Some(url), false) => Some(connect_redis(url, &service)?),
+        (Some(url), false) => Some(connect_redis(url, &args.redis_conn, &service)?),
         _ => None,
     };
     if let (Some(path), false) = (&args.config, args.dry_run) {
         check_writable(path)?;
     }
+    let check = std::sync::Arc::new(args.check.to_check()?);
     let target = target::connect_target(&args.url)?;
     let requests: Vec<RequestSpec> = planned
         .iter()
-        .map(|p| target::request_spec(&p.spec))
+        .map(|p| {
+            target::request_spec(&p.spec).map(|mut r| {
+                r.check = check.clone();
+                r
+            })
+        })
         .collect::<Result<_, _>>()?;
 
     // 2. Measure. From here on a signal stops the load and reports.
@@ -159,9 +165,14 @@ fn redis_url(args: &ProbeArgs, file: Option<&ConfigFile>) -> Option<String> {
     }
 }
 
-fn connect_redis(url: &str, service: &str) -> Result<RedisRecords, ProberError> {
+fn connect_redis(
+    url: &str,
+    conn: &crate::cli::RedisConnArgs,
+    service: &str,
+) -> Result<RedisRecords, ProberError> {
     check_service_name(service).map_err(|e| ProberError::Usage(e.to_string()))?;
-    RedisRecords::connect(url, service)
+    let target = crate::redis_target::RedisTarget::new(url, conn)?;
+    RedisRecords::connect_to(&target, service)
 }
 
 /// Writes the capacities found into `--config`, if there is one and there

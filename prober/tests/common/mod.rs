@@ -38,8 +38,17 @@ impl Run {
 /// Runs `sluice-prober ARGS` (the binary Cargo built for these tests) and
 /// waits for it, at most `limit`.
 pub fn prober(args: &[&str], limit: Duration) -> Run {
+    prober_with_env(args, &[], limit)
+}
+
+/// `prober` with these environment variables set (and SLUICE_REDIS_URL
+/// removed unless given, so the caller's environment cannot leak in).
+pub fn prober_with_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
     let start = Instant::now();
-    let child = Command::new(env!("CARGO_BIN_EXE_sluice-prober"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sluice-prober"));
+    command.env_remove("SLUICE_REDIS_URL");
+    command.envs(env.iter().copied());
+    let child = command
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -93,12 +102,10 @@ pub fn load_schema(name: &str) -> Value {
     serde_json::from_str(&text).expect("schema is JSON")
 }
 
-/// Checks `doc` against the committed schema `name`; panics with every
-/// violation.
+/// Checks `doc` against the committed schema `name` (with the `jsonschema`
+/// crate); panics with every violation.
 pub fn assert_matches_schema(name: &str, doc: &Value) {
-    let schema = load_schema(name);
-    let mut errors = Vec::new();
-    validate(&schema, &schema, doc, "$", &mut errors);
+    let errors = schema_errors(&load_schema(name), doc);
     assert!(
         errors.is_empty(),
         "output does not match {name}:\n{}\n\ndocument:\n{}",
@@ -107,129 +114,11 @@ pub fn assert_matches_schema(name: &str, doc: &Value) {
     );
 }
 
-/// A JSON Schema (2020-12) validator for the keywords our schemas use.
-///
-/// The `jsonschema` crate would pull ~60 crates and two minutes of build
-/// into every CI run for one check; this covers exactly the keywords in
-/// prober/schema/ and panics on any other, so a schema change cannot slip
-/// past it unchecked.
-pub fn validate(root: &Value, schema: &Value, doc: &Value, at: &str, errors: &mut Vec<String>) {
-    let Some(s) = schema.as_object() else {
-        panic!("schema at {at} is not an object");
-    };
-    for key in s.keys() {
-        assert!(
-            matches!(
-                key.as_str(),
-                "$schema"
-                    | "title"
-                    | "description"
-                    | "$defs"
-                    | "type"
-                    | "properties"
-                    | "required"
-                    | "additionalProperties"
-                    | "items"
-                    | "enum"
-                    | "const"
-                    | "minimum"
-                    | "maximum"
-                    | "exclusiveMinimum"
-                    | "anyOf"
-                    | "$ref"
-            ),
-            "the test validator does not know the schema keyword {key:?} (at {at})"
-        );
-    }
-    if let Some(r) = s.get("$ref").and_then(Value::as_str) {
-        let name = r
-            .strip_prefix("#/$defs/")
-            .unwrap_or_else(|| panic!("unsupported $ref {r}"));
-        let target = &root["$defs"][name];
-        assert!(!target.is_null(), "$ref {r} points nowhere");
-        validate(root, target, doc, at, errors);
-    }
-    if let Some(any) = s.get("anyOf").and_then(Value::as_array) {
-        let ok = any.iter().any(|sub| {
-            let mut e = Vec::new();
-            validate(root, sub, doc, at, &mut e);
-            e.is_empty()
-        });
-        if !ok {
-            errors.push(format!("{at}: matches none of anyOf"));
-        }
-    }
-    if let Some(t) = s.get("type") {
-        let types: Vec<&str> = match t {
-            Value::String(one) => vec![one.as_str()],
-            Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
-            _ => panic!("bad type at {at}"),
-        };
-        let fits = types.iter().any(|t| match *t {
-            "object" => doc.is_object(),
-            "array" => doc.is_array(),
-            "string" => doc.is_string(),
-            "number" => doc.is_number(),
-            "integer" => doc.is_i64() || doc.is_u64(),
-            "boolean" => doc.is_boolean(),
-            "null" => doc.is_null(),
-            other => panic!("unknown type {other} at {at}"),
-        });
-        if !fits {
-            errors.push(format!("{at}: expected {types:?}, got {doc}"));
-            return;
-        }
-    }
-    if let Some(e) = s.get("enum").and_then(Value::as_array) {
-        if !e.contains(doc) {
-            errors.push(format!("{at}: {doc} is not one of {e:?}"));
-        }
-    }
-    if let Some(c) = s.get("const") {
-        if c != doc {
-            errors.push(format!("{at}: expected {c}, got {doc}"));
-        }
-    }
-    if let Some(n) = doc.as_f64() {
-        if let Some(min) = s.get("minimum").and_then(Value::as_f64) {
-            if n < min {
-                errors.push(format!("{at}: {n} < minimum {min}"));
-            }
-        }
-        if let Some(max) = s.get("maximum").and_then(Value::as_f64) {
-            if n > max {
-                errors.push(format!("{at}: {n} > maximum {max}"));
-            }
-        }
-        if let Some(min) = s.get("exclusiveMinimum").and_then(Value::as_f64) {
-            if n <= min {
-                errors.push(format!("{at}: {n} <= exclusiveMinimum {min}"));
-            }
-        }
-    }
-    if let Some(obj) = doc.as_object() {
-        let props = s.get("properties").and_then(Value::as_object);
-        if let Some(req) = s.get("required").and_then(Value::as_array) {
-            for r in req.iter().filter_map(Value::as_str) {
-                if !obj.contains_key(r) {
-                    errors.push(format!("{at}: missing required {r:?}"));
-                }
-            }
-        }
-        for (k, v) in obj {
-            match props.and_then(|p| p.get(k)) {
-                Some(sub) => validate(root, sub, v, &format!("{at}.{k}"), errors),
-                None => {
-                    if s.get("additionalProperties") == Some(&Value::Bool(false)) {
-                        errors.push(format!("{at}: unexpected property {k:?}"));
-                    }
-                }
-            }
-        }
-    }
-    if let (Some(items), Some(arr)) = (s.get("items"), doc.as_array()) {
-        for (i, v) in arr.iter().enumerate() {
-            validate(root, items, v, &format!("{at}[{i}]"), errors);
-        }
-    }
+/// Every violation of `schema` by `doc`, as `path: message`.
+pub fn schema_errors(schema: &Value, doc: &Value) -> Vec<String> {
+    let validator = jsonschema::validator_for(schema).expect("a valid JSON Schema");
+    validator
+        .iter_errors(doc)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
 }

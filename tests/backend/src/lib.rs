@@ -3,7 +3,7 @@
 //!
 //! Each `--route` gives a path a number of slots (`capacity`), a service time
 //! and what happens beyond capacity (`queue` FIFO inside the backend, or
-//! `reject` with 503). `--workers K` adds one pool of K workers that every
+//! `reject` with 503, or `error200`: 200 with an error body). `--workers K` adds one pool of K workers that every
 //! routed request holds while it is served, like the worker processes of a
 //! uvicorn app: a flood on one path then delays all the others.
 //! `GET /__backend/stats` tells what the backend saw: how many requests were
@@ -295,6 +295,13 @@ impl App {
                             StatusCode::SERVICE_UNAVAILABLE,
                             r#"{"error":"over capacity"}"#,
                         );
+                    }
+                },
+                Overload::Error200 => match slots.semaphore.try_acquire() {
+                    Ok(permit) => Some(permit),
+                    Err(_) => {
+                        state.count_rejected();
+                        return json(StatusCode::OK, r#"{"error":"over capacity"}"#);
                     }
                 },
             },

@@ -9,7 +9,7 @@ struct Args {
     /// Address to listen on; prints `listening on ADDR` when ready.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// PATH[:capacity=K,service_ms=F,overload=queue|reject,on_disconnect=cancel|finish],
+    /// PATH[:capacity=K,service_ms=F,overload=queue|reject|error200,on_disconnect=cancel|finish],
     /// repeatable.
     /// Paths without a route are answered at once with 200.
     #[arg(long = "route", value_name = "SPEC", value_parser = clap::value_parser!(RouteSpec))]

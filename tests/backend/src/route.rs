@@ -9,6 +9,9 @@ pub enum Overload {
     Queue,
     /// Answer 503 at once.
     Reject,
+    /// Answer 200 at once with an error body (`{"error":"over capacity"}`),
+    /// as some services do: a status check alone takes it for success.
+    Error200,
 }
 
 /// What a route does with a request whose client goes away mid-request.
@@ -47,7 +50,7 @@ pub enum RouteSpecError {
     BadCapacity(String),
     #[error("service_ms must be a number of milliseconds >= 0, got {0:?}")]
     BadServiceMs(String),
-    #[error("overload must be queue or reject, got {0:?}")]
+    #[error("overload must be queue, reject or error200, got {0:?}")]
     BadOverload(String),
     #[error("on_disconnect must be cancel or finish, got {0:?}")]
     BadOnDisconnect(String),
@@ -98,6 +101,7 @@ impl FromStr for RouteSpec {
                     route.overload = match value {
                         "queue" => Overload::Queue,
                         "reject" => Overload::Reject,
+                        "error200" => Overload::Error200,
                         _ => return Err(RouteSpecError::BadOverload(value.to_string())),
                     };
                 }
@@ -146,6 +150,12 @@ mod tests {
                 Overload::Reject,
             ),
             ("/p:service_ms=0", None, 0.0, Overload::Queue),
+            (
+                "/p:capacity=4,overload=error200",
+                Some(4),
+                0.0,
+                Overload::Error200,
+            ),
         ];
         for (spec, capacity, service_ms, overload) in cases {
             let route: RouteSpec = spec.parse().unwrap_or_else(|e| panic!("{spec}: {e}"));
@@ -190,7 +200,7 @@ mod tests {
             ),
             (
                 "/p:overload=drop",
-                "overload must be queue or reject, got \"drop\"",
+                "overload must be queue, reject or error200, got \"drop\"",
             ),
             (
                 "/p:on_disconnect=ignore",

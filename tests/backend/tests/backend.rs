@@ -279,7 +279,7 @@ fn bad_route_spec_exits_non_zero_naming_the_bad_part() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("/p:capacity=4,overload=drop")
-            && stderr.contains("overload must be queue or reject, got \"drop\""),
+            && stderr.contains("overload must be queue, reject or error200, got \"drop\""),
         "{stderr}"
     );
 

@@ -45,6 +45,8 @@ fn istio_manifests() -> Vec<String> {
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        // Kustomize's own file is no manifest: rendered in its own test.
+        .filter(|p| !p.ends_with("kustomization.yaml"))
         .map(|p| {
             p.strip_prefix(workspace_root())
                 .unwrap()
@@ -486,7 +488,10 @@ fn the_dockerfile_builds_what_compose_uses_as_an_unprivileged_user() {
         .filter_map(|l| l.split_once(" AS "))
         .collect();
     let names: Vec<&str> = stages.iter().map(|(_, name)| *name).collect();
-    assert_eq!(names, ["builder", "wasm", "envoy", "runtime"]);
+    assert_eq!(
+        names,
+        ["deps", "builder", "wasm", "envoy", "base", "backend", "runtime"]
+    );
     assert!(stages.contains(&("envoyproxy/envoy:v1.40-latest", "envoy")));
     assert!(stages.contains(&("scratch", "wasm")));
     // The runtime stage ends as a numeric non-root user.
@@ -503,6 +508,68 @@ fn the_dockerfile_builds_what_compose_uses_as_an_unprivileged_user() {
         .parse()
         .expect("numeric uid");
     assert!(uid >= 1000, "USER {user}");
+    // The runtime image holds sync and the prober; the test backend has its
+    // own image.
+    let copied = |stage: &str| -> String {
+        let body = dockerfile
+            .split(&format!(" AS {stage}\n"))
+            .nth(1)
+            .unwrap()
+            .split("\nFROM ")
+            .next()
+            .unwrap();
+        body.lines()
+            .filter(|l| l.starts_with("COPY --from=builder"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        copied("runtime"),
+        "COPY --from=builder /out/sluice-sync /out/sluice-prober /usr/local/bin/"
+    );
+    assert_eq!(
+        copied("backend"),
+        "COPY --from=builder /out/sluice-backend /usr/local/bin/"
+    );
+    // Every image says what it is (OCI annotations), and nothing installs
+    // protoc: no build script needs it.
+    for stage in ["wasm", "envoy", "backend", "runtime"] {
+        let body = dockerfile.split(&format!(" AS {stage}\n")).nth(1).unwrap();
+        let body = body.split("\nFROM ").next().unwrap();
+        for label in [
+            "org.opencontainers.image.title=",
+            "org.opencontainers.image.version=",
+            "org.opencontainers.image.licenses=\"Apache-2.0\"",
+        ] {
+            assert!(body.contains(label), "stage {stage} lacks {label}");
+        }
+    }
+    assert!(!dockerfile.contains("protobuf-compiler"));
+    // The crates are fetched in a layer of their own, from the manifests
+    // alone, before the sources are copied.
+    let deps = dockerfile.split(" AS deps\n").nth(1).unwrap();
+    let deps = deps.split("\nFROM ").next().unwrap();
+    assert!(deps.contains("COPY Cargo.toml Cargo.lock ./"), "{deps}");
+    assert!(deps.contains("cargo fetch --locked"), "{deps}");
+    assert!(!deps.contains("COPY . ."), "{deps}");
+    let members = fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let members = members
+        .split("members = [")
+        .nth(1)
+        .unwrap()
+        .split(']')
+        .next()
+        .unwrap();
+    for member in members
+        .split(',')
+        .map(|m| m.trim().trim_matches('"'))
+        .filter(|m| !m.is_empty())
+    {
+        assert!(
+            deps.contains(&format!("COPY {member}/Cargo.toml {member}/")),
+            "the deps stage does not copy {member}/Cargo.toml"
+        );
+    }
     // Every target compose builds exists.
     let compose = yaml_as_json(&root.join("docker-compose.yml"));
     for (service, definition) in compose["services"].as_object().unwrap() {
@@ -515,6 +582,170 @@ fn the_dockerfile_builds_what_compose_uses_as_an_unprivileged_user() {
     // The build context leaves out what is big or local.
     let ignore = fs::read_to_string(root.join(".dockerignore")).unwrap();
     assert!(ignore.lines().any(|l| l == "target/"), "{ignore}");
+}
+
+/// The image must carry the wasm that was tested and benchmarked: the one
+/// `make wasm` builds, with the same profile settings.
+#[test]
+fn the_dockerfile_builds_the_wasm_as_make_wasm_does() {
+    let root = workspace_root();
+    let makefile = fs::read_to_string(root.join("Makefile")).unwrap();
+    let profile = makefile
+        .lines()
+        .find_map(|l| l.strip_prefix("WASM_PROFILE := "))
+        .expect("the Makefile defines WASM_PROFILE")
+        .trim();
+    assert!(
+        profile.contains("CARGO_PROFILE_RELEASE_LTO=fat"),
+        "{profile}"
+    );
+    let make_wasm = makefile
+        .split("\nwasm:\n")
+        .nth(1)
+        .expect("a wasm target")
+        .lines()
+        .next()
+        .unwrap()
+        .trim();
+    assert!(
+        make_wasm.starts_with(
+            "$(WASM_PROFILE) cargo build --release --target wasm32-wasip1 -p sluice-filter"
+        ),
+        "{make_wasm}"
+    );
+    let dockerfile = fs::read_to_string(root.join("deploy/docker/Dockerfile")).unwrap();
+    let wasm_builds: Vec<&str> = dockerfile
+        .lines()
+        .filter(|l| l.contains("--target wasm32-wasip1 -p sluice-filter"))
+        .map(|l| l.trim().trim_start_matches("&& ").trim_end_matches(" \\"))
+        .collect();
+    assert_eq!(
+        wasm_builds,
+        [format!(
+            "{profile} cargo build --release --locked --offline --target wasm32-wasip1 -p sluice-filter"
+        )],
+        "the Dockerfile's wasm build differs from `make wasm` ({profile})"
+    );
+    // The panic=abort of .cargo/config.toml reaches the build context.
+    let ignore = fs::read_to_string(root.join(".dockerignore")).unwrap();
+    assert!(!ignore.lines().any(|l| l.starts_with(".cargo")), "{ignore}");
+    assert!(fs::read_to_string(root.join(".cargo/config.toml"))
+        .unwrap()
+        .contains("panic=abort"));
+}
+
+/// `kubectl kustomize DIR` (kustomize inside kubectl), the rendered YAML.
+fn kustomize(dir: &Path) -> Result<String, String> {
+    let out = Command::new("kubectl")
+        .arg("kustomize")
+        .arg(dir)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run kubectl (make deps installs it): {e}"));
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn the_kustomizations_render_to_manifests_that_pass_the_strict_schemas() {
+    let root = workspace_root();
+    let scratch = ScratchDir::new("kustomize");
+    let mut rendered = Vec::new();
+    for dir in [
+        "deploy/istio",
+        "deploy/autoscaling",
+        "deploy/kustomize/example",
+    ] {
+        let yaml = kustomize(&root.join(dir)).unwrap_or_else(|e| panic!("{dir}: {e}"));
+        let path = scratch
+            .path()
+            .join(format!("{}.yaml", dir.replace('/', "-")));
+        fs::write(&path, &yaml).unwrap();
+        rendered.push((dir, path, yaml));
+    }
+    let args: Vec<String> = ["k8s".to_string()]
+        .into_iter()
+        .chain(
+            rendered
+                .iter()
+                .map(|(_, p, _)| p.to_string_lossy().into_owned()),
+        )
+        .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (ok, stdout, stderr) = validator(&args);
+    assert!(ok, "{stderr}\n{stdout}");
+
+    // The base holds what the README applies by hand, nothing more.
+    let kinds = |yaml: &str| -> Vec<String> {
+        let mut k: Vec<String> = yaml
+            .lines()
+            .filter_map(|l| l.strip_prefix("kind: "))
+            .map(str::to_string)
+            .collect();
+        k.sort();
+        k
+    };
+    let (_, _, istio) = &rendered[0];
+    assert_eq!(
+        kinds(istio),
+        [
+            "ConfigMap",
+            "ConfigMap",
+            "Deployment",
+            "Deployment",
+            "Deployment",
+            "EnvoyFilter",
+            "Namespace",
+            "Namespace",
+            "PodDisruptionBudget",
+            "Service",
+            "Service",
+            "Service",
+            "ServiceAccount",
+            "VirtualService",
+            "WasmPlugin"
+        ]
+    );
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok ")).count(),
+        rendered
+            .iter()
+            .map(|(_, _, y)| kinds(y).len())
+            .sum::<usize>(),
+        "{stdout}"
+    );
+    // The autoscaling base puts the ScaledObject in the namespace it names.
+    let (_, _, autoscaling) = &rendered[1];
+    assert!(autoscaling.contains("kind: ScaledObject"), "{autoscaling}");
+    assert!(autoscaling.contains("  namespace: demo\n"), "{autoscaling}");
+
+    // The overlay sets every image, the filter's included: no placeholder
+    // registry is left to edit by hand.
+    let (_, _, example) = &rendered[2];
+    assert!(!example.contains("registry.example.com"), "{example}");
+    let images: Vec<&str> = example
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    assert!(images.contains(&"ghcr.io/acme/sluice:0.1.0"), "{images:?}");
+    assert!(
+        images.contains(&"ghcr.io/acme/sluice-backend:0.1.0"),
+        "{images:?}"
+    );
+    assert!(example.contains("url: oci://ghcr.io/acme/sluice-filter:0.1.0"));
+
+    // A misspelled field in a kustomization is refused by kustomize itself.
+    let bad = scratch.path().join("bad");
+    fs::create_dir_all(&bad).unwrap();
+    fs::write(
+        bad.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresource:\n- x.yaml\n",
+    )
+    .unwrap();
+    let err = kustomize(&bad).expect_err("a misspelled key");
+    assert!(err.contains("resource"), "{err}");
 }
 
 #[test]

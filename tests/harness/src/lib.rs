@@ -23,6 +23,7 @@ mod process;
 mod prometheus;
 mod recipe;
 mod redis;
+mod redis_variants;
 mod sync_cluster;
 mod sync_service;
 
@@ -34,6 +35,7 @@ pub use process::{unique_scratch_path, ScratchDir};
 pub use prometheus::{Prometheus, ScrapeTarget};
 pub use recipe::{with_built_wasm, Recipe, RECIPE_ADMIN_PORT, RECIPE_LISTENER_PORT};
 pub use redis::{Redis, RespValue};
+pub use redis_variants::{RedisCluster, TlsFiles, TlsRedis};
 pub use sync_cluster::{sync_cluster_yaml, SYNC_CLUSTER};
 pub use sync_service::SyncService;
 

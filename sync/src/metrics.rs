@@ -1,0 +1,254 @@
+//! sluice-sync's own Prometheus metrics, served on `--metrics-addr` at
+//! `/metrics` (OpenMetrics text, which Prometheus scrapes as it is).
+//!
+//! Counters end in `_total`, durations are in seconds, and the service is
+//! the label `sluice_service` (a `service` label would collide with the
+//! target label the Prometheus Operator adds). Series of a service go away
+//! when sync forgets the service, so random names cannot grow them.
+
+use crate::services::{stopping, Services};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::CONTENT_TYPE;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub sluice_service: String,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Kind {
+    /// A new state of the service.
+    state,
+    /// Nothing changed: the periodic heartbeat.
+    heartbeat,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SentLabels {
+    pub sluice_service: String,
+    pub kind: Kind,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    watchers: Family<ServiceLabels, Gauge>,
+    sent: Family<SentLabels, Counter>,
+    redis_up: Gauge,
+    services: Gauge,
+    write_to_send: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("sluice_sync");
+        let watchers = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "watchers",
+            "Open Watch streams, per service",
+            watchers.clone(),
+        );
+        let sent = Family::<SentLabels, Counter>::default();
+        registry.register(
+            "snapshots_sent",
+            "Snapshots sent to watchers, per service; kind is state (a new state) or heartbeat",
+            sent.clone(),
+        );
+        let redis_up = Gauge::default();
+        registry.register(
+            "redis_up",
+            "1 while Redis answers, 0 while the snapshots served are stale",
+            redis_up.clone(),
+        );
+        let services = Gauge::default();
+        registry.register(
+            "services",
+            "Services sync remembers (watched, or in their idle grace period)",
+            services.clone(),
+        );
+        // 0.5 ms to ~16 s.
+        let write_to_send = Histogram::new(exponential_buckets(0.0005, 2.0, 16));
+        registry.register(
+            "write_to_send_seconds",
+            "Time from a write's update message on Redis to the snapshot sent to a watcher",
+            write_to_send.clone(),
+        );
+        Metrics {
+            registry,
+            watchers,
+            sent,
+            redis_up,
+            services,
+            write_to_send,
+        }
+    }
+
+    fn service(service: &str) -> ServiceLabels {
+        ServiceLabels {
+            sluice_service: service.to_string(),
+        }
+    }
+
+    pub fn watcher_joined(&self, service: &str) {
+        self.watchers.get_or_create(&Self::service(service)).inc();
+    }
+
+    pub fn watcher_left(&self, service: &str) {
+        self.watchers.get_or_create(&Self::service(service)).dec();
+    }
+
+    pub fn sent(&self, service: &str, kind: Kind) {
+        self.sent
+            .get_or_create(&SentLabels {
+                sluice_service: service.to_string(),
+                kind,
+            })
+            .inc();
+    }
+
+    pub fn write_to_send(&self, elapsed: Duration) {
+        self.write_to_send.observe(elapsed.as_secs_f64());
+    }
+
+    /// Drops the series of a service sync forgot.
+    pub fn forget(&self, service: &str) {
+        self.watchers.remove(&Self::service(service));
+        for kind in [Kind::state, Kind::heartbeat] {
+            self.sent.remove(&SentLabels {
+                sluice_service: service.to_string(),
+                kind,
+            });
+        }
+    }
+
+    /// The text a scrape gets, with the gauges that are read, not counted,
+    /// brought up to date.
+    pub fn encode(&self, services: &Services) -> String {
+        self.redis_up.set(i64::from(services.redis_up()));
+        self.services.set(services.len() as i64);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+            .expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Serves `GET /metrics` until shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    services: Arc<Services>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    warn!(%error, "metrics listener: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopping(&mut shutdown) => return,
+        };
+        let services = services.clone();
+        tokio::spawn(async move {
+            let handler = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let services = services.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&request, &services)) }
+            });
+            if let Err(error) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), handler)
+                .await
+            {
+                debug!(%error, ?peer, "metrics connection ended with an error");
+            }
+        });
+    }
+}
+
+fn answer(request: &Request<Incoming>, services: &Services) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match (request.method(), request.uri().path()) {
+        (&Method::GET, "/metrics") => (
+            StatusCode::OK,
+            OPENMETRICS,
+            services.metrics().encode(services),
+        ),
+        (_, "/metrics") => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET /metrics\n".to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "sluice-sync serves its metrics at /metrics\n".to_string(),
+        ),
+    };
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_conventions_and_forgotten_services_leave() {
+        let (services, _requests) = Services::new(10);
+        let m = services.metrics();
+        m.watcher_joined("demo");
+        m.watcher_joined("demo");
+        m.watcher_left("demo");
+        m.sent("demo", Kind::state);
+        m.sent("demo", Kind::heartbeat);
+        m.write_to_send(Duration::from_millis(3));
+        let text = m.encode(&services);
+        for line in [
+            "# TYPE sluice_sync_watchers gauge",
+            "sluice_sync_watchers{sluice_service=\"demo\"} 1",
+            "# TYPE sluice_sync_snapshots_sent counter",
+            "sluice_sync_snapshots_sent_total{sluice_service=\"demo\",kind=\"state\"} 1",
+            "sluice_sync_snapshots_sent_total{sluice_service=\"demo\",kind=\"heartbeat\"} 1",
+            "sluice_sync_redis_up 0",
+            "sluice_sync_services 0",
+            "# TYPE sluice_sync_write_to_send_seconds histogram",
+            "sluice_sync_write_to_send_seconds_count 1",
+            "sluice_sync_write_to_send_seconds_bucket{le=\"0.004\"} 1",
+            "# EOF",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
+        }
+        m.forget("demo");
+        let text = m.encode(&services);
+        assert!(!text.contains("demo"), "{text}");
+    }
+}
