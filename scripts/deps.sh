@@ -61,8 +61,9 @@ if [ "$use" = test ]; then
   # A real Prometheus (and promtool) for the metric, dashboard and alert tests.
   need_apt prometheus prometheus
   # `kubectl kustomize` renders the Kustomize bases and overlay. Debian's
-  # kubernetes-client (kubectl 1.20, kustomize 2) is the fallback where no
-  # newer kubectl is installed; the overlay's `patches:` needs kustomize 3+.
+  # kubernetes-client (kubectl 1.20, kustomize 2.0) is the fallback where no
+  # newer kubectl is installed: the bases and the overlay are written so that
+  # kustomize 2 and 5 render them the same (bases:, patchesJson6902).
   need_apt kubectl kubernetes-client
 fi
 if [ "$use" = bench ]; then
