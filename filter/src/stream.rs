@@ -81,8 +81,14 @@ impl<H: Host> Stream<H> {
         };
         let route = worker.routes.route(ep);
         // A websocket lives as long as its client likes, mostly idle: with
-        // `count_upgrades: false` it does not take a slot at all.
-        if !route.count_upgrades && host.get_http_request_header("upgrade").is_some() {
+        // `count_upgrades: false` it does not take a slot at all. Only a GET
+        // can be upgraded (HTTP/2's extended CONNECT reaches filters as one):
+        // a POST with an `Upgrade` header is served as a plain request, so it
+        // counts like one.
+        if !route.count_upgrades
+            && host.get_http_request_header("upgrade").is_some()
+            && host.get_http_request_header(":method").as_deref() == Some("GET")
+        {
             return Action::Continue;
         }
         worker.metrics.count(ep, Counter::Requests);

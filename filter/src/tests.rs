@@ -571,6 +571,11 @@ fn upgrades_take_no_slot_when_not_counted() {
     plain.complete();
     ws.reset();
     envoy.assert_neutral(KEY);
+    // Only a GET is upgraded: a POST asking for one is a plain request.
+    let mut post = w.request_with("POST", PATH, &[("upgrade", "websocket")]);
+    assert_eq!(envoy.record(KEY).active, 1);
+    post.complete();
+    envoy.assert_neutral(KEY);
     // Counted by default.
     let envoy = FakeEnvoy::new();
     let w = FakeWorker::start(&envoy, &config(1, 1.0, 10));

@@ -282,3 +282,73 @@ fn stream_idle_timeout_cuts_a_queued_request_with_envoys_own_504() {
     assert!(queued.latency_ms < 2000.0, "{queued:?}");
     assert_eq!(backend.arrivals("/predict").len(), 1);
 }
+
+/// Sends one raw HTTP/1.1 request on its own connection and returns the
+/// head of the response (status line and headers, lower-cased), read up to
+/// its blank line: not to the connection's close, which Envoy delays by a
+/// second after a local reply.
+fn raw_head(addr: std::net::SocketAddr, request: &str) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).expect("connect to Envoy");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.write_all(request.as_bytes()).expect("send");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).is_ok_and(|n| n == 1) {
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
+
+/// The status code of a response head (0 if none came).
+fn status_of(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A header's value in a response head.
+fn header_of<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(n, _)| n.trim() == name)
+        .map(|(_, v)| v.trim())
+}
+
+/// `count_upgrades: false` lets websockets through without a slot, but only
+/// a GET is upgraded: a POST carrying `Upgrade: websocket` is served by the
+/// backend as a plain request, and counts like one (before: 4 at once at
+/// the backend for capacity 1).
+#[test]
+fn only_a_get_upgrade_skips_the_slot() {
+    let backend = Backend::start(&["/predict:service_ms=300"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 1, "queue_timeout": 30, "count_upgrades": false},
+    }});
+    let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    proxy.websocket = true;
+    let envoy = Envoy::start(&proxy, 2);
+    let addr = envoy.listener_addr();
+    // No body: Envoy holds the body of an upgrade request until the
+    // upstream switches protocols, which this backend never does.
+    let request = format!(
+        "POST /predict HTTP/1.1\r\nhost: {addr}\r\nconnection: upgrade\r\n\
+         upgrade: websocket\r\ncontent-length: 0\r\n\r\n"
+    );
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let request = request.clone();
+            std::thread::spawn(move || status_of(&raw_head(addr, &request)))
+        })
+        .collect();
+    let statuses: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    assert_eq!(statuses, vec![200; 4], "{}", envoy.log());
+    let seen = backend.path_stats("/predict");
+    assert_eq!(seen["completed"], 4, "{seen}");
+    assert_eq!(
+        seen["max_in_flight"], 1,
+        "a POST asking for an upgrade went around the capacity: {seen}"
+    );
+    wait_filter_idle(&envoy, "/predict", Duration::from_secs(5));
+}
