@@ -13,6 +13,7 @@ pub mod config;
 pub mod config_seen;
 pub mod holding;
 pub mod lease;
+pub mod path;
 pub mod queued_bytes;
 pub mod redis_keys;
 pub mod shared_data;

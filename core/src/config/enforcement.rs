@@ -178,17 +178,27 @@ fn long_queue_timeout_warnings(
 }
 
 /// Why an endpoint path can never match a request, if it cannot.
-pub fn path_problem(path: &str) -> Option<&'static str> {
+pub fn path_problem(path: &str) -> Option<String> {
+    let fixed = |s: &str| Some(s.to_string());
     if !path.starts_with('/') {
-        Some("path must start with '/'")
+        fixed("path must start with '/'")
     } else if path.contains('?') {
-        Some("path must not contain a query string (requests match on the path alone)")
+        fixed("path must not contain a query string (requests match on the path alone)")
     } else if path.contains('#') {
-        Some("path must not contain '#' (a fragment never reaches the proxy)")
+        fixed("path must not contain '#' (a fragment never reaches the proxy)")
     } else if path.chars().any(char::is_whitespace) {
-        Some("path must not contain spaces (a request path has them as %20)")
+        fixed("path must not contain spaces (a request path has them as %20)")
     } else {
-        None
+        // Requests are matched on their normalised path: a key in any other
+        // spelling would never match one.
+        let normal = crate::path::request_path(path);
+        (normal != path).then(|| {
+            format!(
+                "requests are matched on their normalised path, so this one would never match; \
+                 write it as {normal:?} (escaped UTF-8 and unreserved characters decoded, \
+                 dot segments and repeated slashes removed)"
+            )
+        })
     }
 }
 
@@ -503,6 +513,12 @@ mod tests {
                 "endpoints: must be a map from path to endpoint settings, got [\"/a\"]",
             ),
             ("{\"endpoints\": {\"predict\": {}}}", "endpoints.predict: path must start with '/'"),
+            (
+                "{\"endpoints\": {\"/pr%C3%A9dict\": {}}}",
+                "endpoints./pr%C3%A9dict: requests are matched on their normalised path, so this one would never match; \
+                 write it as \"/prédict\" (escaped UTF-8 and unreserved characters decoded, \
+                 dot segments and repeated slashes removed)",
+            ),
             (
                 "{\"endpoints\": {\"/p?x=1\": {}}}",
                 "endpoints./p?x=1: path must not contain a query string (requests match on the path alone)",

@@ -129,27 +129,33 @@ fn route_timeout_keeps_the_slot_until_the_backend_is_done() {
     wait_filter_idle(&envoy, "/predict", Duration::from_secs(10));
 }
 
-/// Spellings of `/predict` that the application routes to `/predict` count
-/// against its capacity. Envoy's own normalisation is off here (the front
-/// proxy sets none), so it is the filter's.
+/// Spellings of `/predict` (and of the non-ASCII `/prédict`, which clients
+/// send percent-encoded) that the application routes to that endpoint count
+/// against its capacity. The filter normalises on its own: Envoy's
+/// `normalize_path` leaves escaped UTF-8 alone.
 #[test]
 fn encoded_and_dotted_paths_count_against_the_endpoint() {
-    let backend = Backend::start(&["/predict:service_ms=300"]);
+    let backend = Backend::start(&["/predict:service_ms=300", "/prédict:service_ms=300"]);
     let config = json!({"service": "e2e", "endpoints": {
         "/predict": {"capacity": 1, "queue_timeout": 30},
+        "/prédict": {"capacity": 1, "queue_timeout": 30},
     }});
     let envoy = start(&backend, &config, 2);
     let spellings = [
-        "/predict",
-        "/pre%64ict",
-        "/%70redict",
-        "//predict",
-        "/./predict",
-        "/x/../predict",
+        ("/predict", "/predict"),
+        ("/pre%64ict", "/predict"),
+        ("/%70redict", "/predict"),
+        ("//predict", "/predict"),
+        ("/./predict", "/predict"),
+        ("/x/../predict", "/predict"),
+        ("/pr%C3%A9dict", "/prédict"),
+        ("/pr%c3%a9dict", "/prédict"),
+        ("/pr%C3%A9di%63t", "/prédict"),
+        ("/x/../pr%C3%A9dict", "/prédict"),
     ];
     let bursts = spellings
         .iter()
-        .map(|path| Burst::new(envoy.listener_addr(), path, 2))
+        .map(|(path, _)| Burst::new(envoy.listener_addr(), path, 2))
         .collect();
     let outcomes = run_together(bursts);
     assert!(
@@ -157,13 +163,16 @@ fn encoded_and_dotted_paths_count_against_the_endpoint() {
         "{:?}",
         summarize(&outcomes)
     );
-    let seen = backend.path_stats("/predict");
-    assert_eq!(seen["completed"], 12, "{seen}");
-    assert_eq!(
-        seen["max_in_flight"], 1,
-        "a spelling of /predict went around its capacity: {seen}"
-    );
-    wait_filter_idle(&envoy, "/predict", Duration::from_secs(5));
+    for endpoint in ["/predict", "/prédict"] {
+        let seen = backend.path_stats(endpoint);
+        let sent = 2 * spellings.iter().filter(|(_, e)| *e == endpoint).count();
+        assert_eq!(seen["completed"], sent, "{endpoint}: {seen}");
+        assert_eq!(
+            seen["max_in_flight"], 1,
+            "a spelling of {endpoint} went around its capacity: {seen}"
+        );
+        wait_filter_idle(&envoy, endpoint, Duration::from_secs(5));
+    }
 }
 
 /// A prefix endpoint limits its own segment only: `/embed` and `/embed/x`,
