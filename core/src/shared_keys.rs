@@ -30,6 +30,12 @@ pub fn upstream_estimate(endpoint_key: &str) -> String {
     format!("{endpoint_key}:upstream-ns")
 }
 
+/// When a request of the endpoint was last abandoned after every recent
+/// duration (`abandon`): the completions no longer bound its durations.
+pub fn outlived(endpoint_key: &str) -> String {
+    format!("{endpoint_key}:outlived-ns")
+}
+
 /// The leader lease of a service (`lease`).
 pub fn leader(service: &str) -> String {
     format!("sluice:{service}:leader")

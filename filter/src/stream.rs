@@ -32,19 +32,16 @@ enum State {
 enum End {
     /// Its whole response went through: the backend is done.
     Complete,
-    /// Before any response from the backend (client gone, or Envoy answered
-    /// for it): the backend may still be computing.
+    /// Before the end of the backend's response (client gone before or
+    /// during it, or Envoy answered for it): the backend may still be
+    /// computing, or still generating a streamed response.
     Abandoned,
-    /// During the backend's response: it has done its work.
-    Cut,
 }
 
 pub struct Stream<H> {
     worker: Rc<Worker<H>>,
     context_id: u32,
     state: State,
-    /// Response headers from the backend have arrived.
-    responded: bool,
 }
 
 impl<H: Host> Stream<H> {
@@ -53,7 +50,6 @@ impl<H: Host> Stream<H> {
             worker,
             context_id,
             state: State::Untracked,
-            responded: false,
         }
     }
 
@@ -200,7 +196,6 @@ impl<H: Host> Stream<H> {
             self.finish(End::Abandoned);
             return Action::Continue;
         }
-        self.responded = true;
         if end_of_stream {
             self.finish(End::Complete);
         }
@@ -234,13 +229,12 @@ impl<H: Host> Stream<H> {
 
     /// Envoy's `on_log`: every stream ends here, normal or reset (client gone
     /// while queued or in flight); a second call finds nothing to release.
+    /// A slot still held here lost its client before the end of the
+    /// response: a backend streaming tokens goes on generating after the
+    /// client leaves (its headers say nothing about its work being done),
+    /// so the slot is held like that of any abandoned request.
     pub fn on_end(&mut self) {
-        let how = if self.responded {
-            End::Cut
-        } else {
-            End::Abandoned
-        };
-        self.finish(how);
+        self.finish(End::Abandoned);
     }
 
     /// Releases (or holds, if abandoned) whatever the request holds, exactly
@@ -274,7 +268,6 @@ impl<H: Host> Stream<H> {
                     .unwrap_or_else(|| host.now_ns());
                 worker.abandon(slot, admitted_ns)
             }
-            End::Cut => worker.release(slot),
         });
     }
 }

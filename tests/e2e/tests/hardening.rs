@@ -361,3 +361,111 @@ fn only_a_get_upgrade_skips_the_slot() {
     );
     wait_filter_idle(&envoy, "/predict", Duration::from_secs(5));
 }
+
+/// A backend streaming tokens (an LLM) goes on generating after its client
+/// leaves, and its headers say nothing about its work being done: a slot
+/// whose client left during the response is held like any abandoned one,
+/// until the backend's expected end (before: released at once, and the
+/// backend ran up to 10 generations at once for capacity 2).
+#[test]
+fn streamed_responses_keep_their_slot_when_the_client_leaves() {
+    let backend = Backend::start(&["/generate:service_ms=1000,tokens=10,on_disconnect=finish"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/generate": {"capacity": 2, "queue_timeout": 30, "abandon_hold": 3},
+    }});
+    let envoy = start(&backend, &config, 2);
+    // Two whole generations: the filter learns how long one takes.
+    let whole = run_blocking(&Burst::new(envoy.listener_addr(), "/generate", 2));
+    assert!(whole.iter().all(|o| o.status == 200), "{whole:?}");
+    assert_eq!(whole[0].body.lines().count(), 10, "{whole:?}");
+    // Clients that read two or three tokens and leave, one every 100 ms.
+    let mut leaving = Burst::new(envoy.listener_addr(), "/generate", 12);
+    leaving.spacing = Duration::from_millis(100);
+    leaving.abort_after = Some(Duration::from_millis(250));
+    let outcomes = run_blocking(&leaving);
+    assert!(outcomes.iter().all(|o| o.aborted), "{outcomes:?}");
+    wait_backend_idle(&backend, "/generate");
+    let seen = backend.path_stats("/generate");
+    assert!(
+        seen["completed"].as_u64() >= Some(4),
+        "the abandoned generations went on: {seen}"
+    );
+    assert_eq!(
+        seen["max_in_flight"], 2,
+        "the backend generated more (or fewer) than capacity at once: {seen}"
+    );
+    wait_filter_idle(&envoy, "/generate", Duration::from_secs(5));
+}
+
+/// 90 % of requests take 50 ms, every tenth 3 s, and clients give up after
+/// 200 ms: the abandoned requests are exactly the slow ones, which never
+/// complete and so never reach the estimate. A request abandoned after every
+/// recent duration is held to `abandon_hold` (before: released at once, 13–14
+/// at the backend for capacity 3).
+#[test]
+fn slow_requests_abandoned_among_fast_ones_keep_their_slot() {
+    let backend = Backend::start(&[
+        "/predict:service_ms=50,slow_every=10,slow_ms=3000,on_disconnect=finish",
+    ]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 3, "queue_timeout": 30, "abandon_hold": 4},
+    }});
+    let envoy = start(&backend, &config, 2);
+    // A few fast requests first, so that both workers have an estimate.
+    let mut warm = Burst::new(envoy.listener_addr(), "/predict", 6);
+    warm.spacing = Duration::from_millis(60);
+    assert!(run_blocking(&warm).iter().all(|o| o.status == 200));
+    let bursts = (0..3)
+        .map(|i| {
+            let mut b = Burst::new(envoy.listener_addr(), "/predict", 20);
+            b.spacing = Duration::from_millis(40 + 7 * i as u64);
+            b.abort_after = Some(Duration::from_millis(200));
+            b.first_seq = 100 * i;
+            b
+        })
+        .collect();
+    let outcomes = run_together(bursts);
+    let s = summarize(&outcomes);
+    assert!(s.aborted >= 3, "no slow request was given up on: {s:?}");
+    wait_backend_idle(&backend, "/predict");
+    let seen = backend.path_stats("/predict");
+    assert!(seen["completed"].as_u64() >= Some(15), "{seen}");
+    assert!(
+        seen["max_in_flight"].as_u64().unwrap_or(u64::MAX) <= 3,
+        "the backend worked on more than capacity at once: {seen}"
+    );
+    wait_filter_idle(&envoy, "/predict", Duration::from_secs(8));
+}
+
+/// Before any request of an endpoint has completed, clients that give up
+/// hold their slots for a short cold hold (1 s, or as long again as they
+/// ran), not for `abandon_hold` (default 30 s): before, 3 impatient clients
+/// closed a cold endpoint for 30 s and the honest ones after them got 504.
+#[test]
+fn a_cold_endpoints_abandons_hold_it_briefly() {
+    let backend = Backend::start(&["/predict:service_ms=300,on_disconnect=finish"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/predict": {"capacity": 3, "queue_timeout": 3},
+    }});
+    let envoy = start(&backend, &config, 2);
+    let mut impatient = Burst::new(envoy.listener_addr(), "/predict", 3);
+    impatient.abort_after = Some(Duration::from_millis(100));
+    let gave_up = run_blocking(&impatient);
+    assert!(gave_up.iter().all(|o| o.aborted), "{gave_up:?}");
+    let mut honest = Burst::new(envoy.listener_addr(), "/predict", 5);
+    honest.first_seq = 100;
+    let outcomes = run_blocking(&honest);
+    assert!(
+        outcomes.iter().all(|o| o.status == 200),
+        "honest requests after a cold endpoint's abandons: {outcomes:?}"
+    );
+    let waited = outcomes.iter().filter_map(|o| o.wait_ms).max().unwrap_or(0);
+    assert!(
+        (500..2500).contains(&waited),
+        "the abandoned slots were held {waited} ms, not about 1 s: {outcomes:?}"
+    );
+    wait_backend_idle(&backend, "/predict");
+    let seen = backend.path_stats("/predict");
+    assert_eq!(seen["max_in_flight"], 3, "{seen}");
+    wait_filter_idle(&envoy, "/predict", Duration::from_secs(5));
+}
