@@ -11,6 +11,7 @@ pub mod capacity_record;
 pub mod cas;
 pub mod config;
 pub mod config_seen;
+pub mod deadline;
 pub mod holding;
 pub mod lease;
 pub mod path;

@@ -7,7 +7,7 @@ use crate::metrics::Counter;
 use crate::path::request_path;
 use crate::replies::LocalReply;
 use crate::routes::Route;
-use crate::worker::Worker;
+use crate::worker::{Waiting, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use sluice_core::holding::{self, Arrival, Slot, Ticket};
@@ -113,7 +113,12 @@ impl<H: Host> Stream<H> {
                             }
                         };
                         let since_ns = arrived_ns(host);
-                        worker.add_waiter(self.context_id, ticket, since_ns, bytes);
+                        let waiting = Waiting {
+                            since_ns,
+                            bytes,
+                            expires_ns: grpc_deadline_ns(host, since_ns),
+                        };
+                        worker.add_waiter(self.context_id, ticket, waiting);
                         self.state = State::Parked { since_ns };
                         // Resumed later by this worker's root context with
                         // exactly one of resume_http_request or a 504.
@@ -290,6 +295,19 @@ fn request_time_ns<H: Host>(host: &H) -> Option<u64> {
         .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
         .map(i64::from_le_bytes)
         .and_then(|ns| u64::try_from(ns).ok())
+}
+
+/// The deadline of a gRPC request that arrived at `since_ns`, from its
+/// `grpc-timeout`; looked up only for a request that queues.
+fn grpc_deadline_ns<H: Host>(host: &H, since_ns: u64) -> Option<u64> {
+    let grpc = host
+        .get_http_request_header("content-type")
+        .is_some_and(|t| t.starts_with("application/grpc"));
+    if !grpc {
+        return None;
+    }
+    let timeout = sluice_core::deadline::grpc_timeout_ns(&host.get_http_request_header("grpc-timeout")?)?;
+    Some(since_ns.saturating_add(timeout))
 }
 
 /// `max_queued_bytes` would be passed by this request's body.

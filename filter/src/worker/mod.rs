@@ -8,6 +8,7 @@ mod queue;
 mod slots;
 mod ticker;
 
+pub use queue::Waiting;
 pub use ticker::BASE_TICK;
 #[cfg(test)]
 pub use ticker::FAST_TICK;

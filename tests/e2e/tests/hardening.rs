@@ -469,3 +469,50 @@ fn a_cold_endpoints_abandons_hold_it_briefly() {
     assert_eq!(seen["max_in_flight"], 3, "{seen}");
     wait_filter_idle(&envoy, "/predict", Duration::from_secs(5));
 }
+
+/// A gRPC call whose client does not cancel at its deadline (here HTTP/1.1
+/// with `grpc-timeout: 300m`, as a raw client or a proxy in front may):
+/// past its deadline it is answered by the filter and never sent upstream,
+/// even when a slot frees for it (before: it waited 1 s for the slot and
+/// was then run by the backend for nobody).
+#[test]
+fn an_expired_grpc_request_is_never_sent_upstream() {
+    let backend = Backend::start(&["/svc.Model/Predict:service_ms=1000"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/svc.Model/Predict": {"capacity": 1, "queue_timeout": 30},
+    }});
+    let envoy = start(&backend, &config, 2);
+    let addr = envoy.listener_addr();
+    let call = move |seq: &str, timeout: &str| {
+        let request = format!(
+            "POST /svc.Model/Predict HTTP/1.1\r\nhost: {addr}\r\n\
+             content-type: application/grpc\r\nte: trailers\r\nx-seq: {seq}\r\n\
+             {timeout}content-length: 5\r\n\r\n\0\0\0\0\0"
+        );
+        raw_head(addr, &request)
+    };
+    let holder = std::thread::spawn(move || call("first", ""));
+    std::thread::sleep(Duration::from_millis(150));
+    let started = Instant::now();
+    let late = call("late", "grpc-timeout: 300m\r\n");
+    let took = started.elapsed();
+    let first = holder.join().unwrap();
+    assert_eq!(status_of(&first), 200, "{first}");
+    // Envoy turns the filter's 504 into a gRPC status for a gRPC request.
+    let failed = match header_of(&late, "grpc-status") {
+        Some(status) => status != "0",
+        None => status_of(&late) == 504,
+    };
+    assert!(failed, "expected an error for the expired call: {late}");
+    assert!(
+        took < Duration::from_millis(800),
+        "answered {took:?} after it was sent, not at its 300 ms deadline"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        backend.arrivals("/svc.Model/Predict"),
+        vec!["first".to_string()],
+        "the expired call reached the backend"
+    );
+    wait_filter_idle(&envoy, "/svc.Model/Predict", Duration::from_secs(5));
+}
