@@ -216,6 +216,11 @@ pub struct SyncDoc {
     /// Seconds without any message before the filter reopens the stream.
     #[cfg_attr(feature = "schema", schemars(with = "f64", range(max = 86400), extend("exclusiveMinimum" = 0, "default" = 3)))]
     pub heartbeat_timeout: Option<Value>,
+    /// Shared token sent as `authorization: Bearer <token>` on the Watch
+    /// stream, for a sync service started with `--token-file` (printable
+    /// ASCII, at most 100 bytes). Never shown in stats, logs or the dashboard.
+    #[cfg_attr(feature = "schema", schemars(with = "String", length(min = 1, max = 100)))]
+    pub token: Option<Value>,
     #[serde(flatten)]
     #[cfg_attr(feature = "schema", schemars(skip))]
     pub unknown: Map<String, Value>,
