@@ -17,6 +17,7 @@ pub mod lease;
 pub mod path;
 pub mod queued_bytes;
 pub mod redis_keys;
+pub mod services;
 pub mod shared_data;
 pub mod shared_keys;
 pub mod sync_api;

@@ -516,3 +516,41 @@ fn an_expired_grpc_request_is_never_sent_upstream() {
     );
     wait_filter_idle(&envoy, "/svc.Model/Predict", Duration::from_secs(5));
 }
+
+/// docs/filter.md, "Renaming `service` or changing `vm_id`": a listener
+/// update that renames `service` while requests are in flight starts the new
+/// VMs on empty records while the old ones drain, so the backend may see
+/// both capacities at once for the drain; the filter says so in Envoy's log.
+#[test]
+fn renaming_the_service_under_load_is_warned_about() {
+    let backend = Backend::start(&["/predict:service_ms=1500"]);
+    let config = |service: &str| {
+        json!({"service": service, "endpoints": {
+            "/predict": {"capacity": 3, "queue_timeout": 30},
+        }})
+    };
+    let mut proxy = FrontProxy::new(backend.port(), config("before").to_string());
+    proxy.use_lds = true;
+    let mut opts = proxy.envoy_options(2);
+    opts.extra_args = vec!["--drain-time-s".into(), "2".into()];
+    let envoy = Envoy::start_with(opts);
+    let addr = envoy.listener_addr();
+    let old = std::thread::spawn(move || run_blocking(&Burst::new(addr, "/predict", 3)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while backend.path_stats("/predict")["in_flight"] != 3 {
+        assert!(Instant::now() < deadline, "the first requests never arrived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.plugin_config_json = config("after").to_string();
+    envoy.update_lds(&proxy);
+    let warned = "service \"before\" has 3 requests in flight on /predict in this vm_id, \
+                  now configured as service \"after\"";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !envoy.log().contains(warned) {
+        assert!(Instant::now() < deadline, "no warning about the rename: {}", envoy.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(old.join().unwrap().iter().all(|o| o.status == 200));
+    // The same configuration again says nothing more.
+    assert_eq!(envoy.log().matches(warned).count(), 1, "{}", envoy.log());
+}
