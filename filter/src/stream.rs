@@ -53,7 +53,13 @@ impl<H: Host> Stream<H> {
         }
     }
 
+    #[cfg(test)]
     pub fn on_request_headers(&mut self) -> Action {
+        self.on_request_headers_with(true)
+    }
+
+    /// `end_of_stream`: the request has no body still to come.
+    pub fn on_request_headers_with(&mut self, end_of_stream: bool) -> Action {
         let worker = Rc::clone(&self.worker);
         let host = &worker.host;
         let Some(raw_path) = host.get_http_request_header(":path") else {
@@ -102,6 +108,10 @@ impl<H: Host> Stream<H> {
                     Arrival::Admitted(slot) => {
                         worker.metrics.count(ep, Counter::AdmittedAtOnce);
                         let admitted_ns = worker.time_next(ep).then(|| host.now_ns());
+                        if !end_of_stream {
+                            let now = admitted_ns.unwrap_or_else(|| host.now_ns());
+                            worker.upload_pending(self.context_id, ep, Some(now));
+                        }
                         self.state = State::Holding(slot.timed(admitted_ns));
                         Action::Continue
                     }
@@ -119,6 +129,9 @@ impl<H: Host> Stream<H> {
                             expires_ns: grpc_deadline_ns(host, since_ns),
                         };
                         worker.add_waiter(self.context_id, ticket, waiting);
+                        if !end_of_stream {
+                            worker.upload_pending(self.context_id, ep, None);
+                        }
                         self.state = State::Parked { since_ns };
                         // Resumed later by this worker's root context with
                         // exactly one of resume_http_request or a 504.
@@ -220,6 +233,15 @@ impl<H: Host> Stream<H> {
             .is_some_and(|details| details != b"via_upstream")
     }
 
+    /// The request body: once it has all arrived, its upload is no longer
+    /// timed (`max_upload_time`).
+    pub fn on_request_body(&mut self, end_of_stream: bool) -> Action {
+        if end_of_stream && !matches!(self.state, State::Untracked) {
+            self.worker.upload_done(self.context_id);
+        }
+        Action::Continue
+    }
+
     pub fn on_response_body(&mut self, end_of_stream: bool) -> Action {
         if end_of_stream {
             self.finish(End::Complete);
@@ -240,6 +262,7 @@ impl<H: Host> Stream<H> {
     /// so the slot is held like that of any abandoned request.
     pub fn on_end(&mut self) {
         self.finish(End::Abandoned);
+        self.worker.upload_done(self.context_id);
     }
 
     /// Releases (or holds, if abandoned) whatever the request holds, exactly
@@ -262,6 +285,8 @@ impl<H: Host> Stream<H> {
         // resumes at once.
         worker.in_stream(self.context_id, || match how {
             End::Complete => worker.complete(slot),
+            // Answered 408 for a late body: the backend was only reading.
+            End::Abandoned if worker.take_upload_timeout(self.context_id) => worker.release(slot),
             // An untimed request admitted at once was admitted when it
             // arrived, give or take its worker's delay; if Envoy cannot
             // say, now, which holds the slot longest.
@@ -340,8 +365,12 @@ fn queue_bytes<H: Host>(host: &H, route: &Route) -> Result<u64, QueueBytesFull> 
 impl Context for Stream<Envoy> {}
 
 impl HttpContext for Stream<Envoy> {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.on_request_headers()
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.on_request_headers_with(end_of_stream)
+    }
+
+    fn on_http_request_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        self.on_request_body(end_of_stream)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

@@ -80,6 +80,10 @@ pub struct Document {
     /// (the backend may still be computing it); 0 releases it at once.
     #[cfg_attr(feature = "schema", schemars(with = "f64", range(min = 0, max = 86400), extend("default" = 30)))]
     pub abandon_hold: Option<Value>,
+    /// Longest seconds from a request's admission to the end of its body;
+    /// past it the filter answers 408 and frees the slot (0: no limit).
+    #[cfg_attr(feature = "schema", schemars(with = "f64", range(min = 0, max = 86400), extend("default" = 60)))]
+    pub max_upload_time: Option<Value>,
     /// Whether the filter defines its metrics in Envoy's stats.
     #[cfg_attr(feature = "schema", schemars(with = "bool", extend("default" = true)))]
     pub metrics: Option<Value>,
@@ -149,6 +153,12 @@ pub struct EndpointDoc {
         schemars(with = "f64", range(min = 0, max = 86400))
     )]
     pub abandon_hold: Option<Value>,
+    /// Overrides the service's `max_upload_time`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "f64", range(min = 0, max = 86400))
+    )]
+    pub max_upload_time: Option<Value>,
     /// Whether upgraded requests (websockets) hold a slot for their life.
     #[cfg_attr(feature = "schema", schemars(with = "bool", extend("default" = true)))]
     pub count_upgrades: Option<Value>,

@@ -7,6 +7,7 @@ mod peers;
 mod queue;
 mod slots;
 mod ticker;
+mod uploads;
 
 pub use queue::Waiting;
 pub use ticker::BASE_TICK;
@@ -26,6 +27,7 @@ use sluice_core::{shared_keys, worker_ids};
 use std::cell::Cell;
 use std::time::Duration;
 use ticker::Ticker;
+use uploads::Uploads;
 
 pub struct Worker<H> {
     pub host: H,
@@ -43,6 +45,7 @@ pub struct Worker<H> {
     peers: Peers,
     queue: Queue,
     slots: Slots,
+    uploads: Uploads,
 }
 
 impl<H: Host> Worker<H> {
@@ -58,6 +61,7 @@ impl<H: Host> Worker<H> {
             ticker: Ticker::new(),
             peers: Peers::new(vm_id),
             queue: Queue::default(),
+            uploads: Uploads::default(),
         }
     }
 
@@ -117,6 +121,7 @@ impl<H: Host> Worker<H> {
         }
         self.claim_granted();
         self.expire_waiters();
+        self.expire_uploads();
         self.release_held();
         self.publish_estimates();
         self.metrics.flush(&self.host);
@@ -134,7 +139,11 @@ impl<H: Host> Worker<H> {
 
     /// Sets the tick to the nearest queue deadline or held slot.
     fn schedule(&self, from_tick: bool) {
-        let due = [self.queue.next_deadline(), self.slots.next_due()]
+        let due = [
+            self.queue.next_deadline(),
+            self.slots.next_due(),
+            self.uploads.next_due(),
+        ]
             .into_iter()
             .flatten()
             .min();

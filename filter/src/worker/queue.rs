@@ -222,7 +222,9 @@ impl<H: Host> Worker<H> {
     /// Continues a paused request with the slot it now holds; the waiter is
     /// out of the local list already, so this runs once per request.
     fn resume(&self, slot: Slot, w: Left<QueuedBytes>) {
-        let slot = slot.timed(Some(self.host.now_ns()));
+        let now = self.host.now_ns();
+        let slot = slot.timed(Some(now));
+        self.upload_admitted(w.context_id, now);
         let resumed = self.host.set_effective_context(w.context_id).is_ok()
             && self.host.resume_http_request().is_ok();
         if resumed {

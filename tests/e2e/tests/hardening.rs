@@ -554,3 +554,60 @@ fn renaming_the_service_under_load_is_warned_about() {
     // The same configuration again says nothing more.
     assert_eq!(envoy.log().matches(warned).count(), 1, "{}", envoy.log());
 }
+
+/// A slowloris upload (a body sent a byte every 200 ms, each byte resetting
+/// Envoy's idle timer) held the only slot for as long as it liked, and every
+/// honest upload behind it got 504. With `max_upload_time` the filter
+/// answers it 408 once its body is that late after admission, and the slot
+/// goes on at once (the backend was only reading it).
+#[test]
+fn a_slowloris_upload_gets_408_and_frees_its_slot() {
+    use std::io::Write;
+    let backend = Backend::start(&["/upload:service_ms=100"]);
+    let config = json!({"service": "e2e", "endpoints": {
+        "/upload": {"capacity": 1, "queue_timeout": 3, "max_upload_time": 1},
+    }});
+    let envoy = start(&backend, &config, 2);
+    let addr = envoy.listener_addr();
+    let mut slow = std::net::TcpStream::connect(addr).unwrap();
+    let head = format!("POST /upload HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 40\r\n\r\n");
+    slow.write_all(head.as_bytes()).unwrap();
+    let mut writer = slow.try_clone().unwrap();
+    let trickle = std::thread::spawn(move || {
+        for _ in 0..40 {
+            if writer.write_all(b"x").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
+    std::thread::sleep(Duration::from_millis(150));
+    let mut honest = Burst::new(addr, "/upload", 4);
+    honest.method = "POST".into();
+    honest.body = r#"{"input": "sample"}"#.into();
+    let started = Instant::now();
+    let outcomes = run_blocking(&honest);
+    slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let answer = {
+        use std::io::Read;
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && slow.read(&mut byte).is_ok_and(|n| n == 1) {
+            head.push(byte[0]);
+        }
+        String::from_utf8_lossy(&head).to_ascii_lowercase()
+    };
+    drop(slow);
+    trickle.join().unwrap();
+    assert!(
+        outcomes.iter().all(|o| o.status == 200),
+        "honest uploads behind a slowloris: {outcomes:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(2500), "{outcomes:?}");
+    assert_eq!(status_of(&answer), 408, "{answer}");
+    assert_eq!(header_of(&answer, "x-sluice-reason"), Some("upload-timeout"), "{answer}");
+    let seen = backend.path_stats("/upload");
+    assert_eq!(seen["completed"], 4, "{seen}");
+    assert_eq!(seen["max_serving"], 1, "{seen}");
+    wait_filter_idle(&envoy, "/upload", Duration::from_secs(5));
+}
