@@ -148,8 +148,15 @@ pub fn mark_outlived<S: SharedData>(store: &S, key: &str, now_ns: u64) -> Result
 
 /// Whether the endpoint is uncovered at `now_ns` (see [`Durations::Uncovered`]).
 pub fn uncovered<S: SharedData>(store: &S, key: &str, now_ns: u64) -> bool {
-    as_u64(&store.get(key).ok().flatten().map(|(v, _)| v).unwrap_or_default())
-        .is_some_and(|at| at > 0 && now_ns.saturating_sub(at) < UNCOVERED_FOR.as_nanos() as u64)
+    as_u64(
+        &store
+            .get(key)
+            .ok()
+            .flatten()
+            .map(|(v, _)| v)
+            .unwrap_or_default(),
+    )
+    .is_some_and(|at| at > 0 && now_ns.saturating_sub(at) < UNCOVERED_FOR.as_nanos() as u64)
 }
 
 /// Slots of abandoned requests this worker still holds, each with the host

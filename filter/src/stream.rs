@@ -331,7 +331,8 @@ fn grpc_deadline_ns<H: Host>(host: &H, since_ns: u64) -> Option<u64> {
     if !grpc {
         return None;
     }
-    let timeout = sluice_core::deadline::grpc_timeout_ns(&host.get_http_request_header("grpc-timeout")?)?;
+    let timeout =
+        sluice_core::deadline::grpc_timeout_ns(&host.get_http_request_header("grpc-timeout")?)?;
     Some(since_ns.saturating_add(timeout))
 }
 

@@ -122,7 +122,11 @@ impl CalloutConfig {
                     .unwrap_or_else(|| service.to_string());
                 // Sync refuses other names, for ever: say so at start.
                 crate::redis_keys::check_service_name(&watched).map_err(|e| {
-                    let key = if m.service.is_some() { "sync.service" } else { "service" };
+                    let key = if m.service.is_some() {
+                        "sync.service"
+                    } else {
+                        "service"
+                    };
                     ConfigError::new(key, e.problem().to_string())
                 })?;
                 Some(SyncConfig {

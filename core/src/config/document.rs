@@ -229,7 +229,10 @@ pub struct SyncDoc {
     /// Shared token sent as `authorization: Bearer <token>` on the Watch
     /// stream, for a sync service started with `--token-file` (printable
     /// ASCII, at most 100 bytes). Never shown in stats, logs or the dashboard.
-    #[cfg_attr(feature = "schema", schemars(with = "String", length(min = 1, max = 100)))]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "String", length(min = 1, max = 100))
+    )]
     pub token: Option<Value>,
     #[serde(flatten)]
     #[cfg_attr(feature = "schema", schemars(skip))]

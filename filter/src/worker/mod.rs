@@ -144,9 +144,9 @@ impl<H: Host> Worker<H> {
             self.slots.next_due(),
             self.uploads.next_due(),
         ]
-            .into_iter()
-            .flatten()
-            .min();
+        .into_iter()
+        .flatten()
+        .min();
         self.ticker.schedule(&self.host, due, from_tick);
     }
 

@@ -62,7 +62,9 @@ impl<H: Host> Worker<H> {
         self.queue.waiters.borrow_mut().push(LocalWaiter {
             context_id,
             ticket,
-            deadline_ns: waiting.expires_ns.map_or(queue_deadline, |at| at.min(queue_deadline)),
+            deadline_ns: waiting
+                .expires_ns
+                .map_or(queue_deadline, |at| at.min(queue_deadline)),
             handle: waiting,
         });
         self.schedule(false);
@@ -239,6 +241,7 @@ impl<H: Host> Worker<H> {
     /// Counts how a waiter left the queue, and how long it waited.
     fn left_queue(&self, w: &Left<QueuedBytes>, how: Counter) {
         self.metrics.count(w.endpoint, how);
-        self.metrics.waited(&self.host, w.endpoint, w.handle.since_ns);
+        self.metrics
+            .waited(&self.host, w.endpoint, w.handle.since_ns);
     }
 }

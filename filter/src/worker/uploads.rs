@@ -21,7 +21,11 @@ pub struct Uploads {
 
 impl Uploads {
     pub fn next_due(&self) -> Option<u64> {
-        self.pending.borrow().iter().filter_map(|&(_, _, at)| at).min()
+        self.pending
+            .borrow()
+            .iter()
+            .filter_map(|&(_, _, at)| at)
+            .min()
     }
 }
 

@@ -334,7 +334,11 @@ impl App {
 /// tokens). The generation runs in a task of its own: with
 /// `on_disconnect=finish` it goes on, counted in flight, after the client
 /// left; with `cancel` it stops at the first token nobody receives.
-async fn stream_tokens(state: Arc<PathState>, req: Request<Incoming>, tokens: u32) -> Response<Body> {
+async fn stream_tokens(
+    state: Arc<PathState>,
+    req: Request<Incoming>,
+    tokens: u32,
+) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Bytes>(tokens as usize + 1);
     let (started_tx, started_rx) = oneshot::channel();
     let finish = state.on_disconnect == OnDisconnect::Finish;

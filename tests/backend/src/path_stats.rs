@@ -184,7 +184,7 @@ impl PathState {
     pub fn next_service_time(&self) -> Duration {
         let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         match self.slow {
-            Some((every, slow)) if n % every == 0 => slow,
+            Some((every, slow)) if n.is_multiple_of(every) => slow,
             _ => self.service_time,
         }
     }

@@ -299,7 +299,8 @@ fn stream_idle_timeout_cuts_a_queued_request_with_envoys_own_504() {
 fn raw_head(addr: std::net::SocketAddr, request: &str) -> String {
     use std::io::{Read, Write};
     let mut conn = std::net::TcpStream::connect(addr).expect("connect to Envoy");
-    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     conn.write_all(request.as_bytes()).expect("send");
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
@@ -404,9 +405,8 @@ fn streamed_responses_keep_their_slot_when_the_client_leaves() {
 /// at the backend for capacity 3).
 #[test]
 fn slow_requests_abandoned_among_fast_ones_keep_their_slot() {
-    let backend = Backend::start(&[
-        "/predict:service_ms=50,slow_every=10,slow_ms=3000,on_disconnect=finish",
-    ]);
+    let backend =
+        Backend::start(&["/predict:service_ms=50,slow_every=10,slow_ms=3000,on_disconnect=finish"]);
     let config = json!({"service": "e2e", "endpoints": {
         "/predict": {"capacity": 3, "queue_timeout": 30, "abandon_hold": 4},
     }});
@@ -538,7 +538,10 @@ fn renaming_the_service_under_load_is_warned_about() {
     let old = std::thread::spawn(move || run_blocking(&Burst::new(addr, "/predict", 3)));
     let deadline = Instant::now() + Duration::from_secs(5);
     while backend.path_stats("/predict")["in_flight"] != 3 {
-        assert!(Instant::now() < deadline, "the first requests never arrived");
+        assert!(
+            Instant::now() < deadline,
+            "the first requests never arrived"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     proxy.plugin_config_json = config("after").to_string();
@@ -547,7 +550,11 @@ fn renaming_the_service_under_load_is_warned_about() {
                   now configured as service \"after\"";
     let deadline = Instant::now() + Duration::from_secs(5);
     while !envoy.log().contains(warned) {
-        assert!(Instant::now() < deadline, "no warning about the rename: {}", envoy.log());
+        assert!(
+            Instant::now() < deadline,
+            "no warning about the rename: {}",
+            envoy.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(old.join().unwrap().iter().all(|o| o.status == 200));
@@ -603,9 +610,16 @@ fn a_slowloris_upload_gets_408_and_frees_its_slot() {
         outcomes.iter().all(|o| o.status == 200),
         "honest uploads behind a slowloris: {outcomes:?}"
     );
-    assert!(started.elapsed() < Duration::from_millis(2500), "{outcomes:?}");
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "{outcomes:?}"
+    );
     assert_eq!(status_of(&answer), 408, "{answer}");
-    assert_eq!(header_of(&answer, "x-sluice-reason"), Some("upload-timeout"), "{answer}");
+    assert_eq!(
+        header_of(&answer, "x-sluice-reason"),
+        Some("upload-timeout"),
+        "{answer}"
+    );
     let seen = backend.path_stats("/upload");
     assert_eq!(seen["completed"], 4, "{seen}");
     assert_eq!(seen["max_serving"], 1, "{seen}");

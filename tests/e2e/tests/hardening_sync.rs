@@ -4,7 +4,9 @@
 //! the filter says so in its sync status. The token shows nowhere.
 
 use serde_json::{json, Value};
-use sluice_harness::{wait_until, Backend, Envoy, FrontProxy, Redis, ScratchDir, SyncService, SYNC_CLUSTER};
+use sluice_harness::{
+    wait_until, Backend, Envoy, FrontProxy, Redis, ScratchDir, SyncService, SYNC_CLUSTER,
+};
 use sluice_loadgen::{run_blocking, Burst};
 use std::time::Duration;
 
@@ -29,7 +31,10 @@ fn the_filter_sends_its_sync_token_and_reports_a_refusal() {
     let dir = ScratchDir::new("sync-token");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
-    let sync = SyncService::start(&redis.url(), &["--token-file", token_file.to_str().unwrap()]);
+    let sync = SyncService::start(
+        &redis.url(),
+        &["--token-file", token_file.to_str().unwrap()],
+    );
     let backend = Backend::start(&["/k"]);
     let envoy_with = |token: &str| {
         let config = json!({
@@ -63,7 +68,10 @@ fn the_filter_sends_its_sync_token_and_reports_a_refusal() {
         wrong.log()
     );
     for (envoy, token) in [(&right, TOKEN), (&wrong, WRONG)] {
-        assert!(!stats_text(envoy).contains(token), "the stats show the token");
+        assert!(
+            !stats_text(envoy).contains(token),
+            "the stats show the token"
+        );
         assert!(!envoy.log().contains(token), "Envoy's log shows the token");
     }
 }
