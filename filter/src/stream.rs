@@ -116,7 +116,7 @@ impl<H: Host> Stream<H> {
                         Action::Continue
                     }
                     Arrival::Queued(ticket) => {
-                        let bytes = match queue_bytes(host, route) {
+                        let bytes = match queue_bytes(host, route, end_of_stream) {
                             Ok(bytes) => bytes,
                             Err(QueueBytesFull) => {
                                 return self.leave_full_queue(ticket);
@@ -235,6 +235,8 @@ impl<H: Host> Stream<H> {
 
     /// The request body: once it has all arrived, its upload is no longer
     /// timed (`max_upload_time`).
+    /// The request body: once it has all arrived, its upload is no longer
+    /// timed (`max_upload_time`).
     pub fn on_request_body(&mut self, end_of_stream: bool) -> Action {
         if end_of_stream && !matches!(self.state, State::Untracked) {
             self.worker.upload_done(self.context_id);
@@ -339,20 +341,37 @@ fn grpc_deadline_ns<H: Host>(host: &H, since_ns: u64) -> Option<u64> {
 /// `max_queued_bytes` would be passed by this request's body.
 struct QueueBytesFull;
 
-/// Counts a request that is about to queue in its endpoint's queued bytes,
-/// judged from `content-length`; the bytes it added (0 without the setting
-/// or the header). Fails open on shared-data trouble.
-fn queue_bytes<H: Host>(host: &H, route: &Route) -> Result<u64, QueueBytesFull> {
+/// What a body of unknown length (chunked, no `content-length`) counts in
+/// `max_queued_bytes` while it waits: the most Envoy buffers for a paused
+/// request by default (`per_connection_buffer_limit_bytes`, 1 MiB). Envoy
+/// tells the filter nothing of a paused request's body while it arrives, so
+/// what is really buffered cannot be counted; this is its bound.
+pub const UNKNOWN_BODY_BYTES: u64 = 1 << 20;
+
+/// Counts a request that is about to queue in its endpoint's queued bytes:
+/// its `content-length`, or [`UNKNOWN_BODY_BYTES`] for a body of unknown
+/// length still to come; the bytes it added (0 without the setting or a
+/// body). Fails open on shared-data trouble.
+fn queue_bytes<H: Host>(
+    host: &H,
+    route: &Route,
+    end_of_stream: bool,
+) -> Result<u64, QueueBytesFull> {
     let Some((cap, key)) = &route.queued_bytes else {
         return Ok(0);
     };
-    let Some(n) = host
+    let n = match host
         .get_http_request_header("content-length")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|&n| n > 0)
-    else {
-        return Ok(0);
+        .map(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(Some(n)) => n,
+        Some(None) => return Ok(0),
+        None if end_of_stream => return Ok(0),
+        None => UNKNOWN_BODY_BYTES,
     };
+    if n == 0 {
+        return Ok(0);
+    }
     match sluice_core::queued_bytes::try_add(host, key, n, *cap) {
         Ok(true) => Ok(n),
         Ok(false) => Err(QueueBytesFull),
