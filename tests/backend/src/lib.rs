@@ -359,9 +359,13 @@ async fn stream_tokens(
         };
         let _serving = state.serving.enter();
         let _ = started_tx.send(());
-        let each = state.next_service_time() / tokens;
+        // Each token at its time from the start, so that the sleeps'
+        // overshoots do not add up: a generation takes its service time.
+        let started = std::time::Instant::now();
+        let total = state.next_service_time();
         for i in 0..tokens {
-            precise_sleep::sleep(each).await;
+            let due = total * (i + 1) / tokens;
+            precise_sleep::sleep(due.saturating_sub(started.elapsed())).await;
             let received = tx.send(Bytes::from(format!("token {i}\n"))).await.is_ok();
             if !received && !finish {
                 return;
