@@ -86,15 +86,77 @@ impl RecentDurations {
     }
 }
 
+/// How long an abandoned request is held before any request of its
+/// endpoint has completed (and it had run less than this): long enough for
+/// the backend to finish what a client gave up on at once, short enough not
+/// to close a cold endpoint for `abandon_hold` because its first clients
+/// were impatient.
+pub const COLD_HOLD: Duration = Duration::from_secs(1);
+
+/// How long after a request outlived the estimate (was abandoned after
+/// every recent duration) every abandoned request of the endpoint is held
+/// to the cap: the completions no longer bound what it runs.
+pub const UNCOVERED_FOR: Duration = Duration::from_secs(60);
+
+/// What is known of an endpoint's durations when one of its requests is
+/// abandoned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durations {
+    /// No request has completed yet (a cold endpoint).
+    Unknown,
+    /// The longest recent duration, ns.
+    Estimate(u64),
+    /// A request was abandoned after every recent duration less than
+    /// [`UNCOVERED_FOR`] ago: some requests run longer than any completed
+    /// one (the abandoned ones are the slow ones, never measured), and any
+    /// abandoned request may be one of them.
+    Uncovered,
+}
+
 /// How much longer to hold the slot of a request abandoned `elapsed_ns`
-/// after admission. With no estimate yet, the cap is the estimate: nothing
-/// says the backend is done.
-pub fn hold_ns(estimate_ns: Option<u64>, elapsed_ns: u64, cap: Duration) -> u64 {
+/// after admission, never longer than `cap` (`abandon_hold`):
+///
+/// - within the estimate (the longest recent duration): the rest of it;
+/// - past it, the request is slower than every request measured, and the
+///   abandoned ones are exactly the slow ones (their durations are never
+///   measured): nothing bounds it but the cap, counted from admission. The
+///   same while the endpoint is [`Durations::Uncovered`], since a slow
+///   request can be abandoned early in its run too;
+/// - with no estimate yet (a cold endpoint): as long again as it has run,
+///   at least [`COLD_HOLD`].
+pub fn hold_ns(durations: Durations, elapsed_ns: u64, cap: Duration) -> u64 {
     let cap_ns = cap.as_nanos() as u64;
-    estimate_ns
-        .unwrap_or(cap_ns)
-        .saturating_sub(elapsed_ns)
-        .min(cap_ns)
+    let hold = match durations {
+        Durations::Estimate(estimate) if elapsed_ns < estimate => estimate - elapsed_ns,
+        Durations::Estimate(_) | Durations::Uncovered => cap_ns.saturating_sub(elapsed_ns),
+        Durations::Unknown => elapsed_ns.max(COLD_HOLD.as_nanos() as u64),
+    };
+    hold.min(cap_ns)
+}
+
+/// Whether a request abandoned `elapsed_ns` after admission outlived
+/// `estimate_ns`.
+pub fn outlived(estimate_ns: Option<u64>, elapsed_ns: u64) -> bool {
+    estimate_ns.is_some_and(|e| elapsed_ns >= e)
+}
+
+/// Marks the endpoint uncovered at host time `now_ns` (key
+/// [`crate::shared_keys::outlived`]; last writer wins).
+pub fn mark_outlived<S: SharedData>(store: &S, key: &str, now_ns: u64) -> Result<(), StoreError> {
+    store.set(key, &now_ns.to_le_bytes(), 0)
+}
+
+/// Whether the endpoint is uncovered at `now_ns` (see [`Durations::Uncovered`]).
+pub fn uncovered<S: SharedData>(store: &S, key: &str, now_ns: u64) -> bool {
+    as_u64(
+        &store
+            .get(key)
+            .ok()
+            .flatten()
+            .map(|(v, _)| v)
+            .unwrap_or_default(),
+    )
+    .is_some_and(|at| at > 0 && now_ns.saturating_sub(at) < UNCOVERED_FOR.as_nanos() as u64)
 }
 
 /// Slots of abandoned requests this worker still holds, each with the host
@@ -163,12 +225,46 @@ mod tests {
     #[test]
     fn hold_is_the_rest_of_the_estimate_within_the_cap() {
         let cap = Duration::from_secs(2);
-        assert_eq!(hold_ns(Some(300 * MS), 100 * MS, cap), 200 * MS);
-        assert_eq!(hold_ns(Some(300 * MS), 400 * MS, cap), 0);
-        assert_eq!(hold_ns(Some(9_000 * MS), 100 * MS, cap), 2_000 * MS);
-        assert_eq!(hold_ns(None, 500 * MS, cap), 1_500 * MS);
-        assert_eq!(hold_ns(Some(300 * MS), 0, Duration::ZERO), 0);
-        assert_eq!(hold_ns(None, 0, Duration::ZERO), 0);
+        let e = Durations::Estimate;
+        assert_eq!(hold_ns(e(300 * MS), 100 * MS, cap), 200 * MS);
+        assert_eq!(hold_ns(e(9_000 * MS), 100 * MS, cap), 2_000 * MS);
+        assert_eq!(hold_ns(e(300 * MS), 0, Duration::ZERO), 0);
+        assert_eq!(hold_ns(Durations::Unknown, 0, Duration::ZERO), 0);
+    }
+
+    #[test]
+    fn a_request_that_outlived_the_estimate_is_held_to_the_cap() {
+        let cap = Duration::from_secs(4);
+        let e = Durations::Estimate;
+        assert_eq!(hold_ns(e(50 * MS), 200 * MS, cap), 3_800 * MS);
+        assert_eq!(hold_ns(e(300 * MS), 300 * MS, cap), 3_700 * MS);
+        assert_eq!(hold_ns(e(300 * MS), 5_000 * MS, cap), 0);
+        assert!(outlived(Some(50 * MS), 200 * MS));
+        assert!(!outlived(Some(50 * MS), 20 * MS));
+        assert!(!outlived(None, 20 * MS));
+        // Uncovered: even a request abandoned early is held to the cap.
+        assert_eq!(hold_ns(Durations::Uncovered, 20 * MS, cap), 3_980 * MS);
+    }
+
+    #[test]
+    fn uncovered_for_a_while_after_a_request_outlived_the_estimate() {
+        let store = crate::shared_data::MemSharedData::default();
+        let key = "sluice:t:ep:/p:outlived-ns";
+        assert!(!uncovered(&store, key, 5 * MS));
+        mark_outlived(&store, key, 10 * MS).unwrap();
+        assert!(uncovered(&store, key, 10 * MS));
+        let window = UNCOVERED_FOR.as_nanos() as u64;
+        assert!(uncovered(&store, key, 10 * MS + window - 1));
+        assert!(!uncovered(&store, key, 10 * MS + window));
+    }
+
+    #[test]
+    fn a_cold_endpoint_holds_as_long_again_at_least_the_cold_hold() {
+        let cap = Duration::from_secs(30);
+        let u = Durations::Unknown;
+        assert_eq!(hold_ns(u, 100 * MS, cap), 1_000 * MS);
+        assert_eq!(hold_ns(u, 2_500 * MS, cap), 2_500 * MS);
+        assert_eq!(hold_ns(u, 100 * MS, Duration::from_millis(500)), 500 * MS);
     }
 
     #[test]

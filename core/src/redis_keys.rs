@@ -114,8 +114,31 @@ pub fn check_service_name(service: &str) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if service.is_empty() {
+        return Err(ConfigError::new("service", "must not be empty"));
+    }
+    if service.len() > MAX_SERVICE_NAME {
+        return Err(ConfigError::new(
+            "service",
+            format!(
+                "must be at most {MAX_SERVICE_NAME} bytes, got {}",
+                service.len()
+            ),
+        ));
+    }
+    if !service.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            "service",
+            format!(
+                "must be printable ASCII (letters, digits and punctuation such as - _ . : /), got {service:?}"
+            ),
+        ));
+    }
     Ok(())
 }
+
+/// The longest service name sluice-sync accepts (and so every part).
+pub const MAX_SERVICE_NAME: usize = 128;
 
 /// The hash holding one endpoint's capacity record.
 pub fn capacity_key(service: &str, path: &str) -> String {
@@ -206,5 +229,10 @@ mod tests {
         assert!(check_service_name("demo-1.prod").is_ok());
         assert!(check_service_name("a{b").is_err());
         assert!(check_service_name("a b").is_err());
+        assert!(check_service_name("").is_err());
+        assert!(check_service_name(&"s".repeat(128)).is_ok());
+        assert!(check_service_name(&"s".repeat(129)).is_err());
+        assert!(check_service_name("café").is_err());
+        assert!(check_service_name("a\u{7f}").is_err());
     }
 }

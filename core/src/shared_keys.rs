@@ -14,6 +14,8 @@ pub const WORKERS_FREE: &str = "sluice:workers:free";
 pub const CONFIG_LOGGED: &str = "sluice:config-logged";
 /// Set once some VM has said Envoy's timers are coarse (`config_seen`).
 pub const COARSE_TIMER_LOGGED: &str = "sluice:coarse-timer-logged";
+/// The services configured in this `vm_id`, newest last (`services`).
+pub const SERVICES: &str = "sluice:services";
 
 /// One endpoint's admission record (`admission`).
 pub fn endpoint(service: &str, path: &str) -> String {
@@ -28,6 +30,12 @@ pub fn queued_bytes(endpoint_key: &str) -> String {
 /// The endpoint's published upstream duration (`abandon`).
 pub fn upstream_estimate(endpoint_key: &str) -> String {
     format!("{endpoint_key}:upstream-ns")
+}
+
+/// When a request of the endpoint was last abandoned after every recent
+/// duration (`abandon`): the completions no longer bound its durations.
+pub fn outlived(endpoint_key: &str) -> String {
+    format!("{endpoint_key}:outlived-ns")
 }
 
 /// The leader lease of a service (`lease`).

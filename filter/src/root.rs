@@ -17,7 +17,7 @@ use proxy_wasm::types::{BufferType, ContextType, MapType};
 use sluice_core::config::FilterConfig;
 use sluice_core::lease::Holder;
 use sluice_core::sync_config::CalloutConfig;
-use sluice_core::{admission, config_seen, queued_bytes, worker_ids};
+use sluice_core::{admission, config_seen, queued_bytes, services, worker_ids};
 use std::cell::RefCell;
 use std::rc::Rc;
 
@@ -79,6 +79,24 @@ impl<H: Host + Clone> Root<H> {
                 config.service,
                 config.endpoints.len()
             );
+            // Before this configuration's records are touched: a rename
+            // under load leaves the old records busy (docs/filter.md).
+            let paths: Vec<&str> = config.endpoints.iter().map(|e| e.path.as_str()).collect();
+            for r in services::note(&self.host, &config.service, &paths) {
+                log::warn!(
+                    "service {:?} has {} requests in flight on {} in this vm_id, now configured \
+                     as service {:?}: if this is a rename, old listeners still draining admit \
+                     into {:?}'s records and new ones into {:?}'s, so until the drain ends the \
+                     backend may see both capacities at once; rename with a restart or after \
+                     draining (docs/filter.md, \"Renaming service or changing vm_id\")",
+                    r.old_service,
+                    r.in_flight,
+                    r.path,
+                    config.service,
+                    r.old_service,
+                    config.service
+                );
+            }
         }
         let mut worker = Worker::new(self.host.clone(), vm_id, routes);
         worker.dashboard = Dashboard::new(&ui);

@@ -19,6 +19,8 @@ pub struct Route {
     pub queue_timeout: Duration,
     /// Longest hold of an abandoned request's slot (see `abandon.rs`).
     pub abandon_hold: Duration,
+    /// Longest time from admission to the end of the body (zero: none).
+    pub max_upload_time: Duration,
     /// Whether an upgrade (websocket) holds a slot for its whole life.
     pub count_upgrades: bool,
     /// `max_queued_bytes` and the key of its shared counter.
@@ -56,6 +58,7 @@ impl Routes {
                 max_queue: e.max_queue,
                 queue_timeout: e.queue_timeout,
                 abandon_hold: e.abandon_hold,
+                max_upload_time: e.max_upload_time,
                 count_upgrades: e.count_upgrades,
                 methods: e.methods.clone(),
             });

@@ -7,7 +7,7 @@ use crate::metrics::Counter;
 use crate::path::request_path;
 use crate::replies::LocalReply;
 use crate::routes::Route;
-use crate::worker::Worker;
+use crate::worker::{Waiting, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use sluice_core::holding::{self, Arrival, Slot, Ticket};
@@ -32,19 +32,16 @@ enum State {
 enum End {
     /// Its whole response went through: the backend is done.
     Complete,
-    /// Before any response from the backend (client gone, or Envoy answered
-    /// for it): the backend may still be computing.
+    /// Before the end of the backend's response (client gone before or
+    /// during it, or Envoy answered for it): the backend may still be
+    /// computing, or still generating a streamed response.
     Abandoned,
-    /// During the backend's response: it has done its work.
-    Cut,
 }
 
 pub struct Stream<H> {
     worker: Rc<Worker<H>>,
     context_id: u32,
     state: State,
-    /// Response headers from the backend have arrived.
-    responded: bool,
 }
 
 impl<H: Host> Stream<H> {
@@ -53,11 +50,16 @@ impl<H: Host> Stream<H> {
             worker,
             context_id,
             state: State::Untracked,
-            responded: false,
         }
     }
 
+    #[cfg(test)]
     pub fn on_request_headers(&mut self) -> Action {
+        self.on_request_headers_with(true)
+    }
+
+    /// `end_of_stream`: the request has no body still to come.
+    pub fn on_request_headers_with(&mut self, end_of_stream: bool) -> Action {
         let worker = Rc::clone(&self.worker);
         let host = &worker.host;
         let Some(raw_path) = host.get_http_request_header(":path") else {
@@ -81,8 +83,14 @@ impl<H: Host> Stream<H> {
         };
         let route = worker.routes.route(ep);
         // A websocket lives as long as its client likes, mostly idle: with
-        // `count_upgrades: false` it does not take a slot at all.
-        if !route.count_upgrades && host.get_http_request_header("upgrade").is_some() {
+        // `count_upgrades: false` it does not take a slot at all. Only a GET
+        // can be upgraded (HTTP/2's extended CONNECT reaches filters as one):
+        // a POST with an `Upgrade` header is served as a plain request, so it
+        // counts like one.
+        if !route.count_upgrades
+            && host.get_http_request_header("upgrade").is_some()
+            && host.get_http_request_header(":method").as_deref() == Some("GET")
+        {
             return Action::Continue;
         }
         worker.metrics.count(ep, Counter::Requests);
@@ -100,18 +108,30 @@ impl<H: Host> Stream<H> {
                     Arrival::Admitted(slot) => {
                         worker.metrics.count(ep, Counter::AdmittedAtOnce);
                         let admitted_ns = worker.time_next(ep).then(|| host.now_ns());
+                        if !end_of_stream {
+                            let now = admitted_ns.unwrap_or_else(|| host.now_ns());
+                            worker.upload_pending(self.context_id, ep, Some(now));
+                        }
                         self.state = State::Holding(slot.timed(admitted_ns));
                         Action::Continue
                     }
                     Arrival::Queued(ticket) => {
-                        let bytes = match queue_bytes(host, route) {
+                        let bytes = match queue_bytes(host, route, end_of_stream) {
                             Ok(bytes) => bytes,
                             Err(QueueBytesFull) => {
                                 return self.leave_full_queue(ticket);
                             }
                         };
                         let since_ns = arrived_ns(host);
-                        worker.add_waiter(self.context_id, ticket, since_ns, bytes);
+                        let waiting = Waiting {
+                            since_ns,
+                            bytes,
+                            expires_ns: grpc_deadline_ns(host, since_ns),
+                        };
+                        worker.add_waiter(self.context_id, ticket, waiting);
+                        if !end_of_stream {
+                            worker.upload_pending(self.context_id, ep, None);
+                        }
                         self.state = State::Parked { since_ns };
                         // Resumed later by this worker's root context with
                         // exactly one of resume_http_request or a 504.
@@ -194,7 +214,6 @@ impl<H: Host> Stream<H> {
             self.finish(End::Abandoned);
             return Action::Continue;
         }
-        self.responded = true;
         if end_of_stream {
             self.finish(End::Complete);
         }
@@ -214,6 +233,17 @@ impl<H: Host> Stream<H> {
             .is_some_and(|details| details != b"via_upstream")
     }
 
+    /// The request body: once it has all arrived, its upload is no longer
+    /// timed (`max_upload_time`).
+    /// The request body: once it has all arrived, its upload is no longer
+    /// timed (`max_upload_time`).
+    pub fn on_request_body(&mut self, end_of_stream: bool) -> Action {
+        if end_of_stream && !matches!(self.state, State::Untracked) {
+            self.worker.upload_done(self.context_id);
+        }
+        Action::Continue
+    }
+
     pub fn on_response_body(&mut self, end_of_stream: bool) -> Action {
         if end_of_stream {
             self.finish(End::Complete);
@@ -228,13 +258,13 @@ impl<H: Host> Stream<H> {
 
     /// Envoy's `on_log`: every stream ends here, normal or reset (client gone
     /// while queued or in flight); a second call finds nothing to release.
+    /// A slot still held here lost its client before the end of the
+    /// response: a backend streaming tokens goes on generating after the
+    /// client leaves (its headers say nothing about its work being done),
+    /// so the slot is held like that of any abandoned request.
     pub fn on_end(&mut self) {
-        let how = if self.responded {
-            End::Cut
-        } else {
-            End::Abandoned
-        };
-        self.finish(how);
+        self.finish(End::Abandoned);
+        self.worker.upload_done(self.context_id);
     }
 
     /// Releases (or holds, if abandoned) whatever the request holds, exactly
@@ -257,6 +287,8 @@ impl<H: Host> Stream<H> {
         // resumes at once.
         worker.in_stream(self.context_id, || match how {
             End::Complete => worker.complete(slot),
+            // Answered 408 for a late body: the backend was only reading.
+            End::Abandoned if worker.take_upload_timeout(self.context_id) => worker.release(slot),
             // An untimed request admitted at once was admitted when it
             // arrived, give or take its worker's delay; if Envoy cannot
             // say, now, which holds the slot longest.
@@ -268,7 +300,6 @@ impl<H: Host> Stream<H> {
                     .unwrap_or_else(|| host.now_ns());
                 worker.abandon(slot, admitted_ns)
             }
-            End::Cut => worker.release(slot),
         });
     }
 }
@@ -293,23 +324,54 @@ fn request_time_ns<H: Host>(host: &H) -> Option<u64> {
         .and_then(|ns| u64::try_from(ns).ok())
 }
 
+/// The deadline of a gRPC request that arrived at `since_ns`, from its
+/// `grpc-timeout`; looked up only for a request that queues.
+fn grpc_deadline_ns<H: Host>(host: &H, since_ns: u64) -> Option<u64> {
+    let grpc = host
+        .get_http_request_header("content-type")
+        .is_some_and(|t| t.starts_with("application/grpc"));
+    if !grpc {
+        return None;
+    }
+    let timeout =
+        sluice_core::deadline::grpc_timeout_ns(&host.get_http_request_header("grpc-timeout")?)?;
+    Some(since_ns.saturating_add(timeout))
+}
+
 /// `max_queued_bytes` would be passed by this request's body.
 struct QueueBytesFull;
 
-/// Counts a request that is about to queue in its endpoint's queued bytes,
-/// judged from `content-length`; the bytes it added (0 without the setting
-/// or the header). Fails open on shared-data trouble.
-fn queue_bytes<H: Host>(host: &H, route: &Route) -> Result<u64, QueueBytesFull> {
+/// What a body of unknown length (chunked, no `content-length`) counts in
+/// `max_queued_bytes` while it waits: the most Envoy buffers for a paused
+/// request by default (`per_connection_buffer_limit_bytes`, 1 MiB). Envoy
+/// tells the filter nothing of a paused request's body while it arrives, so
+/// what is really buffered cannot be counted; this is its bound.
+pub const UNKNOWN_BODY_BYTES: u64 = 1 << 20;
+
+/// Counts a request that is about to queue in its endpoint's queued bytes:
+/// its `content-length`, or [`UNKNOWN_BODY_BYTES`] for a body of unknown
+/// length still to come; the bytes it added (0 without the setting or a
+/// body). Fails open on shared-data trouble.
+fn queue_bytes<H: Host>(
+    host: &H,
+    route: &Route,
+    end_of_stream: bool,
+) -> Result<u64, QueueBytesFull> {
     let Some((cap, key)) = &route.queued_bytes else {
         return Ok(0);
     };
-    let Some(n) = host
+    let n = match host
         .get_http_request_header("content-length")
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|&n| n > 0)
-    else {
-        return Ok(0);
+        .map(|v| v.trim().parse::<u64>().ok())
+    {
+        Some(Some(n)) => n,
+        Some(None) => return Ok(0),
+        None if end_of_stream => return Ok(0),
+        None => UNKNOWN_BODY_BYTES,
     };
+    if n == 0 {
+        return Ok(0);
+    }
     match sluice_core::queued_bytes::try_add(host, key, n, *cap) {
         Ok(true) => Ok(n),
         Ok(false) => Err(QueueBytesFull),
@@ -323,8 +385,12 @@ fn queue_bytes<H: Host>(host: &H, route: &Route) -> Result<u64, QueueBytesFull> 
 impl Context for Stream<Envoy> {}
 
 impl HttpContext for Stream<Envoy> {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        self.on_request_headers()
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        self.on_request_headers_with(end_of_stream)
+    }
+
+    fn on_http_request_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        self.on_request_body(end_of_stream)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {

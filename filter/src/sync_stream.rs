@@ -13,7 +13,7 @@ use prost::Message;
 use serde_json::{json, Value};
 use sluice_core::admission;
 use sluice_core::sync_api::{Snapshot, WatchRequest, SERVICE_NAME, WATCH_METHOD};
-use sluice_core::sync_config::SyncConfig;
+use sluice_core::sync_config::{SyncConfig, SyncToken};
 use std::time::Duration;
 
 /// First reopen delay; doubles per failed attempt up to [`MAX_BACKOFF`].
@@ -27,6 +27,18 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 struct GrpcService {
     #[prost(message, optional, tag = "1")]
     envoy_grpc: Option<EnvoyGrpc>,
+    /// Headers Envoy adds to every stream it opens for this service.
+    #[prost(message, repeated, tag = "5")]
+    initial_metadata: Vec<HeaderValue>,
+}
+
+/// `envoy.config.core.v3.HeaderValue`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HeaderValue {
+    #[prost(string, tag = "1")]
+    key: String,
+    #[prost(string, tag = "2")]
+    value: String,
 }
 
 /// `envoy.config.core.v3.GrpcService.EnvoyGrpc`.
@@ -36,15 +48,27 @@ struct EnvoyGrpc {
     cluster_name: String,
 }
 
-/// The serialized `GrpcService{envoy_grpc{cluster_name}}`.
-pub fn grpc_service(cluster: &str) -> Vec<u8> {
+/// The serialized `GrpcService{envoy_grpc{cluster_name}}`, with
+/// `authorization: Bearer <token>` as initial metadata when sync wants a
+/// token (sync's `--token-file`).
+pub fn grpc_service(cluster: &str, token: Option<&SyncToken>) -> Vec<u8> {
     GrpcService {
         envoy_grpc: Some(EnvoyGrpc {
             cluster_name: cluster.to_string(),
         }),
+        initial_metadata: token
+            .map(|t| HeaderValue {
+                key: "authorization".to_string(),
+                value: format!("Bearer {}", t.secret()),
+            })
+            .into_iter()
+            .collect(),
     }
     .encode_to_vec()
 }
+
+/// gRPC's UNAUTHENTICATED: sync refused the token (or its absence).
+const UNAUTHENTICATED: u32 = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Conn {
@@ -73,12 +97,15 @@ pub struct SyncClient {
     stale: bool,
     /// Ever connected since this VM leads: "connecting" vs "disconnected".
     connected_once: bool,
+    /// The gRPC status of the last stream that closed, until a message
+    /// arrives: why the filter is not connected.
+    last_close_status: Option<u32>,
 }
 
 impl SyncClient {
     pub fn new(config: SyncConfig, node: String) -> SyncClient {
         SyncClient {
-            grpc_service: grpc_service(&config.cluster),
+            grpc_service: grpc_service(&config.cluster, config.token.as_ref()),
             config,
             node,
             conn: Conn::Waiting { retry_at_ns: 0 },
@@ -88,6 +115,7 @@ impl SyncClient {
             disconnected_since_ns: None,
             stale: false,
             connected_once: false,
+            last_close_status: None,
         }
     }
 
@@ -202,10 +230,23 @@ impl SyncClient {
     pub fn on_close(&mut self, token: u32, grpc_status: u32, now_ns: u64) -> bool {
         match self.conn {
             Conn::Open { token: t, .. } if t == token => {
-                log::warn!(
-                    "sync: stream to {} closed with gRPC status {grpc_status}; reopening",
-                    self.config.cluster
-                );
+                if grpc_status == UNAUTHENTICATED {
+                    log::warn!(
+                        "sync: {} refused the stream: unauthenticated ({}); reopening",
+                        self.config.cluster,
+                        if self.config.token.is_some() {
+                            "sync.token is not the token sync was started with"
+                        } else {
+                            "sync wants a token: set sync.token"
+                        }
+                    );
+                } else {
+                    log::warn!(
+                        "sync: stream to {} closed with gRPC status {grpc_status}; reopening",
+                        self.config.cluster
+                    );
+                }
+                self.last_close_status = Some(grpc_status);
                 self.lost(now_ns);
                 true
             }
@@ -234,6 +275,7 @@ impl SyncClient {
             got_message: true,
         };
         self.failures = 0;
+        self.last_close_status = None;
         self.last_message_ns = Some(now_ns);
         if self.disconnected_since_ns.take().is_some() {
             log::info!("sync: connected to {}", self.config.cluster);
@@ -307,6 +349,8 @@ impl SyncClient {
             "stale": self.stale,
             "last_message_unix_ms": self.last_message_ns.map(unix_ms),
             "disconnected_since_unix_ms": self.disconnected_since_ns.map(unix_ms),
+            "last_close_grpc_status": self.last_close_status,
+            "refused": (self.last_close_status == Some(UNAUTHENTICATED)).then_some("unauthenticated"),
         })
     }
 }
@@ -338,11 +382,39 @@ mod tests {
     fn grpc_service_is_envoy_grpc_with_the_cluster_name() {
         // GrpcService{1: EnvoyGrpc{1: "sync"}}, as Envoy parses it.
         assert_eq!(
-            grpc_service("sync"),
+            grpc_service("sync", None),
             [0x0a, 6, 0x0a, 4, b's', b'y', b'n', b'c']
         );
         // The name `envoy` is no special case once serialized.
-        assert_eq!(grpc_service("envoy")[..4], [0x0a, 7, 0x0a, 5]);
+        assert_eq!(grpc_service("envoy", None)[..4], [0x0a, 7, 0x0a, 5]);
+    }
+
+    #[test]
+    fn a_token_goes_in_the_initial_metadata() {
+        let config = sluice_core::config::CalloutConfig::from_json(
+            &json!({"sync": {"cluster": "s", "token": "t0k"}}),
+            "demo",
+        )
+        .unwrap();
+        let bytes = grpc_service("s", config.sync.unwrap().token.as_ref());
+        let decoded = GrpcService::decode(bytes.as_slice()).unwrap();
+        assert_eq!(
+            decoded.initial_metadata,
+            vec![HeaderValue {
+                key: "authorization".into(),
+                value: "Bearer t0k".into()
+            }]
+        );
+        // Every length a single byte: the host passes it on as text.
+        assert!(std::str::from_utf8(&bytes).is_ok());
+        let longest = "x".repeat(sluice_core::config::callouts::MAX_TOKEN_LEN);
+        let config = sluice_core::config::CalloutConfig::from_json(
+            &json!({"sync": {"cluster": "x".repeat(100), "token": longest}}),
+            "demo",
+        )
+        .unwrap();
+        let bytes = grpc_service(&"x".repeat(100), config.sync.unwrap().token.as_ref());
+        assert!(std::str::from_utf8(&bytes).is_ok());
     }
 
     #[test]

@@ -106,7 +106,7 @@ fn configure_opens_nothing_the_first_tick_of_one_root_opens_the_stream() {
     assert_eq!(leader, 0, "the first to tick leads");
     let s = ws[0].open_stream().unwrap();
     assert_eq!(s.token, token);
-    assert_eq!(s.grpc_service, grpc_service("sluice_sync"));
+    assert_eq!(s.grpc_service, grpc_service("sluice_sync", None));
     assert_eq!(
         (s.service_name.as_str(), s.method.as_str()),
         ("sluice.sync.v1.CapacitySync", "Watch")

@@ -28,6 +28,56 @@ pub struct SyncConfig {
     /// Whose capacities to watch; the document's `service` by default.
     pub service: String,
     pub heartbeat_timeout: Duration,
+    /// Sent as `authorization: Bearer <token>` on the stream.
+    pub token: Option<SyncToken>,
+}
+
+/// The longest `sync.token`: the filter hands Envoy the stream's settings
+/// as a short serialized message, whose lengths must stay single bytes.
+pub const MAX_TOKEN_LEN: usize = 100;
+
+/// `sync.token`, never printed (`Debug` says `<redacted>`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SyncToken(String);
+
+impl SyncToken {
+    /// Printable ASCII without spaces (it travels in an HTTP/2 header), 1 to
+    /// [`MAX_TOKEN_LEN`] bytes; the error never repeats the value.
+    pub fn parse(value: Option<&Value>, key: &str) -> Result<Option<SyncToken>, ConfigError> {
+        let text = match value {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(s)) => s.trim(),
+            Some(_) => return Err(ConfigError::new(key, "must be a string")),
+        };
+        if text.is_empty() {
+            return Err(ConfigError::new(key, "must not be empty"));
+        }
+        if text.len() > MAX_TOKEN_LEN {
+            return Err(ConfigError::new(
+                key,
+                format!("must be at most {MAX_TOKEN_LEN} bytes, got {}", text.len()),
+            ));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::new(
+                key,
+                "holds a character that cannot travel in an HTTP/2 header \
+                 (use printable ASCII without spaces)",
+            ));
+        }
+        Ok(Some(SyncToken(text.to_string())))
+    }
+
+    /// The token itself, for the stream's metadata only.
+    pub fn secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SyncToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncToken(<redacted>)")
+    }
 }
 
 /// The health check of the upstream, on when `health_endpoint`,
@@ -68,10 +118,21 @@ impl CalloutConfig {
             None => None,
             Some(m) => {
                 warnings.extend(unknown_keys(&m.unknown, "sync."));
+                let watched = check::text(m.service.as_ref(), "sync.service")?
+                    .unwrap_or_else(|| service.to_string());
+                // Sync refuses other names, for ever: say so at start.
+                crate::redis_keys::check_service_name(&watched).map_err(|e| {
+                    let key = if m.service.is_some() {
+                        "sync.service"
+                    } else {
+                        "service"
+                    };
+                    ConfigError::new(key, e.problem().to_string())
+                })?;
                 Some(SyncConfig {
                     cluster: cluster(m.cluster.as_ref(), "sync.cluster")?,
-                    service: check::text(m.service.as_ref(), "sync.service")?
-                        .unwrap_or_else(|| service.to_string()),
+                    service: watched,
+                    token: SyncToken::parse(m.token.as_ref(), "sync.token")?,
                     heartbeat_timeout: check::seconds_or(
                         m.heartbeat_timeout.as_ref(),
                         "sync.heartbeat_timeout",
@@ -216,6 +277,7 @@ mod tests {
                 cluster: "sluice_sync".into(),
                 service: "demo".into(),
                 heartbeat_timeout: Duration::from_secs(3),
+                token: None,
             })
         );
         assert_eq!(
@@ -235,6 +297,10 @@ mod tests {
         assert_eq!(c.sync.unwrap().service, "other");
         let warnings: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
         assert_eq!(warnings, ["sync.colour: unknown key, ignored"]);
+        let c = parse(json!({"sync": {"cluster": "s", "token": "s3cret\n"}})).unwrap();
+        let token = c.sync.unwrap().token.unwrap();
+        assert_eq!(token.secret(), "s3cret");
+        assert_eq!(format!("{token:?}"), "SyncToken(<redacted>)");
     }
 
     #[test]
@@ -254,6 +320,20 @@ mod tests {
             (json!({"sync": {}}), "sync.cluster: is required: the name of an Envoy cluster"),
             (json!({"sync": {"cluster": 5}}), "sync.cluster: must be the name of an Envoy cluster, got 5"),
             (json!({"sync": {"cluster": "s", "service": ""}}), "sync.service: must be a non-empty string, got \"\""),
+            (
+                json!({"sync": {"cluster": "s", "service": "caf\u{e9}"}}),
+                "sync.service: must be printable ASCII (letters, digits and punctuation such as - _ . : /), got \"caf\u{e9}\"",
+            ),
+            (json!({"sync": {"cluster": "s", "token": 5}}), "sync.token: must be a string"),
+            (json!({"sync": {"cluster": "s", "token": " "}}), "sync.token: must not be empty"),
+            (
+                json!({"sync": {"cluster": "s", "token": "se cret"}}),
+                "sync.token: holds a character that cannot travel in an HTTP/2 header (use printable ASCII without spaces)",
+            ),
+            (
+                json!({"sync": {"cluster": "s", "token": "x".repeat(101)}}),
+                "sync.token: must be at most 100 bytes, got 101",
+            ),
             (
                 json!({"sync": {"cluster": "s", "heartbeat_timeout": 0}}),
                 "sync.heartbeat_timeout: must be a number of seconds greater than 0 and at most 86400, got 0",

@@ -80,6 +80,10 @@ pub struct Document {
     /// (the backend may still be computing it); 0 releases it at once.
     #[cfg_attr(feature = "schema", schemars(with = "f64", range(min = 0, max = 86400), extend("default" = 30)))]
     pub abandon_hold: Option<Value>,
+    /// Longest seconds from a request's admission to the end of its body;
+    /// past it the filter answers 408 and frees the slot (0: no limit).
+    #[cfg_attr(feature = "schema", schemars(with = "f64", range(min = 0, max = 86400), extend("default" = 60)))]
+    pub max_upload_time: Option<Value>,
     /// Whether the filter defines its metrics in Envoy's stats.
     #[cfg_attr(feature = "schema", schemars(with = "bool", extend("default" = true)))]
     pub metrics: Option<Value>,
@@ -151,6 +155,12 @@ pub struct EndpointDoc {
         schemars(with = "f64", range(min = 0, max = 86400))
     )]
     pub abandon_hold: Option<Value>,
+    /// Overrides the service's `max_upload_time`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "f64", range(min = 0, max = 86400))
+    )]
+    pub max_upload_time: Option<Value>,
     /// Whether upgraded requests (websockets) hold a slot for their life.
     #[cfg_attr(feature = "schema", schemars(with = "bool", extend("default" = true)))]
     pub count_upgrades: Option<Value>,
@@ -218,6 +228,14 @@ pub struct SyncDoc {
     /// Seconds without any message before the filter reopens the stream.
     #[cfg_attr(feature = "schema", schemars(with = "f64", range(max = 86400), extend("exclusiveMinimum" = 0, "default" = 3)))]
     pub heartbeat_timeout: Option<Value>,
+    /// Shared token sent as `authorization: Bearer <token>` on the Watch
+    /// stream, for a sync service started with `--token-file` (printable
+    /// ASCII, at most 100 bytes). Never shown in stats, logs or the dashboard.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "String", length(min = 1, max = 100))
+    )]
+    pub token: Option<Value>,
     #[serde(flatten)]
     #[cfg_attr(feature = "schema", schemars(skip))]
     pub unknown: Map<String, Value>,

@@ -22,6 +22,9 @@ pub const DEFAULT_MAX_QUEUE: u32 = 1000;
 pub const MAX_QUEUE_LIMIT: u32 = 10_000;
 /// Default longest hold of an abandoned request's slot, seconds.
 pub const DEFAULT_ABANDON_HOLD_SECS: f64 = 30.0;
+/// Default `max_upload_time`: a body still arriving a minute after its
+/// request took a slot is a slow client, not a busy backend.
+pub const DEFAULT_MAX_UPLOAD_TIME_SECS: f64 = 60.0;
 /// Service name used when the document has none.
 pub const DEFAULT_SERVICE: &str = "default";
 
@@ -32,6 +35,7 @@ pub struct Config {
     pub queue_timeout: Duration,
     pub max_queue: u32,
     pub abandon_hold: Duration,
+    pub max_upload_time: Duration,
     /// Whether the filter defines its metrics in Envoy's stats (default
     /// true); false leaves Envoy's stats without them.
     pub metrics: bool,
@@ -60,6 +64,9 @@ pub struct Endpoint {
     /// Longest time the slot of an abandoned in-flight request stays held
     /// (the backend may still be computing it); zero releases at once.
     pub abandon_hold: Duration,
+    /// Longest time from admission to the end of the request body; zero:
+    /// no limit. A body still arriving past it gets 408 and frees its slot.
+    pub max_upload_time: Duration,
     /// Whether upgraded requests (websockets) hold a slot for their life.
     pub count_upgrades: bool,
     /// Cap on the `content-length` bytes of all queued requests together.
@@ -71,6 +78,7 @@ struct Defaults {
     queue_timeout: Duration,
     max_queue: u32,
     abandon_hold: Duration,
+    max_upload_time: Duration,
 }
 
 impl Config {
@@ -105,6 +113,12 @@ impl TryFrom<&Document> for Config {
                 "abandon_hold",
                 check::HOLD,
                 Duration::from_secs_f64(DEFAULT_ABANDON_HOLD_SECS),
+            )?,
+            max_upload_time: check::seconds_or(
+                doc.max_upload_time.as_ref(),
+                "max_upload_time",
+                check::HOLD,
+                Duration::from_secs_f64(DEFAULT_MAX_UPLOAD_TIME_SECS),
             )?,
         };
         let metrics = check::flag(doc.metrics.as_ref(), "metrics", true)?;
@@ -142,6 +156,7 @@ impl TryFrom<&Document> for Config {
             queue_timeout: defaults.queue_timeout,
             max_queue: defaults.max_queue,
             abandon_hold: defaults.abandon_hold,
+            max_upload_time: defaults.max_upload_time,
             metrics,
             endpoints,
             warnings,
@@ -178,17 +193,27 @@ fn long_queue_timeout_warnings(
 }
 
 /// Why an endpoint path can never match a request, if it cannot.
-pub fn path_problem(path: &str) -> Option<&'static str> {
+pub fn path_problem(path: &str) -> Option<String> {
+    let fixed = |s: &str| Some(s.to_string());
     if !path.starts_with('/') {
-        Some("path must start with '/'")
+        fixed("path must start with '/'")
     } else if path.contains('?') {
-        Some("path must not contain a query string (requests match on the path alone)")
+        fixed("path must not contain a query string (requests match on the path alone)")
     } else if path.contains('#') {
-        Some("path must not contain '#' (a fragment never reaches the proxy)")
+        fixed("path must not contain '#' (a fragment never reaches the proxy)")
     } else if path.chars().any(char::is_whitespace) {
-        Some("path must not contain spaces (a request path has them as %20)")
+        fixed("path must not contain spaces (a request path has them as %20)")
     } else {
-        None
+        // Requests are matched on their normalised path: a key in any other
+        // spelling would never match one.
+        let normal = crate::path::request_path(path);
+        (normal != path).then(|| {
+            format!(
+                "requests are matched on their normalised path, so this one would never match; \
+                 write it as {normal:?} (escaped UTF-8 and unreserved characters decoded, \
+                 dot segments and repeated slashes removed)"
+            )
+        })
     }
 }
 
@@ -284,6 +309,12 @@ fn endpoint(
         check::HOLD,
         defaults.abandon_hold,
     )?;
+    let max_upload_time = check::seconds_or(
+        fields.max_upload_time.as_ref(),
+        &key("max_upload_time"),
+        check::HOLD,
+        defaults.max_upload_time,
+    )?;
     let count_upgrades = check::flag(fields.count_upgrades.as_ref(), &key("count_upgrades"), true)?;
     let max_queued_bytes = match &fields.max_queued_bytes {
         None | Some(Value::Null) => None,
@@ -305,6 +336,7 @@ fn endpoint(
         queue_timeout,
         max_queue,
         abandon_hold,
+        max_upload_time,
         count_upgrades,
         max_queued_bytes,
     })
@@ -503,6 +535,12 @@ mod tests {
                 "endpoints: must be a map from path to endpoint settings, got [\"/a\"]",
             ),
             ("{\"endpoints\": {\"predict\": {}}}", "endpoints.predict: path must start with '/'"),
+            (
+                "{\"endpoints\": {\"/pr%C3%A9dict\": {}}}",
+                "endpoints./pr%C3%A9dict: requests are matched on their normalised path, so this one would never match; \
+                 write it as \"/prédict\" (escaped UTF-8 and unreserved characters decoded, \
+                 dot segments and repeated slashes removed)",
+            ),
             (
                 "{\"endpoints\": {\"/p?x=1\": {}}}",
                 "endpoints./p?x=1: path must not contain a query string (requests match on the path alone)",

@@ -7,7 +7,9 @@ mod peers;
 mod queue;
 mod slots;
 mod ticker;
+mod uploads;
 
+pub use queue::Waiting;
 pub use ticker::BASE_TICK;
 #[cfg(test)]
 pub use ticker::FAST_TICK;
@@ -25,6 +27,7 @@ use sluice_core::{shared_keys, worker_ids};
 use std::cell::Cell;
 use std::time::Duration;
 use ticker::Ticker;
+use uploads::Uploads;
 
 pub struct Worker<H> {
     pub host: H,
@@ -42,6 +45,7 @@ pub struct Worker<H> {
     peers: Peers,
     queue: Queue,
     slots: Slots,
+    uploads: Uploads,
 }
 
 impl<H: Host> Worker<H> {
@@ -57,6 +61,7 @@ impl<H: Host> Worker<H> {
             ticker: Ticker::new(),
             peers: Peers::new(vm_id),
             queue: Queue::default(),
+            uploads: Uploads::default(),
         }
     }
 
@@ -116,6 +121,7 @@ impl<H: Host> Worker<H> {
         }
         self.claim_granted();
         self.expire_waiters();
+        self.expire_uploads();
         self.release_held();
         self.publish_estimates();
         self.metrics.flush(&self.host);
@@ -133,10 +139,14 @@ impl<H: Host> Worker<H> {
 
     /// Sets the tick to the nearest queue deadline or held slot.
     fn schedule(&self, from_tick: bool) {
-        let due = [self.queue.next_deadline(), self.slots.next_due()]
-            .into_iter()
-            .flatten()
-            .min();
+        let due = [
+            self.queue.next_deadline(),
+            self.slots.next_due(),
+            self.uploads.next_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         self.ticker.schedule(&self.host, due, from_tick);
     }
 

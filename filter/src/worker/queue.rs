@@ -12,8 +12,25 @@ use sluice_core::holding::{Slot, Ticket};
 use sluice_core::waiters::{Left, LocalWaiter, LocalWaiters};
 use std::cell::{Cell, RefCell};
 
-/// The bytes a waiter counts in its endpoint's `max_queued_bytes`.
-type QueuedBytes = u64;
+/// What the worker keeps of each waiter besides its ticket.
+#[derive(Debug, Clone, Copy)]
+pub struct Waiting {
+    /// When it was paused (its arrival in Envoy).
+    pub since_ns: u64,
+    /// The bytes it counts in its endpoint's `max_queued_bytes`.
+    pub bytes: u64,
+    /// Its own deadline (`grpc-timeout`), past which it is never sent
+    /// upstream, even with a slot.
+    pub expires_ns: Option<u64>,
+}
+
+impl Waiting {
+    fn expired(&self, now_ns: u64) -> bool {
+        self.expires_ns.is_some_and(|at| at <= now_ns)
+    }
+}
+
+type QueuedBytes = Waiting;
 
 #[derive(Default)]
 pub struct Queue {
@@ -33,16 +50,22 @@ impl Queue {
 }
 
 impl<H: Host> Worker<H> {
-    /// Keeps a paused request until its ticket is granted or it times out.
-    /// `queued_bytes` were added to the endpoint's queued-bytes counter and
+    /// Keeps a paused request until its ticket is granted or it times out
+    /// (its queue timeout, or its own deadline if that comes first).
+    /// `waiting.bytes` were added to the endpoint's queued-bytes counter and
     /// come off it when the request leaves the queue, however it leaves.
-    pub fn add_waiter(&self, context_id: u32, ticket: Ticket, since_ns: u64, queued_bytes: u64) {
+    pub fn add_waiter(&self, context_id: u32, ticket: Ticket, waiting: Waiting) {
         let queue_timeout = self.routes.route(ticket.endpoint()).queue_timeout;
+        let queue_deadline = waiting
+            .since_ns
+            .saturating_add(queue_timeout.as_nanos() as u64);
         self.queue.waiters.borrow_mut().push(LocalWaiter {
             context_id,
             ticket,
-            deadline_ns: since_ns.saturating_add(queue_timeout.as_nanos() as u64),
-            handle: queued_bytes,
+            deadline_ns: waiting
+                .expires_ns
+                .map_or(queue_deadline, |at| at.min(queue_deadline)),
+            handle: waiting,
         });
         self.schedule(false);
     }
@@ -57,8 +80,8 @@ impl<H: Host> Worker<H> {
     /// A waiter is out of the local list: its bytes leave the queue too.
     fn dequeued(&self, w: &Left<QueuedBytes>) {
         let route = self.routes.route(w.endpoint);
-        if let (Some((_, key)), true) = (&route.queued_bytes, w.handle > 0) {
-            if let Err(e) = sluice_core::queued_bytes::sub(&self.host, key, w.handle) {
+        if let (Some((_, key)), true) = (&route.queued_bytes, w.handle.bytes > 0) {
+            if let Err(e) = sluice_core::queued_bytes::sub(&self.host, key, w.handle.bytes) {
                 log::error!("queued bytes of {}: {e}", route.path);
             }
         }
@@ -131,7 +154,7 @@ impl<H: Host> Worker<H> {
             }
             for (slot, w) in claimed.granted {
                 self.dequeued(&w);
-                self.resume(slot, w);
+                self.resume_unless_expired(slot, w);
             }
             for slot in claimed.orphans {
                 // Never keep a slot nobody uses.
@@ -164,8 +187,9 @@ impl<H: Host> Worker<H> {
                         LocalReply::QueueTimeout(route).send(&self.host);
                     }
                 }
-                // The slot arrived just in time: go ahead.
-                Ok(Some(slot)) => self.resume(slot, w),
+                // The slot arrived just in time: go ahead, unless it is
+                // the request's own deadline that passed.
+                Ok(Some(slot)) => self.resume_unless_expired(slot, w),
                 Err(e) => {
                     // Fail open: a request we cannot account for is let through
                     // rather than left hanging.
@@ -182,10 +206,27 @@ impl<H: Host> Worker<H> {
         }
     }
 
+    /// A request past its own deadline (`grpc-timeout`) has nobody waiting
+    /// for its answer: it gets the queue timeout reply and the slot goes on
+    /// to the next waiter, so the backend never runs it.
+    fn resume_unless_expired(&self, slot: Slot, w: Left<QueuedBytes>) {
+        if !w.handle.expired(self.host.now_ns()) {
+            return self.resume(slot, w);
+        }
+        let route = self.routes.route(w.endpoint);
+        self.left_queue(&w, Counter::QueueTimeout);
+        if self.host.set_effective_context(w.context_id).is_ok() {
+            LocalReply::QueueTimeout(route).send(&self.host);
+        }
+        self.release(slot);
+    }
+
     /// Continues a paused request with the slot it now holds; the waiter is
     /// out of the local list already, so this runs once per request.
     fn resume(&self, slot: Slot, w: Left<QueuedBytes>) {
-        let slot = slot.timed(Some(self.host.now_ns()));
+        let now = self.host.now_ns();
+        let slot = slot.timed(Some(now));
+        self.upload_admitted(w.context_id, now);
         let resumed = self.host.set_effective_context(w.context_id).is_ok()
             && self.host.resume_http_request().is_ok();
         if resumed {
@@ -199,11 +240,8 @@ impl<H: Host> Worker<H> {
 
     /// Counts how a waiter left the queue, and how long it waited.
     fn left_queue(&self, w: &Left<QueuedBytes>, how: Counter) {
-        let queue_timeout = self.routes.route(w.endpoint).queue_timeout;
-        let since_ns = w
-            .deadline_ns
-            .saturating_sub(queue_timeout.as_nanos() as u64);
         self.metrics.count(w.endpoint, how);
-        self.metrics.waited(&self.host, w.endpoint, since_ns);
+        self.metrics
+            .waited(&self.host, w.endpoint, w.handle.since_ns);
     }
 }

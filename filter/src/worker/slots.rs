@@ -5,7 +5,7 @@
 
 use super::Worker;
 use crate::host::Host;
-use sluice_core::abandon::{self, hold_ns, HeldSlots, RecentDurations};
+use sluice_core::abandon::{self, hold_ns, Durations, HeldSlots, RecentDurations};
 use sluice_core::holding::Slot;
 use sluice_core::shared_keys;
 use sluice_core::EndpointId;
@@ -62,11 +62,22 @@ impl<H: Host> Worker<H> {
             .or_else(|| {
                 abandon::published(&self.host, &shared_keys::upstream_estimate(&route.key))
             });
-        let hold = hold_ns(
-            estimate,
-            now.saturating_sub(admitted_ns),
-            route.abandon_hold,
-        );
+        let elapsed = now.saturating_sub(admitted_ns);
+        // Off the request path (an abandon), so one more shared read: any
+        // worker's request that outlived the estimate uncovers the endpoint
+        // for every worker.
+        let outlived_key = shared_keys::outlived(&route.key);
+        let durations = if abandon::outlived(estimate, elapsed) {
+            if let Err(e) = abandon::mark_outlived(&self.host, &outlived_key, now) {
+                log::debug!("cannot mark {outlived_key}: {e}");
+            }
+            Durations::Uncovered
+        } else if abandon::uncovered(&self.host, &outlived_key, now) {
+            Durations::Uncovered
+        } else {
+            estimate.map_or(Durations::Unknown, Durations::Estimate)
+        };
+        let hold = hold_ns(durations, elapsed, route.abandon_hold);
         if hold == 0 {
             self.release(slot);
             return;

@@ -25,8 +25,9 @@ pub mod route;
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use hyper::body::{Frame, Incoming};
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -37,11 +38,16 @@ use route::{parse_service_ms, OnDisconnect, Overload, RouteSpec};
 use std::convert::Infallible;
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpSocket};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+/// Every response body: whole (`Full`) or streamed tokens.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 pub const STATS_PATH: &str = "/__backend/stats";
 pub const RESET_PATH: &str = "/__backend/reset";
@@ -200,7 +206,7 @@ struct App {
 }
 
 impl App {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         match (req.method(), req.uri().path()) {
             (&Method::GET, STATS_PATH) => {
                 return json(StatusCode::OK, self.paths.stats_json().to_string());
@@ -248,6 +254,9 @@ impl App {
         if let Some(seq) = req.headers().get(SEQ_HEADER) {
             state.record_arrival(&String::from_utf8_lossy(seq.as_bytes()));
         }
+        if let Some(tokens) = state.tokens {
+            return stream_tokens(state, req, tokens).await;
+        }
         match state.on_disconnect {
             OnDisconnect::Cancel => self.serve(state, req, service_ms).await,
             // A task of its own outlives the handler, which hyper drops when
@@ -266,7 +275,7 @@ impl App {
         state: Arc<PathState>,
         req: Request<Incoming>,
         service_ms: Option<f64>,
-    ) -> Response<Full<Bytes>> {
+    ) -> Response<Body> {
         let request_id = req
             .headers()
             .get("x-request-id")
@@ -316,7 +325,7 @@ impl App {
         };
         let _serving = state.serving.enter();
         let (service_time, body) = match service_ms {
-            None => (state.service_time, state.default_body.clone()),
+            None => (state.next_service_time(), state.default_body.clone()),
             Some(ms) => (Duration::from_secs_f64(ms / 1000.0), state.body_for(ms)),
         };
         if !service_time.is_zero() {
@@ -327,8 +336,80 @@ impl App {
     }
 }
 
-fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(body.into()));
+/// Answers with `tokens` chunks, one every `service_ms / tokens` once the
+/// request holds its path's slot, headers first (as a model streams
+/// tokens). The generation runs in a task of its own: with
+/// `on_disconnect=finish` it goes on, counted in flight, after the client
+/// left; with `cancel` it stops at the first token nobody receives.
+async fn stream_tokens(
+    state: Arc<PathState>,
+    req: Request<Incoming>,
+    tokens: u32,
+) -> Response<Body> {
+    let (tx, rx) = mpsc::channel::<Bytes>(tokens as usize + 1);
+    let (started_tx, started_rx) = oneshot::channel();
+    let finish = state.on_disconnect == OnDisconnect::Finish;
+    tokio::spawn(async move {
+        let inside = state.enter(None);
+        if req.into_body().collect().await.is_err() {
+            return;
+        }
+        let _slot = match &state.slots {
+            None => None,
+            Some(slots) => Some(
+                slots
+                    .semaphore
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed"),
+            ),
+        };
+        let _serving = state.serving.enter();
+        let _ = started_tx.send(());
+        // Each token at its time from the start, so that the sleeps'
+        // overshoots do not add up: a generation takes its service time.
+        let started = std::time::Instant::now();
+        let total = state.next_service_time();
+        for i in 0..tokens {
+            let due = total * (i + 1) / tokens;
+            precise_sleep::sleep(due.saturating_sub(started.elapsed())).await;
+            let received = tx.send(Bytes::from(format!("token {i}\n"))).await.is_ok();
+            if !received && !finish {
+                return;
+            }
+        }
+        state.count_completed(inside.arrived);
+    });
+    if started_rx.await.is_err() {
+        return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
+    }
+    let mut response = Response::new(BodyExt::boxed_unsync(Tokens(rx)));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    response
+}
+
+/// A response body of the tokens a generation sends, as they come.
+struct Tokens(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Tokens {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.get_mut()
+            .0
+            .poll_recv(cx)
+            .map(|token| token.map(|t| Ok(Frame::data(t))))
+    }
+}
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()).boxed_unsync());
     *response.status_mut() = status;
     response
         .headers_mut()

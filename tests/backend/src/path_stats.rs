@@ -71,6 +71,12 @@ pub struct PathState {
     pub routed: bool,
     pub service_time: Duration,
     pub on_disconnect: OnDisconnect,
+    /// See [`RouteSpec::slow`]: (every, service time).
+    pub slow: Option<(u64, Duration)>,
+    /// See [`RouteSpec::tokens`].
+    pub tokens: Option<u32>,
+    /// Requests that arrived, for `slow`.
+    started: AtomicU64,
     /// The 200 body for the default service time, rendered once.
     pub default_body: Bytes,
     service_ms: f64,
@@ -111,6 +117,9 @@ impl PathState {
     ) -> Self {
         PathState {
             on_disconnect: OnDisconnect::Cancel,
+            slow: None,
+            tokens: None,
+            started: AtomicU64::new(0),
             slots: capacity.map(|k| Slots {
                 semaphore: Semaphore::new(k),
                 overload,
@@ -170,6 +179,16 @@ impl PathState {
         }
     }
 
+    /// The service time of the request starting now: the route's, or its
+    /// slow one for every `slow_every`-th request.
+    pub fn next_service_time(&self) -> Duration {
+        let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
+        match self.slow {
+            Some((every, slow)) if n.is_multiple_of(every) => slow,
+            _ => self.service_time,
+        }
+    }
+
     pub fn record_arrival(&self, seq: &str) {
         let mut arrivals = self.arrivals.lock().unwrap();
         if arrivals.len() < MAX_ARRIVALS {
@@ -204,6 +223,7 @@ impl PathState {
     }
 
     fn reset(&self) {
+        self.started.store(0, Ordering::SeqCst);
         self.in_flight.reset_max();
         self.serving.reset_max();
         self.completed.store(0, Ordering::SeqCst);
@@ -322,6 +342,10 @@ impl Paths {
                     PathState::new(&r.path, r.capacity, r.service_ms, r.overload, epoch);
                 state.routed = true;
                 state.on_disconnect = r.on_disconnect;
+                state.slow = r
+                    .slow
+                    .map(|(every, ms)| (every, Duration::from_secs_f64(ms / 1000.0)));
+                state.tokens = r.tokens;
                 if trace {
                     state.trace = Some(Mutex::new(Vec::new()));
                 }

@@ -34,6 +34,13 @@ pub struct RouteSpec {
     pub service_ms: f64,
     pub overload: Overload,
     pub on_disconnect: OnDisconnect,
+    /// Every `slow_every`-th request of the route takes `slow_ms` instead of
+    /// `service_ms`: a mix of fast and slow requests on one endpoint.
+    pub slow: Option<(u64, f64)>,
+    /// Stream the response as this many tokens (chunks), one every
+    /// `service_ms / tokens`, headers first, like an LLM generating; with
+    /// `on_disconnect=finish` generation goes on after the client leaves.
+    pub tokens: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -42,7 +49,7 @@ pub enum RouteSpecError {
     BadPath(String),
     #[error("{0:?} is not key=value")]
     NotKeyValue(String),
-    #[error("unknown key {0:?} (expected capacity, service_ms, overload or on_disconnect)")]
+    #[error("unknown key {0:?} (expected capacity, service_ms, overload, on_disconnect, slow_every, slow_ms or tokens)")]
     UnknownKey(String),
     #[error("key {0:?} is given twice")]
     DuplicateKey(String),
@@ -54,6 +61,10 @@ pub enum RouteSpecError {
     BadOverload(String),
     #[error("on_disconnect must be cancel or finish, got {0:?}")]
     BadOnDisconnect(String),
+    #[error("{0} must be a whole number >= 1, got {1:?}")]
+    BadCount(&'static str, String),
+    #[error("slow_every and slow_ms go together")]
+    SlowHalf,
 }
 
 impl FromStr for RouteSpec {
@@ -73,6 +84,16 @@ impl FromStr for RouteSpec {
             service_ms: 0.0,
             overload: Overload::Queue,
             on_disconnect: OnDisconnect::Cancel,
+            slow: None,
+            tokens: None,
+        };
+        let (mut slow_every, mut slow_ms) = (None, None);
+        let count = |key: &'static str, value: &str| {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| RouteSpecError::BadCount(key, value.to_string()))
         };
         let mut seen: Vec<&str> = Vec::new();
         for pair in options.into_iter().flat_map(|o| o.split(',')) {
@@ -112,9 +133,22 @@ impl FromStr for RouteSpec {
                         _ => return Err(RouteSpecError::BadOnDisconnect(value.to_string())),
                     };
                 }
+                "slow_every" => slow_every = Some(u64::from(count("slow_every", value)?)),
+                "slow_ms" => {
+                    slow_ms = Some(
+                        parse_service_ms(value)
+                            .ok_or_else(|| RouteSpecError::BadServiceMs(value.to_string()))?,
+                    );
+                }
+                "tokens" => route.tokens = Some(count("tokens", value)?),
                 _ => return Err(RouteSpecError::UnknownKey(key.to_string())),
             }
         }
+        route.slow = match (slow_every, slow_ms) {
+            (Some(every), Some(ms)) => Some((every, ms)),
+            (None, None) => None,
+            _ => return Err(RouteSpecError::SlowHalf),
+        };
         Ok(route)
     }
 }
@@ -173,6 +207,16 @@ mod tests {
     }
 
     #[test]
+    fn parses_slow_mixes_and_token_streams() {
+        let r: RouteSpec = "/p:service_ms=50,slow_every=10,slow_ms=3000,tokens=5"
+            .parse()
+            .unwrap();
+        assert_eq!(r.slow, Some((10, 3000.0)));
+        assert_eq!(r.tokens, Some(5));
+        assert_eq!("/p".parse::<RouteSpec>().unwrap().slow, None);
+    }
+
+    #[test]
     fn names_the_bad_part() {
         let cases = [
             ("predict", "the path must start with '/', got \"predict\""),
@@ -180,7 +224,7 @@ mod tests {
             ("/p:capacity=4,", "\"\" is not key=value"),
             (
                 "/p:slots=4",
-                "unknown key \"slots\" (expected capacity, service_ms, overload or on_disconnect)",
+                "unknown key \"slots\" (expected capacity, service_ms, overload, on_disconnect, slow_every, slow_ms or tokens)",
             ),
             (
                 "/p:capacity=0",
@@ -210,6 +254,8 @@ mod tests {
                 "/p:capacity=1,capacity=2",
                 "key \"capacity\" is given twice",
             ),
+            ("/p:tokens=0", "tokens must be a whole number >= 1, got \"0\""),
+            ("/p:slow_every=10", "slow_every and slow_ms go together"),
         ];
         for (spec, message) in cases {
             let err = spec.parse::<RouteSpec>().unwrap_err();

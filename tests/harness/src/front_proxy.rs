@@ -61,6 +61,9 @@ pub struct FrontProxy {
     pub access_log: Option<(PathBuf, String)>,
     /// See [`crate::EnvoyOptions::precise_timers`].
     pub precise_timers: bool,
+    /// Let websockets through (`upgrade_configs: [websocket]` on the HTTP
+    /// connection manager); without it Envoy answers an upgrade with 403.
+    pub websocket: bool,
 }
 
 impl FrontProxy {
@@ -96,6 +99,7 @@ impl FrontProxy {
             extra_bootstrap_yaml: String::new(),
             access_log: None,
             precise_timers: true,
+            websocket: false,
         }
     }
 
@@ -240,6 +244,11 @@ static_resources:
         let port = self.listener_port;
         let stream_idle_timeout = self.stream_idle_timeout_secs;
         let route_timeout = self.route_timeout_secs;
+        let upgrades = if self.websocket {
+            "        upgrade_configs:\n        - upgrade_type: websocket\n"
+        } else {
+            ""
+        };
         format!(
             r#"- name: {name}
 {type_line}  address:
@@ -264,7 +273,7 @@ static_resources:
         # (default 5 min): it must exceed the longest queue_timeout. See
         # docs/filter.md.
         stream_idle_timeout: {stream_idle_timeout}s
-{access_log}        route_config:
+{upgrades}{access_log}        route_config:
           name: {name}
           virtual_hosts:
           - name: backend
