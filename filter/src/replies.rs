@@ -104,6 +104,9 @@ pub mod details {
     pub const QUEUE_TIMEOUT: &str = "sluice_queue_timeout";
     /// 503: the backend failed its health checks.
     pub const UNHEALTHY: &str = "sluice_unhealthy";
+    /// 408: an admitted request's body did not arrive within
+    /// `max_upload_time` (`worker/uploads.rs`).
+    pub const UPLOAD_TIMEOUT: &str = "sluice_upload_timeout";
     /// 200: the stats JSON.
     pub const STATS: &str = "sluice_stats";
     /// 200: the dashboard page.

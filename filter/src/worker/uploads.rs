@@ -107,7 +107,12 @@ impl<H: Host> Worker<H> {
                 ("x-sluice-reason", "upload-timeout"),
                 ("connection", "close"),
             ];
-            if let Err(e) = self.host.send_http_response(408, headers, body.as_bytes()) {
+            if let Err(e) = self.host.send_local_reply(
+                408,
+                crate::replies::details::UPLOAD_TIMEOUT,
+                headers,
+                body.as_bytes(),
+            ) {
                 log::warn!("cannot send the 408 reply: {e:?}");
             }
         }

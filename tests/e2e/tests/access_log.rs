@@ -45,7 +45,7 @@ fn every_local_reply_names_itself_in_the_access_log() {
     let yaml = yaml
         .replace(
             SHIPPED_ENDPOINT,
-            r#""/predict": {"capacity": 1, "queue_timeout": 1, "max_queue": 1}"#,
+            r#""/predict": {"capacity": 1, "queue_timeout": 1, "max_queue": 1, "max_upload_time": 0.5}"#,
         )
         .replace(
             SHIPPED_SERVICE,
@@ -82,6 +82,23 @@ fn every_local_reply_names_itself_in_the_access_log() {
         "{first:?} {second:?} {third:?}"
     );
 
+    // An admitted upload whose body stops coming: 408 at max_upload_time.
+    let upload = {
+        use std::io::{Read, Write};
+        let addr = envoy.listener_addr();
+        let mut slow = std::net::TcpStream::connect(addr).unwrap();
+        let head = format!("POST /predict HTTP/1.1\r\nhost: {addr}\r\ncontent-length: 10\r\n\r\nx");
+        slow.write_all(head.as_bytes()).unwrap();
+        slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut answer = Vec::new();
+        let mut byte = [0u8; 1];
+        while !answer.ends_with(b"\r\n\r\n") && slow.read(&mut byte).is_ok_and(|n| n == 1) {
+            answer.push(byte[0]);
+        }
+        String::from_utf8_lossy(&answer).into_owned()
+    };
+    assert!(upload.starts_with("HTTP/1.1 408"), "{upload}");
+
     let fail = sluice_harness::http::post(backend.addr(), "/__backend/health/fail", "").unwrap();
     assert_eq!(fail.status, 200, "{fail:?}");
     wait_until(
@@ -102,6 +119,7 @@ fn every_local_reply_names_itself_in_the_access_log() {
         ("POST /predict", "200 via_upstream"),
         ("POST /predict", "504 sluice_queue_timeout"),
         ("POST /predict", "503 sluice_queue_full"),
+        ("POST /predict", "408 sluice_upload_timeout"),
         ("POST /predict", "503 sluice_unhealthy"),
     ];
     let missing = |log: &str| -> Vec<(&str, &str)> {
