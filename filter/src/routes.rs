@@ -19,6 +19,8 @@ pub struct Route {
     pub queue_timeout: Duration,
     /// Longest hold of an abandoned request's slot (see `abandon.rs`).
     pub abandon_hold: Duration,
+    /// HTTP status of its `queue-full` refusals (503 or 429).
+    pub queue_full_status: u16,
     /// Whether an upgrade (websocket) holds a slot for its whole life.
     pub count_upgrades: bool,
     /// `max_queued_bytes` and the key of its shared counter.
@@ -56,6 +58,7 @@ impl Routes {
                 max_queue: e.max_queue,
                 queue_timeout: e.queue_timeout,
                 abandon_hold: e.abandon_hold,
+                queue_full_status: e.queue_full_status,
                 count_upgrades: e.count_upgrades,
                 methods: e.methods.clone(),
             });

@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_QUEUE: u32 = 1000;
 pub const MAX_QUEUE_LIMIT: u32 = 10_000;
 /// Default longest hold of an abandoned request's slot, seconds.
 pub const DEFAULT_ABANDON_HOLD_SECS: f64 = 30.0;
+/// Default HTTP status of a `queue-full` refusal (fastapi-balancer's).
+pub const DEFAULT_QUEUE_FULL_STATUS: u16 = 503;
 /// Service name used when the document has none.
 pub const DEFAULT_SERVICE: &str = "default";
 
@@ -32,6 +34,8 @@ pub struct Config {
     pub queue_timeout: Duration,
     pub max_queue: u32,
     pub abandon_hold: Duration,
+    /// HTTP status of a `queue-full` refusal: 503 or 429.
+    pub queue_full_status: u16,
     /// Whether the filter defines its metrics in Envoy's stats (default
     /// true); false leaves Envoy's stats without them.
     pub metrics: bool,
@@ -60,6 +64,8 @@ pub struct Endpoint {
     /// Longest time the slot of an abandoned in-flight request stays held
     /// (the backend may still be computing it); zero releases at once.
     pub abandon_hold: Duration,
+    /// HTTP status of its `queue-full` refusals: 503 or 429.
+    pub queue_full_status: u16,
     /// Whether upgraded requests (websockets) hold a slot for their life.
     pub count_upgrades: bool,
     /// Cap on the `content-length` bytes of all queued requests together.
@@ -71,6 +77,7 @@ struct Defaults {
     queue_timeout: Duration,
     max_queue: u32,
     abandon_hold: Duration,
+    queue_full_status: u16,
 }
 
 impl Config {
@@ -105,6 +112,11 @@ impl TryFrom<&Document> for Config {
                 "abandon_hold",
                 check::HOLD,
                 Duration::from_secs_f64(DEFAULT_ABANDON_HOLD_SECS),
+            )?,
+            queue_full_status: queue_full_status(
+                doc.queue_full_status.as_ref(),
+                "queue_full_status",
+                DEFAULT_QUEUE_FULL_STATUS,
             )?,
         };
         let metrics = check::flag(doc.metrics.as_ref(), "metrics", true)?;
@@ -142,6 +154,7 @@ impl TryFrom<&Document> for Config {
             queue_timeout: defaults.queue_timeout,
             max_queue: defaults.max_queue,
             abandon_hold: defaults.abandon_hold,
+            queue_full_status: defaults.queue_full_status,
             metrics,
             endpoints,
             warnings,
@@ -284,6 +297,11 @@ fn endpoint(
         check::HOLD,
         defaults.abandon_hold,
     )?;
+    let queue_full_status = queue_full_status(
+        fields.queue_full_status.as_ref(),
+        &key("queue_full_status"),
+        defaults.queue_full_status,
+    )?;
     let count_upgrades = check::flag(fields.count_upgrades.as_ref(), &key("count_upgrades"), true)?;
     let max_queued_bytes = match &fields.max_queued_bytes {
         None | Some(Value::Null) => None,
@@ -305,6 +323,7 @@ fn endpoint(
         queue_timeout,
         max_queue,
         abandon_hold,
+        queue_full_status,
         count_upgrades,
         max_queued_bytes,
     })
@@ -315,6 +334,23 @@ pub fn capacity(v: &Value) -> Option<u32> {
     v.as_u64()
         .filter(|n| *n >= 1 && *n <= u64::from(u32::MAX))
         .map(|n| n as u32)
+}
+
+/// 503 (the default, as fastapi-balancer answers) or 429 (what most HTTP
+/// clients and libraries treat as "slow down"); nothing else, since a
+/// client must be able to tell a refusal from the backend's own errors.
+fn queue_full_status(v: Option<&Value>, key: &str, default: u16) -> Result<u16, ConfigError> {
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => match v.as_u64() {
+            Some(503) => Ok(503),
+            Some(429) => Ok(429),
+            _ => Err(ConfigError::new(
+                key,
+                format!("must be 503 or 429, got {}", shown(v)),
+            )),
+        },
+    }
 }
 
 fn queue_len(v: Option<&Value>, key: &str, default: u32) -> Result<u32, ConfigError> {
@@ -416,6 +452,20 @@ mod tests {
         assert_eq!(c.endpoints[1].abandon_hold, Duration::ZERO);
         assert_eq!(c.endpoints[0].max_queued_bytes, None);
         assert!(!c.endpoints[1].count_upgrades);
+    }
+
+    #[test]
+    fn queue_full_status_defaults_to_503_and_endpoints_override_it() {
+        let c = Config::from_json(&json!({"endpoints": {"/a": {"capacity": 1}}})).unwrap();
+        assert_eq!(c.queue_full_status, 503);
+        assert_eq!(c.endpoints[0].queue_full_status, 503);
+        let c = Config::from_json(&json!({"queue_full_status": 429, "endpoints": {
+            "/a": {"capacity": 1},
+            "/b": {"capacity": 1, "queue_full_status": 503},
+        }}))
+        .unwrap();
+        assert_eq!(c.endpoints[0].queue_full_status, 429);
+        assert_eq!(c.endpoints[1].queue_full_status, 503);
     }
 
     #[test]
@@ -555,6 +605,14 @@ mod tests {
             (
                 "{\"endpoints\": {\"/p\": {\"max_queued_bytes\": 0}}}",
                 "endpoints./p.max_queued_bytes: must be a positive number of bytes, got 0",
+            ),
+            (
+                "{\"queue_full_status\": 500}",
+                "queue_full_status: must be 503 or 429, got 500",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"queue_full_status\": \"429\"}}}",
+                "endpoints./p.queue_full_status: must be 503 or 429, got \"429\"",
             ),
             (
                 "{\"endpoints\": {\"/p\": {\"methods\": []}}}",
