@@ -140,22 +140,27 @@ impl LocalReply<'_> {
         }
     }
 
+    /// The JSON body. `detail` repeats `error` because FastAPI's own
+    /// errors put their text there, and so FastAPI clients show it.
     pub fn body(&self) -> String {
         match self {
             LocalReply::QueueFull(route) => line(json!({
                 "error": "too many requests waiting",
+                "detail": "too many requests waiting",
                 "reason": self.reason(),
                 "endpoint": route.path,
                 "max_queue": route.max_queue,
             })),
             LocalReply::QueueTimeout(route) => line(json!({
                 "error": "timed out waiting for a slot",
+                "detail": "timed out waiting for a slot",
                 "reason": self.reason(),
                 "endpoint": route.path,
                 "queue_timeout_ms": route.queue_timeout.as_millis() as u64,
             })),
             LocalReply::Unhealthy(route) => line(json!({
                 "error": "backend unhealthy",
+                "detail": "backend unhealthy",
                 "reason": self.reason(),
                 "endpoint": route.path,
             })),
@@ -309,6 +314,7 @@ mod tests {
         assert_eq!((reply.status, reply.grpc_status), (429, None));
         assert_eq!(reply.header("retry-after"), Some("1"));
         assert_eq!(reply.json()["reason"], "queue-full");
+        assert_eq!(reply.json()["detail"], "too many requests waiting");
 
         envoy.advance(Duration::from_millis(100));
         w.tick();

@@ -158,6 +158,7 @@ fn grpc_calls_get_grpc_refusals_and_http_the_configured_status() {
         assert_eq!(http.header("x-sluice-reason"), Some("queue-full"));
         assert_eq!(http.header("retry-after"), Some("2"));
         assert_eq!(http.json()["reason"], "queue-full");
+        assert_eq!(http.json()["detail"], "too many requests waiting");
 
         // The waiting one times out as DEADLINE_EXCEEDED, at its 1.5 s.
         let (result, waited) = waiting.await.unwrap();
