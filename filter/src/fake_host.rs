@@ -136,6 +136,8 @@ impl FakeEnvoy {
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u32,
+    /// The gRPC status code it was sent with (`send_grpc_local_reply`).
+    pub grpc_status: Option<u32>,
     pub headers: Vec<(String, String)>,
     pub body: String,
 }
@@ -226,6 +228,34 @@ struct HostState {
 }
 
 impl FakeHost {
+    /// A local reply, as `send_http_response` and `send_grpc_local_reply`
+    /// make it (both count as `send_http_response`).
+    fn record_reply(
+        &self,
+        status: u32,
+        grpc_status: Option<u32>,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status> {
+        self.called("send_http_response");
+        self.with_current(|id, s| {
+            assert!(
+                s.resumes == 0 && s.replies.is_empty(),
+                "stream {id} answered after it was resumed or answered: {s:?}"
+            );
+            s.replies.push(Reply {
+                status,
+                grpc_status,
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                body: String::from_utf8(body.to_vec()).expect("UTF-8 body"),
+            });
+            Ok(())
+        })
+    }
+
     fn new(envoy: &Arc<FakeEnvoy>, vm_id: &str) -> FakeHost {
         FakeHost(Rc::new(HostState {
             envoy: Arc::clone(envoy),
@@ -376,22 +406,19 @@ impl Host for FakeHost {
         headers: Vec<(&str, &str)>,
         body: &[u8],
     ) -> Result<(), Status> {
-        self.called("send_http_response");
-        self.with_current(|id, s| {
-            assert!(
-                s.resumes == 0 && s.replies.is_empty(),
-                "stream {id} answered after it was resumed or answered: {s:?}"
-            );
-            s.replies.push(Reply {
-                status,
-                headers: headers
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                body: String::from_utf8(body.to_vec()).expect("UTF-8 body"),
-            });
-            Ok(())
-        })
+        self.record_reply(status, None, headers, body)
+    }
+
+    fn send_grpc_local_reply(
+        &self,
+        status: u32,
+        grpc_status: u32,
+        details: &str,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status> {
+        let _ = details;
+        self.record_reply(status, Some(grpc_status), headers, body)
     }
 
     fn get_http_request_header(&self, name: &str) -> Option<String> {

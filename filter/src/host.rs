@@ -55,6 +55,22 @@ pub trait Host: SharedData {
         let _ = details;
         self.send_http_response(status, headers, body)
     }
+    /// [`Host::send_local_reply`] to a gRPC request, with its gRPC status
+    /// code: Envoy then answers trailers-only (HTTP 200, `grpc-status`,
+    /// the body as `grpc-message`, `headers` alongside), instead of
+    /// deriving the code from `status` (503 and 504 both become
+    /// `UNAVAILABLE`). A host that cannot carry it answers without.
+    fn send_grpc_local_reply(
+        &self,
+        status: u32,
+        grpc_status: u32,
+        details: &str,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status> {
+        let _ = grpc_status;
+        self.send_local_reply(status, details, headers, body)
+    }
     fn get_http_request_header(&self, name: &str) -> Option<String>;
     fn get_http_response_header(&self, name: &str) -> Option<String>;
     fn set_http_response_header(&self, name: &str, value: &str);
@@ -175,25 +191,21 @@ impl Host for Envoy {
         headers: Vec<(&str, &str)>,
         body: &[u8],
     ) -> Result<(), Status> {
-        let headers = serialize_headers(&headers);
-        // SAFETY: every pointer is to a live buffer of the length passed;
-        // the host copies them before returning.
-        let status = unsafe {
-            proxy_send_local_response(
-                status,
-                details.as_ptr(),
-                details.len(),
-                body.as_ptr(),
-                body.len(),
-                headers.as_ptr(),
-                headers.len(),
-                -1,
-            )
-        };
-        match status {
-            Status::Ok => Ok(()),
-            other => Err(other),
-        }
+        // -1: no gRPC status; for a gRPC request Envoy derives one from
+        // `status`.
+        local_response(status, -1, details, headers, body)
+    }
+
+    fn send_grpc_local_reply(
+        &self,
+        status: u32,
+        grpc_status: u32,
+        details: &str,
+        headers: Vec<(&str, &str)>,
+        body: &[u8],
+    ) -> Result<(), Status> {
+        let grpc_status = i32::try_from(grpc_status).map_err(|_| Status::BadArgument)?;
+        local_response(status, grpc_status, details, headers, body)
     }
 
     // The SDK's HttpContext methods unwrap these; so do we.
@@ -260,6 +272,37 @@ impl Host for Envoy {
 
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
         hostcalls::record_metric(id, value)
+    }
+}
+
+/// The local-reply hostcall. Envoy takes a `grpc_status` from 0 to 16 as
+/// the code of a gRPC request's reply, anything else as none
+/// (`Context::sendLocalResponse` in Envoy's wasm extension).
+fn local_response(
+    status: u32,
+    grpc_status: i32,
+    details: &str,
+    headers: Vec<(&str, &str)>,
+    body: &[u8],
+) -> Result<(), Status> {
+    let headers = serialize_headers(&headers);
+    // SAFETY: every pointer is to a live buffer of the length passed;
+    // the host copies them before returning.
+    let status = unsafe {
+        proxy_send_local_response(
+            status,
+            details.as_ptr(),
+            details.len(),
+            body.as_ptr(),
+            body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            grpc_status,
+        )
+    };
+    match status {
+        Status::Ok => Ok(()),
+        other => Err(other),
     }
 }
 

@@ -21,6 +21,8 @@ pub struct Route {
     pub abandon_hold: Duration,
     /// Longest time from admission to the end of the body (zero: none).
     pub max_upload_time: Duration,
+    /// HTTP status of its `queue-full` refusals (503 or 429).
+    pub queue_full_status: u16,
     /// Whether an upgrade (websocket) holds a slot for its whole life.
     pub count_upgrades: bool,
     /// `max_queued_bytes` and the key of its shared counter.
@@ -59,6 +61,7 @@ impl Routes {
                 queue_timeout: e.queue_timeout,
                 abandon_hold: e.abandon_hold,
                 max_upload_time: e.max_upload_time,
+                queue_full_status: e.queue_full_status,
                 count_upgrades: e.count_upgrades,
                 methods: e.methods.clone(),
             });

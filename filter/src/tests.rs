@@ -140,7 +140,7 @@ fn queue_timeout_answers_504_once_and_holds_nothing() {
     assert_eq!(reply.header("x-sluice-reason"), Some("queue-timeout"));
     assert_eq!(
         reply.body,
-        "{\"error\":\"timed out waiting for a slot\",\"reason\":\"queue-timeout\",\"endpoint\":\"/predict\",\"queue_timeout_ms\":300}\n"
+        "{\"error\":\"timed out waiting for a slot\",\"detail\":\"timed out waiting for a slot\",\"reason\":\"queue-timeout\",\"endpoint\":\"/predict\",\"queue_timeout_ms\":300}\n"
     );
     assert_eq!(counts(&envoy), (1, 0, 0));
     w.tick();
@@ -167,7 +167,7 @@ fn queue_full_answers_503_with_retry_after_and_holds_nothing() {
     assert_eq!(reply.header("retry-after"), Some("3"));
     assert_eq!(
         reply.body,
-        "{\"error\":\"too many requests waiting\",\"reason\":\"queue-full\",\"endpoint\":\"/predict\",\"max_queue\":1}\n",
+        "{\"error\":\"too many requests waiting\",\"detail\":\"too many requests waiting\",\"reason\":\"queue-full\",\"endpoint\":\"/predict\",\"max_queue\":1}\n",
         "the body documented in docs/filter.md"
     );
     assert_eq!(counts(&envoy), (1, 1, 0));

@@ -84,6 +84,11 @@ pub struct Document {
     /// past it the filter answers 408 and frees the slot (0: no limit).
     #[cfg_attr(feature = "schema", schemars(with = "f64", range(min = 0, max = 86400), extend("default" = 60)))]
     pub max_upload_time: Option<Value>,
+    /// HTTP status of a `queue-full` refusal, 503 (fastapi-balancer's) or
+    /// 429 (each endpoint may override it). gRPC requests get
+    /// `RESOURCE_EXHAUSTED` either way.
+    #[cfg_attr(feature = "schema", schemars(with = "u16", extend("enum" = [503, 429], "default" = 503)))]
+    pub queue_full_status: Option<Value>,
     /// Whether the filter defines its metrics in Envoy's stats.
     #[cfg_attr(feature = "schema", schemars(with = "bool", extend("default" = true)))]
     pub metrics: Option<Value>,
@@ -161,6 +166,9 @@ pub struct EndpointDoc {
         schemars(with = "f64", range(min = 0, max = 86400))
     )]
     pub max_upload_time: Option<Value>,
+    /// Overrides the service's `queue_full_status` (503 or 429).
+    #[cfg_attr(feature = "schema", schemars(with = "u16", extend("enum" = [503, 429])))]
+    pub queue_full_status: Option<Value>,
     /// Whether upgraded requests (websockets) hold a slot for their life.
     #[cfg_attr(feature = "schema", schemars(with = "bool", extend("default" = true)))]
     pub count_upgrades: Option<Value>,

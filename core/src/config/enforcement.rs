@@ -25,6 +25,8 @@ pub const DEFAULT_ABANDON_HOLD_SECS: f64 = 30.0;
 /// Default `max_upload_time`: a body still arriving a minute after its
 /// request took a slot is a slow client, not a busy backend.
 pub const DEFAULT_MAX_UPLOAD_TIME_SECS: f64 = 60.0;
+/// Default HTTP status of a `queue-full` refusal (fastapi-balancer's).
+pub const DEFAULT_QUEUE_FULL_STATUS: u16 = 503;
 /// Service name used when the document has none.
 pub const DEFAULT_SERVICE: &str = "default";
 
@@ -36,6 +38,8 @@ pub struct Config {
     pub max_queue: u32,
     pub abandon_hold: Duration,
     pub max_upload_time: Duration,
+    /// HTTP status of a `queue-full` refusal: 503 or 429.
+    pub queue_full_status: u16,
     /// Whether the filter defines its metrics in Envoy's stats (default
     /// true); false leaves Envoy's stats without them.
     pub metrics: bool,
@@ -67,6 +71,8 @@ pub struct Endpoint {
     /// Longest time from admission to the end of the request body; zero:
     /// no limit. A body still arriving past it gets 408 and frees its slot.
     pub max_upload_time: Duration,
+    /// HTTP status of its `queue-full` refusals: 503 or 429.
+    pub queue_full_status: u16,
     /// Whether upgraded requests (websockets) hold a slot for their life.
     pub count_upgrades: bool,
     /// Cap on the `content-length` bytes of all queued requests together.
@@ -79,6 +85,7 @@ struct Defaults {
     max_queue: u32,
     abandon_hold: Duration,
     max_upload_time: Duration,
+    queue_full_status: u16,
 }
 
 impl Config {
@@ -120,6 +127,11 @@ impl TryFrom<&Document> for Config {
                 check::HOLD,
                 Duration::from_secs_f64(DEFAULT_MAX_UPLOAD_TIME_SECS),
             )?,
+            queue_full_status: queue_full_status(
+                doc.queue_full_status.as_ref(),
+                "queue_full_status",
+                DEFAULT_QUEUE_FULL_STATUS,
+            )?,
         };
         let metrics = check::flag(doc.metrics.as_ref(), "metrics", true)?;
 
@@ -157,6 +169,7 @@ impl TryFrom<&Document> for Config {
             max_queue: defaults.max_queue,
             abandon_hold: defaults.abandon_hold,
             max_upload_time: defaults.max_upload_time,
+            queue_full_status: defaults.queue_full_status,
             metrics,
             endpoints,
             warnings,
@@ -315,6 +328,11 @@ fn endpoint(
         check::HOLD,
         defaults.max_upload_time,
     )?;
+    let queue_full_status = queue_full_status(
+        fields.queue_full_status.as_ref(),
+        &key("queue_full_status"),
+        defaults.queue_full_status,
+    )?;
     let count_upgrades = check::flag(fields.count_upgrades.as_ref(), &key("count_upgrades"), true)?;
     let max_queued_bytes = match &fields.max_queued_bytes {
         None | Some(Value::Null) => None,
@@ -337,6 +355,7 @@ fn endpoint(
         max_queue,
         abandon_hold,
         max_upload_time,
+        queue_full_status,
         count_upgrades,
         max_queued_bytes,
     })
@@ -347,6 +366,23 @@ pub fn capacity(v: &Value) -> Option<u32> {
     v.as_u64()
         .filter(|n| *n >= 1 && *n <= u64::from(u32::MAX))
         .map(|n| n as u32)
+}
+
+/// 503 (the default, as fastapi-balancer answers) or 429 (what most HTTP
+/// clients and libraries treat as "slow down"); nothing else, since a
+/// client must be able to tell a refusal from the backend's own errors.
+fn queue_full_status(v: Option<&Value>, key: &str, default: u16) -> Result<u16, ConfigError> {
+    match v {
+        None | Some(Value::Null) => Ok(default),
+        Some(v) => match v.as_u64() {
+            Some(503) => Ok(503),
+            Some(429) => Ok(429),
+            _ => Err(ConfigError::new(
+                key,
+                format!("must be 503 or 429, got {}", shown(v)),
+            )),
+        },
+    }
 }
 
 fn queue_len(v: Option<&Value>, key: &str, default: u32) -> Result<u32, ConfigError> {
@@ -448,6 +484,20 @@ mod tests {
         assert_eq!(c.endpoints[1].abandon_hold, Duration::ZERO);
         assert_eq!(c.endpoints[0].max_queued_bytes, None);
         assert!(!c.endpoints[1].count_upgrades);
+    }
+
+    #[test]
+    fn queue_full_status_defaults_to_503_and_endpoints_override_it() {
+        let c = Config::from_json(&json!({"endpoints": {"/a": {"capacity": 1}}})).unwrap();
+        assert_eq!(c.queue_full_status, 503);
+        assert_eq!(c.endpoints[0].queue_full_status, 503);
+        let c = Config::from_json(&json!({"queue_full_status": 429, "endpoints": {
+            "/a": {"capacity": 1},
+            "/b": {"capacity": 1, "queue_full_status": 503},
+        }}))
+        .unwrap();
+        assert_eq!(c.endpoints[0].queue_full_status, 429);
+        assert_eq!(c.endpoints[1].queue_full_status, 503);
     }
 
     #[test]
@@ -593,6 +643,14 @@ mod tests {
             (
                 "{\"endpoints\": {\"/p\": {\"max_queued_bytes\": 0}}}",
                 "endpoints./p.max_queued_bytes: must be a positive number of bytes, got 0",
+            ),
+            (
+                "{\"queue_full_status\": 500}",
+                "queue_full_status: must be 503 or 429, got 500",
+            ),
+            (
+                "{\"endpoints\": {\"/p\": {\"queue_full_status\": \"429\"}}}",
+                "endpoints./p.queue_full_status: must be 503 or 429, got \"429\"",
             ),
             (
                 "{\"endpoints\": {\"/p\": {\"methods\": []}}}",
