@@ -60,9 +60,9 @@ if [ "$use" = test ]; then
   need_apt buildah buildah
   # A real Prometheus (and promtool) for the metric, dashboard and alert tests.
   need_apt prometheus prometheus
-  # `kubectl kustomize` renders the Kustomize bases and overlay. Debian's
+  # `kubectl kustomize` renders the Kustomize bases and overlays. Debian's
   # kubernetes-client (kubectl 1.20, kustomize 2.0) is the fallback where no
-  # newer kubectl is installed: the bases and the overlay are written so that
+  # newer kubectl is installed: the bases and the overlays are written so that
   # kustomize 2 and 5 render them the same (bases:, patchesJson6902).
   need_apt kubectl kubernetes-client
 fi

@@ -154,8 +154,8 @@ fn every_configuration_in_the_repo_passes_the_schema() {
         "envoy/front-proxy/envoy.yaml",
         "envoy/compose/sluice.yaml",
         "envoy/front-proxy-sync/sluice.yaml",
-        "deploy/istio/wasmplugin.yaml",
-        "deploy/istio/envoyfilter.yaml",
+        "deploy/istio/app/wasmplugin.yaml",
+        "deploy/istio/app/envoyfilter.yaml",
         "docs/config.md",
     ] {
         assert!(

@@ -11,7 +11,8 @@
 
 use serde_json::Value;
 use sluice_harness::{
-    venv_program, wasm_path, with_built_wasm, workspace_root, Envoy, ScratchDir, PRECISE_TIMER_ENV,
+    files_under, venv_program, wasm_path, with_built_wasm, workspace_root, Envoy, ScratchDir,
+    PRECISE_TIMER_ENV,
 };
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -40,9 +41,13 @@ fn validator(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// The Istio deployment's two Kustomize bases, one per namespace.
+const ISTIO_BASES: [&str; 2] = ["deploy/istio/system", "deploy/istio/app"];
+
 fn istio_manifests() -> Vec<String> {
-    let mut files: Vec<String> = fs::read_dir(workspace_root().join("deploy/istio"))
-        .unwrap()
+    let mut files: Vec<String> = ISTIO_BASES
+        .iter()
+        .flat_map(|dir| fs::read_dir(workspace_root().join(dir)).unwrap())
         .map(|e| e.unwrap().path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
         // Kustomize's own file is no manifest: rendered in its own test.
@@ -130,24 +135,24 @@ fn a_misspelled_field_fails_schema_validation() {
     let dir = scratch.path();
     let cases = [
         (
-            broken_copy(dir, "deploy/istio/wasmplugin.yaml", "  failStrategy:", "  failStrategyy:"),
+            broken_copy(dir, "deploy/istio/app/wasmplugin.yaml", "  failStrategy:", "  failStrategyy:"),
             "$.spec: Additional properties are not allowed ('failStrategyy' was unexpected)",
         ),
         (
-            broken_copy(dir, "deploy/istio/envoyfilter.yaml", "      context: SIDECAR_INBOUND", "      contex: SIDECAR_INBOUND"),
+            broken_copy(dir, "deploy/istio/app/envoyfilter.yaml", "      context: SIDECAR_INBOUND", "      contex: SIDECAR_INBOUND"),
             // match is one of several shapes, so the message names the object.
             "$.spec.configPatches[0].match: {'contex': 'SIDECAR_INBOUND'} is not valid",
         ),
         (
-            broken_copy(dir, "deploy/istio/sidecar.yaml", "  egress:", "  egres:"),
+            broken_copy(dir, "deploy/istio/app/sidecar.yaml", "  egress:", "  egres:"),
             "Additional properties are not allowed ('egres' was unexpected)",
         ),
         (
-            broken_copy(dir, "deploy/istio/sluice-sync.yaml", "  replicas: 2", "  replica: 2"),
+            broken_copy(dir, "deploy/istio/system/sluice-sync.yaml", "  replicas: 2", "  replica: 2"),
             "Deployment sluice-system/sluice-sync: $.spec: Additional properties are not allowed ('replica' was unexpected)",
         ),
         (
-            broken_copy(dir, "deploy/istio/demo-app.yaml", "        readinessProbe:", "        readynessProbe:"),
+            broken_copy(dir, "deploy/istio/app/demo-app.yaml", "        readinessProbe:", "        readynessProbe:"),
             "$.spec.template.spec.containers[0]: Additional properties are not allowed ('readynessProbe' was unexpected)",
         ),
     ];
@@ -156,7 +161,7 @@ fn a_misspelled_field_fails_schema_validation() {
     fs::create_dir_all(&phase_dir).unwrap();
     let phase = broken_copy(
         &phase_dir,
-        "deploy/istio/wasmplugin.yaml",
+        "deploy/istio/app/wasmplugin.yaml",
         "phase: UNSPECIFIED_PHASE",
         "phase: BEFORE_ROUTER",
     );
@@ -215,9 +220,9 @@ fn the_envoy_part_of_the_istio_resources_passes_envoy_validate_with_the_real_was
     assert_eq!(
         names,
         [
-            "deploy/istio/envoyfilter.yaml#0 EnvoyFilter demo/sluice",
-            "deploy/istio/listener-settings.yaml#0 EnvoyFilter demo/sluice-listener-settings",
-            "deploy/istio/wasmplugin.yaml#0 WasmPlugin demo/sluice",
+            "deploy/istio/app/envoyfilter.yaml#0 EnvoyFilter demo/sluice",
+            "deploy/istio/app/listener-settings.yaml#0 EnvoyFilter demo/sluice-listener-settings",
+            "deploy/istio/app/wasmplugin.yaml#0 WasmPlugin demo/sluice",
         ]
     );
     for (name, bootstrap) in &bootstraps {
@@ -230,7 +235,7 @@ fn the_envoy_part_of_the_istio_resources_passes_envoy_validate_with_the_real_was
     let scratch = ScratchDir::new("bad-plugin-config");
     let bad = broken_copy(
         scratch.path(),
-        "deploy/istio/wasmplugin.yaml",
+        "deploy/istio/app/wasmplugin.yaml",
         "        capacity: 4",
         "        capacity: 0",
     );
@@ -241,7 +246,7 @@ fn the_envoy_part_of_the_istio_resources_passes_envoy_validate_with_the_real_was
     // schema leaves open) is caught by Envoy.
     let bad = broken_copy(
         scratch.path(),
-        "deploy/istio/listener-settings.yaml",
+        "deploy/istio/app/listener-settings.yaml",
         "merge_slashes: true",
         "merge_slash: true",
     );
@@ -253,9 +258,9 @@ fn the_envoy_part_of_the_istio_resources_passes_envoy_validate_with_the_real_was
 #[test]
 fn the_istio_resources_agree_on_the_plugin_configuration_and_the_sync_cluster() {
     let root = workspace_root();
-    let plugin = yaml_as_json(&root.join("deploy/istio/wasmplugin.yaml"));
+    let plugin = yaml_as_json(&root.join("deploy/istio/app/wasmplugin.yaml"));
     let plugin_config = &plugin["spec"]["pluginConfig"];
-    let filter = yaml_as_json(&root.join("deploy/istio/envoyfilter.yaml"));
+    let filter = yaml_as_json(&root.join("deploy/istio/app/envoyfilter.yaml"));
     let configuration = filter["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]
         ["config"]["configuration"]["value"]
         .as_str()
@@ -269,7 +274,7 @@ fn the_istio_resources_agree_on_the_plugin_configuration_and_the_sync_cluster() 
 
     // That cluster is what Istio makes of the sluice-sync Service: port
     // 50051, named grpc (so HTTP/2), in sluice-system.
-    let sync = fs::read_to_string(root.join("deploy/istio/sluice-sync.yaml")).unwrap();
+    let sync = fs::read_to_string(root.join("deploy/istio/system/sluice-sync.yaml")).unwrap();
     let service = sync
         .split("\n---\n")
         .find(|doc| doc.contains("kind: Service\n"))
@@ -283,7 +288,7 @@ fn the_istio_resources_agree_on_the_plugin_configuration_and_the_sync_cluster() 
         assert!(service.contains(needle), "{needle:?} not in:\n{service}");
     }
     // And the Sidecar's egress scope lets the proxies see it.
-    let sidecar = fs::read_to_string(root.join("deploy/istio/sidecar.yaml")).unwrap();
+    let sidecar = fs::read_to_string(root.join("deploy/istio/app/sidecar.yaml")).unwrap();
     assert!(sidecar.contains("\"sluice-system/sluice-sync.sluice-system.svc.cluster.local\""));
 }
 
@@ -448,7 +453,7 @@ fn every_shipped_envoy_runs_with_precise_timers() {
             .any(|l| l == format!("ENV {name}={value}")),
         "the envoy image does not set {name}={value}:\n{envoy_stage}"
     );
-    let demo = fs::read_to_string(root.join("deploy/istio/demo-app.yaml")).unwrap();
+    let demo = fs::read_to_string(root.join("deploy/istio/app/demo-app.yaml")).unwrap();
     let deployment = demo
         .split("\n---\n")
         .map(|doc| yaml_serde::from_str::<Value>(doc).unwrap())
@@ -648,93 +653,183 @@ fn kustomize(dir: &Path) -> Result<String, String> {
     }
 }
 
+/// The documents of a rendered YAML stream, parsed.
+fn yaml_stream(yaml: &str) -> Vec<Value> {
+    let mut docs = vec![String::new()];
+    for line in yaml.lines() {
+        if line == "---" {
+            docs.push(String::new());
+        } else {
+            let doc = docs.last_mut().unwrap();
+            doc.push_str(line);
+            doc.push('\n');
+        }
+    }
+    docs.iter()
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| yaml_serde::from_str::<Value>(d).unwrap_or_else(|e| panic!("{e}:\n{d}")))
+        .collect()
+}
+
+/// "Kind namespace/name" of each document (a Namespace as "Namespace NAME").
+fn resource_names(docs: &[Value]) -> Vec<String> {
+    let mut names: Vec<String> = docs
+        .iter()
+        .map(|d| {
+            let kind = d["kind"].as_str().unwrap();
+            let name = d["metadata"]["name"].as_str().unwrap();
+            match d["metadata"]["namespace"].as_str() {
+                Some(ns) => format!("{kind} {ns}/{name}"),
+                None => format!("{kind} {name}"),
+            }
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 fn the_kustomizations_render_to_manifests_that_pass_the_strict_schemas() {
     let root = workspace_root();
     let scratch = ScratchDir::new("kustomize");
-    let mut rendered = Vec::new();
-    for dir in [
-        "deploy/istio",
+    let dirs = [
         "deploy/autoscaling",
-        "deploy/kustomize/example",
-    ] {
+        "deploy/istio/app",
+        "deploy/istio/system",
+        "deploy/kustomize/example/app",
+        "deploy/kustomize/example/system",
+    ];
+    // Every kustomization in the repository is rendered here.
+    let found: Vec<String> = files_under(&root.join("deploy"), &["yaml"])
+        .into_iter()
+        .filter(|p| p.ends_with("kustomization.yaml"))
+        .map(|p| {
+            p.parent()
+                .unwrap()
+                .strip_prefix(&root)
+                .unwrap()
+                .display()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(found, dirs);
+    let mut rendered = std::collections::BTreeMap::new();
+    let mut paths = Vec::new();
+    for dir in dirs {
         let yaml = kustomize(&root.join(dir)).unwrap_or_else(|e| panic!("{dir}: {e}"));
         let path = scratch
             .path()
             .join(format!("{}.yaml", dir.replace('/', "-")));
         fs::write(&path, &yaml).unwrap();
-        rendered.push((dir, path, yaml));
+        paths.push(path.to_string_lossy().into_owned());
+        rendered.insert(dir, (yaml_stream(&yaml), yaml));
     }
-    let args: Vec<String> = ["k8s".to_string()]
+    let args: Vec<&str> = ["k8s"]
         .into_iter()
-        .chain(
-            rendered
-                .iter()
-                .map(|(_, p, _)| p.to_string_lossy().into_owned()),
-        )
+        .chain(paths.iter().map(String::as_str))
         .collect();
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let (ok, stdout, stderr) = validator(&args);
     assert!(ok, "{stderr}\n{stdout}");
-
-    // The base holds what the README applies by hand, nothing more.
-    let kinds = |yaml: &str| -> Vec<String> {
-        let mut k: Vec<String> = yaml
-            .lines()
-            .filter_map(|l| l.strip_prefix("kind: "))
-            .map(str::to_string)
-            .collect();
-        k.sort();
-        k
-    };
-    let (_, _, istio) = &rendered[0];
-    assert_eq!(
-        kinds(istio),
-        [
-            "ConfigMap",
-            "ConfigMap",
-            "Deployment",
-            "Deployment",
-            "Deployment",
-            "EnvoyFilter",
-            "Namespace",
-            "Namespace",
-            "PodDisruptionBudget",
-            "Service",
-            "Service",
-            "Service",
-            "ServiceAccount",
-            "VirtualService",
-            "WasmPlugin"
-        ]
-    );
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        rendered
-            .iter()
-            .map(|(_, _, y)| kinds(y).len())
-            .sum::<usize>(),
+        rendered.values().map(|(docs, _)| docs.len()).sum::<usize>(),
         "{stdout}"
     );
-    // The autoscaling base puts the ScaledObject in the namespace it names.
-    let (_, _, autoscaling) = &rendered[1];
-    assert!(autoscaling.contains("kind: ScaledObject"), "{autoscaling}");
-    assert!(autoscaling.contains("  namespace: demo\n"), "{autoscaling}");
 
-    // The overlay sets every image, the filter's included: no placeholder
-    // registry is left to edit by hand.
-    let (_, _, example) = &rendered[2];
-    assert!(!example.contains("registry.example.com"), "{example}");
-    let images: Vec<&str> = example
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("image: "))
-        .collect();
-    assert!(images.contains(&"ghcr.io/acme/sluice:0.1.0"), "{images:?}");
-    assert!(
-        images.contains(&"ghcr.io/acme/sluice-backend:0.1.0"),
-        "{images:?}"
+    // The two Istio bases hold what the docs apply by hand, nothing more,
+    // each in its own namespace.
+    let names = |dir: &str| resource_names(&rendered[dir].0);
+    assert_eq!(
+        names("deploy/istio/system"),
+        [
+            "ConfigMap sluice-system/sluice-sync",
+            "Deployment sluice-system/redis",
+            "Deployment sluice-system/sluice-sync",
+            "Namespace sluice-system",
+            "PodDisruptionBudget sluice-system/sluice-sync",
+            "Service sluice-system/redis",
+            "Service sluice-system/sluice-sync",
+            "ServiceAccount sluice-system/sluice-sync",
+        ]
     );
-    assert!(example.contains("url: oci://ghcr.io/acme/sluice-filter:0.1.0"));
+    let app = [
+        "ConfigMap demo/sluice-stats-bootstrap",
+        "Deployment demo/demo",
+        "EnvoyFilter demo/sluice-listener-settings",
+        "Namespace demo",
+        "Service demo/demo",
+        "VirtualService demo/demo",
+        "WasmPlugin demo/sluice",
+    ];
+    assert_eq!(names("deploy/istio/app"), app);
+    // The autoscaling base puts the ScaledObject in the namespace it names.
+    assert_eq!(
+        names("deploy/autoscaling"),
+        ["ScaledObject demo/demo-predict"]
+    );
+
+    // The app overlay moves both bases to the namespace it sets, the
+    // Namespace object and the KEDA query included; the system overlay
+    // leaves sync and Redis in sluice-system, where the sidecars' sync
+    // cluster names them.
+    let mut expected: Vec<String> = app
+        .iter()
+        .chain(&["ScaledObject demo/demo-predict"])
+        .map(|n| {
+            n.replace(" demo/", " shop/")
+                .replace("Namespace demo", "Namespace shop")
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(names("deploy/kustomize/example/app"), expected);
+    assert_eq!(
+        names("deploy/kustomize/example/system"),
+        names("deploy/istio/system")
+    );
+    let (app_docs, app_yaml) = &rendered["deploy/kustomize/example/app"];
+    let scaled = app_docs
+        .iter()
+        .find(|d| d["kind"] == "ScaledObject")
+        .unwrap();
+    let query = scaled["spec"]["triggers"][0]["metadata"]["query"]
+        .as_str()
+        .unwrap();
+    assert!(query.contains("namespace=\"shop\""), "{query}");
+    let namespace = app_docs.iter().find(|d| d["kind"] == "Namespace").unwrap();
+    assert_eq!(
+        namespace["metadata"]["labels"]["istio-injection"],
+        "enabled"
+    );
+    // Nothing in the app names its old namespace in a string.
+    assert!(!app_yaml.contains("demo.demo"), "{app_yaml}");
+    assert!(!app_yaml.contains("namespace=\"demo\""), "{app_yaml}");
+    let plugin = app_docs.iter().find(|d| d["kind"] == "WasmPlugin").unwrap();
+    assert_eq!(
+        plugin["spec"]["pluginConfig"]["sync"]["cluster"],
+        SYNC_CLUSTER
+    );
+    assert_eq!(
+        plugin["spec"]["url"],
+        "oci://ghcr.io/acme/sluice-filter:0.1.0"
+    );
+
+    // The overlays set every image, the filter's included: no placeholder
+    // registry is left to edit by hand.
+    let images = |yaml: &str| -> Vec<String> {
+        yaml.lines()
+            .filter_map(|l| l.trim().strip_prefix("image: "))
+            .map(str::to_string)
+            .collect()
+    };
+    let (_, system_yaml) = &rendered["deploy/kustomize/example/system"];
+    for yaml in [app_yaml, system_yaml] {
+        assert!(!yaml.contains("registry.example.com"), "{yaml}");
+    }
+    assert_eq!(
+        images(system_yaml),
+        ["redis:7-bookworm", "ghcr.io/acme/sluice:0.1.0"]
+    );
+    assert_eq!(images(app_yaml), ["ghcr.io/acme/sluice-backend:0.1.0"]);
 
     // A misspelled field in a kustomization is refused by kustomize itself.
     let bad = scratch.path().join("bad");
