@@ -136,7 +136,7 @@ impl FakeEnvoy {
 #[derive(Debug, Clone)]
 pub struct Reply {
     pub status: u32,
-    /// The gRPC status code it was sent with (`send_grpc_local_reply`).
+    /// The gRPC status code it was sent with (`send_local_reply`'s `grpc_status`).
     pub grpc_status: Option<u32>,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -228,8 +228,8 @@ struct HostState {
 }
 
 impl FakeHost {
-    /// A local reply, as `send_http_response` and `send_grpc_local_reply`
-    /// make it (both count as `send_http_response`).
+    /// A local reply, as `send_local_reply` makes it (it counts as
+    /// `send_http_response`, the SDK's name).
     fn record_reply(
         &self,
         status: u32,
@@ -400,25 +400,15 @@ impl Host for FakeHost {
         })
     }
 
-    fn send_http_response(
+    fn send_local_reply(
         &self,
         status: u32,
+        grpc_status: Option<u32>,
+        _details: &str,
         headers: Vec<(&str, &str)>,
         body: &[u8],
     ) -> Result<(), Status> {
-        self.record_reply(status, None, headers, body)
-    }
-
-    fn send_grpc_local_reply(
-        &self,
-        status: u32,
-        grpc_status: u32,
-        details: &str,
-        headers: Vec<(&str, &str)>,
-        body: &[u8],
-    ) -> Result<(), Status> {
-        let _ = details;
-        self.record_reply(status, Some(grpc_status), headers, body)
+        self.record_reply(status, grpc_status, headers, body)
     }
 
     fn get_http_request_header(&self, name: &str) -> Option<String> {

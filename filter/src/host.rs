@@ -35,42 +35,20 @@ pub trait Host: SharedData {
     /// Continues the current (paused) request.
     fn resume_http_request(&self) -> Result<(), Status>;
     /// Answers the current request locally; the upstream never sees it.
-    fn send_http_response(
-        &self,
-        status: u32,
-        headers: Vec<(&str, &str)>,
-        body: &[u8],
-    ) -> Result<(), Status>;
-    /// [`Host::send_http_response`] with the response-code details Envoy
-    /// logs as `%RESPONSE_CODE_DETAILS%` (one word, e.g.
-    /// `sluice_queue_timeout`), so Sluice's 504 is told apart from an
-    /// upstream's. A host that cannot carry them answers without.
+    /// `details` is what Envoy logs as `%RESPONSE_CODE_DETAILS%` (one word,
+    /// e.g. `sluice_queue_timeout`), so Sluice's 504 is told apart from an
+    /// upstream's. With `grpc_status`, for a gRPC request, Envoy answers
+    /// trailers-only (HTTP 200, `grpc-status`, the body as `grpc-message`,
+    /// `headers` alongside) instead of deriving the code from `status`
+    /// (503 and 504 would both become `UNAVAILABLE`).
     fn send_local_reply(
         &self,
         status: u32,
+        grpc_status: Option<u32>,
         details: &str,
         headers: Vec<(&str, &str)>,
         body: &[u8],
-    ) -> Result<(), Status> {
-        let _ = details;
-        self.send_http_response(status, headers, body)
-    }
-    /// [`Host::send_local_reply`] to a gRPC request, with its gRPC status
-    /// code: Envoy then answers trailers-only (HTTP 200, `grpc-status`,
-    /// the body as `grpc-message`, `headers` alongside), instead of
-    /// deriving the code from `status` (503 and 504 both become
-    /// `UNAVAILABLE`). A host that cannot carry it answers without.
-    fn send_grpc_local_reply(
-        &self,
-        status: u32,
-        grpc_status: u32,
-        details: &str,
-        headers: Vec<(&str, &str)>,
-        body: &[u8],
-    ) -> Result<(), Status> {
-        let _ = grpc_status;
-        self.send_local_reply(status, details, headers, body)
-    }
+    ) -> Result<(), Status>;
     fn get_http_request_header(&self, name: &str) -> Option<String>;
     fn get_http_response_header(&self, name: &str) -> Option<String>;
     fn set_http_response_header(&self, name: &str, value: &str);
@@ -173,38 +151,22 @@ impl Host for Envoy {
         hostcalls::resume_http_request()
     }
 
-    fn send_http_response(
-        &self,
-        status: u32,
-        headers: Vec<(&str, &str)>,
-        body: &[u8],
-    ) -> Result<(), Status> {
-        hostcalls::send_http_response(status, headers, Some(body))
-    }
-
-    // The SDK's send_http_response passes no details (and panics on an
-    // error status): the hostcall itself, with them.
+    // The SDK's send_http_response passes no details nor gRPC status (and
+    // panics on an error status): the hostcall itself, with them.
     fn send_local_reply(
         &self,
         status: u32,
+        grpc_status: Option<u32>,
         details: &str,
         headers: Vec<(&str, &str)>,
         body: &[u8],
     ) -> Result<(), Status> {
         // -1: no gRPC status; for a gRPC request Envoy derives one from
         // `status`.
-        local_response(status, -1, details, headers, body)
-    }
-
-    fn send_grpc_local_reply(
-        &self,
-        status: u32,
-        grpc_status: u32,
-        details: &str,
-        headers: Vec<(&str, &str)>,
-        body: &[u8],
-    ) -> Result<(), Status> {
-        let grpc_status = i32::try_from(grpc_status).map_err(|_| Status::BadArgument)?;
+        let grpc_status = match grpc_status {
+            None => -1,
+            Some(code) => i32::try_from(code).map_err(|_| Status::BadArgument)?,
+        };
         local_response(status, grpc_status, details, headers, body)
     }
 

@@ -94,9 +94,9 @@ impl LocalReply<'_> {
             if let Some(ms) = &pushback_ms {
                 headers.push(("grpc-retry-pushback-ms", ms));
             }
-            host.send_grpc_local_reply(
+            host.send_local_reply(
                 self.status(),
-                self.grpc_status(),
+                Some(self.grpc_status()),
                 self.details(),
                 headers,
                 self.grpc_message().as_bytes(),
@@ -111,7 +111,13 @@ impl LocalReply<'_> {
                 headers.push(("retry-after", secs));
             }
             let body = self.body();
-            host.send_local_reply(self.status(), self.details(), headers, body.as_bytes())
+            host.send_local_reply(
+                self.status(),
+                None,
+                self.details(),
+                headers,
+                body.as_bytes(),
+            )
         };
         if let Err(e) = sent {
             log::warn!("cannot send the {} reply: {e:?}", self.status());

@@ -102,7 +102,7 @@ impl Dashboard {
 }
 
 fn send<H: Host>(host: &H, status: u32, details: &str, headers: Vec<(&str, &str)>, body: &str) {
-    if let Err(e) = host.send_local_reply(status, details, headers, body.as_bytes()) {
+    if let Err(e) = host.send_local_reply(status, None, details, headers, body.as_bytes()) {
         log::warn!("cannot send the {status} reply: {e:?}");
     }
 }

@@ -58,7 +58,7 @@ pub fn send<H: Host>(host: &H, routes: &Routes, worker: Option<WorkerId>, cache:
         ("x-sluice-reason", "stats"),
         ("cache-control", "no-store"),
     ];
-    if let Err(e) = host.send_local_reply(200, details::STATS, headers, body.as_bytes()) {
+    if let Err(e) = host.send_local_reply(200, None, details::STATS, headers, body.as_bytes()) {
         log::warn!("cannot send the 200 reply: {e:?}");
     }
 }

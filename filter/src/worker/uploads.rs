@@ -109,6 +109,7 @@ impl<H: Host> Worker<H> {
             ];
             if let Err(e) = self.host.send_local_reply(
                 408,
+                None,
                 crate::replies::details::UPLOAD_TIMEOUT,
                 headers,
                 body.as_bytes(),
