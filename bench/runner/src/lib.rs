@@ -19,6 +19,7 @@ pub mod isolation;
 pub mod machine;
 pub mod readme;
 mod wrk;
+pub use wrk::cpu_time;
 
 use clap::{Parser, Subcommand};
 

@@ -12,6 +12,7 @@
 //! one before the stats cache (`git stash; make wasm; cp …`).
 
 use serde_json::json;
+use sluice_bench::cpu_time;
 use sluice_harness::{wasm_path, Backend, Envoy, FrontProxy};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -46,23 +47,6 @@ fn args() -> Args {
         }
     }
     a
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
-    // Fields after the parenthesised command name; utime and stime are 14 and 15.
-    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
-
-fn ticks_per_second() -> f64 {
-    let out = std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output();
-    out.ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 /// One GET of the stats on a keep-alive connection; the body's length.
@@ -114,23 +98,22 @@ fn measure(wasm: PathBuf, a: &Args) -> Figures {
     let config = json!({"service": "bench", "endpoints": endpoints});
     let proxy = FrontProxy::with_wasm(backend.port(), Some(wasm), config.to_string());
     let envoy = Envoy::start(&proxy, 2);
-    let hz = ticks_per_second();
     let mut stream = connect(envoy.listener_addr());
     let mut body_bytes = 0;
     for _ in 0..20 {
         body_bytes = get_stats(&mut stream);
     }
-    let before = cpu_ticks(envoy.pid());
+    let cpu = || cpu_time(envoy.pid()).expect("Envoy's CPU time");
+    let before = cpu();
     for _ in 0..a.requests {
         get_stats(&mut stream);
     }
-    let cpu_ms_per_request =
-        (cpu_ticks(envoy.pid()) - before) as f64 * 1000.0 / hz / a.requests as f64;
+    let cpu_ms_per_request = (cpu() - before).as_secs_f64() * 1000.0 / a.requests as f64;
 
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
     let addr = envoy.listener_addr();
-    let before = cpu_ticks(envoy.pid());
+    let before = cpu();
     let started = Instant::now();
     let clients: Vec<_> = (0..8)
         .map(|_| {
@@ -150,7 +133,7 @@ fn measure(wasm: PathBuf, a: &Args) -> Figures {
         c.join().unwrap();
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let cpu_s = (cpu_ticks(envoy.pid()) - before) as f64 / hz;
+    let cpu_s = (cpu() - before).as_secs_f64();
     Figures {
         body_bytes,
         cpu_ms_per_request,
