@@ -181,24 +181,16 @@ impl TlsRedis {
     /// `redis-cli` over TLS with the client certificate: its output, trimmed.
     pub fn cli(&self, args: &[&str]) -> Result<String, String> {
         let f = &self.files;
-        let out = Command::new("redis-cli")
-            .args(["--tls", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+        let mut cli = Command::new("redis-cli");
+        cli.args(["--tls", "-h", "127.0.0.1", "-p", &self.port.to_string()])
             .arg("--cacert")
             .arg(&f.ca)
             .arg("--cert")
             .arg(&f.client_cert)
             .arg("--key")
             .arg(&f.client_key)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.status.success() && !text.starts_with("ERR") && !text.contains("Could not") {
-            Ok(text)
-        } else {
-            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
-        }
+            .args(args);
+        run_cli(cli)
     }
 
     pub fn log(&self) -> String {
@@ -303,18 +295,10 @@ impl RedisCluster {
 
     /// `redis-cli -c` (following redirections) against node `port`.
     pub fn cli(&self, port: u16, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("redis-cli")
-            .args(["-c", "-h", "127.0.0.1", "-p", &port.to_string()])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.status.success() && !text.starts_with("ERR") && !text.contains("Could not") {
-            Ok(text)
-        } else {
-            Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
-        }
+        let mut cli = Command::new("redis-cli");
+        cli.args(["-c", "-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(args);
+        run_cli(cli)
     }
 
     /// `CLUSTER KEYSLOT key`.
@@ -327,5 +311,20 @@ impl RedisCluster {
 
     pub fn pids(&self) -> Vec<u32> {
         self.nodes.iter().map(|n| n.pid()).collect()
+    }
+}
+
+/// Runs a `redis-cli` command: its output, trimmed, or what went wrong
+/// (redis-cli exits 0 on an `ERR` reply, so the text is checked too).
+fn run_cli(mut cli: Command) -> Result<String, String> {
+    let out = cli
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if out.status.success() && !text.starts_with("ERR") && !text.contains("Could not") {
+        Ok(text)
+    } else {
+        Err(format!("{text}{}", String::from_utf8_lossy(&out.stderr)))
     }
 }
