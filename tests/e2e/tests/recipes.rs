@@ -60,41 +60,8 @@ fn health_flags(envoy: &Envoy) -> String {
 /// Envoy holds a local reply's connection open for its delayed-close
 /// timeout, 1 s, before closing: too slow to watch a queue.)
 fn sluice_stats(envoy: &Envoy) -> serde_json::Value {
-    use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(envoy.listener_addr()).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"GET /balancer/stats HTTP/1.1\r\nhost: sluice\r\n\r\n")
-        .unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = stream.read(&mut buf).expect("stats response");
-        assert!(
-            n > 0,
-            "connection closed: {}",
-            String::from_utf8_lossy(&raw)
-        );
-        raw.extend_from_slice(&buf[..n]);
-        let text = String::from_utf8_lossy(&raw);
-        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-            continue;
-        };
-        let length = head
-            .lines()
-            .find_map(|l| {
-                l.to_ascii_lowercase()
-                    .strip_prefix("content-length:")
-                    .map(|v| v.trim().to_string())
-            })
-            .and_then(|v| v.parse::<usize>().ok())
-            .expect("stats has a content-length");
-        if body.len() >= length {
-            return serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"));
-        }
-    }
+    sluice_harness::http::keep_alive_get(&mut stream, "/balancer/stats").json()
 }
 
 fn completed(backend: &Backend) -> u64 {

@@ -173,33 +173,7 @@ fn stats_of_a_thousand_endpoints_stay_correct() {
 
 /// GET `path` on an open keep-alive connection; the JSON body.
 fn keep_alive_get(stream: &mut std::net::TcpStream, path: &str) -> serde_json::Value {
-    use std::io::{Read, Write};
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nhost: sluice\r\n\r\n").unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        let n = stream.read(&mut buf).expect("stats response");
-        assert!(
-            n > 0,
-            "connection closed: {}",
-            String::from_utf8_lossy(&raw)
-        );
-        raw.extend_from_slice(&buf[..n]);
-        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("content-length");
-        if raw.len() >= end + 4 + length {
-            assert!(head.starts_with("http/1.1 200"), "{head}");
-            return serde_json::from_slice(&raw[end + 4..end + 4 + length]).expect("JSON");
-        }
-    }
+    let reply = sluice_harness::http::keep_alive_get(stream, path);
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.json()
 }

@@ -110,6 +110,40 @@ pub fn post(addr: SocketAddr, path: &str, body: impl Into<Vec<u8>>) -> io::Resul
     Request::new("POST", addr, path).body(body).send()
 }
 
+/// `GET path` on a keep-alive connection the caller keeps, read up to its
+/// `content-length` (no `connection: close`: Envoy holds a local reply's
+/// connection for its 1 s delayed-close timeout before closing, too slow to
+/// watch a queue). Panics on a closed connection or a 5 s silence.
+pub fn keep_alive_get(stream: &mut TcpStream, path: &str) -> HttpResponse {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: sluice\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        let n = stream.read(&mut buf).expect("a response");
+        assert!(
+            n > 0,
+            "connection closed: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        raw.extend_from_slice(&buf[..n]);
+        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("content-length");
+        if raw.len() >= end + 4 + length {
+            return parse_response(&raw[..end + 4 + length]).expect("an HTTP response");
+        }
+    }
+}
+
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, what.to_string())
 }

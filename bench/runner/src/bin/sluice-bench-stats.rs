@@ -14,7 +14,6 @@
 use serde_json::json;
 use sluice_bench::cpu_time;
 use sluice_harness::{wasm_path, Backend, Envoy, FrontProxy};
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -51,29 +50,9 @@ fn args() -> Args {
 
 /// One GET of the stats on a keep-alive connection; the body's length.
 fn get_stats(stream: &mut TcpStream) -> usize {
-    stream
-        .write_all(b"GET /balancer/stats HTTP/1.1\r\nhost: sluice\r\n\r\n")
-        .unwrap();
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 65536];
-    loop {
-        let n = stream.read(&mut buf).expect("stats response");
-        assert!(n > 0, "connection closed");
-        raw.extend_from_slice(&buf[..n]);
-        let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
-        assert!(head.starts_with("http/1.1 200"), "{head}");
-        let length: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .expect("content-length");
-        if raw.len() >= end + 4 + length {
-            return length;
-        }
-    }
+    let reply = sluice_harness::http::keep_alive_get(stream, "/balancer/stats");
+    assert_eq!(reply.status, 200, "{reply:?}");
+    reply.body.len()
 }
 
 fn connect(addr: SocketAddr) -> TcpStream {
