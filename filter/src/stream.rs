@@ -235,8 +235,6 @@ impl<H: Host> Stream<H> {
 
     /// The request body: once it has all arrived, its upload is no longer
     /// timed (`max_upload_time`).
-    /// The request body: once it has all arrived, its upload is no longer
-    /// timed (`max_upload_time`).
     pub fn on_request_body(&mut self, end_of_stream: bool) -> Action {
         if end_of_stream && !matches!(self.state, State::Untracked) {
             self.worker.upload_done(self.context_id);
@@ -329,6 +327,7 @@ fn request_time_ns<H: Host>(host: &H) -> Option<u64> {
 fn grpc_deadline_ns<H: Host>(host: &H, since_ns: u64) -> Option<u64> {
     let grpc = host
         .get_http_request_header("content-type")
+        // gRPC-Web too: its clients send `grpc-timeout` as well.
         .is_some_and(|t| t.starts_with("application/grpc"));
     if !grpc {
         return None;
