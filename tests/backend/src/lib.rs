@@ -2,7 +2,8 @@
 //! Sluice's tests, demo and benchmarks.
 //!
 //! Each `--route` gives a path a number of slots (`capacity`), a service time
-//! and what happens beyond capacity (`queue` FIFO inside the backend, or
+//! (fixed, or exponential around it with `service_dist=exponential`, seeded
+//! by `seed` so a run repeats) and what happens beyond capacity (`queue` FIFO inside the backend, or
 //! `reject` with 503, or `error200`: 200 with an error body). `--workers K` adds one pool of K workers that every
 //! routed request holds while it is served, like the worker processes of a
 //! uvicorn app: a flood on one path then delays all the others.
@@ -22,6 +23,7 @@ pub mod handover;
 pub mod path_stats;
 pub mod precise_sleep;
 pub mod route;
+pub mod service_time;
 
 use anyhow::{bail, Context as _};
 use bytes::Bytes;

@@ -9,8 +9,11 @@ struct Args {
     /// Address to listen on; prints `listening on ADDR` when ready.
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: SocketAddr,
-    /// PATH[:capacity=K,service_ms=F,overload=queue|reject|error200,on_disconnect=cancel|finish],
-    /// repeatable.
+    /// PATH[:capacity=K,service_ms=F,service_dist=fixed|exponential,seed=N,
+    /// overload=queue|reject|error200,on_disconnect=cancel|finish,
+    /// slow_every=N,slow_ms=F,tokens=N], repeatable. `service_dist=exponential`
+    /// draws each request's service time around the mean service_ms, from
+    /// `seed` (default 1): the same seed, the same times.
     /// Paths without a route are answered at once with 200.
     #[arg(long = "route", value_name = "SPEC", value_parser = clap::value_parser!(RouteSpec))]
     routes: Vec<RouteSpec>,

@@ -2,7 +2,8 @@
 //! reports.
 
 use crate::handover::{GapSummary, HandoverGaps, OverCapacity};
-use crate::route::{OnDisconnect, Overload, RouteSpec};
+use crate::route::{OnDisconnect, Overload, RouteSpec, ServiceDist};
+use crate::service_time::ServiceTimes;
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
@@ -69,7 +70,7 @@ pub struct PathState {
     pub slots: Option<Slots>,
     /// Given with `--route`: its requests take a worker of `--workers`.
     pub routed: bool,
-    pub service_time: Duration,
+    pub service_times: ServiceTimes,
     pub on_disconnect: OnDisconnect,
     /// See [`RouteSpec::slow`]: (every, service time).
     pub slow: Option<(u64, Duration)>,
@@ -125,7 +126,11 @@ impl PathState {
                 overload,
             }),
             routed: false,
-            service_time: Duration::from_secs_f64(service_ms / 1000.0),
+            service_times: ServiceTimes::new(
+                Duration::from_secs_f64(service_ms / 1000.0),
+                ServiceDist::Fixed,
+                1,
+            ),
             default_body: ok_body(path, service_ms),
             service_ms,
             path: path.to_string(),
@@ -179,13 +184,14 @@ impl PathState {
         }
     }
 
-    /// The service time of the request starting now: the route's, or its
-    /// slow one for every `slow_every`-th request.
+    /// The service time of the request starting now: the route's (drawn
+    /// from its `service_dist`), or its slow one for every `slow_every`-th
+    /// request.
     pub fn next_service_time(&self) -> Duration {
         let n = self.started.fetch_add(1, Ordering::SeqCst) + 1;
         match self.slow {
             Some((every, slow)) if n.is_multiple_of(every) => slow,
-            _ => self.service_time,
+            _ => self.service_times.next(),
         }
     }
 
@@ -224,6 +230,7 @@ impl PathState {
 
     fn reset(&self) {
         self.started.store(0, Ordering::SeqCst);
+        self.service_times.reset();
         self.in_flight.reset_max();
         self.serving.reset_max();
         self.completed.store(0, Ordering::SeqCst);
@@ -341,6 +348,11 @@ impl Paths {
                 let mut state =
                     PathState::new(&r.path, r.capacity, r.service_ms, r.overload, epoch);
                 state.routed = true;
+                state.service_times = ServiceTimes::new(
+                    Duration::from_secs_f64(r.service_ms / 1000.0),
+                    r.service_dist,
+                    r.seed,
+                );
                 state.on_disconnect = r.on_disconnect;
                 state.slow = r
                     .slow

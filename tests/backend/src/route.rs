@@ -41,6 +41,21 @@ pub struct RouteSpec {
     /// `service_ms / tokens`, headers first, like an LLM generating; with
     /// `on_disconnect=finish` generation goes on after the client leaves.
     pub tokens: Option<u32>,
+    /// How each request's service time is drawn around `service_ms`.
+    pub service_dist: ServiceDist,
+    /// Seeds `service_dist`'s draws, so a run can be repeated: the same
+    /// seed gives the same sequence of service times (in arrival order).
+    pub seed: u64,
+}
+
+/// How a route's service times vary around its `service_ms`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServiceDist {
+    /// Every request takes `service_ms`.
+    Fixed,
+    /// Exponential with mean `service_ms`, as the durations of inference
+    /// calls vary: most short, a few several times the mean.
+    Exponential,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,7 +64,7 @@ pub enum RouteSpecError {
     BadPath(String),
     #[error("{0:?} is not key=value")]
     NotKeyValue(String),
-    #[error("unknown key {0:?} (expected capacity, service_ms, overload, on_disconnect, slow_every, slow_ms or tokens)")]
+    #[error("unknown key {0:?} (expected capacity, service_ms, service_dist, seed, overload, on_disconnect, slow_every, slow_ms or tokens)")]
     UnknownKey(String),
     #[error("key {0:?} is given twice")]
     DuplicateKey(String),
@@ -65,6 +80,10 @@ pub enum RouteSpecError {
     BadCount(&'static str, String),
     #[error("slow_every and slow_ms go together")]
     SlowHalf,
+    #[error("service_dist must be fixed or exponential, got {0:?}")]
+    BadServiceDist(String),
+    #[error("seed must be a whole number, got {0:?}")]
+    BadSeed(String),
 }
 
 impl FromStr for RouteSpec {
@@ -86,6 +105,8 @@ impl FromStr for RouteSpec {
             on_disconnect: OnDisconnect::Cancel,
             slow: None,
             tokens: None,
+            service_dist: ServiceDist::Fixed,
+            seed: 1,
         };
         let (mut slow_every, mut slow_ms) = (None, None);
         let count = |key: &'static str, value: &str| {
@@ -141,6 +162,18 @@ impl FromStr for RouteSpec {
                     );
                 }
                 "tokens" => route.tokens = Some(count("tokens", value)?),
+                "service_dist" => {
+                    route.service_dist = match value {
+                        "fixed" => ServiceDist::Fixed,
+                        "exponential" => ServiceDist::Exponential,
+                        _ => return Err(RouteSpecError::BadServiceDist(value.to_string())),
+                    };
+                }
+                "seed" => {
+                    route.seed = value
+                        .parse()
+                        .map_err(|_| RouteSpecError::BadSeed(value.to_string()))?;
+                }
                 _ => return Err(RouteSpecError::UnknownKey(key.to_string())),
             }
         }
@@ -217,6 +250,18 @@ mod tests {
     }
 
     #[test]
+    fn parses_service_time_distributions() {
+        let r: RouteSpec = "/p:service_ms=60,service_dist=exponential,seed=7"
+            .parse()
+            .unwrap();
+        assert_eq!((r.service_dist, r.seed), (ServiceDist::Exponential, 7));
+        let r: RouteSpec = "/p:service_ms=60".parse().unwrap();
+        assert_eq!((r.service_dist, r.seed), (ServiceDist::Fixed, 1));
+        let r: RouteSpec = "/p:service_dist=fixed".parse().unwrap();
+        assert_eq!(r.service_dist, ServiceDist::Fixed);
+    }
+
+    #[test]
     fn names_the_bad_part() {
         let cases = [
             ("predict", "the path must start with '/', got \"predict\""),
@@ -224,7 +269,7 @@ mod tests {
             ("/p:capacity=4,", "\"\" is not key=value"),
             (
                 "/p:slots=4",
-                "unknown key \"slots\" (expected capacity, service_ms, overload, on_disconnect, slow_every, slow_ms or tokens)",
+                "unknown key \"slots\" (expected capacity, service_ms, service_dist, seed, overload, on_disconnect, slow_every, slow_ms or tokens)",
             ),
             (
                 "/p:capacity=0",
@@ -256,6 +301,11 @@ mod tests {
             ),
             ("/p:tokens=0", "tokens must be a whole number >= 1, got \"0\""),
             ("/p:slow_every=10", "slow_every and slow_ms go together"),
+            (
+                "/p:service_dist=normal",
+                "service_dist must be fixed or exponential, got \"normal\"",
+            ),
+            ("/p:seed=-1", "seed must be a whole number, got \"-1\""),
         ];
         for (spec, message) in cases {
             let err = spec.parse::<RouteSpec>().unwrap_err();
