@@ -282,7 +282,7 @@ impl App {
             .headers()
             .get("x-request-id")
             .and_then(|v| v.to_str().ok());
-        let inside = state.enter(request_id);
+        let mut inside = state.enter(request_id);
 
         if req.into_body().collect().await.is_err() {
             return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
@@ -325,7 +325,7 @@ impl App {
             }
             _ => None,
         };
-        let _serving = state.serving.enter();
+        let _serving = inside.start_serving();
         let (service_time, body) = match service_ms {
             None => (state.next_service_time(), state.default_body.clone()),
             Some(ms) => (Duration::from_secs_f64(ms / 1000.0), state.body_for(ms)),
@@ -352,7 +352,7 @@ async fn stream_tokens(
     let (started_tx, started_rx) = oneshot::channel();
     let finish = state.on_disconnect == OnDisconnect::Finish;
     tokio::spawn(async move {
-        let inside = state.enter(None);
+        let mut inside = state.enter(None);
         if req.into_body().collect().await.is_err() {
             return;
         }
@@ -366,7 +366,7 @@ async fn stream_tokens(
                     .expect("the semaphore is never closed"),
             ),
         };
-        let _serving = state.serving.enter();
+        let _serving = inside.start_serving();
         let _ = started_tx.send(());
         // Each token at its time from the start, so that the sleeps'
         // overshoots do not add up: a generation takes its service time.

@@ -24,8 +24,8 @@ struct Args {
     /// request holds one while it is served (after its path's slot).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
     workers: Option<u16>,
-    /// Keep each routed request's x-request-id and wall-clock arrival and
-    /// departure, served at GET /__backend/trace.
+    /// Keep each routed request's x-request-id and wall-clock arrival,
+    /// departure and start of service, served at GET /__backend/trace.
     #[arg(long)]
     trace: bool,
     /// Echoed in an `x-backend-name` header on every response, to tell

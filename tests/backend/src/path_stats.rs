@@ -106,6 +106,10 @@ pub struct TraceEntry {
     pub id: String,
     pub arrived_us: u64,
     pub departed_us: u64,
+    /// When it took its slot of the path's `capacity` (its worker too, with
+    /// `--workers`) and its service time began; 0 if it left before. Its
+    /// slot was busy from then to `departed_us`: the backend's utilisation.
+    pub served_us: u64,
 }
 
 impl PathState {
@@ -167,6 +171,7 @@ impl PathState {
             state: self,
             arrived,
             traced,
+            served_us: 0,
             _in_flight: in_flight,
         }
     }
@@ -245,12 +250,13 @@ impl PathState {
         }
     }
 
-    /// `[[id, arrived_us, departed_us], ...]` in order of departure.
+    /// `[[id, arrived_us, departed_us, served_us], ...]` in order of
+    /// departure.
     fn trace_json(&self) -> Option<Value> {
         let trace = self.trace.as_ref()?.lock().unwrap();
         let rows: Vec<Value> = trace
             .iter()
-            .map(|e| json!([e.id, e.arrived_us, e.departed_us]))
+            .map(|e| json!([e.id, e.arrived_us, e.departed_us, e.served_us]))
             .collect();
         Some(Value::Array(rows))
     }
@@ -262,7 +268,20 @@ pub struct Inside<'a> {
     pub arrived: Instant,
     /// Request id and wall-clock arrival, on a traced path.
     traced: Option<(String, u64)>,
+    /// See [`TraceEntry::served_us`].
+    served_us: u64,
     _in_flight: GaugeGuard<'a>,
+}
+
+impl<'a> Inside<'a> {
+    /// The request holds its slot (and worker) and its service begins:
+    /// counted as serving until the returned guard drops.
+    pub fn start_serving(&mut self) -> GaugeGuard<'a> {
+        if self.traced.is_some() {
+            self.served_us = wall_us();
+        }
+        self.state.serving.enter()
+    }
 }
 
 impl Drop for Inside<'_> {
@@ -278,6 +297,7 @@ impl Drop for Inside<'_> {
                     id,
                     arrived_us,
                     departed_us: wall_us(),
+                    served_us: self.served_us,
                 });
             }
         }

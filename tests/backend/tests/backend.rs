@@ -439,3 +439,52 @@ async fn trace_keeps_each_request_id_with_its_wall_clock_times() {
     let (_, body) = request(addr, "GET", "/__backend/trace", &[]).await;
     assert_eq!(body, r#"{"paths":{"/p":[]}}"#);
 }
+
+/// The fourth field of a trace row is when the request took its slot: a
+/// request that waited for one was served later than it arrived, and held
+/// the slot from then to its departure.
+#[tokio::test]
+async fn trace_tells_when_each_request_took_its_slot() {
+    let addr = start(&["/p:capacity=1,service_ms=40"]).await;
+    let first =
+        tokio::spawn(async move { request(addr, "GET", "/p", &[("x-request-id", "a")]).await });
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    request(addr, "GET", "/p", &[("x-request-id", "b")]).await;
+    first.await.unwrap();
+    let (_, body) = request(addr, "GET", "/__backend/trace", &[]).await;
+    let trace: Value = serde_json::from_str(&body).unwrap();
+    let rows = trace["paths"]["/p"].as_array().unwrap();
+    let row = |id: &str| {
+        let r = rows.iter().find(|r| r[0] == id).unwrap();
+        let at = |i: usize| r[i].as_u64().unwrap();
+        (at(1), at(2), at(3))
+    };
+    let (a_arrived, a_departed, a_served) = row("a");
+    let (b_arrived, b_departed, b_served) = row("b");
+    assert!(
+        a_served >= a_arrived && a_served - a_arrived < 5_000,
+        "{trace}"
+    );
+    assert!(b_served >= a_departed, "b waited for a's slot: {trace}");
+    assert!(b_served - b_arrived >= 20_000, "{trace}");
+    assert!(b_departed - b_served >= 40_000, "{trace}");
+}
+
+/// `service_dist=exponential`: service times vary around the mean (that a
+/// seed repeats them is checked on the draws, in service_time.rs).
+#[tokio::test]
+async fn exponential_service_times_vary() {
+    let addr = start(&["/p:service_ms=5,service_dist=exponential,seed=3"]).await;
+    let mut first = Vec::new();
+    for _ in 0..40 {
+        let started = Instant::now();
+        request(addr, "GET", "/p", &[]).await;
+        first.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    let (short, long) = (
+        first.iter().filter(|&&m| m < 3.0).count(),
+        first.iter().filter(|&&m| m > 8.0).count(),
+    );
+    // P(< 3 ms) = 1 - e^-0.6 = 0.45 and P(> 8 ms) = e^-1.6 = 0.2 of 40.
+    assert!(short >= 5 && long >= 2, "{first:?}");
+}
