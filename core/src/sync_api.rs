@@ -66,6 +66,28 @@ pub struct Snapshot {
     /// When the sync service sent it, Unix time in milliseconds.
     #[prost(int64, tag = "6")]
     pub sent_at_unix_ms: i64,
+    /// The service's instances, sorted by address, each with its
+    /// per-instance capacities. Empty in a heartbeat.
+    #[prost(message, repeated, tag = "7")]
+    pub instances: Vec<Instance>,
+    /// The sync service discovered the instance set (DNS): the filter
+    /// replaces its static set with [`Snapshot::instances`]. False: the
+    /// filter keeps the set it has from `sluice.yaml` and only takes the
+    /// per-instance capacities.
+    #[prost(bool, tag = "8")]
+    pub discovered: bool,
+}
+
+/// One instance of the service and its own capacities.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Instance {
+    /// `ip:port` or `[ipv6]:port`, as Envoy's `upstream.address` prints it.
+    #[prost(string, tag = "1")]
+    pub address: String,
+    /// Per-instance figures from Redis, sorted by path; an endpoint missing
+    /// here (or an empty list) takes the endpoint's capacity.
+    #[prost(message, repeated, tag = "2")]
+    pub capacities: Vec<EndpointCapacity>,
 }
 
 /// One endpoint's capacity.
@@ -112,6 +134,16 @@ mod tests {
             heartbeat: false,
             stale: true,
             sent_at_unix_ms: 1_763_842_052_123,
+            instances: vec![Instance {
+                address: "[::1]:8003".into(),
+                capacities: vec![EndpointCapacity {
+                    path: "/predict".into(),
+                    capacity: 2,
+                    source: SOURCE_PROBE.into(),
+                    measured_at: 1_763_842_053,
+                }],
+            }],
+            discovered: true,
         };
         let bytes = snapshot.encode_to_vec();
         assert_eq!(Snapshot::decode(bytes.as_slice()).unwrap(), snapshot);

@@ -37,6 +37,7 @@ impl ServiceView {
             heartbeat: false,
             stale: self.stale,
             sent_at_unix_ms,
+            ..Default::default()
         }
     }
 }
@@ -56,6 +57,7 @@ pub fn heartbeat(
         heartbeat: true,
         stale: view.map_or(!redis_up, |v| v.stale),
         sent_at_unix_ms,
+        ..Default::default()
     }
 }
 
@@ -235,6 +237,7 @@ mod tests {
                 heartbeat: false,
                 stale: false,
                 sent_at_unix_ms: 1234,
+                ..Default::default()
             }
         );
     }

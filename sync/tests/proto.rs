@@ -7,7 +7,7 @@
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
 use sluice_core::sync_api::{
-    EndpointCapacity, FetchRequest, Snapshot, WatchRequest, FETCH_METHOD, SERVICE_NAME,
+    EndpointCapacity, FetchRequest, Instance, Snapshot, WatchRequest, FETCH_METHOD, SERVICE_NAME,
     WATCH_METHOD,
 };
 use sluice_sync::api::capacity_sync_server::CapacitySyncServer;
@@ -106,9 +106,42 @@ fn messages_match_the_proto() {
     let endpoint_desc = message(&pool, "EndpointCapacity");
     agrees(endpoint_desc.clone(), &endpoint, &endpoint_fields);
 
-    let mut endpoint_dynamic = DynamicMessage::new(endpoint_desc);
-    for (name, value) in endpoint_fields {
+    let mut endpoint_dynamic = DynamicMessage::new(endpoint_desc.clone());
+    for (name, value) in endpoint_fields.clone() {
         endpoint_dynamic.set_field_by_name(name, value);
+    }
+
+    let instance_capacity = EndpointCapacity {
+        path: "/embed".into(),
+        capacity: 3,
+        source: "manual".into(),
+        measured_at: 1_763_842_053,
+    };
+    let mut instance_capacity_dynamic = DynamicMessage::new(endpoint_desc);
+    for (name, value) in [
+        ("path", Value::String("/embed".into())),
+        ("capacity", Value::U32(3)),
+        ("source", Value::String("manual".into())),
+        ("measured_at", Value::U64(1_763_842_053)),
+    ] {
+        instance_capacity_dynamic.set_field_by_name(name, value);
+    }
+    let instance = Instance {
+        address: "[::1]:8003".into(),
+        capacities: vec![instance_capacity],
+    };
+    let instance_fields = [
+        ("address", Value::String("[::1]:8003".into())),
+        (
+            "capacities",
+            Value::List(vec![Value::Message(instance_capacity_dynamic)]),
+        ),
+    ];
+    let instance_desc = message(&pool, "Instance");
+    agrees(instance_desc.clone(), &instance, &instance_fields);
+    let mut instance_dynamic = DynamicMessage::new(instance_desc);
+    for (name, value) in instance_fields {
+        instance_dynamic.set_field_by_name(name, value);
     }
     agrees(
         message(&pool, "Snapshot"),
@@ -119,6 +152,8 @@ fn messages_match_the_proto() {
             heartbeat: true,
             stale: true,
             sent_at_unix_ms: -5,
+            instances: vec![instance],
+            discovered: true,
         },
         &[
             ("service", Value::String("demo".into())),
@@ -130,6 +165,11 @@ fn messages_match_the_proto() {
             ("heartbeat", Value::Bool(true)),
             ("stale", Value::Bool(true)),
             ("sent_at_unix_ms", Value::I64(-5)),
+            (
+                "instances",
+                Value::List(vec![Value::Message(instance_dynamic)]),
+            ),
+            ("discovered", Value::Bool(true)),
         ],
     );
 }
