@@ -12,7 +12,7 @@ WASM_PROFILE := CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNIT
 NATIVE_BINS := -p sluice-backend -p sluice-prober -p sluice-sync
 
 .PHONY: deps deps-demo deps-test deps-bench build wasm wasm-image test test-unit test-wasm lint fmt \
-	bench bench-isolation bench-prober bench-sync soak demo demo-watch fresh-check clean
+	bench bench-instances bench-isolation bench-prober bench-sync soak demo demo-watch fresh-check clean
 
 # What each command installs: the demo needs least.
 deps: deps-test
@@ -73,6 +73,14 @@ BENCH_ARGS ?=
 bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-sync -p sluice-bench
 	target/release/sluice-bench filter $(BENCH_ARGS)
+
+# Three instances of their own capacities (4/4/4, then 2/4/8), service
+# times exponential around 60 ms: Sluice picking the instance against
+# HAProxy's per-server maxconn and against Sluice's old summed capacity.
+# Short: make bench-instances BENCH_ARGS="--seconds 4"
+bench-instances: deps-bench wasm
+	cargo build --release -p sluice-backend -p sluice-bench
+	target/release/sluice-bench instances $(BENCH_ARGS)
 
 # Small requests while a large endpoint is flooded: straight, plain Envoy,
 # HAProxy, Sluice. Short: make bench-isolation BENCH_ARGS="--seconds 3"

@@ -1,4 +1,4 @@
-//! HAProxy with `maxconn` on its one server and a queue in front of it, as
+//! HAProxy with `maxconn` on each server and a queue in front of them, as
 //! its users run it: the reference Sluice is measured against.
 
 use anyhow::{bail, Context};
@@ -18,6 +18,14 @@ pub struct Haproxy {
     pub port: u16,
     log: PathBuf,
     dir: ScratchDir,
+}
+
+/// One `server` line of the backend: HAProxy sends it at most `maxconn`
+/// requests at once and queues the rest (a freed slot goes to the oldest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Server {
+    pub port: u16,
+    pub maxconn: u32,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +48,46 @@ impl Haproxy {
         threads: u32,
         queue_timeout: Duration,
     ) -> anyhow::Result<Haproxy> {
+        let server = Server {
+            port: backend_port,
+            maxconn,
+        };
+        Haproxy::render_and_start(&[server], threads, queue_timeout, "roundrobin", "")
+    }
+
+    /// One `server … maxconn K` line per instance, chosen by `balance`
+    /// (`roundrobin`, `leastconn`). Each request carries an `x-request-id`
+    /// (a UUID), as through Envoy, so a backend's `--trace` keeps it.
+    pub fn start_servers(
+        servers: &[Server],
+        threads: u32,
+        queue_timeout: Duration,
+        balance: &str,
+    ) -> anyhow::Result<Haproxy> {
+        let request_id = "  http-request set-header x-request-id %[uuid()]\n";
+        Haproxy::render_and_start(servers, threads, queue_timeout, balance, request_id)
+    }
+
+    fn render_and_start(
+        servers: &[Server],
+        threads: u32,
+        queue_timeout: Duration,
+        balance: &str,
+        backend_extra: &str,
+    ) -> anyhow::Result<Haproxy> {
         let port = free_port();
+        let server_lines: String = servers
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                format!(
+                    "  server s{} 127.0.0.1:{} maxconn {}\n",
+                    i + 1,
+                    s.port,
+                    s.maxconn
+                )
+            })
+            .collect();
         let dir = ScratchDir::new("haproxy");
         let cfg = dir.path().join("haproxy.cfg");
         std::fs::write(
@@ -50,7 +97,7 @@ impl Haproxy {
                  defaults\n  mode http\n  log global\n  log-format \"{LOG_FORMAT}\"\n  option http-keep-alive\n\
                  \x20 timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  timeout queue {}ms\n\
                  frontend fe\n  bind 127.0.0.1:{port}\n  default_backend be\n\
-                 backend be\n  server s1 127.0.0.1:{backend_port} maxconn {maxconn}\n",
+                 backend be\n  balance {balance}\n{backend_extra}{server_lines}",
                 queue_timeout.as_millis()
             ),
         )?;

@@ -6,6 +6,9 @@
 //!   throughput at saturation against HAProxy, queue-timeout lateness;
 //! - `isolation` (`make bench-isolation`): small requests beside a flooded
 //!   large endpoint, straight, through plain Envoy, HAProxy and Sluice;
+//! - `instances` (`make bench-instances`): several instances of their own
+//!   capacities behind one Envoy, Sluice picking the instance against
+//!   HAProxy's per-server `maxconn` and against the old way;
 //! - `section`: puts the output of a benchmark run by another program
 //!   (`make bench-prober`, `make soak`) into bench/README.md.
 //!
@@ -15,6 +18,7 @@ pub mod access_log;
 mod figures;
 pub mod filter;
 pub mod haproxy;
+pub mod instances;
 pub mod isolation;
 pub mod machine;
 pub mod readme;
@@ -38,6 +42,9 @@ pub enum Bench {
     /// Small requests' latency while a large endpoint is flooded (make
     /// bench-isolation).
     Isolation(isolation::Opts),
+    /// Several instances, each held to its own capacity: Sluice against
+    /// HAProxy's per-server maxconn (make bench-instances).
+    Instances(instances::Opts),
     /// Reads a benchmark's output on stdin and writes it into its section
     /// of bench/README.md, under a line saying when and on what.
     Section(readme::SectionOpts),
@@ -47,6 +54,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Bench::Filter(o) => filter::run(o),
         Bench::Isolation(o) => isolation::run(o),
+        Bench::Instances(o) => instances::run(o),
         Bench::Section(o) => readme::section_from_stdin(o),
     }
 }

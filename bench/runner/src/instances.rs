@@ -1,0 +1,504 @@
+//! `make bench-instances`: one Envoy in front of several instances, each of
+//! its own capacity, with service times that vary (exponential around the
+//! mean, as inference calls do). Side by side in one run, on the same
+//! backends' seeds and load:
+//!
+//! - Sluice picking the instance (`instances.hosts`, per-instance
+//!   `capacity` / `instance_capacity`, Envoy's `override_host` policy);
+//! - HAProxy with one `server … maxconn K` line per instance, the
+//!   reference;
+//! - the old way: Sluice with `capacity` = the sum for the whole service and
+//!   Envoy's least-request balancer spreading the admitted requests.
+//!
+//! Every figure is read off the backends: each instance's own maximum in
+//! flight (`max_in_flight` of `GET /__backend/stats`) and the time its slots
+//! were busy (`GET /__backend/trace`: each request from taking a slot to
+//! leaving), on the backend's clock. Not the client's.
+
+use crate::figures::Table;
+use crate::haproxy::{Haproxy, Server};
+use crate::machine;
+use crate::readme;
+use crate::wrk::wrk;
+use anyhow::{bail, Context};
+use clap::Args;
+use serde_json::{json, Map, Value};
+use sluice_harness::{wait_until, Backend, Envoy, FrontProxy};
+use std::time::Duration;
+
+#[derive(Args, Debug, Clone)]
+pub struct Opts {
+    /// Seconds of load per proxy and scenario; the first and last second
+    /// are left out of the figures (at least 3).
+    #[arg(long, default_value_t = 10)]
+    pub seconds: u32,
+    /// Closed-loop clients (wrk connections).
+    #[arg(long, default_value_t = 48)]
+    pub clients: u32,
+    /// Mean service time of the instances, exponential around it.
+    #[arg(long, default_value_t = 60.0)]
+    pub service_ms: f64,
+    /// Envoy worker threads (and HAProxy's nbthread).
+    #[arg(long, default_value_t = 2)]
+    pub concurrency: u32,
+}
+
+/// The instances' capacities, one scenario each.
+const SCENARIOS: [&[u32]; 2] = [&[4, 4, 4], &[2, 4, 8]];
+
+/// The endpoint under load; the measured requests carry a query string the
+/// warm-up's lack (the backend and Sluice ignore it).
+const PATH: &str = "/work";
+const MEASURED: &str = "/work?measured";
+
+/// The header the filter sets and Envoy's `override_host` policy reads.
+const HOST_HEADER: &str = "x-sluice-host";
+
+pub fn run(o: &Opts) -> anyhow::Result<()> {
+    machine::require("wrk")?;
+    machine::require("haproxy")?;
+    if o.seconds < 3 {
+        bail!("--seconds must be at least 3: the first and last second are left out");
+    }
+    let mut t = Table::new(&["measure", "value", "goal", "detail"]);
+    for capacities in SCENARIOS {
+        scenario_rows(o, capacities, &mut t)?;
+    }
+    let out = format!(
+        "{}; {} clients, service times exponential around {} ms, Envoy --concurrency {} \
+         (HAProxy nbthread the same), {} s per proxy and scenario, the first and last second \
+         left out; figures from the backends (their stats and traces)\n\n{}",
+        machine::header("make bench-instances"),
+        o.clients,
+        o.service_ms,
+        o.concurrency,
+        o.seconds,
+        t.render()
+    );
+    readme::publish("instances", &out)
+}
+
+/// What one proxy got out of the instances.
+struct Run {
+    /// Per instance: the most requests inside it at once.
+    max_in_flight: Vec<u64>,
+    /// Per instance: the share of its slot time that was busy.
+    utilisation: Vec<f64>,
+    /// Of all the instances' slots together.
+    total_utilisation: f64,
+    /// Requests finished per second, all instances.
+    rps: f64,
+}
+
+fn scenario_rows(o: &Opts, capacities: &[u32], t: &mut Table) -> anyhow::Result<()> {
+    let label = format!(
+        "{} instances of capacity {}",
+        capacities.len(),
+        list(capacities)
+    );
+    eprintln!("{label} ...");
+    let sum: u32 = capacities.iter().sum();
+    let sluice = measure(o, capacities, Setup::SluicePicks)?;
+    let haproxy = measure(o, capacities, Setup::HaproxyMaxconn)?;
+    let old = measure(o, capacities, Setup::SluiceSummed)?;
+    let ideal = f64::from(sum) * 1000.0 / o.service_ms;
+    t.row(vec![
+        format!("{label}: utilisation Sluice / HAProxy (slot time busy)"),
+        format!(
+            "{:.3}",
+            sluice.total_utilisation / haproxy.total_utilisation
+        ),
+        "≥ 1.00".into(),
+        format!(
+            "Sluice {:.3} of its {sum} slots ({:.1} req/s), HAProxy {:.3} ({:.1} req/s); \
+             ideal {ideal:.0} req/s; per instance Sluice {}, HAProxy {}",
+            sluice.total_utilisation,
+            sluice.rps,
+            haproxy.total_utilisation,
+            haproxy.rps,
+            shares(&sluice.utilisation),
+            shares(&haproxy.utilisation),
+        ),
+    ]);
+    t.row(vec![
+        format!("{label}: each instance's max in flight, Sluice / HAProxy (its own record)"),
+        format!(
+            "{} / {}",
+            list(&sluice.max_in_flight),
+            list(&haproxy.max_in_flight)
+        ),
+        format!("= {}", list(capacities)),
+        format!("HAProxy: one `server … maxconn K` line per instance, balance leastconn"),
+    ]);
+    t.row(vec![
+        format!(
+            "{label}: the old way, Sluice capacity {sum} for the service and Envoy's \
+             least-request balancer: each instance's max in flight"
+        ),
+        list(&old.max_in_flight),
+        "— (what it costs)".into(),
+        format!(
+            "utilisation {:.3} ({:.1} req/s), {:.3} of HAProxy's; per instance {}",
+            old.total_utilisation,
+            old.rps,
+            old.total_utilisation / haproxy.total_utilisation,
+            shares(&old.utilisation),
+        ),
+    ]);
+    Ok(())
+}
+
+fn list<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn shares(items: &[f64]) -> String {
+    items
+        .iter()
+        .map(|u| format!("{u:.2}"))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    /// Sluice picks the instance (the filter's `instances`).
+    SluicePicks,
+    /// One `server … maxconn K` line per instance.
+    HaproxyMaxconn,
+    /// The old way: Sluice's capacity summed over the instances, Envoy's
+    /// least-request balancer.
+    SluiceSummed,
+}
+
+/// Fresh instances (seeded alike for every proxy: instance i draws the same
+/// service times in the same order), one proxy in front, the load.
+fn measure(o: &Opts, capacities: &[u32], setup: Setup) -> anyhow::Result<Run> {
+    let backends: Vec<Backend> = capacities
+        .iter()
+        .enumerate()
+        .map(|(i, k)| {
+            let route = format!(
+                "{PATH}:capacity={k},service_ms={},service_dist=exponential,seed={}",
+                o.service_ms,
+                i + 1
+            );
+            Backend::start_with_args(&["--trace", "--threads", "1", "--route", &route])
+        })
+        .collect();
+    let ports: Vec<u16> = backends.iter().map(Backend::port).collect();
+    let sum: u32 = capacities.iter().sum();
+    match setup {
+        Setup::HaproxyMaxconn => {
+            let servers: Vec<Server> = ports
+                .iter()
+                .zip(capacities)
+                .map(|(&port, &maxconn)| Server { port, maxconn })
+                .collect();
+            let haproxy = Haproxy::start_servers(
+                &servers,
+                o.concurrency,
+                Duration::from_secs(30),
+                "leastconn",
+            )?;
+            load(o, haproxy.port, &backends, capacities)
+        }
+        Setup::SluicePicks | Setup::SluiceSummed => {
+            let (config, policy) = if setup == Setup::SluicePicks {
+                (sluice_config(&ports, capacities), LbPolicy::OverrideHost)
+            } else {
+                let config = json!({"service": "bench",
+                    "endpoints": {PATH: {"capacity": sum, "queue_timeout": 30}}});
+                (config, LbPolicy::LeastRequest)
+            };
+            let proxy = FrontProxy::new(ports[0], config.to_string());
+            let mut opts = proxy.envoy_options(o.concurrency);
+            opts.bootstrap_yaml = with_instances(&opts.bootstrap_yaml, &ports, policy);
+            let envoy = Envoy::start_with(opts);
+            let run = load(o, envoy.listener_port(), &backends, capacities)?;
+            if setup == Setup::SluicePicks {
+                report_missed_picks(&envoy);
+            }
+            Ok(run)
+        }
+    }
+}
+
+/// Sluice picking among `ports`: the most common capacity (the smallest of
+/// equals, as the prober sets it) as the endpoint's, the others as
+/// `instance_capacity`.
+fn sluice_config(ports: &[u16], capacities: &[u32]) -> Value {
+    let hosts: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let count = |k: &u32| capacities.iter().filter(|c| *c == k).count();
+    let default = *capacities
+        .iter()
+        .min_by_key(|k| (std::cmp::Reverse(count(k)), **k))
+        .expect("a scenario has instances");
+    let overrides: Map<String, Value> = hosts
+        .iter()
+        .zip(capacities)
+        .filter(|(_, &k)| k != default)
+        .map(|(h, &k)| (h.clone(), json!(k)))
+        .collect();
+    let mut endpoint = json!({"capacity": default, "queue_timeout": 30});
+    if !overrides.is_empty() {
+        endpoint["instance_capacity"] = Value::Object(overrides);
+    }
+    json!({"service": "bench",
+        "instances": {"hosts": hosts, "header": HOST_HEADER},
+        "endpoints": {PATH: endpoint}})
+}
+
+/// What the filter says of picks Envoy did not honour: there should be
+/// none, the instances being all in Envoy's cluster.
+fn report_missed_picks(envoy: &Envoy) {
+    let Ok(text) = envoy.get("/balancer/stats") else {
+        return;
+    };
+    let Ok(stats) = serde_json::from_str::<Value>(&text) else {
+        return;
+    };
+    let missed: u64 = stats["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|e| e["instances"].as_array().into_iter().flatten())
+        .filter_map(|i| i["picks_missed"].as_u64())
+        .sum();
+    if missed > 0 {
+        eprintln!("  Sluice: {missed} picks Envoy did not honour");
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum LbPolicy {
+    /// To the host in [`HOST_HEADER`], round robin without one.
+    OverrideHost,
+    /// Envoy's least-request balancer, every host checked.
+    LeastRequest,
+}
+
+impl LbPolicy {
+    /// The cluster's `load_balancing_policy`, indented for the harness's
+    /// `backend` cluster.
+    fn yaml(self) -> String {
+        let policy = match self {
+            LbPolicy::OverrideHost => format!(
+                r#"  - typed_extension_config:
+      name: envoy.load_balancing_policies.override_host
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+        override_host_sources: [{{header: {HOST_HEADER}}}]
+        fallback_policy:
+          policies:
+          - typed_extension_config:
+              name: envoy.load_balancing_policies.round_robin
+              typed_config: {{"@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin}}
+"#
+            ),
+            LbPolicy::LeastRequest => r#"  - typed_extension_config:
+      name: envoy.load_balancing_policies.least_request
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
+        selection_method: FULL_SCAN
+"#
+            .to_string(),
+        };
+        let block = format!("load_balancing_policy:\n  policies:\n{policy}");
+        block.lines().map(|l| format!("    {l}\n")).collect()
+    }
+}
+
+/// The harness's front proxy bootstrap with its one-host `backend` cluster
+/// turned into `ports` (the first is the one it was rendered with) under
+/// `policy`. Panics if the bootstrap's shape changed, rather than
+/// measuring something else.
+fn with_instances(bootstrap: &str, ports: &[u16], policy: LbPolicy) -> String {
+    let endpoint = |port: u16| {
+        format!(
+            "        - endpoint:\n            address:\n              \
+             socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
+        )
+    };
+    let first = endpoint(ports[0]);
+    let assignment = "    load_assignment:\n      cluster_name: backend\n";
+    assert_eq!(
+        (
+            bootstrap.matches(&first).count(),
+            bootstrap.matches(assignment).count()
+        ),
+        (1, 1),
+        "the harness's backend cluster changed shape:\n{bootstrap}"
+    );
+    let all: String = ports.iter().map(|&p| endpoint(p)).collect();
+    bootstrap.replacen(&first, &all, 1).replacen(
+        assignment,
+        &format!("{}{assignment}", policy.yaml()),
+        1,
+    )
+}
+
+/// Warm-up, then `o.seconds` of closed-loop load through `port`; the
+/// figures from the backends.
+fn load(o: &Opts, port: u16, backends: &[Backend], capacities: &[u32]) -> anyhow::Result<Run> {
+    wrk(port, PATH, o.clients, 1)?;
+    // Requests of the warm-up whose clients wrk closed may still be inside
+    // the backends; let them go before the maxima restart.
+    wait_until(Duration::from_secs(10), "the backends to be idle", || {
+        backends
+            .iter()
+            .all(|b| b.path_stats(PATH)["in_flight"] == 0)
+            .then_some(())
+    });
+    for b in backends {
+        b.reset();
+    }
+    wrk(port, MEASURED, o.clients, o.seconds)?;
+    let mut traces = Vec::new();
+    let mut max_in_flight = Vec::new();
+    for b in backends {
+        max_in_flight.push(b.path_stats(PATH)["max_in_flight"].as_u64().unwrap_or(0));
+        traces.push(slot_times(b)?);
+    }
+    let start = traces
+        .iter()
+        .flatten()
+        .map(|s| s.arrived_us)
+        .min()
+        .context("no request reached the backends")?;
+    let window = (
+        start + 1_000_000,
+        start + u64::from(o.seconds) * 1_000_000 - 1_000_000,
+    );
+    let busy: Vec<u64> = traces.iter().map(|t| busy_us(t, window)).collect();
+    let span = (window.1 - window.0) as f64;
+    let utilisation: Vec<f64> = busy
+        .iter()
+        .zip(capacities)
+        .map(|(&b, &k)| b as f64 / (span * f64::from(k)))
+        .collect();
+    let slots: u32 = capacities.iter().sum();
+    let total_utilisation = busy.iter().sum::<u64>() as f64 / (span * f64::from(slots));
+    let done = traces
+        .iter()
+        .flatten()
+        .filter(|s| s.served_us > 0 && (window.0..window.1).contains(&s.departed_us))
+        .count();
+    eprintln!(
+        "  max in flight {}, utilisation {total_utilisation:.3} ({})",
+        list(&max_in_flight),
+        shares(&utilisation)
+    );
+    Ok(Run {
+        max_in_flight,
+        utilisation,
+        total_utilisation,
+        rps: done as f64 * 1e6 / span,
+    })
+}
+
+/// One request as a backend's trace has it, wall clock, microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SlotTime {
+    arrived_us: u64,
+    /// 0: it left before it had a slot.
+    served_us: u64,
+    departed_us: u64,
+}
+
+/// `GET /__backend/trace`: rows `[id, arrived, departed, served]`.
+fn slot_times(backend: &Backend) -> anyhow::Result<Vec<SlotTime>> {
+    let response = sluice_harness::http::get(backend.addr(), "/__backend/trace")?;
+    let rows = response.json()["paths"][PATH]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    rows.iter()
+        .map(|r| {
+            Some(SlotTime {
+                arrived_us: r[1].as_u64()?,
+                departed_us: r[2].as_u64()?,
+                served_us: r[3].as_u64()?,
+            })
+        })
+        .collect::<Option<Vec<_>>>()
+        .context("a malformed row in the backend's trace (a backend older than its served_us?)")
+}
+
+/// Microseconds of slot time busy within `window`: each served request
+/// holds one slot from taking it to leaving.
+fn busy_us(trace: &[SlotTime], window: (u64, u64)) -> u64 {
+    trace
+        .iter()
+        .filter(|s| s.served_us > 0)
+        .map(|s| {
+            let from = s.served_us.max(window.0);
+            let to = s.departed_us.min(window.1);
+            to.saturating_sub(from)
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_time_is_cut_to_the_window() {
+        let s = |served_us, departed_us| SlotTime {
+            arrived_us: 0,
+            served_us,
+            departed_us,
+        };
+        let trace = [s(0, 50), s(5, 15), s(12, 30), s(25, 40), s(8, 9)];
+        // [10, 15) + [12, 30) + [25, 30); the unserved one and [8, 9) count nothing.
+        assert_eq!(busy_us(&trace, (10, 30)), 5 + 18 + 5);
+    }
+
+    #[test]
+    fn sluice_gets_the_common_capacity_and_the_others_as_overrides() {
+        let c = sluice_config(&[1, 2, 3], &[2, 4, 8]);
+        let ep = &c["endpoints"][PATH];
+        assert_eq!(
+            c["instances"]["hosts"],
+            json!(["127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3"])
+        );
+        assert_eq!(ep["capacity"], 2);
+        assert_eq!(
+            ep["instance_capacity"],
+            json!({"127.0.0.1:2": 4, "127.0.0.1:3": 8})
+        );
+        let c = sluice_config(&[1, 2, 3], &[4, 4, 4]);
+        assert_eq!(c["endpoints"][PATH]["capacity"], 4);
+        assert!(c["endpoints"][PATH].get("instance_capacity").is_none());
+    }
+
+    #[test]
+    fn the_backend_cluster_gets_every_instance_and_the_policy() {
+        let proxy = FrontProxy::without_wasm(4001);
+        let yaml = with_instances(&proxy.render(), &[4001, 4002, 4003], LbPolicy::OverrideHost);
+        for port in [4001, 4002, 4003] {
+            assert_eq!(yaml.matches(&format!("port_value: {port} }}")).count(), 1);
+        }
+        assert!(yaml.contains("override_host_sources: [{header: x-sluice-host}]"));
+        let parsed: Value = yaml_parse(&yaml);
+        let cluster = &parsed["static_resources"]["clusters"][0];
+        assert_eq!(cluster["name"], "backend");
+        assert_eq!(
+            cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]["name"],
+            "envoy.load_balancing_policies.override_host"
+        );
+        let hosts = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"];
+        assert_eq!(hosts.as_array().map(Vec::len), Some(3));
+        let least = with_instances(&proxy.render(), &[4001, 4002], LbPolicy::LeastRequest);
+        assert!(least.contains("selection_method: FULL_SCAN"));
+    }
+
+    fn yaml_parse(yaml: &str) -> Value {
+        yaml_serde::from_str(yaml).unwrap()
+    }
+}
