@@ -21,7 +21,7 @@ use crate::machine;
 use crate::readme;
 use crate::wrk::wrk;
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
 use sluice_harness::{wait_until, Backend, Envoy, FrontProxy};
 use std::time::Duration;
@@ -41,6 +41,10 @@ pub struct Opts {
     /// Envoy worker threads (and HAProxy's nbthread).
     #[arg(long, default_value_t = 2)]
     pub concurrency: u32,
+    /// Only these set-ups (the table then has only the rows they make).
+    #[arg(long, value_delimiter = ',', value_enum,
+          default_values_t = [Setup::SluicePicks, Setup::HaproxyMaxconn, Setup::SluiceSummed])]
+    pub only: Vec<Setup>,
 }
 
 /// The instances' capacities, one scenario each.
@@ -98,10 +102,39 @@ fn scenario_rows(o: &Opts, capacities: &[u32], t: &mut Table) -> anyhow::Result<
     );
     eprintln!("{label} ...");
     let sum: u32 = capacities.iter().sum();
-    let sluice = measure(o, capacities, Setup::SluicePicks)?;
-    let haproxy = measure(o, capacities, Setup::HaproxyMaxconn)?;
-    let old = measure(o, capacities, Setup::SluiceSummed)?;
+    let run = |setup| -> anyhow::Result<Option<Run>> {
+        match o.only.contains(&setup) {
+            true => measure(o, capacities, setup).map(Some),
+            false => Ok(None),
+        }
+    };
+    let (sluice, haproxy, old) = (
+        run(Setup::SluicePicks)?,
+        run(Setup::HaproxyMaxconn)?,
+        run(Setup::SluiceSummed)?,
+    );
     let ideal = f64::from(sum) * 1000.0 / o.service_ms;
+    let (Some(sluice), Some(haproxy), Some(old)) = (&sluice, &haproxy, &old) else {
+        // Some set-ups only (--only): their own figures, nothing to compare.
+        for (name, run) in [
+            ("Sluice picking", &sluice),
+            ("HAProxy maxconn", &haproxy),
+            ("the old way", &old),
+        ] {
+            let Some(r) = run else { continue };
+            t.row(vec![
+                format!("{label}: {name}: each instance's max in flight; utilisation"),
+                format!("{}; {:.3}", list(&r.max_in_flight), r.total_utilisation),
+                "—".into(),
+                format!(
+                    "{:.1} req/s (ideal {ideal:.0}); utilisation per instance {}",
+                    r.rps,
+                    shares(&r.utilisation)
+                ),
+            ]);
+        }
+        return Ok(());
+    };
     t.row(vec![
         format!("{label}: utilisation Sluice / HAProxy (slot time busy)"),
         format!(
@@ -164,8 +197,8 @@ fn shares(items: &[f64]) -> String {
         .join("/")
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Setup {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Setup {
     /// Sluice picks the instance (the filter's `instances`).
     SluicePicks,
     /// One `server … maxconn K` line per instance.
