@@ -244,7 +244,7 @@ fn measure(o: &Opts, capacities: &[u32], setup: Setup) -> anyhow::Result<Run> {
             let (config, policy) = if setup == Setup::SluicePicks {
                 (sluice_config(&ports, capacities), LbPolicy::OverrideHost)
             } else {
-                let config = json!({"service": "bench",
+                let config = json!({"service": "bench", "abandon_hold": 0,
                     "endpoints": {PATH: {"capacity": sum, "queue_timeout": 30}}});
                 (config, LbPolicy::LeastRequest)
             };
@@ -253,6 +253,16 @@ fn measure(o: &Opts, capacities: &[u32], setup: Setup) -> anyhow::Result<Run> {
             opts.bootstrap_yaml = with_instances(&opts.bootstrap_yaml, &ports, policy);
             let envoy = Envoy::start_with(opts);
             let run = load(o, envoy.listener_port(), &backends, capacities)?;
+            if std::env::var_os("SLUICE_BENCH_DEBUG").is_some() {
+                eprintln!("{}", envoy.get("/balancer/stats").unwrap_or_default());
+                eprintln!(
+                    "{}",
+                    envoy
+                        .admin_get("/clusters")
+                        .map(|r| r.text())
+                        .unwrap_or_default()
+                );
+            }
             if setup == Setup::SluicePicks {
                 report_missed_picks(&envoy);
             }
@@ -281,7 +291,10 @@ fn sluice_config(ports: &[u16], capacities: &[u32]) -> Value {
     if !overrides.is_empty() {
         endpoint["instance_capacity"] = Value::Object(overrides);
     }
-    json!({"service": "bench",
+    // `abandon_hold: 0`: the instances stop working on a request whose
+    // client left (the warm-up's, when wrk closes its connections), so its
+    // slot is free at once, as HAProxy's is.
+    json!({"service": "bench", "abandon_hold": 0,
         "instances": {"hosts": hosts, "header": HOST_HEADER},
         "endpoints": {PATH: endpoint}})
 }
