@@ -68,11 +68,13 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
     for capacities in SCENARIOS {
         scenario_rows(o, capacities, &mut t)?;
     }
+    let setups: Vec<&str> = o.only.iter().map(|s| s.name()).collect();
     let out = format!(
-        "{}; {} clients, service times exponential around {} ms, Envoy --concurrency {} \
+        "{}; set-ups: {}; {} clients, service times exponential around {} ms, Envoy --concurrency {} \
          (HAProxy nbthread the same), {} s per proxy and scenario, the first and last second \
          left out; figures from the backends (their stats and traces)\n\n{}",
         machine::header("make bench-instances"),
+        setups.join(", "),
         o.clients,
         o.service_ms,
         o.concurrency,
@@ -116,12 +118,13 @@ fn scenario_rows(o: &Opts, capacities: &[u32], t: &mut Table) -> anyhow::Result<
     let ideal = f64::from(sum) * 1000.0 / o.service_ms;
     let (Some(sluice), Some(haproxy), Some(old)) = (&sluice, &haproxy, &old) else {
         // Some set-ups only (--only): their own figures, nothing to compare.
-        for (name, run) in [
-            ("Sluice picking", &sluice),
-            ("HAProxy maxconn", &haproxy),
-            ("the old way", &old),
+        for (setup, run) in [
+            (Setup::SluicePicks, &sluice),
+            (Setup::HaproxyMaxconn, &haproxy),
+            (Setup::SluiceSummed, &old),
         ] {
             let Some(r) = run else { continue };
+            let name = setup.name();
             t.row(vec![
                 format!("{label}: {name}: each instance's max in flight; utilisation"),
                 format!("{}; {:.3}", list(&r.max_in_flight), r.total_utilisation),
@@ -195,6 +198,16 @@ fn shares(items: &[f64]) -> String {
         .map(|u| format!("{u:.2}"))
         .collect::<Vec<_>>()
         .join("/")
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::SluicePicks => "Sluice picking the instance",
+            Setup::HaproxyMaxconn => "HAProxy maxconn per server",
+            Setup::SluiceSummed => "the old way (summed capacity, least request)",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
