@@ -68,7 +68,9 @@ test-wasm:
 # bench/README.md (so a short run replaces the figures there too).
 # Side by side in one run. Short, noisy runs:
 # make bench BENCH_ARGS="--seconds 2 --rounds 1 --timeout-waves 2"
-# (target/release/sluice-bench filter --help lists every flag).
+# (target/release/sluice-bench filter --help lists every flag). The
+# scenarios with several instances are make bench-instances, on their own:
+# they measure picking, not the filter's cost per request.
 BENCH_ARGS ?=
 bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-sync -p sluice-bench
