@@ -65,6 +65,10 @@ if [ "$use" = test ]; then
   # newer kubectl is installed: the bases and the overlays are written so that
   # kustomize 2 and 5 render them the same (bases:, patchesJson6902).
   need_apt kubectl kubernetes-client
+  # A real DNS server on a loopback port for sync's DNS discovery tests
+  # (tests/harness dnsmasq.rs). dnsmasq-base: the binary alone, without the
+  # dnsmasq package's system service that would take port 53.
+  need_apt dnsmasq dnsmasq-base
 fi
 if [ "$use" = bench ]; then
   need_apt haproxy haproxy

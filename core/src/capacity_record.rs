@@ -4,9 +4,9 @@
 //! cannot disagree. Key names are in [`crate::redis_keys`]; the layout is
 //! documented for people in `docs/redis-keys.md`.
 
-use crate::redis_keys::fields;
+use crate::redis_keys::{fields, instance_capacity_field};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 /// How a capacity was obtained.
@@ -130,6 +130,54 @@ impl CapacityRecord {
     }
 }
 
+/// Each instance's own capacity for one endpoint, by address (`ip:port`,
+/// `[ipv6]:port`), kept in the endpoint's record as `instance_capacity:ADDR`
+/// fields beside the endpoint's own `capacity` (which instances without a
+/// figure take). Sorted by address.
+pub type InstanceCapacities = BTreeMap<String, u32>;
+
+/// A per-instance field that is not a positive integer: it is left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadInstanceField {
+    pub field: String,
+    pub value: String,
+}
+
+/// The `instance_capacity:ADDR` fields of a record (`HGETALL` output), and
+/// those that do not hold a positive integer (left out: the instance then
+/// takes the endpoint's capacity).
+pub fn instance_capacities_from_hash(
+    h: &HashMap<String, String>,
+) -> (InstanceCapacities, Vec<BadInstanceField>) {
+    let mut capacities = InstanceCapacities::new();
+    let mut bad = Vec::new();
+    for (field, value) in h {
+        let Some(address) = field.strip_prefix(fields::INSTANCE_CAPACITY_PREFIX) else {
+            continue;
+        };
+        match value.trim().parse::<u32>() {
+            Ok(c) if c > 0 && !address.is_empty() => {
+                capacities.insert(address.to_string(), c);
+            }
+            _ => bad.push(BadInstanceField {
+                field: field.clone(),
+                value: value.clone(),
+            }),
+        }
+    }
+    bad.sort_by(|a, b| a.field.cmp(&b.field));
+    (capacities, bad)
+}
+
+/// The fields to `HSET` for per-instance capacities, beside
+/// [`CapacityRecord::to_fields`], sorted by address.
+pub fn instance_capacity_fields(capacities: &InstanceCapacities) -> Vec<(String, String)> {
+    capacities
+        .iter()
+        .map(|(address, c)| (instance_capacity_field(address), c.to_string()))
+        .collect()
+}
+
 fn bad(field: &'static str, problem: String) -> RecordError {
     RecordError { field, problem }
 }
@@ -197,6 +245,42 @@ mod tests {
         for (h, want) in cases {
             assert_eq!(CapacityRecord::from_hash(&h).unwrap_err().to_string(), want);
         }
+    }
+
+    #[test]
+    fn instance_capacities_live_beside_the_record() {
+        let capacities: InstanceCapacities = [
+            ("127.0.0.1:8001".to_string(), 2),
+            ("[::1]:8003".to_string(), 8),
+        ]
+        .into_iter()
+        .collect();
+        let fields = instance_capacity_fields(&capacities);
+        assert_eq!(
+            fields,
+            [
+                (
+                    "instance_capacity:127.0.0.1:8001".to_string(),
+                    "2".to_string()
+                ),
+                ("instance_capacity:[::1]:8003".to_string(), "8".to_string()),
+            ]
+        );
+        let mut h: HashMap<String, String> = fields.into_iter().collect();
+        h.insert("capacity".into(), "4".into());
+        h.insert("instance_capacity:10.0.0.1:80".into(), "0".into());
+        h.insert("instance_capacity:10.0.0.2:80".into(), "many".into());
+        let (back, bad) = instance_capacities_from_hash(&h);
+        assert_eq!(back, capacities);
+        assert_eq!(
+            bad.iter().map(|b| b.field.as_str()).collect::<Vec<_>>(),
+            [
+                "instance_capacity:10.0.0.1:80",
+                "instance_capacity:10.0.0.2:80"
+            ]
+        );
+        // The endpoint's record does not see them.
+        assert_eq!(CapacityRecord::from_hash(&h).unwrap().unwrap().capacity, 4);
     }
 
     #[test]

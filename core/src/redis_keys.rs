@@ -32,6 +32,18 @@ pub mod fields {
     pub const MEASURED_AT: &str = "measured_at";
     /// `probe` (measured by sluice-prober) or `manual` (set by hand in the file).
     pub const SOURCE: &str = "source";
+    /// Prefix of the per-instance capacity fields: `instance_capacity:ADDR`
+    /// holds what instance `ADDR` (`ip:port`, `[ipv6]:port`) takes of this
+    /// endpoint, a positive integer. See [`super::instance_capacity_field`].
+    pub const INSTANCE_CAPACITY_PREFIX: &str = "instance_capacity:";
+}
+
+/// The field of an endpoint's capacity record that holds instance `address`'s
+/// own capacity for it, e.g. `instance_capacity:127.0.0.1:8003`. In the
+/// endpoint's record, not a key of its own: one `HGETALL` reads the endpoint
+/// and all its instances, one `MULTI` writes them together.
+pub fn instance_capacity_field(address: &str) -> String {
+    format!("{}{address}", fields::INSTANCE_CAPACITY_PREFIX)
 }
 
 /// Where capacities are shared, from `storage:`.
@@ -180,6 +192,10 @@ mod tests {
         assert_eq!(endpoints_key("demo"), "sluice:{demo}:endpoints");
         assert_eq!(updates_channel("demo"), "sluice:{demo}:updates");
         assert_eq!(version_key("demo"), "sluice:{demo}:version");
+        assert_eq!(
+            instance_capacity_field("[::1]:8003"),
+            "instance_capacity:[::1]:8003"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use crate::{config_edit, yaml_lines};
 use hyper::header::{HeaderName, HeaderValue};
 use serde_json::Value;
+use sluice_core::capacity_record::InstanceCapacities;
 use sluice_core::config::check::{self, PROBE, PROBE_WARMUP};
 use sluice_core::config::{
     shown, Config, ConfigError, Document, EndpointDoc, ProbeDoc, Section, WarningKind,
@@ -70,6 +71,9 @@ pub struct EndpointSpec {
     pub capacity: Option<u32>,
     /// The comment on the `capacity:` line, when there is one.
     pub capacity_note: Option<String>,
+    /// `instance_capacity: {ADDR: N}`: each instance's own capacity, where
+    /// it differs (what `--each-instance` measured, or set by hand).
+    pub instance_capacity: InstanceCapacities,
 }
 
 impl EndpointSpec {
@@ -81,6 +85,7 @@ impl EndpointSpec {
             body: None,
             capacity: None,
             capacity_note: None,
+            instance_capacity: InstanceCapacities::new(),
         }
     }
 
@@ -193,6 +198,9 @@ pub fn parse_text(file: &str, text: &str) -> Result<ConfigFile, ConfigFileError>
             if e.capacity.is_some() {
                 e.capacity_note = yaml_lines::capacity_comment(text, path);
             }
+            e.instance_capacity =
+                instance_capacity(doc.get("endpoints").and_then(|m| m.get(path)), path)
+                    .map_err(located)?;
             endpoints.push(e);
         }
     }
@@ -400,6 +408,47 @@ fn endpoint_spec(path: &str, fields: &EndpointDoc) -> Result<EndpointSpec, Confi
         .as_ref()
         .and_then(sluice_core::config::capacity);
     Ok(e)
+}
+
+/// `endpoints.PATH.instance_capacity`: a map of `ip:port` (or
+/// `[ipv6]:port`) to a positive integer. Addresses are kept as Rust prints
+/// them, as sync and Envoy do.
+pub fn instance_capacity(
+    endpoint: Option<&Value>,
+    path: &str,
+) -> Result<InstanceCapacities, ConfigError> {
+    let key = format!("endpoints.{path}.instance_capacity");
+    let mut out = InstanceCapacities::new();
+    match endpoint.and_then(|e| e.get("instance_capacity")) {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (address, value) in map {
+                let parsed: std::net::SocketAddr = address.parse().map_err(|_| {
+                    ConfigError::new(
+                        format!("{key}.{address}"),
+                        "must be an instance address ip:port or [ipv6]:port",
+                    )
+                })?;
+                let c = sluice_core::config::capacity(value).ok_or_else(|| {
+                    ConfigError::new(
+                        format!("{key}.{address}"),
+                        format!("must be a positive integer, got {}", shown(value)),
+                    )
+                })?;
+                out.insert(parsed.to_string(), c);
+            }
+        }
+        Some(v) => {
+            return Err(ConfigError::new(
+                key,
+                format!(
+                    "must be a map of instance address to capacity, like {{\"127.0.0.1:8001\": 4}}, got {}",
+                    shown(v)
+                ),
+            ))
+        }
+    }
+    Ok(out)
 }
 
 /// The bytes to send for a `body` value and the content type it implies:

@@ -19,6 +19,8 @@ pub struct PushedEndpoint {
     pub capacity: Option<u32>,
     #[schemars(with = "Option<crate::schema::SourceSchema>")]
     pub source: Option<Source>,
+    /// Each instance's own capacity pushed with the record (address to N).
+    pub instance_capacity: std::collections::BTreeMap<String, u32>,
     pub redis: RedisOutcome,
 }
 
@@ -61,6 +63,7 @@ pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
                 path: spec.path.clone(),
                 capacity: None,
                 source: None,
+                instance_capacity: Default::default(),
                 redis: RedisOutcome::Skipped,
             });
             continue;
@@ -68,13 +71,14 @@ pub fn run(args: &PushArgs) -> anyhow::Result<u8> {
         let outcome = if !args.force && store.get(&spec.path)?.is_some() {
             RedisOutcome::Exists
         } else {
-            store.put(&spec.path, &record)?;
+            store.put_with_instances(&spec.path, &record, &spec.instance_capacity)?;
             RedisOutcome::Pushed
         };
         endpoints.push(PushedEndpoint {
             path: spec.path.clone(),
             capacity: Some(record.capacity),
             source: Some(record.source),
+            instance_capacity: spec.instance_capacity.clone(),
             redis: outcome,
         });
     }

@@ -4,7 +4,7 @@
 
 use crate::error::ProberError;
 use crate::redis_target::RedisTarget;
-use sluice_core::capacity_record::CapacityRecord;
+use sluice_core::capacity_record::{instance_capacity_fields, CapacityRecord, InstanceCapacities};
 use sluice_core::redis_keys::{capacity_key, endpoints_key, updates_channel, version_key};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -129,6 +129,17 @@ impl RedisRecords {
     /// Replaces the record of `path`, adds it to the endpoint set, moves the
     /// service's version and announces it, all in one transaction.
     pub fn put(&mut self, path: &str, record: &CapacityRecord) -> Result<(), ProberError> {
+        self.put_with_instances(path, record, &InstanceCapacities::new())
+    }
+
+    /// [`Self::put`], with each instance's own capacity in the same hash
+    /// (`instance_capacity:ADDR` fields, docs/redis-keys.md).
+    pub fn put_with_instances(
+        &mut self,
+        path: &str,
+        record: &CapacityRecord,
+        instances: &InstanceCapacities,
+    ) -> Result<(), ProberError> {
         let key = capacity_key(&self.service, path);
         let message = record.update_message(path);
         let mut pipe = redis::pipe();
@@ -137,6 +148,9 @@ impl RedisRecords {
         pipe.cmd("DEL").arg(&key).ignore();
         let hset = pipe.cmd("HSET").arg(&key);
         for (f, v) in record.to_fields() {
+            hset.arg(f).arg(v);
+        }
+        for (f, v) in instance_capacity_fields(instances) {
             hset.arg(f).arg(v);
         }
         hset.ignore();

@@ -796,7 +796,8 @@ fn the_schema_check_catches_mistakes() {
     let good = json!({
         "command": "push", "version": "0.1.0", "config": "s.yaml", "service": "demo",
         "redis_url": "redis://h", "exit_code": 0,
-        "endpoints": [{"path": "/a", "capacity": 3, "source": "manual", "redis": "pushed"}]
+        "endpoints": [{"path": "/a", "capacity": 3, "source": "manual",
+                       "instance_capacity": {"127.0.0.1:8001": 2}, "redis": "pushed"}]
     });
     let errors = |doc: &Value| schema_errors(&schema, doc);
     assert_eq!(errors(&good), Vec::<String>::new());

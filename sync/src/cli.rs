@@ -1,7 +1,9 @@
 //! Command line and environment, and the settings they resolve to.
 
 use crate::auth::{Token, TokenError};
+use crate::discovery::{DiscoverySettings, DnsTarget};
 use clap::Parser;
+use serde_json::Value;
 use sluice_core::redis_keys::Storage;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -96,6 +98,29 @@ pub struct Opts {
     #[arg(long, env = "SLUICE_SYNC_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 
+    /// Discover the instances of a service by DNS: resolve NAME (A and
+    /// AAAA) every --dns-interval and stream the addresses, with PORT, as
+    /// the service's instance set. SERVICE defaults to `service:` of
+    /// --config, else "default". Repeatable; adds to `instances.dns` of
+    /// --config
+    #[arg(
+        long = "discover",
+        env = "SLUICE_SYNC_DISCOVER",
+        value_delimiter = ',',
+        value_name = "[SERVICE=]NAME:PORT"
+    )]
+    pub discover: Vec<String>,
+
+    /// The DNS server to ask, e.g. 127.0.0.1:5353 [default: the system's
+    /// resolvers, /etc/resolv.conf and /etc/hosts]
+    #[arg(long, env = "SLUICE_SYNC_DNS_SERVER", value_name = "IP:PORT")]
+    pub dns_server: Option<SocketAddr>,
+
+    /// Time between DNS lookups [default: `instances.dns_interval` of
+    /// --config, else 5s]
+    #[arg(long, env = "SLUICE_SYNC_DNS_INTERVAL", value_parser = interval, value_name = "DURATION")]
+    pub dns_interval: Option<Duration>,
+
     /// The token itself, from the environment only (a flag would show in
     /// `ps`).
     #[arg(skip = std::env::var("SLUICE_SYNC_TOKEN").ok())]
@@ -116,7 +141,12 @@ pub struct Settings {
     pub max_services: usize,
     /// `None`: anyone may call CapacitySync.
     pub token: Option<Token>,
+    /// `None`: no service's instances are discovered.
+    pub discovery: Option<DiscoverySettings>,
 }
+
+/// `instances.dns_interval` when neither it nor --dns-interval is given.
+pub const DEFAULT_DNS_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A setting that cannot be used. Each message names the flag or key.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -136,22 +166,31 @@ pub enum SettingsError {
     TlsFiles(String),
     #[error("--token-file and SLUICE_SYNC_TOKEN are both set: use one")]
     TwoTokens,
+    #[error("{0}")]
+    Discovery(String),
 }
 
 impl Settings {
     pub fn from_opts(opts: &Opts) -> Result<Settings, SettingsError> {
-        let (redis_url, flag) = match (&opts.redis, &opts.config) {
+        let config_text = match &opts.config {
+            Some(path) => Some((
+                path,
+                std::fs::read_to_string(path).map_err(|e| SettingsError::ConfigFile {
+                    path: path.display().to_string(),
+                    problem: format!("cannot read it: {e}"),
+                })?,
+            )),
+            None => None,
+        };
+        let (redis_url, flag) = match (&opts.redis, &config_text) {
             (Some(url), _) => (url.clone(), "--redis"),
-            (None, Some(path)) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|e| SettingsError::ConfigFile {
-                        path: path.display().to_string(),
-                        problem: format!("cannot read it: {e}"),
-                    })?;
-                (redis_url_from_config(path, &text)?, "storage.url")
-            }
+            (None, Some((path, text))) => (redis_url_from_config(path, text)?, "storage.url"),
             (None, None) => return Err(SettingsError::NoRedis),
         };
+        let discovery = discovery_settings(
+            opts,
+            config_text.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
+        )?;
         let redis = redis_conn(opts, &redis_url, flag)?;
         let token = match (&opts.token_file, &opts.token_env) {
             (Some(_), Some(_)) => return Err(SettingsError::TwoTokens),
@@ -169,8 +208,104 @@ impl Settings {
             forget_after: opts.forget_after,
             max_services: opts.max_services as usize,
             token,
+            discovery,
         })
     }
+}
+
+/// What to discover: `--discover` targets, and `instances.dns` of the config
+/// (for its `service:`), at `--dns-interval` else `instances.dns_interval`.
+fn discovery_settings(
+    opts: &Opts,
+    config: Option<(&Path, &str)>,
+) -> Result<Option<DiscoverySettings>, SettingsError> {
+    let mut targets = Vec::new();
+    let mut interval = None;
+    let mut service = "default".to_string();
+    if let Some((path, text)) = config {
+        let fail = |problem: String| SettingsError::ConfigFile {
+            path: path.display().to_string(),
+            problem,
+        };
+        let doc = sluice_core::config::yaml::parse(text)
+            .map_err(|e| fail(format!("not valid YAML: {e}")))?;
+        if let Some(Value::String(s)) = doc.get("service") {
+            service = s.clone();
+        }
+        let (target, every) = dns_from_config(&doc, &service).map_err(fail)?;
+        targets.extend(target);
+        interval = every;
+    }
+    for text in &opts.discover {
+        let (for_service, name) = match text.split_once('=') {
+            Some((s, name)) => (s.trim(), name.trim()),
+            None => (service.as_str(), text.trim()),
+        };
+        sluice_core::redis_keys::check_service_name(for_service)
+            .map_err(|e| SettingsError::Discovery(format!("--discover {text}: {e}")))?;
+        let target =
+            DnsTarget::parse(name, for_service, "--discover").map_err(SettingsError::Discovery)?;
+        if targets
+            .iter()
+            .any(|t: &DnsTarget| t.service == target.service)
+        {
+            return Err(SettingsError::Discovery(format!(
+                "--discover {text}: service {:?} already has a name to discover: one per service",
+                target.service
+            )));
+        }
+        targets.push(target);
+    }
+    if targets.is_empty() {
+        if opts.dns_server.is_some() || opts.dns_interval.is_some() {
+            return Err(SettingsError::Discovery(
+                "--dns-server/--dns-interval without anything to discover: add --discover NAME:PORT \
+                 or instances.dns to --config"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    }
+    Ok(Some(DiscoverySettings {
+        targets,
+        interval: opts
+            .dns_interval
+            .or(interval)
+            .unwrap_or(DEFAULT_DNS_INTERVAL),
+        server: opts.dns_server,
+    }))
+}
+
+/// `instances.dns` and `instances.dns_interval` of a config document.
+/// (The filter and core validate the rest of `instances:`; sync needs only
+/// these two.)
+pub fn dns_from_config(
+    doc: &Value,
+    service: &str,
+) -> Result<(Option<DnsTarget>, Option<Duration>), String> {
+    let Some(instances) = doc.get("instances") else {
+        return Ok((None, None));
+    };
+    let Value::Object(instances) = instances else {
+        return Ok((None, None)); // not ours to report: the filter's parse names it
+    };
+    let target = match instances.get("dns") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(text)) => Some(DnsTarget::parse(text, service, "instances.dns")?),
+        Some(v) => return Err(format!("instances.dns: must be \"NAME:PORT\", got {v}")),
+    };
+    let interval = match instances.get("dns_interval") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_f64() {
+            Some(secs) if (0.1..=3600.0).contains(&secs) => Some(Duration::from_secs_f64(secs)),
+            _ => {
+                return Err(format!(
+                    "instances.dns_interval: must be seconds between 0.1 and 3600, got {v}"
+                ))
+            }
+        },
+    };
+    Ok((target, interval))
 }
 
 /// The URL list (one, or a cluster's nodes) and the TLS files, checked.
@@ -282,6 +417,7 @@ mod tests {
                 forget_after: Duration::from_secs(30),
                 max_services: 1000,
                 token: None,
+                discovery: None,
             }
         );
         let opts = parse(&[
@@ -413,5 +549,90 @@ mod tests {
             error.starts_with("--config /nonexistent/sluice.yaml: cannot read it: "),
             "{error}"
         );
+    }
+
+    #[test]
+    fn discovery_from_flags_and_the_config() {
+        let opts = parse(&[
+            "--redis",
+            "redis://h",
+            "--discover",
+            "backend:8080",
+            "--discover",
+            "other=api.internal:9000",
+            "--dns-server",
+            "127.0.0.1:5353",
+            "--dns-interval",
+            "500ms",
+        ])
+        .unwrap();
+        let discovery = Settings::from_opts(&opts).unwrap().discovery.unwrap();
+        assert_eq!(
+            discovery,
+            DiscoverySettings {
+                targets: vec![
+                    DnsTarget::parse("backend:8080", "default", "x").unwrap(),
+                    DnsTarget::parse("api.internal:9000", "other", "x").unwrap(),
+                ],
+                interval: Duration::from_millis(500),
+                server: Some("127.0.0.1:5353".parse().unwrap()),
+            }
+        );
+
+        let doc = sluice_core::config::yaml::parse(
+            "service: demo\ninstances: {dns: backend:8080, dns_interval: 0.5}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            dns_from_config(&doc, "demo").unwrap(),
+            (
+                Some(DnsTarget::parse("backend:8080", "demo", "x").unwrap()),
+                Some(Duration::from_millis(500))
+            )
+        );
+        let static_hosts =
+            sluice_core::config::yaml::parse("instances: {hosts: [\"127.0.0.1:1\"]}\n").unwrap();
+        assert_eq!(dns_from_config(&static_hosts, "d").unwrap(), (None, None));
+        let cases = [
+            (
+                "instances: {dns: 8080}\n",
+                "instances.dns: must be \"NAME:PORT\", got 8080",
+            ),
+            (
+                "instances: {dns: backend}\n",
+                "instances.dns: must be NAME:PORT, e.g. backend:8080, got \"backend\"",
+            ),
+            (
+                "instances: {dns: \"b:80\", dns_interval: 0}\n",
+                "instances.dns_interval: must be seconds between 0.1 and 3600, got 0",
+            ),
+        ];
+        for (text, want) in cases {
+            let doc = sluice_core::config::yaml::parse(text).unwrap();
+            assert_eq!(dns_from_config(&doc, "d").unwrap_err(), want, "{text}");
+        }
+
+        let error = Settings::from_opts(
+            &parse(&["--redis", "redis://h", "--dns-server", "127.0.0.1:53"]).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("--dns-server/--dns-interval without anything"),
+            "{error}"
+        );
+        let twice = parse(&[
+            "--redis",
+            "redis://h",
+            "--discover",
+            "a:1",
+            "--discover",
+            "b:2",
+        ])
+        .unwrap();
+        assert!(Settings::from_opts(&twice)
+            .unwrap_err()
+            .to_string()
+            .contains("already has a name to discover"));
     }
 }

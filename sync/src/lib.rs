@@ -10,6 +10,7 @@
 pub mod api;
 pub mod auth;
 pub mod cli;
+pub mod discovery;
 pub mod grpc;
 pub mod logging;
 pub mod metrics;
@@ -98,6 +99,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         settings.forget_after,
     );
     let source = tokio::spawn(source.run(shutdown.clone()));
+    if let Some(discovery) = settings.discovery.clone() {
+        tokio::spawn(discovery::run(
+            discovery,
+            services.clone(),
+            shutdown.clone(),
+        ));
+    }
     if let Some(metrics_addr) = settings.metrics_addr {
         let listener = tokio::net::TcpListener::bind(metrics_addr)
             .await

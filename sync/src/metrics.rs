@@ -54,6 +54,9 @@ pub struct Metrics {
     redis_up: Gauge,
     services: Gauge,
     write_to_send: Histogram,
+    discovered_instances: Family<ServiceLabels, Gauge>,
+    discovery_stale: Family<ServiceLabels, Gauge>,
+    dns_lookup_failures: Family<ServiceLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -96,6 +99,24 @@ impl Metrics {
             "Time from a write's update message on Redis to the snapshot sent to a watcher",
             write_to_send.clone(),
         );
+        let discovered_instances = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "discovered_instances",
+            "Instances DNS discovery holds for the service (the last set resolved)",
+            discovered_instances.clone(),
+        );
+        let discovery_stale = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "discovery_stale",
+            "1 while the last DNS lookup failed and the last set resolved is served",
+            discovery_stale.clone(),
+        );
+        let dns_lookup_failures = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "dns_lookup_failures",
+            "DNS lookups of the service's name that failed or answered no address",
+            dns_lookup_failures.clone(),
+        );
         Metrics {
             registry,
             watchers,
@@ -103,6 +124,9 @@ impl Metrics {
             redis_up,
             services,
             write_to_send,
+            discovered_instances,
+            discovery_stale,
+            dns_lookup_failures,
         }
     }
 
@@ -133,7 +157,25 @@ impl Metrics {
         self.write_to_send.observe(elapsed.as_secs_f64());
     }
 
-    /// Drops the series of a service sync forgot.
+    /// What discovery holds for `service` now.
+    pub fn discovered(&self, service: &str, instances: usize, stale: bool) {
+        let labels = Self::service(service);
+        self.discovered_instances
+            .get_or_create(&labels)
+            .set(instances as i64);
+        self.discovery_stale
+            .get_or_create(&labels)
+            .set(i64::from(stale));
+    }
+
+    pub fn dns_lookup_failed(&self, service: &str) {
+        self.dns_lookup_failures
+            .get_or_create(&Self::service(service))
+            .inc();
+    }
+
+    /// Drops the series of a service sync forgot (the discovery series stay:
+    /// discovery runs whether or not anyone watches).
     pub fn forget(&self, service: &str) {
         self.watchers.remove(&Self::service(service));
         for kind in [Kind::state, Kind::heartbeat] {
@@ -231,6 +273,9 @@ mod tests {
         m.sent("demo", Kind::state);
         m.sent("demo", Kind::heartbeat);
         m.write_to_send(Duration::from_millis(3));
+        m.discovered("disc", 3, false);
+        m.discovered("disc", 2, true);
+        m.dns_lookup_failed("disc");
         let text = m.encode(&services);
         for line in [
             "# TYPE sluice_sync_watchers gauge",
@@ -243,6 +288,10 @@ mod tests {
             "# TYPE sluice_sync_write_to_send_seconds histogram",
             "sluice_sync_write_to_send_seconds_count 1",
             "sluice_sync_write_to_send_seconds_bucket{le=\"0.004\"} 1",
+            "# TYPE sluice_sync_discovered_instances gauge",
+            "sluice_sync_discovered_instances{sluice_service=\"disc\"} 2",
+            "sluice_sync_discovery_stale{sluice_service=\"disc\"} 1",
+            "sluice_sync_dns_lookup_failures_total{sluice_service=\"disc\"} 1",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");

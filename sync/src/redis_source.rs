@@ -9,7 +9,7 @@
 
 use crate::redis_conn::{Conn, RedisClients};
 use crate::services::{stopping, Services};
-use crate::snapshots::{Outcome, RedisRead, ServiceState};
+use crate::snapshots::{DiscoveredSet, Outcome, RedisRead, ServiceState};
 use futures_util::{FutureExt, StreamExt};
 use redis::aio::PubSubSink;
 use redis::{RedisError, Value};
@@ -115,6 +115,9 @@ impl RedisSource {
                 tokio::select! {
                     _ = tokio::time::sleep_until(retry) => break,
                     _ = sleep(self.sweep_interval()) => self.forget_idle(),
+                    // A discovered set changed: its watchers get it now,
+                    // over the last records read (stale).
+                    Some(service) = self.requests.recv() => self.rediscover(&service),
                     _ = stopping(&mut shutdown) => return,
                 }
             }
@@ -247,6 +250,26 @@ impl RedisSource {
         let Some(entry) = self.services.get(service) else {
             return Ok(());
         };
+        let discovered = self.services.discovered(service);
+        let state = self.states.entry(service.to_string()).or_default();
+        let addresses = |d: Option<&DiscoveredSet>| d.map(|d| d.addresses.clone());
+        if state.view().is_some() && addresses(state.discovered()) != addresses(discovered.as_ref())
+        {
+            // A new instance set is a new state: a new version, as a write
+            // would give it (INCR: never lowers it, whoever else writes).
+            match redis::cmd("INCR")
+                .arg(version_key(service))
+                .query_async::<i64>(conn)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if is_connection_failure(&e) => return Err(e.into()),
+                Err(error) => {
+                    warn!(service = %service, %error, "cannot raise the version for the new instance set; sending it under the current one");
+                }
+            }
+        }
+        state.set_discovered(service, discovered);
         for _ in 0..RAISE_ATTEMPTS {
             let read = match read_service(conn, service).await {
                 Ok(read) => read,
@@ -301,6 +324,19 @@ impl RedisSource {
             }
         }
         Ok(())
+    }
+
+    /// Redis is away: takes the discovered set of `service` over its last
+    /// read, and sends the view if that changed it.
+    fn rediscover(&mut self, service: &str) {
+        let discovered = self.services.discovered(service);
+        let (Some(state), Some(entry)) = (self.states.get_mut(service), self.services.get(service))
+        else {
+            return;
+        };
+        if let Some(view) = state.set_discovered(service, discovered) {
+            entry.publish(view);
+        }
     }
 
     fn mark_all_stale(&mut self) {

@@ -8,7 +8,7 @@
 //! nothing: no memory, no subscription, no reads. Their number is bounded.
 
 use crate::metrics::Metrics;
-use crate::snapshots::ServiceView;
+use crate::snapshots::{DiscoveredSet, ServiceView};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +22,9 @@ pub struct Services {
     redis_up: watch::Sender<bool>,
     max_services: usize,
     metrics: Arc<Metrics>,
+    /// The instance sets DNS discovery resolved, by service. Kept whether
+    /// or not anyone watches the service, so a first watcher gets the set.
+    discovered: Mutex<HashMap<String, DiscoveredSet>>,
 }
 
 struct Entry {
@@ -69,6 +72,7 @@ impl Services {
             redis_up: watch::channel(false).0,
             max_services: max_services.max(1),
             metrics: Arc::new(Metrics::new()),
+            discovered: Mutex::new(HashMap::new()),
         };
         (Arc::new(services), requests)
     }
@@ -212,6 +216,29 @@ impl Services {
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
+
+    /// The set discovery resolved for `service`, if it discovers one.
+    pub fn discovered(&self, service: &str) -> Option<DiscoveredSet> {
+        self.discovered
+            .lock()
+            .expect("discovered lock")
+            .get(service)
+            .cloned()
+    }
+
+    /// Takes a newly resolved set; a watched service is read again, so its
+    /// watchers get the new set (under a new version) at once.
+    pub fn set_discovered(&self, service: &str, set: DiscoveredSet) {
+        let changed = self
+            .discovered
+            .lock()
+            .expect("discovered lock")
+            .insert(service.to_string(), set.clone())
+            != Some(set);
+        if changed && self.contains(service) {
+            let _ = self.to_read.send(service.to_string());
+        }
+    }
 }
 
 impl Watching {
@@ -265,8 +292,7 @@ mod tests {
     fn view(version: u64) -> ServiceView {
         ServiceView {
             version,
-            endpoints: Vec::new(),
-            stale: false,
+            ..Default::default()
         }
     }
 

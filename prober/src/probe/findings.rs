@@ -12,7 +12,7 @@ use crate::progress::Progress;
 use crate::redis_records::RedisRecords;
 use crate::report::{self, EndpointReport, Outcome, RedisOutcome};
 use crate::settings::Settings;
-use sluice_core::capacity_record::CapacityRecord;
+use sluice_core::capacity_record::{CapacityRecord, InstanceCapacities};
 
 /// What the run found, endpoint by endpoint, and what it owes the file and
 /// Redis.
@@ -21,8 +21,9 @@ pub(super) struct Findings {
     pub(super) reports: Vec<EndpointReport>,
     /// Capacities to write into the file.
     pub(super) edits: Vec<Edit>,
-    /// Records to push, with the index of their endpoint in `reports`.
-    to_push: Vec<(usize, CapacityRecord)>,
+    /// Records to push, with the index of their endpoint in `reports` and
+    /// the per-instance capacities that go in the same record.
+    to_push: Vec<(usize, CapacityRecord, InstanceCapacities)>,
     pub(super) problems: Vec<String>,
     pub(super) exit_code: u8,
     pub(super) interrupted: bool,
@@ -71,9 +72,9 @@ impl Findings {
     /// Pushes every record; stops at the first failure, which is a problem
     /// of the run.
     pub(super) fn push_all(&mut self, store: &mut RedisRecords, config_written: bool) {
-        let failed = self.to_push.iter().find_map(|(idx, record)| {
+        let failed = self.to_push.iter().find_map(|(idx, record, instances)| {
             let rep = &mut self.reports[*idx];
-            match push_one(store, rep, record) {
+            match push_one(store, rep, record, instances) {
                 Ok(outcome) => {
                     rep.redis = outcome;
                     None
@@ -104,11 +105,12 @@ fn push_one(
     store: &mut RedisRecords,
     rep: &EndpointReport,
     record: &CapacityRecord,
+    instances: &InstanceCapacities,
 ) -> Result<RedisOutcome, ProberError> {
     if rep.outcome == Outcome::KeptFile && store.get(&rep.path)?.is_some() {
         return Ok(RedisOutcome::Exists);
     }
-    store.put(&rep.path, record)?;
+    store.put_with_instances(&rep.path, record, instances)?;
     Ok(RedisOutcome::Pushed)
 }
 
@@ -142,14 +144,19 @@ pub(super) fn probe_all(
         if let Some(reason) = &aborted {
             rep.note = Some(format!("not probed: {reason}"));
         } else if let Some(record) = kept_from_file(args, p, &mut rep) {
-            found.to_push.push((idx, record));
+            found
+                .to_push
+                .push((idx, record, p.spec.instance_capacity.clone()));
         } else if let Some(edit) = reused_from_redis(args, p, redis.as_deref_mut(), &mut rep)? {
             found.edits.push(edit);
         } else {
             match measure(p, request, target, settings, &progress, &mut rep) {
                 Measured::Capacity { edit, record } => {
                     found.edits.push(edit);
-                    found.to_push.push((idx, record));
+                    // The file's per-instance figures stay in the record.
+                    found
+                        .to_push
+                        .push((idx, record, p.spec.instance_capacity.clone()));
                 }
                 Measured::NoPassingLevel => {
                     found.problems.push(format!(
