@@ -6,9 +6,12 @@
 //! a release is a shared-data write that can fail, and the filter decides
 //! when it happens, e.g. later for an abandoned request).
 
-use crate::admission::{self, Acquired, AdmissionError, Wakeups, Withdrawn, WorkerId};
+use crate::admission::{
+    self, Acquired, AdmissionError, Ejection, Outcome, Pin, Released, Wakeups, Withdrawn, WorkerId,
+};
 use crate::shared_data::SharedData;
 use crate::EndpointId;
+use std::net::SocketAddr;
 
 /// One slot of an endpoint, counted in its record until released.
 #[derive(Debug, PartialEq, Eq)]
@@ -17,14 +20,26 @@ pub struct Slot {
     endpoint: EndpointId,
     /// Host time at which it was admitted, if it was timed.
     admitted_ns: Option<u64>,
+    /// The instance it is counted on, if the endpoint picks instances.
+    instance: Option<SocketAddr>,
 }
 
 impl Slot {
-    pub(crate) fn new(endpoint: EndpointId, admitted_ns: Option<u64>) -> Slot {
+    pub(crate) fn new(
+        endpoint: EndpointId,
+        admitted_ns: Option<u64>,
+        instance: Option<SocketAddr>,
+    ) -> Slot {
         Slot {
             endpoint,
             admitted_ns,
+            instance,
         }
+    }
+
+    /// The instance the request must go to (and is counted on).
+    pub fn instance(&self) -> Option<SocketAddr> {
+        self.instance
     }
 
     pub fn endpoint(&self) -> EndpointId {
@@ -44,9 +59,35 @@ impl Slot {
     }
 
     /// Gives the slot back to the record at `key` (its endpoint's): it goes
-    /// to the oldest waiter, whose worker is among the wake-ups.
-    pub fn release<S: SharedData>(self, store: &S, key: &str) -> Result<Wakeups, AdmissionError> {
-        admission::release(store, key)
+    /// to the oldest waiter, whose worker is among the wake-ups. How the
+    /// request fared upstream feeds its instance's passive ejection.
+    pub fn release<S: SharedData>(
+        self,
+        store: &S,
+        key: &str,
+        outcome: Outcome,
+        ejection: Ejection,
+        now_ns: u64,
+    ) -> Result<Released, AdmissionError> {
+        admission::release(store, key, self.instance, outcome, ejection, now_ns)
+    }
+
+    /// Envoy sent the request to `served`, not to the instance it was
+    /// picked for: the slot moves to what really runs it
+    /// ([`admission::missed`]).
+    pub fn missed<S: SharedData>(
+        &mut self,
+        store: &S,
+        key: &str,
+        served: Option<SocketAddr>,
+        now_ns: u64,
+    ) -> Result<Wakeups, AdmissionError> {
+        let Some(picked) = self.instance else {
+            return Ok(Wakeups::default());
+        };
+        let (now_on, wakeups) = admission::missed(store, key, picked, served, now_ns)?;
+        self.instance = now_on;
+        Ok(wakeups)
     }
 }
 
@@ -81,7 +122,7 @@ impl Ticket {
         key: &str,
     ) -> Result<Option<Slot>, AdmissionError> {
         Ok(match admission::withdraw(store, key, self.number)? {
-            Withdrawn::Granted => Some(Slot::new(self.endpoint, None)),
+            Withdrawn::Granted(on) => Some(Slot::new(self.endpoint, None, on)),
             // NotFound: the record was reset under us; it holds nothing either way.
             Withdrawn::Removed | Withdrawn::NotFound => None,
         })
@@ -102,17 +143,20 @@ pub enum Arrival {
 }
 
 /// A request to `endpoint` (record at `key`) arrives at `worker`; at most
-/// `max_queue` may wait. See [`admission::acquire`].
+/// `max_queue` may wait; a `pin` sticks it to one instance. See
+/// [`admission::acquire`].
 pub fn acquire<S: SharedData>(
     store: &S,
     key: &str,
     endpoint: EndpointId,
     max_queue: u32,
     worker: WorkerId,
+    pin: Option<Pin>,
+    now_ns: u64,
 ) -> Result<(Arrival, Wakeups), AdmissionError> {
-    let (acquired, wakeups) = admission::acquire(store, key, max_queue, worker)?;
+    let (acquired, wakeups) = admission::acquire(store, key, max_queue, worker, pin, now_ns)?;
     let arrival = match acquired {
-        Acquired::Admitted => Arrival::Admitted(Slot::new(endpoint, None)),
+        Acquired::Admitted(on) => Arrival::Admitted(Slot::new(endpoint, None, on)),
         Acquired::Queued { ticket } => Arrival::Queued(Ticket::new(endpoint, ticket)),
         Acquired::QueueFull => Arrival::QueueFull,
         Acquired::Unhealthy => Arrival::Unhealthy,
@@ -129,20 +173,25 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     const K: &str = "sluice:t:ep:/p";
+
+    fn release(slot: Slot, store: &MemSharedData) -> Result<Wakeups, AdmissionError> {
+        slot.release(store, K, Outcome::Unknown, Ejection::default(), 0)
+            .map(|r| r.wakeups)
+    }
     const EP: EndpointId = EndpointId(3);
 
     #[test]
     fn a_slot_and_a_ticket_each_end_once() {
         let store = MemSharedData::new();
-        admission::configure(&store, K, Some(1)).unwrap();
-        let (Arrival::Admitted(slot), _) = acquire(&store, K, EP, 10, 0).unwrap() else {
+        admission::configure(&store, K, Some(1), 0).unwrap();
+        let (Arrival::Admitted(slot), _) = acquire(&store, K, EP, 10, 0, None, 0).unwrap() else {
             panic!("admitted");
         };
         assert_eq!((slot.endpoint(), slot.admitted_ns()), (EP, None));
-        let (Arrival::Queued(a), _) = acquire(&store, K, EP, 10, 1).unwrap() else {
+        let (Arrival::Queued(a), _) = acquire(&store, K, EP, 10, 1, None, 0).unwrap() else {
             panic!("queued");
         };
-        let (Arrival::Queued(b), _) = acquire(&store, K, EP, 10, 1).unwrap() else {
+        let (Arrival::Queued(b), _) = acquire(&store, K, EP, 10, 1, None, 0).unwrap() else {
             panic!("queued");
         };
         assert_eq!(
@@ -151,11 +200,11 @@ mod tests {
             "left, holding nothing"
         );
         // The release hands the slot to `a`, which withdraws just after.
-        assert_eq!(slot.release(&store, K).unwrap().workers(), &[1]);
+        assert_eq!(release(slot, &store).unwrap().workers(), &[1]);
         let slot = a.withdraw(&store, K).unwrap().expect("granted meanwhile");
         let slot = slot.timed(Some(7));
         assert_eq!((slot.endpoint(), slot.admitted_ns()), (EP, Some(7)));
-        assert!(slot.release(&store, K).unwrap().is_empty());
+        assert!(release(slot, &store).unwrap().is_empty());
         let s = admission::snapshot(&store, K).unwrap();
         assert_eq!((s.active, s.waiters.len()), (0, 0));
     }
@@ -163,13 +212,19 @@ mod tests {
     #[test]
     fn refusals_and_full_queues_hold_nothing() {
         let store = MemSharedData::new();
-        admission::configure(&store, K, Some(1)).unwrap();
-        let (Arrival::Admitted(slot), _) = acquire(&store, K, EP, 0, 0).unwrap() else {
+        admission::configure(&store, K, Some(1), 0).unwrap();
+        let (Arrival::Admitted(slot), _) = acquire(&store, K, EP, 0, 0, None, 0).unwrap() else {
             panic!("admitted");
         };
-        assert_eq!(acquire(&store, K, EP, 0, 0).unwrap().0, Arrival::QueueFull);
-        admission::set_unhealthy(&store, K, true).unwrap();
-        assert_eq!(acquire(&store, K, EP, 0, 0).unwrap().0, Arrival::Unhealthy);
-        slot.release(&store, K).unwrap();
+        assert_eq!(
+            acquire(&store, K, EP, 0, 0, None, 0).unwrap().0,
+            Arrival::QueueFull
+        );
+        admission::set_unhealthy(&store, K, true, 0).unwrap();
+        assert_eq!(
+            acquire(&store, K, EP, 0, 0, None, 0).unwrap().0,
+            Arrival::Unhealthy
+        );
+        release(slot, &store).unwrap();
     }
 }

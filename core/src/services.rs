@@ -82,8 +82,8 @@ mod tests {
         let store = MemSharedData::new();
         assert_eq!(note(&store, "a", &["/p"]), vec![]);
         let key = shared_keys::endpoint("a", "/p");
-        admission::configure(&store, &key, Some(3)).unwrap();
-        let _ = admission::acquire(&store, &key, 10, 0).unwrap();
+        admission::configure(&store, &key, Some(3), 0).unwrap();
+        let _ = admission::acquire(&store, &key, 10, 0, None, 0).unwrap();
         // The same service again: nothing to say.
         assert_eq!(note(&store, "a", &["/p"]), vec![]);
         assert_eq!(

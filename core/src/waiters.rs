@@ -124,8 +124,9 @@ impl<T> LocalWaiters<T> {
         key: &str,
         endpoint: EndpointId,
         worker: WorkerId,
+        now_ns: u64,
     ) -> Result<Claim<T>, AdmissionError> {
-        let claimed = admission::claim(store, key, worker)?;
+        let claimed = admission::claim(store, key, worker, now_ns)?;
         let mut out = Claim {
             granted: Vec::with_capacity(claimed.granted.len()),
             refused: Vec::with_capacity(claimed.refused.len()),
@@ -138,13 +139,14 @@ impl<T> LocalWaiters<T> {
                 out.refused.push(w.split().1);
             }
         }
-        for number in claimed.granted {
+        for (number, on) in claimed.granted {
             match self.take_ticket(endpoint, number) {
                 Some(w) => {
                     let (ticket, left) = w.split();
-                    out.granted.push((Slot::new(ticket.endpoint(), None), left));
+                    out.granted
+                        .push((Slot::new(ticket.endpoint(), None, on), left));
                 }
-                None => out.orphans.push(Slot::new(endpoint, None)),
+                None => out.orphans.push(Slot::new(endpoint, None, on)),
             }
         }
         Ok(out)
@@ -202,11 +204,14 @@ mod tests {
         use crate::shared_data::MemSharedData;
         const K: &str = "k";
         let store = MemSharedData::new();
-        admission::configure(&store, K, Some(1)).unwrap();
-        admission::acquire(&store, K, 10, 0).unwrap();
+        admission::configure(&store, K, Some(1), 0).unwrap();
+        admission::acquire(&store, K, 10, 0, None, 0).unwrap();
         let mut q = LocalWaiters::default();
         for (context_id, worker) in [(1, 5), (2, 5), (3, 6)] {
-            let ticket = match admission::acquire(&store, K, 10, worker).unwrap().0 {
+            let ticket = match admission::acquire(&store, K, 10, worker, None, 0)
+                .unwrap()
+                .0
+            {
                 admission::Acquired::Queued { ticket } => ticket,
                 other => panic!("{other:?}"),
             };
@@ -214,13 +219,21 @@ mod tests {
                 q.push(w(context_id, 0, ticket, 100));
             }
         }
-        admission::release(&store, K).unwrap();
-        let c = q.claim(&store, K, EndpointId(0), 5).unwrap();
+        admission::release(
+            &store,
+            K,
+            None,
+            admission::Outcome::Unknown,
+            Default::default(),
+            0,
+        )
+        .unwrap();
+        let c = q.claim(&store, K, EndpointId(0), 5, 0).unwrap();
         let got: Vec<_> = c.granted.iter().map(|(_, l)| l.context_id).collect();
         assert_eq!((got, c.refused.len(), c.orphans.len()), (vec![1], 0, 0));
         assert_eq!(q.len(), 1);
-        admission::set_unhealthy(&store, K, true).unwrap();
-        let c = q.claim(&store, K, EndpointId(0), 5).unwrap();
+        admission::set_unhealthy(&store, K, true, 0).unwrap();
+        let c = q.claim(&store, K, EndpointId(0), 5, 0).unwrap();
         assert_eq!(
             c.refused.iter().map(|l| l.context_id).collect::<Vec<_>>(),
             [2]

@@ -10,11 +10,12 @@
 
 use proptest::prelude::*;
 use serde_json::{Map, Value};
-use sluice_core::admission::{CapacitySource, EndpointState, Waiter};
+use sluice_core::admission::{CapacitySource, EndpointState, Instance, Waiter};
 use sluice_core::capacity_record::{CapacityRecord, Source};
 use sluice_core::config::{Config, ConfigError, MAX_QUEUE_LIMIT};
 use sluice_core::redis_keys::fields;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 
 /// 256 cases per property unless `PROPTEST_CASES` says otherwise.
 fn config() -> ProptestConfig {
@@ -193,11 +194,68 @@ proptest! {
     }
 }
 
-fn waiter() -> impl Strategy<Value = Waiter> {
-    (any::<u32>(), any::<u16>(), any::<bool>()).prop_map(|(ticket, worker, granted)| Waiter {
-        ticket,
-        worker,
-        granted,
+/// A waiter of a record with `instances` instances (its index is in range).
+fn waiter(instances: usize) -> impl Strategy<Value = Waiter> {
+    let instance = if instances == 0 {
+        Just(None).boxed()
+    } else {
+        prop::option::of(0..instances as u16).boxed()
+    };
+    (
+        any::<u32>(),
+        any::<u16>(),
+        any::<bool>(),
+        instance,
+        any::<bool>(),
+    )
+        .prop_map(|(ticket, worker, granted, instance, pinned)| Waiter {
+            ticket,
+            worker,
+            granted,
+            instance,
+            pinned,
+        })
+}
+
+fn instance() -> impl Strategy<Value = Instance> {
+    let address = prop_oneof![
+        any::<([u8; 4], u16)>().prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+        any::<([u16; 8], u16)>().prop_map(|(ip, port)| SocketAddr::from((ip, port))),
+    ];
+    (
+        address,
+        prop::option::of(1..=u32::MAX),
+        any::<(bool, u32, bool, u8, u64, u32)>(),
+    )
+        .prop_map(
+            |(
+                address,
+                own,
+                (own_from_sync, active, gone, strikes, eject_until_ns, picks_missed),
+            )| {
+                Instance {
+                    own_from_sync,
+                    active,
+                    gone,
+                    strikes,
+                    eject_until_ns,
+                    picks_missed,
+                    ..Instance::new(address, own)
+                }
+            },
+        )
+}
+
+/// Instances, and waiters that refer to them.
+fn instances_and_waiters() -> impl Strategy<Value = (Vec<Instance>, Vec<Waiter>, u16, bool)> {
+    prop::collection::vec(instance(), 0..5).prop_flat_map(|instances| {
+        let n = instances.len();
+        (
+            Just(instances),
+            prop::collection::vec(waiter(n), 0..40),
+            any::<u16>(),
+            any::<bool>(),
+        )
     })
 }
 
@@ -211,7 +269,7 @@ fn endpoint_state() -> impl Strategy<Value = EndpointState> {
         any::<bool>(),
         any::<u64>(),
         any::<bool>(),
-        prop::collection::vec(waiter(), 0..40),
+        instances_and_waiters(),
     )
         .prop_map(
             |(
@@ -222,7 +280,7 @@ fn endpoint_state() -> impl Strategy<Value = EndpointState> {
                 from_sync,
                 sync_version,
                 unhealthy,
-                waiters,
+                (instances, waiters, turn, instances_from_sync),
             )| {
                 EndpointState {
                     active,
@@ -236,6 +294,9 @@ fn endpoint_state() -> impl Strategy<Value = EndpointState> {
                     },
                     sync_version,
                     unhealthy,
+                    instances_from_sync,
+                    turn,
+                    instances,
                     waiters,
                 }
             },

@@ -16,11 +16,21 @@
 //! A paused request can only be resumed by its own worker (Envoy), which is
 //! why waiters carry their worker index.
 //!
+//! With instances (`instances:` in the configuration, or discovered by
+//! sync), the record also holds each instance's slots in use: a request is
+//! admitted when some instance has room, and [`acquire`] says which one (see
+//! [`instances`]). Every operation that can hand out a slot takes the host's
+//! time, which passive ejection needs.
+//!
 //! The record's layout is in [`record`].
 
+mod instances;
 mod record;
 
-pub use record::{CapacitySource, EndpointState, Waiter};
+pub use instances::{Ejection, InstanceSource, Pin, MAX_INSTANCES};
+pub use record::{CapacitySource, EndpointState, Instance, Waiter};
+
+use std::net::SocketAddr;
 
 use crate::cas::{self, MAX_CAS_ATTEMPTS};
 use crate::shared_data::{SharedData, StoreError};
@@ -39,6 +49,8 @@ pub enum AdmissionError {
     Contention,
     /// A release with no slot in use: a bug, reported rather than hidden.
     ReleaseWithoutSlot,
+    /// More instances than one record holds ([`MAX_INSTANCES`]).
+    TooManyInstances(usize),
 }
 
 impl std::fmt::Display for AdmissionError {
@@ -50,6 +62,12 @@ impl std::fmt::Display for AdmissionError {
                 write!(f, "gave up after {MAX_CAS_ATTEMPTS} CAS conflicts")
             }
             AdmissionError::ReleaseWithoutSlot => f.write_str("release with no slot in use"),
+            AdmissionError::TooManyInstances(n) => {
+                write!(
+                    f,
+                    "{n} instances, more than the {MAX_INSTANCES} one endpoint holds"
+                )
+            }
         }
     }
 }
@@ -82,12 +100,38 @@ impl Wakeups {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+    /// Adds the workers of `other`.
+    pub fn merge(&mut self, other: &Wakeups) {
+        for &w in &other.0 {
+            self.add(w);
+        }
+    }
+}
+
+/// How the request of a released slot fared upstream, for passive ejection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The instance answered.
+    Served,
+    /// The instance refused the connection or reset it before answering.
+    Failed,
+    /// Nothing is known (client gone, Envoy's own reply).
+    Unknown,
+}
+
+/// What a [`release`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Released {
+    pub wakeups: Wakeups,
+    /// The instance was taken out of picking by this failure.
+    pub ejected: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Acquired {
-    /// A slot is held: forward the request, `release` at its end.
-    Admitted,
+    /// A slot is held: forward the request (to this instance, if the
+    /// endpoint has instances), `release` at its end.
+    Admitted(Option<SocketAddr>),
     /// Pause the request; its worker will be woken when `ticket` is granted.
     Queued { ticket: u32 },
     /// `max_queue` requests already wait: answer 503.
@@ -101,8 +145,8 @@ pub enum Withdrawn {
     /// The waiter left the queue and holds nothing.
     Removed,
     /// The waiter had just been granted a slot: the caller holds it now and
-    /// must either forward the request or `release`.
-    Granted,
+    /// must either forward the request (to this instance) or `release`.
+    Granted(Option<SocketAddr>),
     /// No such ticket (already claimed).
     NotFound,
 }
@@ -110,8 +154,9 @@ pub enum Withdrawn {
 /// What a worker's `claim` found for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Claimed {
-    /// Tickets that now hold a slot: resume those requests (or release).
-    pub granted: Vec<u32>,
+    /// Tickets that now hold a slot (on this instance): resume those
+    /// requests (or release).
+    pub granted: Vec<(u32, Option<SocketAddr>)>,
     /// Tickets taken out of the queue because the backend is unhealthy:
     /// answer those requests 503. They hold nothing.
     pub refused: Vec<u32>,
@@ -159,6 +204,7 @@ pub fn configure<S: SharedData>(
     store: &S,
     key: &str,
     configured: Option<u32>,
+    now_ns: u64,
 ) -> Result<Wakeups, AdmissionError> {
     ensure(store, key)?;
     update(store, key, |s| {
@@ -176,7 +222,7 @@ pub fn configure<S: SharedData>(
             None => {}
         }
         // A raise (or a capacity removed) admits waiters at once.
-        s.pump(&mut wake);
+        s.pump(now_ns, &mut wake);
         Ok((wake, true))
     })
 }
@@ -189,6 +235,7 @@ pub fn apply_sync<S: SharedData>(
     key: &str,
     capacity: u32,
     version: u64,
+    now_ns: u64,
 ) -> Result<Option<Wakeups>, AdmissionError> {
     update(store, key, |s| {
         if version < s.sync_version {
@@ -208,7 +255,7 @@ pub fn apply_sync<S: SharedData>(
         // Raised: the oldest waiters get the new slots now. Lowered: nothing
         // is cut; releases grant nothing until fewer than `capacity` are in
         // flight.
-        s.pump(&mut wake);
+        s.pump(now_ns, &mut wake);
         Ok((Some(wake), true))
     })
 }
@@ -220,6 +267,7 @@ pub fn set_unhealthy<S: SharedData>(
     store: &S,
     key: &str,
     unhealthy: bool,
+    now_ns: u64,
 ) -> Result<Wakeups, AdmissionError> {
     update(store, key, |s| {
         let mut wake = Wakeups::default();
@@ -232,7 +280,7 @@ pub fn set_unhealthy<S: SharedData>(
                 wake.add(w.worker);
             }
         } else {
-            s.pump(&mut wake);
+            s.pump(now_ns, &mut wake);
         }
         Ok((wake, true))
     })
@@ -246,23 +294,42 @@ pub fn snapshot<S: SharedData>(store: &S, key: &str) -> Result<EndpointState, Ad
     }
 }
 
-/// A request arrives at `worker`; at most `max_queue` may wait.
+/// A request arrives at `worker`; at most `max_queue` may wait. With
+/// instances, it is admitted on the instance [`EndpointState::pick`]
+/// chooses; a `pin` (sticky session) admits it on its own instance only, or
+/// queues it for that one.
 pub fn acquire<S: SharedData>(
     store: &S,
     key: &str,
     max_queue: u32,
     worker: WorkerId,
+    pin: Option<Pin>,
+    now_ns: u64,
 ) -> Result<(Acquired, Wakeups), AdmissionError> {
     update(store, key, |s| {
         let mut wake = Wakeups::default();
         if s.unhealthy {
             return Ok(((Acquired::Unhealthy, wake), false));
         }
-        let pumped = s.pump(&mut wake);
+        let pumped = s.pump(now_ns, &mut wake);
         // After pumping, a free slot means nobody is waiting for it.
-        if s.active < s.limit() {
+        let (admitted, pinned) = if s.picks_instances() {
+            let (room, pinned) = match pin.and_then(|p| s.sticky_instance(p, now_ns)) {
+                Some(i) => (s.has_room(usize::from(i), now_ns).then_some(i), Some(i)),
+                None => (s.pick(now_ns), None),
+            };
+            (room.map(Some), pinned)
+        } else {
+            ((s.active < s.limit()).then_some(None), None)
+        };
+        if let Some(instance) = admitted {
             s.active += 1;
-            Ok(((Acquired::Admitted, wake), true))
+            let address = instance.map(|i| {
+                let inst = &mut s.instances[usize::from(i)];
+                inst.active += 1;
+                inst.address
+            });
+            Ok(((Acquired::Admitted(address), wake), true))
         } else if s.queued() >= max_queue {
             Ok(((Acquired::QueueFull, wake), pumped))
         } else {
@@ -272,22 +339,131 @@ pub fn acquire<S: SharedData>(
                 ticket,
                 worker,
                 granted: false,
+                instance: pinned,
+                pinned: pinned.is_some(),
             });
             Ok(((Acquired::Queued { ticket }, wake), true))
         }
     })
 }
 
-/// A request that held a slot has ended; the slot goes to the oldest waiter.
-pub fn release<S: SharedData>(store: &S, key: &str) -> Result<Wakeups, AdmissionError> {
+/// A request that held a slot (on `instance`, if it was picked) has ended;
+/// the slot goes to the oldest waiter. A `Failed` outcome ejects the
+/// instance for its back-off; a `Served` one ends its ejection.
+pub fn release<S: SharedData>(
+    store: &S,
+    key: &str,
+    instance: Option<SocketAddr>,
+    outcome: Outcome,
+    ejection: Ejection,
+    now_ns: u64,
+) -> Result<Released, AdmissionError> {
     update(store, key, |s| {
         if s.active == 0 {
             return Err(AdmissionError::ReleaseWithoutSlot);
         }
         s.active -= 1;
+        let mut out = Released::default();
+        if let Some(i) = instance.and_then(|a| s.instance_index(&a)) {
+            let inst = &mut s.instances[i];
+            inst.active = inst.active.saturating_sub(1);
+            match outcome {
+                Outcome::Served => inst.strikes = 0,
+                Outcome::Failed => {
+                    inst.strikes = inst.strikes.saturating_add(1);
+                    inst.eject_until_ns = now_ns.saturating_add(ejection.backoff_ns(inst.strikes));
+                    out.ejected = true;
+                }
+                Outcome::Unknown => {}
+            }
+            s.drop_gone();
+        }
+        s.pump(now_ns, &mut out.wakeups);
+        Ok((out, true))
+    })
+}
+
+/// Envoy sent a request picked for `picked` to `served` instead (the pick
+/// was not in its cluster): the books follow what really runs. Returns the
+/// instance the request now counts against (`served`, if it is one of the
+/// set) and the workers a slot freed on `picked` woke.
+pub fn missed<S: SharedData>(
+    store: &S,
+    key: &str,
+    picked: SocketAddr,
+    served: Option<SocketAddr>,
+    now_ns: u64,
+) -> Result<(Option<SocketAddr>, Wakeups), AdmissionError> {
+    update(store, key, |s| {
         let mut wake = Wakeups::default();
-        s.pump(&mut wake);
-        Ok((wake, true))
+        let Some(i) = s.instance_index(&picked) else {
+            return Ok(((None, wake), false));
+        };
+        let inst = &mut s.instances[i];
+        inst.active = inst.active.saturating_sub(1);
+        inst.picks_missed = inst.picks_missed.saturating_add(1);
+        let now_on = served.and_then(|a| s.instance_index(&a)).map(|j| {
+            s.instances[j].active += 1;
+            s.instances[j].address
+        });
+        s.drop_gone();
+        s.pump(now_ns, &mut wake);
+        Ok(((now_on, wake), true))
+    })
+}
+
+/// Replaces the endpoint's instance set with `hosts` (address, own
+/// capacity; `None`: the endpoint's). A configuration's set is ignored once
+/// sync discovered one. At most [`MAX_INSTANCES`]; more is refused.
+pub fn set_instances<S: SharedData>(
+    store: &S,
+    key: &str,
+    hosts: &[(SocketAddr, Option<u32>)],
+    source: InstanceSource,
+    now_ns: u64,
+) -> Result<Wakeups, AdmissionError> {
+    if hosts.len() > MAX_INSTANCES {
+        return Err(AdmissionError::TooManyInstances(hosts.len()));
+    }
+    ensure(store, key)?;
+    update(store, key, |s| {
+        let mut wake = Wakeups::default();
+        if source == InstanceSource::Config && s.instances_from_sync {
+            return Ok((wake, false));
+        }
+        let mut changed = s.replace_instances(hosts, source);
+        if source == InstanceSource::Sync && !s.instances_from_sync {
+            s.instances_from_sync = true;
+            changed = true;
+        }
+        changed |= s.pump(now_ns, &mut wake);
+        Ok((wake, changed))
+    })
+}
+
+/// Per-instance capacities from sync for a set the configuration gave:
+/// each named instance of the set takes its figure (the others keep theirs).
+pub fn set_instance_capacities<S: SharedData>(
+    store: &S,
+    key: &str,
+    capacities: &[(SocketAddr, u32)],
+    now_ns: u64,
+) -> Result<Wakeups, AdmissionError> {
+    update(store, key, |s| {
+        let mut wake = Wakeups::default();
+        let mut changed = false;
+        for &(address, c) in capacities {
+            if let Some(i) = s.instance_index(&address) {
+                let inst = &mut s.instances[i];
+                if c > 0 && (inst.own_capacity != Some(c) || !inst.own_from_sync) {
+                    inst.own_capacity = Some(c);
+                    inst.own_from_sync = true;
+                    changed = true;
+                }
+            }
+        }
+        changed |= s.pump(now_ns, &mut wake);
+        Ok((wake, changed))
     })
 }
 
@@ -300,29 +476,38 @@ pub fn claim<S: SharedData>(
     store: &S,
     key: &str,
     worker: WorkerId,
+    now_ns: u64,
 ) -> Result<Claimed, AdmissionError> {
     update(store, key, |s| {
         let mut claimed = Claimed::default();
         if s.unhealthy {
             let mut freed = 0;
+            let mut freed_on = Vec::new();
             s.waiters.retain(|w| {
                 if w.worker != worker {
                     return true;
                 }
                 if w.granted {
                     freed += 1;
+                    freed_on.extend(w.instance);
                 }
                 claimed.refused.push(w.ticket);
                 false
             });
             s.active = s.active.saturating_sub(freed);
+            for i in freed_on {
+                let inst = &mut s.instances[usize::from(i)];
+                inst.active = inst.active.saturating_sub(1);
+            }
             let changed = !claimed.refused.is_empty();
             return Ok((claimed, changed));
         }
-        let pumped = s.pump(&mut claimed.wakeups);
+        let pumped = s.pump(now_ns, &mut claimed.wakeups);
+        let addresses: Vec<SocketAddr> = s.instances.iter().map(|i| i.address).collect();
         s.waiters.retain(|w| {
             if w.granted && w.worker == worker {
-                claimed.granted.push(w.ticket);
+                let on = w.instance.map(|i| addresses[usize::from(i)]);
+                claimed.granted.push((w.ticket, on));
                 false
             } else {
                 true
@@ -343,10 +528,11 @@ pub fn withdraw<S: SharedData>(
         match s.waiters.iter().position(|w| w.ticket == ticket) {
             None => Ok((Withdrawn::NotFound, false)),
             Some(i) => {
-                let granted = s.waiters.remove(i).granted;
+                let w = s.waiters.remove(i);
+                let on = w.instance.map(|i| s.instances[usize::from(i)].address);
                 Ok((
-                    if granted {
-                        Withdrawn::Granted
+                    if w.granted {
+                        Withdrawn::Granted(on)
                     } else {
                         Withdrawn::Removed
                     },
@@ -357,5 +543,7 @@ pub fn withdraw<S: SharedData>(
     })
 }
 
+#[cfg(test)]
+mod instance_tests;
 #[cfg(test)]
 mod tests;

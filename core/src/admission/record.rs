@@ -1,28 +1,42 @@
 //! The endpoint record's codec and the FIFO hand-over on it.
 //!
-//! Record layout (little endian), version 2:
+//! Record layout (little endian), version 3:
 //!
 //! | bytes | field | |
 //! |---|---|---|
-//! | 1 | `version` | 2 |
+//! | 1 | `version` | 3 |
 //! | 4 | `active` | slots in use, granted-but-unclaimed included |
 //! | 4 | `next_ticket` | |
 //! | 4 | `capacity` | in force; 0: none, requests pass (counted, never queued) |
 //! | 4 | `configured` | the capacity of the last configuration seen; 0: none |
 //! | 8 | `sync_version` | version of the snapshot that last set it; 0: never |
-//! | 1 | `flags` | bit 0: capacity came from sync; bit 1: backend unhealthy |
+//! | 1 | `flags` | bit 0: capacity came from sync; bit 1: backend unhealthy; bit 2: the instance set came from sync |
+//! | 2 | `instances` | how many instance entries follow the header |
+//! | 2 | `turn` | the instance picked last, where the next tie-break starts |
 //!
-//! then one 8-byte waiter each: `ticket:u32, worker:u16, flags:u16`.
+//! then one 41-byte instance each (see [`Instance`]): `address` (family `4`
+//! or `6`:u8, 16 address bytes, port:u16), `own_capacity:u32` (0: the
+//! endpoint's), `active:u32`, `flags:u8` (bit 0 gone, bit 1 own capacity
+//! from sync), `strikes:u8`, `eject_until_ns:u64`, `picks_missed:u32`;
+//! then one 10-byte waiter each: `ticket:u32, worker:u16, flags:u16,
+//! instance:u16` (an index into the instances, `0xffff`: none).
 
 use super::{AdmissionError, Wakeups, WorkerId};
 use crate::cas::{u16_at, u32_at, u64_at};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-const VERSION: u8 = 2;
-pub(super) const HEADER_LEN: usize = 26;
-pub(super) const WAITER_LEN: usize = 8;
+const VERSION: u8 = 3;
+pub(super) const HEADER_LEN: usize = 30;
+pub(super) const INSTANCE_LEN: usize = 41;
+pub(super) const WAITER_LEN: usize = 10;
 const FLAG_GRANTED: u16 = 1;
+const FLAG_PINNED: u16 = 2;
 const FLAG_FROM_SYNC: u8 = 1;
 const FLAG_UNHEALTHY: u8 = 2;
+const FLAG_INSTANCES_FROM_SYNC: u8 = 4;
+const INSTANCE_GONE: u8 = 1;
+const INSTANCE_OWN_FROM_SYNC: u8 = 2;
+const NO_INSTANCE: u16 = u16::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Waiter {
@@ -30,6 +44,83 @@ pub struct Waiter {
     pub worker: WorkerId,
     /// A slot has been handed to this waiter; its worker has not claimed it yet.
     pub granted: bool,
+    /// Index of its instance in [`EndpointState::instances`]: the one its
+    /// slot is on once granted; before that, the one it is pinned to
+    /// (sticky), if `pinned`.
+    pub instance: Option<u16>,
+    /// It waits for a slot on `instance` only (a sticky request).
+    pub pinned: bool,
+}
+
+/// One instance (`host:port`) of the service behind this endpoint, with its
+/// own count of slots in use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub address: SocketAddr,
+    /// Its capacity for this endpoint; `None`: the endpoint's capacity.
+    pub own_capacity: Option<u32>,
+    /// `own_capacity` came from sync (a per-instance figure in Redis): a
+    /// configuration seen again does not undo it.
+    pub own_from_sync: bool,
+    /// Requests picked for it that have not ended (granted ones included).
+    pub active: u32,
+    /// No longer in the set: never picked again, kept until `active` is 0.
+    pub gone: bool,
+    /// Failures (refused or reset connections) in a row.
+    pub strikes: u8,
+    /// Not picked before this host time (passive ejection); after it, one
+    /// trial request at a time until one is served.
+    pub eject_until_ns: u64,
+    /// Requests picked for it that Envoy sent elsewhere.
+    pub picks_missed: u32,
+}
+
+impl Instance {
+    pub fn new(address: SocketAddr, own_capacity: Option<u32>) -> Instance {
+        Instance {
+            address,
+            own_capacity,
+            own_from_sync: false,
+            active: 0,
+            gone: false,
+            strikes: 0,
+            eject_until_ns: 0,
+            picks_missed: 0,
+        }
+    }
+
+    /// Out of picking at `now_ns` (ejected and its back-off not over).
+    pub fn ejected(&self, now_ns: u64) -> bool {
+        self.strikes > 0 && now_ns < self.eject_until_ns
+    }
+}
+
+fn encode_address(out: &mut Vec<u8>, a: &SocketAddr) {
+    match a.ip() {
+        IpAddr::V4(ip) => {
+            out.push(4);
+            out.extend_from_slice(&ip.octets());
+            out.extend_from_slice(&[0; 12]);
+        }
+        IpAddr::V6(ip) => {
+            out.push(6);
+            out.extend_from_slice(&ip.octets());
+        }
+    }
+    out.extend_from_slice(&a.port().to_le_bytes());
+}
+
+fn decode_address(b: &[u8]) -> Result<SocketAddr, AdmissionError> {
+    let port = u16_at(b, 17).unwrap_or(0);
+    let ip = match b[0] {
+        4 => IpAddr::V4(Ipv4Addr::new(b[1], b[2], b[3], b[4])),
+        6 => {
+            let octets: [u8; 16] = b[1..17].try_into().unwrap_or([0; 16]);
+            IpAddr::V6(Ipv6Addr::from(octets))
+        }
+        _ => return Err(AdmissionError::Corrupt("unknown address family")),
+    };
+    Ok(SocketAddr::new(ip, port))
 }
 
 /// Who set the capacity in force.
@@ -67,6 +158,14 @@ pub struct EndpointState {
     pub sync_version: u64,
     /// The backend failed its health checks: new and queued requests get 503.
     pub unhealthy: bool,
+    /// The instance set was discovered by sync: a configuration's static
+    /// set no longer replaces it.
+    pub instances_from_sync: bool,
+    /// The instance picked last (ties are broken from the next one on).
+    pub turn: u16,
+    /// The instances the filter picks from; empty: none (the endpoint's
+    /// capacity counts for everything behind this Envoy).
+    pub instances: Vec<Instance>,
     /// In arrival order.
     pub waiters: Vec<Waiter>,
 }
@@ -86,22 +185,51 @@ impl EndpointState {
         if bytes.len() < HEADER_LEN {
             return Err(AdmissionError::Corrupt("shorter than its header"));
         }
-        if !(bytes.len() - HEADER_LEN).is_multiple_of(WAITER_LEN) {
-            return Err(AdmissionError::Corrupt("truncated waiter list"));
-        }
-        // In bounds: the lengths are checked above.
+        // In bounds: the lengths are checked before each read.
         let (u16_at, u32_at) = (
             |b, i| u16_at(b, i).unwrap_or(0),
             |b, i| u32_at(b, i).unwrap_or(0),
         );
-        let waiters = bytes[HEADER_LEN..]
-            .chunks_exact(WAITER_LEN)
-            .map(|w| Waiter {
-                ticket: u32_at(w, 0),
-                worker: u16_at(w, 4),
-                granted: u16_at(w, 6) & FLAG_GRANTED != 0,
+        let n = usize::from(u16_at(bytes, 26));
+        let waiters_at = HEADER_LEN + n * INSTANCE_LEN;
+        if bytes.len() < waiters_at {
+            return Err(AdmissionError::Corrupt("truncated instance list"));
+        }
+        if !(bytes.len() - waiters_at).is_multiple_of(WAITER_LEN) {
+            return Err(AdmissionError::Corrupt("truncated waiter list"));
+        }
+        let instances = bytes[HEADER_LEN..waiters_at]
+            .chunks_exact(INSTANCE_LEN)
+            .map(|b| {
+                Ok(Instance {
+                    address: decode_address(b)?,
+                    own_capacity: nonzero(u32_at(b, 19)),
+                    active: u32_at(b, 23),
+                    gone: b[27] & INSTANCE_GONE != 0,
+                    own_from_sync: b[27] & INSTANCE_OWN_FROM_SYNC != 0,
+                    strikes: b[28],
+                    eject_until_ns: u64_at(b, 29).unwrap_or(0),
+                    picks_missed: u32_at(b, 37),
+                })
             })
-            .collect();
+            .collect::<Result<Vec<_>, AdmissionError>>()?;
+        let waiters = bytes[waiters_at..]
+            .chunks_exact(WAITER_LEN)
+            .map(|w| {
+                let flags = u16_at(w, 6);
+                let instance = u16_at(w, 8);
+                if instance != NO_INSTANCE && usize::from(instance) >= n {
+                    return Err(AdmissionError::Corrupt("waiter of no instance"));
+                }
+                Ok(Waiter {
+                    ticket: u32_at(w, 0),
+                    worker: u16_at(w, 4),
+                    granted: flags & FLAG_GRANTED != 0,
+                    pinned: flags & FLAG_PINNED != 0,
+                    instance: (instance != NO_INSTANCE).then_some(instance),
+                })
+            })
+            .collect::<Result<Vec<_>, AdmissionError>>()?;
         let flags = bytes[25];
         Ok(EndpointState {
             active: u32_at(bytes, 1),
@@ -115,6 +243,9 @@ impl EndpointState {
                 CapacitySource::Config
             },
             unhealthy: flags & FLAG_UNHEALTHY != 0,
+            instances_from_sync: flags & FLAG_INSTANCES_FROM_SYNC != 0,
+            turn: u16_at(bytes, 28),
+            instances,
             waiters,
         })
     }
@@ -130,7 +261,9 @@ impl EndpointState {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + self.waiters.len() * WAITER_LEN);
+        let mut out = Vec::with_capacity(
+            HEADER_LEN + self.instances.len() * INSTANCE_LEN + self.waiters.len() * WAITER_LEN,
+        );
         out.push(VERSION);
         out.extend_from_slice(&self.active.to_le_bytes());
         out.extend_from_slice(&self.next_ticket.to_le_bytes());
@@ -144,12 +277,41 @@ impl EndpointState {
         if self.unhealthy {
             flags |= FLAG_UNHEALTHY;
         }
+        if self.instances_from_sync {
+            flags |= FLAG_INSTANCES_FROM_SYNC;
+        }
         out.push(flags);
+        // At most MAX_INSTANCES (checked where the set is replaced).
+        out.extend_from_slice(&(self.instances.len() as u16).to_le_bytes());
+        out.extend_from_slice(&self.turn.to_le_bytes());
+        for i in &self.instances {
+            encode_address(&mut out, &i.address);
+            out.extend_from_slice(&i.own_capacity.unwrap_or(0).to_le_bytes());
+            out.extend_from_slice(&i.active.to_le_bytes());
+            let mut flags = 0;
+            if i.gone {
+                flags |= INSTANCE_GONE;
+            }
+            if i.own_from_sync {
+                flags |= INSTANCE_OWN_FROM_SYNC;
+            }
+            out.push(flags);
+            out.push(i.strikes);
+            out.extend_from_slice(&i.eject_until_ns.to_le_bytes());
+            out.extend_from_slice(&i.picks_missed.to_le_bytes());
+        }
         for w in &self.waiters {
             out.extend_from_slice(&w.ticket.to_le_bytes());
             out.extend_from_slice(&w.worker.to_le_bytes());
-            let flags = if w.granted { FLAG_GRANTED } else { 0 };
+            let mut flags = 0;
+            if w.granted {
+                flags |= FLAG_GRANTED;
+            }
+            if w.pinned {
+                flags |= FLAG_PINNED;
+            }
             out.extend_from_slice(&flags.to_le_bytes());
+            out.extend_from_slice(&w.instance.unwrap_or(NO_INSTANCE).to_le_bytes());
         }
         out
     }
@@ -166,10 +328,16 @@ impl EndpointState {
 
     /// Hands free slots to the oldest waiters; returns whether anything
     /// changed. Nothing is handed out while the backend is unhealthy: those
-    /// waiters are being answered 503.
-    pub(super) fn pump(&mut self, wake: &mut Wakeups) -> bool {
+    /// waiters are being answered 503. With instances, each waiter gets a
+    /// slot on the instance [`EndpointState::pick`] chooses, or, pinned, on
+    /// its own instance only; a pinned waiter whose instance is full lets
+    /// the ones behind it by.
+    pub(super) fn pump(&mut self, now_ns: u64, wake: &mut Wakeups) -> bool {
         if self.unhealthy {
             return false;
+        }
+        if self.picks_instances() {
+            return self.pump_instances(now_ns, wake);
         }
         let limit = self.limit();
         let mut changed = false;
@@ -183,6 +351,38 @@ impl EndpointState {
                 wake.add(w.worker);
                 changed = true;
             }
+        }
+        changed
+    }
+
+    fn pump_instances(&mut self, now_ns: u64, wake: &mut Wakeups) -> bool {
+        let mut changed = false;
+        // Once no instance has a free slot, only pinned waiters can go.
+        let mut full = false;
+        for n in 0..self.waiters.len() {
+            let w = self.waiters[n];
+            if w.granted {
+                continue;
+            }
+            let pin = w
+                .instance
+                .filter(|&i| w.pinned && self.pin_holds(i, now_ns));
+            let target = match pin {
+                Some(i) => self.has_room(usize::from(i), now_ns).then_some(i),
+                None if full => None,
+                None => self.pick(now_ns),
+            };
+            let Some(i) = target else {
+                full |= pin.is_none();
+                continue;
+            };
+            self.instances[usize::from(i)].active += 1;
+            self.active += 1;
+            let w = &mut self.waiters[n];
+            w.granted = true;
+            w.instance = Some(i);
+            wake.add(w.worker);
+            changed = true;
         }
         changed
     }

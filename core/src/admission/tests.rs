@@ -1,13 +1,54 @@
 //! The admission operations against Envoy's CAS rules, and workers racing.
 
-use super::record::{HEADER_LEN, WAITER_LEN};
+use super::record::{HEADER_LEN, INSTANCE_LEN, WAITER_LEN};
 use super::*;
-use crate::shared_data::MemSharedData;
+use crate::shared_data::{MemSharedData, SharedData};
 
 #[cfg(target_arch = "wasm32")]
 use wasm_bindgen_test::wasm_bindgen_test as test;
 
 const K: &str = "sluice:test:/p";
+
+// The operations without instances, at host time 0 (instance_tests.rs
+// covers instances and time).
+fn configure<S: SharedData>(s: &S, k: &str, c: Option<u32>) -> Result<Wakeups, AdmissionError> {
+    super::configure(s, k, c, 0)
+}
+fn apply_sync<S: SharedData>(
+    s: &S,
+    k: &str,
+    c: u32,
+    v: u64,
+) -> Result<Option<Wakeups>, AdmissionError> {
+    super::apply_sync(s, k, c, v, 0)
+}
+fn set_unhealthy<S: SharedData>(s: &S, k: &str, u: bool) -> Result<Wakeups, AdmissionError> {
+    super::set_unhealthy(s, k, u, 0)
+}
+fn acquire<S: SharedData>(
+    s: &S,
+    k: &str,
+    max_queue: u32,
+    w: WorkerId,
+) -> Result<(Acquired, Wakeups), AdmissionError> {
+    super::acquire(s, k, max_queue, w, None, 0)
+}
+fn release<S: SharedData>(s: &S, k: &str) -> Result<Wakeups, AdmissionError> {
+    super::release(s, k, None, Outcome::Unknown, Ejection::default(), 0).map(|r| r.wakeups)
+}
+/// The granted tickets, and the refused ones.
+struct Tickets {
+    granted: Vec<u32>,
+    refused: Vec<u32>,
+}
+fn claim<S: SharedData>(s: &S, k: &str, w: WorkerId) -> Result<Tickets, AdmissionError> {
+    let c = super::claim(s, k, w, 0)?;
+    assert!(c.granted.iter().all(|(_, on)| on.is_none()));
+    Ok(Tickets {
+        granted: c.granted.into_iter().map(|(t, _)| t).collect(),
+        refused: c.refused,
+    })
+}
 
 /// A store whose record of `K` is configured with `capacity`.
 fn store_with(capacity: u32) -> MemSharedData {
@@ -33,21 +74,39 @@ fn encode_decode_round_trip() {
         source: CapacitySource::Sync,
         sync_version: u64::MAX - 1,
         unhealthy: true,
+        instances_from_sync: true,
+        turn: 1,
+        instances: vec![
+            Instance::new("127.0.0.1:8001".parse().unwrap(), None),
+            Instance {
+                own_from_sync: true,
+                active: 3,
+                gone: true,
+                strikes: 2,
+                eject_until_ns: u64::MAX,
+                picks_missed: 9,
+                ..Instance::new("[::1]:65535".parse().unwrap(), Some(8))
+            },
+        ],
         waiters: vec![
             Waiter {
                 ticket: 1,
                 worker: 3,
                 granted: true,
+                instance: Some(1),
+                pinned: false,
             },
             Waiter {
                 ticket: 2,
                 worker: 65535,
                 granted: false,
+                instance: Some(0),
+                pinned: true,
             },
         ],
     };
     let bytes = s.encode();
-    assert_eq!(bytes.len(), HEADER_LEN + 2 * WAITER_LEN);
+    assert_eq!(bytes.len(), HEADER_LEN + 2 * INSTANCE_LEN + 2 * WAITER_LEN);
     assert_eq!(EndpointState::decode(&bytes).unwrap(), s);
     let neutral = EndpointState::default();
     assert_eq!(
@@ -61,14 +120,18 @@ fn encode_decode_round_trip() {
     );
     assert_eq!(
         EndpointState::decode(&bytes[..HEADER_LEN + 3]),
+        Err(AdmissionError::Corrupt("truncated instance list"))
+    );
+    assert_eq!(
+        EndpointState::decode(&bytes[..HEADER_LEN + 2 * INSTANCE_LEN + 3]),
         Err(AdmissionError::Corrupt("truncated waiter list"))
     );
     let mut other = bytes.clone();
-    other[0] = 1;
+    other[0] = 2;
     assert_eq!(
         EndpointState::decode(&other),
         Err(AdmissionError::Corrupt("unknown version")),
-        "a version-1 record (older Sluice sharing the vm_id) is refused"
+        "a version-2 record (older Sluice sharing the vm_id) is refused"
     );
 }
 
@@ -79,7 +142,7 @@ fn an_empty_value_reads_as_the_neutral_record() {
     store.set(K, b"", 0).unwrap();
     configure(&store, K, Some(1)).unwrap();
     let (acquired, _) = acquire(&store, K, 10, 0).unwrap();
-    assert_eq!(acquired, Acquired::Admitted);
+    assert_eq!(acquired, Acquired::Admitted(None));
     assert_eq!(snapshot(&store, K).unwrap().active, 1);
 }
 
@@ -104,8 +167,14 @@ fn configure_creates_once_and_never_resets_a_live_record() {
 #[test]
 fn admits_up_to_capacity_then_queues_then_rejects() {
     let store = store_with(2);
-    assert_eq!(acquire(&store, K, 2, 0).unwrap().0, Acquired::Admitted);
-    assert_eq!(acquire(&store, K, 2, 1).unwrap().0, Acquired::Admitted);
+    assert_eq!(
+        acquire(&store, K, 2, 0).unwrap().0,
+        Acquired::Admitted(None)
+    );
+    assert_eq!(
+        acquire(&store, K, 2, 1).unwrap().0,
+        Acquired::Admitted(None)
+    );
     assert_eq!(queued_ticket(&store, 2, 0), 0);
     assert_eq!(queued_ticket(&store, 2, 1), 1);
     assert_eq!(acquire(&store, K, 2, 2).unwrap().0, Acquired::QueueFull);
@@ -116,7 +185,10 @@ fn admits_up_to_capacity_then_queues_then_rejects() {
 #[test]
 fn max_queue_zero_never_queues() {
     let store = store_with(1);
-    assert_eq!(acquire(&store, K, 0, 0).unwrap().0, Acquired::Admitted);
+    assert_eq!(
+        acquire(&store, K, 0, 0).unwrap().0,
+        Acquired::Admitted(None)
+    );
     assert_eq!(acquire(&store, K, 0, 0).unwrap().0, Acquired::QueueFull);
 }
 
@@ -125,7 +197,10 @@ fn without_a_capacity_requests_pass_counted_and_never_queue() {
     let store = MemSharedData::new();
     configure(&store, K, None).unwrap();
     for _ in 0..50 {
-        assert_eq!(acquire(&store, K, 0, 0).unwrap().0, Acquired::Admitted);
+        assert_eq!(
+            acquire(&store, K, 0, 0).unwrap().0,
+            Acquired::Admitted(None)
+        );
     }
     let s = snapshot(&store, K).unwrap();
     assert_eq!((s.active, s.capacity), (50, None));
@@ -142,7 +217,10 @@ fn without_a_capacity_requests_pass_counted_and_never_queue() {
 #[test]
 fn release_hands_the_slot_to_the_oldest_waiter_across_workers() {
     let store = store_with(1);
-    assert_eq!(acquire(&store, K, 10, 0).unwrap().0, Acquired::Admitted);
+    assert_eq!(
+        acquire(&store, K, 10, 0).unwrap().0,
+        Acquired::Admitted(None)
+    );
     // Waiters arrive on workers 2, 1, 2, 0 in that order.
     let tickets: Vec<_> = [2, 1, 2, 0]
         .into_iter()
@@ -195,7 +273,7 @@ fn withdraw_waiting_and_granted() {
     assert_eq!(withdraw(&store, K, b).unwrap(), Withdrawn::NotFound);
     // A grant that races a client abort: the withdrawer now holds the slot.
     release(&store, K).unwrap();
-    assert_eq!(withdraw(&store, K, a).unwrap(), Withdrawn::Granted);
+    assert_eq!(withdraw(&store, K, a).unwrap(), Withdrawn::Granted(None));
     let s = snapshot(&store, K).unwrap();
     assert_eq!((s.active, s.waiters.len()), (1, 0));
     release(&store, K).unwrap();
@@ -290,7 +368,10 @@ fn unhealthy_refuses_newcomers_and_every_waiter_then_recovers() {
     let s = snapshot(&store, K).unwrap();
     assert_eq!((s.active, s.waiters.len()), (0, 0), "a's slot given back");
     assert!(set_unhealthy(&store, K, false).unwrap().is_empty());
-    assert_eq!(acquire(&store, K, 10, 0).unwrap().0, Acquired::Admitted);
+    assert_eq!(
+        acquire(&store, K, 10, 0).unwrap().0,
+        Acquired::Admitted(None)
+    );
 }
 
 /// Several threads act as Envoy workers, each with its own requests, all
@@ -321,7 +402,7 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
             std::thread::spawn(move || {
                 for i in 0..REQUESTS {
                     let mut holding = match acquire(&*store, K, 1000, worker).unwrap().0 {
-                        Acquired::Admitted => true,
+                        Acquired::Admitted(_) => true,
                         Acquired::QueueFull | Acquired::Unhealthy => {
                             panic!("cannot happen here")
                         }
@@ -345,7 +426,7 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
                             if !got {
                                 match withdraw(&*store, K, ticket).unwrap() {
                                     Withdrawn::Removed => timed_out.fetch_add(1, Ordering::SeqCst),
-                                    Withdrawn::Granted => {
+                                    Withdrawn::Granted(_) => {
                                         got = true;
                                         0
                                     }

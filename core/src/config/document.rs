@@ -119,6 +119,10 @@ pub struct Document {
     pub health_check_interval: Option<Value>,
     /// What Envoy needs to reach the backend's `health_endpoint`.
     pub health: Option<Section<HealthDoc>>,
+    /// The service's instances, each held to its own capacity: the filter
+    /// picks the instance for every request (front proxies; absent for a
+    /// sidecar).
+    pub instances: Option<Section<super::instances::InstancesDoc>>,
     /// Keys no part reads.
     #[serde(flatten)]
     #[cfg_attr(feature = "schema", schemars(skip))]
@@ -138,10 +142,15 @@ pub struct EndpointDoc {
     /// HTTP methods this endpoint applies to; absent means all.
     #[cfg_attr(feature = "schema", schemars(with = "Vec<String>", length(min = 1), extend("items" = {"type": "string", "pattern": "^[A-Za-z]+$"})))]
     pub methods: Option<Value>,
-    /// Concurrent requests the endpoint can take; absent: watched, not
-    /// limited, until measured (the prober writes it).
+    /// Concurrent requests the endpoint can take (with `instances`: each
+    /// instance); absent: watched, not limited, until measured (the prober
+    /// writes it).
     #[cfg_attr(feature = "schema", schemars(with = "u32", range(min = 1)))]
     pub capacity: Option<Value>,
+    /// With `instances`: the capacities of instances that differ from
+    /// `capacity`, by `IP:port` (the prober's `--each-instance` writes it).
+    #[cfg_attr(feature = "schema", schemars(with = "IndexMap<String, u32>", extend("additionalProperties" = {"type": "integer", "minimum": 1, "maximum": 4294967295_u64})))]
+    pub instance_capacity: Option<Value>,
     /// Overrides the service's `queue_timeout`.
     #[cfg_attr(
         feature = "schema",

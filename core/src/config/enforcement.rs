@@ -8,8 +8,10 @@
 
 use super::check::{self, unknown_keys, ConfigError, ConfigWarning, WarningKind};
 use super::document::{Document, EndpointDoc, Section};
+use super::instances::Instances;
 use super::shown;
 use serde_json::Value;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// Default seconds a request may wait for a slot (fastapi-balancer's default).
@@ -44,6 +46,9 @@ pub struct Config {
     /// true); false leaves Envoy's stats without them.
     pub metrics: bool,
     pub endpoints: Vec<Endpoint>,
+    /// The instances the filter picks from (`instances`); `None`: a sidecar,
+    /// or a front proxy that counts for everything behind it.
+    pub instances: Option<Instances>,
     /// Things worth a log line that do not stop the plugin (unknown keys).
     pub warnings: Vec<ConfigWarning>,
 }
@@ -77,6 +82,9 @@ pub struct Endpoint {
     pub count_upgrades: bool,
     /// Cap on the `content-length` bytes of all queued requests together.
     pub max_queued_bytes: Option<u64>,
+    /// Capacities of instances that differ from `capacity`
+    /// (`instance_capacity`).
+    pub instance_capacity: Vec<(SocketAddr, u32)>,
 }
 
 /// The service-wide values an endpoint falls back to.
@@ -144,9 +152,16 @@ impl TryFrom<&Document> for Config {
                 ),
             )
         })?;
+        let instances = Instances::from_document(doc, &mut warnings)?;
         let mut endpoints = Vec::new();
         for (path, spec) in specs.into_iter().flatten() {
-            endpoints.push(endpoint(path, spec.as_ref(), &defaults, &mut warnings)?);
+            endpoints.push(endpoint(
+                path,
+                spec.as_ref(),
+                &defaults,
+                instances.as_ref(),
+                &mut warnings,
+            )?);
         }
         if endpoints.is_empty() {
             warnings.push(ConfigWarning {
@@ -172,6 +187,7 @@ impl TryFrom<&Document> for Config {
             queue_full_status: defaults.queue_full_status,
             metrics,
             endpoints,
+            instances,
             warnings,
         })
     }
@@ -234,6 +250,7 @@ fn endpoint(
     path: &str,
     spec: Option<&Section<EndpointDoc>>,
     defaults: &Defaults,
+    instances: Option<&Instances>,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Result<Endpoint, ConfigError> {
     let key = |field: &str| format!("endpoints.{path}.{field}");
@@ -346,6 +363,10 @@ fn endpoint(
             }
         },
     };
+    let instance_capacity = match &fields.instance_capacity {
+        None | Some(Value::Null) => Vec::new(),
+        Some(v) => super::instances::instance_capacity(v, &key("instance_capacity"), instances)?,
+    };
     Ok(Endpoint {
         path: path.to_string(),
         match_kind,
@@ -358,7 +379,28 @@ fn endpoint(
         queue_full_status,
         count_upgrades,
         max_queued_bytes,
+        instance_capacity,
     })
+}
+
+impl Endpoint {
+    /// The static instances with this endpoint's own capacity of each
+    /// (`None`: the endpoint's `capacity`).
+    pub fn instance_hosts(&self, instances: &Instances) -> Vec<(SocketAddr, Option<u32>)> {
+        instances
+            .hosts()
+            .iter()
+            .map(|&a| (a, self.own_capacity(&a)))
+            .collect()
+    }
+
+    /// The capacity `instance_capacity` gives instance `a`, if any.
+    pub fn own_capacity(&self, a: &SocketAddr) -> Option<u32> {
+        self.instance_capacity
+            .iter()
+            .find(|(b, _)| b == a)
+            .map(|&(_, c)| c)
+    }
 }
 
 /// A valid `capacity` value: a positive integer that fits a `u32`.

@@ -13,6 +13,7 @@ pub mod callouts;
 pub mod check;
 mod document;
 mod enforcement;
+pub mod instances;
 pub mod json_keys;
 mod ui;
 #[cfg(feature = "yaml")]
@@ -33,6 +34,7 @@ pub use enforcement::{
     DEFAULT_MAX_QUEUE, DEFAULT_QUEUE_FULL_STATUS, DEFAULT_QUEUE_TIMEOUT_SECS, DEFAULT_SERVICE,
     MAX_QUEUE_LIMIT,
 };
+pub use instances::{InstanceSet, Instances, Sticky, DEFAULT_INSTANCE_HEADER};
 pub use ui::{StatsDoc, Ui, DEFAULT_STATS_PATH, DEFAULT_UI_PATH, DEFAULT_UI_REFRESH_SECS};
 
 use serde_json::Value;
