@@ -80,12 +80,13 @@ impl Slot {
         store: &S,
         key: &str,
         served: Option<SocketAddr>,
+        ejection: Ejection,
         now_ns: u64,
     ) -> Result<Wakeups, AdmissionError> {
         let Some(picked) = self.instance else {
             return Ok(Wakeups::default());
         };
-        let (now_on, wakeups) = admission::missed(store, key, picked, served, now_ns)?;
+        let (now_on, wakeups) = admission::missed(store, key, picked, served, ejection, now_ns)?;
         self.instance = now_on;
         Ok(wakeups)
     }

@@ -179,6 +179,8 @@ struct StreamRecord {
     code_details: Option<String>,
     /// Host time (ns) its first byte reached Envoy (`request.time`).
     arrived_ns: u64,
+    /// The host that served it, as `upstream.address` reports it.
+    upstream_address: Option<String>,
 }
 
 /// A gRPC stream a VM opened.
@@ -430,6 +432,7 @@ impl Host for FakeHost {
         self.called("get_property");
         self.with_current(|_, s| match path {
             ["request", "time"] => Some(s.arrived_ns.to_le_bytes().to_vec()),
+            ["upstream", "address"] => s.upstream_address.clone().map(String::into_bytes),
             ["response", "code_details"] => Some(
                 s.code_details
                     .clone()
@@ -437,6 +440,17 @@ impl Host for FakeHost {
                     .into_bytes(),
             ),
             _ => None,
+        })
+    }
+
+    fn set_http_request_header(&self, name: &str, value: Option<&str>) {
+        self.called("set_http_request_header");
+        self.with_current(|_, s| {
+            s.request_headers
+                .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+            if let Some(v) = value {
+                s.request_headers.push((name.to_string(), v.to_string()));
+            }
         })
     }
 
@@ -784,6 +798,44 @@ impl FakeStream {
             s.code_details = Some("upstream_response_timeout".into());
         });
         self.complete();
+    }
+
+    /// Only the response headers (more body to come).
+    pub fn respond_headers(&mut self) {
+        self.in_callback(|s| {
+            s.on_response_headers(false);
+        });
+    }
+
+    /// The last body chunk of a response whose headers went through.
+    pub fn finish_body(&mut self) {
+        self.in_callback(|s| {
+            s.on_response_body(true);
+        });
+    }
+
+    /// Envoy could not connect to the instance (or it reset before
+    /// answering): Envoy's own 503, which goes out in full.
+    pub fn upstream_failed(&mut self) {
+        self.host.stream(self.id, |s| {
+            s.status = Some(503);
+            s.code_details =
+                Some("upstream_reset_before_response_started{remote_connection_failure}".into());
+        });
+        self.complete();
+    }
+
+    /// Envoy sent it to `address` (`upstream.address`).
+    pub fn served_by(&self, address: &str) {
+        self.host
+            .stream(self.id, |s| s.upstream_address = Some(address.to_string()));
+    }
+
+    /// A request header as the filter left it (the steering header).
+    pub fn request_header(&self, name: &str) -> Option<String> {
+        self.host.stream(self.id, |s| {
+            header(&s.request_headers, name).map(str::to_string)
+        })
     }
 
     /// Response headers from the backend, then the client goes away before

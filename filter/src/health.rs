@@ -189,7 +189,7 @@ impl HealthCheck {
 /// whose waiters must now be answered (or admitted).
 pub fn mark<H: Host>(worker: &Worker<H>, unhealthy: bool) {
     for route in &worker.routes.endpoints {
-        match admission::set_unhealthy(&worker.host, &route.key, unhealthy) {
+        match admission::set_unhealthy(&worker.host, &route.key, unhealthy, worker.host.now_ns()) {
             Ok(wakeups) => worker.wake(&wakeups),
             Err(e) => log::warn!("health: cannot mark {}: {e}", route.path),
         }

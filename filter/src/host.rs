@@ -52,6 +52,9 @@ pub trait Host: SharedData {
     fn get_http_request_header(&self, name: &str) -> Option<String>;
     fn get_http_response_header(&self, name: &str) -> Option<String>;
     fn set_http_response_header(&self, name: &str, value: &str);
+    /// Sets a request header (`None`: removes it), before the request goes
+    /// upstream (the instance steering header).
+    fn set_http_request_header(&self, name: &str, value: Option<&str>);
     /// A property of the current stream, e.g. `["response", "code_details"]`.
     fn get_property(&self, path: &[&str]) -> Option<Vec<u8>>;
 
@@ -181,6 +184,10 @@ impl Host for Envoy {
 
     fn set_http_response_header(&self, name: &str, value: &str) {
         hostcalls::set_map_value(MapType::HttpResponseHeaders, name, Some(value)).unwrap()
+    }
+
+    fn set_http_request_header(&self, name: &str, value: Option<&str>) {
+        hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value).unwrap()
     }
 
     // Not the trait method, which panics on a serialization failure.

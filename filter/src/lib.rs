@@ -20,6 +20,8 @@ mod worker;
 #[cfg(test)]
 mod fake_host;
 #[cfg(test)]
+mod instance_tests;
+#[cfg(test)]
 mod sync_tests;
 #[cfg(test)]
 mod tests;

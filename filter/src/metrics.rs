@@ -26,9 +26,10 @@
 use crate::host::Host;
 use crate::routes::Routes;
 use proxy_wasm::types::{MetricType, Status};
-use sluice_core::admission::{self, EndpointState};
+use sluice_core::admission::{self, EndpointState, Instance};
 use sluice_core::EndpointId;
 use std::cell::RefCell;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// First segment of every name (after Envoy's `wasmcustom.`).
@@ -49,10 +50,13 @@ pub enum Counter {
     Unhealthy,
     /// Let through unaccounted because the shared record failed us.
     FailedOpen,
+    /// Picked for an instance, sent by Envoy to another host (not an
+    /// outcome: the request was admitted).
+    PicksMissed,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Requests,
         Counter::AdmittedAtOnce,
         Counter::AdmittedAfterWait,
@@ -60,6 +64,7 @@ impl Counter {
         Counter::QueueFull,
         Counter::Unhealthy,
         Counter::FailedOpen,
+        Counter::PicksMissed,
     ];
 
     /// The end of the metric's name: `requests_total`, or the outcome then
@@ -73,6 +78,7 @@ impl Counter {
             Counter::QueueFull => "queue_full.outcomes_total",
             Counter::Unhealthy => "unhealthy.outcomes_total",
             Counter::FailedOpen => "failed_open.outcomes_total",
+            Counter::PicksMissed => "picks_missed_total",
         }
     }
 
@@ -99,10 +105,37 @@ pub const SYNC_CONNECTED: &str = "sync_connected";
 /// cannot rescale them for Prometheus (docs/metrics.md says how to query
 /// seconds).
 pub const QUEUE_WAIT_MS: &str = "queue_wait_milliseconds";
+/// Per instance (`sluice_instance` tag): its capacity for the endpoint, its
+/// requests in flight, 1 while it is ejected.
+pub const INSTANCE_GAUGES: [&str; 3] = [
+    "instance_capacity",
+    "instance_in_flight",
+    "instance_ejected",
+];
 
 /// The full name of one endpoint's metric, without Envoy's `wasmcustom.`.
 pub fn metric_name(service: &str, path: &str, suffix: &str) -> String {
     format!("{PREFIX}.{service}.{path}.{suffix}")
+}
+
+/// The full name of one instance's gauge: `@<address>` before the suffix,
+/// which the `sluice_instance` tag cuts out.
+pub fn instance_metric_name(service: &str, path: &str, address: &str, suffix: &str) -> String {
+    format!("{PREFIX}.{service}.{path}.@{address}.{suffix}")
+}
+
+/// One instance's gauges as they stand in a record at `now_ns`.
+fn instance_gauges(state: &EndpointState, i: &Instance, now_ns: u64) -> [u64; 3] {
+    let capacity = if i.gone {
+        0
+    } else {
+        i.own_capacity.or(state.capacity).unwrap_or(0)
+    };
+    [
+        u64::from(capacity),
+        u64::from(i.active),
+        u64::from(i.ejected(now_ns)),
+    ]
 }
 
 /// One endpoint's metric ids in this VM.
@@ -129,20 +162,22 @@ struct Gauges {
 }
 
 impl Gauges {
-    fn of(bytes: &[u8]) -> Option<Gauges> {
+    fn of(bytes: &[u8], now_ns: u64) -> Option<(Gauges, EndpointState)> {
         // An empty value is what Envoy's remove leaves: the neutral record.
         let state = if bytes.is_empty() {
             EndpointState::default()
         } else {
             EndpointState::decode(bytes).ok()?
         };
-        Some(Gauges {
+        let gauges = Gauges {
             in_flight: state.active,
             queued: state.queued(),
-            capacity: state.capacity.unwrap_or(0),
+            // With instances, the sum of those that can be picked.
+            capacity: state.total_capacity(now_ns).unwrap_or(0),
             unhealthy: state.unhealthy,
             sync_version: state.sync_version,
-        })
+        };
+        Some((gauges, state))
     }
 }
 
@@ -160,6 +195,9 @@ pub struct Metrics {
     sync_connected: RefCell<Option<Vec<Option<u32>>>>,
     /// `(service, path)` by endpoint index, to define that late.
     names: Vec<(String, String)>,
+    /// Per endpoint index, the instances whose gauges this VM defined (as
+    /// they appear: discovery adds them) and their ids.
+    instances: RefCell<Vec<Vec<(SocketAddr, [u32; 3])>>>,
 }
 
 impl Metrics {
@@ -197,6 +235,7 @@ impl Metrics {
                 .iter()
                 .map(|r| (routes.service.clone(), r.path.clone()))
                 .collect(),
+            instances: RefCell::new(vec![Vec::new(); routes.endpoints.len()]),
         }
     }
 
@@ -231,14 +270,16 @@ impl Metrics {
     /// from the leader's stream (`None`: no `sync`): the leader's job, on
     /// its tick.
     pub fn publish_gauges<H: Host>(&self, host: &H, sync_connected: Option<bool>) {
-        for (ids, key) in self.ids.iter().zip(&self.keys) {
+        let now = host.now_ns();
+        for (ep, (ids, key)) in self.ids.iter().zip(&self.keys).enumerate() {
             let Some(ids) = ids else { continue };
             let Ok(Some((bytes, _))) = host.get(key) else {
                 continue;
             };
-            let Some(g) = Gauges::of(&bytes) else {
+            let Some((g, state)) = Gauges::of(&bytes, now) else {
                 continue;
             };
+            self.publish_instances(host, ep, &state, now);
             let _ = host.record_metric(ids.capacity, u64::from(g.capacity));
             let _ = host.record_metric(ids.in_flight, u64::from(g.in_flight));
             let _ = host.record_metric(ids.queued, u64::from(g.queued));
@@ -260,6 +301,41 @@ impl Metrics {
             });
             for id in ids.iter().flatten() {
                 let _ = host.record_metric(*id, u64::from(connected));
+            }
+        }
+    }
+
+    /// Sets endpoint `ep`'s per-instance gauges from its record, defining
+    /// those of instances new to this VM; an instance no longer in the
+    /// record reads 0 (Envoy cannot drop a stat).
+    fn publish_instances<H: Host>(&self, host: &H, ep: usize, state: &EndpointState, now: u64) {
+        let mut defined = self.instances.borrow_mut();
+        let defined = &mut defined[ep];
+        for inst in &state.instances {
+            if defined.iter().any(|(a, _)| *a == inst.address) {
+                continue;
+            }
+            let (service, path) = &self.names[ep];
+            let address = inst.address.to_string();
+            let mut ids = [0; 3];
+            for (id, suffix) in ids.iter_mut().zip(INSTANCE_GAUGES) {
+                let name = instance_metric_name(service, path, &address, suffix);
+                match host.define_metric(MetricType::Gauge, &name) {
+                    Ok(i) => *id = i,
+                    Err(e) => {
+                        log::debug!("no gauge {name}: {e:?}");
+                        return;
+                    }
+                }
+            }
+            defined.push((inst.address, ids));
+        }
+        for (address, ids) in defined.iter() {
+            let values = state
+                .instance_index(address)
+                .map_or([0; 3], |i| instance_gauges(state, &state.instances[i], now));
+            for (id, v) in ids.iter().zip(values) {
+                let _ = host.record_metric(*id, v);
             }
         }
     }
@@ -316,7 +392,12 @@ mod tests {
     fn counters(envoy: &FakeEnvoy) -> Vec<(&'static str, u64)> {
         Counter::ALL
             .iter()
-            .map(|c| (c.outcome().unwrap_or("requests"), metric(envoy, c.suffix())))
+            .map(|c| {
+                let label = c
+                    .outcome()
+                    .unwrap_or_else(|| c.suffix().trim_end_matches("_total"));
+                (label, metric(envoy, c.suffix()))
+            })
             .collect()
     }
 
@@ -411,6 +492,7 @@ mod tests {
                 ("queue_full", 1),
                 ("unhealthy", 0),
                 ("failed_open", 0),
+                ("picks_missed", 0),
             ]
         );
         assert_eq!(

@@ -105,14 +105,25 @@ impl<H: Host + Clone> Root<H> {
         // the main thread before any worker VM exists, and a write to a
         // missing key ignores CAS) and apply this configuration's
         // capacities, in force at once on every worker, old VMs included.
+        let now = self.host.now_ns();
         for route in &worker.routes.endpoints {
             let key = &route.key;
             // Through the worker's host, so the capacity gauge follows.
-            let wakeups = admission::configure(&worker.host, key, route.configured)
+            let wakeups = admission::configure(&worker.host, key, route.configured, now)
                 .map_err(|e| format!("shared data {key}: {e}"))?;
             worker.wake(&wakeups);
+            // The static instances (none: a set an older configuration gave
+            // leaves; one sync discovered stays).
+            let wakeups = admission::set_instances(
+                &worker.host,
+                key,
+                &route.hosts,
+                admission::InstanceSource::Config,
+                now,
+            )
+            .map_err(|e| format!("shared data {key}: {e}"))?;
+            worker.wake(&wakeups);
         }
-        let now = self.host.now_ns();
         // The lease and the leader's duties run on the base tick, from the
         // first tick on, once this VM has its worker index (the canary VM is
         // destroyed before its first tick, so it never takes an index nor

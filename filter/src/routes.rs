@@ -1,11 +1,21 @@
 //! Which endpoint a request belongs to, decided on its normalised path
 //! ([`crate::path`]) and without allocation for ordinary paths.
 
-use sluice_core::config::{Config, MatchKind};
+use sluice_core::admission::Ejection;
+use sluice_core::config::{Config, MatchKind, Sticky};
 use sluice_core::shared_keys;
 use sluice_core::EndpointId;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
+
+/// How requests are steered to the instance picked for them (`instances`).
+pub struct Steering {
+    /// The request header Envoy's `override_host` policy reads.
+    pub header: String,
+    pub ejection: Ejection,
+    pub sticky: Option<Sticky>,
+}
 
 /// A watched endpoint, ready for the request path.
 pub struct Route {
@@ -27,6 +37,11 @@ pub struct Route {
     pub count_upgrades: bool,
     /// `max_queued_bytes` and the key of its shared counter.
     pub queued_bytes: Option<(u64, String)>,
+    /// The static instances (`instances.hosts`) with this endpoint's own
+    /// capacity of each; empty without them (or with `dns`).
+    pub hosts: Vec<(SocketAddr, Option<u32>)>,
+    /// `instance_capacity`: also applied to instances sync discovers.
+    pub instance_capacity: Vec<(SocketAddr, u32)>,
     methods: Vec<String>,
 }
 
@@ -35,6 +50,8 @@ pub struct Routes {
     /// The configuration's `metrics`: define them in Envoy's stats.
     pub metrics: bool,
     pub endpoints: Vec<Route>,
+    /// With `instances`: every endpoint picks its instance.
+    pub steering: Option<Steering>,
     exact: HashMap<String, usize>,
     /// Longest prefix first.
     prefixes: Vec<usize>,
@@ -63,6 +80,12 @@ impl Routes {
                 max_upload_time: e.max_upload_time,
                 queue_full_status: e.queue_full_status,
                 count_upgrades: e.count_upgrades,
+                hosts: config
+                    .instances
+                    .as_ref()
+                    .map(|i| e.instance_hosts(i))
+                    .unwrap_or_default(),
+                instance_capacity: e.instance_capacity.clone(),
                 methods: e.methods.clone(),
             });
             match e.match_kind {
@@ -77,6 +100,14 @@ impl Routes {
             service: config.service.clone(),
             metrics: config.metrics,
             endpoints,
+            steering: config.instances.as_ref().map(|i| Steering {
+                header: i.header.clone(),
+                ejection: Ejection {
+                    base_ns: i.eject_time.as_nanos() as u64,
+                    max_ns: i.max_eject_time.as_nanos() as u64,
+                },
+                sticky: i.sticky.clone(),
+            }),
             exact,
             prefixes,
         }

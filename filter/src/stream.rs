@@ -10,7 +10,10 @@ use crate::routes::Route;
 use crate::worker::{Waiting, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
+use sluice_core::admission::Pin;
+use sluice_core::config::{Sticky, DEFAULT_INSTANCE_HEADER};
 use sluice_core::holding::{self, Arrival, Slot, Ticket};
+use std::net::SocketAddr;
 use std::rc::Rc;
 
 /// Where one request stands, and who owns what it holds.
@@ -36,6 +39,9 @@ enum End {
     /// during it, or Envoy answered for it): the backend may still be
     /// computing, or still generating a streamed response.
     Abandoned,
+    /// Envoy could not get a response started from the instance (connection
+    /// refused, reset): it never ran the request, and is ejected.
+    Failed,
 }
 
 pub struct Stream<H> {
@@ -98,14 +104,22 @@ impl<H: Host> Stream<H> {
             // Fail open: without an index nobody could wake this request.
             return Action::Continue;
         };
+        let steering = worker.routes.steering.as_ref();
+        // Time only matters to instances (ejection back-offs): no hostcall
+        // for an endpoint without them.
+        let now = steering.map_or(0, |_| host.now_ns());
+        let pin = steering
+            .and_then(|s| s.sticky.as_ref())
+            .and_then(|sticky| session_pin(host, sticky));
         // The capacity in force is in the record this reads anyway.
-        match holding::acquire(host, &route.key, ep, route.max_queue, worker_id) {
+        match holding::acquire(host, &route.key, ep, route.max_queue, worker_id, pin, now) {
             Ok((arrival, wakeups)) => {
                 if !wakeups.is_empty() {
                     worker.in_stream(self.context_id, || worker.wake(&wakeups));
                 }
                 match arrival {
                     Arrival::Admitted(slot) => {
+                        steer(&worker, slot.instance());
                         worker.metrics.count(ep, Counter::AdmittedAtOnce);
                         let admitted_ns = worker.time_next(ep).then(|| host.now_ns());
                         if !end_of_stream {
@@ -151,6 +165,7 @@ impl<H: Host> Stream<H> {
             }
             Err(e) => {
                 // Fail open: shared data trouble must not take the service down.
+                steer(&worker, None);
                 worker.metrics.count(ep, Counter::FailedOpen);
                 log::warn!(
                     "acquire on {}: {e}; letting the request through",
@@ -170,6 +185,7 @@ impl<H: Host> Stream<H> {
         let route = worker.routes.route(ticket.endpoint());
         match ticket.withdraw(host, &route.key) {
             Ok(Some(slot)) => {
+                steer(&worker, slot.instance());
                 self.state = State::Holding(slot.timed(Some(host.now_ns())));
                 Action::Continue
             }
@@ -208,6 +224,15 @@ impl<H: Host> Stream<H> {
                 self.state = State::Holding(slot);
             }
         }
+        if let State::Holding(slot) = &mut self.state {
+            if slot.instance().is_some() {
+                self.worker.check_pick(slot);
+            }
+        }
+        if self.instance_failed() {
+            self.finish(End::Failed);
+            return Action::Continue;
+        }
         if self.answered_for_the_backend() {
             // Envoy gave up on the backend (route timeout, idle timeout),
             // which goes on computing.
@@ -218,6 +243,23 @@ impl<H: Host> Stream<H> {
             self.finish(End::Complete);
         }
         Action::Continue
+    }
+
+    /// Whether this response is Envoy's 503 for an instance it could not get
+    /// a response from (refused or reset): only asked of a request counted
+    /// on an instance, and only about a 503.
+    fn instance_failed(&self) -> bool {
+        let State::Holding(slot) = &self.state else {
+            return false;
+        };
+        if slot.instance().is_none() {
+            return false;
+        }
+        let host = &self.worker.host;
+        host.get_http_response_header(":status").as_deref() == Some("503")
+            && host
+                .get_property(&["response", "code_details"])
+                .is_some_and(|d| d.starts_with(b"upstream_reset_before_response_started"))
     }
 
     /// Whether this response is Envoy's own timeout reply rather than the
@@ -285,6 +327,7 @@ impl<H: Host> Stream<H> {
         // resumes at once.
         worker.in_stream(self.context_id, || match how {
             End::Complete => worker.complete(slot),
+            End::Failed => worker.fail(slot),
             // Answered 408 for a late body: the backend was only reading.
             End::Abandoned if worker.take_upload_timeout(self.context_id) => worker.release(slot),
             // An untimed request admitted at once was admitted when it
@@ -300,6 +343,52 @@ impl<H: Host> Stream<H> {
             }
         });
     }
+}
+
+/// Steers the current request to the instance its slot is on: sets the
+/// header Envoy's `override_host` policy reads, or, with instances but
+/// none picked (failing open), removes one the client sent, so that no
+/// client chooses an instance itself.
+pub fn steer<H: Host>(worker: &Worker<H>, on: Option<SocketAddr>) {
+    let header = worker
+        .routes
+        .steering
+        .as_ref()
+        .map_or(DEFAULT_INSTANCE_HEADER, |s| s.header.as_str());
+    match on {
+        Some(a) => worker
+            .host
+            .set_http_request_header(header, Some(&a.to_string())),
+        None if worker.routes.steering.is_some() => {
+            worker.host.set_http_request_header(header, None)
+        }
+        None => {}
+    }
+}
+
+/// The session a sticky request belongs to: its sticky header's value, or
+/// its cookie's; `None` without one (picked like any other).
+fn session_pin<H: Host>(host: &H, sticky: &Sticky) -> Option<Pin> {
+    match sticky {
+        Sticky::Header(name) => host
+            .get_http_request_header(name)
+            .filter(|v| !v.is_empty())
+            .map(|v| Pin::of(v.as_bytes())),
+        Sticky::Cookie(name) => {
+            let cookies = host.get_http_request_header("cookie")?;
+            cookie(&cookies, name).map(|v| Pin::of(v.as_bytes()))
+        }
+    }
+}
+
+/// The value of cookie `name` in a `cookie` header, if set and not empty.
+fn cookie<'a>(header: &'a str, name: &str) -> Option<&'a str> {
+    header
+        .split(';')
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim_matches('"'))
+        .filter(|v| !v.is_empty())
 }
 
 /// When the request reached Envoy (`request.time`: its first byte), which

@@ -324,7 +324,13 @@ impl SyncClient {
                 log::warn!("sync: {} has capacity 0; ignored", e.path);
                 continue;
             }
-            match admission::apply_sync(&worker.host, &route.key, e.capacity, snapshot.version) {
+            match admission::apply_sync(
+                &worker.host,
+                &route.key,
+                e.capacity,
+                snapshot.version,
+                worker.host.now_ns(),
+            ) {
                 Ok(Some(wakeups)) => worker.wake(&wakeups),
                 Ok(None) => log::debug!("sync: {} holds a newer version", e.path),
                 Err(e) => log::warn!("sync: cannot apply to {}: {e}", route.path),

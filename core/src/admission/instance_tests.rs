@@ -242,14 +242,17 @@ fn a_missed_pick_moves_the_count_to_what_really_runs() {
     let a = admit(&store, 0).unwrap();
     let b = admit(&store, 0).unwrap();
     // Envoy sent a's request to b: b runs two, a none, and a is free again.
-    let (now_on, _) = missed(&store, K, a, Some(b), 0).unwrap();
+    let (now_on, _) = missed(&store, K, a, Some(b), Ejection::default(), 0).unwrap();
     assert_eq!(now_on, Some(b));
     assert_eq!((inst(&store, a).active, inst(&store, b).active), (0, 2));
     assert_eq!(inst(&store, a).picks_missed, 1);
-    assert_eq!(admit(&store, 0), Some(a));
+    // Not in Envoy's cluster, as far as anyone can tell: out of picking for
+    // its back-off, then tried again.
+    assert!(inst(&store, a).ejected(S / 2));
+    assert_eq!(admit(&store, S), Some(a));
     // Sent to a host outside the set: counted on no instance, but still on
     // the endpoint until it ends.
-    let (now_on, _) = missed(&store, K, a, Some(addr(7777)), 0).unwrap();
+    let (now_on, _) = missed(&store, K, a, Some(addr(7777)), Ejection::default(), S).unwrap();
     assert_eq!(now_on, None);
     release(&store, K, None, Outcome::Served, Ejection::default(), 0).unwrap();
     done(&store, b, Outcome::Served, 0);

@@ -386,12 +386,15 @@ pub fn release<S: SharedData>(
 /// Envoy sent a request picked for `picked` to `served` instead (the pick
 /// was not in its cluster): the books follow what really runs. Returns the
 /// instance the request now counts against (`served`, if it is one of the
-/// set) and the workers a slot freed on `picked` woke.
+/// set) and the workers a slot freed on `picked` woke. `picked` is ejected
+/// like an instance that failed: picking it again would only miss again
+/// until Envoy's cluster has it.
 pub fn missed<S: SharedData>(
     store: &S,
     key: &str,
     picked: SocketAddr,
     served: Option<SocketAddr>,
+    ejection: Ejection,
     now_ns: u64,
 ) -> Result<(Option<SocketAddr>, Wakeups), AdmissionError> {
     update(store, key, |s| {
@@ -402,6 +405,8 @@ pub fn missed<S: SharedData>(
         let inst = &mut s.instances[i];
         inst.active = inst.active.saturating_sub(1);
         inst.picks_missed = inst.picks_missed.saturating_add(1);
+        inst.strikes = inst.strikes.saturating_add(1);
+        inst.eject_until_ns = now_ns.saturating_add(ejection.backoff_ns(inst.strikes));
         let now_on = served.and_then(|a| s.instance_index(&a)).map(|j| {
             s.instances[j].active += 1;
             s.instances[j].address

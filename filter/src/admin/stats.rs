@@ -85,6 +85,27 @@ impl Cache {
     }
 }
 
+/// Each instance of an endpoint's record, as the dashboard shows it.
+fn instances(s: &admission::EndpointState, now_ns: u64) -> Vec<serde_json::Value> {
+    s.instances
+        .iter()
+        .map(|i| {
+            let ejected = i.ejected(now_ns);
+            json!({
+                "address": i.address.to_string(),
+                "capacity": i.own_capacity.or(s.capacity),
+                "capacity_source": if i.own_from_sync { "sync" } else if i.own_capacity.is_some() { "instance" } else { "endpoint" },
+                "in_flight": i.active,
+                "ejected": ejected,
+                "ejected_for_ms": if ejected { (i.eject_until_ns - now_ns) / 1_000_000 } else { 0 },
+                "failures": i.strikes,
+                "picks_missed": i.picks_missed,
+                "gone": i.gone,
+            })
+        })
+        .collect()
+}
+
 /// The capacity is the one in force (shared record); `null` while an
 /// endpoint has none (it passes). Ages as of `now_ns`.
 fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_json::Value {
@@ -95,13 +116,23 @@ fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_jso
                 "capacity": s.capacity,
                 "capacity_source": s.source.as_str(),
                 "configured_capacity": r.configured,
+                // With instances, the sum of those that can be picked now.
+                "total_capacity": s.total_capacity(now_ns),
                 "active_requests": s.active,
-                "available_slots": s.capacity.map(|c| c.saturating_sub(s.active)),
+                "available_slots": s.total_capacity(now_ns).map(|c| c.saturating_sub(s.active)),
                 "queued": s.queued(),
                 "max_queue": r.max_queue,
                 "queue_timeout": r.queue_timeout.as_secs_f64(),
                 "sync_version": s.sync_version,
                 "unhealthy": s.unhealthy,
+                "instances_source": if s.instances.is_empty() {
+                    None
+                } else if s.instances_from_sync {
+                    Some("sync")
+                } else {
+                    Some("config")
+                },
+                "instances": instances(&s, now_ns),
             }),
             Err(e) => json!({ "capacity": r.configured, "error": e.to_string() }),
         };

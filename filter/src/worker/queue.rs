@@ -131,11 +131,13 @@ impl<H: Host> Worker<H> {
         let Some(id) = self.taken_id() else { return };
         for ep in endpoints {
             let route = self.routes.route(ep);
-            let claimed = self
-                .queue
-                .waiters
-                .borrow_mut()
-                .claim(&self.host, &route.key, ep, id);
+            let claimed = self.queue.waiters.borrow_mut().claim(
+                &self.host,
+                &route.key,
+                ep,
+                id,
+                self.host.now_ns(),
+            );
             let claimed = match claimed {
                 Ok(c) => c,
                 Err(e) => {
@@ -227,8 +229,10 @@ impl<H: Host> Worker<H> {
         let now = self.host.now_ns();
         let slot = slot.timed(Some(now));
         self.upload_admitted(w.context_id, now);
-        let resumed = self.host.set_effective_context(w.context_id).is_ok()
-            && self.host.resume_http_request().is_ok();
+        let resumed = self.host.set_effective_context(w.context_id).is_ok() && {
+            crate::stream::steer(self, slot.instance());
+            self.host.resume_http_request().is_ok()
+        };
         if resumed {
             self.left_queue(&w, Counter::AdmittedAfterWait);
             self.queue.resumed.borrow_mut().push((w.context_id, slot));

@@ -5,7 +5,9 @@
 
 use super::Worker;
 use crate::host::Host;
+use crate::metrics::Counter;
 use sluice_core::abandon::{self, hold_ns, Durations, HeldSlots, RecentDurations};
+use sluice_core::admission::{Ejection, Outcome};
 use sluice_core::holding::Slot;
 use sluice_core::shared_keys;
 use sluice_core::EndpointId;
@@ -47,7 +49,50 @@ impl<H: Host> Worker<H> {
             let took = self.host.now_ns().saturating_sub(admitted_ns);
             self.slots.durations.borrow_mut()[slot.endpoint().0].record(took);
         }
-        self.release(slot);
+        self.release_with(slot, Outcome::Served);
+    }
+
+    /// Envoy could not get a response from the slot's instance (refused,
+    /// reset): the backend never ran it, so the slot goes back at once and
+    /// the instance is ejected for its back-off.
+    pub fn fail(&self, slot: Slot) {
+        self.release_with(slot, Outcome::Failed);
+    }
+
+    /// At the response headers of a request counted on an instance: which
+    /// host Envoy really sent it to (`upstream.address`). One it was not
+    /// picked for (the pick was not in Envoy's cluster and its fallback
+    /// chose another) is counted, and the slot moves to what runs it.
+    pub fn check_pick(&self, slot: &mut Slot) {
+        let Some(picked) = slot.instance() else {
+            return;
+        };
+        let Some(served) = self.host.get_property(&["upstream", "address"]) else {
+            return;
+        };
+        let served = std::str::from_utf8(&served)
+            .ok()
+            .and_then(|s| s.parse::<std::net::SocketAddr>().ok());
+        if served == Some(picked) {
+            return;
+        }
+        let ep = slot.endpoint();
+        let route = self.routes.route(ep);
+        self.metrics.count(ep, Counter::PicksMissed);
+        log::info!(
+            "{}: picked {picked}, Envoy sent it to {}; is {picked} in the cluster?",
+            route.path,
+            served.map_or_else(|| "another host".to_string(), |a| a.to_string())
+        );
+        let ejection = self
+            .routes
+            .steering
+            .as_ref()
+            .map_or_else(Ejection::default, |s| s.ejection);
+        match slot.missed(&self.host, &route.key, served, ejection, self.host.now_ns()) {
+            Ok(wakeups) => self.wake(&wakeups),
+            Err(e) => log::error!("missed pick on {}: {e}", route.path),
+        }
     }
 
     /// The request holding `slot`, admitted at `admitted_ns`, was abandoned
@@ -129,9 +174,33 @@ impl<H: Host> Worker<H> {
     /// Gives `slot` back; the release may hand it to a waiter of this worker
     /// (claimed at once) or of another (woken).
     pub fn release(&self, slot: Slot) {
+        self.release_with(slot, Outcome::Unknown);
+    }
+
+    fn release_with(&self, slot: Slot, outcome: Outcome) {
         let route = self.routes.route(slot.endpoint());
-        match slot.release(&self.host, &route.key) {
-            Ok(wakeups) => self.wake(&wakeups),
+        let instance = slot.instance();
+        let ejection = self
+            .routes
+            .steering
+            .as_ref()
+            .map_or_else(Ejection::default, |s| s.ejection);
+        let now = if instance.is_some() {
+            self.host.now_ns()
+        } else {
+            0
+        };
+        match slot.release(&self.host, &route.key, outcome, ejection, now) {
+            Ok(released) => {
+                if released.ejected {
+                    log::warn!(
+                        "{}: instance {} failed; not picked for a while",
+                        route.path,
+                        instance.map(|a| a.to_string()).unwrap_or_default()
+                    );
+                }
+                self.wake(&released.wakeups)
+            }
             Err(e) => log::error!("release on {}: {e}", route.path),
         }
     }

@@ -14,7 +14,8 @@ pub const FRONT_LISTENER_NAME: &str = "sluice_front";
 /// `/stats/prometheus` shows
 /// `sluice_in_flight{sluice_service="demo",sluice_endpoint="/predict"}`. Of
 /// each regex, the first group is cut from the name and the inner one is the
-/// tag's value; a path runs from the first `/` to the dot before the metric.
+/// tag's value; a path runs from the first `/` to the dot before the metric,
+/// and an instance's gauges carry `@<IP:port>` before theirs.
 /// The same block is in every Envoy configuration of the repo
 /// (docs/metrics.md).
 pub const STATS_TAGS_YAML: &str = r#"stats_config:
@@ -22,7 +23,9 @@ pub const STATS_TAGS_YAML: &str = r#"stats_config:
   - tag_name: sluice_service
     regex: '^wasmcustom\.sluice\.(([^/]*)\.)/'
   - tag_name: sluice_endpoint
-    regex: '^wasmcustom\.sluice\.[^/]*\.((/.*?)\.)(?:[a-z_]+\.outcomes_total|[a-z_]+)$'
+    regex: '^wasmcustom\.sluice\.[^/]*\.((/.*?)\.)(?:[a-z_]+\.outcomes_total|@[^@/]*\.instance_[a-z_]+|[a-z_]+)$'
+  - tag_name: sluice_instance
+    regex: '^wasmcustom\.sluice\.[^/]*\./.*\.(@([^@/]*)\.)instance_[a-z_]+$'
   - tag_name: outcome
     regex: '^wasmcustom\.sluice\.[^/]*\./.*\.(([a-z_]+)\.)outcomes_total$'
 "#;
@@ -64,7 +67,28 @@ pub struct FrontProxy {
     /// Let websockets through (`upgrade_configs: [websocket]` on the HTTP
     /// connection manager); without it Envoy answers an upgrade with 403.
     pub websocket: bool,
+    /// The backend cluster's hosts when not only `backend_port`: several
+    /// instances behind Envoy's `override_host` policy, steered by the
+    /// filter's `x-sluice-host` (round robin without it), as
+    /// `envoy/instances/envoy.yaml` has them.
+    pub instances: Vec<SocketAddr>,
 }
+
+/// The `override_host` load-balancing policy of a cluster whose instances
+/// Sluice picks, at the indentation of a cluster's keys (4 spaces).
+pub const OVERRIDE_HOST_YAML: &str = r#"    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.override_host
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
+            override_host_sources: [{header: x-sluice-host}]
+            fallback_policy:
+              policies:
+              - typed_extension_config:
+                  name: envoy.load_balancing_policies.round_robin
+                  typed_config: {"@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin}
+"#;
 
 impl FrontProxy {
     /// The Sluice filter with this configuration in front of
@@ -100,6 +124,7 @@ impl FrontProxy {
             access_log: None,
             precise_timers: true,
             websocket: false,
+            instances: Vec::new(),
         }
     }
 
@@ -142,7 +167,26 @@ impl FrontProxy {
         let extra_clusters = indent(&self.extra_clusters_yaml, 2);
         let extra_bootstrap = &self.extra_bootstrap_yaml;
         let admin_port = self.admin_port;
-        let backend_port = self.backend_port;
+        let hosts: Vec<SocketAddr> = if self.instances.is_empty() {
+            vec![([127, 0, 0, 1], self.backend_port).into()]
+        } else {
+            self.instances.clone()
+        };
+        let lb_endpoints: String = hosts
+            .iter()
+            .map(|a| {
+                format!(
+                    "        - endpoint:\n            address:\n              socket_address: {{ address: {}, port_value: {} }}\n",
+                    json_string(&a.ip().to_string()),
+                    a.port()
+                )
+            })
+            .collect();
+        let lb_policy = if self.instances.is_empty() {
+            ""
+        } else {
+            OVERRIDE_HOST_YAML
+        };
         format!(
             r#"# Sluice front proxy, rendered by sluice-harness's FrontProxy.
 # File-based LDS refuses listeners unless the node has an id and a cluster.
@@ -174,14 +218,11 @@ static_resources:
           idle_timeout: 3600s
         explicit_http_config:
           http_protocol_options: {{}}
-    load_assignment:
+{lb_policy}    load_assignment:
       cluster_name: backend
       endpoints:
       - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{ address: 127.0.0.1, port_value: {backend_port} }}
-{extra_clusters}{dynamic_resources}{STATS_TAGS_YAML}{extra_bootstrap}"#
+{lb_endpoints}{extra_clusters}{dynamic_resources}{STATS_TAGS_YAML}{extra_bootstrap}"#
         )
     }
 

@@ -29,7 +29,7 @@ mod sync_service;
 
 pub use backend::{most_at_once, Backend, TracedRequest};
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError, PRECISE_TIMER_ENV};
-pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, STATS_TAGS_YAML};
+pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, OVERRIDE_HOST_YAML, STATS_TAGS_YAML};
 pub use keep_alive::KeepAliveClients;
 pub use process::{unique_scratch_path, ScratchDir};
 pub use prometheus::{Prometheus, ScrapeTarget};
