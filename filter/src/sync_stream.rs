@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 use sluice_core::admission;
 use sluice_core::sync_api::{Snapshot, WatchRequest, SERVICE_NAME, WATCH_METHOD};
 use sluice_core::sync_config::{SyncConfig, SyncToken};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 /// First reopen delay; doubles per failed attempt up to [`MAX_BACKOFF`].
@@ -334,6 +335,66 @@ impl SyncClient {
                 Ok(Some(wakeups)) => worker.wake(&wakeups),
                 Ok(None) => log::debug!("sync: {} holds a newer version", e.path),
                 Err(e) => log::warn!("sync: cannot apply to {}: {e}", route.path),
+            }
+        }
+        self.apply_instances(worker, snapshot);
+    }
+
+    /// A set sync discovered (DNS) replaces the configuration's, at once on
+    /// every worker; per-instance figures from Redis apply to either.
+    fn apply_instances<H: Host>(&self, worker: &Worker<H>, snapshot: &Snapshot) {
+        if !snapshot.discovered && snapshot.instances.is_empty() {
+            return;
+        }
+        let addresses: Vec<(SocketAddr, &sluice_core::sync_api::Instance)> = snapshot
+            .instances
+            .iter()
+            .filter_map(|i| match i.address.parse() {
+                Ok(a) => Some((a, i)),
+                Err(_) => {
+                    log::warn!("sync: instance {:?} is not IP:port; ignored", i.address);
+                    None
+                }
+            })
+            .take(admission::MAX_INSTANCES)
+            .collect();
+        let now = worker.host.now_ns();
+        for route in &worker.routes.endpoints {
+            let from_redis = |i: &sluice_core::sync_api::Instance| {
+                i.capacities
+                    .iter()
+                    .find(|c| c.path == route.path && c.capacity > 0)
+                    .map(|c| c.capacity)
+            };
+            let result = if snapshot.discovered {
+                let hosts: Vec<(SocketAddr, Option<u32>)> = addresses
+                    .iter()
+                    .map(|&(a, i)| {
+                        let configured = route
+                            .instance_capacity
+                            .iter()
+                            .find(|(b, _)| *b == a)
+                            .map(|&(_, c)| c);
+                        (a, from_redis(i).or(configured))
+                    })
+                    .collect();
+                admission::set_instances(
+                    &worker.host,
+                    &route.key,
+                    &hosts,
+                    admission::InstanceSource::Sync,
+                    now,
+                )
+            } else {
+                let capacities: Vec<(SocketAddr, u32)> = addresses
+                    .iter()
+                    .filter_map(|&(a, i)| Some((a, from_redis(i)?)))
+                    .collect();
+                admission::set_instance_capacities(&worker.host, &route.key, &capacities, now)
+            };
+            match result {
+                Ok(wakeups) => worker.wake(&wakeups),
+                Err(e) => log::warn!("sync: cannot apply instances to {}: {e}", route.path),
             }
         }
     }

@@ -453,3 +453,81 @@ fn a_queued_request_is_answered_by_its_own_worker_tick_if_the_wake_up_is_lost() 
     envoy.assert_neutral(KEY);
     take_problems();
 }
+
+#[test]
+fn discovered_instances_replace_the_set_and_each_takes_its_figure() {
+    use sluice_core::sync_api::Instance;
+    let envoy = FakeEnvoy::new();
+    let mut cfg = config(Some(2));
+    cfg["instances"] = json!({"dns": "backend:8080"});
+    cfg["endpoints"][PATH]["instance_capacity"] = json!({"127.0.0.1:9002": 3});
+    let w = FakeWorker::start(&envoy, &cfg);
+    w.tick();
+    let token = w.open_stream().unwrap().token;
+    // Before discovery: no instance, the endpoint's capacity for all.
+    assert!(envoy.record(KEY).instances.is_empty());
+    let discovered = |version: u64, addresses: &[&str]| {
+        Snapshot {
+            service: "t".into(),
+            version,
+            discovered: true,
+            instances: addresses
+                .iter()
+                .map(|a| Instance {
+                    address: a.to_string(),
+                    capacities: if *a == "127.0.0.1:9001" {
+                        vec![EndpointCapacity {
+                            path: PATH.into(),
+                            capacity: 5,
+                            source: "probe".into(),
+                            measured_at: 1,
+                        }]
+                    } else {
+                        vec![]
+                    },
+                })
+                .collect(),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    };
+    w.grpc_message(
+        token,
+        &discovered(1, &["127.0.0.1:9001", "127.0.0.1:9002", "127.0.0.1:9003"]),
+    );
+    let r = envoy.record(KEY);
+    let caps: Vec<_> = r
+        .instances
+        .iter()
+        .map(|i| (i.address.port(), i.own_capacity))
+        .collect();
+    assert_eq!(caps, vec![(9001, Some(5)), (9002, Some(3)), (9003, None)]);
+    assert_eq!(r.total_capacity(0), Some(10));
+    assert!(r.instances_from_sync);
+    // One leaves while busy, one joins.
+    let mut busy: Vec<FakeStream> = (0..10).map(|_| w.request("POST", PATH)).collect();
+    assert!(busy.iter().all(|s| s.action == Action::Continue));
+    w.grpc_message(token, &discovered(2, &["127.0.0.1:9001", "127.0.0.1:9004"]));
+    let r = envoy.record(KEY);
+    let gone: Vec<_> = r
+        .instances
+        .iter()
+        .filter(|i| i.gone)
+        .map(|i| i.address.port())
+        .collect();
+    assert_eq!(gone, vec![9002, 9003], "kept until their requests end");
+    let mut joined = w.request("POST", PATH);
+    assert_eq!(
+        joined.request_header("x-sluice-host").as_deref(),
+        Some("127.0.0.1:9004")
+    );
+    joined.complete();
+    for s in busy.iter_mut() {
+        s.complete();
+    }
+    let r = envoy.record(KEY);
+    let left: Vec<_> = r.instances.iter().map(|i| i.address.port()).collect();
+    assert_eq!(left, vec![9001, 9004]);
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
