@@ -181,6 +181,9 @@ impl Gauges {
     }
 }
 
+/// One instance's gauge ids ([`INSTANCE_GAUGES`]) in this VM.
+type InstanceIds = (SocketAddr, [u32; 3]);
+
 /// One VM's metric ids and the counts it has not sent yet; the host is
 /// the worker's, passed in.
 pub struct Metrics {
@@ -197,7 +200,7 @@ pub struct Metrics {
     names: Vec<(String, String)>,
     /// Per endpoint index, the instances whose gauges this VM defined (as
     /// they appear: discovery adds them) and their ids.
-    instances: RefCell<Vec<Vec<(SocketAddr, [u32; 3])>>>,
+    instances: RefCell<Vec<Vec<InstanceIds>>>,
 }
 
 impl Metrics {
