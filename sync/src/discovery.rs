@@ -132,11 +132,11 @@ pub async fn lookup(
     target: &DnsTarget,
 ) -> Result<Vec<String>, LookupError> {
     let name = target.name.as_str();
-    let (v4, v6) = tokio::time::timeout(LOOKUP_TIMEOUT * 2, async {
+    let (v4, v6) = tokio::time::timeout(LOOKUP_TIMEOUT, async {
         tokio::join!(resolver.ipv4_lookup(name), resolver.ipv6_lookup(name))
     })
     .await
-    .map_err(|_| LookupError::Timeout(LOOKUP_TIMEOUT * 2))?;
+    .map_err(|_| LookupError::Timeout(LOOKUP_TIMEOUT))?;
     let mut ips: BTreeSet<IpAddr> = BTreeSet::new();
     for result in [v4, v6] {
         match result {

@@ -269,7 +269,7 @@ impl RedisSource {
                 }
             }
         }
-        state.set_discovered(service, discovered);
+        state.use_discovered(discovered);
         for _ in 0..RAISE_ATTEMPTS {
             let read = match read_service(conn, service).await {
                 Ok(read) => read,

@@ -262,6 +262,12 @@ impl ServiceState {
     }
 
     /// Takes the set sync discovered for this service (`None`: it discovers
+    /// none) for the next read, which builds the view with it.
+    pub fn use_discovered(&mut self, discovered: Option<DiscoveredSet>) {
+        self.discovered = discovered;
+    }
+
+    /// Takes the set sync discovered for this service (`None`: it discovers
     /// none), for this read and the next. Returns the view rebuilt from the
     /// last read, when there is one and it changed: what to send while Redis
     /// is away (the version stays; its staleness too).

@@ -15,6 +15,7 @@
 //! ```
 
 mod backend;
+mod dnsmasq;
 mod envoy;
 mod front_proxy;
 pub mod http;
@@ -28,6 +29,7 @@ mod sync_cluster;
 mod sync_service;
 
 pub use backend::{most_at_once, Backend, TracedRequest};
+pub use dnsmasq::Dnsmasq;
 pub use envoy::{Envoy, EnvoyOptions, EnvoyStartError, PRECISE_TIMER_ENV};
 pub use front_proxy::{FrontProxy, FRONT_LISTENER_NAME, OVERRIDE_HOST_YAML, STATS_TAGS_YAML};
 pub use keep_alive::KeepAliveClients;
