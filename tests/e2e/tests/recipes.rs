@@ -1,11 +1,13 @@
 //! The recipes users most often get wrong, run as shipped: the folder's
 //! `envoy/<name>/envoy.yaml` with only its ports and the wasm path changed
 //! (`sluice_harness::Recipe`), the real filter, and two `sluice-backend`
-//! instances on free loopback ports that name themselves in `x-backend-name`.
+//! instances on free loopback ports that name themselves in `x-backend-name`
+//! (three for the instances recipe, each recording what it ran).
 //! Needs `make wasm` and `cargo build --release -p sluice-backend`.
 
 use sluice_harness::http::HttpResponse;
 use sluice_harness::{wait_until, Backend, Envoy, Recipe};
+use sluice_loadgen::{run_blocking, summarize, Burst};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -289,4 +291,105 @@ fn no_spelling_of_a_path_escapes_its_capacity() {
         assert_eq!(names, ["/predict"], "{paths}");
     }
     assert_eq!(completed(&a) + completed(&b), 9);
+}
+
+/// The instances recipe with its three instances at `backends`: their
+/// ports both in the cluster and in the filter's `instances.hosts` and
+/// `instance_capacity` (`127.0.0.1:8081` ... in the plugin's JSON).
+fn start_instances(backends: &[Backend; 3]) -> Envoy {
+    let mut recipe = Recipe::load("instances");
+    for (shipped, backend) in [8081, 8082, 8083].into_iter().zip(backends) {
+        recipe = recipe.upstream(shipped, backend.port());
+    }
+    let mut opts = recipe.envoy_options(4);
+    for (shipped, backend) in [8081, 8082, 8083].into_iter().zip(backends) {
+        let from = format!("\"127.0.0.1:{shipped}\"");
+        assert!(opts.bootstrap_yaml.contains(&from), "{from} in the recipe");
+        opts.bootstrap_yaml = opts
+            .bootstrap_yaml
+            .replace(&from, &format!("\"127.0.0.1:{}\"", backend.port()));
+    }
+    Envoy::start_with(opts)
+}
+
+#[test]
+fn instances_hold_each_instance_to_its_own_capacity() {
+    // No capacity of their own: what they had in flight is what Envoy
+    // sent. Service times vary (exponential around 60 ms), which is when a
+    // balancer would overload one instance while another idles.
+    let backends = ["a", "b", "c"].map(|name| {
+        let seed = format!(
+            "/predict:service_ms=60,service_dist=exponential,seed={}",
+            name.as_bytes()[0]
+        );
+        Backend::start_with_args(&["--name", name, "--trace", "--route", &seed])
+    });
+    let capacities = [4, 4, 8];
+    let envoy = start_instances(&backends);
+    let hosts: Vec<String> = backends
+        .iter()
+        .map(|b| format!("127.0.0.1:{}", b.port()))
+        .collect();
+
+    // Each instance in the stats with its own capacity, nothing in flight.
+    let instances = |stats: &serde_json::Value| -> Vec<(String, u64, u64)> {
+        let list = stats["endpoints"]["/predict"]["instances"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no instances in the stats: {stats}"));
+        let mut rows: Vec<(String, u64, u64)> = list
+            .iter()
+            .map(|i| {
+                let n = |k: &str| i[k].as_u64().unwrap_or_else(|| panic!("{k}: {i}"));
+                (
+                    i["address"].as_str().unwrap().to_string(),
+                    n("capacity"),
+                    n("in_flight"),
+                )
+            })
+            .collect();
+        rows.sort();
+        rows
+    };
+    let mut expected: Vec<(String, u64, u64)> = hosts
+        .iter()
+        .zip(capacities)
+        .map(|(h, k)| (h.clone(), k, 0))
+        .collect();
+    expected.sort();
+    assert_eq!(instances(&sluice_stats(&envoy)), expected);
+    for b in &backends {
+        b.reset();
+    }
+
+    // A burst of 60, more than the 16 slots: every instance fills to its
+    // own capacity and no further, by its own record.
+    let mut burst = Burst::new(envoy.listener_addr(), "/predict", 60);
+    burst.method = "POST".into();
+    burst.spacing = Duration::from_micros(200);
+    let summary = summarize(&run_blocking(&burst));
+    assert_eq!(summary.ok, 60, "{summary:?}");
+    assert!(summary.queued_then_admitted > 0, "it queued: {summary:?}");
+    let most: Vec<u64> = backends
+        .iter()
+        .map(|b| b.path_stats("/predict")["max_in_flight"].as_u64().unwrap())
+        .collect();
+    assert_eq!(most, capacities, "each instance's max in flight");
+    let served: Vec<usize> = backends.iter().map(|b| b.trace("/predict").len()).collect();
+    assert_eq!(served.iter().sum::<usize>(), 60, "{served:?}");
+    assert!(
+        envoy.workers_that_served() > 1,
+        "the instances' slots hold across workers"
+    );
+
+    // Every slot released, on the instance that held it; no pick missed.
+    let stats = sluice_stats(&envoy);
+    assert_eq!(instances(&stats), expected, "{stats}");
+    for i in stats["endpoints"]["/predict"]["instances"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(i["picks_missed"], 0, "{i}");
+        assert_eq!(i["ejected"], false, "{i}");
+    }
+    eprintln!("burst of 60: {served:?} per instance, at most {most:?} at once");
 }
