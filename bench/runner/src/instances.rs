@@ -23,7 +23,7 @@ use crate::wrk::wrk;
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde_json::{json, Map, Value};
-use sluice_harness::{wait_until, Backend, Envoy, FrontProxy};
+use sluice_harness::{wait_until, Backend, Envoy, FrontProxy, OVERRIDE_HOST_YAML};
 use std::time::Duration;
 
 #[derive(Args, Debug, Clone)]
@@ -261,9 +261,10 @@ fn measure(o: &Opts, capacities: &[u32], setup: Setup) -> anyhow::Result<Run> {
                     "endpoints": {PATH: {"capacity": sum, "queue_timeout": 30}}});
                 (config, LbPolicy::LeastRequest)
             };
-            let proxy = FrontProxy::new(ports[0], config.to_string());
+            let mut proxy = FrontProxy::new(ports[0], config.to_string());
+            proxy.instances = backends.iter().map(Backend::addr).collect();
             let mut opts = proxy.envoy_options(o.concurrency);
-            opts.bootstrap_yaml = with_instances(&opts.bootstrap_yaml, &ports, policy);
+            opts.bootstrap_yaml = with_policy(&opts.bootstrap_yaml, policy);
             let envoy = Envoy::start_with(opts);
             let run = load(o, envoy.listener_port(), &backends, capacities)?;
             if std::env::var_os("SLUICE_BENCH_DEBUG").is_some() {
@@ -335,70 +336,36 @@ fn report_missed_picks(envoy: &Envoy) {
 
 #[derive(Debug, Clone, Copy)]
 enum LbPolicy {
-    /// To the host in [`HOST_HEADER`], round robin without one.
+    /// To the host in [`HOST_HEADER`], round robin without one: the
+    /// harness's cluster of `instances` as it renders it.
     OverrideHost,
     /// Envoy's least-request balancer, every host checked.
     LeastRequest,
 }
 
-impl LbPolicy {
-    /// The cluster's `load_balancing_policy`, indented for the harness's
-    /// `backend` cluster.
-    fn yaml(self) -> String {
-        let policy = match self {
-            LbPolicy::OverrideHost => format!(
-                r#"  - typed_extension_config:
-      name: envoy.load_balancing_policies.override_host
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.override_host.v3.OverrideHost
-        override_host_sources: [{{header: {HOST_HEADER}}}]
-        fallback_policy:
-          policies:
-          - typed_extension_config:
-              name: envoy.load_balancing_policies.round_robin
-              typed_config: {{"@type": type.googleapis.com/envoy.extensions.load_balancing_policies.round_robin.v3.RoundRobin}}
-"#
-            ),
-            LbPolicy::LeastRequest => r#"  - typed_extension_config:
-      name: envoy.load_balancing_policies.least_request
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
-        selection_method: FULL_SCAN
-"#
-            .to_string(),
-        };
-        let block = format!("load_balancing_policy:\n  policies:\n{policy}");
-        block.lines().map(|l| format!("    {l}\n")).collect()
-    }
-}
+/// Envoy's least-request policy, at the indentation of a cluster's keys.
+const LEAST_REQUEST_YAML: &str = r#"    load_balancing_policy:
+      policies:
+      - typed_extension_config:
+          name: envoy.load_balancing_policies.least_request
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.load_balancing_policies.least_request.v3.LeastRequest
+            selection_method: FULL_SCAN
+"#;
 
-/// The harness's front proxy bootstrap with its one-host `backend` cluster
-/// turned into `ports` (the first is the one it was rendered with) under
-/// `policy`. Panics if the bootstrap's shape changed, rather than
-/// measuring something else.
-fn with_instances(bootstrap: &str, ports: &[u16], policy: LbPolicy) -> String {
-    let endpoint = |port: u16| {
-        format!(
-            "        - endpoint:\n            address:\n              \
-             socket_address: {{ address: 127.0.0.1, port_value: {port} }}\n"
-        )
-    };
-    let first = endpoint(ports[0]);
-    let assignment = "    load_assignment:\n      cluster_name: backend\n";
+/// The harness's bootstrap for a proxy with `instances` (its `override_host`
+/// cluster), with the cluster's policy swapped for `policy`. Panics if the
+/// policy is not where the harness puts it, rather than measure another.
+fn with_policy(bootstrap: &str, policy: LbPolicy) -> String {
     assert_eq!(
-        (
-            bootstrap.matches(&first).count(),
-            bootstrap.matches(assignment).count()
-        ),
-        (1, 1),
-        "the harness's backend cluster changed shape:\n{bootstrap}"
-    );
-    let all: String = ports.iter().map(|&p| endpoint(p)).collect();
-    bootstrap.replacen(&first, &all, 1).replacen(
-        assignment,
-        &format!("{}{assignment}", policy.yaml()),
+        bootstrap.matches(OVERRIDE_HOST_YAML).count(),
         1,
-    )
+        "the harness's instances cluster changed shape:\n{bootstrap}"
+    );
+    match policy {
+        LbPolicy::OverrideHost => bootstrap.to_string(),
+        LbPolicy::LeastRequest => bootstrap.replacen(OVERRIDE_HOST_YAML, LEAST_REQUEST_YAML, 1),
+    }
 }
 
 /// Warm-up, then `o.seconds` of closed-loop load through `port`; the
@@ -538,23 +505,24 @@ mod tests {
 
     #[test]
     fn the_backend_cluster_gets_every_instance_and_the_policy() {
-        let proxy = FrontProxy::without_wasm(4001);
-        let yaml = with_instances(&proxy.render(), &[4001, 4002, 4003], LbPolicy::OverrideHost);
-        for port in [4001, 4002, 4003] {
-            assert_eq!(yaml.matches(&format!("port_value: {port} }}")).count(), 1);
+        let mut proxy = FrontProxy::without_wasm(4001);
+        proxy.instances = [4001, 4002, 4003]
+            .map(|p| std::net::SocketAddr::from(([127, 0, 0, 1], p)))
+            .to_vec();
+        for (policy, name) in [
+            (LbPolicy::OverrideHost, "override_host"),
+            (LbPolicy::LeastRequest, "least_request"),
+        ] {
+            let parsed = yaml_parse(&with_policy(&proxy.render(), policy));
+            let cluster = &parsed["static_resources"]["clusters"][0];
+            assert_eq!(cluster["name"], "backend");
+            assert_eq!(
+                cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]["name"],
+                format!("envoy.load_balancing_policies.{name}")
+            );
+            let hosts = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"];
+            assert_eq!(hosts.as_array().map(Vec::len), Some(3));
         }
-        assert!(yaml.contains("override_host_sources: [{header: x-sluice-host}]"));
-        let parsed: Value = yaml_parse(&yaml);
-        let cluster = &parsed["static_resources"]["clusters"][0];
-        assert_eq!(cluster["name"], "backend");
-        assert_eq!(
-            cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]["name"],
-            "envoy.load_balancing_policies.override_host"
-        );
-        let hosts = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"];
-        assert_eq!(hosts.as_array().map(Vec::len), Some(3));
-        let least = with_instances(&proxy.render(), &[4001, 4002], LbPolicy::LeastRequest);
-        assert!(least.contains("selection_method: FULL_SCAN"));
     }
 
     fn yaml_parse(yaml: &str) -> Value {
