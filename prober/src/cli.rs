@@ -159,9 +159,25 @@ pub struct OutputArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct ProbeArgs {
-    /// Base URL of the service, e.g. http://127.0.0.1:8000 (plain HTTP)
-    #[arg(long)]
-    pub url: String,
+    /// Base URL of the service, e.g. http://127.0.0.1:8000 (plain HTTP).
+    /// Behind a load balancer this measures the whole set, not one instance:
+    /// use --each-instance for per-instance capacities
+    #[arg(long, required_unless_present = "each_instance")]
+    pub url: Option<String>,
+    /// Measure every instance one by one (at http://ADDR/PATH), write each
+    /// figure as endpoints.PATH.instance_capacity (and capacity, the lowest,
+    /// if it was not set) and push them to Redis. The instances: --instances,
+    /// else instances.hosts of --config
+    #[arg(long, requires = "config")]
+    pub each_instance: bool,
+    /// The instances --each-instance measures, comma-separated ip:port
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_name = "ADDR,ADDR,...",
+        requires = "each_instance"
+    )]
+    pub instances: Vec<String>,
     /// sluice.yaml (or balancer.yml) to read endpoints from and write
     /// capacities into; created if missing and --endpoint is given
     #[arg(long, short, value_name = "FILE")]

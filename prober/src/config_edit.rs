@@ -38,12 +38,20 @@ pub enum Edit {
         settings: Map<String, Value>,
         note: String,
     },
+    /// Set `endpoints.<path>.instance_capacity` to this map (address to
+    /// capacity), written as one flow-style line, replacing what was there.
+    SetInstanceCapacity {
+        path: String,
+        capacities: std::collections::BTreeMap<String, u32>,
+    },
 }
 
 impl Edit {
     pub fn path(&self) -> &str {
         match self {
-            Edit::SetCapacity { path, .. } | Edit::AddEndpoint { path, .. } => path,
+            Edit::SetCapacity { path, .. }
+            | Edit::AddEndpoint { path, .. }
+            | Edit::SetInstanceCapacity { path, .. } => path,
         }
     }
 }
@@ -122,6 +130,20 @@ fn capacity_text(capacity: u32, note: &str) -> String {
     } else {
         format!("capacity: {capacity}  # {note}")
     }
+}
+
+/// `instance_capacity: {"127.0.0.1:8001": 2, ...}`: JSON is YAML's flow
+/// style, and the addresses need quotes (they hold colons).
+fn instance_capacity_text(capacities: &std::collections::BTreeMap<String, u32>) -> String {
+    let map: Map<String, Value> = capacities
+        .iter()
+        .map(|(a, c)| (a.clone(), Value::from(*c)))
+        .collect();
+    let text = serde_json::to_string(&Value::Object(map)).expect("a map serializes");
+    format!(
+        "instance_capacity: {}",
+        text.replace("\":", "\": ").replace(",\"", ", \"")
+    )
 }
 
 /// Lines for a new endpoint at `indent`, children at `indent + unit`.
@@ -264,7 +286,24 @@ impl<'a> Scanned<'a> {
             (Edit::AddEndpoint { path, .. }, Some(_)) => Err(EditError::Mismatch(format!(
                 "endpoints.{path}: already in the file"
             ))),
-            (Edit::SetCapacity { path, .. }, None) => Err(not_in_file(path)),
+            (Edit::SetCapacity { path, .. } | Edit::SetInstanceCapacity { path, .. }, None) => {
+                Err(not_in_file(path))
+            }
+            (Edit::SetInstanceCapacity { path, capacities }, Some(idx)) => {
+                if !matches!(inline_value(&self.lines[idx]), "" | "null" | "~") {
+                    return Err(EditError::FlowStyle {
+                        line: idx + 1,
+                        what: format!("endpoints.{path}"),
+                    });
+                }
+                self.set_block_child(
+                    idx,
+                    "instance_capacity",
+                    &instance_capacity_text(capacities),
+                    splices,
+                );
+                Ok(())
+            }
             (
                 Edit::SetCapacity {
                     path,
@@ -339,6 +378,35 @@ impl<'a> Scanned<'a> {
             Some(c) => {
                 let old = &self.lines[c];
                 splices.push(old.start + old.indent, old.start + old.text.len(), new_line);
+            }
+            None => {
+                let (at, prefix) = self.after_line(block.1 - 1);
+                let pad = " ".repeat(child_level);
+                splices.push(at, at, format!("{prefix}{pad}{new_line}{}", self.nl));
+            }
+        }
+    }
+
+    /// Replaces the child `key` (its line and any lines under it) of the
+    /// endpoint on line `idx` with `new_line`, or adds it after the last
+    /// setting.
+    fn set_block_child(&self, idx: usize, key: &str, new_line: &str, splices: &mut Splices) {
+        let line = &self.lines[idx];
+        let block = children(&self.lines, idx);
+        let (existing, child_level) = find_child(&self.lines, block, key);
+        let child_level = child_level.unwrap_or(line.indent + self.unit);
+        if !inline_value(line).is_empty() {
+            self.drop_inline_value(line, splices);
+        }
+        match existing {
+            Some(c) => {
+                let old = &self.lines[c];
+                let last = &self.lines[children(&self.lines, c).1.max(c + 1) - 1];
+                splices.push(
+                    old.start + old.indent,
+                    last.start + last.text.len(),
+                    new_line.to_string(),
+                );
             }
             None => {
                 let (at, prefix) = self.after_line(block.1 - 1);
@@ -434,6 +502,21 @@ fn intended(original: &Value, edits: &[Edit]) -> Value {
             }
             Edit::AddEndpoint { path, settings, .. } => {
                 endpoints.insert(path.clone(), Value::Object(settings.clone()));
+            }
+            Edit::SetInstanceCapacity { path, capacities } => {
+                let ep = endpoints
+                    .entry(path.clone())
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !ep.is_object() {
+                    *ep = Value::Object(Map::new());
+                }
+                let map: Map<String, Value> = capacities
+                    .iter()
+                    .map(|(a, c)| (a.clone(), Value::from(*c)))
+                    .collect();
+                ep.as_object_mut()
+                    .expect("made an object above")
+                    .insert("instance_capacity".into(), Value::Object(map));
             }
         }
     }
@@ -668,5 +751,38 @@ ui: { enable: true }
                 EditError::Mismatch(_) | EditError::FlowStyle { .. }
             )),
         }
+    }
+
+    #[test]
+    fn sets_and_replaces_instance_capacity() {
+        let text = "instances:\n  hosts: [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nendpoints:\n  /p:\n    capacity: 4  # mine\n  /q:\n    capacity: 1\n";
+        let first = Edit::SetInstanceCapacity {
+            path: "/p".into(),
+            capacities: [
+                ("127.0.0.1:1".to_string(), 2),
+                ("127.0.0.1:2".to_string(), 8),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let out = apply(text, &[first]).unwrap();
+        assert_eq!(
+            out,
+            "instances:\n  hosts: [\"127.0.0.1:1\", \"127.0.0.1:2\"]\nendpoints:\n  /p:\n    capacity: 4  # mine\n    instance_capacity: {\"127.0.0.1:1\": 2, \"127.0.0.1:2\": 8}\n  /q:\n    capacity: 1\n"
+        );
+        // A block-style value is replaced whole, lines under it included.
+        let block = out.replace(
+            "    instance_capacity: {\"127.0.0.1:1\": 2, \"127.0.0.1:2\": 8}\n",
+            "    instance_capacity:\n      \"127.0.0.1:1\": 2\n      \"127.0.0.1:2\": 8\n",
+        );
+        let again = Edit::SetInstanceCapacity {
+            path: "/p".into(),
+            capacities: [("127.0.0.1:1".to_string(), 3)].into_iter().collect(),
+        };
+        let out = apply(&block, &[again]).unwrap();
+        assert!(
+            out.contains("    instance_capacity: {\"127.0.0.1:1\": 3}\n  /q:\n"),
+            "{out}"
+        );
     }
 }

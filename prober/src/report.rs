@@ -185,6 +185,22 @@ pub struct EndpointReport {
     /// from the first level's: errors answered with a success status, often.
     pub response_changes: Vec<String>,
     pub elapsed_s: f64,
+    /// With --each-instance: each instance's own measurement, in the order
+    /// measured (empty otherwise).
+    pub instances: Vec<InstanceReport>,
+}
+
+/// One instance's measurement of an endpoint (`--each-instance`).
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct InstanceReport {
+    /// `ip:port`, measured at `http://ADDR/PATH`.
+    pub address: String,
+    pub outcome: Outcome,
+    #[schemars(range(min = 1))]
+    pub capacity: Option<u32>,
+    pub at_capacity: Option<LevelReport>,
+    pub note: Option<String>,
 }
 
 impl EndpointReport {
@@ -207,6 +223,7 @@ impl EndpointReport {
             note: None,
             response_changes: Vec::new(),
             elapsed_s: 0.0,
+            instances: Vec::new(),
         }
     }
 }

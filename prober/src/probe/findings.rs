@@ -23,7 +23,7 @@ pub(super) struct Findings {
     pub(super) edits: Vec<Edit>,
     /// Records to push, with the index of their endpoint in `reports` and
     /// the per-instance capacities that go in the same record.
-    to_push: Vec<(usize, CapacityRecord, InstanceCapacities)>,
+    pub(super) to_push: Vec<(usize, CapacityRecord, InstanceCapacities)>,
     pub(super) problems: Vec<String>,
     pub(super) exit_code: u8,
     pub(super) interrupted: bool,

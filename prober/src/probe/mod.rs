@@ -14,6 +14,7 @@
 //! endpoint (from the file, Redis or `measure`), this module runs the steps.
 
 mod findings;
+mod instances;
 mod measure;
 mod plan;
 
@@ -54,7 +55,14 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
         check_writable(path)?;
     }
     let check = std::sync::Arc::new(args.check.to_check()?);
-    let target = target::connect_target(&args.url)?;
+    let instances = match args.each_instance {
+        true => Some(instances::instance_list(args, file.as_ref())?),
+        false => None,
+    };
+    let target = match (&instances, &args.url) {
+        (None, Some(url)) => Some(target::connect_target(url)?),
+        _ => None,
+    };
     let requests: Vec<RequestSpec> = planned
         .iter()
         .map(|p| {
@@ -67,14 +75,15 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
 
     // 2. Measure. From here on a signal stops the load and reports.
     load::stop_on_signals();
-    let mut found = probe_all(
-        args,
-        &settings,
-        &target,
-        &planned,
-        &requests,
-        redis.as_mut(),
-    )?;
+    let mut found = match (&target, &instances) {
+        (Some(target), _) => {
+            probe_all(args, &settings, target, &planned, &requests, redis.as_mut())?
+        }
+        (None, Some(list)) => {
+            instances::probe_each_instance(args, &settings, list, &planned, &requests)
+        }
+        (None, None) => unreachable!("a target or instances, checked above"),
+    };
 
     if found.interrupted {
         found.settle_interrupt(args.write_partial, planned.len());
@@ -94,7 +103,10 @@ pub fn run(args: &ProbeArgs) -> anyhow::Result<u8> {
     let report = ProbeReport {
         command: "probe",
         version: env!("CARGO_PKG_VERSION"),
-        target: crate::redis_records::redact(&args.url),
+        target: match (&instances, &args.url) {
+            (Some(list), _) => format!("each instance: {}", list.join(", ")),
+            (None, url) => crate::redis_records::redact(url.as_deref().unwrap_or_default()),
+        },
         config: args.config.as_ref().map(|p| p.display().to_string()),
         service,
         thresholds: ThresholdsReport {
@@ -212,6 +224,12 @@ fn by_hand(edits: &[Edit]) -> String {
             }
             Edit::AddEndpoint { path, settings, .. } => {
                 format!("endpoints.{path}: {}", Value::Object(settings.clone()))
+            }
+            Edit::SetInstanceCapacity { path, capacities } => {
+                format!(
+                    "endpoints.{path}.instance_capacity: {}",
+                    serde_json::to_string(capacities).unwrap_or_default()
+                )
             }
         })
         .collect::<Vec<_>>()
