@@ -1,0 +1,313 @@
+//! Instances behind one Envoy (1.40, `--concurrency 4`): the filter picks
+//! the instance for every request, Envoy's `override_host` policy sends it
+//! there, and each instance is held to its own capacity. Every figure that
+//! matters comes from the backends' own traces (what each really ran at
+//! once, on its clock), not from the client.
+
+use serde_json::{json, Value};
+use sluice_harness::{most_at_once, wait_until, Backend, Envoy, FrontProxy, TracedRequest};
+use sluice_loadgen::{run_blocking, summarize, Burst};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+const PATH: &str = "/predict";
+
+/// One instance: exponential service times around `service_ms`, traced, and
+/// no limit of its own, so only the proxy holds it.
+fn instance(seed: u32, service_ms: u32) -> Backend {
+    Backend::start_with_args(&[
+        "--threads",
+        "2",
+        "--trace",
+        "--route",
+        &format!(
+            "{PATH}:capacity=1000,service_ms={service_ms},service_dist=exponential,seed={seed}"
+        ),
+    ])
+}
+
+fn config(hosts: &[SocketAddr], capacities: &[u32], instances_extra: Value) -> Value {
+    let mut instances = json!({"hosts": hosts.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        "eject_time": 0.5, "max_eject_time": 1});
+    for (k, v) in instances_extra.as_object().into_iter().flatten() {
+        instances[k] = v.clone();
+    }
+    let per_instance: serde_json::Map<String, Value> = hosts
+        .iter()
+        .zip(capacities)
+        .map(|(a, c)| (a.to_string(), json!(c)))
+        .collect();
+    json!({
+        "service": "fleet",
+        "abandon_hold": 0,
+        "instances": instances,
+        "endpoints": {PATH: {
+            "capacity": capacities[0],
+            "instance_capacity": per_instance,
+            "queue_timeout": 20,
+            "max_queue": 1000,
+        }},
+    })
+}
+
+fn start(backends: &[&Backend], cluster: &[SocketAddr], config: &Value) -> Envoy {
+    let mut proxy = FrontProxy::new(backends[0].port(), config.to_string());
+    proxy.instances = cluster.to_vec();
+    Envoy::start(&proxy, 4)
+}
+
+fn sluice_stats(envoy: &Envoy) -> Value {
+    let res = envoy
+        .request("GET", "/balancer/stats")
+        .send()
+        .expect("stats");
+    assert_eq!(res.status, 200);
+    res.json()["endpoints"][PATH].clone()
+}
+
+fn instance_stats(envoy: &Envoy, address: SocketAddr) -> Value {
+    sluice_stats(envoy)["instances"]
+        .as_array()
+        .expect("instances in the stats")
+        .iter()
+        .find(|i| i["address"] == address.to_string())
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn drains_to_zero(envoy: &Envoy) {
+    wait_until(Duration::from_secs(10), "the books back to zero", || {
+        let s = sluice_stats(envoy);
+        (s["active_requests"] == 0
+            && s["queued"] == 0
+            && s["instances"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|i| i["in_flight"] == 0)))
+        .then_some(())
+    });
+}
+
+/// Busy slot time over `slots` × the time the backlog lasted (from the
+/// first arrival to the arrival of the last request to get a slot): while
+/// requests wait, every slot should be running one.
+fn utilisation(traces: &[Vec<TracedRequest>], slots: u32) -> f64 {
+    let all: Vec<&TracedRequest> = traces.iter().flatten().collect();
+    let start = all.iter().map(|r| r.arrived_us).min().unwrap();
+    let end = all.iter().map(|r| r.arrived_us).max().unwrap();
+    let busy: u64 = all
+        .iter()
+        .map(|r| {
+            r.departed_us
+                .min(end)
+                .saturating_sub(r.arrived_us.max(start))
+        })
+        .sum();
+    busy as f64 / (f64::from(slots) * (end - start) as f64)
+}
+
+/// A burst of `n` at once through Envoy; every one must be served.
+fn burst(envoy: &Envoy, n: usize) {
+    let outcomes = run_blocking(&Burst::new(envoy.listener_addr(), PATH, n));
+    let s = summarize(&outcomes);
+    assert_eq!(s.ok, n, "{s:?}");
+}
+
+fn held_to(backends: &[&Backend], capacities: &[u32]) -> Vec<Vec<TracedRequest>> {
+    let traces: Vec<_> = backends.iter().map(|b| b.trace(PATH)).collect();
+    for ((t, b), &cap) in traces.iter().zip(backends).zip(capacities) {
+        let most = most_at_once(t);
+        assert_eq!(
+            most,
+            cap as usize,
+            "instance {} (capacity {cap}) ran {most} at once (its own trace)",
+            b.addr()
+        );
+    }
+    traces
+}
+
+#[test]
+fn three_instances_of_four_each_held_to_four_and_kept_busy() {
+    let backends: Vec<Backend> = (1..=3).map(|i| instance(i, 60)).collect();
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let hosts: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
+    let envoy = start(&refs, &hosts, &config(&hosts, &[4, 4, 4], json!({})));
+    burst(&envoy, 60);
+    let traces = held_to(&refs, &[4, 4, 4]);
+    let u = utilisation(&traces, 12);
+    println!("utilisation while requests waited: {u:.3}");
+    assert!(
+        u >= 0.95,
+        "12 slots busy {u:.3} of the time while requests waited"
+    );
+    assert_eq!(sluice_stats(&envoy)["total_capacity"], 12);
+    drains_to_zero(&envoy);
+    // Per instance in Prometheus: the sluice_instance label.
+    let prom = envoy.admin_get("/stats/prometheus").unwrap().text();
+    for a in &hosts {
+        let want = format!("sluice_instance=\"{a}\"");
+        assert!(
+            prom.lines()
+                .any(|l| l.starts_with("sluice_instance_capacity{")
+                    && l.contains(&want)
+                    && l.contains("sluice_endpoint=\"/predict\"")
+                    && l.ends_with(" 4")),
+            "no sluice_instance_capacity for {a}:\n{}",
+            prom.lines()
+                .filter(|l| l.contains("instance"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+#[test]
+fn unequal_instances_each_held_to_their_own() {
+    let caps = [2, 4, 8];
+    let backends: Vec<Backend> = (1..=3).map(|i| instance(i, 60)).collect();
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let hosts: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
+    let envoy = start(&refs, &hosts, &config(&hosts, &caps, json!({})));
+    burst(&envoy, 84);
+    let traces = held_to(&refs, &caps);
+    // Work follows capacity: the 8 ran about four times what the 2 ran.
+    let ratio = traces[2].len() as f64 / traces[0].len() as f64;
+    assert!((2.5..6.0).contains(&ratio), "8 vs 2 served {ratio:.2}×");
+    drains_to_zero(&envoy);
+}
+
+#[test]
+fn a_killed_instance_is_ejected_and_picked_again_once_back() {
+    let backends: Vec<Backend> = (1..=3).map(|i| instance(i, 50)).collect();
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let hosts: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
+    let envoy = start(&refs, &hosts, &config(&hosts, &[2, 2, 2], json!({})));
+    let dead = hosts[2];
+    let addr = envoy.listener_addr();
+    let load = std::thread::spawn(move || {
+        let mut b = Burst::new(addr, PATH, 150);
+        b.spacing = Duration::from_millis(10);
+        run_blocking(&b)
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let pid = backends[2].pid();
+    let killed = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    assert!(killed.unwrap().success());
+    let started = Instant::now();
+    let outcomes = load.join().unwrap();
+    let s = summarize(&outcomes);
+    // Only the requests the dead instance was running (and any picked for it
+    // before its first failure) fail; none waits out its queue timeout.
+    assert_eq!(s.queue_timeout, 0, "{s:?}");
+    assert!(s.ok >= 140, "{s:?}");
+    let failed = outcomes.iter().filter(|o| o.status == 503).count();
+    assert!(failed <= 6, "{failed} failed: {s:?}");
+    let st = instance_stats(&envoy, dead);
+    assert!(st["failures"].as_u64().unwrap() >= 1, "{st}");
+    drains_to_zero(&envoy);
+    // The live two were held to theirs all along.
+    held_to(&refs[..2], &[2, 2]);
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // Back on the same port: after its back-off, a trial, then picked again.
+    let revived = Backend::start_with_args(&[
+        "--listen",
+        &dead.to_string(),
+        "--trace",
+        "--route",
+        &format!("{PATH}:capacity=1000,service_ms=20"),
+    ]);
+    wait_until(
+        Duration::from_secs(10),
+        "the revived instance picked again",
+        || {
+            burst(&envoy, 12);
+            (!revived.trace(PATH).is_empty()).then_some(())
+        },
+    );
+    burst(&envoy, 30);
+    assert!(most_at_once(&revived.trace(PATH)) <= 2);
+    assert_eq!(
+        instance_stats(&envoy, dead)["failures"],
+        0,
+        "served: healthy again"
+    );
+    drains_to_zero(&envoy);
+}
+
+#[test]
+fn a_pick_envoy_cannot_honour_is_counted_and_the_books_stay_right() {
+    let backends: Vec<Backend> = (1..=2).map(|i| instance(i, 30)).collect();
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let mut hosts: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
+    let cluster = hosts.clone();
+    // The filter knows a third instance that Envoy's cluster does not.
+    let missing: SocketAddr = ([127, 0, 0, 1], sluice_harness::free_port()).into();
+    hosts.push(missing);
+    let envoy = start(&refs, &cluster, &config(&hosts, &[3, 3, 3], json!({})));
+    burst(&envoy, 40);
+    let st = instance_stats(&envoy, missing);
+    let missed = st["picks_missed"].as_u64().unwrap();
+    assert!(missed >= 1, "{st}");
+    assert_eq!(st["in_flight"], 0);
+    drains_to_zero(&envoy);
+    let served: usize = refs.iter().map(|b| b.trace(PATH).len()).sum();
+    assert_eq!(served, 40, "every request ran somewhere");
+    wait_until(
+        Duration::from_secs(3),
+        "picks_missed_total to reach the stats' count",
+        || {
+            envoy
+                .stat("wasmcustom.sluice.fleet./predict.picks_missed_total")
+                .filter(|&n| n as u64 == missed)
+        },
+    );
+}
+
+#[test]
+fn sticky_requests_wait_for_their_instance() {
+    let backends: Vec<Backend> = (1..=3).map(|i| instance(i, 40)).collect();
+    let refs: Vec<&Backend> = backends.iter().collect();
+    let hosts: Vec<SocketAddr> = backends.iter().map(Backend::addr).collect();
+    let envoy = start(
+        &refs,
+        &hosts,
+        &config(
+            &hosts,
+            &[1, 1, 1],
+            json!({"sticky": {"header": "x-session"}}),
+        ),
+    );
+    let addr = envoy.listener_addr();
+    let threads: Vec<_> = (0..6)
+        .map(|_| {
+            std::thread::spawn(move || {
+                sluice_harness::http::Request::new("POST", addr, PATH)
+                    .header("x-session", "user-42")
+                    .send()
+                    .unwrap()
+                    .status
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap(), 200);
+    }
+    let counts: Vec<usize> = refs.iter().map(|b| b.trace(PATH).len()).collect();
+    let home = counts
+        .iter()
+        .position(|&n| n == 6)
+        .unwrap_or_else(|| panic!("{counts:?}"));
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        6,
+        "all on one instance: {counts:?}"
+    );
+    assert_eq!(
+        most_at_once(&refs[home].trace(PATH)),
+        1,
+        "one at a time there"
+    );
+    drains_to_zero(&envoy);
+}
