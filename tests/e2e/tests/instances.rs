@@ -310,3 +310,147 @@ fn sticky_requests_wait_for_their_instance() {
     );
     drains_to_zero(&envoy);
 }
+
+/// Instances through DNS: a real dnsmasq on a loopback port, Envoy's
+/// STRICT_DNS cluster and sluice-sync both resolving through it. One added
+/// is picked within a second and the set serves more; one removed stops
+/// being picked. No restart.
+#[test]
+fn instances_from_dns_join_and_leave_without_a_restart() {
+    use sluice_harness::{sync_cluster_yaml, Dnsmasq, Redis, SyncService, SYNC_CLUSTER};
+    const NAME: &str = "backend.fleet.test";
+    let port = sluice_harness::free_port();
+    let ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+    let backends: Vec<Backend> = ips
+        .iter()
+        .map(|ip| {
+            Backend::start_with_args(&[
+                "--listen",
+                &format!("{ip}:{port}"),
+                "--trace",
+                "--route",
+                &format!("{PATH}:capacity=1000,service_ms=50"),
+            ])
+        })
+        .collect();
+    let dns = Dnsmasq::start(&[(NAME, ips[0]), (NAME, ips[1])]);
+    let redis = Redis::start();
+    let dns_arg = dns.addr().to_string();
+    let discover = format!("fleet={NAME}:{port}");
+    let sync = SyncService::start(
+        &redis.url(),
+        &[
+            "--discover",
+            &discover,
+            "--dns-server",
+            &dns_arg,
+            "--dns-interval",
+            "500ms",
+        ],
+    );
+    let config = json!({
+        "service": "fleet",
+        "abandon_hold": 0,
+        "sync": {"cluster": SYNC_CLUSTER},
+        "instances": {"dns": format!("{NAME}:{port}")},
+        "endpoints": {PATH: {"capacity": 2, "queue_timeout": 20, "max_queue": 1000}},
+    });
+    let mut proxy = FrontProxy::new(port, config.to_string());
+    proxy.dns_instances = Some((NAME.to_string(), port, dns.addr()));
+    proxy.extra_clusters_yaml = sync_cluster_yaml(sync.addr().port());
+    let envoy = Envoy::start(&proxy, 4);
+    let set = |n: usize| {
+        let s = sluice_stats(&envoy);
+        (s["instances_source"] == "sync"
+            && s["instances"]
+                .as_array()
+                .is_some_and(|a| a.iter().filter(|i| i["gone"] == false).count() == n))
+        .then_some(())
+    };
+    wait_until(
+        Duration::from_secs(10),
+        "the two instances from DNS",
+        || set(2),
+    );
+    // Envoy's cluster resolves on its own schedule: wait for its two hosts.
+    wait_until(
+        Duration::from_secs(10),
+        "Envoy's cluster to hold both",
+        || {
+            let clusters = envoy.admin_get("/clusters").ok()?.text();
+            ips[..2]
+                .iter()
+                .all(|ip| clusters.contains(&format!("backend::{ip}:{port}::")))
+                .then_some(())
+        },
+    );
+    let served = |b: &Backend| b.trace(PATH).len();
+    let busy_ms = |bs: &[&Backend], before: &[usize]| {
+        let new: Vec<TracedRequest> = bs
+            .iter()
+            .zip(before)
+            .flat_map(|(b, &n)| b.trace(PATH).into_iter().skip(n))
+            .collect();
+        let start = new.iter().map(|r| r.arrived_us).min().unwrap();
+        let end = new.iter().map(|r| r.departed_us).max().unwrap();
+        (end - start) as f64 / 1000.0
+    };
+    let all: Vec<&Backend> = backends.iter().collect();
+    burst(&envoy, 48);
+    let two_ms = busy_ms(&all, &[0, 0, 0]);
+    assert_eq!(served(&backends[2]), 0, "not in DNS yet");
+
+    // Added: picked within a second of the record.
+    let added = Instant::now();
+    dns.set_records(&[(NAME, ips[0]), (NAME, ips[1]), (NAME, ips[2])]);
+    wait_until(
+        Duration::from_secs(5),
+        "the third instance in the filter",
+        || set(3),
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "Envoy's cluster to hold the third",
+        || {
+            let clusters = envoy.admin_get("/clusters").ok()?.text();
+            clusters
+                .contains(&format!("backend::{}:{port}::", ips[2]))
+                .then_some(())
+        },
+    );
+    let took = added.elapsed();
+    println!("added instance known to the filter and Envoy after {took:?}");
+    assert!(took < Duration::from_millis(2000), "{took:?}");
+    let before: Vec<usize> = all.iter().map(|b| served(b)).collect();
+    burst(&envoy, 48);
+    let three_ms = busy_ms(&all, &before);
+    println!("48 requests: {two_ms:.0} ms on two instances, {three_ms:.0} ms on three");
+    assert!(served(&backends[2]) >= 10, "the new one takes its share");
+    assert!(
+        two_ms / three_ms > 1.25,
+        "{two_ms:.0} ms vs {three_ms:.0} ms"
+    );
+    for b in &backends {
+        assert!(
+            most_at_once(&b.trace(PATH)) <= 2,
+            "{} ran more than 2",
+            b.addr()
+        );
+    }
+
+    // Removed: not picked again.
+    dns.set_records(&[(NAME, ips[1]), (NAME, ips[2])]);
+    wait_until(
+        Duration::from_secs(5),
+        "the first instance out of the filter's set",
+        || set(2),
+    );
+    let first_before = served(&backends[0]);
+    burst(&envoy, 24);
+    assert_eq!(
+        served(&backends[0]),
+        first_before,
+        "a removed instance is never picked"
+    );
+    drains_to_zero(&envoy);
+}

@@ -72,6 +72,11 @@ pub struct FrontProxy {
     /// filter's `x-sluice-host` (round robin without it), as
     /// `envoy/instances/envoy.yaml` has them.
     pub instances: Vec<SocketAddr>,
+    /// Resolve the backend cluster's one host, `(name, port)`, with this DNS
+    /// server (a STRICT_DNS cluster re-resolving every half second, c-ares
+    /// pointed at it), behind the `override_host` policy: instances that
+    /// come and go through DNS, as a headless Service gives them.
+    pub dns_instances: Option<(String, u16, SocketAddr)>,
 }
 
 /// The `override_host` load-balancing policy of a cluster whose instances
@@ -125,6 +130,7 @@ impl FrontProxy {
             precise_timers: true,
             websocket: false,
             instances: Vec::new(),
+            dns_instances: None,
         }
     }
 
@@ -182,11 +188,29 @@ impl FrontProxy {
                 )
             })
             .collect();
-        let lb_policy = if self.instances.is_empty() {
-            ""
+        let mut lb_policy = if self.instances.is_empty() {
+            String::new()
         } else {
-            OVERRIDE_HOST_YAML
+            OVERRIDE_HOST_YAML.to_string()
         };
+        let mut cluster_type = "STATIC".to_string();
+        let mut lb_endpoints = lb_endpoints;
+        if let Some((name, port, resolver)) = &self.dns_instances {
+            cluster_type = format!(
+                "STRICT_DNS\n    dns_refresh_rate: 0.5s\n    respect_dns_ttl: false\n    \
+                 dns_lookup_family: V4_ONLY\n    typed_dns_resolver_config:\n      \
+                 name: envoy.network.dns_resolver.cares\n      typed_config:\n        \
+                 \"@type\": type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig\n        \
+                 resolvers: [{{socket_address: {{address: {}, port_value: {}}}}}]\n        \
+                 dns_resolver_options: {{no_default_search_domain: true}}",
+                resolver.ip(),
+                resolver.port()
+            );
+            lb_policy = OVERRIDE_HOST_YAML.to_string();
+            lb_endpoints = format!(
+                "        - endpoint:\n            address:\n              socket_address: {{ address: {name}, port_value: {port} }}\n"
+            );
+        }
         format!(
             r#"# Sluice front proxy, rendered by sluice-harness's FrontProxy.
 # File-based LDS refuses listeners unless the node has an id and a cluster.
@@ -199,7 +223,7 @@ admin:
 static_resources:
 {listeners}  clusters:
   - name: backend
-    type: STATIC
+    type: {cluster_type}
     connect_timeout: 1s
     # Envoy's default thresholds (1024 connections, pending and active
     # requests) would queue or 503 before Sluice does.
