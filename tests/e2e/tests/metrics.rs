@@ -262,6 +262,7 @@ fn dotted_service_and_path_come_out_whole_as_labels() {
                 "sluice_capacity",
                 "sluice_backend_unhealthy",
                 "sluice_sync_version",
+                "sluice_picks_missed_total",
             ]
             .contains(&s.name.as_str())
                 || s.name.starts_with("sluice_queue_wait_milliseconds_"),
