@@ -52,6 +52,10 @@ impl Dnsmasq {
             .arg(format!("--port={port}"))
             .args(["--listen-address=127.0.0.1", "--bind-interfaces"])
             .args(["--no-resolv", "--no-hosts", "--cache-size=0"])
+            // Every name is local: a type a name has no record of (AAAA of
+            // an IPv4-only name) gets NODATA, as a real zone answers, not
+            // REFUSED (which dnsmasq gives when it has nowhere to forward).
+            .arg("--local=/#/")
             // Root keeps root: the scratch dir need not be readable by nobody.
             .args(["--user=root", "--log-queries", "--log-facility=-"])
             .arg(format!("--addn-hosts={}", hosts_file.display()))
