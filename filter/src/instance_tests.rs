@@ -40,6 +40,13 @@ fn steered(s: &FakeStream) -> String {
     s.request_header(HEADER).expect("steered")
 }
 
+/// The request goes to the instance it was steered to, and completes.
+fn served(s: &mut FakeStream) {
+    let on = steered(s);
+    s.served_by(&on);
+    s.complete();
+}
+
 fn stats(w: &FakeWorker) -> Value {
     let mut s = w.request("GET", STATS_PATH);
     let body = s.reply().json();
@@ -74,9 +81,7 @@ fn each_request_is_steered_to_an_instance_with_room_and_waiters_follow_freed_slo
     assert_eq!(st["instances"][0]["address"], A);
     assert_eq!(st["instances"][0]["in_flight"], 1);
     for s in [&mut a, &mut c] {
-        let on = steered(s);
-        s.served_by(&on);
-        s.complete();
+        served(s);
     }
     envoy.assert_neutral(KEY);
     assert_eq!(in_flight(&envoy), vec![0, 0]);
@@ -128,9 +133,7 @@ fn an_instance_envoy_cannot_reach_is_ejected_and_its_slot_freed_at_once() {
     waiting.served_by(&dead);
     waiting.complete();
     for s in others.iter_mut() {
-        let on = steered(s);
-        s.served_by(&on);
-        s.complete();
+        served(s);
     }
     envoy.assert_neutral(KEY);
     assert!(take_problems().is_empty());
@@ -194,9 +197,7 @@ fn sticky_sessions_wait_for_their_instance() {
     assert_eq!(again.resumes(), 1);
     assert_eq!(steered(&again), home);
     for s in [&mut again, &mut free] {
-        let on = steered(s);
-        s.served_by(&on);
-        s.complete();
+        served(s);
     }
     envoy.assert_neutral(KEY);
     assert!(take_problems().is_empty());

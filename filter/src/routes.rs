@@ -58,6 +58,14 @@ pub struct Routes {
 }
 
 impl Routes {
+    /// The instances' ejection back-offs (the defaults without `instances`,
+    /// for a record an older configuration gave instances).
+    pub fn ejection(&self) -> Ejection {
+        self.steering
+            .as_ref()
+            .map_or_else(Ejection::default, |s| s.ejection)
+    }
+
     pub fn new(config: &Config) -> Routes {
         let mut endpoints = Vec::new();
         let mut exact = HashMap::new();

@@ -60,6 +60,20 @@ impl Pin {
     }
 }
 
+/// What a session's weight on one instance hashes: the pin, then the
+/// instance's address as bytes (no text, no allocation per instance).
+fn rendezvous_key(pin: Pin, address: &SocketAddr) -> [u8; 26] {
+    let mut key = [0; 26];
+    key[..8].copy_from_slice(&pin.0.to_le_bytes());
+    let ip = match address.ip() {
+        std::net::IpAddr::V4(ip) => ip.to_ipv6_mapped().octets(),
+        std::net::IpAddr::V6(ip) => ip.octets(),
+    };
+    key[8..24].copy_from_slice(&ip);
+    key[24..].copy_from_slice(&address.port().to_le_bytes());
+    key
+}
+
 impl EndpointState {
     /// Whether admissions pick an instance: the endpoint has a set with at
     /// least one instance still in it.
@@ -156,13 +170,7 @@ impl EndpointState {
             if inst.gone || inst.ejected(now_ns) {
                 continue;
             }
-            let weight = fnv1a(
-                &[
-                    &pin.0.to_le_bytes()[..],
-                    inst.address.to_string().as_bytes(),
-                ]
-                .concat(),
-            );
+            let weight = fnv1a(&rendezvous_key(pin, &inst.address));
             if best.is_none_or(|(w, _)| weight > w) {
                 best = Some((weight, i));
             }

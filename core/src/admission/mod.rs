@@ -508,10 +508,10 @@ pub fn claim<S: SharedData>(
             return Ok((claimed, changed));
         }
         let pumped = s.pump(now_ns, &mut claimed.wakeups);
-        let addresses: Vec<SocketAddr> = s.instances.iter().map(|i| i.address).collect();
+        let instances = &s.instances;
         s.waiters.retain(|w| {
             if w.granted && w.worker == worker {
-                let on = w.instance.map(|i| addresses[usize::from(i)]);
+                let on = w.instance.map(|i| instances[usize::from(i)].address);
                 claimed.granted.push((w.ticket, on));
                 false
             } else {

@@ -7,7 +7,7 @@ use super::Worker;
 use crate::host::Host;
 use crate::metrics::Counter;
 use sluice_core::abandon::{self, hold_ns, Durations, HeldSlots, RecentDurations};
-use sluice_core::admission::{Ejection, Outcome};
+use sluice_core::admission::Outcome;
 use sluice_core::holding::Slot;
 use sluice_core::shared_keys;
 use sluice_core::EndpointId;
@@ -84,11 +84,7 @@ impl<H: Host> Worker<H> {
             route.path,
             served.map_or_else(|| "another host".to_string(), |a| a.to_string())
         );
-        let ejection = self
-            .routes
-            .steering
-            .as_ref()
-            .map_or_else(Ejection::default, |s| s.ejection);
+        let ejection = self.routes.ejection();
         match slot.missed(&self.host, &route.key, served, ejection, self.host.now_ns()) {
             Ok(wakeups) => self.wake(&wakeups),
             Err(e) => log::error!("missed pick on {}: {e}", route.path),
@@ -180,11 +176,7 @@ impl<H: Host> Worker<H> {
     fn release_with(&self, slot: Slot, outcome: Outcome) {
         let route = self.routes.route(slot.endpoint());
         let instance = slot.instance();
-        let ejection = self
-            .routes
-            .steering
-            .as_ref()
-            .map_or_else(Ejection::default, |s| s.ejection);
+        let ejection = self.routes.ejection();
         let now = if instance.is_some() {
             self.host.now_ns()
         } else {
