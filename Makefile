@@ -68,16 +68,17 @@ test-wasm:
 # bench/README.md (so a short run replaces the figures there too).
 # Side by side in one run. Short, noisy runs:
 # make bench BENCH_ARGS="--seconds 2 --rounds 1 --timeout-waves 2"
-# (target/release/sluice-bench filter --help lists every flag). The
-# scenarios with several instances are make bench-instances, on their own:
-# they measure picking, not the filter's cost per request.
+# (target/release/sluice-bench filter --help lists every flag). Then the
+# scenarios with several instances (bench-instances below), which rewrite
+# their own section.
 BENCH_ARGS ?=
 bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-sync -p sluice-bench
 	target/release/sluice-bench filter $(BENCH_ARGS)
+	target/release/sluice-bench instances $(BENCH_ARGS)
 
-# Three instances of their own capacities (4/4/4, then 2/4/8), service
-# times exponential around 60 ms: Sluice picking the instance against
+# Also the second half of make bench: three instances of their own
+# capacities (4/4/4, then 2/4/8), service times exponential around 60 ms: Sluice picking the instance against
 # HAProxy's per-server maxconn and against Sluice's old summed capacity.
 # Short: make bench-instances BENCH_ARGS="--seconds 4"
 bench-instances: deps-bench wasm
