@@ -207,14 +207,20 @@ fn waiter(instances: usize) -> impl Strategy<Value = Waiter> {
         any::<bool>(),
         instance,
         any::<bool>(),
+        any::<(bool, u8, u8)>(),
     )
-        .prop_map(|(ticket, worker, granted, instance, pinned)| Waiter {
-            ticket,
-            worker,
-            granted,
-            instance,
-            pinned,
-        })
+        .prop_map(
+            |(ticket, worker, granted, instance, pinned, (pushed_out, class, priority))| Waiter {
+                ticket,
+                worker,
+                granted,
+                instance,
+                pinned,
+                pushed_out,
+                class,
+                priority,
+            },
+        )
 }
 
 fn instance() -> impl Strategy<Value = Instance> {

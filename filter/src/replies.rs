@@ -22,13 +22,24 @@ pub enum LocalReply<'a> {
     QueueTimeout(&'a Route),
     /// 503: the backend failed its health checks (new or queued request).
     Unhealthy(&'a Route),
+    /// 503 (or `queue_full_status`): a sheddable class, and no slot free.
+    Shed(&'a Route),
+    /// 503 (or `queue_full_status`): a request of a higher class took this
+    /// one's place in a full queue.
+    PushedOut(&'a Route),
+    /// 504: the request's own deadline (`grpc-timeout`,
+    /// `x-envoy-expected-rq-timeout-ms`, `deadline_header`) passed while it
+    /// waited; it never reached the backend.
+    Deadline(&'a Route),
 }
 
 impl LocalReply<'_> {
     pub fn status(&self) -> u32 {
         match self {
-            LocalReply::QueueFull(route) => u32::from(route.queue_full_status),
-            LocalReply::QueueTimeout(_) => 504,
+            LocalReply::QueueFull(route)
+            | LocalReply::Shed(route)
+            | LocalReply::PushedOut(route) => u32::from(route.queue_full_status),
+            LocalReply::QueueTimeout(_) | LocalReply::Deadline(_) => 504,
             LocalReply::Unhealthy(_) => 503,
         }
     }
@@ -39,6 +50,9 @@ impl LocalReply<'_> {
             LocalReply::QueueFull(_) => "queue-full",
             LocalReply::QueueTimeout(_) => "queue-timeout",
             LocalReply::Unhealthy(_) => "unhealthy",
+            LocalReply::Shed(_) => "shed",
+            LocalReply::PushedOut(_) => "pushed-out",
+            LocalReply::Deadline(_) => "deadline",
         }
     }
 
@@ -49,6 +63,9 @@ impl LocalReply<'_> {
             LocalReply::QueueFull(_) => details::QUEUE_FULL,
             LocalReply::QueueTimeout(_) => details::QUEUE_TIMEOUT,
             LocalReply::Unhealthy(_) => details::UNHEALTHY,
+            LocalReply::Shed(_) => details::SHED,
+            LocalReply::PushedOut(_) => details::PUSHED_OUT,
+            LocalReply::Deadline(_) => details::DEADLINE,
         }
     }
 
@@ -63,8 +80,10 @@ impl LocalReply<'_> {
     ///   another instance, with its own backoff).
     pub fn grpc_status(&self) -> u32 {
         match self {
-            LocalReply::QueueFull(_) => grpc::RESOURCE_EXHAUSTED,
-            LocalReply::QueueTimeout(_) => grpc::DEADLINE_EXCEEDED,
+            LocalReply::QueueFull(_) | LocalReply::Shed(_) | LocalReply::PushedOut(_) => {
+                grpc::RESOURCE_EXHAUSTED
+            }
+            LocalReply::QueueTimeout(_) | LocalReply::Deadline(_) => grpc::DEADLINE_EXCEEDED,
             LocalReply::Unhealthy(_) => grpc::UNAVAILABLE,
         }
     }
@@ -75,10 +94,14 @@ impl LocalReply<'_> {
     /// every request now waiting has been admitted or answered.
     pub fn retry_after_secs(&self) -> Option<u64> {
         match self {
-            LocalReply::QueueFull(route) => {
+            LocalReply::QueueFull(route)
+            | LocalReply::Shed(route)
+            | LocalReply::PushedOut(route) => {
                 Some(route.queue_timeout.as_secs_f64().ceil().max(1.0) as u64)
             }
-            LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) => None,
+            LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) | LocalReply::Deadline(_) => {
+                None
+            }
         }
     }
 
@@ -143,6 +166,18 @@ impl LocalReply<'_> {
                     route.path
                 )
             }
+            LocalReply::Shed(route) => format!(
+                "sluice shed: no free slot of {} for a sheddable request",
+                route.path
+            ),
+            LocalReply::PushedOut(route) => format!(
+                "sluice pushed-out: a request of a higher class took this one's place in the full queue of {}",
+                route.path
+            ),
+            LocalReply::Deadline(route) => format!(
+                "sluice deadline: the request's own deadline passed while it waited for a slot of {}",
+                route.path
+            ),
         }
     }
 
@@ -167,6 +202,25 @@ impl LocalReply<'_> {
             LocalReply::Unhealthy(route) => line(json!({
                 "error": "backend unhealthy",
                 "detail": "backend unhealthy",
+                "reason": self.reason(),
+                "endpoint": route.path,
+            })),
+            LocalReply::Shed(route) => line(json!({
+                "error": "no free slot for a sheddable request",
+                "detail": "no free slot for a sheddable request",
+                "reason": self.reason(),
+                "endpoint": route.path,
+            })),
+            LocalReply::PushedOut(route) => line(json!({
+                "error": "pushed out of the queue by a request of a higher class",
+                "detail": "pushed out of the queue by a request of a higher class",
+                "reason": self.reason(),
+                "endpoint": route.path,
+                "max_queue": route.max_queue,
+            })),
+            LocalReply::Deadline(route) => line(json!({
+                "error": "the request's deadline passed while it waited",
+                "detail": "the request's deadline passed while it waited",
                 "reason": self.reason(),
                 "endpoint": route.path,
             })),
@@ -200,6 +254,12 @@ pub mod details {
     pub const QUEUE_TIMEOUT: &str = "sluice_queue_timeout";
     /// 503: the backend failed its health checks.
     pub const UNHEALTHY: &str = "sluice_unhealthy";
+    /// 503 or 429: a sheddable request found no free slot.
+    pub const SHED: &str = "sluice_shed";
+    /// 503 or 429: pushed out of a full queue by a higher class.
+    pub const PUSHED_OUT: &str = "sluice_pushed_out";
+    /// 504: the request's own deadline passed in the queue.
+    pub const DEADLINE: &str = "sluice_deadline";
     /// 408: an admitted request's body did not arrive within
     /// `max_upload_time` (`worker/uploads.rs`).
     pub const UPLOAD_TIMEOUT: &str = "sluice_upload_timeout";

@@ -134,8 +134,12 @@ pub enum Acquired {
     Admitted(Option<SocketAddr>),
     /// Pause the request; its worker will be woken when `ticket` is granted.
     Queued { ticket: u32 },
-    /// `max_queue` requests already wait: answer 503.
+    /// `max_queue` requests already wait (or its class's `max_queue`):
+    /// answer queue-full.
     QueueFull,
+    /// No free slot, and its class is sheddable (never queued): answer
+    /// queue-full at once.
+    Shed,
     /// The backend is marked unhealthy: answer 503 at once. Holds nothing.
     Unhealthy,
 }
@@ -160,7 +164,34 @@ pub struct Claimed {
     /// Tickets taken out of the queue because the backend is unhealthy:
     /// answer those requests 503. They hold nothing.
     pub refused: Vec<u32>,
+    /// Tickets a request of a higher class pushed out of a full queue:
+    /// answer those queue-full. They hold nothing.
+    pub pushed_out: Vec<u32>,
     pub wakeups: Wakeups,
+}
+
+/// The class a request arrives in ([`acquire_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    /// Its index in the configuration's classes (0 without classes).
+    pub index: u8,
+    /// Higher is served first.
+    pub priority: u8,
+    /// At most this many of its class wait at once (the endpoint's
+    /// `max_queue` bounds them all together as well).
+    pub max_queue: Option<u32>,
+    /// Admitted only when a slot is free; never queued.
+    pub sheddable: bool,
+}
+
+impl Class {
+    /// The one class of an endpoint without `classes`.
+    pub const DEFAULT: Class = Class {
+        index: 0,
+        priority: 0,
+        max_queue: None,
+        sheddable: false,
+    };
 }
 
 /// One read-modify-CAS-write of the record at `key` ([`cas::update`]).
@@ -294,16 +325,32 @@ pub fn snapshot<S: SharedData>(store: &S, key: &str) -> Result<EndpointState, Ad
     }
 }
 
-/// A request arrives at `worker`; at most `max_queue` may wait. With
-/// instances, it is admitted on the instance [`EndpointState::pick`]
-/// chooses; a `pin` (sticky session) admits it on its own instance only, or
-/// queues it for that one.
+/// A request arrives at `worker`, in the one class of an endpoint without
+/// classes ([`acquire_as`]).
 pub fn acquire<S: SharedData>(
     store: &S,
     key: &str,
     max_queue: u32,
     worker: WorkerId,
     pin: Option<Pin>,
+    now_ns: u64,
+) -> Result<(Acquired, Wakeups), AdmissionError> {
+    acquire_as(store, key, max_queue, worker, pin, Class::DEFAULT, now_ns)
+}
+
+/// A request of `class` arrives at `worker`; at most `max_queue` may wait.
+/// With instances, it is admitted on the instance [`EndpointState::pick`]
+/// chooses; a `pin` (sticky session) admits it on its own instance only, or
+/// queues it for that one. It queues behind every waiter of its priority or
+/// higher; in a full queue it pushes out the newest waiter of the lowest
+/// priority below its own, whose worker is woken to answer it.
+pub fn acquire_as<S: SharedData>(
+    store: &S,
+    key: &str,
+    max_queue: u32,
+    worker: WorkerId,
+    pin: Option<Pin>,
+    class: Class,
     now_ns: u64,
 ) -> Result<(Acquired, Wakeups), AdmissionError> {
     update(store, key, |s| {
@@ -329,21 +376,42 @@ pub fn acquire<S: SharedData>(
                 inst.active += 1;
                 inst.address
             });
-            Ok(((Acquired::Admitted(address), wake), true))
-        } else if s.queued() >= max_queue {
-            Ok(((Acquired::QueueFull, wake), pumped))
-        } else {
-            let ticket = s.next_ticket;
-            s.next_ticket = s.next_ticket.wrapping_add(1);
-            s.waiters.push(Waiter {
+            return Ok(((Acquired::Admitted(address), wake), true));
+        }
+        if class.sheddable {
+            return Ok(((Acquired::Shed, wake), pumped));
+        }
+        if class
+            .max_queue
+            .is_some_and(|m| s.queued_of(class.index) >= m)
+        {
+            return Ok(((Acquired::QueueFull, wake), pumped));
+        }
+        if s.queued() >= max_queue {
+            let Some(victim) = s.push_out_victim(class.priority) else {
+                return Ok(((Acquired::QueueFull, wake), pumped));
+            };
+            let v = &mut s.waiters[victim];
+            v.pushed_out = true;
+            wake.add(v.worker);
+        }
+        let ticket = s.next_ticket;
+        s.next_ticket = s.next_ticket.wrapping_add(1);
+        let at = s.insert_at(class.priority);
+        s.waiters.insert(
+            at,
+            Waiter {
                 ticket,
                 worker,
                 granted: false,
                 instance: pinned,
                 pinned: pinned.is_some(),
-            });
-            Ok(((Acquired::Queued { ticket }, wake), true))
-        }
+                pushed_out: false,
+                class: class.index,
+                priority: class.priority,
+            },
+        );
+        Ok(((Acquired::Queued { ticket }, wake), true))
     })
 }
 
@@ -510,15 +578,20 @@ pub fn claim<S: SharedData>(
         let pumped = s.pump(now_ns, &mut claimed.wakeups);
         let instances = &s.instances;
         s.waiters.retain(|w| {
-            if w.granted && w.worker == worker {
+            if w.worker != worker {
+                true
+            } else if w.granted {
                 let on = w.instance.map(|i| instances[usize::from(i)].address);
                 claimed.granted.push((w.ticket, on));
+                false
+            } else if w.pushed_out {
+                claimed.pushed_out.push(w.ticket);
                 false
             } else {
                 true
             }
         });
-        let changed = pumped || !claimed.granted.is_empty();
+        let changed = pumped || !claimed.granted.is_empty() || !claimed.pushed_out.is_empty();
         Ok((claimed, changed))
     })
 }

@@ -1,10 +1,10 @@
 //! The endpoint record's codec and the FIFO hand-over on it.
 //!
-//! Record layout (little endian), version 3:
+//! Record layout (little endian), version 4:
 //!
 //! | bytes | field | |
 //! |---|---|---|
-//! | 1 | `version` | 3 |
+//! | 1 | `version` | 4 |
 //! | 4 | `active` | slots in use, granted-but-unclaimed included |
 //! | 4 | `next_ticket` | |
 //! | 4 | `capacity` | in force; 0: none, requests pass (counted, never queued) |
@@ -18,19 +18,26 @@
 //! or `6`:u8, 16 address bytes, port:u16), `own_capacity:u32` (0: the
 //! endpoint's), `active:u32`, `flags:u8` (bit 0 gone, bit 1 own capacity
 //! from sync), `strikes:u8`, `eject_until_ns:u64`, `picks_missed:u32`;
-//! then one 10-byte waiter each: `ticket:u32, worker:u16, flags:u16,
-//! instance:u16` (an index into the instances, `0xffff`: none).
+//! then one 12-byte waiter each: `ticket:u32, worker:u16, flags:u16`
+//! (bit 0 granted, bit 1 pinned, bit 2 pushed out), `instance:u16` (an
+//! index into the instances, `0xffff`: none), `class:u8` (its index in the
+//! configuration's classes), `priority:u8` (higher is served first).
+//!
+//! Waiters are kept in the order they are served: by priority, highest
+//! first, and in arrival order within one priority (a new waiter goes in
+//! behind the last one of its priority or higher).
 
 use super::{AdmissionError, Wakeups, WorkerId};
 use crate::cas::{u16_at, u32_at, u64_at};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 pub(super) const HEADER_LEN: usize = 30;
 pub(super) const INSTANCE_LEN: usize = 41;
-pub(super) const WAITER_LEN: usize = 10;
+pub(super) const WAITER_LEN: usize = 12;
 const FLAG_GRANTED: u16 = 1;
 const FLAG_PINNED: u16 = 2;
+const FLAG_PUSHED_OUT: u16 = 4;
 const FLAG_FROM_SYNC: u8 = 1;
 const FLAG_UNHEALTHY: u8 = 2;
 const FLAG_INSTANCES_FROM_SYNC: u8 = 4;
@@ -50,6 +57,20 @@ pub struct Waiter {
     pub instance: Option<u16>,
     /// It waits for a slot on `instance` only (a sticky request).
     pub pinned: bool,
+    /// A request of a higher class took its place in a full queue: its
+    /// worker answers it (queue full) when it claims; it holds nothing.
+    pub pushed_out: bool,
+    /// Its class: an index into the configuration's classes.
+    pub class: u8,
+    /// Its class's priority when it arrived.
+    pub priority: u8,
+}
+
+impl Waiter {
+    /// Still waiting for a slot (neither granted nor pushed out).
+    pub fn waiting(&self) -> bool {
+        !self.granted && !self.pushed_out
+    }
 }
 
 /// One instance (`host:port`) of the service behind this endpoint, with its
@@ -226,7 +247,10 @@ impl EndpointState {
                     worker: u16_at(w, 4),
                     granted: flags & FLAG_GRANTED != 0,
                     pinned: flags & FLAG_PINNED != 0,
+                    pushed_out: flags & FLAG_PUSHED_OUT != 0,
                     instance: (instance != NO_INSTANCE).then_some(instance),
+                    class: w[10],
+                    priority: w[11],
                 })
             })
             .collect::<Result<Vec<_>, AdmissionError>>()?;
@@ -310,15 +334,52 @@ impl EndpointState {
             if w.pinned {
                 flags |= FLAG_PINNED;
             }
+            if w.pushed_out {
+                flags |= FLAG_PUSHED_OUT;
+            }
             out.extend_from_slice(&flags.to_le_bytes());
             out.extend_from_slice(&w.instance.unwrap_or(NO_INSTANCE).to_le_bytes());
+            out.push(w.class);
+            out.push(w.priority);
         }
         out
     }
 
-    /// Requests waiting for a slot (granted ones already hold theirs).
+    /// Requests waiting for a slot (granted ones already hold theirs;
+    /// pushed-out ones are leaving).
     pub fn queued(&self) -> u32 {
-        self.waiters.iter().filter(|w| !w.granted).count() as u32
+        self.waiters.iter().filter(|w| w.waiting()).count() as u32
+    }
+
+    /// Requests of class `class` waiting for a slot.
+    pub fn queued_of(&self, class: u8) -> u32 {
+        self.waiters
+            .iter()
+            .filter(|w| w.waiting() && w.class == class)
+            .count() as u32
+    }
+
+    /// Where a new waiter of `priority` goes: behind every waiter of its
+    /// priority or higher, ahead of every lower one.
+    pub(super) fn insert_at(&self, priority: u8) -> usize {
+        self.waiters
+            .iter()
+            .rposition(|w| w.priority >= priority)
+            .map_or(0, |i| i + 1)
+    }
+
+    /// The waiter a request of `priority` pushes out of a full queue: the
+    /// newest of the lowest priority below it, if any waits.
+    pub(super) fn push_out_victim(&self, priority: u8) -> Option<usize> {
+        let lowest = self
+            .waiters
+            .iter()
+            .filter(|w| w.waiting() && w.priority < priority)
+            .map(|w| w.priority)
+            .min()?;
+        self.waiters
+            .iter()
+            .rposition(|w| w.waiting() && w.priority == lowest)
     }
 
     /// Slots admissions may use: without a capacity, no limit.
@@ -345,7 +406,7 @@ impl EndpointState {
             if self.active >= limit {
                 break;
             }
-            if !w.granted {
+            if w.waiting() {
                 w.granted = true;
                 self.active += 1;
                 wake.add(w.worker);
@@ -361,7 +422,7 @@ impl EndpointState {
         let mut full = false;
         for n in 0..self.waiters.len() {
             let w = self.waiters[n];
-            if w.granted {
+            if !w.waiting() {
                 continue;
             }
             let pin = w

@@ -95,6 +95,9 @@ fn encode_decode_round_trip() {
                 granted: true,
                 instance: Some(1),
                 pinned: false,
+                pushed_out: false,
+                class: 2,
+                priority: 7,
             },
             Waiter {
                 ticket: 2,
@@ -102,6 +105,9 @@ fn encode_decode_round_trip() {
                 granted: false,
                 instance: Some(0),
                 pinned: true,
+                pushed_out: true,
+                class: 0,
+                priority: 255,
             },
         ],
     };
@@ -403,7 +409,7 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
                 for i in 0..REQUESTS {
                     let mut holding = match acquire(&*store, K, 1000, worker).unwrap().0 {
                         Acquired::Admitted(_) => true,
-                        Acquired::QueueFull | Acquired::Unhealthy => {
+                        Acquired::QueueFull | Acquired::Shed | Acquired::Unhealthy => {
                             panic!("cannot happen here")
                         }
                         Acquired::Queued { ticket } => {
@@ -462,4 +468,142 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
         "the race should reach capacity"
     );
     assert!(s.next_ticket > 0, "the race should have queued requests");
+}
+
+// Classes: priority order, sheddable, per-class queue bounds, push-out.
+
+fn class(index: u8, priority: u8) -> Class {
+    Class {
+        index,
+        priority,
+        ..Class::DEFAULT
+    }
+}
+
+fn acquire_in<S: SharedData>(
+    s: &S,
+    max_queue: u32,
+    w: WorkerId,
+    c: Class,
+) -> Result<(Acquired, Wakeups), AdmissionError> {
+    super::acquire_as(s, K, max_queue, w, None, c, 0)
+}
+
+fn queued_in(store: &MemSharedData, max_queue: u32, w: WorkerId, c: Class) -> u32 {
+    match acquire_in(store, max_queue, w, c).unwrap().0 {
+        Acquired::Queued { ticket } => ticket,
+        other => panic!("expected to queue, got {other:?}"),
+    }
+}
+
+/// Releases one slot at a time and returns the tickets in the order they
+/// were granted.
+fn grant_order(store: &MemSharedData, n: usize, worker: WorkerId) -> Vec<u32> {
+    let mut order = Vec::new();
+    for _ in 0..n {
+        release(store, K).unwrap();
+        order.extend(claim(store, K, worker).unwrap().granted);
+    }
+    order
+}
+
+#[test]
+fn higher_priority_waiters_go_first_fifo_within_a_priority() {
+    let store = store_with(1);
+    assert!(matches!(
+        acquire_in(&store, 100, 0, class(0, 0)).unwrap().0,
+        Acquired::Admitted(None)
+    ));
+    let low1 = queued_in(&store, 100, 0, class(0, 0));
+    let low2 = queued_in(&store, 100, 0, class(0, 0));
+    let high1 = queued_in(&store, 100, 0, class(1, 9));
+    let mid = queued_in(&store, 100, 0, class(2, 5));
+    let high2 = queued_in(&store, 100, 0, class(1, 9));
+    assert_eq!(
+        grant_order(&store, 5, 0),
+        vec![high1, high2, mid, low1, low2]
+    );
+}
+
+#[test]
+fn sheddable_is_admitted_when_free_and_refused_at_once_when_not() {
+    let store = store_with(1);
+    let shed = Class {
+        sheddable: true,
+        ..class(1, 0)
+    };
+    assert!(matches!(
+        acquire_in(&store, 100, 0, shed).unwrap().0,
+        Acquired::Admitted(None)
+    ));
+    assert_eq!(acquire_in(&store, 100, 0, shed).unwrap().0, Acquired::Shed);
+    assert_eq!(snapshot(&store, K).unwrap().queued(), 0);
+}
+
+#[test]
+fn a_class_max_queue_bounds_its_own_waiters_only() {
+    let store = store_with(1);
+    let batch = Class {
+        max_queue: Some(2),
+        ..class(1, 0)
+    };
+    acquire_in(&store, 100, 0, class(0, 5)).unwrap();
+    queued_in(&store, 100, 0, batch);
+    queued_in(&store, 100, 0, batch);
+    assert_eq!(
+        acquire_in(&store, 100, 0, batch).unwrap().0,
+        Acquired::QueueFull
+    );
+    queued_in(&store, 100, 0, class(0, 5));
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.queued_of(1), s.queued_of(0), s.queued()), (2, 1, 3));
+}
+
+#[test]
+fn a_full_queue_pushes_out_the_newest_of_the_lowest_class_below() {
+    let store = store_with(1);
+    acquire_in(&store, 3, 0, class(0, 0)).unwrap();
+    let low_old = queued_in(&store, 3, 1, class(0, 0));
+    let mid = queued_in(&store, 3, 2, class(1, 5));
+    let low_new = queued_in(&store, 3, 3, class(0, 0));
+    // Full: an equal or lower priority is refused, pushing nobody out.
+    assert_eq!(
+        acquire_in(&store, 3, 4, class(0, 0)).unwrap().0,
+        Acquired::QueueFull
+    );
+    let (got, wake) = acquire_in(&store, 3, 4, class(2, 9)).unwrap();
+    let high = match got {
+        Acquired::Queued { ticket } => ticket,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(wake.workers(), &[3], "the pushed-out one's worker");
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!(s.queued(), 3, "the pushed-out one no longer counts");
+    // Its worker claims it as pushed out; it held nothing.
+    let c = super::claim(&store, K, 3, 0).unwrap();
+    assert_eq!((c.pushed_out, c.granted.len()), (vec![low_new], 0));
+    assert_eq!(snapshot(&store, K).unwrap().active, 1);
+    // The rest are served highest first.
+    release(&store, K).unwrap();
+    assert_eq!(claim(&store, K, 4).unwrap().granted, vec![high]);
+    release(&store, K).unwrap();
+    assert_eq!(claim(&store, K, 2).unwrap().granted, vec![mid]);
+    release(&store, K).unwrap();
+    assert_eq!(claim(&store, K, 1).unwrap().granted, vec![low_old]);
+    // A pushed-out ticket is never granted, and withdrawing one is a no-op
+    // removal, not a slot.
+    let s = snapshot(&store, K).unwrap();
+    assert!(s.waiters.is_empty(), "{s:?}");
+}
+
+#[test]
+fn a_pushed_out_waiter_that_times_out_first_withdraws_holding_nothing() {
+    let store = store_with(1);
+    acquire_in(&store, 1, 0, class(0, 0)).unwrap();
+    let low = queued_in(&store, 1, 1, class(0, 0));
+    queued_in(&store, 1, 2, class(1, 9));
+    assert_eq!(withdraw(&store, K, low).unwrap(), Withdrawn::Removed);
+    release(&store, K).unwrap();
+    assert_eq!(claim(&store, K, 2).unwrap().granted.len(), 1);
+    assert_eq!(snapshot(&store, K).unwrap().active, 1);
 }

@@ -11,6 +11,7 @@
 
 pub mod callouts;
 pub mod check;
+pub mod classes;
 mod document;
 mod enforcement;
 pub mod instances;
@@ -24,6 +25,7 @@ pub use callouts::{
     DEFAULT_HEALTH_TIMEOUT_SECS, DEFAULT_HEARTBEAT_TIMEOUT_SECS, DEFAULT_UNHEALTHY_THRESHOLD,
 };
 pub use check::{shown, ConfigError, ConfigWarning, WarningKind};
+pub use classes::{ClassSpec, Classes, DEFAULT_CLASS, DEFAULT_CLASS_HEADER, MAX_CLASSES};
 #[cfg(feature = "schema")]
 pub use document::schema_json;
 pub use document::{

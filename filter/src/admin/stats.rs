@@ -136,6 +136,27 @@ fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_jso
             }),
             Err(e) => json!({ "capacity": r.configured, "error": e.to_string() }),
         };
+        if let (Some(classes), Ok(s)) = (&routes.classes, admission::snapshot(store, &r.key)) {
+            let by_class: serde_json::Map<String, serde_json::Value> = classes
+                .list
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let i = i as u8;
+                    (
+                        c.name.clone(),
+                        json!({
+                            "priority": c.priority,
+                            "sheddable": c.sheddable,
+                            "queued": s.queued_of(i),
+                            "max_queue": c.max_queue,
+                            "queue_timeout": routes.queue_timeout(r, i).as_secs_f64(),
+                        }),
+                    )
+                })
+                .collect();
+            entry["classes"] = json!(by_class);
+        }
         if let Some((cap, key)) = &r.queued_bytes {
             entry["max_queued_bytes"] = json!(cap);
             entry["queued_bytes"] = json!(sluice_core::queued_bytes::total(store, key));
