@@ -213,3 +213,46 @@ fn a_class_queue_timeout_and_a_requests_own_deadline_cut_the_wait_short() {
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
+
+#[test]
+fn tenants_take_turns_within_a_class_and_the_stats_show_the_busiest_flows() {
+    let envoy = FakeEnvoy::new();
+    let cfg = json!({
+        "service": "t",
+        "tenants": {"header": "x-tenant", "flows": 16},
+        "endpoints": {PATH: {"capacity": 1, "queue_timeout": 5, "max_queue": 100}},
+    });
+    let w = FakeWorker::start(&envoy, &cfg);
+    let tenant = |t: &str| w.request_with("POST", PATH, &[("x-tenant", t)]);
+    let mut holder = tenant("a");
+    let mut waiting: Vec<(String, FakeStream)> =
+        (0..10).map(|i| (format!("a{i}"), tenant("a"))).collect();
+    waiting.extend((0..3).map(|i| (format!("b{i}"), tenant("b"))));
+    let stats = w.request("GET", STATS_PATH).reply().json();
+    let busiest = &stats["endpoints"][PATH]["tenants"]["busiest_flows"];
+    assert_eq!(busiest[0]["queued"], 10, "{stats}");
+    assert_eq!(busiest[1]["queued"], 3, "{stats}");
+    let mut order = Vec::new();
+    for _ in 0..6 {
+        holder.complete();
+        w.deliver_wake_ups();
+        let i = waiting
+            .iter()
+            .position(|(_, s)| s.resumes() == 1)
+            .expect("one resumed");
+        let (name, s) = waiting.remove(i);
+        order.push(name);
+        holder = s;
+    }
+    // b's three take every other slot instead of waiting behind a's ten;
+    // b goes first, since a already had the slot that was running.
+    assert_eq!(order, ["b0", "a0", "b1", "a1", "b2", "a2"]);
+    holder.complete();
+    for (_, s) in &mut waiting {
+        w.deliver_wake_ups();
+        s.complete();
+    }
+    w.deliver_wake_ups();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}

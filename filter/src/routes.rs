@@ -3,7 +3,7 @@
 
 use sluice_core::admission::Class;
 use sluice_core::admission::Ejection;
-use sluice_core::config::{Classes, Config, MatchKind, Sticky};
+use sluice_core::config::{Classes, Config, MatchKind, Sticky, Tenants};
 use sluice_core::shared_keys;
 use sluice_core::EndpointId;
 use std::collections::HashMap;
@@ -59,6 +59,8 @@ pub struct Routes {
     pub classes: Option<Classes>,
     /// `deadline_header`: a request's own deadline, ms from its arrival.
     pub deadline_header: Option<String>,
+    /// Fair shares between tenants (`tenants`).
+    pub tenants: Option<Tenants>,
     exact: HashMap<String, usize>,
     /// Longest prefix first.
     prefixes: Vec<usize>,
@@ -126,6 +128,7 @@ impl Routes {
             }),
             classes: config.classes.clone(),
             deadline_header: config.deadline_header.clone(),
+            tenants: config.tenants.clone(),
             exact,
             prefixes,
         }
@@ -174,16 +177,26 @@ impl Routes {
     }
 
     /// The class of a request to `route` whose class header reads `named`:
-    /// that class if it is one, else the route's, else the default.
-    pub fn class_of(&self, route: &Route, named: Option<&str>) -> Class {
-        let Some(classes) = &self.classes else {
-            return Class::DEFAULT;
+    /// that class if it is one, else the route's, else the default; and,
+    /// with `tenants`, the flow of its tenant `tenant` (no header: the
+    /// empty key's).
+    pub fn class_of(&self, route: &Route, named: Option<&str>, tenant: Option<&str>) -> Class {
+        let mut class = match &self.classes {
+            None => Class::DEFAULT,
+            Some(classes) => {
+                let index = named
+                    .and_then(|n| classes.index(n.trim()))
+                    .or(route.class)
+                    .unwrap_or(classes.default);
+                classes.admission(index)
+            }
         };
-        let index = named
-            .and_then(|n| classes.index(n.trim()))
-            .or(route.class)
-            .unwrap_or(classes.default);
-        classes.admission(index)
+        if let Some(t) = &self.tenants {
+            let (flow, weight) = t.flow_of(tenant.unwrap_or("").trim());
+            class.flow = flow;
+            class.step = sluice_core::admission::tag_step(weight);
+        }
+        class
     }
 
     /// How long a request of class `index` may wait on `route`: the lesser

@@ -111,11 +111,16 @@ impl<H: Host> Stream<H> {
         let pin = steering
             .and_then(|s| s.sticky.as_ref())
             .and_then(|sticky| session_pin(host, sticky));
-        let class = match &worker.routes.classes {
-            None => Class::DEFAULT,
-            Some(c) => worker
-                .routes
-                .class_of(route, host.get_http_request_header(&c.header).as_deref()),
+        let routes = &worker.routes;
+        let class = if routes.classes.is_none() && routes.tenants.is_none() {
+            Class::DEFAULT
+        } else {
+            let header = |name: Option<&String>| name.and_then(|n| host.get_http_request_header(n));
+            routes.class_of(
+                route,
+                header(routes.classes.as_ref().map(|c| &c.header)).as_deref(),
+                header(routes.tenants.as_ref().map(|t| &t.header)).as_deref(),
+            )
         };
         // The capacity in force is in the record this reads anyway.
         match holding::acquire_as(

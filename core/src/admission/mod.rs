@@ -28,7 +28,7 @@ mod instances;
 mod record;
 
 pub use instances::{Ejection, InstanceSource, Pin, MAX_INSTANCES};
-pub use record::{CapacitySource, EndpointState, Instance, Waiter};
+pub use record::{tag_before, CapacitySource, EndpointState, Instance, Waiter};
 
 use std::net::SocketAddr;
 
@@ -182,6 +182,21 @@ pub struct Class {
     pub max_queue: Option<u32>,
     /// Admitted only when a slot is free; never queued.
     pub sheddable: bool,
+    /// Its tenant's flow, and the tag units one request takes in it
+    /// ([`tag_step`] of the tenant's weight); a step of 0: no tenants.
+    pub flow: u8,
+    pub step: u32,
+}
+
+/// Flows an endpoint's tenants map onto, at most.
+pub const MAX_FLOWS: usize = 255;
+
+/// Fair queueing's units for one request of a tenant of `weight` (1 to
+/// 1000): a weight of 3 takes a third of a weight of 1's, so it gets three
+/// slots to the other's one while both wait.
+pub fn tag_step(weight: u32) -> u32 {
+    const UNIT: u32 = 3_000;
+    UNIT / weight.clamp(1, 1000)
 }
 
 impl Class {
@@ -191,6 +206,8 @@ impl Class {
         priority: 0,
         max_queue: None,
         sheddable: false,
+        flow: 0,
+        step: 0,
     };
 }
 
@@ -369,8 +386,17 @@ pub fn acquire_as<S: SharedData>(
         } else {
             ((s.active < s.limit()).then_some(None), None)
         };
+        // Its place among its tenant's requests (a request admitted at once
+        // counts too, so that a tenant that keeps every slot busy has its
+        // next waiters behind the others').
+        let tag = if class.step > 0 && usize::from(class.flow) < MAX_FLOWS {
+            s.tag(class.flow, class.step)
+        } else {
+            0
+        };
         if let Some(instance) = admitted {
             s.active += 1;
+            s.served_tag(tag);
             let address = instance.map(|i| {
                 let inst = &mut s.instances[usize::from(i)];
                 inst.active += 1;
@@ -397,7 +423,7 @@ pub fn acquire_as<S: SharedData>(
         }
         let ticket = s.next_ticket;
         s.next_ticket = s.next_ticket.wrapping_add(1);
-        let at = s.insert_at(class.priority);
+        let at = s.insert_at(class.priority, tag);
         s.waiters.insert(
             at,
             Waiter {
@@ -409,6 +435,8 @@ pub fn acquire_as<S: SharedData>(
                 pushed_out: false,
                 class: class.index,
                 priority: class.priority,
+                flow: class.flow,
+                tag,
             },
         );
         Ok(((Acquired::Queued { ticket }, wake), true))

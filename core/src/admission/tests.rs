@@ -1,6 +1,6 @@
 //! The admission operations against Envoy's CAS rules, and workers racing.
 
-use super::record::{HEADER_LEN, INSTANCE_LEN, WAITER_LEN};
+use super::record::{FLOW_LEN, HEADER_LEN, INSTANCE_LEN, WAITER_LEN};
 use super::*;
 use crate::shared_data::{MemSharedData, SharedData};
 
@@ -76,6 +76,8 @@ fn encode_decode_round_trip() {
         unhealthy: true,
         instances_from_sync: true,
         turn: 1,
+        virtual_time: u32::MAX - 5,
+        flows: vec![0, 7, u32::MAX],
         instances: vec![
             Instance::new("127.0.0.1:8001".parse().unwrap(), None),
             Instance {
@@ -98,6 +100,8 @@ fn encode_decode_round_trip() {
                 pushed_out: false,
                 class: 2,
                 priority: 7,
+                flow: 3,
+                tag: 123_456,
             },
             Waiter {
                 ticket: 2,
@@ -108,11 +112,16 @@ fn encode_decode_round_trip() {
                 pushed_out: true,
                 class: 0,
                 priority: 255,
+                flow: 0,
+                tag: u32::MAX,
             },
         ],
     };
     let bytes = s.encode();
-    assert_eq!(bytes.len(), HEADER_LEN + 2 * INSTANCE_LEN + 2 * WAITER_LEN);
+    assert_eq!(
+        bytes.len(),
+        HEADER_LEN + 2 * INSTANCE_LEN + 3 * FLOW_LEN + 2 * WAITER_LEN
+    );
     assert_eq!(EndpointState::decode(&bytes).unwrap(), s);
     let neutral = EndpointState::default();
     assert_eq!(
@@ -130,6 +139,10 @@ fn encode_decode_round_trip() {
     );
     assert_eq!(
         EndpointState::decode(&bytes[..HEADER_LEN + 2 * INSTANCE_LEN + 3]),
+        Err(AdmissionError::Corrupt("truncated flow list"))
+    );
+    assert_eq!(
+        EndpointState::decode(&bytes[..HEADER_LEN + 2 * INSTANCE_LEN + 3 * FLOW_LEN + 3]),
         Err(AdmissionError::Corrupt("truncated waiter list"))
     );
     let mut other = bytes.clone();
@@ -606,4 +619,101 @@ fn a_pushed_out_waiter_that_times_out_first_withdraws_holding_nothing() {
     release(&store, K).unwrap();
     assert_eq!(claim(&store, K, 2).unwrap().granted.len(), 1);
     assert_eq!(snapshot(&store, K).unwrap().active, 1);
+}
+
+// Tenants: start-time fair queueing over flows within one priority.
+
+fn tenant(flow: u8, weight: u32) -> Class {
+    Class {
+        flow,
+        step: tag_step(weight),
+        ..Class::DEFAULT
+    }
+}
+
+#[test]
+fn a_tenant_arriving_behind_a_flood_is_served_within_a_couple_of_slots() {
+    let store = store_with(1);
+    acquire_in(&store, 1000, 0, tenant(0, 1)).unwrap();
+    let a: Vec<u32> = (0..200)
+        .map(|_| queued_in(&store, 1000, 0, tenant(0, 1)))
+        .collect();
+    let b: Vec<u32> = (0..5)
+        .map(|_| queued_in(&store, 1000, 0, tenant(1, 1)))
+        .collect();
+    let order = grant_order(&store, 12, 0);
+    // In turn from the next slot on: A's oldest and B's, alternating.
+    let place = |t: u32| order.iter().position(|&x| x == t).unwrap();
+    for (i, &t) in b.iter().enumerate() {
+        assert!(
+            place(t) <= 2 * i + 1,
+            "B's #{i} served {}th: {order:?}",
+            place(t)
+        );
+    }
+    // A keeps its own order.
+    let a_served: Vec<u32> = order.iter().copied().filter(|t| a.contains(t)).collect();
+    assert_eq!(a_served, a[..a_served.len()].to_vec());
+}
+
+#[test]
+fn weights_three_to_one_share_the_slots_three_to_one_under_sustained_load() {
+    let store = store_with(1);
+    acquire_in(&store, 1000, 0, tenant(0, 1)).unwrap();
+    let heavy: Vec<u32> = (0..100)
+        .map(|_| queued_in(&store, 1000, 0, tenant(0, 3)))
+        .collect();
+    let light: Vec<u32> = (0..100)
+        .map(|_| queued_in(&store, 1000, 0, tenant(1, 1)))
+        .collect();
+    let order = grant_order(&store, 80, 0);
+    let h = order.iter().filter(|t| heavy.contains(t)).count();
+    let l = order.iter().filter(|t| light.contains(t)).count();
+    // 3:1, give or take the first turn.
+    assert!((59..=61).contains(&h) && h + l == 80, "{h}:{l} {order:?}");
+}
+
+#[test]
+fn an_idle_tenant_gets_no_credit_for_idling() {
+    let store = store_with(1);
+    // B was served long ago; A floods; B comes back with 3: they do not
+    // all jump ahead of A, they take turns with it.
+    acquire_in(&store, 1000, 0, tenant(1, 1)).unwrap();
+    release(&store, K).unwrap();
+    acquire_in(&store, 1000, 0, tenant(0, 1)).unwrap();
+    let a: Vec<u32> = (0..50)
+        .map(|_| queued_in(&store, 1000, 0, tenant(0, 1)))
+        .collect();
+    grant_order(&store, 30, 0);
+    let b: Vec<u32> = (0..3)
+        .map(|_| queued_in(&store, 1000, 0, tenant(1, 1)))
+        .collect();
+    let order = grant_order(&store, 6, 0);
+    let is_b: Vec<bool> = order.iter().map(|t| b.contains(t)).collect();
+    assert_eq!(
+        is_b,
+        [true, false, true, false, true, false],
+        "{order:?} (A's: {a:?})"
+    );
+}
+
+#[test]
+fn priority_still_comes_before_fairness() {
+    let store = store_with(1);
+    acquire_in(&store, 1000, 0, tenant(0, 1)).unwrap();
+    let low: Vec<u32> = (0..3)
+        .map(|_| queued_in(&store, 1000, 0, tenant(1, 1)))
+        .collect();
+    let high = queued_in(
+        &store,
+        1000,
+        0,
+        Class {
+            priority: 9,
+            index: 1,
+            ..tenant(0, 1)
+        },
+    );
+    assert_eq!(grant_order(&store, 1, 0), vec![high]);
+    assert_eq!(grant_order(&store, 3, 0), low);
 }

@@ -175,6 +175,7 @@ impl Classes {
                 priority: c.priority,
                 max_queue: c.max_queue,
                 sheddable: c.sheddable,
+                ..Class::DEFAULT
             },
             None => Class::DEFAULT,
         }

@@ -134,6 +134,9 @@ pub struct Document {
     /// The class of a request that names none, or one not configured.
     #[cfg_attr(feature = "schema", schemars(with = "String", length(min = 1), extend("default" = "default")))]
     pub default_class: Option<Value>,
+    /// Fair shares between the tenants of each endpoint: a header names a
+    /// request's tenant; within a class, tenants take the slots in turn.
+    pub tenants: Option<Section<super::tenants::TenantsDoc>>,
     /// A request header holding the request's own deadline, milliseconds
     /// from its arrival: it never waits longer (besides `grpc-timeout` and
     /// `x-envoy-expected-rq-timeout-ms`, always read).

@@ -11,6 +11,7 @@ use super::classes::Classes;
 use super::document::{Document, EndpointDoc, Section};
 use super::instances::Instances;
 use super::shown;
+use super::tenants::Tenants;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use std::time::Duration;
 pub const DEFAULT_QUEUE_TIMEOUT_SECS: f64 = 30.0;
 /// Default number of waiting requests per endpoint before `503 queue-full`.
 pub const DEFAULT_MAX_QUEUE: u32 = 1000;
-/// Upper bound on `max_queue`. Every waiter is 12 bytes in the endpoint's
+/// Upper bound on `max_queue`. Every waiter is 17 bytes in the endpoint's
 /// shared-data record, which is copied on each queue operation, so an
 /// unbounded queue would make every admission slower as it grows.
 pub const MAX_QUEUE_LIMIT: u32 = 10_000;
@@ -54,6 +55,8 @@ pub struct Config {
     pub classes: Option<Classes>,
     /// `deadline_header`, lower-case.
     pub deadline_header: Option<String>,
+    /// Fair shares between tenants (`tenants`).
+    pub tenants: Option<Tenants>,
     /// Things worth a log line that do not stop the plugin (unknown keys).
     pub warnings: Vec<ConfigWarning>,
 }
@@ -161,6 +164,7 @@ impl TryFrom<&Document> for Config {
         })?;
         let instances = Instances::from_document(doc, &mut warnings)?;
         let classes = Classes::from_document(doc, &mut warnings)?;
+        let tenants = Tenants::from_document(doc, &mut warnings)?;
         let deadline_header = match check::text(doc.deadline_header.as_ref(), "deadline_header")? {
             None => None,
             Some(h) if super::classes::is_header_name(&h) => Some(h.to_ascii_lowercase()),
@@ -209,6 +213,7 @@ impl TryFrom<&Document> for Config {
             instances,
             classes,
             deadline_header,
+            tenants,
             warnings,
         })
     }

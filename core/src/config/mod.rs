@@ -16,6 +16,7 @@ mod document;
 mod enforcement;
 pub mod instances;
 pub mod json_keys;
+pub mod tenants;
 mod ui;
 #[cfg(feature = "yaml")]
 pub mod yaml;
@@ -37,6 +38,7 @@ pub use enforcement::{
     MAX_QUEUE_LIMIT,
 };
 pub use instances::{InstanceSet, Instances, Sticky, DEFAULT_INSTANCE_HEADER};
+pub use tenants::{Tenants, DEFAULT_FLOWS};
 pub use ui::{StatsDoc, Ui, DEFAULT_STATS_PATH, DEFAULT_UI_PATH, DEFAULT_UI_REFRESH_SECS};
 
 use serde_json::Value;

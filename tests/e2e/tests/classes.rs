@@ -231,3 +231,94 @@ fn a_requests_own_deadline_ends_its_wait_and_it_never_reaches_the_backend() {
         "an expired one reached the backend"
     );
 }
+
+fn start_tenants() -> (Backend, Envoy) {
+    let backend = Backend::start_with_args(&[
+        "--trace",
+        "--route",
+        &format!("{PATH}:capacity=1000,service_ms=20"),
+    ]);
+    let config = json!({
+        "service": "tenants",
+        "abandon_hold": 0,
+        "tenants": {"header": "x-tenant", "weights": {"heavy": 3}},
+        "endpoints": {PATH: {"capacity": 2, "queue_timeout": 30, "max_queue": 1000}},
+    });
+    let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 4);
+    (backend, envoy)
+}
+
+fn waited_ms(r: &HttpResponse) -> u64 {
+    r.header("x-sluice-wait-ms")
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+#[test]
+fn a_tenant_behind_another_ones_flood_waits_about_two_service_times() {
+    let (_backend, envoy) = start_tenants();
+    let addr = envoy.listener_addr();
+    let flood: Vec<_> = (0..200)
+        .map(|i| send(addr, &format!("a-{i}"), &[("x-tenant", "a")]))
+        .collect();
+    wait_until(Duration::from_secs(10), "tenant a's flood queued", || {
+        (stats(&envoy)["queued"].as_u64() >= Some(150)).then_some(())
+    });
+    // b's requests one after another, while a's queue is still long: each
+    // takes the next turn, not the back of the queue (about 4 s of a's).
+    let b_waits: Vec<u64> = (0..5)
+        .map(|i| {
+            let r = send(addr, &format!("b-{i}"), &[("x-tenant", "b")])
+                .join()
+                .unwrap();
+            assert_eq!(r.status, 200, "{r:?}");
+            waited_ms(&r)
+        })
+        .collect();
+    let still_queued = stats(&envoy)["queued"].as_u64().unwrap();
+    let a_waits: Vec<u64> = flood
+        .into_iter()
+        .map(|h| waited_ms(&h.join().unwrap()))
+        .collect();
+    println!(
+        "tenant b waited {b_waits:?} ms (Envoy's x-sluice-wait-ms; service 20 ms, 2 slots) behind a queue of a's that still held {still_queued}; a's longest wait {} ms",
+        a_waits.iter().max().unwrap()
+    );
+    assert!(still_queued > 50, "a's queue drained too soon to tell");
+    // About two service times: the slot after the one running, on either
+    // of the two slots; 60 ms leaves Envoy's timer and this machine a
+    // margin, against the seconds a FIFO would make it wait.
+    assert!(b_waits.iter().all(|&w| w <= 60), "{b_waits:?}");
+}
+
+#[test]
+fn weights_three_to_one_get_about_three_to_one_of_the_slots() {
+    let (backend, envoy) = start_tenants();
+    let addr = envoy.listener_addr();
+    let mut handles = Vec::new();
+    for i in 0..100 {
+        handles.push(send(addr, &format!("heavy-{i}"), &[("x-tenant", "heavy")]));
+        handles.push(send(addr, &format!("light-{i}"), &[("x-tenant", "light")]));
+    }
+    wait_until(Duration::from_secs(10), "both tenants queued", || {
+        (stats(&envoy)["queued"].as_u64() >= Some(180)).then_some(())
+    });
+    let queued_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    for h in handles {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+    // The slots handed out while both still had requests waiting: the
+    // first 100 arrivals after both had queued.
+    let mut trace = backend.trace(PATH);
+    trace.retain(|r| r.arrived_us > queued_at);
+    trace.sort_by_key(|r| r.arrived_us);
+    let window = &trace[..100];
+    let heavy = window.iter().filter(|r| r.id.starts_with("heavy-")).count();
+    println!(
+        "weights 3:1: heavy got {heavy} of 100 slots, light {}",
+        100 - heavy
+    );
+    assert!((68..=82).contains(&heavy), "heavy got {heavy} of 100");
+}
