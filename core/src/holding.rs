@@ -7,8 +7,8 @@
 //! when it happens, e.g. later for an abandoned request).
 
 use crate::admission::{
-    self, Acquired, AdmissionError, Class, Ejection, Outcome, Pin, Released, Wakeups, Withdrawn,
-    WorkerId,
+    self, Acquired, AdmissionError, Backlog, Class, Ejection, Outcome, Pin, Released, Wakeups,
+    Withdrawn, WorkerId,
 };
 use crate::shared_data::SharedData;
 use crate::EndpointId;
@@ -139,9 +139,9 @@ pub enum Arrival {
     /// Pause the request; its worker will be woken when the ticket is granted.
     Queued(Ticket),
     /// `max_queue` requests already wait (or its class's): answer queue-full.
-    QueueFull,
+    QueueFull(Backlog),
     /// Its class is sheddable and no slot is free: answer queue-full.
-    Shed,
+    Shed(Backlog),
     /// The backend is marked unhealthy: answer 503.
     Unhealthy,
 }
@@ -187,8 +187,8 @@ pub fn acquire_as<S: SharedData>(
     let arrival = match acquired {
         Acquired::Admitted(on) => Arrival::Admitted(Slot::new(endpoint, None, on)),
         Acquired::Queued { ticket } => Arrival::Queued(Ticket::new(endpoint, ticket)),
-        Acquired::QueueFull => Arrival::QueueFull,
-        Acquired::Shed => Arrival::Shed,
+        Acquired::QueueFull(b) => Arrival::QueueFull(b),
+        Acquired::Shed(b) => Arrival::Shed(b),
         Acquired::Unhealthy => Arrival::Unhealthy,
     };
     Ok((arrival, wakeups))
@@ -248,7 +248,7 @@ mod tests {
         };
         assert_eq!(
             acquire(&store, K, EP, 0, 0, None, 0).unwrap().0,
-            Arrival::QueueFull
+            Arrival::QueueFull(Backlog { ahead: 0, slots: 1 })
         );
         admission::set_unhealthy(&store, K, true, 0).unwrap();
         assert_eq!(

@@ -88,16 +88,18 @@ impl LocalReply<'_> {
         }
     }
 
-    /// Seconds to wait before retrying, when a retry later makes sense:
-    /// queue full only (`Retry-After`, `grpc-retry-pushback-ms`). A fixed
-    /// guess, the endpoint's queue timeout rounded up to seconds: by then
-    /// every request now waiting has been admitted or answered.
-    pub fn retry_after_secs(&self) -> Option<u64> {
+    /// Milliseconds to wait before retrying, when a retry later makes
+    /// sense (queue full, shed, pushed out): `measured_ms`, the time the
+    /// queue ahead takes to drain at the endpoint's measured pace
+    /// ([`crate::worker::Worker::retry_after_ms`]), or before anything is
+    /// measured the endpoint's queue timeout (by then every request now
+    /// waiting has been admitted or answered).
+    pub fn retry_after_ms(&self, measured_ms: Option<u64>) -> Option<u64> {
         match self {
             LocalReply::QueueFull(route)
             | LocalReply::Shed(route)
             | LocalReply::PushedOut(route) => {
-                Some(route.queue_timeout.as_secs_f64().ceil().max(1.0) as u64)
+                Some(measured_ms.unwrap_or_else(|| (route.queue_timeout.as_millis() as u64).max(1)))
             }
             LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) | LocalReply::Deadline(_) => {
                 None
@@ -105,14 +107,22 @@ impl LocalReply<'_> {
         }
     }
 
-    /// Answers the host's current request with this reply, in gRPC when the
-    /// request is gRPC.
+    /// Answers with this reply, its retry advice not measured.
     pub fn send<H: Host>(&self, host: &H) {
+        self.send_with_retry(host, None);
+    }
+
+    /// Answers the host's current request with this reply, in gRPC when the
+    /// request is gRPC; `retry_ms` is the measured retry advice, if any
+    /// (`Retry-After` in whole seconds, rounded up; `grpc-retry-pushback-ms`
+    /// and the body's `retry_after_ms` exact).
+    pub fn send_with_retry<H: Host>(&self, host: &H, retry_ms: Option<u64>) {
+        let retry_ms = self.retry_after_ms(retry_ms);
         let grpc = host
             .get_http_request_header("content-type")
             .is_some_and(|t| is_grpc(&t));
         let sent = if grpc {
-            let pushback_ms = self.retry_after_secs().map(|s| (s * 1000).to_string());
+            let pushback_ms = retry_ms.map(|ms| ms.to_string());
             let mut headers = vec![("x-sluice-reason", self.reason())];
             if let Some(ms) = &pushback_ms {
                 headers.push(("grpc-retry-pushback-ms", ms));
@@ -125,7 +135,7 @@ impl LocalReply<'_> {
                 self.grpc_message().as_bytes(),
             )
         } else {
-            let retry_after = self.retry_after_secs().map(|s| s.to_string());
+            let retry_after = retry_ms.map(|ms| ms.div_ceil(1000).to_string());
             let mut headers = vec![
                 ("content-type", "application/json"),
                 ("x-sluice-reason", self.reason()),
@@ -133,7 +143,13 @@ impl LocalReply<'_> {
             if let Some(secs) = &retry_after {
                 headers.push(("retry-after", secs));
             }
-            let body = self.body();
+            let mut body = self.body();
+            if let Some(ms) = retry_ms {
+                // Exact, where the header has whole seconds only.
+                let mut doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                doc["retry_after_ms"] = json!(ms);
+                body = line(doc);
+            }
             host.send_local_reply(
                 self.status(),
                 None,
@@ -320,8 +336,21 @@ mod tests {
                 LocalReply::QueueFull(&r),
                 503,
                 grpc::RESOURCE_EXHAUSTED,
-                Some(3),
+                Some(2500),
             ),
+            (
+                LocalReply::Shed(&r),
+                503,
+                grpc::RESOURCE_EXHAUSTED,
+                Some(2500),
+            ),
+            (
+                LocalReply::PushedOut(&r),
+                503,
+                grpc::RESOURCE_EXHAUSTED,
+                Some(2500),
+            ),
+            (LocalReply::Deadline(&r), 504, grpc::DEADLINE_EXCEEDED, None),
             (
                 LocalReply::QueueTimeout(&r),
                 504,
@@ -333,7 +362,15 @@ mod tests {
         for (reply, status, code, retry) in cases {
             assert_eq!(reply.status(), status, "{}", reply.reason());
             assert_eq!(reply.grpc_status(), code, "{}", reply.reason());
-            assert_eq!(reply.retry_after_secs(), retry, "{}", reply.reason());
+            // Before anything is measured: the queue timeout; once it is,
+            // the measured figure.
+            assert_eq!(reply.retry_after_ms(None), retry, "{}", reply.reason());
+            assert_eq!(
+                reply.retry_after_ms(Some(740)),
+                retry.map(|_| 740),
+                "{}",
+                reply.reason()
+            );
             assert!(
                 reply
                     .grpc_message()
@@ -370,7 +407,8 @@ mod tests {
         let reply = full.reply();
         assert_eq!(reply.grpc_status, Some(grpc::RESOURCE_EXHAUSTED));
         assert_eq!(reply.header("x-sluice-reason"), Some("queue-full"));
-        assert_eq!(reply.header("grpc-retry-pushback-ms"), Some("1000"));
+        // Nothing measured yet: the queue timeout, in ms.
+        assert_eq!(reply.header("grpc-retry-pushback-ms"), Some("100"));
         assert_eq!(reply.header("content-type"), None);
         assert!(
             reply.body.starts_with("sluice queue-full: "),

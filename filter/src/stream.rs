@@ -172,14 +172,16 @@ impl<H: Host> Stream<H> {
                         // exactly one of resume_http_request or a 504.
                         Action::Pause
                     }
-                    Arrival::QueueFull => {
+                    Arrival::QueueFull(backlog) => {
                         worker.metrics.count(ep, Counter::QueueFull);
-                        LocalReply::QueueFull(route).send(host);
+                        LocalReply::QueueFull(route)
+                            .send_with_retry(host, worker.retry_after_ms(ep, backlog));
                         Action::Pause
                     }
-                    Arrival::Shed => {
+                    Arrival::Shed(backlog) => {
                         worker.metrics.count(ep, Counter::Shed);
-                        LocalReply::Shed(route).send(host);
+                        LocalReply::Shed(route)
+                            .send_with_retry(host, worker.retry_after_ms(ep, backlog));
                         Action::Pause
                     }
                     Arrival::Unhealthy => {

@@ -136,10 +136,10 @@ pub enum Acquired {
     Queued { ticket: u32 },
     /// `max_queue` requests already wait (or its class's `max_queue`):
     /// answer queue-full.
-    QueueFull,
+    QueueFull(Backlog),
     /// No free slot, and its class is sheddable (never queued): answer
     /// queue-full at once.
-    Shed,
+    Shed(Backlog),
     /// The backend is marked unhealthy: answer 503 at once. Holds nothing.
     Unhealthy,
 }
@@ -168,6 +168,17 @@ pub struct Claimed {
     /// answer those queue-full. They hold nothing.
     pub pushed_out: Vec<u32>,
     pub wakeups: Wakeups,
+}
+
+/// What stood in the way of a refused request: the requests waiting ahead
+/// of where it would have queued, and the slots they drain through, so the
+/// refusal can say when a retry would find room (`Retry-After`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub ahead: u32,
+    /// The capacity in force (with instances, of those that can be
+    /// picked); 0: none.
+    pub slots: u32,
 }
 
 /// The class a request arrives in ([`acquire_as`]).
@@ -404,18 +415,22 @@ pub fn acquire_as<S: SharedData>(
             });
             return Ok(((Acquired::Admitted(address), wake), true));
         }
+        let backlog = |s: &EndpointState| Backlog {
+            ahead: s.queued(),
+            slots: s.total_capacity(now_ns).unwrap_or(0),
+        };
         if class.sheddable {
-            return Ok(((Acquired::Shed, wake), pumped));
+            return Ok(((Acquired::Shed(backlog(s)), wake), pumped));
         }
         if class
             .max_queue
             .is_some_and(|m| s.queued_of(class.index) >= m)
         {
-            return Ok(((Acquired::QueueFull, wake), pumped));
+            return Ok(((Acquired::QueueFull(backlog(s)), wake), pumped));
         }
         if s.queued() >= max_queue {
             let Some(victim) = s.push_out_victim(class.priority) else {
-                return Ok(((Acquired::QueueFull, wake), pumped));
+                return Ok(((Acquired::QueueFull(backlog(s)), wake), pumped));
             };
             let v = &mut s.waiters[victim];
             v.pushed_out = true;

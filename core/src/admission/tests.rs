@@ -196,7 +196,10 @@ fn admits_up_to_capacity_then_queues_then_rejects() {
     );
     assert_eq!(queued_ticket(&store, 2, 0), 0);
     assert_eq!(queued_ticket(&store, 2, 1), 1);
-    assert_eq!(acquire(&store, K, 2, 2).unwrap().0, Acquired::QueueFull);
+    assert_eq!(
+        acquire(&store, K, 2, 2).unwrap().0,
+        Acquired::QueueFull(Backlog { ahead: 2, slots: 2 })
+    );
     let s = snapshot(&store, K).unwrap();
     assert_eq!((s.active, s.queued()), (2, 2));
 }
@@ -208,7 +211,10 @@ fn max_queue_zero_never_queues() {
         acquire(&store, K, 0, 0).unwrap().0,
         Acquired::Admitted(None)
     );
-    assert_eq!(acquire(&store, K, 0, 0).unwrap().0, Acquired::QueueFull);
+    assert!(matches!(
+        acquire(&store, K, 0, 0).unwrap().0,
+        Acquired::QueueFull(_)
+    ));
 }
 
 #[test]
@@ -422,7 +428,7 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
                 for i in 0..REQUESTS {
                     let mut holding = match acquire(&*store, K, 1000, worker).unwrap().0 {
                         Acquired::Admitted(_) => true,
-                        Acquired::QueueFull | Acquired::Shed | Acquired::Unhealthy => {
+                        Acquired::QueueFull(_) | Acquired::Shed(_) | Acquired::Unhealthy => {
                             panic!("cannot happen here")
                         }
                         Acquired::Queued { ticket } => {
@@ -549,7 +555,10 @@ fn sheddable_is_admitted_when_free_and_refused_at_once_when_not() {
         acquire_in(&store, 100, 0, shed).unwrap().0,
         Acquired::Admitted(None)
     ));
-    assert_eq!(acquire_in(&store, 100, 0, shed).unwrap().0, Acquired::Shed);
+    assert_eq!(
+        acquire_in(&store, 100, 0, shed).unwrap().0,
+        Acquired::Shed(Backlog { ahead: 0, slots: 1 })
+    );
     assert_eq!(snapshot(&store, K).unwrap().queued(), 0);
 }
 
@@ -563,10 +572,10 @@ fn a_class_max_queue_bounds_its_own_waiters_only() {
     acquire_in(&store, 100, 0, class(0, 5)).unwrap();
     queued_in(&store, 100, 0, batch);
     queued_in(&store, 100, 0, batch);
-    assert_eq!(
+    assert!(matches!(
         acquire_in(&store, 100, 0, batch).unwrap().0,
-        Acquired::QueueFull
-    );
+        Acquired::QueueFull(_)
+    ));
     queued_in(&store, 100, 0, class(0, 5));
     let s = snapshot(&store, K).unwrap();
     assert_eq!((s.queued_of(1), s.queued_of(0), s.queued()), (2, 1, 3));
@@ -582,7 +591,7 @@ fn a_full_queue_pushes_out_the_newest_of_the_lowest_class_below() {
     // Full: an equal or lower priority is refused, pushing nobody out.
     assert_eq!(
         acquire_in(&store, 3, 4, class(0, 0)).unwrap().0,
-        Acquired::QueueFull
+        Acquired::QueueFull(Backlog { ahead: 3, slots: 1 })
     );
     let (got, wake) = acquire_in(&store, 3, 4, class(2, 9)).unwrap();
     let high = match got {

@@ -322,3 +322,83 @@ fn weights_three_to_one_get_about_three_to_one_of_the_slots() {
     );
     assert!((68..=82).contains(&heavy), "heavy got {heavy} of 100");
 }
+
+/// `Retry-After` from the measured drain: a client refused by a full
+/// queue is told how long the requests ahead take to drain through the
+/// slots; the advice is compared with when the queue really emptied (the
+/// backend's own clock), and a retry at that time is admitted.
+#[test]
+fn retry_after_follows_the_measured_drain_of_the_queue() {
+    let backend = Backend::start_with_args(&[
+        "--trace",
+        "--route",
+        &format!("{PATH}:capacity=1000,service_ms=200"),
+    ]);
+    let config = json!({
+        "service": "retry",
+        "endpoints": {PATH: {"capacity": 2, "queue_timeout": 30, "max_queue": 10}},
+    });
+    let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 4);
+    let addr = envoy.listener_addr();
+    // Durations measured on every worker: 16 requests, two at a time.
+    for round in 0..8 {
+        let pair: Vec<_> = (0..2)
+            .map(|i| send(addr, &format!("warm-{round}-{i}"), &[]))
+            .collect();
+        for h in pair {
+            assert_eq!(h.join().unwrap().status, 200);
+        }
+    }
+    let waiting: Vec<_> = (0..12)
+        .map(|i| send(addr, &format!("q-{i}"), &[]))
+        .collect();
+    wait_until(Duration::from_secs(5), "10 waiting", || {
+        (stats(&envoy)["queued"] == 10).then_some(())
+    });
+    let now_us = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    let refused_at = now_us();
+    let full = send(addr, "refused", &[]).join().unwrap();
+    assert_eq!(full.status, 503, "{full:?}");
+    let advice_ms = full.json()["retry_after_ms"]
+        .as_u64()
+        .expect("retry_after_ms");
+    let header: u64 = full.header("retry-after").unwrap().parse().unwrap();
+    assert_eq!(
+        header,
+        advice_ms.div_ceil(1000),
+        "Retry-After rounds the advice up"
+    );
+    std::thread::sleep(Duration::from_millis(advice_ms));
+    let retry = send(addr, "retry", &[]).join().unwrap();
+    for h in waiting {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+    // When the last of those ahead got its slot: a request at the back of
+    // the queue would have been admitted then.
+    let trace = backend.trace(PATH);
+    let last_ahead = trace
+        .iter()
+        .filter(|r| r.id.starts_with("q-"))
+        .map(|r| r.arrived_us)
+        .max()
+        .unwrap();
+    let real_ms = (last_ahead.saturating_sub(refused_at)) / 1000;
+    println!(
+        "Retry-After: advised {advice_ms} ms (header {header} s); the queue ahead really drained in {real_ms} ms; the retry got {} after waiting {:?} ms",
+        retry.status,
+        retry.header("x-sluice-wait-ms")
+    );
+    assert!(
+        advice_ms <= 2 * real_ms.max(1) && real_ms <= 2 * advice_ms,
+        "advised {advice_ms} ms, drained in {real_ms} ms"
+    );
+    assert_eq!(
+        retry.status, 200,
+        "the retry at the advised time found room: {retry:?}"
+    );
+}
