@@ -80,6 +80,11 @@ impl RecentDurations {
         })
     }
 
+    /// The shortest of the recent durations, `None` before any finished.
+    pub fn min_ns(&self) -> Option<u64> {
+        self.samples_ns[..self.len].iter().copied().min()
+    }
+
     /// The mean of the recent durations, `None` before any finished: what
     /// a slot takes to turn over, for `Retry-After`.
     pub fn mean_ns(&self) -> Option<u64> {

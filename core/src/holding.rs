@@ -136,8 +136,9 @@ impl Ticket {
 pub enum Arrival {
     /// Forward the request; the slot is untimed ([`Slot::timed`]).
     Admitted(Slot),
-    /// Pause the request; its worker will be woken when the ticket is granted.
-    Queued(Ticket),
+    /// Pause the request; its worker will be woken when the ticket is
+    /// granted. With the requests waiting ahead of it, and the slots.
+    Queued(Ticket, Backlog),
     /// `max_queue` requests already wait (or its class's): answer queue-full.
     QueueFull(Backlog),
     /// Its class is sheddable and no slot is free: answer queue-full.
@@ -186,7 +187,9 @@ pub fn acquire_as<S: SharedData>(
         admission::acquire_as(store, key, max_queue, worker, pin, class, now_ns)?;
     let arrival = match acquired {
         Acquired::Admitted(on) => Arrival::Admitted(Slot::new(endpoint, None, on)),
-        Acquired::Queued { ticket } => Arrival::Queued(Ticket::new(endpoint, ticket)),
+        Acquired::Queued { ticket, backlog } => {
+            Arrival::Queued(Ticket::new(endpoint, ticket), backlog)
+        }
         Acquired::QueueFull(b) => Arrival::QueueFull(b),
         Acquired::Shed(b) => Arrival::Shed(b),
         Acquired::Unhealthy => Arrival::Unhealthy,
@@ -218,10 +221,10 @@ mod tests {
             panic!("admitted");
         };
         assert_eq!((slot.endpoint(), slot.admitted_ns()), (EP, None));
-        let (Arrival::Queued(a), _) = acquire(&store, K, EP, 10, 1, None, 0).unwrap() else {
+        let (Arrival::Queued(a, _), _) = acquire(&store, K, EP, 10, 1, None, 0).unwrap() else {
             panic!("queued");
         };
-        let (Arrival::Queued(b), _) = acquire(&store, K, EP, 10, 1, None, 0).unwrap() else {
+        let (Arrival::Queued(b, _), _) = acquire(&store, K, EP, 10, 1, None, 0).unwrap() else {
             panic!("queued");
         };
         assert_eq!(

@@ -221,7 +221,7 @@ mod tests {
                 .unwrap()
                 .0
             {
-                admission::Acquired::Queued { ticket } => ticket,
+                admission::Acquired::Queued { ticket, .. } => ticket,
                 other => panic!("{other:?}"),
             };
             if worker == 5 {

@@ -256,3 +256,40 @@ fn tenants_take_turns_within_a_class_and_the_stats_show_the_busiest_flows() {
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
+
+#[test]
+fn a_deadline_the_queue_cannot_meet_is_refused_at_once() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config(100));
+    // The endpoint's requests take 300 ms.
+    for _ in 0..3 {
+        let mut a = send(&w, None);
+        envoy.advance(Duration::from_millis(300));
+        a.complete();
+    }
+    let mut holder = send(&w, None);
+    let mut ahead: Vec<FakeStream> = (0..3).map(|_| send(&w, None)).collect();
+    // 3 ahead, 1 slot: at least 3 more turns of 300 ms before its slot.
+    let hopeless = w.request_with("POST", PATH, &[("x-deadline-ms", "500")]);
+    let r = hopeless.reply();
+    assert_eq!(
+        (r.status, r.header("x-sluice-reason")),
+        (504, Some("deadline"))
+    );
+    assert_eq!(envoy.record(KEY).queued(), 3, "it left the queue");
+    let mut reachable = w.request_with("POST", PATH, &[("x-deadline-ms", "1500")]);
+    assert!(
+        reachable.is_waiting(),
+        "900 ms at least, 1500 ms given: it waits"
+    );
+    reachable.reset();
+    holder.complete();
+    for s in &mut ahead {
+        w.deliver_wake_ups();
+        s.complete();
+    }
+    w.tick();
+    assert_eq!(envoy.metric("sluice.t./predict.deadline.outcomes_total"), 1);
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}

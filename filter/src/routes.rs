@@ -61,6 +61,8 @@ pub struct Routes {
     pub deadline_header: Option<String>,
     /// Fair shares between tenants (`tenants`).
     pub tenants: Option<Tenants>,
+    /// `refuse_unreachable_deadlines`.
+    pub refuse_unreachable: bool,
     exact: HashMap<String, usize>,
     /// Longest prefix first.
     prefixes: Vec<usize>,
@@ -129,6 +131,7 @@ impl Routes {
             classes: config.classes.clone(),
             deadline_header: config.deadline_header.clone(),
             tenants: config.tenants.clone(),
+            refuse_unreachable: config.refuse_unreachable_deadlines,
             exact,
             prefixes,
         }

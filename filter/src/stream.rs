@@ -149,18 +149,25 @@ impl<H: Host> Stream<H> {
                         self.state = State::Holding(slot.timed(admitted_ns));
                         Action::Continue
                     }
-                    Arrival::Queued(ticket) => {
+                    Arrival::Queued(ticket, backlog) => {
+                        let since_ns = arrived_ns(host);
+                        let expires_ns = deadline_ns(host, &worker.routes, since_ns);
+                        if let Some(at) = expires_ns.filter(|_| worker.routes.refuse_unreachable) {
+                            let left = at.saturating_sub(host.now_ns());
+                            if worker.least_wait_ns(ep, backlog).is_some_and(|w| w > left) {
+                                return self.leave_queue_unreachable(ticket);
+                            }
+                        }
                         let bytes = match queue_bytes(host, route, end_of_stream) {
                             Ok(bytes) => bytes,
                             Err(QueueBytesFull) => {
                                 return self.leave_full_queue(ticket);
                             }
                         };
-                        let since_ns = arrived_ns(host);
                         let waiting = Waiting {
                             since_ns,
                             bytes,
-                            expires_ns: deadline_ns(host, &worker.routes, since_ns),
+                            expires_ns,
                             class: class.index,
                         };
                         worker.add_waiter(self.context_id, ticket, waiting);
@@ -204,10 +211,31 @@ impl<H: Host> Stream<H> {
         }
     }
 
+    /// The request's own deadline comes before the soonest it could get a
+    /// slot: it gives its ticket back and is answered `deadline` at once
+    /// rather than at its deadline, unless a slot was granted to the ticket
+    /// in the meantime.
+    fn leave_queue_unreachable(&mut self, ticket: Ticket) -> Action {
+        self.worker
+            .metrics
+            .count(ticket.endpoint(), Counter::Deadline);
+        self.give_back(ticket, |route| LocalReply::Deadline(route))
+    }
+
     /// The queue has no room for this request's body (`max_queued_bytes`):
     /// it gives its ticket back and gets `503 queue-full`, unless a slot was
     /// granted to the ticket in the meantime.
     fn leave_full_queue(&mut self, ticket: Ticket) -> Action {
+        self.give_back(ticket, |route| LocalReply::QueueFull(route))
+    }
+
+    /// Leaves the queue at once, answered with `reply`, or goes ahead with
+    /// the slot granted to the ticket meanwhile.
+    fn give_back(
+        &mut self,
+        ticket: Ticket,
+        reply: impl for<'r> FnOnce(&'r Route) -> LocalReply<'r>,
+    ) -> Action {
         let worker = Rc::clone(&self.worker);
         let host = &worker.host;
         let route = worker.routes.route(ticket.endpoint());
@@ -218,7 +246,7 @@ impl<H: Host> Stream<H> {
                 Action::Continue
             }
             Ok(None) => {
-                LocalReply::QueueFull(route).send(host);
+                reply(route).send(host);
                 Action::Pause
             }
             Err(e) => {

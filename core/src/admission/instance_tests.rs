@@ -89,7 +89,7 @@ fn a_freed_slot_goes_to_the_oldest_waiter_on_that_instance() {
     let a = admit(&store, 0).unwrap();
     let _b = admit(&store, 0).unwrap();
     let t1 = match acquire(&store, K, 10, 1, None, 0).unwrap().0 {
-        Acquired::Queued { ticket } => ticket,
+        Acquired::Queued { ticket, .. } => ticket,
         other => panic!("{other:?}"),
     };
     let _t2 = acquire(&store, K, 10, 2, None, 0).unwrap();
@@ -111,7 +111,7 @@ fn sticky_requests_wait_for_their_instance() {
     // The same session again: its instance is full, so it waits, though
     // the other two are free.
     let ticket = match acquire(&store, K, 10, 0, Some(pin), 0).unwrap().0 {
-        Acquired::Queued { ticket } => ticket,
+        Acquired::Queued { ticket, .. } => ticket,
         other => panic!("{other:?}"),
     };
     // An unpinned request goes by it to a free instance.

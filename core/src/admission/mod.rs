@@ -133,7 +133,8 @@ pub enum Acquired {
     /// endpoint has instances), `release` at its end.
     Admitted(Option<SocketAddr>),
     /// Pause the request; its worker will be woken when `ticket` is granted.
-    Queued { ticket: u32 },
+    /// `backlog`: the requests waiting ahead of it, and the slots.
+    Queued { ticket: u32, backlog: Backlog },
     /// `max_queue` requests already wait (or its class's `max_queue`):
     /// answer queue-full.
     QueueFull(Backlog),
@@ -454,7 +455,11 @@ pub fn acquire_as<S: SharedData>(
                 tag,
             },
         );
-        Ok(((Acquired::Queued { ticket }, wake), true))
+        let backlog = Backlog {
+            ahead: s.waiters[..at].iter().filter(|w| w.waiting()).count() as u32,
+            slots: s.total_capacity(now_ns).unwrap_or(0),
+        };
+        Ok(((Acquired::Queued { ticket, backlog }, wake), true))
     })
 }
 

@@ -59,7 +59,7 @@ fn store_with(capacity: u32) -> MemSharedData {
 
 fn queued_ticket(store: &MemSharedData, max_queue: u32, worker: WorkerId) -> u32 {
     match acquire(store, K, max_queue, worker).unwrap().0 {
-        Acquired::Queued { ticket } => ticket,
+        Acquired::Queued { ticket, .. } => ticket,
         other => panic!("expected queued, got {other:?}"),
     }
 }
@@ -431,7 +431,7 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
                         Acquired::QueueFull(_) | Acquired::Shed(_) | Acquired::Unhealthy => {
                             panic!("cannot happen here")
                         }
-                        Acquired::Queued { ticket } => {
+                        Acquired::Queued { ticket, .. } => {
                             // Poll like a tick; every 7th request gives up
                             // early like a client abort or a timeout.
                             let patience = if i % 7 == 0 { 3 } else { u32::MAX };
@@ -510,7 +510,7 @@ fn acquire_in<S: SharedData>(
 
 fn queued_in(store: &MemSharedData, max_queue: u32, w: WorkerId, c: Class) -> u32 {
     match acquire_in(store, max_queue, w, c).unwrap().0 {
-        Acquired::Queued { ticket } => ticket,
+        Acquired::Queued { ticket, .. } => ticket,
         other => panic!("expected to queue, got {other:?}"),
     }
 }
@@ -595,7 +595,7 @@ fn a_full_queue_pushes_out_the_newest_of_the_lowest_class_below() {
     );
     let (got, wake) = acquire_in(&store, 3, 4, class(2, 9)).unwrap();
     let high = match got {
-        Acquired::Queued { ticket } => ticket,
+        Acquired::Queued { ticket, .. } => ticket,
         other => panic!("{other:?}"),
     };
     assert_eq!(wake.workers(), &[3], "the pushed-out one's worker");

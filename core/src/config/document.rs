@@ -137,6 +137,11 @@ pub struct Document {
     /// Fair shares between the tenants of each endpoint: a header names a
     /// request's tenant; within a class, tenants take the slots in turn.
     pub tenants: Option<Section<super::tenants::TenantsDoc>>,
+    /// A request whose own deadline comes before the soonest it could get a
+    /// slot (its queue ahead at the shortest recent durations) is answered
+    /// `deadline` at once instead of at its deadline.
+    #[cfg_attr(feature = "schema", schemars(with = "bool", extend("default" = true)))]
+    pub refuse_unreachable_deadlines: Option<Value>,
     /// A request header holding the request's own deadline, milliseconds
     /// from its arrival: it never waits longer (besides `grpc-timeout` and
     /// `x-envoy-expected-rq-timeout-ms`, always read).

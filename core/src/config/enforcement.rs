@@ -57,6 +57,9 @@ pub struct Config {
     pub deadline_header: Option<String>,
     /// Fair shares between tenants (`tenants`).
     pub tenants: Option<Tenants>,
+    /// A request whose own deadline comes before the soonest it could get
+    /// a slot (by the measured durations) is answered at once.
+    pub refuse_unreachable_deadlines: bool,
     /// Things worth a log line that do not stop the plugin (unknown keys).
     pub warnings: Vec<ConfigWarning>,
 }
@@ -165,6 +168,11 @@ impl TryFrom<&Document> for Config {
         let instances = Instances::from_document(doc, &mut warnings)?;
         let classes = Classes::from_document(doc, &mut warnings)?;
         let tenants = Tenants::from_document(doc, &mut warnings)?;
+        let refuse_unreachable_deadlines = check::flag(
+            doc.refuse_unreachable_deadlines.as_ref(),
+            "refuse_unreachable_deadlines",
+            true,
+        )?;
         let deadline_header = match check::text(doc.deadline_header.as_ref(), "deadline_header")? {
             None => None,
             Some(h) if super::classes::is_header_name(&h) => Some(h.to_ascii_lowercase()),
@@ -214,6 +222,7 @@ impl TryFrom<&Document> for Config {
             classes,
             deadline_header,
             tenants,
+            refuse_unreachable_deadlines,
             warnings,
         })
     }

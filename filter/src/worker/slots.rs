@@ -58,6 +58,19 @@ impl<H: Host> Worker<H> {
         Some(ns.div_ceil(1_000_000).max(1))
     }
 
+    /// The least a request queued behind `backlog` can wait, in ns: it needs
+    /// `ahead + 1` slots to turn over, at most `slots` at a time, each
+    /// taking at least the shortest recent duration; the first turn-over
+    /// may come at once. `None` until anything is known.
+    pub fn least_wait_ns(&self, ep: EndpointId, backlog: Backlog) -> Option<u64> {
+        let shortest = self.slots.durations.borrow()[ep.0].min_ns()?;
+        if backlog.slots == 0 {
+            return None;
+        }
+        let turns = (backlog.ahead + 1).div_ceil(backlog.slots) - 1;
+        Some(u64::from(turns).saturating_mul(shortest))
+    }
+
     /// The request holding `slot` got its whole response: the backend is
     /// done with it, and its duration (if it was timed) feeds the estimate,
     /// which the tick publishes.

@@ -402,3 +402,44 @@ fn retry_after_follows_the_measured_drain_of_the_queue() {
         "the retry at the advised time found room: {retry:?}"
     );
 }
+
+/// A deadline the queue cannot meet, even at the shortest duration the
+/// endpoint has shown, is answered at once, not when it passes.
+#[test]
+fn a_deadline_the_queue_cannot_meet_is_answered_at_once() {
+    let (backend, envoy) = start(100);
+    let addr = envoy.listener_addr();
+    // Each worker judges by the durations it measured itself: enough
+    // requests (each on its own connection) that all four have some.
+    let warm: Vec<_> = (0..24)
+        .map(|i| send(addr, &format!("warm-{i}"), &[("x-service-ms", "200")]))
+        .collect();
+    for h in warm {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+    // One running, two waiting, 200 ms each: at least two more turns
+    // (400 ms) before a newcomer's slot.
+    let busy: Vec<_> = (0..3)
+        .map(|i| send(addr, &format!("busy-{i}"), &[("x-service-ms", "200")]))
+        .collect();
+    wait_until(Duration::from_secs(5), "two waiting", || {
+        (stats(&envoy)["queued"] == 2).then_some(())
+    });
+    let t = Instant::now();
+    let r = send(addr, "hopeless", &[("x-deadline-ms", "250")])
+        .join()
+        .unwrap();
+    let took = t.elapsed();
+    assert_eq!(
+        (r.status, r.header("x-sluice-reason")),
+        (504, Some("deadline")),
+        "{r:?}"
+    );
+    println!("a 250 ms deadline behind 400 ms of queue: answered after {took:?}");
+    assert!(took < Duration::from_millis(150), "{took:?}: not at once");
+    for h in busy {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+    let ids: Vec<String> = backend.trace(PATH).into_iter().map(|r| r.id).collect();
+    assert!(!ids.iter().any(|i| i == "hopeless"));
+}

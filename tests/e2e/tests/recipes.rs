@@ -400,7 +400,7 @@ fn instances_hold_each_instance_to_its_own_capacity() {
 /// and that of `background.local` makes it sheddable.
 #[test]
 fn classes_come_from_envoy_and_the_client_header_is_removed() {
-    let backend = Backend::start_with_args(&["--trace", "--route", "/predict:service_ms=400"]);
+    let backend = Backend::start_with_args(&["--trace", "--route", "/predict:service_ms=1500"]);
     let recipe = Recipe::load("classes").upstream(8080, backend.port());
     let envoy = Envoy::start_with(recipe.envoy_options(2));
     let addr = envoy.listener_addr();
