@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod redis_conn;
 pub mod redis_source;
 pub mod services;
+pub mod shares;
 pub mod snapshots;
 
 use anyhow::Context;

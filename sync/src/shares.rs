@@ -1,0 +1,894 @@
+//! Shares among Envoy replicas: how many slots of each pool every Envoy
+//! (a *watcher*) watching one service may hold (docs/sync.md, "Shares among
+//! Envoy replicas"; issue 19).
+//!
+//! Pure: no I/O, no clock, time comes in as milliseconds. The stream that
+//! carries reports and grants is wired later; this is the state machine and
+//! its proof obligations. The one rule everything serves: for every pool, at
+//! every moment, the sum over watchers of [`Allocator::held`] plus
+//! [`Allocator::unaccounted`] never grows past the capacity because of
+//! something the allocator granted. `held` is an upper bound of what the
+//! Envoy may admit, so the Envoys together stay within the capacity.
+
+use std::collections::BTreeMap;
+
+/// One stream from one Envoy. A reconnecting Envoy opens a new stream and
+/// gets a new id; the old one is [`Allocator::lost`] and counted until its
+/// lease has run out.
+pub type WatcherId = u64;
+
+/// What a capacity belongs to: one instance's slots for one endpoint, or,
+/// for an endpoint without instances, the endpoint's own capacity.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PoolKey {
+    pub path: String,
+    /// `ip:port` of the instance; `None` for an endpoint without instances.
+    pub address: Option<String>,
+}
+
+impl PoolKey {
+    pub fn endpoint(path: &str) -> Self {
+        Self {
+            path: path.to_string(),
+            address: None,
+        }
+    }
+
+    pub fn instance(path: &str, address: &str) -> Self {
+        Self {
+            path: path.to_string(),
+            address: Some(address.to_string()),
+        }
+    }
+}
+
+/// One pool as an Envoy sees it when it sends a report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolReport {
+    /// The share the Envoy enforces now (its fallback when its lease ran
+    /// out; what an earlier stream gave it before this stream's first grant).
+    pub holding: u32,
+    pub in_flight: u32,
+    pub queued: u32,
+}
+
+impl PoolReport {
+    fn demand(&self) -> u64 {
+        u64::from(self.in_flight) + u64::from(self.queued)
+    }
+}
+
+/// What an Envoy sends a few times a second, and once at once when a
+/// request queues on a pool where it holds 0.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Grows by at least one per report on a stream.
+    pub seq: u64,
+    /// The newest `share_version` of *this stream* the Envoy applied; 0
+    /// before the first.
+    pub applied_version: u64,
+    /// Every pool it holds a share of or has demand for. A pool it does not
+    /// list counts as all zeros.
+    pub pools: BTreeMap<PoolKey, PoolReport>,
+}
+
+/// What sync sends a watcher: always an answer to one of its reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Grows per stream. The Envoy applies a grant whose version is newer
+    /// than the one it applied; one with the same version only renews the
+    /// lease (its shares are the same).
+    pub share_version: u64,
+    /// The share of every pool sync knows; a pool not listed is 0.
+    pub shares: BTreeMap<PoolKey, u32>,
+    /// The lease runs from the moment the Envoy *sent* report
+    /// `lease_for_seq` (its own clock), for `lease_ms`.
+    pub lease_ms: u64,
+    pub lease_for_seq: u64,
+    /// After the lease, the Envoy enforces [`fallback_share`] for this
+    /// long, then 0.
+    pub fallback_for_ms: u64,
+    /// How many watchers shared the pools when this grant was made: the
+    /// divisor of the fallback's equal split.
+    pub watchers: u32,
+}
+
+impl Grant {
+    /// What an Envoy holding this grant may admit in `pool` at `now`, its
+    /// report `lease_for_seq` having been sent at `sent_at` (both on the
+    /// Envoy's clock). The filter enforces exactly this.
+    pub fn limit(&self, pool: &PoolKey, capacity: u32, sent_at: u64, now: u64) -> u32 {
+        let share = self.shares.get(pool).copied().unwrap_or(0);
+        let lease_end = sent_at.saturating_add(self.lease_ms);
+        if now < lease_end {
+            share
+        } else if now < lease_end.saturating_add(self.fallback_for_ms) {
+            fallback_share(share, capacity, self.watchers)
+        } else {
+            0
+        }
+    }
+}
+
+/// An Envoy whose lease ran out: the smaller of its last share and an even
+/// split of the capacity among the watchers it last knew. Never more than
+/// its share, so sync's accounting (the share, until lease + fallback) holds;
+/// the split keeps one replica from holding a large share through a long
+/// outage of sync.
+pub fn fallback_share(share: u32, capacity: u32, watchers: u32) -> u32 {
+    share.min(capacity / watchers.max(1))
+}
+
+/// How the allocator behaves. Durations in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a grant stays valid after the report it answers was sent.
+    pub lease_ms: u64,
+    /// How long an Envoy whose lease ran out keeps its fallback share; 0 is
+    /// exact mode (it holds nothing once its lease ran out).
+    pub fallback_for_ms: u64,
+    /// The least share of every watcher, when the capacity allows it; 0
+    /// means an idle Envoy's first request waits one report round trip.
+    pub min_share: u32,
+    /// How often an Envoy reports (the allocator does not use it; the
+    /// lease should cover several reports).
+    pub report_interval_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            lease_ms: 2000,
+            fallback_for_ms: 0,
+            min_share: 0,
+            report_interval_ms: 200,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Pool {
+    capacity: u32,
+    /// Removed from discovery or Redis: capacity 0, kept until nobody may
+    /// hold any of it, so a pool that comes back is still accounted.
+    removed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Received {
+    /// Receipt, on sync's clock: a lease anchored here ends no earlier than
+    /// the Envoy's, anchored at its send time.
+    at: u64,
+    report: Report,
+}
+
+#[derive(Debug, Clone)]
+struct Sent {
+    version: u64,
+    shares: BTreeMap<PoolKey, u32>,
+}
+
+#[derive(Debug, Clone)]
+struct Watcher {
+    connected: bool,
+    last: Option<Received>,
+    /// Every version sent that the Envoy may still apply or hold: the one
+    /// it last acknowledged and all later ones. The last is the current.
+    sent: Vec<Sent>,
+    next_version: u64,
+    /// The seq the last grant answered.
+    answered_seq: Option<u64>,
+    /// Its lease ran out in sync's view: what was sent no longer counts, and
+    /// the next grant must carry a new version (an old one with a fresh
+    /// lease would bring the old shares back).
+    needs_version: bool,
+}
+
+impl Watcher {
+    fn new() -> Self {
+        Self {
+            connected: true,
+            last: None,
+            sent: Vec::new(),
+            next_version: 1,
+            answered_seq: None,
+            needs_version: false,
+        }
+    }
+
+    fn current(&self, pool: &PoolKey) -> u32 {
+        self.sent
+            .last()
+            .and_then(|s| s.shares.get(pool).copied())
+            .unwrap_or(0)
+    }
+
+    fn report_of(&self, pool: &PoolKey) -> PoolReport {
+        self.last
+            .as_ref()
+            .and_then(|r| r.report.pools.get(pool).copied())
+            .unwrap_or_default()
+    }
+
+    fn holds_nothing(&self) -> bool {
+        self.last.as_ref().is_none_or(|r| {
+            r.report
+                .pools
+                .values()
+                .all(|p| p.holding == 0 && p.in_flight == 0)
+        })
+    }
+}
+
+/// The allocator of one service.
+#[derive(Debug, Clone)]
+pub struct Allocator {
+    settings: Settings,
+    /// Until `started_at + lease + fallback`, Envoys that have not reported
+    /// may still hold grants of a previous allocator.
+    grace_end: u64,
+    pools: BTreeMap<PoolKey, Pool>,
+    watchers: BTreeMap<WatcherId, Watcher>,
+}
+
+impl Allocator {
+    pub fn new(settings: Settings, started_at: u64) -> Self {
+        let grace_end = started_at
+            .saturating_add(settings.lease_ms)
+            .saturating_add(settings.fallback_for_ms);
+        Self {
+            settings,
+            grace_end,
+            pools: BTreeMap::new(),
+            watchers: BTreeMap::new(),
+        }
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// A stream opened. It gets nothing before its first report.
+    pub fn join(&mut self, watcher: WatcherId, now: u64) {
+        self.expire(now);
+        self.watchers.entry(watcher).or_insert_with(Watcher::new);
+    }
+
+    /// A report arrived (receipt at `now`). A report that does not grow
+    /// `seq`, or comes from a lost stream, is ignored.
+    pub fn report(&mut self, watcher: WatcherId, report: Report, now: u64) {
+        self.expire(now);
+        let w = self.watchers.entry(watcher).or_insert_with(Watcher::new);
+        if !w.connected {
+            return;
+        }
+        if w.last.as_ref().is_some_and(|r| report.seq <= r.report.seq) {
+            return;
+        }
+        // Everything older than the acknowledged version was replaced on the
+        // Envoy; the acknowledged one stays (a lease renewal brings it back
+        // after a fallback).
+        let applied = report.applied_version;
+        if w.sent.iter().any(|s| s.version == applied) {
+            w.sent.retain(|s| s.version >= applied);
+        }
+        w.last = Some(Received { at: now, report });
+    }
+
+    /// The stream ended gracefully. After a final report of nothing held
+    /// and nothing in flight the watcher is gone at once; otherwise it is
+    /// treated as [`lost`](Self::lost).
+    pub fn leave(&mut self, watcher: WatcherId, now: u64) {
+        self.expire(now);
+        if self
+            .watchers
+            .get(&watcher)
+            .is_some_and(Watcher::holds_nothing)
+        {
+            self.watchers.remove(&watcher);
+        } else {
+            self.lost(watcher, now);
+        }
+    }
+
+    /// The stream broke. The Envoy may still be admitting under its last
+    /// grant: it counts as holding everything it may still apply until its
+    /// last report's receipt + lease + fallback.
+    pub fn lost(&mut self, watcher: WatcherId, now: u64) {
+        self.expire(now);
+        if let Some(w) = self.watchers.get_mut(&watcher) {
+            if w.last.is_none() {
+                self.watchers.remove(&watcher);
+            } else {
+                w.connected = false;
+            }
+        }
+    }
+
+    /// The capacity of every pool (Redis, discovery). A pool left out is
+    /// removed: its shares go to 0, and it is forgotten once nobody holds
+    /// any of it.
+    pub fn set_pools(&mut self, capacities: &BTreeMap<PoolKey, u32>, now: u64) {
+        self.expire(now);
+        for (key, pool) in self.pools.iter_mut() {
+            if !capacities.contains_key(key) {
+                pool.capacity = 0;
+                pool.removed = true;
+            }
+        }
+        for (key, &capacity) in capacities {
+            self.pools.insert(
+                key.clone(),
+                Pool {
+                    capacity,
+                    removed: false,
+                },
+            );
+        }
+    }
+
+    /// Time passed: leases run out, the restart grace ends.
+    pub fn tick(&mut self, now: u64) {
+        self.expire(now);
+    }
+
+    /// The pool's capacity, `None` when sync does not know it (a removed
+    /// pool has 0 until it is forgotten).
+    pub fn capacity(&self, pool: &PoolKey) -> Option<u32> {
+        self.pools.get(pool).map(|p| p.capacity)
+    }
+
+    /// An upper bound of what `watcher`'s Envoy may admit in `pool` now or
+    /// later without sync granting more: the largest share sent that it may
+    /// not have replaced by an acknowledged one, what it reported holding,
+    /// and what it reported in flight (a lowered share cuts nothing).
+    pub fn held(&self, watcher: WatcherId, pool: &PoolKey, now: u64) -> u32 {
+        self.watchers
+            .get(&watcher)
+            .map_or(0, |w| self.held_by(w, pool, now))
+    }
+
+    fn held_by(&self, w: &Watcher, pool: &PoolKey, now: u64) -> u32 {
+        let Some(last) = &w.last else { return 0 };
+        if now >= self.deadline(last) {
+            return 0;
+        }
+        let reported = last.report.pools.get(pool).copied().unwrap_or_default();
+        let sent = w
+            .sent
+            .iter()
+            .filter_map(|s| s.shares.get(pool).copied())
+            .max();
+        sent.unwrap_or(0)
+            .max(reported.holding)
+            .max(reported.in_flight)
+    }
+
+    /// The sum of [`held`](Self::held) over every watcher.
+    pub fn held_total(&self, pool: &PoolKey, now: u64) -> u64 {
+        self.watchers
+            .values()
+            .map(|w| u64::from(self.held_by(w, pool, now)))
+            .sum()
+    }
+
+    /// After a restart, until the grace ends: the part of the capacity that
+    /// Envoys which have not reported yet may hold. Granted to nobody.
+    pub fn unaccounted(&self, pool: &PoolKey, now: u64) -> u32 {
+        if now >= self.grace_end {
+            return 0;
+        }
+        let capacity = u64::from(self.capacity(pool).unwrap_or(0));
+        capacity.saturating_sub(self.held_total(pool, now)) as u32
+    }
+
+    /// Capacity neither held nor unaccounted; negative while a lowered
+    /// capacity waits for acknowledgements.
+    pub fn free(&self, pool: &PoolKey, now: u64) -> i64 {
+        i64::from(self.capacity(pool).unwrap_or(0))
+            - self.held_total(pool, now) as i64
+            - i64::from(self.unaccounted(pool, now))
+    }
+
+    /// The watchers that get shares: connected, with a report whose lease
+    /// has not run out.
+    fn active(&self, now: u64) -> Vec<WatcherId> {
+        self.watchers
+            .iter()
+            .filter(|(_, w)| w.connected && w.last.as_ref().is_some_and(|r| now < self.deadline(r)))
+            .map(|(&id, _)| id)
+            .collect()
+    }
+
+    fn deadline(&self, last: &Received) -> u64 {
+        last.at
+            .saturating_add(self.settings.lease_ms)
+            .saturating_add(self.settings.fallback_for_ms)
+    }
+
+    fn expire(&mut self, now: u64) {
+        let (lease, fallback) = (self.settings.lease_ms, self.settings.fallback_for_ms);
+        let out = |w: &Watcher| {
+            w.last
+                .as_ref()
+                .is_some_and(|r| now >= r.at.saturating_add(lease).saturating_add(fallback))
+        };
+        self.watchers.retain(|_, w| w.connected || !out(w));
+        for w in self.watchers.values_mut() {
+            if out(w) && !w.needs_version {
+                w.sent.clear();
+                w.needs_version = true;
+            }
+        }
+        let forget: Vec<PoolKey> = self
+            .pools
+            .iter()
+            .filter(|(key, pool)| pool.removed && self.held_total(key, now) == 0)
+            .map(|(key, _)| key.clone())
+            .collect();
+        if now >= self.grace_end {
+            for key in forget {
+                self.pools.remove(&key);
+            }
+        }
+    }
+
+    /// Decides every share and returns the grants to send: to each watcher
+    /// whose shares changed or whose newest report is unanswered. What is
+    /// returned counts as sent.
+    pub fn grants(&mut self, now: u64) -> Vec<(WatcherId, Grant)> {
+        self.expire(now);
+        let active = self.active(now);
+        let mut next: BTreeMap<WatcherId, BTreeMap<PoolKey, u32>> =
+            active.iter().map(|&id| (id, BTreeMap::new())).collect();
+        for (key, pool) in &self.pools {
+            if pool.removed {
+                continue;
+            }
+            let demands: Vec<u64> = active
+                .iter()
+                .map(|id| self.watchers[id].report_of(key).demand())
+                .collect();
+            let targets = split(pool.capacity, &demands, self.settings.min_share);
+            let mut free = self.free(key, now);
+            let mut raises = Vec::new();
+            for (i, &id) in active.iter().enumerate() {
+                let current = self.watchers[&id].current(key);
+                // Lowering goes out at once; raising waits for free slots.
+                let share = targets[i].min(current);
+                next.get_mut(&id).map(|m| m.insert(key.clone(), share));
+                if targets[i] > current {
+                    raises.push((targets[i] - current, id, targets[i], current));
+                }
+            }
+            // The biggest deficit first, then the lowest id.
+            raises.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            for (_, id, target, current) in raises {
+                // Up to what it holds anyway costs nothing: after a restart
+                // an Envoy keeps the share it reports holding.
+                let held = i64::from(self.held(id, key, now));
+                let room = held + free.max(0);
+                let share = i64::from(target).min(room).max(i64::from(current));
+                free -= (share - held).max(0);
+                next.get_mut(&id)
+                    .map(|m| m.insert(key.clone(), share as u32));
+            }
+        }
+        let watchers = active.len() as u32;
+        let mut out = Vec::new();
+        for (id, shares) in next {
+            let settings = self.settings;
+            let w = self.watchers.get_mut(&id).expect("active watcher");
+            let changed = w.needs_version || w.sent.last().is_none_or(|s| s.shares != shares);
+            if changed {
+                w.sent.push(Sent {
+                    version: w.next_version,
+                    shares,
+                });
+                w.next_version += 1;
+                w.needs_version = false;
+            }
+            let seq = w.last.as_ref().expect("active watcher reported").report.seq;
+            if changed || w.answered_seq != Some(seq) {
+                w.answered_seq = Some(seq);
+                let current = w.sent.last().expect("a version was sent");
+                out.push((
+                    id,
+                    Grant {
+                        share_version: current.version,
+                        shares: current.shares.clone(),
+                        lease_ms: settings.lease_ms,
+                        lease_for_seq: seq,
+                        fallback_for_ms: settings.fallback_for_ms,
+                        watchers,
+                    },
+                ));
+            }
+        }
+        out
+    }
+}
+
+/// Splits `capacity` among watchers in proportion to `demands` (largest
+/// remainder, ties to the earlier watcher), evenly when nobody has demand,
+/// each getting at least `min_share` while the capacity allows it.
+pub fn split(capacity: u32, demands: &[u64], min_share: u32) -> Vec<u32> {
+    let n = demands.len() as u64;
+    if n == 0 {
+        return Vec::new();
+    }
+    let floor = u64::from(min_share).min(u64::from(capacity) / n);
+    let rest = u64::from(capacity) - floor * n;
+    let total: u64 = demands.iter().sum();
+    let weights: Vec<u64> = if total == 0 {
+        vec![1; demands.len()]
+    } else {
+        demands.to_vec()
+    };
+    let total = weights.iter().sum::<u64>() as u128;
+    let mut shares: Vec<u64> = weights
+        .iter()
+        .map(|&d| (u128::from(rest) * u128::from(d) / total) as u64)
+        .collect();
+    let mut left = rest - shares.iter().sum::<u64>();
+    let mut order: Vec<usize> = (0..demands.len()).collect();
+    let remainder = |i: usize| u128::from(rest) * u128::from(weights[i]) % total;
+    order.sort_by(|&a, &b| remainder(b).cmp(&remainder(a)).then(a.cmp(&b)));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        if weights[i] > 0 {
+            shares[i] += 1;
+            left -= 1;
+        }
+    }
+    shares.into_iter().map(|s| (s + floor) as u32).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// After the grace of an allocator started at 0.
+    const T: u64 = 10_000;
+
+    fn a() -> PoolKey {
+        PoolKey::instance("/a", "10.0.0.1:80")
+    }
+
+    fn pools(capacity: u32) -> BTreeMap<PoolKey, u32> {
+        BTreeMap::from([(a(), capacity)])
+    }
+
+    fn allocator(settings: Settings, capacity: u32) -> Allocator {
+        let mut alloc = Allocator::new(settings, 0);
+        alloc.set_pools(&pools(capacity), 0);
+        alloc
+    }
+
+    /// An Envoy that applies every grant as soon as it is returned.
+    struct Fake {
+        id: WatcherId,
+        seq: u64,
+        applied: u64,
+        shares: BTreeMap<PoolKey, u32>,
+        in_flight: u32,
+        queued: u32,
+    }
+
+    impl Fake {
+        fn new(id: WatcherId) -> Self {
+            Self {
+                id,
+                seq: 0,
+                applied: 0,
+                shares: BTreeMap::new(),
+                in_flight: 0,
+                queued: 0,
+            }
+        }
+
+        fn holding(self, share: u32) -> Self {
+            Self {
+                shares: BTreeMap::from([(a(), share)]),
+                ..self
+            }
+        }
+
+        fn share(&self) -> u32 {
+            self.shares.get(&a()).copied().unwrap_or(0)
+        }
+
+        fn report(&mut self, alloc: &mut Allocator, now: u64) {
+            self.seq += 1;
+            let pool = PoolReport {
+                holding: self.share(),
+                in_flight: self.in_flight,
+                queued: self.queued,
+            };
+            let report = Report {
+                seq: self.seq,
+                applied_version: self.applied,
+                pools: BTreeMap::from([(a(), pool)]),
+            };
+            alloc.report(self.id, report, now);
+        }
+
+        fn take(&mut self, grants: &[(WatcherId, Grant)]) {
+            for (id, grant) in grants {
+                if *id == self.id && grant.share_version > self.applied {
+                    self.applied = grant.share_version;
+                    self.shares = grant.shares.clone();
+                }
+            }
+        }
+    }
+
+    /// Every Envoy reports, then takes what sync answers.
+    fn round(alloc: &mut Allocator, envoys: &mut [Fake], now: u64) {
+        for e in envoys.iter_mut() {
+            e.report(alloc, now);
+        }
+        deliver(alloc, envoys, now);
+    }
+
+    fn deliver(alloc: &mut Allocator, envoys: &mut [Fake], now: u64) {
+        let grants = alloc.grants(now);
+        for e in envoys.iter_mut() {
+            e.take(&grants);
+        }
+    }
+
+    fn shares(envoys: &[Fake]) -> Vec<u32> {
+        envoys.iter().map(Fake::share).collect()
+    }
+
+    fn joined(alloc: &mut Allocator, n: u64, now: u64) -> Vec<Fake> {
+        let mut envoys: Vec<Fake> = (1..=n).map(Fake::new).collect();
+        for e in &envoys {
+            alloc.join(e.id, now);
+        }
+        round(alloc, &mut envoys, now);
+        envoys
+    }
+
+    #[test]
+    fn split_follows_demand_with_largest_remainder() {
+        assert_eq!(split(12, &[0, 0, 0], 0), vec![4, 4, 4]);
+        assert_eq!(
+            split(10, &[0, 0, 0], 0),
+            vec![4, 3, 3],
+            "ties to the earlier"
+        );
+        assert_eq!(split(12, &[5, 0, 0], 0), vec![12, 0, 0]);
+        assert_eq!(split(10, &[1, 1, 2], 0), vec![3, 2, 5]);
+        assert_eq!(split(12, &[5, 0, 0], 2), vec![8, 2, 2]);
+        assert_eq!(
+            split(2, &[5, 0, 0], 2),
+            vec![2, 0, 0],
+            "a floor the capacity cannot give"
+        );
+        assert_eq!(split(0, &[5, 1], 0), vec![0, 0]);
+        assert_eq!(split(7, &[], 0), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn even_split_when_nobody_has_demand() {
+        let mut alloc = allocator(Settings::default(), 12);
+        let envoys = joined(&mut alloc, 3, T);
+        assert_eq!(shares(&envoys), vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn all_demand_on_one_of_three_gets_nine_tenths_after_one_round() {
+        let mut alloc = allocator(Settings::default(), 12);
+        let mut envoys = joined(&mut alloc, 3, T);
+        envoys[0].in_flight = 4;
+        envoys[0].queued = 20;
+        // Report: the idle two are lowered at once; the busy one waits.
+        round(&mut alloc, &mut envoys, T + 200);
+        assert_eq!(shares(&envoys), vec![4, 0, 0]);
+        // Their next report acknowledges: the busy one gets it all.
+        round(&mut alloc, &mut envoys, T + 400);
+        assert!(envoys[0].share() >= 11, "{:?}", shares(&envoys));
+        assert_eq!(shares(&envoys), vec![12, 0, 0]);
+    }
+
+    #[test]
+    fn newcomer_waits_for_the_others_to_acknowledge_and_drain() {
+        let mut alloc = allocator(Settings::default(), 12);
+        let mut envoys = joined(&mut alloc, 2, T);
+        for e in envoys.iter_mut() {
+            e.in_flight = 6;
+        }
+        round(&mut alloc, &mut envoys, T + 200);
+        assert_eq!(shares(&envoys), vec![6, 6]);
+        let mut newcomer = Fake::new(3);
+        newcomer.queued = 6;
+        alloc.join(3, T + 250);
+        envoys.push(newcomer);
+        // Lowered to 4 each at once; nothing for the newcomer yet.
+        round(&mut alloc, &mut envoys, T + 300);
+        assert_eq!(shares(&envoys), vec![4, 4, 0]);
+        // Acknowledged, but 6 still in flight on each: still nothing.
+        round(&mut alloc, &mut envoys, T + 500);
+        assert_eq!(shares(&envoys), vec![4, 4, 0]);
+        assert_eq!(alloc.free(&a(), T + 500), 0);
+        // One drained to its new share (same demand): the newcomer gets 2.
+        envoys[0].in_flight = 4;
+        envoys[0].queued = 2;
+        round(&mut alloc, &mut envoys, T + 700);
+        assert_eq!(shares(&envoys), vec![4, 4, 2]);
+        envoys[1].in_flight = 4;
+        envoys[1].queued = 2;
+        round(&mut alloc, &mut envoys, T + 900);
+        assert_eq!(shares(&envoys), vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn lost_watcher_is_counted_until_lease_and_fallback_ran_out() {
+        let settings = Settings {
+            fallback_for_ms: 500,
+            ..Settings::default()
+        };
+        let mut alloc = allocator(settings, 12);
+        let mut envoys = joined(&mut alloc, 2, T);
+        assert_eq!(shares(&envoys), vec![6, 6]);
+        // The second's last report arrives at T + 200, then its stream breaks.
+        round(&mut alloc, &mut envoys, T + 200);
+        alloc.lost(2, T + 300);
+        let mut first = envoys.remove(0);
+        first.queued = 10;
+        let end = T + 200 + 2000 + 500;
+        let mut now = T + 400;
+        while now < end {
+            first.report(&mut alloc, now);
+            let grants = alloc.grants(now);
+            first.take(&grants);
+            assert_eq!(first.share(), 6, "at {now}");
+            assert_eq!(alloc.held(2, &a(), now), 6);
+            now += 200;
+        }
+        alloc.tick(end);
+        assert_eq!(alloc.held(2, &a(), end), 0);
+        first.report(&mut alloc, end);
+        first.take(&alloc.grants(end));
+        assert_eq!(first.share(), 12);
+    }
+
+    #[test]
+    fn graceful_leave_frees_at_once() {
+        let mut alloc = allocator(Settings::default(), 12);
+        let mut envoys = joined(&mut alloc, 2, T);
+        envoys[1].shares.clear();
+        envoys[1].report(&mut alloc, T + 100);
+        alloc.leave(2, T + 100);
+        envoys.truncate(1);
+        envoys[0].queued = 3;
+        round(&mut alloc, &mut envoys, T + 200);
+        assert_eq!(shares(&envoys), vec![12]);
+    }
+
+    #[test]
+    fn restart_keeps_the_unaccounted_part_until_the_grace_ends() {
+        let settings = Settings::default();
+        let started = T;
+        let mut alloc = Allocator::new(settings, started);
+        alloc.set_pools(&pools(12), started);
+        // Three Envoys held 4 each from the old sync; two report.
+        let mut envoys = vec![Fake::new(1).holding(4), Fake::new(2).holding(4)];
+        envoys[0].queued = 10;
+        envoys[1].queued = 10;
+        for e in &envoys {
+            alloc.join(e.id, started + 10);
+        }
+        let grace_end = started + settings.lease_ms;
+        let mut now = started + 10;
+        while now < grace_end {
+            round(&mut alloc, &mut envoys, now);
+            // They keep what they hold; the silent one's 4 is granted to nobody.
+            assert_eq!(shares(&envoys), vec![4, 4], "at {now}");
+            assert_eq!(alloc.unaccounted(&a(), now), 4);
+            now += 200;
+        }
+        round(&mut alloc, &mut envoys, grace_end);
+        assert_eq!(alloc.unaccounted(&a(), grace_end), 0);
+        // Then the silent one's 4 is free.
+        assert_eq!(shares(&envoys), vec![6, 6]);
+    }
+
+    #[test]
+    fn lowered_capacity_lowers_shares_at_once_and_grants_nothing_until_it_fits() {
+        let mut alloc = allocator(Settings::default(), 12);
+        let mut envoys = joined(&mut alloc, 2, T);
+        envoys[0].queued = 5;
+        alloc.set_pools(&pools(8), T + 100);
+        // Targets 8 / 0: the second is lowered at once, the first is not
+        // raised while 6 + 6 are held of 8.
+        round(&mut alloc, &mut envoys, T + 200);
+        assert_eq!(shares(&envoys), vec![6, 0]);
+        assert_eq!(alloc.free(&a(), T + 200), -4);
+        round(&mut alloc, &mut envoys, T + 400);
+        assert_eq!(shares(&envoys), vec![8, 0]);
+        assert_eq!(alloc.free(&a(), T + 400), 0);
+    }
+
+    #[test]
+    fn removed_pool_goes_to_zero_and_is_forgotten_once_nobody_holds_it() {
+        let mut alloc = allocator(Settings::default(), 12);
+        let mut envoys = joined(&mut alloc, 2, T);
+        let b = PoolKey::endpoint("/b");
+        let only_b = BTreeMap::from([(b.clone(), 4)]);
+        alloc.set_pools(&only_b, T + 100);
+        deliver(&mut alloc, &mut envoys, T + 100);
+        assert_eq!(shares(&envoys), vec![0, 0]);
+        assert_eq!(envoys[0].shares.get(&b), Some(&2));
+        // Not yet acknowledged: still accounted, with capacity 0.
+        assert_eq!(alloc.capacity(&a()), Some(0));
+        assert_eq!(alloc.held_total(&a(), T + 100), 12);
+        round(&mut alloc, &mut envoys, T + 200);
+        alloc.tick(T + 200);
+        assert_eq!(alloc.capacity(&a()), None);
+    }
+
+    #[test]
+    fn every_report_is_answered_and_renews_the_lease() {
+        let mut alloc = allocator(Settings::default(), 12);
+        let mut envoys = joined(&mut alloc, 1, T);
+        let version = envoys[0].applied;
+        envoys[0].report(&mut alloc, T + 200);
+        let grants = alloc.grants(T + 200);
+        assert_eq!(grants.len(), 1);
+        assert_eq!(
+            grants[0].1.share_version, version,
+            "same shares, same version"
+        );
+        assert_eq!(grants[0].1.lease_for_seq, envoys[0].seq);
+        assert!(alloc.grants(T + 250).is_empty(), "nothing new to say");
+    }
+
+    #[test]
+    fn a_watcher_whose_lease_ran_out_starts_again_from_free_slots_with_a_new_version() {
+        let mut alloc = allocator(Settings::default(), 12);
+        let mut envoys = joined(&mut alloc, 2, T);
+        // The second stops reporting (its stream stays open).
+        let mut first = envoys.remove(0);
+        let mut second = envoys.remove(0);
+        first.queued = 10;
+        let mut now = T + 200;
+        while now <= T + 2000 {
+            first.report(&mut alloc, now);
+            first.take(&alloc.grants(now));
+            now += 200;
+        }
+        assert_eq!(first.share(), 12);
+        // A late report (sent before its lease ran out) claims 6: counted,
+        // but it gets a new version with nothing, not its old 6 again.
+        let old = second.applied;
+        second.report(&mut alloc, now);
+        let grants = alloc.grants(now);
+        let (_, grant) = grants.iter().find(|(id, _)| *id == 2).expect("answered");
+        assert!(grant.share_version > old);
+        assert_eq!(grant.shares.get(&a()), Some(&0));
+        assert_eq!(alloc.held(2, &a(), now), 6);
+    }
+
+    #[test]
+    fn fallback_is_the_smaller_of_share_and_even_split_then_zero() {
+        let grant = Grant {
+            share_version: 1,
+            shares: BTreeMap::from([(a(), 10)]),
+            lease_ms: 2000,
+            lease_for_seq: 1,
+            fallback_for_ms: 1000,
+            watchers: 3,
+        };
+        assert_eq!(grant.limit(&a(), 12, 100, 2099), 10);
+        assert_eq!(grant.limit(&a(), 12, 100, 2100), 4);
+        assert_eq!(grant.limit(&a(), 12, 100, 3099), 4);
+        assert_eq!(grant.limit(&a(), 12, 100, 3100), 0);
+        assert_eq!(grant.limit(&PoolKey::endpoint("/x"), 12, 100, 200), 0);
+        assert_eq!(fallback_share(2, 12, 3), 2);
+    }
+}
