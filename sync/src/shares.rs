@@ -174,14 +174,13 @@ struct Watcher {
     last: Option<Received>,
     /// Every version sent that the Envoy may still apply or hold: the one
     /// it last acknowledged and all later ones. The last is the current.
+    /// Emptied when its lease ran out in sync's view, so the next grant
+    /// carries a new version (an old one with a fresh lease would bring the
+    /// old shares back).
     sent: Vec<Sent>,
     next_version: u64,
     /// The seq the last grant answered.
     answered_seq: Option<u64>,
-    /// Its lease ran out in sync's view: what was sent no longer counts, and
-    /// the next grant must carry a new version (an old one with a fresh
-    /// lease would bring the old shares back).
-    needs_version: bool,
 }
 
 impl Watcher {
@@ -192,7 +191,6 @@ impl Watcher {
             sent: Vec::new(),
             next_version: 1,
             answered_seq: None,
-            needs_version: false,
         }
     }
 
@@ -443,9 +441,8 @@ impl Allocator {
         };
         self.watchers.retain(|_, w| w.connected || !out(w));
         for w in self.watchers.values_mut() {
-            if out(w) && !w.needs_version {
+            if out(w) {
                 w.sent.clear();
-                w.needs_version = true;
             }
         }
         let forget: Vec<PoolKey> = self
@@ -519,14 +516,13 @@ impl Allocator {
         for (id, shares) in next {
             let settings = self.settings;
             let w = self.watchers.get_mut(&id).expect("active watcher");
-            let changed = w.needs_version || w.sent.last().is_none_or(|s| s.shares != shares);
+            let changed = w.sent.last().is_none_or(|s| s.shares != shares);
             if changed {
                 w.sent.push(Sent {
                     version: w.next_version,
                     shares,
                 });
                 w.next_version += 1;
-                w.needs_version = false;
             }
             let seq = w.last.as_ref().expect("active watcher reported").report.seq;
             if changed || w.answered_seq != Some(seq) {
