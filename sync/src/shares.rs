@@ -835,6 +835,25 @@ mod tests {
     }
 
     #[test]
+    fn restart_keeps_shares_while_an_envoy_drains_above_its_share() {
+        let started = T;
+        let mut alloc = Allocator::new(Settings::default(), started);
+        alloc.set_pools(&pools(12), started);
+        // One was lowered to 4 before the restart and still has 6 in
+        // flight: 6 + 4 held and 4 unaccounted is over 12, yet both keep
+        // what they hold (nothing more).
+        let mut envoys = vec![Fake::new(1).holding(4), Fake::new(2).holding(4)];
+        envoys[0].in_flight = 6;
+        envoys[1].queued = 10;
+        for e in &envoys {
+            alloc.join(e.id, started);
+        }
+        round(&mut alloc, &mut envoys, started + 10);
+        assert!(alloc.free(&a(), started + 10) < 0);
+        assert_eq!(shares(&envoys), vec![4, 4]);
+    }
+
+    #[test]
     fn lowered_capacity_lowers_shares_at_once_and_grants_nothing_until_it_fits() {
         let mut alloc = allocator(Settings::default(), 12);
         let mut envoys = joined(&mut alloc, 2, T);
