@@ -13,9 +13,17 @@
 use std::collections::BTreeMap;
 
 /// One stream from one Envoy. A reconnecting Envoy opens a new stream and
-/// gets a new id; the old one is [`Allocator::lost`] and counted until its
-/// lease has run out.
+/// gets a new id; its reports on it name the stream of the grant it still
+/// holds ([`Report::replaces`]), which is then forgotten.
 pub type WatcherId = u64;
+
+/// A stream as the Envoy names it: the allocator's epoch (a number no
+/// earlier allocator of the service used) and the watcher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StreamRef {
+    pub epoch: u64,
+    pub watcher: WatcherId,
+}
 
 /// What a capacity belongs to: one instance's slots for one endpoint, or,
 /// for an endpoint without instances, the endpoint's own capacity.
@@ -70,6 +78,11 @@ pub struct Report {
     /// Every pool it holds a share of or has demand for. A pool it does not
     /// list counts as all zeros.
     pub pools: BTreeMap<PoolKey, PoolReport>,
+    /// Until this stream's first grant: the stream of the grant the Envoy
+    /// holds (a reconnect, a new leader VM). From this report on it ignores
+    /// that stream, and `holding` covers what it may still admit under it,
+    /// so sync forgets that watcher instead of counting both for a lease.
+    pub replaces: Option<StreamRef>,
 }
 
 /// What sync sends a watcher: always an answer to one of its reports.
@@ -91,6 +104,8 @@ pub struct Grant {
     /// How many watchers shared the pools when this grant was made: the
     /// divisor of the fallback's equal split.
     pub watchers: u32,
+    /// This stream, for [`Report::replaces`] after a reconnect.
+    pub stream: StreamRef,
 }
 
 impl Grant {
@@ -201,20 +216,20 @@ impl Watcher {
             .unwrap_or(0)
     }
 
-    fn report_of(&self, pool: &PoolKey) -> PoolReport {
-        self.last
-            .as_ref()
-            .and_then(|r| r.report.pools.get(pool).copied())
-            .unwrap_or_default()
-    }
-
-    fn holds_nothing(&self) -> bool {
+    fn said_nothing_held(&self) -> bool {
         self.last.as_ref().is_none_or(|r| {
             r.report
                 .pools
                 .values()
                 .all(|p| p.holding == 0 && p.in_flight == 0)
         })
+    }
+
+    fn report_of(&self, pool: &PoolKey) -> PoolReport {
+        self.last
+            .as_ref()
+            .and_then(|r| r.report.pools.get(pool).copied())
+            .unwrap_or_default()
     }
 }
 
@@ -225,18 +240,23 @@ pub struct Allocator {
     /// Until `started_at + lease + fallback`, Envoys that have not reported
     /// may still hold grants of a previous allocator.
     grace_end: u64,
+    epoch: u64,
     pools: BTreeMap<PoolKey, Pool>,
     watchers: BTreeMap<WatcherId, Watcher>,
 }
 
 impl Allocator {
-    pub fn new(settings: Settings, started_at: u64) -> Self {
+    /// `epoch`: a number no earlier allocator of this service used (its
+    /// process's start time in nanoseconds will do), so a report cannot
+    /// name a stream of another allocator as one of this one's.
+    pub fn new(settings: Settings, started_at: u64, epoch: u64) -> Self {
         let grace_end = started_at
             .saturating_add(settings.lease_ms)
             .saturating_add(settings.fallback_for_ms);
         Self {
             settings,
             grace_end,
+            epoch,
             pools: BTreeMap::new(),
             watchers: BTreeMap::new(),
         }
@@ -253,16 +273,27 @@ impl Allocator {
     }
 
     /// A report arrived (receipt at `now`). A report that does not grow
-    /// `seq`, or comes from a lost stream, is ignored.
+    /// `seq`, or comes from a stream that did not [`join`](Self::join), was
+    /// lost, or was replaced, is ignored.
     pub fn report(&mut self, watcher: WatcherId, report: Report, now: u64) {
         self.expire(now);
-        let w = self.watchers.entry(watcher).or_insert_with(Watcher::new);
+        let Some(w) = self.watchers.get_mut(&watcher) else {
+            return;
+        };
         if !w.connected {
             return;
         }
         if w.last.as_ref().is_some_and(|r| report.seq <= r.report.seq) {
             return;
         }
+        if let Some(old) = report.replaces {
+            if old.epoch == self.epoch && old.watcher != watcher {
+                self.watchers.remove(&old.watcher);
+            }
+        }
+        let Some(w) = self.watchers.get_mut(&watcher) else {
+            return;
+        };
         // Everything older than the acknowledged version was replaced on the
         // Envoy; the acknowledged one stays (a lease renewal brings it back
         // after a fallback).
@@ -273,15 +304,18 @@ impl Allocator {
         w.last = Some(Received { at: now, report });
     }
 
-    /// The stream ended gracefully. After a final report of nothing held
-    /// and nothing in flight the watcher is gone at once; otherwise it is
-    /// treated as [`lost`](Self::lost).
+    /// The Envoy said it is leaving: it set every limit to 0, then sent a
+    /// final report, then ended the stream, so nothing sent afterwards
+    /// matters. If that report says nothing held and nothing in flight the
+    /// watcher is gone at once; otherwise it is treated as
+    /// [`lost`](Self::lost). Any other end of a stream (a new leader VM
+    /// taking over, a reset) is `lost`, never `leave`.
     pub fn leave(&mut self, watcher: WatcherId, now: u64) {
         self.expire(now);
         if self
             .watchers
             .get(&watcher)
-            .is_some_and(Watcher::holds_nothing)
+            .is_some_and(Watcher::said_nothing_held)
         {
             self.watchers.remove(&watcher);
         } else {
@@ -514,7 +548,7 @@ impl Allocator {
         let watchers = active.len() as u32;
         let mut out = Vec::new();
         for (id, shares) in next {
-            let settings = self.settings;
+            let (settings, epoch) = (self.settings, self.epoch);
             let w = self.watchers.get_mut(&id).expect("active watcher");
             let changed = w.sent.last().is_none_or(|s| s.shares != shares);
             if changed {
@@ -537,6 +571,7 @@ impl Allocator {
                         lease_for_seq: seq,
                         fallback_for_ms: settings.fallback_for_ms,
                         watchers,
+                        stream: StreamRef { epoch, watcher: id },
                     },
                 ));
             }
@@ -598,7 +633,7 @@ mod tests {
     }
 
     fn allocator(settings: Settings, capacity: u32) -> Allocator {
-        let mut alloc = Allocator::new(settings, 0);
+        let mut alloc = Allocator::new(settings, 0, 1);
         alloc.set_pools(&pools(capacity), 0);
         alloc
     }
@@ -611,6 +646,7 @@ mod tests {
         shares: BTreeMap<PoolKey, u32>,
         in_flight: u32,
         queued: u32,
+        replaces: Option<StreamRef>,
     }
 
     impl Fake {
@@ -622,6 +658,7 @@ mod tests {
                 shares: BTreeMap::new(),
                 in_flight: 0,
                 queued: 0,
+                replaces: None,
             }
         }
 
@@ -647,6 +684,7 @@ mod tests {
                 seq: self.seq,
                 applied_version: self.applied,
                 pools: BTreeMap::from([(a(), pool)]),
+                replaces: self.replaces,
             };
             alloc.report(self.id, report, now);
         }
@@ -794,6 +832,35 @@ mod tests {
     }
 
     #[test]
+    fn a_reconnecting_envoy_keeps_its_share_when_it_names_its_old_stream() {
+        for name_it in [true, false] {
+            let mut alloc = allocator(Settings::default(), 12);
+            let mut envoys = joined(&mut alloc, 2, T);
+            for e in envoys.iter_mut() {
+                e.queued = 5;
+            }
+            round(&mut alloc, &mut envoys, T + 200);
+            assert_eq!(shares(&envoys), vec![6, 6]);
+            // The second's stream breaks; it opens stream 3, still holding 6.
+            alloc.lost(2, T + 300);
+            alloc.join(3, T + 300);
+            let mut again = Fake::new(3).holding(6);
+            again.queued = 5;
+            again.replaces = name_it.then_some(StreamRef {
+                epoch: 1,
+                watcher: 2,
+            });
+            again.report(&mut alloc, T + 300);
+            again.take(&alloc.grants(T + 300));
+            // Named: the old stream is forgotten and the 6 it reports are
+            // its own. Not named: both count for a lease, and it waits.
+            let expected = if name_it { 6 } else { 0 };
+            assert_eq!(again.share(), expected, "named: {name_it}");
+            assert_eq!(alloc.held(2, &a(), T + 300), if name_it { 0 } else { 6 });
+        }
+    }
+
+    #[test]
     fn graceful_leave_frees_at_once() {
         let mut alloc = allocator(Settings::default(), 12);
         let mut envoys = joined(&mut alloc, 2, T);
@@ -810,7 +877,7 @@ mod tests {
     fn restart_keeps_the_unaccounted_part_until_the_grace_ends() {
         let settings = Settings::default();
         let started = T;
-        let mut alloc = Allocator::new(settings, started);
+        let mut alloc = Allocator::new(settings, started, 2);
         alloc.set_pools(&pools(12), started);
         // Three Envoys held 4 each from the old sync; two report.
         let mut envoys = vec![Fake::new(1).holding(4), Fake::new(2).holding(4)];
@@ -837,7 +904,7 @@ mod tests {
     #[test]
     fn restart_keeps_shares_while_an_envoy_drains_above_its_share() {
         let started = T;
-        let mut alloc = Allocator::new(Settings::default(), started);
+        let mut alloc = Allocator::new(Settings::default(), started, 2);
         alloc.set_pools(&pools(12), started);
         // One was lowered to 4 before the restart and still has 6 in
         // flight: 6 + 4 held and 4 unaccounted is over 12, yet both keep
@@ -938,6 +1005,10 @@ mod tests {
             lease_for_seq: 1,
             fallback_for_ms: 1000,
             watchers: 3,
+            stream: StreamRef {
+                epoch: 1,
+                watcher: 1,
+            },
         };
         assert_eq!(grant.limit(&a(), 12, 100, 2099), 10);
         assert_eq!(grant.limit(&a(), 12, 100, 2100), 4);
@@ -1071,7 +1142,7 @@ mod envoy_model {
             let mut world = Self {
                 now: 0,
                 settings,
-                alloc: Allocator::new(settings, 0),
+                alloc: Allocator::new(settings, 0, 0),
                 generation: 0,
                 next_watcher: 1,
                 envoys: Vec::new(),
@@ -1139,6 +1210,14 @@ mod envoy_model {
                     (key(p), report)
                 })
                 .collect();
+            // Until this stream's first grant, it names the stream of the
+            // grant it holds.
+            let e = &self.envoys[i];
+            let replaces = e
+                .grant
+                .as_ref()
+                .filter(|_| e.stream.as_ref().is_some_and(|s| s.applied == 0))
+                .map(|(g, _)| g.stream);
             let Some(stream) = self.envoys[i].stream.as_mut().filter(|s| !s.broken) else {
                 return;
             };
@@ -1150,6 +1229,7 @@ mod envoy_model {
                 seq: stream.seq,
                 applied_version: stream.applied,
                 pools,
+                replaces,
             };
             let watcher = stream.watcher;
             self.order += 1;
@@ -1343,7 +1423,7 @@ mod envoy_model {
                         self.cut(i, false);
                     }
                     self.generation += 1;
-                    self.alloc = Allocator::new(self.settings, now);
+                    self.alloc = Allocator::new(self.settings, now, self.generation);
                     let caps = self.capacities();
                     self.alloc.set_pools(&caps, now);
                 }
