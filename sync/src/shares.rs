@@ -1067,6 +1067,9 @@ mod envoy_model {
         Reconnect {
             envoy: usize,
         },
+        Handover {
+            envoy: usize,
+        },
         Capacity {
             pool: usize,
             capacity: Option<u32>,
@@ -1399,9 +1402,24 @@ mod envoy_model {
                     }
                 }
                 Action::Reconnect { envoy } => {
+                    let cut_off: Vec<usize> = (0..self.envoys.len())
+                        .filter(|&i| {
+                            let e = &self.envoys[i];
+                            e.alive && e.stream.as_ref().is_none_or(|s| s.broken)
+                        })
+                        .collect();
+                    if !cut_off.is_empty() {
+                        self.open_stream(cut_off[envoy % cut_off.len()], step.delay);
+                    }
+                }
+                Action::Handover { envoy } => {
+                    // A new leader VM opens a stream while the old one is
+                    // still open: the Envoy uses only the new one from now
+                    // on; sync hears nothing of the old until its reports
+                    // stop (or the new one names it).
                     if let Some(i) = self.pick(envoy) {
                         let e = &self.envoys[i];
-                        if e.alive && e.stream.as_ref().is_none_or(|s| s.broken) {
+                        if e.alive && e.stream.as_ref().is_some_and(|s| !s.broken) {
                             self.open_stream(i, step.delay);
                         }
                     }
@@ -1573,7 +1591,8 @@ mod envoy_model {
             1 => envoy.clone().prop_map(|envoy| Action::Leave { envoy }),
             1 => envoy.clone().prop_map(|envoy| Action::Kill { envoy }),
             1 => envoy.clone().prop_map(|envoy| Action::CutOff { envoy }),
-            2 => envoy.prop_map(|envoy| Action::Reconnect { envoy }),
+            2 => envoy.clone().prop_map(|envoy| Action::Reconnect { envoy }),
+            1 => envoy.prop_map(|envoy| Action::Handover { envoy }),
             2 => (pool, proptest::option::weighted(0.85, 0u32..13))
                 .prop_map(|(pool, capacity)| Action::Capacity { pool, capacity }),
             1 => Just(Action::Restart),
