@@ -1087,6 +1087,9 @@ mod envoy_model {
 
     /// One stream, as the Envoy sees it.
     struct Stream {
+        /// Of the allocator it was opened to: watcher ids start again at 1
+        /// with every allocator, as a stream layer's counter would.
+        generation: u64,
         watcher: WatcherId,
         seq: u64,
         /// When each report was sent, on the Envoy's clock.
@@ -1134,7 +1137,7 @@ mod envoy_model {
         /// What the Envoys together may hold: the capacity, or the higher
         /// one before a lowering, until sync's books fit the lowered one.
         bound: [u32; POOLS],
-        dead_links: BTreeSet<WatcherId>,
+        dead_links: BTreeSet<(u64, WatcherId)>,
         to_sync: Vec<Msg<ToSync>>,
         to_envoy: Vec<Msg<Grant>>,
         order: u64,
@@ -1197,7 +1200,6 @@ mod envoy_model {
 
         fn send_report(&mut self, i: usize, delay: u64, leaving: bool) {
             let now = self.now;
-            let generation = self.generation;
             let pools: BTreeMap<PoolKey, PoolReport> = (0..POOLS)
                 .map(|p| {
                     let e = &self.envoys[i];
@@ -1234,7 +1236,7 @@ mod envoy_model {
                 pools,
                 replaces,
             };
-            let watcher = stream.watcher;
+            let (generation, watcher) = (stream.generation, stream.watcher);
             self.order += 1;
             let order = self.order;
             self.to_sync.push(Msg {
@@ -1266,11 +1268,12 @@ mod envoy_model {
             let mut due = due;
             due.sort_by_key(|m| (m.due, m.order));
             for m in due {
-                let Some(e) = self
-                    .envoys
-                    .iter_mut()
-                    .find(|e| e.alive && e.stream.as_ref().is_some_and(|s| s.watcher == m.watcher))
-                else {
+                let Some(e) = self.envoys.iter_mut().find(|e| {
+                    e.alive
+                        && e.stream
+                            .as_ref()
+                            .is_some_and(|s| (s.generation, s.watcher) == (m.generation, m.watcher))
+                }) else {
                     continue;
                 };
                 let stream = e.stream.as_mut().expect("matched");
@@ -1294,14 +1297,15 @@ mod envoy_model {
             let mut due = due;
             due.sort_by_key(|m| (m.due, m.order));
             for m in due {
-                if m.generation != self.generation || self.dead_links.contains(&m.watcher) {
+                let link = (m.generation, m.watcher);
+                if m.generation != self.generation || self.dead_links.contains(&link) {
                     continue;
                 }
                 match m.body {
                     ToSync::Report(report) => self.alloc.report(m.watcher, report, now),
                     ToSync::Leave => {
                         self.alloc.leave(m.watcher, now);
-                        self.dead_links.insert(m.watcher);
+                        self.dead_links.insert(link);
                     }
                 }
             }
@@ -1312,6 +1316,7 @@ mod envoy_model {
             self.next_watcher += 1;
             self.alloc.join(watcher, self.now);
             self.envoys[i].stream = Some(Stream {
+                generation: self.generation,
                 watcher,
                 seq: 0,
                 sent_at: BTreeMap::new(),
@@ -1326,8 +1331,10 @@ mod envoy_model {
         fn cut(&mut self, i: usize, tell_sync: bool) {
             if let Some(stream) = self.envoys[i].stream.as_mut().filter(|s| !s.broken) {
                 stream.broken = true;
-                self.dead_links.insert(stream.watcher);
-                if tell_sync {
+                self.dead_links.insert((stream.generation, stream.watcher));
+                // The allocator of another generation never knew this id
+                // (and may use it for another stream).
+                if tell_sync && stream.generation == self.generation {
                     self.alloc.lost(stream.watcher, self.now);
                 }
             }
@@ -1441,6 +1448,7 @@ mod envoy_model {
                         self.cut(i, false);
                     }
                     self.generation += 1;
+                    self.next_watcher = 1;
                     self.alloc = Allocator::new(self.settings, now, self.generation);
                     let caps = self.capacities();
                     self.alloc.set_pools(&caps, now);
@@ -1495,7 +1503,12 @@ mod envoy_model {
                 .envoys
                 .iter()
                 .enumerate()
-                .filter_map(|(i, e)| e.stream.as_ref().map(|s| (s.watcher, i)))
+                .filter_map(|(i, e)| {
+                    e.stream
+                        .as_ref()
+                        .filter(|s| s.generation == self.generation)
+                        .map(|s| (s.watcher, i))
+                })
                 .collect();
             for (watcher, grant) in self.alloc.grants(self.now) {
                 if trace {
