@@ -416,6 +416,47 @@ impl Allocator {
             .map_or(0, |r| r.in_flight)
     }
 
+    /// This allocator's epoch, as grants name it.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether it counts no watcher: nobody may hold anything it granted.
+    pub fn is_empty(&self) -> bool {
+        self.watchers.is_empty()
+    }
+
+    /// Every watcher it counts: connected, or lost and still counted.
+    pub fn watchers(&self) -> impl Iterator<Item = (WatcherId, bool)> + '_ {
+        self.watchers.iter().map(|(&id, w)| (id, w.connected))
+    }
+
+    /// Every pool and its capacity (0 for a removed one not yet forgotten).
+    pub fn pools(&self) -> impl Iterator<Item = (&PoolKey, u32)> + '_ {
+        self.pools.iter().map(|(key, pool)| (key, pool.capacity))
+    }
+
+    /// The share last sent to `watcher` for `pool`.
+    pub fn share(&self, watcher: WatcherId, pool: &PoolKey) -> u32 {
+        self.watchers.get(&watcher).map_or(0, |w| w.current(pool))
+    }
+
+    /// What `watcher`'s last report said of `pool`.
+    pub fn reported(&self, watcher: WatcherId, pool: &PoolKey) -> PoolReport {
+        self.watchers
+            .get(&watcher)
+            .map_or_else(PoolReport::default, |w| w.report_of(pool))
+    }
+
+    /// Every pool named in a watcher's last report.
+    pub fn reported_pools(&self) -> std::collections::BTreeSet<PoolKey> {
+        self.watchers
+            .values()
+            .filter_map(|w| w.last.as_ref())
+            .flat_map(|r| r.report.pools.keys().cloned())
+            .collect()
+    }
+
     /// The sum of [`held`](Self::held) over every watcher.
     pub fn held_total(&self, pool: &PoolKey, now: u64) -> u64 {
         self.watchers
