@@ -480,8 +480,10 @@ pub fn pools_of(
         };
         let mut addresses: BTreeSet<&str> =
             view.instances.iter().map(|i| i.address.as_str()).collect();
-        let mut whole = addresses.is_empty();
-        if !view.discovered {
+        let mut whole = false;
+        if view.discovered {
+            whole = addresses.is_empty();
+        } else {
             for key in reported.iter().filter(|k| k.path == path) {
                 match &key.address {
                     Some(address) => {
@@ -580,6 +582,17 @@ mod tests {
         assert_eq!(
             pools_of(Some(&plain), &BTreeSet::new()),
             BTreeMap::from([(PoolKey::endpoint("/a"), 4), (PoolKey::endpoint("/b"), 2)])
+        );
+        assert_eq!(
+            pools_of(
+                Some(&plain),
+                &BTreeSet::from([PoolKey::instance("/a", "10.0.0.9:80")])
+            ),
+            BTreeMap::from([
+                (PoolKey::instance("/a", "10.0.0.9:80"), 4),
+                (PoolKey::endpoint("/b"), 2)
+            ]),
+            "an endpoint the Envoys report instances of is not also one pool"
         );
         assert!(pools_of(None, &reported).is_empty(), "never read: nothing");
     }
