@@ -2,9 +2,9 @@
 //! (a *watcher*) watching one service may hold (docs/sync.md, "Shares among
 //! Envoy replicas"; issue 19).
 //!
-//! Pure: no I/O, no clock, time comes in as milliseconds. The stream that
-//! carries reports and grants is wired later; this is the state machine and
-//! its proof obligations. The one rule everything serves: for every pool, at
+//! Pure: no I/O, no clock, time comes in as milliseconds. The `Share` RPC
+//! that carries reports and grants is [`crate::share_stream`]; this is the
+//! state machine and its proof obligations. The one rule everything serves: for every pool, at
 //! every moment, the sum over watchers of [`Allocator::held`] plus
 //! [`Allocator::unaccounted`] never grows past the capacity because of
 //! something the allocator granted. `held` is an upper bound of what the
