@@ -167,7 +167,7 @@ impl ShareHub {
     }
 
     /// Leases run out, views change: every service is looked at every
-    /// [`TICK`]. An allocator that counts nobody and has no stream is
+    /// tick (50 ms). An allocator that counts nobody and has no stream is
     /// dropped. Runs until shutdown.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut ticks = tokio::time::interval(TICK);

@@ -133,6 +133,8 @@ struct EnvoyState {
     /// Limits set to 0 before the final report.
     leaving: bool,
     stream: Option<StreamRef>,
+    /// After a reconnect, until the new stream's first grant.
+    replaces: Option<StreamRef>,
     grants: u64,
 }
 
@@ -176,7 +178,7 @@ impl EnvoyState {
             seq: self.seq,
             applied_version: self.applied,
             sent_at_unix_ms: 0,
-            replaces: None,
+            replaces: self.replaces,
             r#final: self.leaving,
             pools,
         }
@@ -190,6 +192,7 @@ impl EnvoyState {
         if let Some(&sent) = self.sent_at.get(&grant.lease_for_seq) {
             self.lease_end = Some(sent + Duration::from_millis(grant.lease_ms));
         }
+        self.replaces = None;
         self.fallback_for = Duration::from_millis(grant.fallback_for_ms);
         self.watchers = grant.watchers;
         self.stream = grant.stream;
@@ -251,6 +254,26 @@ impl Envoy {
             w.envoys.push(EnvoyState::default());
             w.envoys.len() - 1
         };
+        Envoy::open(sync, world, index).await
+    }
+
+    /// Its stream reset, it opens a new one, keeping its grant and lease
+    /// until the new stream's first grant and naming the old stream until
+    /// then (versions start again per stream).
+    async fn reconnect(self, sync: &Sync, world: &Shared) -> Envoy {
+        self.reporter.abort();
+        self.receiver.abort();
+        let _ = (self.reporter.await, self.receiver.await);
+        {
+            let mut w = world.lock().unwrap();
+            let e = &mut w.envoys[self.index];
+            e.replaces = e.stream;
+            e.applied = 0;
+        }
+        Envoy::open(sync, world, self.index).await
+    }
+
+    async fn open(sync: &Sync, world: &Shared, index: usize) -> Envoy {
         let (reports, rx) = mpsc::channel(16);
         let first = world.lock().unwrap().envoys[index].report(Instant::now());
         reports.send(first).await.unwrap();
@@ -589,4 +612,91 @@ async fn share_needs_the_token_as_watch_does() {
     assert_eq!(grant.lease_for_seq, 1);
     assert_eq!(grant.lease_ms, 1000);
     assert!(grant.stream.is_some_and(|s| s.epoch > 0 && s.watcher > 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_envoy_keeps_its_share_and_is_not_counted_twice() {
+    let redis = Redis::start();
+    put_capacity(&redis, CAPACITY);
+    let sync = start_sync(&redis, "1s", "0s").await;
+    let world = Shared::default();
+    let mut envoys = three_even(&sync, &world, Duration::from_secs(1)).await;
+    for e in &envoys {
+        e.demand(&world, 20);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let old_stream = world.lock().unwrap().envoys[2].stream.unwrap();
+    let again = envoys.pop().unwrap().reconnect(&sync, &world).await;
+    envoys.push(again);
+    // The new stream's first grant gives it back what it holds; then the
+    // old stream is forgotten, not counted beside it for a lease.
+    within(
+        Duration::from_secs(1),
+        "a grant on the new stream",
+        &world,
+        |w| w.envoys[2].replaces.is_none() && w.envoys[2].stream != Some(old_stream),
+    )
+    .await;
+    for _ in 0..50 {
+        assert_eq!(
+            shares(&world),
+            vec![vec![4, 4], vec![4, 4], vec![4, 4]],
+            "nobody lost a share to the reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let snapshot = client(&sync)
+        .await
+        .fetch(FetchRequest {
+            service: SERVICE.into(),
+        })
+        .await
+        .expect("Fetch")
+        .into_inner();
+    for pool in &snapshot.assignment {
+        let streams: Vec<_> = pool.watchers.iter().map(|w| w.stream.unwrap()).collect();
+        assert_eq!(streams.len(), 3, "{pool:?}");
+        assert!(!streams.contains(&old_stream), "{pool:?}");
+    }
+    // Everyone keeps reporting: the shares stay even, nothing is stuck.
+    envoys[1].demand(&world, 0);
+    within(
+        Duration::from_secs(1),
+        "the idle one's share split among the busy two",
+        &world,
+        |w| {
+            pools()
+                .iter()
+                .all(|p| w.share(0, p) == 6 && w.share(2, p) == 6)
+        },
+    )
+    .await;
+    assert_never_above_capacity(&world);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capacity_lowered_in_redis_lowers_the_shares() {
+    let redis = Redis::start();
+    put_capacity(&redis, CAPACITY);
+    let sync = start_sync(&redis, "1s", "0s").await;
+    let world = Shared::default();
+    let envoys = three_even(&sync, &world, Duration::from_secs(1)).await;
+    for e in &envoys {
+        e.demand(&world, 20);
+    }
+    put_capacity(&redis, 6);
+    within(Duration::from_secs(1), "shares of 2 each", &world, |w| {
+        (0..3).all(|i| pools().iter().all(|p| w.share(i, p) == 2))
+    })
+    .await;
+    put_capacity(&redis, CAPACITY);
+    within(
+        Duration::from_secs(1),
+        "shares of 4 each again",
+        &world,
+        |w| (0..3).all(|i| pools().iter().all(|p| w.share(i, p) == 4)),
+    )
+    .await;
+    // Checked against the higher capacity: never above it.
+    assert_never_above_capacity(&world);
 }
