@@ -151,9 +151,15 @@ impl ShareHub {
     }
 
     /// Pools from the service's view, then the grants that changed, each
-    /// handed to its stream.
+    /// handed to its stream. Nothing before the view was first read.
     fn update(&self, service: &str, entry: &mut ServiceShares, now: u64) {
         let view = self.services.get(service).and_then(|s| s.current());
+        if view.is_none() {
+            // Not read from Redis yet (a sync just started): a grant now
+            // would list no pool, and an Envoy applying it would drop the
+            // shares it holds. Unanswered, it keeps them under its lease.
+            return;
+        }
         let pools = pools_of(view.as_ref(), &entry.alloc.reported_pools());
         if pools != entry.pools {
             entry.alloc.set_pools(&pools, now);

@@ -61,6 +61,7 @@ fn put_capacity(redis: &Redis, capacity: u32) {
 
 struct Sync {
     addr: SocketAddr,
+    /// `--metrics-addr` (the in-process one; the binary's tests do not scrape).
     metrics: SocketAddr,
     /// About when it started: its allocator's restart grace runs from here.
     started: Instant,
@@ -698,5 +699,127 @@ async fn a_capacity_lowered_in_redis_lowers_the_shares() {
     )
     .await;
     // Checked against the higher capacity: never above it.
+    assert_never_above_capacity(&world);
+}
+
+/// The real binary, so it can be killed (SIGKILL) and started again on the
+/// same port.
+struct SyncProcess {
+    child: std::process::Child,
+}
+
+impl SyncProcess {
+    fn start(redis: &Redis, addr: SocketAddr, lease: &str) -> SyncProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-sync"))
+            .args(["--listen", &addr.to_string(), "--redis", &redis.url()])
+            .args(["--share-lease", lease])
+            .env("SLUICE_LOG", "warn")
+            .env_remove("SLUICE_REDIS_URL")
+            .env_remove("SLUICE_CONFIG")
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run sluice-sync");
+        SyncProcess { child }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for SyncProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while CapacitySyncClient::connect(format!("http://{addr}"))
+        .await
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "sluice-sync did not listen on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_killed_and_restarted_envoys_keep_their_shares_without_overshoot() {
+    let redis = Redis::start();
+    put_capacity(&redis, CAPACITY);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let lease = Duration::from_secs(2);
+    let started = Instant::now();
+    let mut process = SyncProcess::start(&redis, addr, "2s");
+    listening(addr).await;
+    let sync = Sync {
+        addr,
+        metrics: addr,
+        started,
+    };
+    let world = Shared::default();
+    let mut envoys = three_even(&sync, &world, lease).await;
+    for e in &envoys {
+        e.demand(&world, 20);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(shares(&world), vec![vec![4, 4], vec![4, 4], vec![4, 4]]);
+    let old_epoch = world.lock().unwrap().envoys[0].stream.unwrap().epoch;
+
+    process.kill();
+    let restarted = Instant::now();
+    let _process = SyncProcess::start(&redis, addr, "2s");
+    listening(addr).await;
+    let sync = Sync {
+        addr,
+        metrics: addr,
+        started: restarted,
+    };
+    let mut again = Vec::new();
+    for e in envoys.drain(..) {
+        again.push(e.reconnect(&sync, &world).await);
+    }
+    // Each keeps its share through the restart: the new sync grants back
+    // what they report holding, and nothing else during its grace.
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < deadline {
+        assert_eq!(
+            shares(&world),
+            vec![vec![4, 4], vec![4, 4], vec![4, 4]],
+            "a share changed across the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    {
+        let w = world.lock().unwrap();
+        assert!(
+            w.envoys
+                .iter()
+                .all(|e| e.stream.is_some_and(|s| s.epoch != old_epoch)),
+            "every Envoy holds a grant of the new sync"
+        );
+    }
+    // After its grace, the shares follow the demand again.
+    again[1].demand(&world, 0);
+    within(
+        lease + Duration::from_secs(2),
+        "the idle one's share split among the busy two",
+        &world,
+        |w| {
+            pools()
+                .iter()
+                .all(|p| w.share(0, p) == 6 && w.share(2, p) == 6)
+        },
+    )
+    .await;
+    eprintln!(
+        "restarted: shares kept; the first move {:?} after the restart (grace = lease {lease:?})",
+        restarted.elapsed()
+    );
     assert_never_above_capacity(&world);
 }
