@@ -291,39 +291,49 @@ impl ShareHub {
                     Ok(Some(report)) => {
                         if let Err(status) = check_report(&report, Some(&service)) {
                             let _ = tx.send(Err(status)).await;
-                            break "a bad report";
+                            break Ended::Lost("a bad report");
                         }
                         after_final = report.r#final;
                         self.report(&service, &joined, &report);
                     }
-                    Ok(None) => break if after_final { "left" } else { "ended without a final report" },
-                    Err(_) => break "reset",
+                    Ok(None) if after_final => break Ended::Left,
+                    Ok(None) => break Ended::Lost("ended without a final report"),
+                    Err(_) => break Ended::Lost("reset"),
                 },
                 changed = joined.grants.changed() => {
                     if changed.is_err() {
-                        break "dropped";
+                        break Ended::Lost("dropped");
                     }
                     let grant = joined.grants.borrow_and_update().clone();
                     if let Some(grant) = grant {
                         debug!(service = %service, node = %node, watcher = id,
                                version = grant.share_version, seq = grant.lease_for_seq, "granting");
                         if tx.send(Ok(grant)).await.is_err() {
-                            break "gone";
+                            break Ended::Lost("gone");
                         }
                     }
                 }
                 _ = stopping(&mut shutdown) => {
                     let status = Status::unavailable("sluice-sync is shutting down: reconnect");
                     let _ = tx.send(Err(status)).await;
-                    break "shutting down";
+                    break Ended::Lost("shutting down");
                 }
-                _ = tx.closed() => break "gone",
+                _ = tx.closed() => break Ended::Lost("gone"),
             }
         };
-        let left = ended == "left";
-        self.end(&service, &joined, left);
-        info!(service = %service, node = %node, watcher = id, how = ended, "share stream ended");
+        self.end(&service, &joined, matches!(ended, Ended::Left));
+        let how = match ended {
+            Ended::Left => "left after a final report",
+            Ended::Lost(how) => how,
+        };
+        info!(service = %service, node = %node, watcher = id, how, "share stream ended");
     }
+}
+
+/// How a Share stream ended: only `Left` frees its slots before its lease.
+enum Ended {
+    Left,
+    Lost(&'static str),
 }
 
 /// A report is for one service (the stream's first names it), names at most
