@@ -80,6 +80,12 @@ impl RecentDurations {
         })
     }
 
+    /// The mean of the recent durations, `None` before any finished: what
+    /// a slot takes to turn over, for `Retry-After`.
+    pub fn mean_ns(&self) -> Option<u64> {
+        (self.len > 0).then(|| self.samples_ns[..self.len].iter().sum::<u64>() / self.len as u64)
+    }
+
     /// How long a request of this endpoint lasts, `None` before any finished.
     pub fn estimate_ns(&self) -> Option<u64> {
         self.samples_ns[..self.len].iter().copied().max()

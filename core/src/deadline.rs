@@ -1,4 +1,6 @@
-//! A request's own deadline: gRPC's `grpc-timeout` header. A client that
+//! A request's own deadline: gRPC's `grpc-timeout` header, or a number of
+//! milliseconds (Envoy's `x-envoy-expected-rq-timeout-ms`, a configured
+//! `deadline_header`). A client that
 //! does not cancel at its deadline (a raw HTTP/2 client, a proxy in front)
 //! would otherwise be admitted after it and run by the backend for nobody.
 
@@ -24,9 +26,37 @@ pub fn grpc_timeout_ns(value: &str) -> Option<u64> {
     n.checked_mul(ns_per_unit)
 }
 
+/// A whole number of milliseconds (at most 10 digits: 115 days) in
+/// nanoseconds; `None` for anything else, which leaves the request without
+/// a deadline from it.
+pub fn millis_ns(value: &str) -> Option<u64> {
+    let value = value.trim();
+    if value.is_empty() || value.len() > 10 || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse::<u64>().ok()?.checked_mul(1_000_000)
+}
+
 #[cfg(test)]
 mod tests {
-    use super::grpc_timeout_ns;
+    use super::{grpc_timeout_ns, millis_ns};
+
+    #[test]
+    fn parses_milliseconds() {
+        for (value, want) in [
+            ("200", Some(200_000_000)),
+            (" 15000 ", Some(15_000_000_000)),
+            ("0", Some(0)),
+            ("9999999999", Some(9_999_999_999_000_000)),
+            ("99999999999", None),
+            ("1.5", None),
+            ("-1", None),
+            ("", None),
+            ("10ms", None),
+        ] {
+            assert_eq!(millis_ns(value), want, "{value:?}");
+        }
+    }
 
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;

@@ -7,7 +7,8 @@
 //! when it happens, e.g. later for an abandoned request).
 
 use crate::admission::{
-    self, Acquired, AdmissionError, Ejection, Outcome, Pin, Released, Wakeups, Withdrawn, WorkerId,
+    self, Acquired, AdmissionError, Backlog, Class, Ejection, Outcome, Pin, Released, Wakeups,
+    Withdrawn, WorkerId,
 };
 use crate::shared_data::SharedData;
 use crate::EndpointId;
@@ -137,8 +138,10 @@ pub enum Arrival {
     Admitted(Slot),
     /// Pause the request; its worker will be woken when the ticket is granted.
     Queued(Ticket),
-    /// `max_queue` requests already wait: answer 503.
-    QueueFull,
+    /// `max_queue` requests already wait (or its class's): answer queue-full.
+    QueueFull(Backlog),
+    /// Its class is sheddable and no slot is free: answer queue-full.
+    Shed(Backlog),
     /// The backend is marked unhealthy: answer 503.
     Unhealthy,
 }
@@ -155,11 +158,37 @@ pub fn acquire<S: SharedData>(
     pin: Option<Pin>,
     now_ns: u64,
 ) -> Result<(Arrival, Wakeups), AdmissionError> {
-    let (acquired, wakeups) = admission::acquire(store, key, max_queue, worker, pin, now_ns)?;
+    acquire_as(
+        store,
+        key,
+        endpoint,
+        max_queue,
+        worker,
+        pin,
+        Class::DEFAULT,
+        now_ns,
+    )
+}
+
+/// [`acquire`] in a request class ([`admission::acquire_as`]).
+#[allow(clippy::too_many_arguments)]
+pub fn acquire_as<S: SharedData>(
+    store: &S,
+    key: &str,
+    endpoint: EndpointId,
+    max_queue: u32,
+    worker: WorkerId,
+    pin: Option<Pin>,
+    class: Class,
+    now_ns: u64,
+) -> Result<(Arrival, Wakeups), AdmissionError> {
+    let (acquired, wakeups) =
+        admission::acquire_as(store, key, max_queue, worker, pin, class, now_ns)?;
     let arrival = match acquired {
         Acquired::Admitted(on) => Arrival::Admitted(Slot::new(endpoint, None, on)),
         Acquired::Queued { ticket } => Arrival::Queued(Ticket::new(endpoint, ticket)),
-        Acquired::QueueFull => Arrival::QueueFull,
+        Acquired::QueueFull(b) => Arrival::QueueFull(b),
+        Acquired::Shed(b) => Arrival::Shed(b),
         Acquired::Unhealthy => Arrival::Unhealthy,
     };
     Ok((arrival, wakeups))
@@ -219,7 +248,7 @@ mod tests {
         };
         assert_eq!(
             acquire(&store, K, EP, 0, 0, None, 0).unwrap().0,
-            Arrival::QueueFull
+            Arrival::QueueFull(Backlog { ahead: 0, slots: 1 })
         );
         admission::set_unhealthy(&store, K, true, 0).unwrap();
         assert_eq!(

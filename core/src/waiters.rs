@@ -50,6 +50,9 @@ pub struct Claim<T> {
     pub granted: Vec<(Slot, Left<T>)>,
     /// Answer these 503: the backend is unhealthy. They hold nothing.
     pub refused: Vec<Left<T>>,
+    /// Answer these queue-full: a request of a higher class took their
+    /// place. They hold nothing.
+    pub pushed_out: Vec<Left<T>>,
     /// Slots granted to tickets no waiter here holds (cannot happen while
     /// a leaving request withdraws first): release them.
     pub orphans: Vec<Slot>,
@@ -130,6 +133,7 @@ impl<T> LocalWaiters<T> {
         let mut out = Claim {
             granted: Vec::with_capacity(claimed.granted.len()),
             refused: Vec::with_capacity(claimed.refused.len()),
+            pushed_out: Vec::with_capacity(claimed.pushed_out.len()),
             orphans: Vec::new(),
             wakeups: claimed.wakeups,
         };
@@ -137,6 +141,11 @@ impl<T> LocalWaiters<T> {
             // Refused: out of the record's queue, holding nothing.
             if let Some(w) = self.take_ticket(endpoint, number) {
                 out.refused.push(w.split().1);
+            }
+        }
+        for number in claimed.pushed_out {
+            if let Some(w) = self.take_ticket(endpoint, number) {
+                out.pushed_out.push(w.split().1);
             }
         }
         for (number, on) in claimed.granted {

@@ -207,14 +207,29 @@ fn waiter(instances: usize) -> impl Strategy<Value = Waiter> {
         any::<bool>(),
         instance,
         any::<bool>(),
+        any::<(bool, u8, u8, u8, u32)>(),
     )
-        .prop_map(|(ticket, worker, granted, instance, pinned)| Waiter {
-            ticket,
-            worker,
-            granted,
-            instance,
-            pinned,
-        })
+        .prop_map(
+            |(
+                ticket,
+                worker,
+                granted,
+                instance,
+                pinned,
+                (pushed_out, class, priority, flow, tag),
+            )| Waiter {
+                ticket,
+                worker,
+                granted,
+                instance,
+                pinned,
+                pushed_out,
+                class,
+                priority,
+                flow,
+                tag,
+            },
+        )
 }
 
 fn instance() -> impl Strategy<Value = Instance> {
@@ -259,6 +274,11 @@ fn instances_and_waiters() -> impl Strategy<Value = (Vec<Instance>, Vec<Waiter>,
     })
 }
 
+/// Fair queueing's clock and the flows' finish tags.
+fn flows() -> impl Strategy<Value = (u32, Vec<u32>)> {
+    (any::<u32>(), prop::collection::vec(any::<u32>(), 0..8))
+}
+
 fn endpoint_state() -> impl Strategy<Value = EndpointState> {
     (
         any::<u32>(),
@@ -269,7 +289,7 @@ fn endpoint_state() -> impl Strategy<Value = EndpointState> {
         any::<bool>(),
         any::<u64>(),
         any::<bool>(),
-        instances_and_waiters(),
+        (instances_and_waiters(), flows()),
     )
         .prop_map(
             |(
@@ -280,7 +300,7 @@ fn endpoint_state() -> impl Strategy<Value = EndpointState> {
                 from_sync,
                 sync_version,
                 unhealthy,
-                (instances, waiters, turn, instances_from_sync),
+                ((instances, waiters, turn, instances_from_sync), (virtual_time, flows)),
             )| {
                 EndpointState {
                     active,
@@ -296,6 +316,8 @@ fn endpoint_state() -> impl Strategy<Value = EndpointState> {
                     unhealthy,
                     instances_from_sync,
                     turn,
+                    virtual_time,
+                    flows,
                     instances,
                     waiters,
                 }

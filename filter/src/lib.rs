@@ -18,6 +18,8 @@ mod sync_stream;
 mod worker;
 
 #[cfg(test)]
+mod class_tests;
+#[cfg(test)]
 mod fake_host;
 #[cfg(test)]
 mod instance_tests;

@@ -53,10 +53,16 @@ pub enum Counter {
     /// Picked for an instance, sent by Envoy to another host (not an
     /// outcome: the request was admitted).
     PicksMissed,
+    /// Refused at once: a sheddable class and no free slot.
+    Shed,
+    /// Pushed out of a full queue by a request of a higher class.
+    PushedOut,
+    /// 504: its own deadline passed while it waited.
+    Deadline,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Requests,
         Counter::AdmittedAtOnce,
         Counter::AdmittedAfterWait,
@@ -65,6 +71,9 @@ impl Counter {
         Counter::Unhealthy,
         Counter::FailedOpen,
         Counter::PicksMissed,
+        Counter::Shed,
+        Counter::PushedOut,
+        Counter::Deadline,
     ];
 
     /// The end of the metric's name: `requests_total`, or the outcome then
@@ -79,6 +88,9 @@ impl Counter {
             Counter::Unhealthy => "unhealthy.outcomes_total",
             Counter::FailedOpen => "failed_open.outcomes_total",
             Counter::PicksMissed => "picks_missed_total",
+            Counter::Shed => "shed.outcomes_total",
+            Counter::PushedOut => "pushed_out.outcomes_total",
+            Counter::Deadline => "deadline.outcomes_total",
         }
     }
 
@@ -496,6 +508,9 @@ mod tests {
                 ("unhealthy", 0),
                 ("failed_open", 0),
                 ("picks_missed", 0),
+                ("shed", 0),
+                ("pushed_out", 0),
+                ("deadline", 0),
             ]
         );
         assert_eq!(

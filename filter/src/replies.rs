@@ -22,13 +22,24 @@ pub enum LocalReply<'a> {
     QueueTimeout(&'a Route),
     /// 503: the backend failed its health checks (new or queued request).
     Unhealthy(&'a Route),
+    /// 503 (or `queue_full_status`): a sheddable class, and no slot free.
+    Shed(&'a Route),
+    /// 503 (or `queue_full_status`): a request of a higher class took this
+    /// one's place in a full queue.
+    PushedOut(&'a Route),
+    /// 504: the request's own deadline (`grpc-timeout`,
+    /// `x-envoy-expected-rq-timeout-ms`, `deadline_header`) passed while it
+    /// waited; it never reached the backend.
+    Deadline(&'a Route),
 }
 
 impl LocalReply<'_> {
     pub fn status(&self) -> u32 {
         match self {
-            LocalReply::QueueFull(route) => u32::from(route.queue_full_status),
-            LocalReply::QueueTimeout(_) => 504,
+            LocalReply::QueueFull(route)
+            | LocalReply::Shed(route)
+            | LocalReply::PushedOut(route) => u32::from(route.queue_full_status),
+            LocalReply::QueueTimeout(_) | LocalReply::Deadline(_) => 504,
             LocalReply::Unhealthy(_) => 503,
         }
     }
@@ -39,6 +50,9 @@ impl LocalReply<'_> {
             LocalReply::QueueFull(_) => "queue-full",
             LocalReply::QueueTimeout(_) => "queue-timeout",
             LocalReply::Unhealthy(_) => "unhealthy",
+            LocalReply::Shed(_) => "shed",
+            LocalReply::PushedOut(_) => "pushed-out",
+            LocalReply::Deadline(_) => "deadline",
         }
     }
 
@@ -49,6 +63,9 @@ impl LocalReply<'_> {
             LocalReply::QueueFull(_) => details::QUEUE_FULL,
             LocalReply::QueueTimeout(_) => details::QUEUE_TIMEOUT,
             LocalReply::Unhealthy(_) => details::UNHEALTHY,
+            LocalReply::Shed(_) => details::SHED,
+            LocalReply::PushedOut(_) => details::PUSHED_OUT,
+            LocalReply::Deadline(_) => details::DEADLINE,
         }
     }
 
@@ -63,33 +80,49 @@ impl LocalReply<'_> {
     ///   another instance, with its own backoff).
     pub fn grpc_status(&self) -> u32 {
         match self {
-            LocalReply::QueueFull(_) => grpc::RESOURCE_EXHAUSTED,
-            LocalReply::QueueTimeout(_) => grpc::DEADLINE_EXCEEDED,
+            LocalReply::QueueFull(_) | LocalReply::Shed(_) | LocalReply::PushedOut(_) => {
+                grpc::RESOURCE_EXHAUSTED
+            }
+            LocalReply::QueueTimeout(_) | LocalReply::Deadline(_) => grpc::DEADLINE_EXCEEDED,
             LocalReply::Unhealthy(_) => grpc::UNAVAILABLE,
         }
     }
 
-    /// Seconds to wait before retrying, when a retry later makes sense:
-    /// queue full only (`Retry-After`, `grpc-retry-pushback-ms`). A fixed
-    /// guess, the endpoint's queue timeout rounded up to seconds: by then
-    /// every request now waiting has been admitted or answered.
-    pub fn retry_after_secs(&self) -> Option<u64> {
+    /// Milliseconds to wait before retrying, when a retry later makes
+    /// sense (queue full, shed, pushed out): `measured_ms`, the time the
+    /// queue ahead takes to drain at the endpoint's measured pace
+    /// ([`crate::worker::Worker::retry_after_ms`]), or before anything is
+    /// measured the endpoint's queue timeout (by then every request now
+    /// waiting has been admitted or answered).
+    pub fn retry_after_ms(&self, measured_ms: Option<u64>) -> Option<u64> {
         match self {
-            LocalReply::QueueFull(route) => {
-                Some(route.queue_timeout.as_secs_f64().ceil().max(1.0) as u64)
+            LocalReply::QueueFull(route)
+            | LocalReply::Shed(route)
+            | LocalReply::PushedOut(route) => {
+                Some(measured_ms.unwrap_or_else(|| (route.queue_timeout.as_millis() as u64).max(1)))
             }
-            LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) => None,
+            LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) | LocalReply::Deadline(_) => {
+                None
+            }
         }
     }
 
-    /// Answers the host's current request with this reply, in gRPC when the
-    /// request is gRPC.
+    /// Answers with this reply, its retry advice not measured.
     pub fn send<H: Host>(&self, host: &H) {
+        self.send_with_retry(host, None);
+    }
+
+    /// Answers the host's current request with this reply, in gRPC when the
+    /// request is gRPC; `retry_ms` is the measured retry advice, if any
+    /// (`Retry-After` in whole seconds, rounded up; `grpc-retry-pushback-ms`
+    /// and the body's `retry_after_ms` exact).
+    pub fn send_with_retry<H: Host>(&self, host: &H, retry_ms: Option<u64>) {
+        let retry_ms = self.retry_after_ms(retry_ms);
         let grpc = host
             .get_http_request_header("content-type")
             .is_some_and(|t| is_grpc(&t));
         let sent = if grpc {
-            let pushback_ms = self.retry_after_secs().map(|s| (s * 1000).to_string());
+            let pushback_ms = retry_ms.map(|ms| ms.to_string());
             let mut headers = vec![("x-sluice-reason", self.reason())];
             if let Some(ms) = &pushback_ms {
                 headers.push(("grpc-retry-pushback-ms", ms));
@@ -102,7 +135,7 @@ impl LocalReply<'_> {
                 self.grpc_message().as_bytes(),
             )
         } else {
-            let retry_after = self.retry_after_secs().map(|s| s.to_string());
+            let retry_after = retry_ms.map(|ms| ms.div_ceil(1000).to_string());
             let mut headers = vec![
                 ("content-type", "application/json"),
                 ("x-sluice-reason", self.reason()),
@@ -110,7 +143,13 @@ impl LocalReply<'_> {
             if let Some(secs) = &retry_after {
                 headers.push(("retry-after", secs));
             }
-            let body = self.body();
+            let mut body = self.body();
+            if let Some(ms) = retry_ms {
+                // Exact, where the header has whole seconds only.
+                let mut doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                doc["retry_after_ms"] = json!(ms);
+                body = line(doc);
+            }
             host.send_local_reply(
                 self.status(),
                 None,
@@ -143,6 +182,18 @@ impl LocalReply<'_> {
                     route.path
                 )
             }
+            LocalReply::Shed(route) => format!(
+                "sluice shed: no free slot of {} for a sheddable request",
+                route.path
+            ),
+            LocalReply::PushedOut(route) => format!(
+                "sluice pushed-out: a request of a higher class took this one's place in the full queue of {}",
+                route.path
+            ),
+            LocalReply::Deadline(route) => format!(
+                "sluice deadline: the request's own deadline passed while it waited for a slot of {}",
+                route.path
+            ),
         }
     }
 
@@ -167,6 +218,25 @@ impl LocalReply<'_> {
             LocalReply::Unhealthy(route) => line(json!({
                 "error": "backend unhealthy",
                 "detail": "backend unhealthy",
+                "reason": self.reason(),
+                "endpoint": route.path,
+            })),
+            LocalReply::Shed(route) => line(json!({
+                "error": "no free slot for a sheddable request",
+                "detail": "no free slot for a sheddable request",
+                "reason": self.reason(),
+                "endpoint": route.path,
+            })),
+            LocalReply::PushedOut(route) => line(json!({
+                "error": "pushed out of the queue by a request of a higher class",
+                "detail": "pushed out of the queue by a request of a higher class",
+                "reason": self.reason(),
+                "endpoint": route.path,
+                "max_queue": route.max_queue,
+            })),
+            LocalReply::Deadline(route) => line(json!({
+                "error": "the request's deadline passed while it waited",
+                "detail": "the request's deadline passed while it waited",
                 "reason": self.reason(),
                 "endpoint": route.path,
             })),
@@ -200,6 +270,12 @@ pub mod details {
     pub const QUEUE_TIMEOUT: &str = "sluice_queue_timeout";
     /// 503: the backend failed its health checks.
     pub const UNHEALTHY: &str = "sluice_unhealthy";
+    /// 503 or 429: a sheddable request found no free slot.
+    pub const SHED: &str = "sluice_shed";
+    /// 503 or 429: pushed out of a full queue by a higher class.
+    pub const PUSHED_OUT: &str = "sluice_pushed_out";
+    /// 504: the request's own deadline passed in the queue.
+    pub const DEADLINE: &str = "sluice_deadline";
     /// 408: an admitted request's body did not arrive within
     /// `max_upload_time` (`worker/uploads.rs`).
     pub const UPLOAD_TIMEOUT: &str = "sluice_upload_timeout";
@@ -260,8 +336,21 @@ mod tests {
                 LocalReply::QueueFull(&r),
                 503,
                 grpc::RESOURCE_EXHAUSTED,
-                Some(3),
+                Some(2500),
             ),
+            (
+                LocalReply::Shed(&r),
+                503,
+                grpc::RESOURCE_EXHAUSTED,
+                Some(2500),
+            ),
+            (
+                LocalReply::PushedOut(&r),
+                503,
+                grpc::RESOURCE_EXHAUSTED,
+                Some(2500),
+            ),
+            (LocalReply::Deadline(&r), 504, grpc::DEADLINE_EXCEEDED, None),
             (
                 LocalReply::QueueTimeout(&r),
                 504,
@@ -273,7 +362,15 @@ mod tests {
         for (reply, status, code, retry) in cases {
             assert_eq!(reply.status(), status, "{}", reply.reason());
             assert_eq!(reply.grpc_status(), code, "{}", reply.reason());
-            assert_eq!(reply.retry_after_secs(), retry, "{}", reply.reason());
+            // Before anything is measured: the queue timeout; once it is,
+            // the measured figure.
+            assert_eq!(reply.retry_after_ms(None), retry, "{}", reply.reason());
+            assert_eq!(
+                reply.retry_after_ms(Some(740)),
+                retry.map(|_| 740),
+                "{}",
+                reply.reason()
+            );
             assert!(
                 reply
                     .grpc_message()
@@ -310,7 +407,8 @@ mod tests {
         let reply = full.reply();
         assert_eq!(reply.grpc_status, Some(grpc::RESOURCE_EXHAUSTED));
         assert_eq!(reply.header("x-sluice-reason"), Some("queue-full"));
-        assert_eq!(reply.header("grpc-retry-pushback-ms"), Some("1000"));
+        // Nothing measured yet: the queue timeout, in ms.
+        assert_eq!(reply.header("grpc-retry-pushback-ms"), Some("100"));
         assert_eq!(reply.header("content-type"), None);
         assert!(
             reply.body.starts_with("sluice queue-full: "),

@@ -1,8 +1,9 @@
 //! Which endpoint a request belongs to, decided on its normalised path
 //! ([`crate::path`]) and without allocation for ordinary paths.
 
+use sluice_core::admission::Class;
 use sluice_core::admission::Ejection;
-use sluice_core::config::{Config, MatchKind, Sticky};
+use sluice_core::config::{Classes, Config, MatchKind, Sticky, Tenants};
 use sluice_core::shared_keys;
 use sluice_core::EndpointId;
 use std::collections::HashMap;
@@ -42,6 +43,8 @@ pub struct Route {
     pub hosts: Vec<(SocketAddr, Option<u32>)>,
     /// `instance_capacity`: also applied to instances sync discovers.
     pub instance_capacity: Vec<(SocketAddr, u32)>,
+    /// The class of its requests that name none (`class`).
+    pub class: Option<u8>,
     methods: Vec<String>,
 }
 
@@ -52,6 +55,12 @@ pub struct Routes {
     pub endpoints: Vec<Route>,
     /// With `instances`: every endpoint picks its instance.
     pub steering: Option<Steering>,
+    /// Request classes (`classes`); `None`: one class.
+    pub classes: Option<Classes>,
+    /// `deadline_header`: a request's own deadline, ms from its arrival.
+    pub deadline_header: Option<String>,
+    /// Fair shares between tenants (`tenants`).
+    pub tenants: Option<Tenants>,
     exact: HashMap<String, usize>,
     /// Longest prefix first.
     prefixes: Vec<usize>,
@@ -94,6 +103,7 @@ impl Routes {
                     .map(|i| e.instance_hosts(i))
                     .unwrap_or_default(),
                 instance_capacity: e.instance_capacity.clone(),
+                class: e.class,
                 methods: e.methods.clone(),
             });
             match e.match_kind {
@@ -116,6 +126,9 @@ impl Routes {
                 },
                 sticky: i.sticky.clone(),
             }),
+            classes: config.classes.clone(),
+            deadline_header: config.deadline_header.clone(),
+            tenants: config.tenants.clone(),
             exact,
             prefixes,
         }
@@ -161,6 +174,39 @@ impl Routes {
     /// The endpoint `ep` of this configuration.
     pub fn route(&self, ep: EndpointId) -> &Route {
         &self.endpoints[ep.0]
+    }
+
+    /// The class of a request to `route` whose class header reads `named`:
+    /// that class if it is one, else the route's, else the default; and,
+    /// with `tenants`, the flow of its tenant `tenant` (no header: the
+    /// empty key's).
+    pub fn class_of(&self, route: &Route, named: Option<&str>, tenant: Option<&str>) -> Class {
+        let mut class = match &self.classes {
+            None => Class::DEFAULT,
+            Some(classes) => {
+                let index = named
+                    .and_then(|n| classes.index(n.trim()))
+                    .or(route.class)
+                    .unwrap_or(classes.default);
+                classes.admission(index)
+            }
+        };
+        if let Some(t) = &self.tenants {
+            let (flow, weight) = t.flow_of(tenant.unwrap_or("").trim());
+            class.flow = flow;
+            class.step = sluice_core::admission::tag_step(weight);
+        }
+        class
+    }
+
+    /// How long a request of class `index` may wait on `route`: the lesser
+    /// of the endpoint's and the class's `queue_timeout`.
+    pub fn queue_timeout(&self, route: &Route, index: u8) -> Duration {
+        self.classes
+            .as_ref()
+            .and_then(|c| c.list.get(usize::from(index)))
+            .and_then(|c| c.queue_timeout)
+            .map_or(route.queue_timeout, |t| t.min(route.queue_timeout))
     }
 }
 

@@ -6,11 +6,11 @@ use crate::host::{Envoy, Host};
 use crate::metrics::Counter;
 use crate::path::request_path;
 use crate::replies::LocalReply;
-use crate::routes::Route;
+use crate::routes::{Route, Routes};
 use crate::worker::{Waiting, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use sluice_core::admission::Pin;
+use sluice_core::admission::{Class, Pin};
 use sluice_core::config::{Sticky, DEFAULT_INSTANCE_HEADER};
 use sluice_core::holding::{self, Arrival, Slot, Ticket};
 use std::net::SocketAddr;
@@ -111,8 +111,28 @@ impl<H: Host> Stream<H> {
         let pin = steering
             .and_then(|s| s.sticky.as_ref())
             .and_then(|sticky| session_pin(host, sticky));
+        let routes = &worker.routes;
+        let class = if routes.classes.is_none() && routes.tenants.is_none() {
+            Class::DEFAULT
+        } else {
+            let header = |name: Option<&String>| name.and_then(|n| host.get_http_request_header(n));
+            routes.class_of(
+                route,
+                header(routes.classes.as_ref().map(|c| &c.header)).as_deref(),
+                header(routes.tenants.as_ref().map(|t| &t.header)).as_deref(),
+            )
+        };
         // The capacity in force is in the record this reads anyway.
-        match holding::acquire(host, &route.key, ep, route.max_queue, worker_id, pin, now) {
+        match holding::acquire_as(
+            host,
+            &route.key,
+            ep,
+            route.max_queue,
+            worker_id,
+            pin,
+            class,
+            now,
+        ) {
             Ok((arrival, wakeups)) => {
                 if !wakeups.is_empty() {
                     worker.in_stream(self.context_id, || worker.wake(&wakeups));
@@ -140,7 +160,8 @@ impl<H: Host> Stream<H> {
                         let waiting = Waiting {
                             since_ns,
                             bytes,
-                            expires_ns: grpc_deadline_ns(host, since_ns),
+                            expires_ns: deadline_ns(host, &worker.routes, since_ns),
+                            class: class.index,
                         };
                         worker.add_waiter(self.context_id, ticket, waiting);
                         if !end_of_stream {
@@ -151,9 +172,16 @@ impl<H: Host> Stream<H> {
                         // exactly one of resume_http_request or a 504.
                         Action::Pause
                     }
-                    Arrival::QueueFull => {
+                    Arrival::QueueFull(backlog) => {
                         worker.metrics.count(ep, Counter::QueueFull);
-                        LocalReply::QueueFull(route).send(host);
+                        LocalReply::QueueFull(route)
+                            .send_with_retry(host, worker.retry_after_ms(ep, backlog));
+                        Action::Pause
+                    }
+                    Arrival::Shed(backlog) => {
+                        worker.metrics.count(ep, Counter::Shed);
+                        LocalReply::Shed(route)
+                            .send_with_retry(host, worker.retry_after_ms(ep, backlog));
                         Action::Pause
                     }
                     Arrival::Unhealthy => {
@@ -411,19 +439,29 @@ fn request_time_ns<H: Host>(host: &H) -> Option<u64> {
         .and_then(|ns| u64::try_from(ns).ok())
 }
 
-/// The deadline of a gRPC request that arrived at `since_ns`, from its
-/// `grpc-timeout`; looked up only for a request that queues.
-fn grpc_deadline_ns<H: Host>(host: &H, since_ns: u64) -> Option<u64> {
+/// The request's own deadline, if it has one, for a request that arrived at
+/// `since_ns`: the earliest of its `grpc-timeout` (gRPC and gRPC-Web only),
+/// Envoy's `x-envoy-expected-rq-timeout-ms` (set by an Envoy in front that
+/// has a route timeout) and the configured `deadline_header`
+/// (milliseconds). Looked up only for a request that queues.
+fn deadline_ns<H: Host>(host: &H, routes: &Routes, since_ns: u64) -> Option<u64> {
     let grpc = host
         .get_http_request_header("content-type")
-        // gRPC-Web too: its clients send `grpc-timeout` as well.
-        .is_some_and(|t| t.starts_with("application/grpc"));
-    if !grpc {
-        return None;
-    }
-    let timeout =
-        sluice_core::deadline::grpc_timeout_ns(&host.get_http_request_header("grpc-timeout")?)?;
-    Some(since_ns.saturating_add(timeout))
+        .is_some_and(|t| t.starts_with("application/grpc"))
+        .then(|| host.get_http_request_header("grpc-timeout"))
+        .flatten()
+        .and_then(|t| sluice_core::deadline::grpc_timeout_ns(&t));
+    let millis = |name: &str| {
+        host.get_http_request_header(name)
+            .and_then(|v| sluice_core::deadline::millis_ns(&v))
+    };
+    let expected = millis("x-envoy-expected-rq-timeout-ms");
+    let configured = routes.deadline_header.as_deref().and_then(millis);
+    [grpc, expected, configured]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|timeout| since_ns.saturating_add(timeout))
 }
 
 /// `max_queued_bytes` would be passed by this request's body.

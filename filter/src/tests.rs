@@ -153,6 +153,32 @@ fn queue_timeout_answers_504_once_and_holds_nothing() {
     assert_quiet();
 }
 
+/// `Retry-After` follows the measured drain: the requests ahead times the
+/// mean duration, over the slots.
+#[test]
+fn retry_after_is_the_time_the_queue_ahead_takes_to_drain() {
+    let envoy = FakeEnvoy::new();
+    let w = FakeWorker::start(&envoy, &config(2, 30.0, 4));
+    for _ in 0..4 {
+        let mut a = admitted(&w);
+        envoy.advance(Duration::from_millis(300));
+        a.complete();
+    }
+    let mut running: Vec<FakeStream> = (0..2).map(|_| admitted(&w)).collect();
+    let mut waiting: Vec<FakeStream> = (0..4).map(|_| queued(&w)).collect();
+    let reply = w.request("POST", PATH).reply();
+    // (4 ahead + itself) × 300 ms / 2 slots = 750 ms.
+    assert_eq!(reply.json()["retry_after_ms"], 750);
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    for s in running.iter_mut().chain(waiting.iter_mut()) {
+        w.deliver_wake_ups();
+        s.complete();
+    }
+    w.deliver_wake_ups();
+    envoy.assert_neutral(KEY);
+    assert_quiet();
+}
+
 #[test]
 fn queue_full_answers_503_with_retry_after_and_holds_nothing() {
     let envoy = FakeEnvoy::new();
@@ -167,7 +193,7 @@ fn queue_full_answers_503_with_retry_after_and_holds_nothing() {
     assert_eq!(reply.header("retry-after"), Some("3"));
     assert_eq!(
         reply.body,
-        "{\"error\":\"too many requests waiting\",\"detail\":\"too many requests waiting\",\"reason\":\"queue-full\",\"endpoint\":\"/predict\",\"max_queue\":1}\n",
+        "{\"error\":\"too many requests waiting\",\"detail\":\"too many requests waiting\",\"reason\":\"queue-full\",\"endpoint\":\"/predict\",\"max_queue\":1,\"retry_after_ms\":2500}\n",
         "the body documented in docs/filter.md"
     );
     assert_eq!(counts(&envoy), (1, 1, 0));

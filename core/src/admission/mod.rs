@@ -28,7 +28,7 @@ mod instances;
 mod record;
 
 pub use instances::{Ejection, InstanceSource, Pin, MAX_INSTANCES};
-pub use record::{CapacitySource, EndpointState, Instance, Waiter};
+pub use record::{tag_before, CapacitySource, EndpointState, Instance, Waiter};
 
 use std::net::SocketAddr;
 
@@ -134,8 +134,12 @@ pub enum Acquired {
     Admitted(Option<SocketAddr>),
     /// Pause the request; its worker will be woken when `ticket` is granted.
     Queued { ticket: u32 },
-    /// `max_queue` requests already wait: answer 503.
-    QueueFull,
+    /// `max_queue` requests already wait (or its class's `max_queue`):
+    /// answer queue-full.
+    QueueFull(Backlog),
+    /// No free slot, and its class is sheddable (never queued): answer
+    /// queue-full at once.
+    Shed(Backlog),
     /// The backend is marked unhealthy: answer 503 at once. Holds nothing.
     Unhealthy,
 }
@@ -160,7 +164,62 @@ pub struct Claimed {
     /// Tickets taken out of the queue because the backend is unhealthy:
     /// answer those requests 503. They hold nothing.
     pub refused: Vec<u32>,
+    /// Tickets a request of a higher class pushed out of a full queue:
+    /// answer those queue-full. They hold nothing.
+    pub pushed_out: Vec<u32>,
     pub wakeups: Wakeups,
+}
+
+/// What stood in the way of a refused request: the requests waiting ahead
+/// of where it would have queued, and the slots they drain through, so the
+/// refusal can say when a retry would find room (`Retry-After`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub ahead: u32,
+    /// The capacity in force (with instances, of those that can be
+    /// picked); 0: none.
+    pub slots: u32,
+}
+
+/// The class a request arrives in ([`acquire_as`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Class {
+    /// Its index in the configuration's classes (0 without classes).
+    pub index: u8,
+    /// Higher is served first.
+    pub priority: u8,
+    /// At most this many of its class wait at once (the endpoint's
+    /// `max_queue` bounds them all together as well).
+    pub max_queue: Option<u32>,
+    /// Admitted only when a slot is free; never queued.
+    pub sheddable: bool,
+    /// Its tenant's flow, and the tag units one request takes in it
+    /// ([`tag_step`] of the tenant's weight); a step of 0: no tenants.
+    pub flow: u8,
+    pub step: u32,
+}
+
+/// Flows an endpoint's tenants map onto, at most.
+pub const MAX_FLOWS: usize = 255;
+
+/// Fair queueing's units for one request of a tenant of `weight` (1 to
+/// 1000): a weight of 3 takes a third of a weight of 1's, so it gets three
+/// slots to the other's one while both wait.
+pub fn tag_step(weight: u32) -> u32 {
+    const UNIT: u32 = 3_000;
+    UNIT / weight.clamp(1, 1000)
+}
+
+impl Class {
+    /// The one class of an endpoint without `classes`.
+    pub const DEFAULT: Class = Class {
+        index: 0,
+        priority: 0,
+        max_queue: None,
+        sheddable: false,
+        flow: 0,
+        step: 0,
+    };
 }
 
 /// One read-modify-CAS-write of the record at `key` ([`cas::update`]).
@@ -294,16 +353,32 @@ pub fn snapshot<S: SharedData>(store: &S, key: &str) -> Result<EndpointState, Ad
     }
 }
 
-/// A request arrives at `worker`; at most `max_queue` may wait. With
-/// instances, it is admitted on the instance [`EndpointState::pick`]
-/// chooses; a `pin` (sticky session) admits it on its own instance only, or
-/// queues it for that one.
+/// A request arrives at `worker`, in the one class of an endpoint without
+/// classes ([`acquire_as`]).
 pub fn acquire<S: SharedData>(
     store: &S,
     key: &str,
     max_queue: u32,
     worker: WorkerId,
     pin: Option<Pin>,
+    now_ns: u64,
+) -> Result<(Acquired, Wakeups), AdmissionError> {
+    acquire_as(store, key, max_queue, worker, pin, Class::DEFAULT, now_ns)
+}
+
+/// A request of `class` arrives at `worker`; at most `max_queue` may wait.
+/// With instances, it is admitted on the instance [`EndpointState::pick`]
+/// chooses; a `pin` (sticky session) admits it on its own instance only, or
+/// queues it for that one. It queues behind every waiter of its priority or
+/// higher; in a full queue it pushes out the newest waiter of the lowest
+/// priority below its own, whose worker is woken to answer it.
+pub fn acquire_as<S: SharedData>(
+    store: &S,
+    key: &str,
+    max_queue: u32,
+    worker: WorkerId,
+    pin: Option<Pin>,
+    class: Class,
     now_ns: u64,
 ) -> Result<(Acquired, Wakeups), AdmissionError> {
     update(store, key, |s| {
@@ -322,28 +397,64 @@ pub fn acquire<S: SharedData>(
         } else {
             ((s.active < s.limit()).then_some(None), None)
         };
+        // Its place among its tenant's requests (a request admitted at once
+        // counts too, so that a tenant that keeps every slot busy has its
+        // next waiters behind the others').
+        let tag = if class.step > 0 && usize::from(class.flow) < MAX_FLOWS {
+            s.tag(class.flow, class.step)
+        } else {
+            0
+        };
         if let Some(instance) = admitted {
             s.active += 1;
+            s.served_tag(tag);
             let address = instance.map(|i| {
                 let inst = &mut s.instances[usize::from(i)];
                 inst.active += 1;
                 inst.address
             });
-            Ok(((Acquired::Admitted(address), wake), true))
-        } else if s.queued() >= max_queue {
-            Ok(((Acquired::QueueFull, wake), pumped))
-        } else {
-            let ticket = s.next_ticket;
-            s.next_ticket = s.next_ticket.wrapping_add(1);
-            s.waiters.push(Waiter {
+            return Ok(((Acquired::Admitted(address), wake), true));
+        }
+        let backlog = |s: &EndpointState| Backlog {
+            ahead: s.queued(),
+            slots: s.total_capacity(now_ns).unwrap_or(0),
+        };
+        if class.sheddable {
+            return Ok(((Acquired::Shed(backlog(s)), wake), pumped));
+        }
+        if class
+            .max_queue
+            .is_some_and(|m| s.queued_of(class.index) >= m)
+        {
+            return Ok(((Acquired::QueueFull(backlog(s)), wake), pumped));
+        }
+        if s.queued() >= max_queue {
+            let Some(victim) = s.push_out_victim(class.priority) else {
+                return Ok(((Acquired::QueueFull(backlog(s)), wake), pumped));
+            };
+            let v = &mut s.waiters[victim];
+            v.pushed_out = true;
+            wake.add(v.worker);
+        }
+        let ticket = s.next_ticket;
+        s.next_ticket = s.next_ticket.wrapping_add(1);
+        let at = s.insert_at(class.priority, tag);
+        s.waiters.insert(
+            at,
+            Waiter {
                 ticket,
                 worker,
                 granted: false,
                 instance: pinned,
                 pinned: pinned.is_some(),
-            });
-            Ok(((Acquired::Queued { ticket }, wake), true))
-        }
+                pushed_out: false,
+                class: class.index,
+                priority: class.priority,
+                flow: class.flow,
+                tag,
+            },
+        );
+        Ok(((Acquired::Queued { ticket }, wake), true))
     })
 }
 
@@ -510,15 +621,20 @@ pub fn claim<S: SharedData>(
         let pumped = s.pump(now_ns, &mut claimed.wakeups);
         let instances = &s.instances;
         s.waiters.retain(|w| {
-            if w.granted && w.worker == worker {
+            if w.worker != worker {
+                true
+            } else if w.granted {
                 let on = w.instance.map(|i| instances[usize::from(i)].address);
                 claimed.granted.push((w.ticket, on));
+                false
+            } else if w.pushed_out {
+                claimed.pushed_out.push(w.ticket);
                 false
             } else {
                 true
             }
         });
-        let changed = pumped || !claimed.granted.is_empty();
+        let changed = pumped || !claimed.granted.is_empty() || !claimed.pushed_out.is_empty();
         Ok((claimed, changed))
     })
 }

@@ -1,10 +1,10 @@
 //! The endpoint record's codec and the FIFO hand-over on it.
 //!
-//! Record layout (little endian), version 3:
+//! Record layout (little endian), version 4:
 //!
 //! | bytes | field | |
 //! |---|---|---|
-//! | 1 | `version` | 3 |
+//! | 1 | `version` | 4 |
 //! | 4 | `active` | slots in use, granted-but-unclaimed included |
 //! | 4 | `next_ticket` | |
 //! | 4 | `capacity` | in force; 0: none, requests pass (counted, never queued) |
@@ -13,24 +13,37 @@
 //! | 1 | `flags` | bit 0: capacity came from sync; bit 1: backend unhealthy; bit 2: the instance set came from sync |
 //! | 2 | `instances` | how many instance entries follow the header |
 //! | 2 | `turn` | the instance picked last, where the next tie-break starts |
+//! | 4 | `virtual_time` | fair queueing's clock: the start tag of the request served last (wrapping) |
+//! | 1 | `flows` | how many flow finish tags follow the instances (0 without tenants) |
 //!
 //! then one 41-byte instance each (see [`Instance`]): `address` (family `4`
 //! or `6`:u8, 16 address bytes, port:u16), `own_capacity:u32` (0: the
 //! endpoint's), `active:u32`, `flags:u8` (bit 0 gone, bit 1 own capacity
 //! from sync), `strikes:u8`, `eject_until_ns:u64`, `picks_missed:u32`;
-//! then one 10-byte waiter each: `ticket:u32, worker:u16, flags:u16,
-//! instance:u16` (an index into the instances, `0xffff`: none).
+//! then one `finish:u32` per flow (the tag its next request starts from);
+//! then one 17-byte waiter each: `ticket:u32, worker:u16, flags:u16`
+//! (bit 0 granted, bit 1 pinned, bit 2 pushed out), `instance:u16` (an
+//! index into the instances, `0xffff`: none), `class:u8` (its index in the
+//! configuration's classes), `priority:u8` (higher is served first),
+//! `flow:u8` (its tenant's flow), `tag:u32` (its start tag).
+//!
+//! Waiters are kept in the order they are served: by priority, highest
+//! first; within one priority by start tag, lowest first (start-time fair
+//! queueing over the tenants' flows, [`EndpointState::tag`]); then in arrival
+//! order (without tenants every tag is 0: FIFO within a priority).
 
 use super::{AdmissionError, Wakeups, WorkerId};
 use crate::cas::{u16_at, u32_at, u64_at};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-const VERSION: u8 = 3;
-pub(super) const HEADER_LEN: usize = 30;
+const VERSION: u8 = 4;
+pub(super) const HEADER_LEN: usize = 35;
 pub(super) const INSTANCE_LEN: usize = 41;
-pub(super) const WAITER_LEN: usize = 10;
+pub(super) const WAITER_LEN: usize = 17;
+pub(super) const FLOW_LEN: usize = 4;
 const FLAG_GRANTED: u16 = 1;
 const FLAG_PINNED: u16 = 2;
+const FLAG_PUSHED_OUT: u16 = 4;
 const FLAG_FROM_SYNC: u8 = 1;
 const FLAG_UNHEALTHY: u8 = 2;
 const FLAG_INSTANCES_FROM_SYNC: u8 = 4;
@@ -50,6 +63,30 @@ pub struct Waiter {
     pub instance: Option<u16>,
     /// It waits for a slot on `instance` only (a sticky request).
     pub pinned: bool,
+    /// A request of a higher class took its place in a full queue: its
+    /// worker answers it (queue full) when it claims; it holds nothing.
+    pub pushed_out: bool,
+    /// Its class: an index into the configuration's classes.
+    pub class: u8,
+    /// Its class's priority when it arrived.
+    pub priority: u8,
+    /// Its tenant's flow (0 without tenants).
+    pub flow: u8,
+    /// Its start tag in fair queueing (0 without tenants): lower is served
+    /// first within its priority. Compared wrapping ([`tag_before`]).
+    pub tag: u32,
+}
+
+/// `a` comes before `b` on fair queueing's wrapping clock.
+pub fn tag_before(a: u32, b: u32) -> bool {
+    (b.wrapping_sub(a) as i32) > 0
+}
+
+impl Waiter {
+    /// Still waiting for a slot (neither granted nor pushed out).
+    pub fn waiting(&self) -> bool {
+        !self.granted && !self.pushed_out
+    }
 }
 
 /// One instance (`host:port`) of the service behind this endpoint, with its
@@ -166,6 +203,10 @@ pub struct EndpointState {
     /// The instances the filter picks from; empty: none (the endpoint's
     /// capacity counts for everything behind this Envoy).
     pub instances: Vec<Instance>,
+    /// Fair queueing's clock: the start tag of the request served last.
+    pub virtual_time: u32,
+    /// Each flow's finish tag: where its next request's tag starts.
+    pub flows: Vec<u32>,
     /// In arrival order.
     pub waiters: Vec<Waiter>,
 }
@@ -191,14 +232,23 @@ impl EndpointState {
             |b, i| u32_at(b, i).unwrap_or(0),
         );
         let n = usize::from(u16_at(bytes, 26));
-        let waiters_at = HEADER_LEN + n * INSTANCE_LEN;
-        if bytes.len() < waiters_at {
+        let flows_at = HEADER_LEN + n * INSTANCE_LEN;
+        let n_flows = usize::from(bytes[34]);
+        let waiters_at = flows_at + n_flows * FLOW_LEN;
+        if bytes.len() < flows_at {
             return Err(AdmissionError::Corrupt("truncated instance list"));
         }
+        if bytes.len() < waiters_at {
+            return Err(AdmissionError::Corrupt("truncated flow list"));
+        }
+        let flows = bytes[flows_at..waiters_at]
+            .chunks_exact(FLOW_LEN)
+            .map(|f| u32_at(f, 0))
+            .collect();
         if !(bytes.len() - waiters_at).is_multiple_of(WAITER_LEN) {
             return Err(AdmissionError::Corrupt("truncated waiter list"));
         }
-        let instances = bytes[HEADER_LEN..waiters_at]
+        let instances = bytes[HEADER_LEN..flows_at]
             .chunks_exact(INSTANCE_LEN)
             .map(|b| {
                 Ok(Instance {
@@ -226,7 +276,12 @@ impl EndpointState {
                     worker: u16_at(w, 4),
                     granted: flags & FLAG_GRANTED != 0,
                     pinned: flags & FLAG_PINNED != 0,
+                    pushed_out: flags & FLAG_PUSHED_OUT != 0,
                     instance: (instance != NO_INSTANCE).then_some(instance),
+                    class: w[10],
+                    priority: w[11],
+                    flow: w[12],
+                    tag: u32_at(w, 13),
                 })
             })
             .collect::<Result<Vec<_>, AdmissionError>>()?;
@@ -245,6 +300,8 @@ impl EndpointState {
             unhealthy: flags & FLAG_UNHEALTHY != 0,
             instances_from_sync: flags & FLAG_INSTANCES_FROM_SYNC != 0,
             turn: u16_at(bytes, 28),
+            virtual_time: u32_at(bytes, 30),
+            flows,
             instances,
             waiters,
         })
@@ -262,7 +319,10 @@ impl EndpointState {
 
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
-            HEADER_LEN + self.instances.len() * INSTANCE_LEN + self.waiters.len() * WAITER_LEN,
+            HEADER_LEN
+                + self.instances.len() * INSTANCE_LEN
+                + self.flows.len() * FLOW_LEN
+                + self.waiters.len() * WAITER_LEN,
         );
         out.push(VERSION);
         out.extend_from_slice(&self.active.to_le_bytes());
@@ -284,6 +344,9 @@ impl EndpointState {
         // At most MAX_INSTANCES (checked where the set is replaced).
         out.extend_from_slice(&(self.instances.len() as u16).to_le_bytes());
         out.extend_from_slice(&self.turn.to_le_bytes());
+        out.extend_from_slice(&self.virtual_time.to_le_bytes());
+        // At most MAX_FLOWS (checked where a flow is added).
+        out.push(self.flows.len() as u8);
         for i in &self.instances {
             encode_address(&mut out, &i.address);
             out.extend_from_slice(&i.own_capacity.unwrap_or(0).to_le_bytes());
@@ -300,6 +363,9 @@ impl EndpointState {
             out.extend_from_slice(&i.eject_until_ns.to_le_bytes());
             out.extend_from_slice(&i.picks_missed.to_le_bytes());
         }
+        for f in &self.flows {
+            out.extend_from_slice(&f.to_le_bytes());
+        }
         for w in &self.waiters {
             out.extend_from_slice(&w.ticket.to_le_bytes());
             out.extend_from_slice(&w.worker.to_le_bytes());
@@ -310,15 +376,86 @@ impl EndpointState {
             if w.pinned {
                 flags |= FLAG_PINNED;
             }
+            if w.pushed_out {
+                flags |= FLAG_PUSHED_OUT;
+            }
             out.extend_from_slice(&flags.to_le_bytes());
             out.extend_from_slice(&w.instance.unwrap_or(NO_INSTANCE).to_le_bytes());
+            out.push(w.class);
+            out.push(w.priority);
+            out.push(w.flow);
+            out.extend_from_slice(&w.tag.to_le_bytes());
         }
         out
     }
 
-    /// Requests waiting for a slot (granted ones already hold theirs).
+    /// Requests waiting for a slot (granted ones already hold theirs;
+    /// pushed-out ones are leaving).
     pub fn queued(&self) -> u32 {
-        self.waiters.iter().filter(|w| !w.granted).count() as u32
+        self.waiters.iter().filter(|w| w.waiting()).count() as u32
+    }
+
+    /// Requests of class `class` waiting for a slot.
+    pub fn queued_of(&self, class: u8) -> u32 {
+        self.waiters
+            .iter()
+            .filter(|w| w.waiting() && w.class == class)
+            .count() as u32
+    }
+
+    /// Where a new waiter of `priority` and start `tag` goes: behind every
+    /// waiter of a higher priority, and of its own with a tag not after
+    /// its own; ahead of the rest.
+    pub(super) fn insert_at(&self, priority: u8, tag: u32) -> usize {
+        self.waiters
+            .iter()
+            .rposition(|w| {
+                w.priority > priority || (w.priority == priority && !tag_before(tag, w.tag))
+            })
+            .map_or(0, |i| i + 1)
+    }
+
+    /// Start-time fair queueing over the tenants' flows: the start tag of
+    /// a request of `flow` costing `step` (the tag's units per request,
+    /// inversely to its tenant's weight), and the flow's finish tag moved
+    /// past it. A flow that has been idle starts at the clock, so it gets
+    /// no credit for idling; a busy one's requests are spaced by `step`,
+    /// so flows with waiters take the slots in turn, in proportion to
+    /// their weights.
+    pub(super) fn tag(&mut self, flow: u8, step: u32) -> u32 {
+        let f = usize::from(flow);
+        if self.flows.len() <= f {
+            self.flows.resize(f + 1, self.virtual_time);
+        }
+        let finish = self.flows[f];
+        let start = if tag_before(finish, self.virtual_time) {
+            self.virtual_time
+        } else {
+            finish
+        };
+        self.flows[f] = start.wrapping_add(step);
+        start
+    }
+
+    /// A request with start `tag` is served: the clock moves to it.
+    pub(super) fn served_tag(&mut self, tag: u32) {
+        if tag_before(self.virtual_time, tag) {
+            self.virtual_time = tag;
+        }
+    }
+
+    /// The waiter a request of `priority` pushes out of a full queue: the
+    /// newest of the lowest priority below it, if any waits.
+    pub(super) fn push_out_victim(&self, priority: u8) -> Option<usize> {
+        let lowest = self
+            .waiters
+            .iter()
+            .filter(|w| w.waiting() && w.priority < priority)
+            .map(|w| w.priority)
+            .min()?;
+        self.waiters
+            .iter()
+            .rposition(|w| w.waiting() && w.priority == lowest)
     }
 
     /// Slots admissions may use: without a capacity, no limit.
@@ -345,9 +482,13 @@ impl EndpointState {
             if self.active >= limit {
                 break;
             }
-            if !w.granted {
+            if w.waiting() {
                 w.granted = true;
                 self.active += 1;
+                if tag_before(self.virtual_time, w.tag) {
+                    // served_tag, inlined: `self` is borrowed by the loop.
+                    self.virtual_time = w.tag;
+                }
                 wake.add(w.worker);
                 changed = true;
             }
@@ -361,7 +502,7 @@ impl EndpointState {
         let mut full = false;
         for n in 0..self.waiters.len() {
             let w = self.waiters[n];
-            if w.granted {
+            if !w.waiting() {
                 continue;
             }
             let pin = w
@@ -382,6 +523,8 @@ impl EndpointState {
             w.granted = true;
             w.instance = Some(i);
             wake.add(w.worker);
+            let tag = w.tag;
+            self.served_tag(tag);
             changed = true;
         }
         changed

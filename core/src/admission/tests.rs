@@ -1,6 +1,6 @@
 //! The admission operations against Envoy's CAS rules, and workers racing.
 
-use super::record::{HEADER_LEN, INSTANCE_LEN, WAITER_LEN};
+use super::record::{FLOW_LEN, HEADER_LEN, INSTANCE_LEN, WAITER_LEN};
 use super::*;
 use crate::shared_data::{MemSharedData, SharedData};
 
@@ -76,6 +76,8 @@ fn encode_decode_round_trip() {
         unhealthy: true,
         instances_from_sync: true,
         turn: 1,
+        virtual_time: u32::MAX - 5,
+        flows: vec![0, 7, u32::MAX],
         instances: vec![
             Instance::new("127.0.0.1:8001".parse().unwrap(), None),
             Instance {
@@ -95,6 +97,11 @@ fn encode_decode_round_trip() {
                 granted: true,
                 instance: Some(1),
                 pinned: false,
+                pushed_out: false,
+                class: 2,
+                priority: 7,
+                flow: 3,
+                tag: 123_456,
             },
             Waiter {
                 ticket: 2,
@@ -102,11 +109,19 @@ fn encode_decode_round_trip() {
                 granted: false,
                 instance: Some(0),
                 pinned: true,
+                pushed_out: true,
+                class: 0,
+                priority: 255,
+                flow: 0,
+                tag: u32::MAX,
             },
         ],
     };
     let bytes = s.encode();
-    assert_eq!(bytes.len(), HEADER_LEN + 2 * INSTANCE_LEN + 2 * WAITER_LEN);
+    assert_eq!(
+        bytes.len(),
+        HEADER_LEN + 2 * INSTANCE_LEN + 3 * FLOW_LEN + 2 * WAITER_LEN
+    );
     assert_eq!(EndpointState::decode(&bytes).unwrap(), s);
     let neutral = EndpointState::default();
     assert_eq!(
@@ -124,6 +139,10 @@ fn encode_decode_round_trip() {
     );
     assert_eq!(
         EndpointState::decode(&bytes[..HEADER_LEN + 2 * INSTANCE_LEN + 3]),
+        Err(AdmissionError::Corrupt("truncated flow list"))
+    );
+    assert_eq!(
+        EndpointState::decode(&bytes[..HEADER_LEN + 2 * INSTANCE_LEN + 3 * FLOW_LEN + 3]),
         Err(AdmissionError::Corrupt("truncated waiter list"))
     );
     let mut other = bytes.clone();
@@ -177,7 +196,10 @@ fn admits_up_to_capacity_then_queues_then_rejects() {
     );
     assert_eq!(queued_ticket(&store, 2, 0), 0);
     assert_eq!(queued_ticket(&store, 2, 1), 1);
-    assert_eq!(acquire(&store, K, 2, 2).unwrap().0, Acquired::QueueFull);
+    assert_eq!(
+        acquire(&store, K, 2, 2).unwrap().0,
+        Acquired::QueueFull(Backlog { ahead: 2, slots: 2 })
+    );
     let s = snapshot(&store, K).unwrap();
     assert_eq!((s.active, s.queued()), (2, 2));
 }
@@ -189,7 +211,10 @@ fn max_queue_zero_never_queues() {
         acquire(&store, K, 0, 0).unwrap().0,
         Acquired::Admitted(None)
     );
-    assert_eq!(acquire(&store, K, 0, 0).unwrap().0, Acquired::QueueFull);
+    assert!(matches!(
+        acquire(&store, K, 0, 0).unwrap().0,
+        Acquired::QueueFull(_)
+    ));
 }
 
 #[test]
@@ -403,7 +428,7 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
                 for i in 0..REQUESTS {
                     let mut holding = match acquire(&*store, K, 1000, worker).unwrap().0 {
                         Acquired::Admitted(_) => true,
-                        Acquired::QueueFull | Acquired::Unhealthy => {
+                        Acquired::QueueFull(_) | Acquired::Shed(_) | Acquired::Unhealthy => {
                             panic!("cannot happen here")
                         }
                         Acquired::Queued { ticket } => {
@@ -462,4 +487,242 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
         "the race should reach capacity"
     );
     assert!(s.next_ticket > 0, "the race should have queued requests");
+}
+
+// Classes: priority order, sheddable, per-class queue bounds, push-out.
+
+fn class(index: u8, priority: u8) -> Class {
+    Class {
+        index,
+        priority,
+        ..Class::DEFAULT
+    }
+}
+
+fn acquire_in<S: SharedData>(
+    s: &S,
+    max_queue: u32,
+    w: WorkerId,
+    c: Class,
+) -> Result<(Acquired, Wakeups), AdmissionError> {
+    super::acquire_as(s, K, max_queue, w, None, c, 0)
+}
+
+fn queued_in(store: &MemSharedData, max_queue: u32, w: WorkerId, c: Class) -> u32 {
+    match acquire_in(store, max_queue, w, c).unwrap().0 {
+        Acquired::Queued { ticket } => ticket,
+        other => panic!("expected to queue, got {other:?}"),
+    }
+}
+
+/// Releases one slot at a time and returns the tickets in the order they
+/// were granted.
+fn grant_order(store: &MemSharedData, n: usize, worker: WorkerId) -> Vec<u32> {
+    let mut order = Vec::new();
+    for _ in 0..n {
+        release(store, K).unwrap();
+        order.extend(claim(store, K, worker).unwrap().granted);
+    }
+    order
+}
+
+#[test]
+fn higher_priority_waiters_go_first_fifo_within_a_priority() {
+    let store = store_with(1);
+    assert!(matches!(
+        acquire_in(&store, 100, 0, class(0, 0)).unwrap().0,
+        Acquired::Admitted(None)
+    ));
+    let low1 = queued_in(&store, 100, 0, class(0, 0));
+    let low2 = queued_in(&store, 100, 0, class(0, 0));
+    let high1 = queued_in(&store, 100, 0, class(1, 9));
+    let mid = queued_in(&store, 100, 0, class(2, 5));
+    let high2 = queued_in(&store, 100, 0, class(1, 9));
+    assert_eq!(
+        grant_order(&store, 5, 0),
+        vec![high1, high2, mid, low1, low2]
+    );
+}
+
+#[test]
+fn sheddable_is_admitted_when_free_and_refused_at_once_when_not() {
+    let store = store_with(1);
+    let shed = Class {
+        sheddable: true,
+        ..class(1, 0)
+    };
+    assert!(matches!(
+        acquire_in(&store, 100, 0, shed).unwrap().0,
+        Acquired::Admitted(None)
+    ));
+    assert_eq!(
+        acquire_in(&store, 100, 0, shed).unwrap().0,
+        Acquired::Shed(Backlog { ahead: 0, slots: 1 })
+    );
+    assert_eq!(snapshot(&store, K).unwrap().queued(), 0);
+}
+
+#[test]
+fn a_class_max_queue_bounds_its_own_waiters_only() {
+    let store = store_with(1);
+    let batch = Class {
+        max_queue: Some(2),
+        ..class(1, 0)
+    };
+    acquire_in(&store, 100, 0, class(0, 5)).unwrap();
+    queued_in(&store, 100, 0, batch);
+    queued_in(&store, 100, 0, batch);
+    assert!(matches!(
+        acquire_in(&store, 100, 0, batch).unwrap().0,
+        Acquired::QueueFull(_)
+    ));
+    queued_in(&store, 100, 0, class(0, 5));
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!((s.queued_of(1), s.queued_of(0), s.queued()), (2, 1, 3));
+}
+
+#[test]
+fn a_full_queue_pushes_out_the_newest_of_the_lowest_class_below() {
+    let store = store_with(1);
+    acquire_in(&store, 3, 0, class(0, 0)).unwrap();
+    let low_old = queued_in(&store, 3, 1, class(0, 0));
+    let mid = queued_in(&store, 3, 2, class(1, 5));
+    let low_new = queued_in(&store, 3, 3, class(0, 0));
+    // Full: an equal or lower priority is refused, pushing nobody out.
+    assert_eq!(
+        acquire_in(&store, 3, 4, class(0, 0)).unwrap().0,
+        Acquired::QueueFull(Backlog { ahead: 3, slots: 1 })
+    );
+    let (got, wake) = acquire_in(&store, 3, 4, class(2, 9)).unwrap();
+    let high = match got {
+        Acquired::Queued { ticket } => ticket,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(wake.workers(), &[3], "the pushed-out one's worker");
+    let s = snapshot(&store, K).unwrap();
+    assert_eq!(s.queued(), 3, "the pushed-out one no longer counts");
+    // Its worker claims it as pushed out; it held nothing.
+    let c = super::claim(&store, K, 3, 0).unwrap();
+    assert_eq!((c.pushed_out, c.granted.len()), (vec![low_new], 0));
+    assert_eq!(snapshot(&store, K).unwrap().active, 1);
+    // The rest are served highest first.
+    release(&store, K).unwrap();
+    assert_eq!(claim(&store, K, 4).unwrap().granted, vec![high]);
+    release(&store, K).unwrap();
+    assert_eq!(claim(&store, K, 2).unwrap().granted, vec![mid]);
+    release(&store, K).unwrap();
+    assert_eq!(claim(&store, K, 1).unwrap().granted, vec![low_old]);
+    // A pushed-out ticket is never granted, and withdrawing one is a no-op
+    // removal, not a slot.
+    let s = snapshot(&store, K).unwrap();
+    assert!(s.waiters.is_empty(), "{s:?}");
+}
+
+#[test]
+fn a_pushed_out_waiter_that_times_out_first_withdraws_holding_nothing() {
+    let store = store_with(1);
+    acquire_in(&store, 1, 0, class(0, 0)).unwrap();
+    let low = queued_in(&store, 1, 1, class(0, 0));
+    queued_in(&store, 1, 2, class(1, 9));
+    assert_eq!(withdraw(&store, K, low).unwrap(), Withdrawn::Removed);
+    release(&store, K).unwrap();
+    assert_eq!(claim(&store, K, 2).unwrap().granted.len(), 1);
+    assert_eq!(snapshot(&store, K).unwrap().active, 1);
+}
+
+// Tenants: start-time fair queueing over flows within one priority.
+
+fn tenant(flow: u8, weight: u32) -> Class {
+    Class {
+        flow,
+        step: tag_step(weight),
+        ..Class::DEFAULT
+    }
+}
+
+#[test]
+fn a_tenant_arriving_behind_a_flood_is_served_within_a_couple_of_slots() {
+    let store = store_with(1);
+    acquire_in(&store, 1000, 0, tenant(0, 1)).unwrap();
+    let a: Vec<u32> = (0..200)
+        .map(|_| queued_in(&store, 1000, 0, tenant(0, 1)))
+        .collect();
+    let b: Vec<u32> = (0..5)
+        .map(|_| queued_in(&store, 1000, 0, tenant(1, 1)))
+        .collect();
+    let order = grant_order(&store, 12, 0);
+    // In turn from the next slot on: A's oldest and B's, alternating.
+    let place = |t: u32| order.iter().position(|&x| x == t).unwrap();
+    for (i, &t) in b.iter().enumerate() {
+        assert!(
+            place(t) <= 2 * i + 1,
+            "B's #{i} served {}th: {order:?}",
+            place(t)
+        );
+    }
+    // A keeps its own order.
+    let a_served: Vec<u32> = order.iter().copied().filter(|t| a.contains(t)).collect();
+    assert_eq!(a_served, a[..a_served.len()].to_vec());
+}
+
+#[test]
+fn weights_three_to_one_share_the_slots_three_to_one_under_sustained_load() {
+    let store = store_with(1);
+    acquire_in(&store, 1000, 0, tenant(0, 1)).unwrap();
+    let heavy: Vec<u32> = (0..100)
+        .map(|_| queued_in(&store, 1000, 0, tenant(0, 3)))
+        .collect();
+    let light: Vec<u32> = (0..100)
+        .map(|_| queued_in(&store, 1000, 0, tenant(1, 1)))
+        .collect();
+    let order = grant_order(&store, 80, 0);
+    let h = order.iter().filter(|t| heavy.contains(t)).count();
+    let l = order.iter().filter(|t| light.contains(t)).count();
+    // 3:1, give or take the first turn.
+    assert!((59..=61).contains(&h) && h + l == 80, "{h}:{l} {order:?}");
+}
+
+#[test]
+fn an_idle_tenant_gets_no_credit_for_idling() {
+    let store = store_with(1);
+    // B was served long ago; A floods; B comes back with 3: they do not
+    // all jump ahead of A, they take turns with it.
+    acquire_in(&store, 1000, 0, tenant(1, 1)).unwrap();
+    release(&store, K).unwrap();
+    acquire_in(&store, 1000, 0, tenant(0, 1)).unwrap();
+    let a: Vec<u32> = (0..50)
+        .map(|_| queued_in(&store, 1000, 0, tenant(0, 1)))
+        .collect();
+    grant_order(&store, 30, 0);
+    let b: Vec<u32> = (0..3)
+        .map(|_| queued_in(&store, 1000, 0, tenant(1, 1)))
+        .collect();
+    let order = grant_order(&store, 6, 0);
+    let is_b: Vec<bool> = order.iter().map(|t| b.contains(t)).collect();
+    assert_eq!(
+        is_b,
+        [true, false, true, false, true, false],
+        "{order:?} (A's: {a:?})"
+    );
+}
+
+#[test]
+fn priority_still_comes_before_fairness() {
+    let store = store_with(1);
+    acquire_in(&store, 1000, 0, tenant(0, 1)).unwrap();
+    let low: Vec<u32> = (0..3)
+        .map(|_| queued_in(&store, 1000, 0, tenant(1, 1)))
+        .collect();
+    let high = queued_in(
+        &store,
+        1000,
+        0,
+        Class {
+            priority: 9,
+            index: 1,
+            ..tenant(0, 1)
+        },
+    );
+    assert_eq!(grant_order(&store, 1, 0), vec![high]);
+    assert_eq!(grant_order(&store, 3, 0), low);
 }

@@ -123,6 +123,28 @@ pub struct Document {
     /// picks the instance for every request (front proxies; absent for a
     /// sidecar).
     pub instances: Option<Section<super::instances::InstancesDoc>>,
+    /// Request classes by name, each with a priority: a full endpoint's
+    /// queue serves the highest priority first, FIFO within one.
+    #[cfg_attr(feature = "schema", schemars(with = "IndexMap<String, Option<super::classes::ClassDoc>>", extend("propertyNames" = {"pattern": "^[A-Za-z0-9_-]+$"}, "minProperties" = 1, "maxProperties" = 16)))]
+    pub classes: Option<Section<super::classes::ClassesDoc>>,
+    /// The request header naming a request's class (with `classes`). An
+    /// edge Envoy must remove it from untrusted clients' requests.
+    #[cfg_attr(feature = "schema", schemars(with = "String", regex(pattern = "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"), extend("default" = "x-sluice-class")))]
+    pub class_header: Option<Value>,
+    /// The class of a request that names none, or one not configured.
+    #[cfg_attr(feature = "schema", schemars(with = "String", length(min = 1), extend("default" = "default")))]
+    pub default_class: Option<Value>,
+    /// Fair shares between the tenants of each endpoint: a header names a
+    /// request's tenant; within a class, tenants take the slots in turn.
+    pub tenants: Option<Section<super::tenants::TenantsDoc>>,
+    /// A request header holding the request's own deadline, milliseconds
+    /// from its arrival: it never waits longer (besides `grpc-timeout` and
+    /// `x-envoy-expected-rq-timeout-ms`, always read).
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "String", regex(pattern = "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))
+    )]
+    pub deadline_header: Option<Value>,
     /// Keys no part reads.
     #[serde(flatten)]
     #[cfg_attr(feature = "schema", schemars(skip))]
@@ -184,6 +206,10 @@ pub struct EndpointDoc {
     /// Cap on the `content-length` bytes of all queued requests together.
     #[cfg_attr(feature = "schema", schemars(with = "u64", range(min = 1)))]
     pub max_queued_bytes: Option<Value>,
+    /// With `classes`: the class of this endpoint's requests that name none
+    /// in the class header (instead of `default_class`).
+    #[cfg_attr(feature = "schema", schemars(with = "String", length(min = 1)))]
+    pub class: Option<Value>,
     /// Prober: the method it calls the endpoint with.
     #[cfg_attr(feature = "schema", schemars(with = "String", regex(pattern = "^[A-Za-z]{1,20}$"), extend("default" = "GET")))]
     pub method: Option<Value>,

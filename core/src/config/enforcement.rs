@@ -7,9 +7,11 @@
 //! stops an older filter.
 
 use super::check::{self, unknown_keys, ConfigError, ConfigWarning, WarningKind};
+use super::classes::Classes;
 use super::document::{Document, EndpointDoc, Section};
 use super::instances::Instances;
 use super::shown;
+use super::tenants::Tenants;
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -18,7 +20,7 @@ use std::time::Duration;
 pub const DEFAULT_QUEUE_TIMEOUT_SECS: f64 = 30.0;
 /// Default number of waiting requests per endpoint before `503 queue-full`.
 pub const DEFAULT_MAX_QUEUE: u32 = 1000;
-/// Upper bound on `max_queue`. Every waiter is 8 bytes in the endpoint's
+/// Upper bound on `max_queue`. Every waiter is 17 bytes in the endpoint's
 /// shared-data record, which is copied on each queue operation, so an
 /// unbounded queue would make every admission slower as it grows.
 pub const MAX_QUEUE_LIMIT: u32 = 10_000;
@@ -49,6 +51,12 @@ pub struct Config {
     /// The instances the filter picks from (`instances`); `None`: a sidecar,
     /// or a front proxy that counts for everything behind it.
     pub instances: Option<Instances>,
+    /// Request classes (`classes`); `None`: one class, one FIFO.
+    pub classes: Option<Classes>,
+    /// `deadline_header`, lower-case.
+    pub deadline_header: Option<String>,
+    /// Fair shares between tenants (`tenants`).
+    pub tenants: Option<Tenants>,
     /// Things worth a log line that do not stop the plugin (unknown keys).
     pub warnings: Vec<ConfigWarning>,
 }
@@ -85,6 +93,8 @@ pub struct Endpoint {
     /// Capacities of instances that differ from `capacity`
     /// (`instance_capacity`).
     pub instance_capacity: Vec<(SocketAddr, u32)>,
+    /// The class (an index into the classes) of its requests that name none.
+    pub class: Option<u8>,
 }
 
 /// The service-wide values an endpoint falls back to.
@@ -153,6 +163,18 @@ impl TryFrom<&Document> for Config {
             )
         })?;
         let instances = Instances::from_document(doc, &mut warnings)?;
+        let classes = Classes::from_document(doc, &mut warnings)?;
+        let tenants = Tenants::from_document(doc, &mut warnings)?;
+        let deadline_header = match check::text(doc.deadline_header.as_ref(), "deadline_header")? {
+            None => None,
+            Some(h) if super::classes::is_header_name(&h) => Some(h.to_ascii_lowercase()),
+            Some(h) => {
+                return Err(ConfigError::new(
+                    "deadline_header",
+                    format!("must be an HTTP header name, got {h:?}"),
+                ))
+            }
+        };
         let mut endpoints = Vec::new();
         for (path, spec) in specs.into_iter().flatten() {
             endpoints.push(endpoint(
@@ -160,6 +182,7 @@ impl TryFrom<&Document> for Config {
                 spec.as_ref(),
                 &defaults,
                 instances.as_ref(),
+                classes.as_ref(),
                 &mut warnings,
             )?);
         }
@@ -188,6 +211,9 @@ impl TryFrom<&Document> for Config {
             metrics,
             endpoints,
             instances,
+            classes,
+            deadline_header,
+            tenants,
             warnings,
         })
     }
@@ -251,6 +277,7 @@ fn endpoint(
     spec: Option<&Section<EndpointDoc>>,
     defaults: &Defaults,
     instances: Option<&Instances>,
+    classes: Option<&Classes>,
     warnings: &mut Vec<ConfigWarning>,
 ) -> Result<Endpoint, ConfigError> {
     let key = |field: &str| format!("endpoints.{path}.{field}");
@@ -367,6 +394,24 @@ fn endpoint(
         None | Some(Value::Null) => Vec::new(),
         Some(v) => super::instances::instance_capacity(v, &key("instance_capacity"), instances)?,
     };
+    let class = match check::text(fields.class.as_ref(), &key("class"))? {
+        None => None,
+        Some(name) => match classes {
+            None => {
+                return Err(ConfigError::new(
+                    key("class"),
+                    "is set but there are no classes; define them under classes:",
+                ))
+            }
+            Some(c) => Some(c.index(&name).ok_or_else(|| {
+                let names: Vec<&str> = c.list.iter().map(|c| c.name.as_str()).collect();
+                ConfigError::new(
+                    key("class"),
+                    format!("{name:?} is not one of the classes ({})", names.join(", ")),
+                )
+            })?),
+        },
+    };
     Ok(Endpoint {
         path: path.to_string(),
         match_kind,
@@ -380,6 +425,7 @@ fn endpoint(
         count_upgrades,
         max_queued_bytes,
         instance_capacity,
+        class,
     })
 }
 

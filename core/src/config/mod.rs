@@ -11,10 +11,12 @@
 
 pub mod callouts;
 pub mod check;
+pub mod classes;
 mod document;
 mod enforcement;
 pub mod instances;
 pub mod json_keys;
+pub mod tenants;
 mod ui;
 #[cfg(feature = "yaml")]
 pub mod yaml;
@@ -24,6 +26,7 @@ pub use callouts::{
     DEFAULT_HEALTH_TIMEOUT_SECS, DEFAULT_HEARTBEAT_TIMEOUT_SECS, DEFAULT_UNHEALTHY_THRESHOLD,
 };
 pub use check::{shown, ConfigError, ConfigWarning, WarningKind};
+pub use classes::{ClassSpec, Classes, DEFAULT_CLASS, DEFAULT_CLASS_HEADER, MAX_CLASSES};
 #[cfg(feature = "schema")]
 pub use document::schema_json;
 pub use document::{
@@ -35,6 +38,7 @@ pub use enforcement::{
     MAX_QUEUE_LIMIT,
 };
 pub use instances::{InstanceSet, Instances, Sticky, DEFAULT_INSTANCE_HEADER};
+pub use tenants::{Tenants, DEFAULT_FLOWS};
 pub use ui::{StatsDoc, Ui, DEFAULT_STATS_PATH, DEFAULT_UI_PATH, DEFAULT_UI_REFRESH_SECS};
 
 use serde_json::Value;

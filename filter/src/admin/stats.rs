@@ -136,6 +136,51 @@ fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_jso
             }),
             Err(e) => json!({ "capacity": r.configured, "error": e.to_string() }),
         };
+        if let (Some(classes), Ok(s)) = (&routes.classes, admission::snapshot(store, &r.key)) {
+            let by_class: serde_json::Map<String, serde_json::Value> = classes
+                .list
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let i = i as u8;
+                    (
+                        c.name.clone(),
+                        json!({
+                            "priority": c.priority,
+                            "sheddable": c.sheddable,
+                            "queued": s.queued_of(i),
+                            "max_queue": c.max_queue,
+                            "queue_timeout": routes.queue_timeout(r, i).as_secs_f64(),
+                        }),
+                    )
+                })
+                .collect();
+            entry["classes"] = json!(by_class);
+        }
+        if let (Some(t), Ok(s)) = (&routes.tenants, admission::snapshot(store, &r.key)) {
+            // The busiest flows (tenants hash onto them): at most 5, so the
+            // document stays small whatever the number of tenants.
+            let mut by_flow = vec![0u32; usize::from(t.flows)];
+            for w in s.waiters.iter().filter(|w| w.waiting()) {
+                if let Some(n) = by_flow.get_mut(usize::from(w.flow)) {
+                    *n += 1;
+                }
+            }
+            let mut busiest: Vec<(usize, u32)> = by_flow
+                .into_iter()
+                .enumerate()
+                .filter(|&(_, n)| n > 0)
+                .collect();
+            busiest.sort_by_key(|&(f, n)| (std::cmp::Reverse(n), f));
+            busiest.truncate(5);
+            entry["tenants"] = json!({
+                "flows": t.flows,
+                "busiest_flows": busiest
+                    .into_iter()
+                    .map(|(flow, queued)| json!({"flow": flow, "queued": queued}))
+                    .collect::<Vec<_>>(),
+            });
+        }
         if let Some((cap, key)) = &r.queued_bytes {
             entry["max_queued_bytes"] = json!(cap);
             entry["queued_bytes"] = json!(sluice_core::queued_bytes::total(store, key));

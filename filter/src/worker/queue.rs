@@ -19,9 +19,12 @@ pub struct Waiting {
     pub since_ns: u64,
     /// The bytes it counts in its endpoint's `max_queued_bytes`.
     pub bytes: u64,
-    /// Its own deadline (`grpc-timeout`), past which it is never sent
-    /// upstream, even with a slot.
+    /// Its own deadline (`grpc-timeout`, `x-envoy-expected-rq-timeout-ms`,
+    /// `deadline_header`), past which it is never sent upstream, even with
+    /// a slot.
     pub expires_ns: Option<u64>,
+    /// Its class (an index into the configuration's classes).
+    pub class: u8,
 }
 
 impl Waiting {
@@ -55,7 +58,8 @@ impl<H: Host> Worker<H> {
     /// `waiting.bytes` were added to the endpoint's queued-bytes counter and
     /// come off it when the request leaves the queue, however it leaves.
     pub fn add_waiter(&self, context_id: u32, ticket: Ticket, waiting: Waiting) {
-        let queue_timeout = self.routes.route(ticket.endpoint()).queue_timeout;
+        let route = self.routes.route(ticket.endpoint());
+        let queue_timeout = self.routes.queue_timeout(route, waiting.class);
         let queue_deadline = waiting
             .since_ns
             .saturating_add(queue_timeout.as_nanos() as u64);
@@ -154,6 +158,13 @@ impl<H: Host> Worker<H> {
                     LocalReply::Unhealthy(route).send(&self.host);
                 }
             }
+            for w in claimed.pushed_out {
+                self.dequeued(&w);
+                self.left_queue(&w, Counter::PushedOut);
+                if self.host.set_effective_context(w.context_id).is_ok() {
+                    LocalReply::PushedOut(route).send(&self.host);
+                }
+            }
             for (slot, w) in claimed.granted {
                 self.dequeued(&w);
                 self.resume_unless_expired(slot, w);
@@ -183,12 +194,7 @@ impl<H: Host> Worker<H> {
             match ticket.withdraw(&self.host, &route.key) {
                 // Also when the ticket was gone (the record reset under us):
                 // the request must be answered, never left paused.
-                Ok(None) => {
-                    self.left_queue(&w, Counter::QueueTimeout);
-                    if self.host.set_effective_context(w.context_id).is_ok() {
-                        LocalReply::QueueTimeout(route).send(&self.host);
-                    }
-                }
+                Ok(None) => self.time_out(&w),
                 // The slot arrived just in time: go ahead, unless it is
                 // the request's own deadline that passed.
                 Ok(Some(slot)) => self.resume_unless_expired(slot, w),
@@ -215,12 +221,23 @@ impl<H: Host> Worker<H> {
         if !w.handle.expired(self.host.now_ns()) {
             return self.resume(slot, w);
         }
-        let route = self.routes.route(w.endpoint);
-        self.left_queue(&w, Counter::QueueTimeout);
-        if self.host.set_effective_context(w.context_id).is_ok() {
-            LocalReply::QueueTimeout(route).send(&self.host);
-        }
+        self.time_out(&w);
         self.release(slot);
+    }
+
+    /// Answers a waiter whose time is up: 504 (`DEADLINE_EXCEEDED`), its
+    /// own deadline or its queue timeout, whichever it was.
+    fn time_out(&self, w: &Left<QueuedBytes>) {
+        let route = self.routes.route(w.endpoint);
+        let (how, reply) = if w.handle.expired(self.host.now_ns()) {
+            (Counter::Deadline, LocalReply::Deadline(route))
+        } else {
+            (Counter::QueueTimeout, LocalReply::QueueTimeout(route))
+        };
+        self.left_queue(w, how);
+        if self.host.set_effective_context(w.context_id).is_ok() {
+            reply.send(&self.host);
+        }
     }
 
     /// Continues a paused request with the slot it now holds; the waiter is

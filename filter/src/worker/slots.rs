@@ -7,7 +7,7 @@ use super::Worker;
 use crate::host::Host;
 use crate::metrics::Counter;
 use sluice_core::abandon::{self, hold_ns, Durations, HeldSlots, RecentDurations};
-use sluice_core::admission::Outcome;
+use sluice_core::admission::{Backlog, Outcome};
 use sluice_core::holding::Slot;
 use sluice_core::shared_keys;
 use sluice_core::EndpointId;
@@ -39,6 +39,23 @@ impl<H: Host> Worker<H> {
     /// (see [`RecentDurations::time_next`]).
     pub fn time_next(&self, endpoint: EndpointId) -> bool {
         self.slots.durations.borrow_mut()[endpoint.0].time_next()
+    }
+
+    /// How long a request refused behind `backlog` should wait before it
+    /// retries, in ms: the time the requests ahead take to drain through
+    /// the slots, `(ahead + 1) × mean duration / slots`, from this
+    /// worker's recent durations of the endpoint (else the estimate
+    /// another worker published). `None` until anything is known.
+    pub fn retry_after_ms(&self, ep: EndpointId, backlog: Backlog) -> Option<u64> {
+        let route = self.routes.route(ep);
+        let mean = self.slots.durations.borrow()[ep.0].mean_ns().or_else(|| {
+            abandon::published(&self.host, &shared_keys::upstream_estimate(&route.key))
+        })?;
+        if backlog.slots == 0 {
+            return None;
+        }
+        let ns = u64::from(backlog.ahead + 1).saturating_mul(mean) / u64::from(backlog.slots);
+        Some(ns.div_ceil(1_000_000).max(1))
     }
 
     /// The request holding `slot` got its whole response: the backend is

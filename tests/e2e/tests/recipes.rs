@@ -393,3 +393,65 @@ fn instances_hold_each_instance_to_its_own_capacity() {
     }
     eprintln!("burst of 60: {served:?} per instance, at most {most:?} at once");
 }
+
+/// The classes recipe: Envoy, not the client, decides a request's class.
+/// A client's own `x-sluice-class` is removed; the virtual host of
+/// `batch.local` makes a request batch (it waits behind interactive ones),
+/// and that of `background.local` makes it sheddable.
+#[test]
+fn classes_come_from_envoy_and_the_client_header_is_removed() {
+    let backend = Backend::start_with_args(&["--trace", "--route", "/predict:service_ms=400"]);
+    let recipe = Recipe::load("classes").upstream(8080, backend.port());
+    let envoy = Envoy::start_with(recipe.envoy_options(2));
+    let addr = envoy.listener_addr();
+    let send = |id: &'static str, host: &'static str, class: Option<&'static str>| {
+        std::thread::spawn(move || {
+            let mut r = sluice_harness::http::Request::new("POST", addr, "/predict")
+                .header("x-request-id", id)
+                .timeout(Duration::from_secs(10));
+            r = r.header("host", host);
+            if let Some(c) = class {
+                r = r.header("x-sluice-class", c);
+            }
+            r.send().unwrap()
+        })
+    };
+    let classes = || sluice_stats(&envoy)["endpoints"]["/predict"]["classes"].clone();
+    let mut handles: Vec<_> = ["hold-1", "hold-2"]
+        .into_iter()
+        .map(|id| send(id, "localhost", None))
+        .collect();
+    wait_until(Duration::from_secs(5), "both slots taken", || {
+        (sluice_stats(&envoy)["endpoints"]["/predict"]["active_requests"] == 2).then_some(())
+    });
+    // Batch by virtual host, even when claiming to be interactive.
+    for id in ["batch-1", "batch-2"] {
+        handles.push(send(id, "batch.local", Some("interactive")));
+    }
+    wait_until(Duration::from_secs(5), "two batch requests queued", || {
+        (classes()["batch"]["queued"] == 2).then_some(())
+    });
+    // A client calling itself background on the default host is not shed:
+    // its header was removed, so it is interactive and waits, first in line.
+    handles.push(send("claims-background", "localhost", Some("background")));
+    wait_until(Duration::from_secs(5), "the interactive one queued", || {
+        (classes()["interactive"]["queued"] == 1).then_some(())
+    });
+    // Background by virtual host: shed at once.
+    let shed = send("shed", "background.local", None).join().unwrap();
+    assert_eq!(shed.status, 503, "{shed:?}");
+    assert_eq!(shed.header("x-sluice-reason"), Some("shed"));
+    for h in handles {
+        assert_eq!(h.join().unwrap().status, 200);
+    }
+    let mut trace = backend.trace("/predict");
+    trace.sort_by_key(|r| r.arrived_us);
+    let order: Vec<&str> = trace.iter().map(|r| r.id.as_str()).collect();
+    // After the two that held the slots: the interactive one, then the
+    // batch ones (in whichever order they queued).
+    assert_eq!(order.len(), 5, "{order:?}");
+    assert_eq!(order[2], "claims-background", "{order:?}");
+    let mut batch = order[3..].to_vec();
+    batch.sort_unstable();
+    assert_eq!(batch, ["batch-1", "batch-2"], "{order:?}");
+}

@@ -84,21 +84,40 @@ impl Request {
         stream.set_write_timeout(Some(self.timeout))?;
         stream.set_nodelay(true)?;
         let mut head = format!(
-            "{} {} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-length: {}\r\n",
+            "{} {} HTTP/1.1\r\nconnection: close\r\ncontent-length: {}\r\n",
             self.method,
             self.path,
-            self.addr,
             self.body.len()
         );
+        // The address as `host`, unless the request names its own.
+        if !self
+            .headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("host"))
+        {
+            head.push_str(&format!("host: {}\r\n", self.addr));
+        }
         for (name, value) in &self.headers {
             head.push_str(&format!("{name}: {value}\r\n"));
         }
         head.push_str("\r\n");
         stream.write_all(head.as_bytes())?;
         stream.write_all(&self.body)?;
+        // Read up to the end of the response, not of the connection: Envoy
+        // holds a local reply's connection for its 1 s delayed close, and a
+        // client that waits for it measures that instead of the proxy.
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw)?;
-        parse_response(&raw)
+        let mut buf = [0u8; 65536];
+        loop {
+            if let Some(len) = complete_len(&raw, self.method.eq_ignore_ascii_case("HEAD")) {
+                return parse_response(&raw[..len]);
+            }
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                return parse_response(&raw);
+            }
+            raw.extend_from_slice(&buf[..n]);
+        }
     }
 }
 
@@ -142,6 +161,27 @@ pub fn keep_alive_get(stream: &mut TcpStream, path: &str) -> HttpResponse {
             return parse_response(&raw[..end + 4 + length]).expect("an HTTP response");
         }
     }
+}
+
+/// The length of the whole response in `raw` once it is all there, when
+/// its framing tells (a `content-length`, or no body at all); `None` while
+/// more is to come or only the connection's end can tell (chunked bodies
+/// and bodies that run to the close are read to the end).
+fn complete_len(raw: &[u8], head_request: bool) -> Option<usize> {
+    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+    let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
+    if head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+        return (status >= 200).then_some(end);
+    }
+    if head.contains("transfer-encoding:") {
+        return None;
+    }
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    (raw.len() >= end + length).then_some(end + length)
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -214,6 +254,23 @@ fn decode_chunked(mut rest: &[u8]) -> io::Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_response_is_complete_by_its_framing_not_the_connection() {
+        let head = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n";
+        assert_eq!(complete_len(head, false), None);
+        let mut full = head.to_vec();
+        full.extend_from_slice(b"hel");
+        assert_eq!(complete_len(&full, false), None);
+        full.extend_from_slice(b"lo");
+        assert_eq!(complete_len(&full, false), Some(full.len()));
+        assert_eq!(complete_len(head, true), Some(head.len()), "HEAD: no body");
+        let chunked = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n";
+        assert_eq!(complete_len(chunked, false), None, "read to the end");
+        let empty = b"HTTP/1.1 204 No Content\r\n\r\n";
+        assert_eq!(complete_len(empty, false), Some(empty.len()));
+        assert_eq!(complete_len(b"HTTP/1.1 200 OK\r\n", false), None);
+    }
 
     #[test]
     fn parses_content_length_and_chunked_bodies() {
