@@ -30,6 +30,17 @@ fn main() {
                 .codec_path(codec)
                 .build(),
         )
+        .method(
+            Method::builder()
+                .name("share")
+                .route_name("Share")
+                .input_type(format!("{api}::ShareReport"))
+                .output_type(format!("{api}::ShareGrant"))
+                .codec_path(codec)
+                .client_streaming()
+                .server_streaming()
+                .build(),
+        )
         .build();
     Builder::new().compile(&[service]);
 

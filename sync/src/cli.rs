@@ -121,6 +121,27 @@ pub struct Opts {
     #[arg(long, env = "SLUICE_SYNC_DNS_INTERVAL", value_parser = interval, value_name = "DURATION")]
     pub dns_interval: Option<Duration>,
 
+    /// Shares among Envoy replicas: how long a grant stays valid after the
+    /// report it answers was sent
+    #[arg(long, env = "SLUICE_SYNC_SHARE_LEASE", default_value = "2s", value_parser = interval, value_name = "DURATION")]
+    pub share_lease: Duration,
+
+    /// Shares: how long an Envoy whose lease ran out keeps min(share,
+    /// capacity / watchers); 0 is exact mode (nothing once the lease ran out)
+    #[arg(long, env = "SLUICE_SYNC_SHARE_FALLBACK_FOR", default_value = "0s", value_parser = duration_or_zero, value_name = "DURATION")]
+    pub share_fallback_for: Duration,
+
+    /// Shares: the least share of every Envoy in every pool, while the
+    /// capacity allows it (0: an idle Envoy's first request waits for a
+    /// report round trip)
+    #[arg(
+        long,
+        env = "SLUICE_SYNC_SHARE_MIN",
+        default_value_t = 0,
+        value_name = "N"
+    )]
+    pub share_min: u32,
+
     /// The token itself, from the environment only (a flag would show in
     /// `ps`).
     #[arg(skip = std::env::var("SLUICE_SYNC_TOKEN").ok())]
@@ -143,6 +164,8 @@ pub struct Settings {
     pub token: Option<Token>,
     /// `None`: no service's instances are discovered.
     pub discovery: Option<DiscoverySettings>,
+    /// The Share RPC's allocators.
+    pub shares: crate::shares::Settings,
 }
 
 /// `instances.dns_interval` when neither it nor --dns-interval is given.
@@ -209,6 +232,12 @@ impl Settings {
             max_services: opts.max_services as usize,
             token,
             discovery,
+            shares: crate::shares::Settings {
+                lease_ms: opts.share_lease.as_millis() as u64,
+                fallback_for_ms: opts.share_fallback_for.as_millis() as u64,
+                min_share: opts.share_min,
+                ..crate::shares::Settings::default()
+            },
         })
     }
 }
@@ -382,6 +411,10 @@ pub fn redis_url_from_config(path: &Path, text: &str) -> Result<String, Settings
     }
 }
 
+fn duration_or_zero(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 0s, 500ms, 5s)"))
+}
+
 fn interval(text: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(text).map_err(|e| format!("{e} (e.g. 500ms, 5s)"))?;
     if d.is_zero() {
@@ -418,6 +451,12 @@ mod tests {
                 max_services: 1000,
                 token: None,
                 discovery: None,
+                shares: crate::shares::Settings {
+                    lease_ms: 2000,
+                    fallback_for_ms: 0,
+                    min_share: 0,
+                    report_interval_ms: 200,
+                },
             }
         );
         let opts = parse(&[
@@ -435,11 +474,32 @@ mod tests {
         assert_eq!(settings.listen.port(), 0);
         assert_eq!(settings.resync_interval, Duration::from_millis(250));
         assert_eq!(settings.heartbeat_interval, Duration::from_secs(2));
+        let opts = parse(&[
+            "--redis",
+            "redis://h:1",
+            "--share-lease",
+            "1500ms",
+            "--share-fallback-for",
+            "1s",
+            "--share-min",
+            "2",
+        ])
+        .unwrap();
+        let shares = Settings::from_opts(&opts).unwrap().shares;
+        assert_eq!(
+            (shares.lease_ms, shares.fallback_for_ms, shares.min_share),
+            (1500, 1000, 2)
+        );
     }
 
     #[test]
     fn bad_flags_name_the_problem() {
-        let cases: [(&[&str], &str); 4] = [
+        let cases: [(&[&str], &str); 6] = [
+            (
+                &["--share-lease", "0s"],
+                "invalid value '0s' for '--share-lease <DURATION>': must be more than 0",
+            ),
+            (&["--share-min", "-1"], "unexpected argument '-1'"),
             (
                 &["--listen", "nowhere"],
                 "invalid value 'nowhere' for '--listen <ADDR>'",

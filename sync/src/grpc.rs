@@ -1,17 +1,19 @@
 //! The CapacitySync gRPC service: `Watch` streams a service's snapshots
-//! from its view in [`Services`], `Fetch` answers with it once.
+//! from its view in [`Services`], `Fetch` answers with it once (and the
+//! shares given out), `Share` is served by [`ShareHub`].
 
 use crate::api::capacity_sync_server::CapacitySync;
-use crate::api::{FetchRequest, Snapshot, WatchRequest};
+use crate::api::{FetchRequest, ShareGrant, ShareReport, Snapshot, WatchRequest};
 use crate::metrics::Kind;
 use crate::services::{stopping, Services, TooManyServices, Watching};
+use crate::share_stream::ShareHub;
 use crate::snapshots::heartbeat;
 use sluice_core::redis_keys::check_service_name;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info};
 
 /// How long `Fetch` waits for the first read of a service it names first.
@@ -29,6 +31,7 @@ pub const MAX_VERSION: u64 = i64::MAX as u64;
 
 pub struct CapacitySyncService {
     services: Arc<Services>,
+    shares: Arc<ShareHub>,
     heartbeat_interval: Duration,
     shutdown: watch::Receiver<bool>,
 }
@@ -36,11 +39,13 @@ pub struct CapacitySyncService {
 impl CapacitySyncService {
     pub fn new(
         services: Arc<Services>,
+        shares: Arc<ShareHub>,
         heartbeat_interval: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> CapacitySyncService {
         CapacitySyncService {
             services,
+            shares,
             heartbeat_interval,
             shutdown,
         }
@@ -50,6 +55,7 @@ impl CapacitySyncService {
 #[tonic::async_trait]
 impl CapacitySync for CapacitySyncService {
     type WatchStream = ReceiverStream<Result<Snapshot, Status>>;
+    type ShareStream = ReceiverStream<Result<ShareGrant, Status>>;
 
     async fn watch(
         &self,
@@ -99,12 +105,35 @@ impl CapacitySync for CapacitySyncService {
             }
         });
         match first_read.await {
-            Ok(Some(view)) => Ok(Response::new(view.snapshot(&service, now_unix_ms()))),
+            Ok(Some(view)) => {
+                let mut snapshot = view.snapshot(&service, now_unix_ms());
+                snapshot.assignment = self.shares.assignment(&service);
+                Ok(Response::new(snapshot))
+            }
             _ => Err(Status::unavailable(format!(
                 "no capacities for service {service:?} yet: Redis has not answered since sluice-sync started"
             ))),
         }
     }
+
+    async fn share(
+        &self,
+        request: Request<Streaming<ShareReport>>,
+    ) -> Result<Response<Self::ShareStream>, Status> {
+        share_stream(self.shares.clone(), request, self.shutdown.clone()).await
+    }
+}
+
+/// The service is in the stream's first report, so it is checked there,
+/// not here: a bad one ends the stream with `INVALID_ARGUMENT`.
+async fn share_stream(
+    shares: Arc<ShareHub>,
+    request: Request<Streaming<ShareReport>>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Response<ReceiverStream<Result<ShareGrant, Status>>>, Status> {
+    let (tx, rx) = mpsc::channel(SEND_QUEUE);
+    tokio::spawn(shares.serve_stream(request.into_inner(), tx, shutdown));
+    Ok(Response::new(ReceiverStream::new(rx)))
 }
 
 fn refused(e: TooManyServices) -> Status {

@@ -5,7 +5,8 @@
 //! [`redis_source`] reads Redis into per-service views held by
 //! [`services`]; [`grpc`] streams them; [`snapshots`] holds the rules
 //! (versions, bad records, staleness) as pure code; [`auth`] checks the
-//! optional token; [`metrics`] serves Prometheus metrics.
+//! optional token; [`metrics`] serves Prometheus metrics; [`shares`] is the
+//! allocator of shares among Envoy replicas, [`share_stream`] its RPC.
 
 pub mod api;
 pub mod auth;
@@ -17,6 +18,8 @@ pub mod metrics;
 pub mod redis_conn;
 pub mod redis_source;
 pub mod services;
+pub mod share_stream;
+pub mod shares;
 pub mod snapshots;
 
 use anyhow::Context;
@@ -114,8 +117,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         info!(metrics = %bound, "serving Prometheus metrics at /metrics");
         tokio::spawn(metrics::serve(listener, services.clone(), shutdown.clone()));
     }
-    let sync_service =
-        CapacitySyncService::new(services, settings.heartbeat_interval, shutdown.clone());
+    let shares = share_stream::ShareHub::new(services.clone(), settings.shares);
+    tokio::spawn(shares.clone().run(shutdown.clone()));
+    let sync_service = CapacitySyncService::new(
+        services,
+        shares,
+        settings.heartbeat_interval,
+        shutdown.clone(),
+    );
     // grpcurl and friends list and call the services without the .proto.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(api::FILE_DESCRIPTOR_SET)
@@ -130,6 +139,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         listen = %addr, redis = %shown_url, redis_cluster = settings.redis.cluster,
         redis_tls = settings.redis.urls[0].starts_with("rediss://"), token_required = settings.token.is_some(),
         max_services = settings.max_services, forget_after = ?settings.forget_after,
+        share_lease_ms = settings.shares.lease_ms, share_fallback_for_ms = settings.shares.fallback_for_ms,
+        share_min = settings.shares.min_share,
         "sluice-sync serving"
     );
 

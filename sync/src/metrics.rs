@@ -47,8 +47,36 @@ pub struct SentLabels {
     pub kind: Kind,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolLabels {
+    pub sluice_service: String,
+    pub path: String,
+    /// Empty for an endpoint without instances.
+    pub address: String,
+}
+
+/// One pool's figures, as [`Metrics::set_shares`] takes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolFigures {
+    pub path: String,
+    pub address: String,
+    pub capacity: u32,
+    pub granted: u32,
+    pub unaccounted: u32,
+    /// Watchers sync counts as holding part of the pool.
+    pub watchers: u32,
+}
+
 pub struct Metrics {
     registry: Registry,
+    share_watchers: Family<ServiceLabels, Gauge>,
+    share_capacity: Family<PoolLabels, Gauge>,
+    share_granted: Family<PoolLabels, Gauge>,
+    share_unaccounted: Family<PoolLabels, Gauge>,
+    share_pool_watchers: Family<PoolLabels, Gauge>,
+    /// The pool series set per service, so a pool that goes loses them;
+    /// held while they are rewritten, and while a scrape encodes.
+    share_pools: std::sync::Mutex<std::collections::HashMap<String, Vec<PoolLabels>>>,
     watchers: Family<ServiceLabels, Gauge>,
     sent: Family<SentLabels, Counter>,
     redis_up: Gauge,
@@ -117,8 +145,44 @@ impl Metrics {
             "DNS lookups of the service's name that failed or answered no address",
             dns_lookup_failures.clone(),
         );
+        let share_watchers = Family::<ServiceLabels, Gauge>::default();
+        registry.register(
+            "share_watchers",
+            "Open Share streams (Envoys sharing the capacity), per service",
+            share_watchers.clone(),
+        );
+        let share_capacity = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "share_capacity",
+            "The capacity of a shared pool (an instance's slots for an endpoint; address empty: the endpoint's)",
+            share_capacity.clone(),
+        );
+        let share_granted = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "share_granted",
+            "The sum of the shares of a pool last sent to its watchers",
+            share_granted.clone(),
+        );
+        let share_unaccounted = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "share_unaccounted",
+            "After a restart, the part of a pool kept from everyone until the grace ends",
+            share_unaccounted.clone(),
+        );
+        let share_pool_watchers = Family::<PoolLabels, Gauge>::default();
+        registry.register(
+            "share_pool_watchers",
+            "Watchers sync counts as holding part of a pool",
+            share_pool_watchers.clone(),
+        );
         Metrics {
             registry,
+            share_watchers,
+            share_capacity,
+            share_granted,
+            share_unaccounted,
+            share_pool_watchers,
+            share_pools: std::sync::Mutex::new(std::collections::HashMap::new()),
             watchers,
             sent,
             redis_up,
@@ -174,6 +238,59 @@ impl Metrics {
             .inc();
     }
 
+    /// What the allocator of `service` holds now: its open streams and each
+    /// pool's figures; pools no longer listed lose their series.
+    pub fn set_shares(&self, service: &str, streams: usize, pools: &[PoolFigures]) {
+        let mut all = self.share_pools.lock().expect("share metrics lock");
+        let labels: Vec<PoolLabels> = pools
+            .iter()
+            .map(|p| PoolLabels {
+                sluice_service: service.to_string(),
+                path: p.path.clone(),
+                address: p.address.clone(),
+            })
+            .collect();
+        if let Some(before) = all.get(service) {
+            for gone in before.iter().filter(|l| !labels.contains(l)) {
+                self.remove_pool(gone);
+            }
+        }
+        for (l, p) in labels.iter().zip(pools) {
+            self.share_capacity
+                .get_or_create(l)
+                .set(i64::from(p.capacity));
+            self.share_granted
+                .get_or_create(l)
+                .set(i64::from(p.granted));
+            self.share_unaccounted
+                .get_or_create(l)
+                .set(i64::from(p.unaccounted));
+            self.share_pool_watchers
+                .get_or_create(l)
+                .set(i64::from(p.watchers));
+        }
+        self.share_watchers
+            .get_or_create(&Self::service(service))
+            .set(streams as i64);
+        all.insert(service.to_string(), labels);
+    }
+
+    /// Nobody shares `service` any more: its share series go.
+    pub fn forget_shares(&self, service: &str) {
+        let mut all = self.share_pools.lock().expect("share metrics lock");
+        for l in all.remove(service).unwrap_or_default() {
+            self.remove_pool(&l);
+        }
+        self.share_watchers.remove(&Self::service(service));
+    }
+
+    fn remove_pool(&self, labels: &PoolLabels) {
+        self.share_capacity.remove(labels);
+        self.share_granted.remove(labels);
+        self.share_unaccounted.remove(labels);
+        self.share_pool_watchers.remove(labels);
+    }
+
     /// Drops the series of a service sync forgot (the discovery series stay:
     /// discovery runs whether or not anyone watches).
     pub fn forget(&self, service: &str) {
@@ -191,6 +308,8 @@ impl Metrics {
     pub fn encode(&self, services: &Services) -> String {
         self.redis_up.set(i64::from(services.redis_up()));
         self.services.set(services.len() as i64);
+        // Not halfway through a rewrite of the share series.
+        let _shares = self.share_pools.lock().expect("share metrics lock");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
@@ -276,6 +395,20 @@ mod tests {
         m.discovered("disc", 3, false);
         m.discovered("disc", 2, true);
         m.dns_lookup_failed("disc");
+        let pool = |address: &str, granted| PoolFigures {
+            path: "/p".into(),
+            address: address.into(),
+            capacity: 12,
+            granted,
+            unaccounted: 2,
+            watchers: 3,
+        };
+        m.set_shares(
+            "shared",
+            4,
+            &[pool("10.0.0.1:80", 9), pool("10.0.0.2:80", 5)],
+        );
+        m.set_shares("shared", 3, &[pool("10.0.0.1:80", 10)]);
         let text = m.encode(&services);
         for line in [
             "# TYPE sluice_sync_watchers gauge",
@@ -292,12 +425,20 @@ mod tests {
             "sluice_sync_discovered_instances{sluice_service=\"disc\"} 2",
             "sluice_sync_discovery_stale{sluice_service=\"disc\"} 1",
             "sluice_sync_dns_lookup_failures_total{sluice_service=\"disc\"} 1",
+            "sluice_sync_share_watchers{sluice_service=\"shared\"} 3",
+            "sluice_sync_share_capacity{sluice_service=\"shared\",path=\"/p\",address=\"10.0.0.1:80\"} 12",
+            "sluice_sync_share_granted{sluice_service=\"shared\",path=\"/p\",address=\"10.0.0.1:80\"} 10",
+            "sluice_sync_share_unaccounted{sluice_service=\"shared\",path=\"/p\",address=\"10.0.0.1:80\"} 2",
+            "sluice_sync_share_pool_watchers{sluice_service=\"shared\",path=\"/p\",address=\"10.0.0.1:80\"} 3",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in:\n{text}");
         }
+        assert!(!text.contains("10.0.0.2:80"), "a pool gone: {text}");
         m.forget("demo");
+        m.forget_shares("shared");
         let text = m.encode(&services);
         assert!(!text.contains("demo"), "{text}");
+        assert!(!text.contains("shared"), "{text}");
     }
 }

@@ -56,6 +56,7 @@ impl ServiceView {
             sent_at_unix_ms,
             instances: self.instances.clone(),
             discovered: self.discovered,
+            assignment: Vec::new(),
         }
     }
 }

@@ -7,8 +7,9 @@
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
 use sluice_core::sync_api::{
-    EndpointCapacity, FetchRequest, Instance, Snapshot, WatchRequest, FETCH_METHOD, SERVICE_NAME,
-    WATCH_METHOD,
+    EndpointCapacity, FetchRequest, Instance, PoolAssignment, PoolDemand, PoolShare, ShareGrant,
+    ShareReport, Snapshot, StreamRef, WatchRequest, WatcherShare, FETCH_METHOD, SERVICE_NAME,
+    SHARE_METHOD, WATCH_METHOD,
 };
 use sluice_sync::api::capacity_sync_server::CapacitySyncServer;
 use sluice_sync::grpc::CapacitySyncService;
@@ -66,6 +67,15 @@ fn agrees<M: Message + Default + PartialEq + Debug>(
     }
     let back = M::decode(dynamic.encode_to_vec().as_slice()).unwrap();
     assert_eq!(&back, rust, "{}: .proto bytes decode in Rust", desc.name());
+}
+
+/// The .proto's view of a message with these fields set.
+fn dynamic(desc: MessageDescriptor, fields: &[(&str, Value)]) -> DynamicMessage {
+    let mut message = DynamicMessage::new(desc);
+    for (name, value) in fields {
+        message.set_field_by_name(name, value.clone());
+    }
+    message
 }
 
 #[test]
@@ -143,6 +153,59 @@ fn messages_match_the_proto() {
     for (name, value) in instance_fields {
         instance_dynamic.set_field_by_name(name, value);
     }
+    let stream = StreamRef {
+        epoch: 1 << 62,
+        watcher: 5,
+    };
+    let stream_fields = [("epoch", Value::U64(1 << 62)), ("watcher", Value::U64(5))];
+    agrees(message(&pool, "StreamRef"), &stream, &stream_fields);
+    let stream_dynamic = || Value::Message(dynamic(message(&pool, "StreamRef"), &stream_fields));
+    let watcher = WatcherShare {
+        stream: Some(stream),
+        node: "envoy-2".into(),
+        share: 3,
+        held: 4,
+        in_flight: 2,
+        queued: 6,
+        connected: true,
+    };
+    let watcher_fields = [
+        ("stream", stream_dynamic()),
+        ("node", Value::String("envoy-2".into())),
+        ("share", Value::U32(3)),
+        ("held", Value::U32(4)),
+        ("in_flight", Value::U32(2)),
+        ("queued", Value::U32(6)),
+        ("connected", Value::Bool(true)),
+    ];
+    agrees(message(&pool, "WatcherShare"), &watcher, &watcher_fields);
+    let assignment = PoolAssignment {
+        path: "/predict".into(),
+        address: "10.0.0.1:80".into(),
+        capacity: 12,
+        granted: 3,
+        unaccounted: 9,
+        watchers: vec![watcher],
+    };
+    let assignment_fields = [
+        ("path", Value::String("/predict".into())),
+        ("address", Value::String("10.0.0.1:80".into())),
+        ("capacity", Value::U32(12)),
+        ("granted", Value::U32(3)),
+        ("unaccounted", Value::U32(9)),
+        (
+            "watchers",
+            Value::List(vec![Value::Message(dynamic(
+                message(&pool, "WatcherShare"),
+                &watcher_fields,
+            ))]),
+        ),
+    ];
+    agrees(
+        message(&pool, "PoolAssignment"),
+        &assignment,
+        &assignment_fields,
+    );
     agrees(
         message(&pool, "Snapshot"),
         &Snapshot {
@@ -154,6 +217,7 @@ fn messages_match_the_proto() {
             sent_at_unix_ms: -5,
             instances: vec![instance],
             discovered: true,
+            assignment: vec![assignment],
         },
         &[
             ("service", Value::String("demo".into())),
@@ -170,6 +234,108 @@ fn messages_match_the_proto() {
                 Value::List(vec![Value::Message(instance_dynamic)]),
             ),
             ("discovered", Value::Bool(true)),
+            (
+                "assignment",
+                Value::List(vec![Value::Message(dynamic(
+                    message(&pool, "PoolAssignment"),
+                    &assignment_fields,
+                ))]),
+            ),
+        ],
+    );
+}
+
+#[test]
+fn share_messages_match_the_proto() {
+    let pool = pool();
+    let stream_fields = [("epoch", Value::U64(9)), ("watcher", Value::U64(2))];
+    let stream = || Value::Message(dynamic(message(&pool, "StreamRef"), &stream_fields));
+    let demand = PoolDemand {
+        path: "/predict".into(),
+        address: "10.0.0.1:80".into(),
+        holding: 4,
+        in_flight: 3,
+        queued: 7,
+    };
+    let demand_fields = [
+        ("path", Value::String("/predict".into())),
+        ("address", Value::String("10.0.0.1:80".into())),
+        ("holding", Value::U32(4)),
+        ("in_flight", Value::U32(3)),
+        ("queued", Value::U32(7)),
+    ];
+    agrees(message(&pool, "PoolDemand"), &demand, &demand_fields);
+    agrees(
+        message(&pool, "ShareReport"),
+        &ShareReport {
+            service: "demo".into(),
+            node: "envoy-1".into(),
+            seq: 1 << 33,
+            applied_version: 6,
+            sent_at_unix_ms: -7,
+            replaces: Some(StreamRef {
+                epoch: 9,
+                watcher: 2,
+            }),
+            r#final: true,
+            pools: vec![demand],
+        },
+        &[
+            ("service", Value::String("demo".into())),
+            ("node", Value::String("envoy-1".into())),
+            ("seq", Value::U64(1 << 33)),
+            ("applied_version", Value::U64(6)),
+            ("sent_at_unix_ms", Value::I64(-7)),
+            ("replaces", stream()),
+            ("final", Value::Bool(true)),
+            (
+                "pools",
+                Value::List(vec![Value::Message(dynamic(
+                    message(&pool, "PoolDemand"),
+                    &demand_fields,
+                ))]),
+            ),
+        ],
+    );
+    let share = PoolShare {
+        path: "/embed".into(),
+        address: "[::1]:8003".into(),
+        share: 5,
+    };
+    let share_fields = [
+        ("path", Value::String("/embed".into())),
+        ("address", Value::String("[::1]:8003".into())),
+        ("share", Value::U32(5)),
+    ];
+    agrees(message(&pool, "PoolShare"), &share, &share_fields);
+    agrees(
+        message(&pool, "ShareGrant"),
+        &ShareGrant {
+            share_version: 3,
+            shares: vec![share],
+            lease_ms: 2000,
+            lease_for_seq: 1 << 34,
+            fallback_for_ms: 500,
+            watchers: 3,
+            stream: Some(StreamRef {
+                epoch: 9,
+                watcher: 2,
+            }),
+        },
+        &[
+            ("share_version", Value::U64(3)),
+            (
+                "shares",
+                Value::List(vec![Value::Message(dynamic(
+                    message(&pool, "PoolShare"),
+                    &share_fields,
+                ))]),
+            ),
+            ("lease_ms", Value::U64(2000)),
+            ("lease_for_seq", Value::U64(1 << 34)),
+            ("fallback_for_ms", Value::U64(500)),
+            ("watchers", Value::U32(3)),
+            ("stream", stream()),
         ],
     );
 }
@@ -192,20 +358,21 @@ fn service_matches_the_proto() {
             )
         })
         .collect();
-    let row = |name: &str, input: &str, streaming| {
+    let row = |name: &str, input: &str, output: &str, client_streaming, server_streaming| {
         (
             name.to_string(),
             input.to_string(),
-            "Snapshot".to_string(),
-            false,
-            streaming,
+            output.to_string(),
+            client_streaming,
+            server_streaming,
         )
     };
     assert_eq!(
         methods,
         [
-            row(WATCH_METHOD, "WatchRequest", true),
-            row(FETCH_METHOD, "FetchRequest", false)
+            row(WATCH_METHOD, "WatchRequest", "Snapshot", false, true),
+            row(FETCH_METHOD, "FetchRequest", "Snapshot", false, false),
+            row(SHARE_METHOD, "ShareReport", "ShareGrant", true, true),
         ]
     );
     // The generated server (build.rs) answers under the same name.

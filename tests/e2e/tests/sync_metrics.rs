@@ -239,5 +239,5 @@ async fn reflection_lists_and_describes_the_services() {
     let service = &descriptor.service[0];
     assert_eq!(service.name(), "CapacitySync");
     let methods: Vec<&str> = service.method.iter().map(|m| m.name()).collect();
-    assert_eq!(methods, ["Watch", "Fetch"]);
+    assert_eq!(methods, ["Watch", "Fetch", "Share"]);
 }
