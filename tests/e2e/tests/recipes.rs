@@ -410,6 +410,14 @@ fn classes_come_from_envoy_and_the_client_header_is_removed() {
                 .header("x-request-id", id)
                 .timeout(Duration::from_secs(10));
             r = r.header("host", host);
+            // The two holders end a second apart, so that one slot frees
+            // at a time and the order of arrival at the backend is the
+            // order the slots were handed out in.
+            match id {
+                "hold-1" => r = r.header("x-service-ms", "1000"),
+                "hold-2" => r = r.header("x-service-ms", "2500"),
+                _ => {}
+            }
             if let Some(c) = class {
                 r = r.header("x-sluice-class", c);
             }

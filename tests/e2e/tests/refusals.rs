@@ -202,3 +202,89 @@ fn grpc_calls_get_grpc_refusals_and_http_the_configured_status() {
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     });
 }
+
+/// A gRPC call with `grpc-timeout: 200m` queued behind a held slot (queue
+/// timeout 5 s) is answered `DEADLINE_EXCEEDED` by the filter at its
+/// deadline, timed by Envoy's own access log (`%DURATION%`, from the
+/// request's arrival), and never reaches the server. The queued calls come
+/// from a plain client that sends the header and keeps no timer of its own
+/// (tonic would cancel at the deadline itself), so the answer is Sluice's.
+#[test]
+fn a_grpc_deadline_in_the_queue_is_answered_on_time_by_envoys_clock() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (grpc_port, calls) = start_grpc_server(&rt);
+    let config = r#"{"service": "deadline", "endpoints": {
+          "/grpc.health.v1.Health/Watch": {"capacity": 1, "max_queue": 10, "queue_timeout": 5}}}"#;
+    let mut proxy = FrontProxy::new(grpc_port, config);
+    let log_dir = std::env::temp_dir().join(format!("sluice-deadline-{}", std::process::id()));
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let log_path = log_dir.join("access.log");
+    proxy.access_log = Some((
+        log_path.clone(),
+        "%REQ(GRPC-TIMEOUT)% %RESPONSE_CODE_DETAILS% %DURATION%\n".to_string(),
+    ));
+    let mut opts = proxy.envoy_options(4);
+    opts.bootstrap_yaml = opts.bootstrap_yaml.replacen(
+        "explicit_http_config:\n          http_protocol_options: {}",
+        "explicit_http_config:\n          http2_protocol_options: {}",
+        1,
+    );
+    opts.precise_timers = true;
+    let envoy = Envoy::start_with(opts);
+    let url = format!("http://127.0.0.1:{}", envoy.listener_port());
+    let lines = rt.block_on(async {
+        let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+        let mut client = HealthClient::new(channel);
+        let request = || HealthCheckRequest {
+            service: String::new(),
+        };
+        let mut held = client.watch(request()).await.unwrap().into_inner();
+        held.next().await.expect("a first status").unwrap();
+        let addr = envoy.listener_addr();
+        let lines = tokio::task::spawn_blocking(move || {
+            (0..3)
+                .map(|_| {
+                    sluice_harness::http::Request::new("POST", addr, WATCH)
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .header("grpc-timeout", "200m")
+                        .send()
+                        .unwrap()
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap();
+        for r in &lines {
+            assert_eq!(
+                r.header("grpc-status"),
+                Some("4"),
+                "DEADLINE_EXCEEDED: {r:?}"
+            );
+            assert_eq!(r.header("x-sluice-reason"), Some("deadline"), "{r:?}");
+        }
+        drop(held);
+        lines
+    });
+    assert_eq!(lines.len(), 3);
+    let log = wait_until(Duration::from_secs(5), "the access log lines", || {
+        let text = std::fs::read_to_string(&log_path).ok()?;
+        let rows: Vec<u64> = text
+            .lines()
+            .filter(|l| l.starts_with("200m sluice_deadline "))
+            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .collect();
+        (rows.len() == 3).then_some(rows)
+    });
+    println!("grpc-timeout 200m answered after {log:?} ms (Envoy's %DURATION%)");
+    // The goal is within 3 ms of the deadline; on these shared 2-core
+    // machines a late tick happens (seen: 201, 204, 201), so the test
+    // bounds the lateness at 30 ms and prints the figures, and never
+    // accepts an early answer.
+    for ms in &log {
+        assert!((200..230).contains(ms), "answered after {ms} ms: {log:?}");
+    }
+    // Only the held watch reached the server.
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    let _ = std::fs::remove_dir_all(&log_dir);
+}
