@@ -317,3 +317,59 @@ fn assert_quiet() {
         .collect();
     assert!(problems.is_empty(), "{problems:#?}");
 }
+
+#[test]
+fn with_instances_each_instance_is_a_pool_with_its_own_share() {
+    const A: &str = "127.0.0.1:8001";
+    const B: &str = "127.0.0.1:8002";
+    let envoy = FakeEnvoy::new();
+    let mut doc = config(true);
+    doc["instances"] = json!({"hosts": [A, B]});
+    let w = FakeWorker::start(&envoy, &doc);
+    w.tick();
+    let watch = open(&w, "Watch").unwrap();
+    w.grpc_message(watch.token, &snapshot(4));
+    envoy.advance(10 * MS);
+    w.tick();
+    // Shared, nothing granted: a request waits, and is reported on both
+    // instances (any would serve it).
+    let mut r1 = w.request("GET", PATH);
+    assert_eq!(r1.action, Action::Pause);
+    envoy.advance(MS);
+    w.tick();
+    let share = open(&w, "Share").unwrap();
+    let last = reports(&share).pop().unwrap();
+    let pools: Vec<_> = last
+        .pools
+        .iter()
+        .map(|p| (p.address.as_str(), p.holding, p.queued))
+        .collect();
+    assert_eq!(pools, [(A, 0, 1), (B, 0, 1)]);
+    // Granted 1 on B only: the waiter goes to B, the next waits.
+    let g = ShareGrant {
+        share_version: 1,
+        shares: vec![PoolShare {
+            path: PATH.into(),
+            address: B.into(),
+            share: 1,
+        }],
+        lease_ms: 1000,
+        lease_for_seq: last.seq,
+        fallback_for_ms: 0,
+        watchers: 3,
+        stream: None,
+    };
+    w.grpc_message(share.token, &g.encode_to_vec());
+    w.deliver_wake_ups();
+    assert_eq!(r1.resumes(), 1);
+    assert_eq!(r1.request_header("x-sluice-host").as_deref(), Some(B));
+    let r2 = w.request("GET", PATH);
+    assert_eq!(r2.action, Action::Pause, "A holds 0, B is full");
+    let st = stats(&w);
+    let instances = st["endpoints"][PATH]["instances"].as_array().unwrap();
+    assert_eq!(instances[0]["share"]["admits"], 0);
+    assert_eq!(instances[1]["share"]["admits"], 1);
+    r1.served_by(B);
+    r1.complete();
+    assert_quiet();
+}
