@@ -29,6 +29,8 @@ pub struct Leader<H> {
     next_lease_check_ns: u64,
     /// When the gauges are set from the records next.
     next_gauges_ns: u64,
+    /// Without `sync.shares`: when to look for records still shared.
+    next_unshare_ns: u64,
     sync: Option<SyncClient>,
     /// With `sync.shares`: this Envoy's part of the shared capacities.
     shares: Option<ShareClient>,
@@ -45,6 +47,7 @@ impl<H: Host> Leader<H> {
             since_ns: 0,
             next_lease_check_ns: 0,
             next_gauges_ns: 0,
+            next_unshare_ns: 0,
             shares: callouts
                 .sync
                 .as_ref()
@@ -104,8 +107,17 @@ impl<H: Host> Leader<H> {
         if let Some(s) = &mut self.sync {
             changed |= s.tick(&self.worker.host, now);
         }
-        if let Some(s) = &mut self.shares {
-            changed |= s.tick(&self.worker, now);
+        match &mut self.shares {
+            Some(s) => changed |= s.tick(&self.worker, now),
+            // A configuration without `sync.shares` after one with it: the
+            // records' shares would run out and admit nothing. Looked at
+            // every base tick, as the former leader (still draining) may
+            // write shares until it sees it lost the lease.
+            None if now >= self.next_unshare_ns => {
+                self.next_unshare_ns = now.saturating_add(BASE_TICK.as_nanos() as u64);
+                crate::shares::unshare(&self.worker, now);
+            }
+            None => {}
         }
         if let Some(h) = &mut self.health {
             changed |= h.tick(&self.worker, now);
@@ -128,10 +140,13 @@ impl<H: Host> Leader<H> {
             s.start(&self.worker, now);
             s.tick(&self.worker.host, now);
         }
-        if let Some(s) = &mut self.shares {
-            s.start(&self.worker.host, now);
-            // Reports and grants ride this worker's tick.
-            self.worker.set_idle_tick(SHARE_TICK);
+        match &mut self.shares {
+            Some(s) => {
+                s.start(&self.worker.host, now);
+                // Reports and grants ride this worker's tick.
+                self.worker.set_idle_tick(SHARE_TICK);
+            }
+            None => self.next_unshare_ns = now,
         }
         match &mut self.health {
             Some(h) => h.start(&self.worker, now),

@@ -373,3 +373,29 @@ fn with_instances_each_instance_is_a_pool_with_its_own_share() {
     r1.complete();
     assert_quiet();
 }
+
+#[test]
+fn a_configuration_without_shares_after_one_with_them_unshares_the_records() {
+    let envoy = FakeEnvoy::new();
+    let old = leader(&envoy, 10);
+    let share = open(&old, "Share").unwrap();
+    let seq = reports(&share).last().unwrap().seq;
+    old.grpc_message(share.token, &grant(1, 3, 500, seq, 0));
+    assert_eq!(envoy.record(KEY).share.unwrap().slots, 3);
+    // A listener update turns shares off: its VM leads at once.
+    let new = FakeWorker::start(&envoy, &config(false));
+    new.tick();
+    // The old leader sees it lost the lease at its next lease check, and
+    // may write its shares again until then.
+    old.tick();
+    envoy.advance(Duration::from_millis(100));
+    old.tick();
+    new.tick();
+    assert!(open(&new, "Share").is_none());
+    assert!(open(&old, "Share").is_none(), "the old leader left office");
+    let r = envoy.record(KEY);
+    assert_eq!(r.share, None, "not left to run out and admit nothing");
+    envoy.advance(Duration::from_secs(2));
+    assert_eq!(envoy.record(KEY).limit(envoy_now(&new)), 10);
+    assert_quiet();
+}

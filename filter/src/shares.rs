@@ -450,6 +450,24 @@ impl ShareClient {
     }
 }
 
+/// Ends sharing in every record that still has shares (a leader whose
+/// configuration has no `sync.shares`): the capacities hold whole again.
+pub fn unshare<H: Host>(worker: &Worker<H>, now_ns: u64) {
+    for route in &worker.routes.endpoints {
+        let Ok(s) = admission::snapshot(&worker.host, &route.key) else {
+            continue;
+        };
+        if !differs(&s, None) {
+            continue;
+        }
+        log::info!("shares: {} is no longer shared", route.path);
+        match admission::set_shares(&worker.host, &route.key, None, now_ns) {
+            Ok(wakeups) => worker.wake(&wakeups),
+            Err(e) => log::warn!("shares: cannot unshare {}: {e}", route.path),
+        }
+    }
+}
+
 /// Whether the record's shares differ from `want`.
 fn differs(s: &EndpointState, want: Option<&EndpointShares>) -> bool {
     match want {
