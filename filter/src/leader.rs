@@ -237,7 +237,7 @@ impl<H: Host> Leader<H> {
             "sync": self.sync.as_ref().map_or_else(off, |s| {
                 let mut doc = s.status();
                 if let Some(shares) = &self.shares {
-                    doc["shares"] = shares.status(self.worker.host.now_ns());
+                    doc["shares"] = shares.status();
                 }
                 doc
             }),

@@ -162,6 +162,8 @@ fn a_share_of_0_admits_nothing_until_a_grant_and_the_grant_holds_for_its_lease()
             > 400
     );
     assert_eq!(doc["sync"]["shares"]["state"], "granted");
+    let left = doc["sync"]["shares"]["lease_left_ms"].as_u64().unwrap();
+    assert!(left > 400 && left <= 500, "{left}");
     w.tick();
     envoy.advance(20 * MS);
     w.tick();

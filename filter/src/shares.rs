@@ -430,7 +430,7 @@ impl ShareClient {
     }
 
     /// The `shares` object of the sync status.
-    pub fn status(&self, now_ns: u64) -> Value {
+    pub fn status(&self) -> Value {
         let state = match self.conn {
             Conn::Open { .. } if self.granted_on_stream => "granted",
             Conn::Open { .. } => "waiting_for_grant",
@@ -440,8 +440,11 @@ impl ShareClient {
         json!({
             "state": state,
             "share_version": self.applied_version,
-            "lease_left_ms": self.held.until_ns.saturating_sub(now_ns) / 1_000_000,
-            "fallback_left_ms": self.held.fallback_until_ns.saturating_sub(now_ns) / 1_000_000,
+            // Times, not what is left: the status is written on changes
+            // only; the stats page works out what is left when it is read.
+            "lease_until_unix_ms": (self.held.until_ns > 0).then(|| unix_ms(self.held.until_ns)),
+            "fallback_until_unix_ms": (self.held.fallback_until_ns > 0)
+                .then(|| unix_ms(self.held.fallback_until_ns)),
             "watchers": grant.map(|g| g.watchers),
             "last_grant_unix_ms": self.last_grant_ns.map(unix_ms),
             "reports": self.reports,
