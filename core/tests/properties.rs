@@ -320,6 +320,14 @@ fn endpoint_state() -> impl Strategy<Value = EndpointState> {
                     flows,
                     instances,
                     waiters,
+                    share: (sync_version % 3 == 0).then_some(sluice_core::admission::Share {
+                        slots: next_ticket,
+                        fallback: active,
+                    }),
+                    share_lease: sluice_core::admission::ShareLease {
+                        until_ns: sync_version,
+                        fallback_until_ns: sync_version.rotate_left(7),
+                    },
                 }
             },
         )

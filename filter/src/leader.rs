@@ -6,6 +6,7 @@
 use crate::admin::status;
 use crate::health::{self, HealthCheck};
 use crate::host::Host;
+use crate::shares::{ShareClient, SHARE_TICK};
 use crate::sync_stream::SyncClient;
 use crate::worker::{Worker, BASE_TICK};
 use serde_json::json;
@@ -28,7 +29,11 @@ pub struct Leader<H> {
     next_lease_check_ns: u64,
     /// When the gauges are set from the records next.
     next_gauges_ns: u64,
+    /// Without `sync.shares`: when to look for records still shared.
+    next_unshare_ns: u64,
     sync: Option<SyncClient>,
+    /// With `sync.shares`: this Envoy's part of the shared capacities.
+    shares: Option<ShareClient>,
     health: Option<HealthCheck>,
 }
 
@@ -42,6 +47,12 @@ impl<H: Host> Leader<H> {
             since_ns: 0,
             next_lease_check_ns: 0,
             next_gauges_ns: 0,
+            next_unshare_ns: 0,
+            shares: callouts
+                .sync
+                .as_ref()
+                .filter(|c| c.shares)
+                .map(|c| ShareClient::new(c.clone(), node.clone())),
             sync: callouts.sync.map(|c| SyncClient::new(c, node)),
             health: callouts.health.map(HealthCheck::new),
         }
@@ -96,6 +107,18 @@ impl<H: Host> Leader<H> {
         if let Some(s) = &mut self.sync {
             changed |= s.tick(&self.worker.host, now);
         }
+        match &mut self.shares {
+            Some(s) => changed |= s.tick(&self.worker, now),
+            // A configuration without `sync.shares` after one with it: the
+            // records' shares would run out and admit nothing. Looked at
+            // every base tick, as the former leader (still draining) may
+            // write shares until it sees it lost the lease.
+            None if now >= self.next_unshare_ns => {
+                self.next_unshare_ns = now.saturating_add(BASE_TICK.as_nanos() as u64);
+                crate::shares::unshare(&self.worker, now);
+            }
+            None => {}
+        }
         if let Some(h) = &mut self.health {
             changed |= h.tick(&self.worker, now);
         }
@@ -117,6 +140,14 @@ impl<H: Host> Leader<H> {
             s.start(&self.worker, now);
             s.tick(&self.worker.host, now);
         }
+        match &mut self.shares {
+            Some(s) => {
+                s.start(&self.worker.host, now);
+                // Reports and grants ride this worker's tick.
+                self.worker.set_idle_tick(SHARE_TICK);
+            }
+            None => self.next_unshare_ns = now,
+        }
         match &mut self.health {
             Some(h) => h.start(&self.worker, now),
             // Health checks are off in this configuration: no mark stays
@@ -130,11 +161,18 @@ impl<H: Host> Leader<H> {
         if let Some(s) = &mut self.sync {
             s.stop(&self.worker.host);
         }
+        if let Some(s) = &mut self.shares {
+            s.stop(&self.worker.host);
+            self.worker.set_idle_tick(BASE_TICK);
+        }
     }
 
     /// The root context ends (`on_done`): hand over at once.
     pub fn done(&mut self) {
         if self.leading {
+            if let Some(s) = &mut self.shares {
+                s.leave(&self.worker);
+            }
             self.leave_office();
             lease::release(&self.worker.host, self.service(), &self.me);
         }
@@ -146,6 +184,12 @@ impl<H: Host> Leader<H> {
             return;
         }
         let now = self.worker.host.now_ns();
+        if let Some(s) = self.shares.as_mut().filter(|s| s.owns(token)) {
+            if s.on_message(&self.worker, bytes, now) {
+                self.write_status();
+            }
+            return;
+        }
         if let Some(s) = &mut self.sync {
             if s.on_message(&self.worker, token, bytes, now) {
                 self.write_status();
@@ -158,6 +202,12 @@ impl<H: Host> Leader<H> {
             return;
         }
         let now = self.worker.host.now_ns();
+        if let Some(s) = self.shares.as_mut().filter(|s| s.owns(token)) {
+            if s.on_close(token, grpc_status, now) {
+                self.write_status();
+            }
+            return;
+        }
         if let Some(s) = &mut self.sync {
             if s.on_close(token, grpc_status, now) {
                 self.write_status();
@@ -184,7 +234,13 @@ impl<H: Host> Leader<H> {
                 "worker": self.me.worker,
                 "since_unix_ms": status::unix_ms(self.since_ns),
             },
-            "sync": self.sync.as_ref().map_or_else(off, |s| s.status()),
+            "sync": self.sync.as_ref().map_or_else(off, |s| {
+                let mut doc = s.status();
+                if let Some(shares) = &self.shares {
+                    doc["shares"] = shares.status();
+                }
+                doc
+            }),
             "health": self.health.as_ref().map_or_else(off, |h| h.status()),
         });
         status::write(&self.worker.host, self.service(), &doc);

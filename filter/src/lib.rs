@@ -13,6 +13,7 @@ mod path;
 mod replies;
 mod root;
 mod routes;
+mod shares;
 mod stream;
 mod sync_stream;
 mod worker;
@@ -23,6 +24,8 @@ mod class_tests;
 mod fake_host;
 #[cfg(test)]
 mod instance_tests;
+#[cfg(test)]
+mod share_tests;
 #[cfg(test)]
 mod sync_tests;
 #[cfg(test)]

@@ -112,6 +112,9 @@ pub const BACKEND_UNHEALTHY: &str = "backend_unhealthy";
 pub const SYNC_VERSION: &str = "sync_version";
 /// 1 while the leader's sync stream is connected, else 0; only with `sync`.
 pub const SYNC_CONNECTED: &str = "sync_connected";
+/// What this Envoy's shares of the endpoint's pools admit now (the sum
+/// over its instances); only once the endpoint is shared (`sync.shares`).
+pub const SHARE: &str = "share";
 /// Milliseconds each queued request waited, until it got a slot or its 504.
 /// Milliseconds, not seconds: an Envoy histogram records integers and
 /// cannot rescale them for Prometheus (docs/metrics.md says how to query
@@ -213,6 +216,8 @@ pub struct Metrics {
     /// Per endpoint index, the instances whose gauges this VM defined (as
     /// they appear: discovery adds them) and their ids.
     instances: RefCell<Vec<Vec<InstanceIds>>>,
+    /// Per endpoint index, the `share` gauge, defined once it is shared.
+    shares: RefCell<Vec<Option<u32>>>,
 }
 
 impl Metrics {
@@ -251,6 +256,7 @@ impl Metrics {
                 .map(|r| (routes.service.clone(), r.path.clone()))
                 .collect(),
             instances: RefCell::new(vec![Vec::new(); routes.endpoints.len()]),
+            shares: RefCell::new(vec![None; routes.endpoints.len()]),
         }
     }
 
@@ -295,6 +301,7 @@ impl Metrics {
                 continue;
             };
             self.publish_instances(host, ep, &state, now);
+            self.publish_share(host, ep, &state, now);
             let _ = host.record_metric(ids.capacity, u64::from(g.capacity));
             let _ = host.record_metric(ids.in_flight, u64::from(g.in_flight));
             let _ = host.record_metric(ids.queued, u64::from(g.queued));
@@ -318,6 +325,35 @@ impl Metrics {
                 let _ = host.record_metric(*id, u64::from(connected));
             }
         }
+    }
+
+    /// Sets endpoint `ep`'s `share` gauge, defining it the first time the
+    /// record is shared (never without `sync.shares`).
+    fn publish_share<H: Host>(&self, host: &H, ep: usize, state: &EndpointState, now: u64) {
+        let mut shares = self.shares.borrow_mut();
+        if shares[ep].is_none() {
+            if state.share.is_none() {
+                return;
+            }
+            let (service, path) = &self.names[ep];
+            shares[ep] = host
+                .define_metric(MetricType::Gauge, &metric_name(service, path, SHARE))
+                .ok();
+        }
+        let Some(id) = shares[ep] else { return };
+        let lease = &state.share_lease;
+        let admits = if state.picks_instances() {
+            state
+                .instances
+                .iter()
+                .filter(|i| !i.gone)
+                .filter_map(|i| i.share)
+                .map(|sh| u64::from(sh.at(lease, now)))
+                .sum()
+        } else {
+            state.share.map_or(0, |sh| u64::from(sh.at(lease, now)))
+        };
+        let _ = host.record_metric(id, admits);
     }
 
     /// Sets endpoint `ep`'s per-instance gauges from its record, defining

@@ -64,7 +64,8 @@ impl<H: Host + Clone> Root<H> {
         for w in &callouts.warnings {
             log::warn!("{w}");
         }
-        let routes = Routes::new(&config);
+        let mut routes = Routes::new(&config);
+        routes.shares = callouts.sync.as_ref().is_some_and(|s| s.shares);
         for (_, key) in routes
             .endpoints
             .iter()

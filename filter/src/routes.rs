@@ -63,12 +63,21 @@ pub struct Routes {
     pub tenants: Option<Tenants>,
     /// `refuse_unreachable_deadlines`.
     pub refuse_unreachable: bool,
+    /// `sync.shares`: a share's lease ends at a time, so every admission
+    /// and release reads the clock.
+    pub shares: bool,
     exact: HashMap<String, usize>,
     /// Longest prefix first.
     prefixes: Vec<usize>,
 }
 
 impl Routes {
+    /// Admissions and releases need the host's time: instances (ejection
+    /// back-offs) or shares (leases). Without either, no hostcall.
+    pub fn needs_clock(&self) -> bool {
+        self.steering.is_some() || self.shares
+    }
+
     /// The instances' ejection back-offs (the defaults without `instances`,
     /// for a record an older configuration gave instances).
     pub fn ejection(&self) -> Ejection {
@@ -130,6 +139,7 @@ impl Routes {
             }),
             classes: config.classes.clone(),
             deadline_header: config.deadline_header.clone(),
+            shares: false,
             tenants: config.tenants.clone(),
             refuse_unreachable: config.refuse_unreachable_deadlines,
             exact,

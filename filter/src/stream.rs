@@ -105,9 +105,13 @@ impl<H: Host> Stream<H> {
             return Action::Continue;
         };
         let steering = worker.routes.steering.as_ref();
-        // Time only matters to instances (ejection back-offs): no hostcall
-        // for an endpoint without them.
-        let now = steering.map_or(0, |_| host.now_ns());
+        // Time only matters to instances (ejection back-offs) and shares
+        // (leases): no hostcall without them.
+        let now = if worker.routes.needs_clock() {
+            host.now_ns()
+        } else {
+            0
+        };
         let pin = steering
             .and_then(|s| s.sticky.as_ref())
             .and_then(|sticky| session_pin(host, sticky));

@@ -424,7 +424,7 @@ impl SyncClient {
 
 /// 100 ms doubling to 5 s, each drawn between half and all of that (jitter,
 /// so that many Envoys do not reconnect in step after a sync restart).
-fn backoff(failures: u32, seed: u64) -> Duration {
+pub fn backoff(failures: u32, seed: u64) -> Duration {
     let full = MIN_BACKOFF
         .saturating_mul(1u32 << failures.min(16))
         .min(MAX_BACKOFF);

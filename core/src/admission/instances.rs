@@ -87,11 +87,21 @@ impl EndpointState {
         i.own_capacity.or(self.capacity).unwrap_or(u32::MAX)
     }
 
+    /// What this Envoy may run on instance `i` at `now_ns`: its capacity,
+    /// and no more than this Envoy's share of it when it shares it.
+    pub fn limit_of(&self, i: &Instance, now_ns: u64) -> u32 {
+        let capacity = self.capacity_of(i);
+        match i.share {
+            Some(share) => capacity.min(share.at(&self.share_lease, now_ns)),
+            None => capacity,
+        }
+    }
+
     /// The sum of the capacities of the instances that can be picked at
     /// `now_ns`, or the endpoint's capacity without instances.
     pub fn total_capacity(&self, now_ns: u64) -> Option<u32> {
         if !self.picks_instances() {
-            return self.capacity;
+            return self.capacity.map(|c| c.min(self.limit(now_ns)));
         }
         let mut total: u32 = 0;
         for i in self
@@ -100,7 +110,7 @@ impl EndpointState {
             .filter(|i| !i.gone && !i.ejected(now_ns))
         {
             let c = i.own_capacity.or(self.capacity)?;
-            total = total.saturating_add(c);
+            total = total.saturating_add(c.min(self.limit_of(i, now_ns)));
         }
         Some(total)
     }
@@ -119,7 +129,7 @@ impl EndpointState {
         if inst.strikes > 0 {
             return inst.active == 0;
         }
-        inst.active < self.capacity_of(inst)
+        inst.active < self.limit_of(inst, now_ns)
     }
 
     /// A pin to instance `i` still holds: it is in the set and not ejected.
@@ -146,7 +156,10 @@ impl EndpointState {
                 continue;
             }
             let inst = &self.instances[i];
-            let (load, cap) = (u64::from(inst.active), u64::from(self.capacity_of(inst)));
+            let (load, cap) = (
+                u64::from(inst.active),
+                u64::from(self.limit_of(inst, now_ns)),
+            );
             // load / cap < best_load / best_cap, without division.
             let better = match best {
                 None => true,
@@ -205,6 +218,8 @@ impl EndpointState {
             if self.instance_index(&address).is_none() && self.instances.len() < MAX_INSTANCES {
                 let mut inst = Instance::new(address, own);
                 inst.own_from_sync = source == InstanceSource::Sync && own.is_some();
+                // Shared: a newcomer holds nothing until a grant names it.
+                inst.share = self.share.map(|_| super::record::Share::default());
                 self.instances.push(inst);
             }
         }

@@ -28,7 +28,7 @@ mod instances;
 mod record;
 
 pub use instances::{Ejection, InstanceSource, Pin, MAX_INSTANCES};
-pub use record::{tag_before, CapacitySource, EndpointState, Instance, Waiter};
+pub use record::{tag_before, CapacitySource, EndpointState, Instance, Share, ShareLease, Waiter};
 
 use std::net::SocketAddr;
 
@@ -320,6 +320,52 @@ pub fn apply_sync<S: SharedData>(
     })
 }
 
+/// This Envoy's shares of the endpoint's pools (`sync.shares`), from
+/// sync's latest grant: `endpoint` for an endpoint without instances, and
+/// one per instance; an instance `instances` does not name holds 0 (a pool
+/// a grant does not list is 0). `None` ends sharing: the capacities hold
+/// whole again. A lowered share cuts nothing (new admissions wait until
+/// fewer are in flight); a raised one admits waiters at once.
+pub fn set_shares<S: SharedData>(
+    store: &S,
+    key: &str,
+    shares: Option<&EndpointShares>,
+    now_ns: u64,
+) -> Result<Wakeups, AdmissionError> {
+    update(store, key, |s| {
+        let mut wake = Wakeups::default();
+        let before = (s.share, s.share_lease, s.instances.clone());
+        match shares {
+            None => {
+                s.share = None;
+                s.share_lease = ShareLease::default();
+                for i in s.instances.iter_mut() {
+                    i.share = None;
+                }
+            }
+            Some(shares) => {
+                s.share = Some(shares.endpoint);
+                s.share_lease = shares.lease;
+                for i in s.instances.iter_mut() {
+                    let granted = shares.instances.iter().find(|(a, _)| *a == i.address);
+                    i.share = Some(granted.map_or(Share::default(), |&(_, share)| share));
+                }
+            }
+        }
+        let changed = (s.share, s.share_lease, &s.instances) != (before.0, before.1, &before.2);
+        let pumped = s.pump(now_ns, &mut wake);
+        Ok((wake, changed || pumped))
+    })
+}
+
+/// One endpoint's part of a grant ([`set_shares`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointShares {
+    pub endpoint: Share,
+    pub instances: Vec<(SocketAddr, Share)>,
+    pub lease: ShareLease,
+}
+
 /// Marks the endpoint's backend unhealthy or healthy again. Returns the
 /// workers to wake: every worker with waiters when it turns unhealthy (they
 /// answer them 503), the granted ones when it recovers.
@@ -396,7 +442,7 @@ pub fn acquire_as<S: SharedData>(
             };
             (room.map(Some), pinned)
         } else {
-            ((s.active < s.limit()).then_some(None), None)
+            ((s.active < s.limit(now_ns)).then_some(None), None)
         };
         // Its place among its tenant's requests (a request admitted at once
         // counts too, so that a tenant that keeps every slot busy has its
@@ -671,5 +717,7 @@ pub fn withdraw<S: SharedData>(
 
 #[cfg(test)]
 mod instance_tests;
+#[cfg(test)]
+mod share_tests;
 #[cfg(test)]
 mod tests;

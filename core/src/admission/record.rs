@@ -1,25 +1,30 @@
 //! The endpoint record's codec and the FIFO hand-over on it.
 //!
-//! Record layout (little endian), version 4:
+//! Record layout (little endian), version 5:
 //!
 //! | bytes | field | |
 //! |---|---|---|
-//! | 1 | `version` | 4 |
+//! | 1 | `version` | 5 |
 //! | 4 | `active` | slots in use, granted-but-unclaimed included |
 //! | 4 | `next_ticket` | |
 //! | 4 | `capacity` | in force; 0: none, requests pass (counted, never queued) |
 //! | 4 | `configured` | the capacity of the last configuration seen; 0: none |
 //! | 8 | `sync_version` | version of the snapshot that last set it; 0: never |
-//! | 1 | `flags` | bit 0: capacity came from sync; bit 1: backend unhealthy; bit 2: the instance set came from sync |
+//! | 1 | `flags` | bit 0: capacity came from sync; bit 1: backend unhealthy; bit 2: the instance set came from sync; bit 3: the endpoint is a shared pool (`share` below) |
 //! | 2 | `instances` | how many instance entries follow the header |
 //! | 2 | `turn` | the instance picked last, where the next tie-break starts |
 //! | 4 | `virtual_time` | fair queueing's clock: the start tag of the request served last (wrapping) |
 //! | 1 | `flows` | how many flow finish tags follow the instances (0 without tenants) |
+//! | 4 | `share` | with flag bit 3: this Envoy's share of the endpoint (sync's grant); 0 admits nothing |
+//! | 4 | `share_fallback` | what it admits once the lease ran out, until `fallback_until_ns` |
+//! | 8 | `share_until_ns` | host time the lease of every share in the record ends |
+//! | 8 | `fallback_until_ns` | host time the fallback ends; then every share is 0 |
 //!
-//! then one 41-byte instance each (see [`Instance`]): `address` (family `4`
+//! then one 49-byte instance each (see [`Instance`]): `address` (family `4`
 //! or `6`:u8, 16 address bytes, port:u16), `own_capacity:u32` (0: the
 //! endpoint's), `active:u32`, `flags:u8` (bit 0 gone, bit 1 own capacity
-//! from sync), `strikes:u8`, `eject_until_ns:u64`, `picks_missed:u32`;
+//! from sync, bit 2 a shared pool), `strikes:u8`, `eject_until_ns:u64`,
+//! `picks_missed:u32`, `share:u32`, `share_fallback:u32`;
 //! then one `finish:u32` per flow (the tag its next request starts from);
 //! then one 17-byte waiter each: `ticket:u32, worker:u16, flags:u16`
 //! (bit 0 granted, bit 1 pinned, bit 2 pushed out), `instance:u16` (an
@@ -36,9 +41,9 @@ use super::{AdmissionError, Wakeups, WorkerId};
 use crate::cas::{u16_at, u32_at, u64_at};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-const VERSION: u8 = 4;
-pub(super) const HEADER_LEN: usize = 35;
-pub(super) const INSTANCE_LEN: usize = 41;
+const VERSION: u8 = 5;
+pub(super) const HEADER_LEN: usize = 59;
+pub(super) const INSTANCE_LEN: usize = 49;
 pub(super) const WAITER_LEN: usize = 17;
 pub(super) const FLOW_LEN: usize = 4;
 const FLAG_GRANTED: u16 = 1;
@@ -47,8 +52,10 @@ const FLAG_PUSHED_OUT: u16 = 4;
 const FLAG_FROM_SYNC: u8 = 1;
 const FLAG_UNHEALTHY: u8 = 2;
 const FLAG_INSTANCES_FROM_SYNC: u8 = 4;
+const FLAG_SHARED: u8 = 8;
 const INSTANCE_GONE: u8 = 1;
 const INSTANCE_OWN_FROM_SYNC: u8 = 2;
+const INSTANCE_SHARED: u8 = 4;
 const NO_INSTANCE: u16 = u16::MAX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,6 +117,40 @@ pub struct Instance {
     pub eject_until_ns: u64,
     /// Requests picked for it that Envoy sent elsewhere.
     pub picks_missed: u32,
+    /// This Envoy's part of the instance's capacity when several Envoys
+    /// share it (`sync.shares`); `None`: not shared.
+    pub share: Option<Share>,
+}
+
+/// This Envoy's part of a pool that several Envoys share (sync's grant,
+/// docs/sync.md "Shares among Envoy replicas"). A flag, not a zero: a
+/// share of 0 admits nothing, while a capacity of 0 means no limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Share {
+    /// What it admits while the lease runs (`share_until_ns`).
+    pub slots: u32,
+    /// What it admits after the lease, until `fallback_until_ns`; then 0.
+    pub fallback: u32,
+}
+
+impl Share {
+    /// What the share admits at `now_ns` under the record's lease.
+    pub fn at(&self, lease: &ShareLease, now_ns: u64) -> u32 {
+        if now_ns < lease.until_ns {
+            self.slots
+        } else if now_ns < lease.fallback_until_ns {
+            self.fallback.min(self.slots)
+        } else {
+            0
+        }
+    }
+}
+
+/// When the shares of a record stop being valid (one grant gives them all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShareLease {
+    pub until_ns: u64,
+    pub fallback_until_ns: u64,
 }
 
 impl Instance {
@@ -123,6 +164,7 @@ impl Instance {
             strikes: 0,
             eject_until_ns: 0,
             picks_missed: 0,
+            share: None,
         }
     }
 
@@ -207,6 +249,11 @@ pub struct EndpointState {
     pub virtual_time: u32,
     /// Each flow's finish tag: where its next request's tag starts.
     pub flows: Vec<u32>,
+    /// This Envoy's share of the endpoint's capacity when several Envoys
+    /// share it (an endpoint without instances); `None`: not shared.
+    pub share: Option<Share>,
+    /// How long the shares (the endpoint's and its instances') hold.
+    pub share_lease: ShareLease,
     /// In arrival order.
     pub waiters: Vec<Waiter>,
 }
@@ -260,6 +307,10 @@ impl EndpointState {
                     strikes: b[28],
                     eject_until_ns: u64_at(b, 29).unwrap_or(0),
                     picks_missed: u32_at(b, 37),
+                    share: (b[27] & INSTANCE_SHARED != 0).then(|| Share {
+                        slots: u32_at(b, 41),
+                        fallback: u32_at(b, 45),
+                    }),
                 })
             })
             .collect::<Result<Vec<_>, AdmissionError>>()?;
@@ -302,6 +353,14 @@ impl EndpointState {
             turn: u16_at(bytes, 28),
             virtual_time: u32_at(bytes, 30),
             flows,
+            share: (flags & FLAG_SHARED != 0).then(|| Share {
+                slots: u32_at(bytes, 35),
+                fallback: u32_at(bytes, 39),
+            }),
+            share_lease: ShareLease {
+                until_ns: u64_at(bytes, 43).unwrap_or(0),
+                fallback_until_ns: u64_at(bytes, 51).unwrap_or(0),
+            },
             instances,
             waiters,
         })
@@ -340,6 +399,9 @@ impl EndpointState {
         if self.instances_from_sync {
             flags |= FLAG_INSTANCES_FROM_SYNC;
         }
+        if self.share.is_some() {
+            flags |= FLAG_SHARED;
+        }
         out.push(flags);
         // At most MAX_INSTANCES (checked where the set is replaced).
         out.extend_from_slice(&(self.instances.len() as u16).to_le_bytes());
@@ -347,6 +409,11 @@ impl EndpointState {
         out.extend_from_slice(&self.virtual_time.to_le_bytes());
         // At most MAX_FLOWS (checked where a flow is added).
         out.push(self.flows.len() as u8);
+        let share = self.share.unwrap_or_default();
+        out.extend_from_slice(&share.slots.to_le_bytes());
+        out.extend_from_slice(&share.fallback.to_le_bytes());
+        out.extend_from_slice(&self.share_lease.until_ns.to_le_bytes());
+        out.extend_from_slice(&self.share_lease.fallback_until_ns.to_le_bytes());
         for i in &self.instances {
             encode_address(&mut out, &i.address);
             out.extend_from_slice(&i.own_capacity.unwrap_or(0).to_le_bytes());
@@ -358,10 +425,16 @@ impl EndpointState {
             if i.own_from_sync {
                 flags |= INSTANCE_OWN_FROM_SYNC;
             }
+            if i.share.is_some() {
+                flags |= INSTANCE_SHARED;
+            }
             out.push(flags);
             out.push(i.strikes);
             out.extend_from_slice(&i.eject_until_ns.to_le_bytes());
             out.extend_from_slice(&i.picks_missed.to_le_bytes());
+            let share = i.share.unwrap_or_default();
+            out.extend_from_slice(&share.slots.to_le_bytes());
+            out.extend_from_slice(&share.fallback.to_le_bytes());
         }
         for f in &self.flows {
             out.extend_from_slice(&f.to_le_bytes());
@@ -458,9 +531,14 @@ impl EndpointState {
             .rposition(|w| w.waiting() && w.priority == lowest)
     }
 
-    /// Slots admissions may use: without a capacity, no limit.
-    pub(super) fn limit(&self) -> u32 {
-        self.capacity.unwrap_or(u32::MAX)
+    /// Slots admissions may use at `now_ns`: the capacity (none: no
+    /// limit), and no more than this Envoy's share when it shares it.
+    pub fn limit(&self, now_ns: u64) -> u32 {
+        let capacity = self.capacity.unwrap_or(u32::MAX);
+        match self.share {
+            Some(share) => capacity.min(share.at(&self.share_lease, now_ns)),
+            None => capacity,
+        }
     }
 
     /// Hands free slots to the oldest waiters; returns whether anything
@@ -476,7 +554,7 @@ impl EndpointState {
         if self.picks_instances() {
             return self.pump_instances(now_ns, wake);
         }
-        let limit = self.limit();
+        let limit = self.limit(now_ns);
         let mut changed = false;
         for w in self.waiters.iter_mut() {
             if self.active >= limit {

@@ -78,6 +78,14 @@ fn encode_decode_round_trip() {
         turn: 1,
         virtual_time: u32::MAX - 5,
         flows: vec![0, 7, u32::MAX],
+        share: Some(Share {
+            slots: 3,
+            fallback: 1,
+        }),
+        share_lease: ShareLease {
+            until_ns: 5,
+            fallback_until_ns: u64::MAX,
+        },
         instances: vec![
             Instance::new("127.0.0.1:8001".parse().unwrap(), None),
             Instance {
@@ -87,6 +95,10 @@ fn encode_decode_round_trip() {
                 strikes: 2,
                 eject_until_ns: u64::MAX,
                 picks_missed: 9,
+                share: Some(Share {
+                    slots: 0,
+                    fallback: u32::MAX,
+                }),
                 ..Instance::new("[::1]:65535".parse().unwrap(), Some(8))
             },
         ],

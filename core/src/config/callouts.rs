@@ -30,6 +30,9 @@ pub struct SyncConfig {
     pub heartbeat_timeout: Duration,
     /// Sent as `authorization: Bearer <token>` on the stream.
     pub token: Option<SyncToken>,
+    /// Share the capacities with the other Envoys of the service through
+    /// sync's `Share` stream (docs/sync.md, "Shares among Envoy replicas").
+    pub shares: bool,
 }
 
 /// The longest `sync.token`: the filter hands Envoy the stream's settings
@@ -133,6 +136,7 @@ impl CalloutConfig {
                     cluster: cluster(m.cluster.as_ref(), "sync.cluster")?,
                     service: watched,
                     token: SyncToken::parse(m.token.as_ref(), "sync.token")?,
+                    shares: check::flag(m.shares.as_ref(), "sync.shares", false)?,
                     heartbeat_timeout: check::seconds_or(
                         m.heartbeat_timeout.as_ref(),
                         "sync.heartbeat_timeout",
@@ -278,6 +282,7 @@ mod tests {
                 service: "demo".into(),
                 heartbeat_timeout: Duration::from_secs(3),
                 token: None,
+                shares: false,
             })
         );
         assert_eq!(
@@ -294,9 +299,12 @@ mod tests {
         let c = parse(json!({"sync": {"cluster": "s", "service": "other",
             "heartbeat_timeout": 10, "colour": 1}}))
         .unwrap();
-        assert_eq!(c.sync.unwrap().service, "other");
+        assert_eq!(c.sync.as_ref().unwrap().service, "other");
+        assert!(!c.sync.as_ref().unwrap().shares, "off unless configured");
         let warnings: Vec<String> = c.warnings.iter().map(ToString::to_string).collect();
         assert_eq!(warnings, ["sync.colour: unknown key, ignored"]);
+        let c = parse(json!({"sync": {"cluster": "s", "shares": true}})).unwrap();
+        assert!(c.sync.unwrap().shares);
         let c = parse(json!({"sync": {"cluster": "s", "token": "s3cret\n"}})).unwrap();
         let token = c.sync.unwrap().token.unwrap();
         assert_eq!(token.secret(), "s3cret");
@@ -325,6 +333,7 @@ mod tests {
                 "sync.service: must be printable ASCII (letters, digits and punctuation such as - _ . : /), got \"caf\u{e9}\"",
             ),
             (json!({"sync": {"cluster": "s", "token": 5}}), "sync.token: must be a string"),
+            (json!({"sync": {"cluster": "s", "shares": "yes"}}), "sync.shares: must be true or false, got \"yes\""),
             (json!({"sync": {"cluster": "s", "token": " "}}), "sync.token: must not be empty"),
             (
                 json!({"sync": {"cluster": "s", "token": "se cret"}}),

@@ -284,6 +284,12 @@ pub struct SyncDoc {
         schemars(with = "String", length(min = 1, max = 100))
     )]
     pub token: Option<Value>,
+    /// Share each capacity with the other Envoys of the service instead of
+    /// each enforcing it whole: sync gives this Envoy a share of every
+    /// pool through its `Share` stream (docs/sync.md, "Shares among Envoy
+    /// replicas"). Off by default.
+    #[cfg_attr(feature = "schema", schemars(with = "bool", extend("default" = false)))]
+    pub shares: Option<Value>,
     #[serde(flatten)]
     #[cfg_attr(feature = "schema", schemars(skip))]
     pub unknown: Map<String, Value>,

@@ -91,7 +91,7 @@ fn instances(s: &admission::EndpointState, now_ns: u64) -> Vec<serde_json::Value
         .iter()
         .map(|i| {
             let ejected = i.ejected(now_ns);
-            json!({
+            let mut entry = json!({
                 "address": i.address.to_string(),
                 "capacity": i.own_capacity.or(s.capacity),
                 "capacity_source": if i.own_from_sync { "sync" } else if i.own_capacity.is_some() { "instance" } else { "endpoint" },
@@ -101,9 +101,30 @@ fn instances(s: &admission::EndpointState, now_ns: u64) -> Vec<serde_json::Value
                 "failures": i.strikes,
                 "picks_missed": i.picks_missed,
                 "gone": i.gone,
-            })
+            });
+            if i.share.is_some() {
+                entry["share"] = share(i.share, &s.share_lease, now_ns);
+            }
+            entry
         })
         .collect()
+}
+
+/// This Envoy's share of a pool (`sync.shares`): the grant's slots, its
+/// fallback, and what it admits now; `null`: not shared.
+fn share(
+    share: Option<admission::Share>,
+    lease: &admission::ShareLease,
+    now_ns: u64,
+) -> serde_json::Value {
+    match share {
+        None => serde_json::Value::Null,
+        Some(sh) => json!({
+            "slots": sh.slots,
+            "fallback": sh.fallback,
+            "admits": sh.at(lease, now_ns),
+        }),
+    }
 }
 
 /// The capacity is the one in force (shared record); `null` while an
@@ -136,6 +157,17 @@ fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_jso
             }),
             Err(e) => json!({ "capacity": r.configured, "error": e.to_string() }),
         };
+        // Only when shared (`sync.shares`): the document is otherwise as
+        // it was.
+        if let Ok(s) = admission::snapshot(store, &r.key) {
+            if s.share.is_some() {
+                entry["share"] = share(s.share, &s.share_lease, now_ns);
+                entry["share_lease_left_ms"] =
+                    json!(s.share_lease.until_ns.saturating_sub(now_ns) / 1_000_000);
+                entry["share_fallback_left_ms"] =
+                    json!(s.share_lease.fallback_until_ns.saturating_sub(now_ns) / 1_000_000);
+            }
+        }
         if let (Some(classes), Ok(s)) = (&routes.classes, admission::snapshot(store, &r.key)) {
             let by_class: serde_json::Map<String, serde_json::Value> = classes
                 .list

@@ -52,6 +52,17 @@ pub fn for_stats<S: SharedData>(store: &S, service: &str, now_ns: u64) -> Servic
     } else if sync["state"] != "off" {
         sync["last_message_age_ms"] = Value::Null;
     }
+    if sync["shares"].is_object() {
+        let now = unix_ms(now_ns);
+        for (until, left) in [
+            ("lease_until_unix_ms", "lease_left_ms"),
+            ("fallback_until_unix_ms", "fallback_left_ms"),
+        ] {
+            sync["shares"][left] = json!(sync["shares"][until]
+                .as_u64()
+                .map_or(0, |t| t.saturating_sub(now)));
+        }
+    }
     let health = match &doc["health"] {
         Value::Object(_) => doc["health"].clone(),
         _ => json!({"state": "off"}),

@@ -207,7 +207,7 @@ impl<H: Host> Worker<H> {
         let route = self.routes.route(slot.endpoint());
         let instance = slot.instance();
         let ejection = self.routes.ejection();
-        let now = if instance.is_some() {
+        let now = if instance.is_some() || self.routes.shares {
             self.host.now_ns()
         } else {
             0
