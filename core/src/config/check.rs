@@ -226,6 +226,24 @@ pub fn flag(v: Option<&Value>, key: &str, default: bool) -> Result<bool, ConfigE
     }
 }
 
+/// A request header name (an HTTP token), lower-cased as Envoy hands
+/// headers to filters, if given.
+pub fn header_name(v: Option<&Value>, key: &str) -> Result<Option<String>, ConfigError> {
+    match text(v, key)? {
+        None => Ok(None),
+        Some(h)
+            if h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) =>
+        {
+            Ok(Some(h.to_ascii_lowercase()))
+        }
+        Some(h) => Err(ConfigError::new(
+            key,
+            format!("must be an HTTP header name, got {h:?}"),
+        )),
+    }
+}
+
 /// A string that must not be empty, if given.
 pub fn text(v: Option<&Value>, key: &str) -> Result<Option<String>, ConfigError> {
     match v {

@@ -126,16 +126,8 @@ impl Classes {
         for (name, spec) in map {
             list.push(class(name, spec.as_ref(), warnings)?);
         }
-        let header = match check::text(doc.class_header.as_ref(), "class_header")? {
-            None => DEFAULT_CLASS_HEADER.to_string(),
-            Some(h) if is_header_name(&h) => h.to_ascii_lowercase(),
-            Some(h) => {
-                return Err(ConfigError::new(
-                    "class_header",
-                    format!("must be an HTTP header name, got {h:?}"),
-                ))
-            }
-        };
+        let header = check::header_name(doc.class_header.as_ref(), "class_header")?
+            .unwrap_or_else(|| DEFAULT_CLASS_HEADER.to_string());
         let default_name = check::text(doc.default_class.as_ref(), "default_class")?;
         let wanted = default_name.as_deref().unwrap_or(DEFAULT_CLASS);
         let Some(default) = list.iter().position(|c| c.name == wanted) else {
@@ -180,12 +172,6 @@ impl Classes {
             None => Class::DEFAULT,
         }
     }
-}
-
-pub(super) fn is_header_name(h: &str) -> bool {
-    !h.is_empty()
-        && h.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn class(

@@ -173,16 +173,7 @@ impl TryFrom<&Document> for Config {
             "refuse_unreachable_deadlines",
             true,
         )?;
-        let deadline_header = match check::text(doc.deadline_header.as_ref(), "deadline_header")? {
-            None => None,
-            Some(h) if super::classes::is_header_name(&h) => Some(h.to_ascii_lowercase()),
-            Some(h) => {
-                return Err(ConfigError::new(
-                    "deadline_header",
-                    format!("must be an HTTP header name, got {h:?}"),
-                ))
-            }
-        };
+        let deadline_header = check::header_name(doc.deadline_header.as_ref(), "deadline_header")?;
         let mut endpoints = Vec::new();
         for (path, spec) in specs.into_iter().flatten() {
             endpoints.push(endpoint(

@@ -70,21 +70,13 @@ impl Tenants {
             }
         };
         warnings.extend(unknown_keys(&fields.unknown, "tenants."));
-        let header = match check::text(fields.header.as_ref(), "tenants.header")? {
-            Some(h) if super::classes::is_header_name(&h) => h.to_ascii_lowercase(),
-            Some(h) => {
-                return Err(ConfigError::new(
-                    "tenants.header",
-                    format!("must be an HTTP header name, got {h:?}"),
-                ))
-            }
-            None => {
-                return Err(ConfigError::new(
+        let header =
+            check::header_name(fields.header.as_ref(), "tenants.header")?.ok_or_else(|| {
+                ConfigError::new(
                     "tenants.header",
                     "is required: the request header that names the tenant",
-                ))
-            }
-        };
+                )
+            })?;
         let flows = match &fields.flows {
             None | Some(Value::Null) => DEFAULT_FLOWS,
             Some(v) => check::integer(v, "tenants.flows", 1, MAX_FLOWS as u64)? as u8,
