@@ -189,15 +189,15 @@ impl Routes {
         &self.endpoints[ep.0]
     }
 
-    /// The class of a request to `route` whose class header reads `named`:
-    /// that class if it is one, else the route's, else the default; and,
-    /// with `tenants`, the flow of its tenant `tenant` (no header: the
-    /// empty key's).
-    pub fn class_of(&self, route: &Route, named: Option<&str>, tenant: Option<&str>) -> Class {
+    /// The class of a request to `route`, reading its headers with
+    /// `header` only where configured: the class its class header names if
+    /// that is one, else the route's, else the default; and, with
+    /// `tenants`, the flow of its tenant (no header: the empty key's).
+    pub fn class_of(&self, route: &Route, header: impl Fn(&str) -> Option<String>) -> Class {
         let mut class = match &self.classes {
             None => Class::DEFAULT,
             Some(classes) => {
-                let index = named
+                let index = header(&classes.header)
                     .and_then(|n| classes.index(n.trim()))
                     .or(route.class)
                     .unwrap_or(classes.default);
@@ -205,7 +205,8 @@ impl Routes {
             }
         };
         if let Some(t) = &self.tenants {
-            let (flow, weight) = t.flow_of(tenant.unwrap_or("").trim());
+            let tenant = header(&t.header);
+            let (flow, weight) = t.flow_of(tenant.as_deref().unwrap_or("").trim());
             class.flow = flow;
             class.step = sluice_core::admission::tag_step(weight);
         }

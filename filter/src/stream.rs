@@ -10,7 +10,7 @@ use crate::routes::{Route, Routes};
 use crate::worker::{Waiting, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
-use sluice_core::admission::{Class, Pin};
+use sluice_core::admission::Pin;
 use sluice_core::config::{Sticky, DEFAULT_INSTANCE_HEADER};
 use sluice_core::holding::{self, Arrival, Slot, Ticket};
 use std::net::SocketAddr;
@@ -115,17 +115,9 @@ impl<H: Host> Stream<H> {
         let pin = steering
             .and_then(|s| s.sticky.as_ref())
             .and_then(|sticky| session_pin(host, sticky));
-        let routes = &worker.routes;
-        let class = if routes.classes.is_none() && routes.tenants.is_none() {
-            Class::DEFAULT
-        } else {
-            let header = |name: Option<&String>| name.and_then(|n| host.get_http_request_header(n));
-            routes.class_of(
-                route,
-                header(routes.classes.as_ref().map(|c| &c.header)).as_deref(),
-                header(routes.tenants.as_ref().map(|t| &t.header)).as_deref(),
-            )
-        };
+        let class = worker
+            .routes
+            .class_of(route, |name| host.get_http_request_header(name));
         // The capacity in force is in the record this reads anyway.
         match holding::acquire_as(
             host,
@@ -220,29 +212,31 @@ impl<H: Host> Stream<H> {
     /// rather than at its deadline, unless a slot was granted to the ticket
     /// in the meantime.
     fn leave_queue_unreachable(&mut self, ticket: Ticket) -> Action {
-        self.worker
-            .metrics
-            .count(ticket.endpoint(), Counter::Deadline);
-        self.give_back(ticket, |route| LocalReply::Deadline(route))
+        self.give_back(ticket, Some(Counter::Deadline), |route| {
+            LocalReply::Deadline(route)
+        })
     }
 
     /// The queue has no room for this request's body (`max_queued_bytes`):
     /// it gives its ticket back and gets `503 queue-full`, unless a slot was
     /// granted to the ticket in the meantime.
     fn leave_full_queue(&mut self, ticket: Ticket) -> Action {
-        self.give_back(ticket, |route| LocalReply::QueueFull(route))
+        self.give_back(ticket, None, |route| LocalReply::QueueFull(route))
     }
 
-    /// Leaves the queue at once, answered with `reply`, or goes ahead with
-    /// the slot granted to the ticket meanwhile.
+    /// Leaves the queue at once, answered with `reply` (and counted as
+    /// `outcome`), or goes ahead with the slot granted to the ticket
+    /// meanwhile.
     fn give_back(
         &mut self,
         ticket: Ticket,
+        outcome: Option<Counter>,
         reply: impl for<'r> FnOnce(&'r Route) -> LocalReply<'r>,
     ) -> Action {
         let worker = Rc::clone(&self.worker);
         let host = &worker.host;
-        let route = worker.routes.route(ticket.endpoint());
+        let ep = ticket.endpoint();
+        let route = worker.routes.route(ep);
         match ticket.withdraw(host, &route.key) {
             Ok(Some(slot)) => {
                 steer(&worker, slot.instance());
@@ -250,6 +244,9 @@ impl<H: Host> Stream<H> {
                 Action::Continue
             }
             Ok(None) => {
+                if let Some(c) = outcome {
+                    worker.metrics.count(ep, c);
+                }
                 reply(route).send(host);
                 Action::Pause
             }

@@ -132,7 +132,9 @@ fn share(
 fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_json::Value {
     let mut endpoints = serde_json::Map::new();
     for r in &routes.endpoints {
-        let mut entry = match admission::snapshot(store, &r.key) {
+        // One read of the record for everything below.
+        let state = admission::snapshot(store, &r.key);
+        let mut entry = match &state {
             Ok(s) => json!({
                 "capacity": s.capacity,
                 "capacity_source": s.source.as_str(),
@@ -153,13 +155,13 @@ fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_jso
                 } else {
                     Some("config")
                 },
-                "instances": instances(&s, now_ns),
+                "instances": instances(s, now_ns),
             }),
             Err(e) => json!({ "capacity": r.configured, "error": e.to_string() }),
         };
         // Only when shared (`sync.shares`): the document is otherwise as
         // it was.
-        if let Ok(s) = admission::snapshot(store, &r.key) {
+        if let Ok(s) = &state {
             if s.share.is_some() {
                 entry["share"] = share(s.share, &s.share_lease, now_ns);
                 entry["share_lease_left_ms"] =
@@ -168,7 +170,7 @@ fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_jso
                     json!(s.share_lease.fallback_until_ns.saturating_sub(now_ns) / 1_000_000);
             }
         }
-        if let (Some(classes), Ok(s)) = (&routes.classes, admission::snapshot(store, &r.key)) {
+        if let (Some(classes), Ok(s)) = (&routes.classes, &state) {
             let by_class: serde_json::Map<String, serde_json::Value> = classes
                 .list
                 .iter()
@@ -189,7 +191,7 @@ fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_jso
                 .collect();
             entry["classes"] = json!(by_class);
         }
-        if let (Some(t), Ok(s)) = (&routes.tenants, admission::snapshot(store, &r.key)) {
+        if let (Some(t), Ok(s)) = (&routes.tenants, &state) {
             // The busiest flows (tenants hash onto them): at most 5, so the
             // document stays small whatever the number of tenants.
             let mut by_flow = vec![0u32; usize::from(t.flows)];
