@@ -174,8 +174,9 @@ fn check_last_version(last_version: u64) -> Result<(), Status> {
     Ok(())
 }
 
-/// `node` as logged: control characters escaped, cut to a bounded length.
-fn shown_node(node: &str) -> String {
+/// `node` as logged: control characters escaped, cut to a bounded length
+/// (Watch and Share streams alike).
+pub(crate) fn shown_node(node: &str) -> String {
     let mut shown: String = node.escape_default().collect();
     if shown.len() > MAX_NODE_NAME {
         let mut end = MAX_NODE_NAME;

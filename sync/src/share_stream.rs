@@ -11,7 +11,7 @@
 use crate::api::{
     PoolAssignment, PoolShare, ShareGrant, ShareReport, StreamRef as WireStreamRef, WatcherShare,
 };
-use crate::grpc::check_service;
+use crate::grpc::{check_service, shown_node};
 use crate::services::{stopping, Services};
 use crate::shares::{self, Allocator, PoolKey, PoolReport, Report, StreamRef, WatcherId};
 use crate::snapshots::ServiceView;
@@ -28,8 +28,6 @@ use tracing::{debug, info, warn};
 const TICK: Duration = Duration::from_millis(50);
 /// A report naming more pools is refused (its keys are kept per watcher).
 pub const MAX_POOLS_PER_REPORT: usize = 4096;
-/// `node` only names the caller in logs and Fetch: longer is cut.
-const MAX_NODE_NAME: usize = 128;
 
 /// Every service's allocator, and the streams that feed it.
 pub struct ShareHub {
@@ -363,19 +361,6 @@ fn check_report(report: &ShareReport, service: Option<&str>) -> Result<(), Statu
         )));
     }
     Ok(())
-}
-
-fn shown_node(node: &str) -> String {
-    let mut shown: String = node.escape_default().collect();
-    if shown.len() > MAX_NODE_NAME {
-        let mut end = MAX_NODE_NAME;
-        while !shown.is_char_boundary(end) {
-            end -= 1;
-        }
-        shown.truncate(end);
-        shown.push_str("...");
-    }
-    shown
 }
 
 fn pool_key(path: &str, address: &str) -> PoolKey {

@@ -89,6 +89,13 @@ pub fn tag_before(a: u32, b: u32) -> bool {
     (b.wrapping_sub(a) as i32) > 0
 }
 
+/// Fair queueing's clock moves on to the start tag of a request served.
+fn advance_clock(clock: &mut u32, tag: u32) {
+    if tag_before(*clock, tag) {
+        *clock = tag;
+    }
+}
+
 impl Waiter {
     /// Still waiting for a slot (neither granted nor pushed out).
     pub fn waiting(&self) -> bool {
@@ -512,9 +519,7 @@ impl EndpointState {
 
     /// A request with start `tag` is served: the clock moves to it.
     pub(super) fn served_tag(&mut self, tag: u32) {
-        if tag_before(self.virtual_time, tag) {
-            self.virtual_time = tag;
-        }
+        advance_clock(&mut self.virtual_time, tag);
     }
 
     /// The waiter a request of `priority` pushes out of a full queue: the
@@ -563,10 +568,7 @@ impl EndpointState {
             if w.waiting() {
                 w.granted = true;
                 self.active += 1;
-                if tag_before(self.virtual_time, w.tag) {
-                    // served_tag, inlined: `self` is borrowed by the loop.
-                    self.virtual_time = w.tag;
-                }
+                advance_clock(&mut self.virtual_time, w.tag);
                 wake.add(w.worker);
                 changed = true;
             }
