@@ -123,7 +123,10 @@ fn sheddable_requests_are_refused_at_once_when_no_slot_is_free() {
     assert_eq!(envoy.record(KEY).waiters.len(), 0);
     a.complete();
     w.tick();
-    assert_eq!(envoy.metric("sluice.t./predict.shed.outcomes_total"), 1);
+    assert_eq!(
+        envoy.metric("sluice.t./predict.#background.shed.outcomes_total"),
+        1
+    );
     envoy.assert_neutral(KEY);
     assert_quiet();
 }
@@ -160,7 +163,7 @@ fn a_full_queue_pushes_the_lowest_class_out_for_a_higher_one() {
     w1.tick();
     w2.tick();
     assert_eq!(
-        envoy.metric("sluice.t./predict.pushed_out.outcomes_total"),
+        envoy.metric("sluice.t./predict.#batch.pushed_out.outcomes_total"),
         1
     );
     envoy.assert_neutral(KEY);
@@ -205,9 +208,12 @@ fn a_class_queue_timeout_and_a_requests_own_deadline_cut_the_wait_short() {
     assert_eq!(slow.resumes(), 1);
     slow.complete();
     w.tick();
-    assert_eq!(envoy.metric("sluice.t./predict.deadline.outcomes_total"), 2);
     assert_eq!(
-        envoy.metric("sluice.t./predict.queue_timeout.outcomes_total"),
+        envoy.metric("sluice.t./predict.#default.deadline.outcomes_total"),
+        2
+    );
+    assert_eq!(
+        envoy.metric("sluice.t./predict.#interactive.queue_timeout.outcomes_total"),
         1
     );
     envoy.assert_neutral(KEY);
@@ -289,7 +295,10 @@ fn a_deadline_the_queue_cannot_meet_is_refused_at_once() {
         s.complete();
     }
     w.tick();
-    assert_eq!(envoy.metric("sluice.t./predict.deadline.outcomes_total"), 1);
+    assert_eq!(
+        envoy.metric("sluice.t./predict.#default.deadline.outcomes_total"),
+        1
+    );
     envoy.assert_neutral(KEY);
     assert_quiet();
 }

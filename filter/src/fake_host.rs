@@ -586,6 +586,16 @@ impl Host for FakeHost {
         }
         Ok(())
     }
+
+    fn get_metric(&self, id: u32) -> Result<u64, Status> {
+        self.called("get_metric");
+        let mut m = self.0.envoy.metrics.lock().unwrap();
+        let metric = m.get(id);
+        match metric.kind {
+            MetricType::Histogram => Err(Status::BadArgument),
+            _ => Ok(metric.value),
+        }
+    }
 }
 
 /// One worker thread's VM, configured. Not `Send`, like the real one: a
@@ -615,6 +625,14 @@ impl FakeWorker {
     /// A new request; its request headers have been through the filter.
     pub fn request(&self, method: &str, path: &str) -> FakeStream {
         self.request_with(method, path, &[])
+    }
+
+    /// The stats document at the default stats path, as a client reads it.
+    pub fn stats(&self) -> serde_json::Value {
+        let mut s = self.request("GET", crate::admin::STATS_PATH);
+        let doc = s.reply().json();
+        s.complete();
+        doc
     }
 
     /// A new request with more headers.

@@ -92,6 +92,9 @@ pub trait Host: SharedData {
     fn increment_metric(&self, id: u32, offset: i64) -> Result<(), Status>;
     /// Sets a gauge, or adds a sample to a histogram.
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status>;
+    /// A counter's or gauge's value, the whole process's (a histogram has
+    /// none: Envoy answers an error).
+    fn get_metric(&self, id: u32) -> Result<u64, Status>;
 }
 
 /// The real host: Envoy's hostcalls.
@@ -241,6 +244,10 @@ impl Host for Envoy {
 
     fn record_metric(&self, id: u32, value: u64) -> Result<(), Status> {
         hostcalls::record_metric(id, value)
+    }
+
+    fn get_metric(&self, id: u32) -> Result<u64, Status> {
+        hostcalls::get_metric(id)
     }
 }
 

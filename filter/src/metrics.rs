@@ -9,7 +9,11 @@
 //! `sluice_endpoint` and `outcome` (not `service`/`endpoint`, which
 //! Prometheus Operator sets on every target), so `/stats/prometheus` shows
 //! `sluice_in_flight{sluice_service="demo",sluice_endpoint="/predict"} 4` and
-//! `sluice_outcomes_total{…,outcome="queue_full"} 2`. Every VM defines the
+//! `sluice_outcomes_total{…,outcome="queue_full"} 2`. With `classes`, each
+//! request's counters and its wait carry its class,
+//! `sluice.<service>.<path>.#<class>.<outcome>.outcomes_total`, which a fifth
+//! tag cuts out as `sluice_class` (`#`: no configured path holds one, so the
+//! path still ends where the class begins). Every VM defines the
 //! same names, and Envoy keeps one stat per name for the whole process, so
 //! counters from all workers add up.
 //!
@@ -96,9 +100,15 @@ impl Counter {
 
     /// The `outcome` label of `sluice_outcomes_total`; `None` for
     /// `sluice_requests_total`.
-    #[cfg(test)]
     pub fn outcome(self) -> Option<&'static str> {
         self.suffix().strip_suffix(".outcomes_total")
+    }
+
+    /// Its name in the stats JSON: the outcome, or `requests` /
+    /// `picks_missed`.
+    pub fn label(self) -> &'static str {
+        self.outcome()
+            .unwrap_or_else(|| self.suffix().trim_end_matches("_total"))
     }
 }
 
@@ -120,6 +130,13 @@ pub const SHARE: &str = "share";
 /// cannot rescale them for Prometheus (docs/metrics.md says how to query
 /// seconds).
 pub const QUEUE_WAIT_MS: &str = "queue_wait_milliseconds";
+/// With `classes`: requests of the class waiting for a slot
+/// (`sluice_class_queued{sluice_class=…}`; `queued` is their sum).
+pub const CLASS_QUEUED: &str = "class_queued";
+/// With `tenants`: how many flows have requests waiting, and how many wait
+/// in the busiest one. Per endpoint, never per tenant: bounded whatever
+/// the number of tenants.
+pub const TENANT_GAUGES: [&str; 2] = ["tenant_flows_waiting", "tenant_busiest_flow_queued"];
 /// Per instance (`sluice_instance` tag): its capacity for the endpoint, its
 /// requests in flight, 1 while it is ejected.
 pub const INSTANCE_GAUGES: [&str; 3] = [
@@ -131,6 +148,15 @@ pub const INSTANCE_GAUGES: [&str; 3] = [
 /// The full name of one endpoint's metric, without Envoy's `wasmcustom.`.
 pub fn metric_name(service: &str, path: &str, suffix: &str) -> String {
     format!("{PREFIX}.{service}.{path}.{suffix}")
+}
+
+/// The full name of one class's metric: `#<class>` before the suffix, which
+/// the `sluice_class` tag cuts out; `None`: no classes, the endpoint's name.
+pub fn class_metric_name(service: &str, path: &str, class: Option<&str>, suffix: &str) -> String {
+    match class {
+        Some(class) => format!("{PREFIX}.{service}.{path}.#{class}.{suffix}"),
+        None => metric_name(service, path, suffix),
+    }
 }
 
 /// The full name of one instance's gauge: `@<address>` before the suffix,
@@ -155,13 +181,19 @@ fn instance_gauges(state: &EndpointState, i: &Instance, now_ns: u64) -> [u64; 3]
 
 /// One endpoint's metric ids in this VM.
 struct Ids {
-    counters: [u32; Counter::ALL.len()],
+    /// By class index (one entry without `classes`), then by [`Counter`].
+    counters: Vec<[u32; Counter::ALL.len()]>,
+    /// The wait histogram, by class index.
+    queue_wait_ms: Vec<u32>,
+    /// With `classes`: each class's queue depth, by class index.
+    class_queued: Vec<u32>,
+    /// With `tenants`: [`TENANT_GAUGES`].
+    tenants: Option<[u32; 2]>,
     capacity: u32,
     in_flight: u32,
     queued: u32,
     backend_unhealthy: u32,
     sync_version: u32,
-    queue_wait_ms: u32,
 }
 
 /// What the gauges show of a record: slots in use (granted ones included,
@@ -206,8 +238,9 @@ pub struct Metrics {
     ids: Vec<Option<Ids>>,
     /// Shared-data key of each endpoint's record, by endpoint index.
     keys: Vec<String>,
-    /// Counts not yet sent to Envoy, by endpoint index and [`Counter`].
-    pending: RefCell<Vec<[u64; Counter::ALL.len()]>>,
+    /// Counts not yet sent to Envoy, by endpoint index, class index and
+    /// [`Counter`].
+    pending: RefCell<Vec<Vec<[u64; Counter::ALL.len()]>>>,
     /// `sync_connected` by endpoint index, defined by the leader the first
     /// time it has a sync stream to report on (never without `sync`).
     sync_connected: RefCell<Option<Vec<Option<u32>>>>,
@@ -237,7 +270,7 @@ impl Metrics {
                 .and_then(|s| s.capacity)
                 .or(r.configured)
                 .unwrap_or(0);
-            match define(host, &routes.service, &r.path, capacity) {
+            match define(host, routes, &r.path, capacity) {
                 Ok(endpoint_ids) => ids.push(Some(endpoint_ids)),
                 Err(e) => {
                     log::warn!("no metrics for {}: Envoy refused them ({e:?})", r.path);
@@ -248,7 +281,10 @@ impl Metrics {
         Metrics {
             ids,
             keys: routes.endpoints.iter().map(|r| r.key.clone()).collect(),
-            pending: RefCell::new(vec![[0; Counter::ALL.len()]; routes.endpoints.len()]),
+            pending: RefCell::new(vec![
+                vec![[0; Counter::ALL.len()]; class_count(routes)];
+                routes.endpoints.len()
+            ]),
             sync_connected: RefCell::new(None),
             names: routes
                 .endpoints
@@ -260,29 +296,37 @@ impl Metrics {
         }
     }
 
-    /// Adds one to an outcome counter of endpoint `ep`, in memory: the
-    /// next [`flush`](Self::flush) sends it.
-    pub fn count(&self, ep: EndpointId, counter: Counter) {
-        self.pending.borrow_mut()[ep.0][counter as usize] += 1;
+    /// Adds one to an outcome counter of endpoint `ep` for a request of
+    /// class `class` (its index; 0 without classes), in memory: the next
+    /// [`flush`](Self::flush) sends it.
+    pub fn count(&self, ep: EndpointId, class: u8, counter: Counter) {
+        let mut pending = self.pending.borrow_mut();
+        let by_class = &mut pending[ep.0];
+        // A class index from a newer configuration than this VM's: the
+        // default's counters rather than none.
+        let i = usize::from(class).min(by_class.len() - 1);
+        by_class[i][counter as usize] += 1;
     }
 
     /// Sends the counts made since the last flush to Envoy: on every tick
     /// of the worker and at the VM's end.
     pub fn flush<H: Host>(&self, host: &H) {
         let mut pending = self.pending.borrow_mut();
-        for (ep, counts) in pending.iter_mut().enumerate() {
-            let Some(ids) = &self.ids[ep] else {
-                *counts = [0; Counter::ALL.len()];
-                continue;
-            };
-            for (i, n) in counts.iter_mut().enumerate() {
-                if *n == 0 {
+        for (ep, by_class) in pending.iter_mut().enumerate() {
+            for (class, counts) in by_class.iter_mut().enumerate() {
+                let Some(ids) = &self.ids[ep] else {
+                    *counts = [0; Counter::ALL.len()];
                     continue;
+                };
+                for (i, n) in counts.iter_mut().enumerate() {
+                    if *n == 0 {
+                        continue;
+                    }
+                    if let Err(e) = host.increment_metric(ids.counters[class][i], *n as i64) {
+                        log::debug!("increment_metric {:?}: {e:?}", Counter::ALL[i]);
+                    }
+                    *n = 0;
                 }
-                if let Err(e) = host.increment_metric(ids.counters[i], *n as i64) {
-                    log::debug!("increment_metric {:?}: {e:?}", Counter::ALL[i]);
-                }
-                *n = 0;
             }
         }
     }
@@ -302,6 +346,14 @@ impl Metrics {
             };
             self.publish_instances(host, ep, &state, now);
             self.publish_share(host, ep, &state, now);
+            for (class, id) in ids.class_queued.iter().enumerate() {
+                let _ = host.record_metric(*id, u64::from(state.queued_of(class as u8)));
+            }
+            if let Some(tenant_ids) = ids.tenants {
+                let (waiting, busiest) = flows_waiting(&state);
+                let _ = host.record_metric(tenant_ids[0], u64::from(waiting));
+                let _ = host.record_metric(tenant_ids[1], u64::from(busiest));
+            }
             let _ = host.record_metric(ids.capacity, u64::from(g.capacity));
             let _ = host.record_metric(ids.in_flight, u64::from(g.in_flight));
             let _ = host.record_metric(ids.queued, u64::from(g.queued));
@@ -391,33 +443,110 @@ impl Metrics {
         }
     }
 
-    /// A request of `ep` left the queue (with a slot or a 504) after waiting
-    /// since `since_ns`.
-    pub fn waited<H: Host>(&self, host: &H, ep: EndpointId, since_ns: u64) {
+    /// A request of `ep` and class `class` left the queue (with a slot or a
+    /// 504) after waiting since `since_ns`.
+    pub fn waited<H: Host>(&self, host: &H, ep: EndpointId, class: u8, since_ns: u64) {
         if let Some(ids) = &self.ids[ep.0] {
             let waited = Duration::from_nanos(host.now_ns().saturating_sub(since_ns));
-            let _ = host.record_metric(ids.queue_wait_ms, waited.as_millis() as u64);
+            let i = usize::from(class).min(ids.queue_wait_ms.len() - 1);
+            let _ = host.record_metric(ids.queue_wait_ms[i], waited.as_millis() as u64);
         }
+    }
+
+    /// What Envoy's counters say of endpoint `ep`'s class `class` (every
+    /// worker's counts up to its last tick): `(counter, value)` for each
+    /// [`Counter`]; empty with `metrics: false`.
+    pub fn read_counters<H: Host>(&self, host: &H, ep: usize, class: u8) -> Vec<(Counter, u64)> {
+        let Some(ids) = &self.ids[ep] else {
+            return Vec::new();
+        };
+        let Some(by_counter) = ids.counters.get(usize::from(class)) else {
+            return Vec::new();
+        };
+        Counter::ALL
+            .iter()
+            .zip(by_counter)
+            .filter_map(|(c, id)| host.get_metric(*id).ok().map(|v| (*c, v)))
+            .collect()
     }
 }
 
-fn define<H: Host>(host: &H, service: &str, path: &str, capacity: u32) -> Result<Ids, Status> {
-    let name = |suffix| metric_name(service, path, suffix);
-    let mut counters = [0; Counter::ALL.len()];
-    for c in Counter::ALL {
-        counters[c as usize] = host.define_metric(MetricType::Counter, &name(c.suffix()))?;
+/// Classes a request can be counted in: 1 without `classes`.
+fn class_count(routes: &Routes) -> usize {
+    routes.classes.as_ref().map_or(1, |c| c.list.len().max(1))
+}
+
+/// With tenants: how many flows have requests waiting, and how many wait in
+/// the busiest one.
+pub fn flows_waiting(state: &EndpointState) -> (u32, u32) {
+    let mut by_flow = [0u32; 256];
+    for w in state.waiters.iter().filter(|w| w.waiting()) {
+        by_flow[usize::from(w.flow)] += 1;
     }
+    let waiting = by_flow.iter().filter(|&&n| n > 0).count() as u32;
+    (waiting, by_flow.iter().copied().max().unwrap_or(0))
+}
+
+fn define<H: Host>(host: &H, routes: &Routes, path: &str, capacity: u32) -> Result<Ids, Status> {
+    let service = &routes.service;
+    let name = |suffix| metric_name(service, path, suffix);
+    // With classes, each request's counters and its wait are per class; the
+    // picks missed stay the endpoint's (what Envoy did, not the request).
+    let classes: Vec<Option<&str>> = match &routes.classes {
+        Some(c) => c.list.iter().map(|c| Some(c.name.as_str())).collect(),
+        None => vec![None],
+    };
+    let picks_missed =
+        host.define_metric(MetricType::Counter, &name(Counter::PicksMissed.suffix()))?;
+    let mut counters = Vec::with_capacity(classes.len());
+    let mut queue_wait_ms = Vec::with_capacity(classes.len());
+    for class in &classes {
+        let mut ids = [0; Counter::ALL.len()];
+        for c in Counter::ALL {
+            ids[c as usize] = match c {
+                Counter::PicksMissed => picks_missed,
+                c => host.define_metric(
+                    MetricType::Counter,
+                    &class_metric_name(service, path, *class, c.suffix()),
+                )?,
+            };
+        }
+        counters.push(ids);
+        queue_wait_ms.push(host.define_metric(
+            MetricType::Histogram,
+            &class_metric_name(service, path, *class, QUEUE_WAIT_MS),
+        )?);
+    }
+    let class_queued = match &routes.classes {
+        Some(_) => classes
+            .iter()
+            .map(|class| {
+                let name = class_metric_name(service, path, *class, CLASS_QUEUED);
+                host.define_metric(MetricType::Gauge, &name)
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        None => Vec::new(),
+    };
+    let tenants = match &routes.tenants {
+        Some(_) => Some([
+            host.define_metric(MetricType::Gauge, &name(TENANT_GAUGES[0]))?,
+            host.define_metric(MetricType::Gauge, &name(TENANT_GAUGES[1]))?,
+        ]),
+        None => None,
+    };
     let capacity_id = host.define_metric(MetricType::Gauge, &name(CAPACITY))?;
     // What the record holds now; every write that changes it sets it again.
     host.record_metric(capacity_id, u64::from(capacity))?;
     Ok(Ids {
         counters,
+        queue_wait_ms,
+        class_queued,
+        tenants,
         capacity: capacity_id,
         in_flight: host.define_metric(MetricType::Gauge, &name(IN_FLIGHT))?,
         queued: host.define_metric(MetricType::Gauge, &name(QUEUED))?,
         backend_unhealthy: host.define_metric(MetricType::Gauge, &name(BACKEND_UNHEALTHY))?,
         sync_version: host.define_metric(MetricType::Gauge, &name(SYNC_VERSION))?,
-        queue_wait_ms: host.define_metric(MetricType::Histogram, &name(QUEUE_WAIT_MS))?,
     })
 }
 
@@ -443,12 +572,7 @@ mod tests {
     fn counters(envoy: &FakeEnvoy) -> Vec<(&'static str, u64)> {
         Counter::ALL
             .iter()
-            .map(|c| {
-                let label = c
-                    .outcome()
-                    .unwrap_or_else(|| c.suffix().trim_end_matches("_total"));
-                (label, metric(envoy, c.suffix()))
-            })
+            .map(|c| (c.label(), metric(envoy, c.suffix())))
             .collect()
     }
 
@@ -643,6 +767,76 @@ mod tests {
                 + metric(&envoy, Counter::AdmittedAfterWait.suffix()),
             800
         );
+    }
+
+    /// With classes, a request's counters and wait are its class's
+    /// (`#<class>` in the name), the picks missed the endpoint's; each
+    /// class's queue has a gauge, the tenants' flows two.
+    #[test]
+    fn with_classes_counters_and_waits_are_per_class() {
+        let envoy = FakeEnvoy::new();
+        let cfg = json!({"service": "t",
+            "classes": {"hi": {"priority": 5}, "lo": {"priority": 1}},
+            "default_class": "lo",
+            "tenants": {"header": "x-tenant"},
+            "endpoints": {PATH: {"capacity": 1, "queue_timeout": 1.0, "max_queue": 10}},
+        });
+        let w = FakeWorker::start(&envoy, &cfg);
+        w.tick();
+        let class =
+            |c: &str, suffix: &str| envoy.metric(&class_metric_name("t", PATH, Some(c), suffix));
+        let mut a = w.request_with("POST", PATH, &[("x-sluice-class", "hi")]);
+        assert_eq!(a.action, Action::Continue);
+        let mut lo: Vec<_> = ["x", "x", "y"]
+            .iter()
+            .map(|t| w.request_with("POST", PATH, &[("x-tenant", t)]))
+            .collect();
+        let mut hi = w.request_with("POST", PATH, &[("x-sluice-class", "hi"), ("x-tenant", "x")]);
+        envoy.advance(SETTLE);
+        w.tick();
+        assert_eq!(class("hi", CLASS_QUEUED), 1);
+        assert_eq!(class("lo", CLASS_QUEUED), 3);
+        assert_eq!(metric(&envoy, QUEUED), 4);
+        // x (3 waiting: two lo, one hi) and y (one).
+        assert_eq!(metric(&envoy, TENANT_GAUGES[0]), 2);
+        assert_eq!(metric(&envoy, TENANT_GAUGES[1]), 3);
+        envoy.advance(Duration::from_millis(5));
+        a.complete();
+        assert_eq!(hi.resumes(), 1, "the higher class first");
+        envoy.advance(Duration::from_secs(1));
+        w.tick();
+        for s in lo.iter_mut() {
+            assert_eq!(s.reply().status, 504);
+        }
+        hi.complete();
+        envoy.advance(SETTLE);
+        w.tick();
+        assert_eq!(class("hi", REQUESTS), 2);
+        assert_eq!(class("hi", Counter::AdmittedAtOnce.suffix()), 1);
+        assert_eq!(class("hi", Counter::AdmittedAfterWait.suffix()), 1);
+        assert_eq!(class("lo", REQUESTS), 3);
+        assert_eq!(class("lo", Counter::QueueTimeout.suffix()), 3);
+        assert_eq!(class("lo", Counter::AdmittedAtOnce.suffix()), 0);
+        assert_eq!(
+            envoy.samples(&class_metric_name("t", PATH, Some("hi"), QUEUE_WAIT_MS)),
+            [(SETTLE + Duration::from_millis(5)).as_millis() as u64]
+        );
+        assert_eq!(
+            envoy
+                .samples(&class_metric_name("t", PATH, Some("lo"), QUEUE_WAIT_MS))
+                .len(),
+            3
+        );
+        // No endpoint-wide copy of a per-class counter: sums never double.
+        assert!(!envoy.has_metric(&metric_name("t", PATH, REQUESTS)));
+        assert!(envoy.has_metric(&metric_name("t", PATH, Counter::PicksMissed.suffix())));
+        // The stats JSON reads the same counters from Envoy.
+        let stats = w.stats();
+        let classes = &stats["endpoints"][PATH]["classes"];
+        assert_eq!(classes["lo"]["outcomes"]["queue_timeout"], 3, "{classes}");
+        assert_eq!(classes["hi"]["outcomes"]["admitted_after_wait"], 1);
+        assert_eq!(classes["hi"]["outcomes"]["requests"], 2);
+        assert!(take_problems().is_empty());
     }
 
     /// `sync_connected` follows the leader's stream (and is not defined

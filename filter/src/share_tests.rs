@@ -3,7 +3,6 @@
 //! share of 0 admits nothing), the fallback, a reconnect naming the old
 //! stream, a new leader VM taking the grant over, and the final report.
 
-use crate::admin::STATS_PATH;
 use crate::fake_host::{take_problems, FakeEnvoy, FakeWorker, GrpcStream};
 use proxy_wasm::types::Action;
 use serde_json::{json, Value};
@@ -83,13 +82,6 @@ fn leader(envoy: &std::sync::Arc<FakeEnvoy>, capacity: u32) -> FakeWorker {
     w
 }
 
-fn stats(w: &FakeWorker) -> Value {
-    let mut s = w.request("GET", STATS_PATH);
-    let doc = s.reply().json();
-    s.complete();
-    doc
-}
-
 #[test]
 fn without_shares_only_watch_is_opened_and_the_capacity_holds_whole() {
     let envoy = FakeEnvoy::new();
@@ -103,7 +95,7 @@ fn without_shares_only_watch_is_opened_and_the_capacity_holds_whole() {
     let a = w.request("GET", PATH);
     let b = w.request("GET", PATH);
     assert_eq!((a.action, b.action), (Action::Continue, Action::Continue));
-    assert!(stats(&w)["endpoints"][PATH].get("share").is_none());
+    assert!(w.stats()["endpoints"][PATH].get("share").is_none());
     assert!(!envoy.has_metric("sluice.t./predict.share"));
     assert_quiet();
 }
@@ -152,7 +144,7 @@ fn a_share_of_0_admits_nothing_until_a_grant_and_the_grant_holds_for_its_lease()
         Action::Pause,
         "the share, not the capacity of 10"
     );
-    let doc = stats(&w);
+    let doc = w.stats();
     assert_eq!(doc["endpoints"][PATH]["share"]["slots"], 2);
     assert_eq!(doc["endpoints"][PATH]["share"]["admits"], 2);
     assert!(
@@ -367,7 +359,7 @@ fn with_instances_each_instance_is_a_pool_with_its_own_share() {
     assert_eq!(r1.request_header("x-sluice-host").as_deref(), Some(B));
     let r2 = w.request("GET", PATH);
     assert_eq!(r2.action, Action::Pause, "A holds 0, B is full");
-    let st = stats(&w);
+    let st = w.stats();
     let instances = st["endpoints"][PATH]["instances"].as_array().unwrap();
     assert_eq!(instances[0]["share"]["admits"], 0);
     assert_eq!(instances[1]["share"]["admits"], 1);

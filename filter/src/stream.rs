@@ -76,6 +76,7 @@ impl<H: Host> Stream<H> {
             host,
             &worker.dashboard,
             &worker.routes,
+            &worker.metrics,
             worker.taken_id(),
             &path,
         ) {
@@ -99,7 +100,11 @@ impl<H: Host> Stream<H> {
         {
             return Action::Continue;
         }
-        worker.metrics.count(ep, Counter::Requests);
+        let class = worker
+            .routes
+            .class_of(route, |name| host.get_http_request_header(name));
+        let count = |counter| worker.metrics.count(ep, class.index, counter);
+        count(Counter::Requests);
         let Some(worker_id) = worker.id() else {
             // Fail open: without an index nobody could wake this request.
             return Action::Continue;
@@ -115,9 +120,6 @@ impl<H: Host> Stream<H> {
         let pin = steering
             .and_then(|s| s.sticky.as_ref())
             .and_then(|sticky| session_pin(host, sticky));
-        let class = worker
-            .routes
-            .class_of(route, |name| host.get_http_request_header(name));
         // The capacity in force is in the record this reads anyway.
         match holding::acquire_as(
             host,
@@ -136,7 +138,7 @@ impl<H: Host> Stream<H> {
                 match arrival {
                     Arrival::Admitted(slot) => {
                         steer(&worker, slot.instance());
-                        worker.metrics.count(ep, Counter::AdmittedAtOnce);
+                        count(Counter::AdmittedAtOnce);
                         let admitted_ns = worker.time_next(ep).then(|| host.now_ns());
                         if !end_of_stream {
                             let now = admitted_ns.unwrap_or_else(|| host.now_ns());
@@ -151,13 +153,13 @@ impl<H: Host> Stream<H> {
                         if let Some(at) = expires_ns.filter(|_| worker.routes.refuse_unreachable) {
                             let left = at.saturating_sub(host.now_ns());
                             if worker.least_wait_ns(ep, backlog).is_some_and(|w| w > left) {
-                                return self.leave_queue_unreachable(ticket);
+                                return self.leave_queue_unreachable(ticket, class.index);
                             }
                         }
                         let bytes = match queue_bytes(host, route, end_of_stream) {
                             Ok(bytes) => bytes,
                             Err(QueueBytesFull) => {
-                                return self.leave_full_queue(ticket);
+                                return self.leave_full_queue(ticket, class.index);
                             }
                         };
                         let waiting = Waiting {
@@ -176,19 +178,19 @@ impl<H: Host> Stream<H> {
                         Action::Pause
                     }
                     Arrival::QueueFull(backlog) => {
-                        worker.metrics.count(ep, Counter::QueueFull);
+                        count(Counter::QueueFull);
                         LocalReply::QueueFull(route)
                             .send_with_retry(host, worker.retry_after_ms(ep, backlog));
                         Action::Pause
                     }
                     Arrival::Shed(backlog) => {
-                        worker.metrics.count(ep, Counter::Shed);
+                        count(Counter::Shed);
                         LocalReply::Shed(route)
                             .send_with_retry(host, worker.retry_after_ms(ep, backlog));
                         Action::Pause
                     }
                     Arrival::Unhealthy => {
-                        worker.metrics.count(ep, Counter::Unhealthy);
+                        count(Counter::Unhealthy);
                         LocalReply::Unhealthy(route).send(host);
                         Action::Pause
                     }
@@ -197,7 +199,7 @@ impl<H: Host> Stream<H> {
             Err(e) => {
                 // Fail open: shared data trouble must not take the service down.
                 steer(&worker, None);
-                worker.metrics.count(ep, Counter::FailedOpen);
+                count(Counter::FailedOpen);
                 log::warn!(
                     "acquire on {}: {e}; letting the request through",
                     route.path
@@ -211,8 +213,8 @@ impl<H: Host> Stream<H> {
     /// slot: it gives its ticket back and is answered `deadline` at once
     /// rather than at its deadline, unless a slot was granted to the ticket
     /// in the meantime.
-    fn leave_queue_unreachable(&mut self, ticket: Ticket) -> Action {
-        self.give_back(ticket, Some(Counter::Deadline), |route| {
+    fn leave_queue_unreachable(&mut self, ticket: Ticket, class: u8) -> Action {
+        self.give_back(ticket, class, Some(Counter::Deadline), |route| {
             LocalReply::Deadline(route)
         })
     }
@@ -220,16 +222,17 @@ impl<H: Host> Stream<H> {
     /// The queue has no room for this request's body (`max_queued_bytes`):
     /// it gives its ticket back and gets `503 queue-full`, unless a slot was
     /// granted to the ticket in the meantime.
-    fn leave_full_queue(&mut self, ticket: Ticket) -> Action {
-        self.give_back(ticket, None, |route| LocalReply::QueueFull(route))
+    fn leave_full_queue(&mut self, ticket: Ticket, class: u8) -> Action {
+        self.give_back(ticket, class, None, |route| LocalReply::QueueFull(route))
     }
 
     /// Leaves the queue at once, answered with `reply` (and counted as
-    /// `outcome`), or goes ahead with the slot granted to the ticket
+    /// `outcome` of `class`), or goes ahead with the slot granted to the ticket
     /// meanwhile.
     fn give_back(
         &mut self,
         ticket: Ticket,
+        class: u8,
         outcome: Option<Counter>,
         reply: impl for<'r> FnOnce(&'r Route) -> LocalReply<'r>,
     ) -> Action {
@@ -245,7 +248,7 @@ impl<H: Host> Stream<H> {
             }
             Ok(None) => {
                 if let Some(c) = outcome {
-                    worker.metrics.count(ep, c);
+                    worker.metrics.count(ep, class, c);
                 }
                 reply(route).send(host);
                 Action::Pause

@@ -3,7 +3,6 @@
 //! ignored, raises admitting queued requests FIFO, lowers cutting none,
 //! fail static, and the fast 503s of an unhealthy backend.
 
-use crate::admin::STATS_PATH;
 use crate::fake_host::{take_problems, FakeEnvoy, FakeStream, FakeWorker};
 use crate::sync_stream::grpc_service;
 use proxy_wasm::types::Action;
@@ -76,13 +75,6 @@ fn the_stream(workers: &[&FakeWorker]) -> (usize, u32) {
     open[0]
 }
 
-fn stats(w: &FakeWorker) -> Value {
-    let mut s = w.request("GET", STATS_PATH);
-    let doc = s.reply().json();
-    s.complete();
-    doc
-}
-
 fn assert_quiet() {
     let problems = take_problems();
     assert!(problems.is_empty(), "{problems:#?}");
@@ -114,7 +106,7 @@ fn configure_opens_nothing_the_first_tick_of_one_root_opens_the_stream() {
     assert!(s.end_stream, "server streaming: the request ends our side");
     let req = WatchRequest::decode(s.sent[0].as_slice()).unwrap();
     assert_eq!((req.service.as_str(), req.last_version), ("t", 0));
-    assert_eq!(stats(&ws[1])["sync"]["state"], "connecting");
+    assert_eq!(ws[1].stats()["sync"]["state"], "connecting");
     assert_quiet();
 }
 
@@ -189,7 +181,7 @@ fn snapshots_set_the_capacity_an_older_one_is_ignored() {
     assert!(held.iter().all(|s| s.action == Action::Continue));
     let mut fourth = other.request("POST", PATH);
     assert_eq!(fourth.action, Action::Pause);
-    let doc = stats(&other);
+    let doc = other.stats();
     assert_eq!(doc["endpoints"][PATH]["capacity"], 3);
     assert_eq!(doc["endpoints"][PATH]["capacity_source"], "sync");
     assert_eq!(doc["sync"]["state"], "connected");
@@ -267,7 +259,7 @@ fn without_a_configured_capacity_requests_pass_until_sync_gives_one() {
     let token = w.open_stream().unwrap().token;
     let mut passed: Vec<FakeStream> = (0..10).map(|_| w.request("POST", PATH)).collect();
     assert!(passed.iter().all(|s| s.action == Action::Continue));
-    assert_eq!(stats(&w)["endpoints"][PATH]["capacity"], Value::Null);
+    assert_eq!(w.stats()["endpoints"][PATH]["capacity"], Value::Null);
     w.grpc_message(token, &snapshot(1, 2));
     let mut next = w.request("POST", PATH);
     assert!(next.is_waiting(), "10 in flight, capacity 2");
@@ -328,7 +320,7 @@ fn fail_static_reopens_with_backoff_and_the_watchdog_cancels_a_silent_stream() {
     // The server goes away: capacities stay, the stats say since when.
     w.grpc_close(first, 14);
     assert_eq!(envoy.record(KEY).capacity, Some(5));
-    let doc = stats(&w);
+    let doc = w.stats();
     assert_eq!(doc["sync"]["state"], "disconnected");
     assert!(doc["sync"]["disconnected_since_unix_ms"].as_u64().is_some());
     // Reopened within the first backoff (50-100 ms), asking from version 3.
@@ -364,7 +356,7 @@ fn fail_static_reopens_with_backoff_and_the_watchdog_cancels_a_silent_stream() {
     assert!(!opened_at.is_empty(), "reopens once the cluster works");
     let token = w.open_stream().unwrap().token;
     w.grpc_message(token, &heartbeat(3));
-    assert_eq!(stats(&w)["sync"]["state"], "connected");
+    assert_eq!(w.stats()["sync"]["state"], "connected");
     take_problems(); // the losses are logged as warnings, on purpose
 }
 
@@ -389,7 +381,7 @@ fn unhealthy_answers_new_and_queued_requests_503_then_recovers() {
     assert_eq!(h(":path").as_deref(), Some("/health"));
     assert!(h(":authority").is_some());
     w1.http_response(call.token, Some(200));
-    assert_eq!(stats(&w2)["health"]["state"], "healthy");
+    assert_eq!(w2.stats()["health"]["state"], "healthy");
     // Two failures in a row (a 500, then a timeout): unhealthy.
     envoy.advance(Duration::from_secs(1));
     w1.tick();
@@ -412,14 +404,14 @@ fn unhealthy_answers_new_and_queued_requests_503_then_recovers() {
     }
     let mut fresh = w2.request("POST", PATH);
     assert_eq!(fresh.reply().status, 503, "new requests at once");
-    assert_eq!(stats(&w2)["health"]["state"], "unhealthy");
+    assert_eq!(w2.stats()["health"]["state"], "unhealthy");
     // Two successes: healthy again, requests go through.
     for i in 3..5 {
         envoy.advance(Duration::from_secs(1));
         w1.tick();
         w1.http_response(w1.http_calls()[i].token, Some(204));
     }
-    assert_eq!(stats(&w2)["health"]["state"], "healthy");
+    assert_eq!(w2.stats()["health"]["state"], "healthy");
     holder.complete();
     let mut after = w2.request("POST", PATH);
     assert_eq!(after.action, Action::Continue);

@@ -9,6 +9,7 @@ pub mod status;
 pub use dashboard::Dashboard;
 
 use crate::host::Host;
+use crate::metrics::Metrics;
 use crate::routes::Routes;
 use sluice_core::admission::WorkerId;
 
@@ -27,6 +28,7 @@ pub fn answer<H: Host>(
     host: &H,
     dashboard: &Dashboard,
     routes: &Routes,
+    metrics: &Metrics,
     worker: Option<WorkerId>,
     path: &str,
 ) -> bool {
@@ -37,7 +39,7 @@ pub fn answer<H: Host>(
         }
         // Asks for credentials when the dashboard has them.
         if !dashboard.answer(host, path) {
-            stats::send(host, routes, worker, &dashboard.stats_cache);
+            stats::send(host, routes, metrics, worker, &dashboard.stats_cache);
         }
         return true;
     }

@@ -14,11 +14,11 @@
 
 use super::status;
 use crate::host::Host;
+use crate::metrics::{Counter, Metrics};
 use crate::replies::details;
 use crate::routes::Routes;
 use serde_json::json;
 use sluice_core::admission::{self, WorkerId};
-use sluice_core::shared_data::SharedData;
 use std::cell::RefCell;
 use std::time::Duration;
 
@@ -44,8 +44,14 @@ struct Cached {
 /// Answers the current request with the stats, served by `worker` (the
 /// numbers are the whole process's; the worker is there so a client can
 /// tell who read them, e.g. to time how fast a change reaches each worker).
-pub fn send<H: Host>(host: &H, routes: &Routes, worker: Option<WorkerId>, cache: &Cache) {
-    let body = cache.body(host, routes);
+pub fn send<H: Host>(
+    host: &H,
+    routes: &Routes,
+    metrics: &Metrics,
+    worker: Option<WorkerId>,
+    cache: &Cache,
+) {
+    let body = cache.body(host, routes, metrics);
     // `{"served_by_worker":N,` + the rest of the cached object.
     let served_by = serde_json::Value::from(worker);
     let body = match body.strip_prefix('{') {
@@ -66,14 +72,14 @@ pub fn send<H: Host>(host: &H, routes: &Routes, worker: Option<WorkerId>, cache:
 impl Cache {
     /// The body to serve now: the last one while it is young enough, else
     /// a new one.
-    fn body<H: Host>(&self, host: &H, routes: &Routes) -> String {
+    fn body<H: Host>(&self, host: &H, routes: &Routes, metrics: &Metrics) -> String {
         let start = host.now_ns();
         if let Some(c) = &*self.last.borrow() {
             if start < c.until_ns {
                 return c.body.clone();
             }
         }
-        let body = document(host, routes, start).to_string();
+        let body = document(host, routes, metrics, start).to_string();
         let cost = host.now_ns().saturating_sub(start);
         *self.last.borrow_mut() = (cost >= CACHE_ABOVE.as_nanos() as u64).then(|| Cached {
             body: body.clone(),
@@ -129,9 +135,14 @@ fn share(
 
 /// The capacity is the one in force (shared record); `null` while an
 /// endpoint has none (it passes). Ages as of `now_ns`.
-fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_json::Value {
+fn document<H: Host>(
+    store: &H,
+    routes: &Routes,
+    metrics: &Metrics,
+    now_ns: u64,
+) -> serde_json::Value {
     let mut endpoints = serde_json::Map::new();
-    for r in &routes.endpoints {
+    for (ep, r) in routes.endpoints.iter().enumerate() {
         // One read of the record for everything below.
         let state = admission::snapshot(store, &r.key);
         let mut entry = match &state {
@@ -177,16 +188,25 @@ fn document<S: SharedData>(store: &S, routes: &Routes, now_ns: u64) -> serde_jso
                 .enumerate()
                 .map(|(i, c)| {
                     let i = i as u8;
-                    (
-                        c.name.clone(),
-                        json!({
-                            "priority": c.priority,
-                            "sheddable": c.sheddable,
-                            "queued": s.queued_of(i),
-                            "max_queue": c.max_queue,
-                            "queue_timeout": routes.queue_timeout(r, i).as_secs_f64(),
-                        }),
-                    )
+                    let mut class = json!({
+                        "priority": c.priority,
+                        "sheddable": c.sheddable,
+                        "queued": s.queued_of(i),
+                        "max_queue": c.max_queue,
+                        "queue_timeout": routes.queue_timeout(r, i).as_secs_f64(),
+                    });
+                    // What became of the class's requests: Envoy's counters,
+                    // every worker's up to its last tick (none with
+                    // `metrics: false`).
+                    let counts = metrics.read_counters(store, ep, i);
+                    if !counts.is_empty() {
+                        class["outcomes"] = counts
+                            .into_iter()
+                            .filter(|(c, _)| *c != Counter::PicksMissed)
+                            .map(|(c, n)| (c.label().to_string(), json!(n)))
+                            .collect();
+                    }
+                    (c.name.clone(), class)
                 })
                 .collect();
             entry["classes"] = json!(by_class);

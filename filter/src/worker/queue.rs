@@ -205,7 +205,8 @@ impl<H: Host> Worker<H> {
                         "withdraw on {}: {e}; letting the request through",
                         route.path
                     );
-                    self.metrics.count(w.endpoint, Counter::FailedOpen);
+                    self.metrics
+                        .count(w.endpoint, w.handle.class, Counter::FailedOpen);
                     if self.host.set_effective_context(w.context_id).is_ok() {
                         let _ = self.host.resume_http_request();
                     }
@@ -261,8 +262,9 @@ impl<H: Host> Worker<H> {
 
     /// Counts how a waiter left the queue, and how long it waited.
     fn left_queue(&self, w: &Left<QueuedBytes>, how: Counter) {
-        self.metrics.count(w.endpoint, how);
+        let class = w.handle.class;
+        self.metrics.count(w.endpoint, class, how);
         self.metrics
-            .waited(&self.host, w.endpoint, w.handle.since_ns);
+            .waited(&self.host, w.endpoint, class, w.handle.since_ns);
     }
 }

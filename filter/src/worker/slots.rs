@@ -108,7 +108,8 @@ impl<H: Host> Worker<H> {
         }
         let ep = slot.endpoint();
         let route = self.routes.route(ep);
-        self.metrics.count(ep, Counter::PicksMissed);
+        // Not a request's outcome: the same counter for every class.
+        self.metrics.count(ep, 0, Counter::PicksMissed);
         log::info!(
             "{}: picked {picked}, Envoy sent it to {}; is {picked} in the cluster?",
             route.path,

@@ -271,6 +271,150 @@ fn dotted_service_and_path_come_out_whole_as_labels() {
     }
 }
 
+/// With `classes` and `tenants`: each request's counters and its wait carry
+/// its class (`sluice_class`), each class's queue has a gauge, the tenants'
+/// flows two bounded gauges, and the stats JSON shows the same counts per
+/// class as Envoy's counters. Capacity 1, 800 ms a request: one interactive
+/// request holds the slot; four batch requests (1 s queue timeout) wait
+/// behind two interactive ones, which take 1.6 s between them, so all four
+/// time out; a sheddable probe is refused at once.
+#[test]
+fn with_classes_every_request_metric_carries_its_class() {
+    use sluice_harness::http::Request;
+    let backend = Backend::start(&["/predict:service_ms=800"]);
+    let config = json!({"service": "e2e",
+        "abandon_hold": 0,
+        "classes": {
+            "interactive": {"priority": 10},
+            "batch": {"priority": 1, "queue_timeout": 1},
+            "probe": {"sheddable": true},
+        },
+        "default_class": "interactive",
+        "tenants": {"header": "x-tenant"},
+        "endpoints": {"/predict": {"capacity": 1, "queue_timeout": 10, "max_queue": 20}},
+    });
+    let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 4);
+    let addr = envoy.listener_addr();
+    let send = |class: &'static str, tenant: &'static str| {
+        let r = Request::new("POST", addr, "/predict")
+            .header("x-sluice-class", class)
+            .header("x-tenant", tenant);
+        std::thread::spawn(move || r.send().expect("a response").status)
+    };
+    let first = send("interactive", "alpha");
+    wait_until(
+        Duration::from_secs(2),
+        "the first request in flight",
+        || (sluice(&scrape(&envoy), "in_flight") == Some(1.0)).then_some(()),
+    );
+    let mut batch: Vec<_> = (0..3).map(|_| send("batch", "alpha")).collect();
+    batch.push(send("batch", "omega"));
+    let interactive: Vec<_> = (0..2).map(|_| send("interactive", "alpha")).collect();
+    let by_class = |s: &[Sample], metric: &str, class: &str| {
+        value(s, metric, "e2e", "/predict", &[("sluice_class", class)])
+    };
+    // Mid-burst: the queue per class, and two tenants' flows waiting, the
+    // busiest (alpha's) with five.
+    let mid = wait_until(Duration::from_secs(1), "6 queued", || {
+        let s = scrape(&envoy);
+        (sluice(&s, "queued") == Some(6.0)).then_some(s)
+    });
+    assert_eq!(by_class(&mid, "sluice_class_queued", "batch"), Some(4.0));
+    assert_eq!(
+        by_class(&mid, "sluice_class_queued", "interactive"),
+        Some(2.0)
+    );
+    assert_eq!(by_class(&mid, "sluice_class_queued", "probe"), Some(0.0));
+    assert_eq!(sluice(&mid, "tenant_flows_waiting"), Some(2.0), "{mid:#?}");
+    assert_eq!(sluice(&mid, "tenant_busiest_flow_queued"), Some(5.0));
+    let probe = send("probe", "omega");
+    assert_eq!(probe.join().unwrap(), 503, "shed while saturated");
+
+    let statuses = |hs: Vec<std::thread::JoinHandle<u16>>| -> Vec<u16> {
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    };
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(
+        statuses(batch),
+        [504; 4],
+        "batch timed out behind interactive"
+    );
+    assert_eq!(statuses(interactive), [200; 2]);
+
+    let want = [
+        ("interactive", "admitted_at_once", 1.0),
+        ("interactive", "admitted_after_wait", 2.0),
+        ("batch", "queue_timeout", 4.0),
+        ("probe", "shed", 1.0),
+        ("batch", "admitted_at_once", 0.0),
+    ];
+    let end = wait_until(
+        Duration::from_secs(2),
+        "the counts on Envoy's counters",
+        || {
+            let s = scrape(&envoy);
+            (by_class(&s, "sluice_requests_total", "batch") == Some(4.0)
+                && by_class(&s, "sluice_outcomes_total", "interactive").is_some()
+                && sluice(&s, "in_flight") == Some(0.0))
+            .then_some(s)
+        },
+    );
+    for (class, outcome, n) in want {
+        let got = value(
+            &end,
+            "sluice_outcomes_total",
+            "e2e",
+            "/predict",
+            &[("sluice_class", class), ("outcome", outcome)],
+        );
+        assert_eq!(got, Some(n), "{class} {outcome}");
+    }
+    for (class, n) in [("interactive", 3.0), ("batch", 4.0), ("probe", 1.0)] {
+        assert_eq!(
+            by_class(&end, "sluice_requests_total", class),
+            Some(n),
+            "{class}"
+        );
+    }
+    // Every request counter of the endpoint carries a class: summing over
+    // `sluice_class` gives the endpoint's figures, never twice.
+    let unclassed: Vec<_> = end
+        .iter()
+        .filter(|s| s.name == "sluice_requests_total" || s.name == "sluice_outcomes_total")
+        .filter(|s| s.labels.get("sluice_endpoint").map(String::as_str) == Some("/predict"))
+        .filter(|s| !s.labels.contains_key("sluice_class"))
+        .collect();
+    assert!(unclassed.is_empty(), "{unclassed:#?}");
+    // The stats JSON reads the same counters.
+    let stats: Value = envoy
+        .request("GET", "/balancer/stats")
+        .send()
+        .unwrap()
+        .json();
+    let classes = &stats["endpoints"]["/predict"]["classes"];
+    assert_eq!(
+        classes["batch"]["outcomes"]["queue_timeout"], 4,
+        "{classes}"
+    );
+    assert_eq!(classes["interactive"]["outcomes"]["admitted_after_wait"], 2);
+    assert_eq!(classes["probe"]["outcomes"]["shed"], 1);
+    assert_eq!(classes["probe"]["outcomes"]["requests"], 1);
+    // The waits, per class, at Envoy's stats flush (5 s).
+    let waits = wait_until(Duration::from_secs(12), "the wait histograms", || {
+        let s = scrape(&envoy);
+        let batch = by_class(&s, "sluice_queue_wait_milliseconds_count", "batch");
+        (batch == Some(4.0)).then_some(s)
+    });
+    assert_eq!(
+        by_class(
+            &waits,
+            "sluice_queue_wait_milliseconds_count",
+            "interactive"
+        ),
+        Some(2.0)
+    );
+}
+
 /// Every Envoy bootstrap in the repo carries the same tag regexes as the
 /// rendered front proxy, so the metrics have the same labels everywhere.
 #[test]

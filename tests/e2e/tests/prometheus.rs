@@ -121,7 +121,11 @@ fn shipped_queries_return_what_the_backend_really_had() {
     // Each request holds its slot 8 s: 3 in flight and 2 waiting for as
     // long as the test looks.
     let backend = Backend::start(&["/predict:service_ms=8000"]);
-    let config = json!({"service": "demo", "endpoints": {
+    // With classes, so the per-class panels have series to show: every
+    // request is of the default class.
+    let config = json!({"service": "demo",
+    "classes": {"default": {"priority": 1}, "interactive": {"priority": 10}},
+    "endpoints": {
         "/predict": {"capacity": CAPACITY, "queue_timeout": 20, "max_queue": 10},
     }});
     let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 2);
@@ -262,6 +266,9 @@ fn shipped_queries_return_what_the_backend_really_had() {
             assert_eq!(total, in_flight as f64, "dashboard {what}: {expr}");
         } else if expr.starts_with("sum by (sluice_service, sluice_endpoint) (sluice_queued") {
             assert_eq!(total, queued as f64, "dashboard {what}: {expr}");
+        } else if expr.starts_with("sum by (sluice_endpoint, sluice_class) (sluice_class_queued") {
+            assert_eq!(total, queued as f64, "dashboard {what}: {expr}");
+            assert_eq!(series.len(), 2, "a series per class: {data}");
         } else if expr.starts_with("sum by (sluice_service, sluice_endpoint) (sluice_capacity") {
             assert_eq!(total, CAPACITY as f64, "dashboard {what}: {expr}");
         } else if expr.starts_with("count by") {

@@ -15,7 +15,8 @@ pub const FRONT_LISTENER_NAME: &str = "sluice_front";
 /// `sluice_in_flight{sluice_service="demo",sluice_endpoint="/predict"}`. Of
 /// each regex, the first group is cut from the name and the inner one is the
 /// tag's value; a path runs from the first `/` to the dot before the metric,
-/// and an instance's gauges carry `@<IP:port>` before theirs.
+/// an instance's gauges carry `@<IP:port>` before theirs, and with classes
+/// a class's metrics `#<class>` (no configured path holds a `#`).
 /// The same block is in every Envoy configuration of the repo
 /// (docs/metrics.md).
 pub const STATS_TAGS_YAML: &str = r#"stats_config:
@@ -23,11 +24,13 @@ pub const STATS_TAGS_YAML: &str = r#"stats_config:
   - tag_name: sluice_service
     regex: '^wasmcustom\.sluice\.(([^/]*)\.)/'
   - tag_name: sluice_endpoint
-    regex: '^wasmcustom\.sluice\.[^/]*\.((/.*?)\.)(?:[a-z_]+\.outcomes_total|@[^@/]*\.instance_[a-z_]+|[a-z_]+)$'
+    regex: '^wasmcustom\.sluice\.[^/]*\.((/[^#]*?)\.)(?:#[A-Za-z0-9_-]+\.)?(?:[a-z_]+\.outcomes_total|@[^@/]*\.instance_[a-z_]+|[a-z_]+)$'
   - tag_name: sluice_instance
     regex: '^wasmcustom\.sluice\.[^/]*\./.*\.(@([^@/]*)\.)instance_[a-z_]+$'
   - tag_name: outcome
     regex: '^wasmcustom\.sluice\.[^/]*\./.*\.(([a-z_]+)\.)outcomes_total$'
+  - tag_name: sluice_class
+    regex: '^wasmcustom\.sluice\.[^/]*\./[^#]*\.(#([A-Za-z0-9_-]+)\.)[a-z_.]+$'
 "#;
 
 #[derive(Debug, Clone)]
