@@ -124,6 +124,14 @@ function readPage() {
       colour: ["green", "yellow", "red"].find((c) => card.classList.contains(c)),
       badge: badge.hidden ? null : badge.textContent,
     };
+    const classes = card.querySelector('[data-field="classes"]');
+    if (!classes.hidden) {
+      out[card.dataset.endpoint].classes = Object.fromEntries(
+        [...classes.tBodies[0].rows].map((r) => [r.dataset.class, {
+          queued: Number(r.cells[2].textContent),
+          admitted: r.cells[3].textContent,
+        }]));
+    }
   }
   return out;
 }
@@ -142,6 +150,12 @@ function fromStats(doc) {
       colour: u >= 100 ? "red" : u >= 80 ? "yellow" : "green",
       badge: ep.queued > 0 ? `${ep.queued} waiting` : null,
     };
+    if (ep.classes) {
+      out[path].classes = Object.fromEntries(Object.entries(ep.classes).map(([name, k]) => [name, {
+        queued: k.queued,
+        admitted: String((k.outcomes?.admitted_at_once ?? 0) + (k.outcomes?.admitted_after_wait ?? 0)),
+      }]));
+    }
   }
   return out;
 }

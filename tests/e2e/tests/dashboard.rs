@@ -59,6 +59,8 @@ fn dashboard_in_chromium_matches_the_stats_and_asks_for_credentials() {
     let config = json!({
         "service": "demo",
         "ui": {"enable": true, "username": USER, "password": PASSWORD, "refresh": 0.5},
+        // The page shows each class's queue and what became of its requests.
+        "classes": {"interactive": {"priority": 10}, "default": {"priority": 1}},
         "endpoints": {
             "/predict": {"capacity": 4, "queue_timeout": 120, "max_queue": 100},
             "/embed": {"capacity": 10, "queue_timeout": 120},
@@ -114,6 +116,10 @@ fn dashboard_in_chromium_matches_the_stats_and_asks_for_credentials() {
     assert_eq!(matched["/predict"]["queued"], 6, "{report}");
     assert_eq!(matched["/predict"]["colour"], "red");
     assert_eq!(matched["/predict"]["badge"], "6 waiting");
+    let classes = &matched["/predict"]["classes"];
+    assert_eq!(classes["default"]["queued"], 6, "{report}");
+    assert_eq!(classes["default"]["admitted"], "4");
+    assert_eq!(classes["interactive"]["queued"], 0);
     assert_eq!(matched["/embed"]["colour"], "yellow");
     assert_eq!(matched["/score"]["colour"], "green");
     for (path, points) in report["points"].as_object().expect("points") {
