@@ -175,7 +175,22 @@ fn grpc_calls_get_grpc_refusals_and_http_the_configured_status() {
             waited >= Duration::from_millis(1400) && waited < Duration::from_secs(3),
             "{waited:?}"
         );
+        // The watch held its slot for as long as its stream was open (the
+        // waiter timed out behind it); its end gives the slot back, and the
+        // next watch is admitted at once.
         drop(held);
+        tokio::task::spawn_blocking(move || {
+            wait_until(Duration::from_secs(5), "the stream's slot back", || {
+                let stats = sluice_harness::http::get(watched, "/balancer/stats").unwrap();
+                (stats.json()["endpoints"][WATCH]["active_requests"] == 0).then_some(())
+            })
+        })
+        .await
+        .unwrap();
+        let mut next = client.watch(request()).await.unwrap().into_inner();
+        next.next().await.expect("a first status").unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        drop(next);
 
         // The backend fails its health checks: UNAVAILABLE, the one code a
         // client should retry (elsewhere).
@@ -199,7 +214,7 @@ fn grpc_calls_get_grpc_refusals_and_http_the_configured_status() {
         assert_eq!(metadata(&unhealthy, "x-sluice-reason"), Some("unhealthy"));
 
         // None of the refused calls reached the server.
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     });
 }
 
