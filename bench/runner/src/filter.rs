@@ -10,14 +10,18 @@
 //!   on Envoy's) and the throughput, Sluice against HAProxy's `maxconn`
 //!   queue on the same backend and load, at each Envoy `--concurrency`;
 //! - queue timeouts: how late the 504 (Sluice, from Envoy's access log) and
-//!   HAProxy's 503 (from its log) come after the timeout.
+//!   HAProxy's 503 (from its log) come after the timeout;
+//! - queue depth: what Sluice adds to Envoy's CPU per request with 20,
+//!   1,000 and 10,000 requests waiting (and with 3 classes × 64 tenants),
+//!   over an empty filter whose requests wait in Envoy's own connection
+//!   pool, at the same connection count.
 
 use crate::access_log;
 use crate::figures::{gap_from_backend, median, Percentiles, Table};
 use crate::haproxy::Haproxy;
 use crate::machine;
 use crate::readme;
-use crate::wrk::{cpu_time, wrk, wrk_run};
+use crate::wrk::{cpu_time, wrk, wrk_run, wrk_run_script};
 use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use serde_json::json;
@@ -53,8 +57,11 @@ pub struct Opts {
     pub timeout_waves: usize,
     /// Only these parts.
     #[arg(long, value_delimiter = ',', value_enum,
-          default_values_t = [Part::HotPath, Part::Saturation, Part::Timeout])]
+          default_values_t = [Part::HotPath, Part::Saturation, Part::Timeout, Part::QueueDepth])]
     pub only: Vec<Part>,
+    /// Queue depths (requests waiting) of the queue-depth rows.
+    #[arg(long, value_delimiter = ',', default_values_t = [20, 1000, 10000])]
+    pub depths: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -62,6 +69,7 @@ pub enum Part {
     HotPath,
     Saturation,
     Timeout,
+    QueueDepth,
 }
 
 /// An endpoint of known capacity and service time, saturated by closed-loop
@@ -127,15 +135,30 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
             timeout_rows(o, c, &mut t)?;
         }
     }
-
-    let out = format!(
-        "{}; hot path at --concurrency {}, {} s per measurement\n\n{}",
-        machine::header("make bench"),
-        o.concurrency,
-        o.seconds,
-        t.render()
-    );
-    readme::publish("filter", &out)
+    if o.only.iter().any(|p| *p != Part::QueueDepth) {
+        let out = format!(
+            "{}; hot path at --concurrency {}, {} s per measurement\n\n{}",
+            machine::header("make bench"),
+            o.concurrency,
+            o.seconds,
+            t.render()
+        );
+        readme::publish("filter", &out)?;
+    }
+    // Its own section: a run of this part alone keeps the rows above.
+    if o.only.contains(&Part::QueueDepth) {
+        let mut q = Table::new(&["measure", "value", "goal", "detail"]);
+        queue_depth_rows(o, &mut q)?;
+        let out = format!(
+            "{}; --concurrency {}, {} s per measurement\n\n{}",
+            machine::header("make bench"),
+            o.concurrency,
+            o.seconds,
+            q.render()
+        );
+        readme::publish("queue-depth", &out)?;
+    }
+    Ok(())
 }
 
 fn hot_path_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
@@ -668,4 +691,192 @@ fn timeouts_haproxy(concurrency: u32, waves: usize) -> anyhow::Result<(Percentil
         bail!("no request timed out in HAProxy's queue");
     }
     Ok((Percentiles::of(late), client_lateness(&outcomes, 503)))
+}
+
+/// Slots of the queue-depth rows, and the backend's time per request.
+const DEPTH_CAPACITY: u32 = 20;
+const DEPTH_SERVICE_MS: u32 = 10;
+/// The empty filter's most connections to the backend: with 10,020
+/// clients, what fits in Envoy's 20,000 file descriptors.
+const EMPTY_POOL_MAX: u32 = 8000;
+
+/// wrk's script for the classes × tenants row: each request of a random
+/// one of 3 classes and 64 tenants.
+const CLASSES_TENANTS_LUA: &str = r#"
+local classes = {"interactive", "default", "batch"}
+request = function()
+  wrk.headers["x-sluice-class"] = classes[math.random(3)]
+  wrk.headers["x-tenant"] = "tenant-" .. math.random(64)
+  return wrk.format(nil)
+end
+"#;
+
+/// What Sluice adds to Envoy's CPU per request as its queue deepens: at
+/// each depth, Sluice (capacity 20, the rest waiting in its queue) against
+/// an empty filter whose requests wait in Envoy's own connection pool (20
+/// connections to the backend), with as many wrk connections as waiters
+/// plus the slots, interleaved over the rounds. Envoy's CPU time per
+/// request (all its threads, from /proc) is the measure: the two carry the
+/// same connections, so the difference is Sluice's own.
+fn queue_depth_rows(o: &Opts, t: &mut Table) -> anyhow::Result<()> {
+    let route =
+        format!("/work:capacity={DEPTH_CAPACITY},service_ms={DEPTH_SERVICE_MS},overload=queue");
+    let backend = Backend::start_with_args(&["--threads", "1", "--route", &route]);
+    let endpoint = json!({"capacity": DEPTH_CAPACITY, "max_queue": 10_000, "queue_timeout": 120});
+    let plain = json!({"service": "bench", "endpoints": {"/work": endpoint}});
+    let classes = json!({"service": "bench",
+        "classes": {
+            "interactive": {"priority": 10},
+            "default": {"priority": 5},
+            "batch": {"priority": 1},
+        },
+        "tenants": {"header": "x-tenant", "flows": 64},
+        "endpoints": {"/work": endpoint}});
+    let proxy = |config: Option<&serde_json::Value>| {
+        let mut p = match config {
+            Some(c) => FrontProxy::new(backend.port(), c.to_string()),
+            None => {
+                let mut p = FrontProxy::new(backend.port(), "{}");
+                p.wasm_path = Some(empty_wasm_path());
+                p
+            }
+        };
+        p.route_timeout_secs = 0;
+        p
+    };
+    // Sluice's backend connections: its slots' worth. Capping Envoy's pool
+    // at the capacity as well would cost Sluice most of its throughput
+    // (measured: 440 of 2000 req/s at 20 waiting): a released slot's next
+    // request is resumed before Envoy has the finished request's connection
+    // back, so it waits for a new one (docs/filter.md says so).
+    let sluice = proxy(Some(&plain));
+    let sluice_classes = proxy(Some(&classes));
+    // The empty filter sends every request on to the backend, which queues
+    // it: one upstream connection each, up to what the process's file
+    // descriptors allow beside the clients' (the rest wait in Envoy's pool).
+    let empty_for = |connections: u32| {
+        let mut p = proxy(None);
+        p.upstream_max_connections = Some(connections.min(EMPTY_POOL_MAX));
+        p
+    };
+    let mut cases: Vec<(String, u32, &FrontProxy, Option<&str>)> = o
+        .depths
+        .iter()
+        .map(|&d| (format!("{d} waiting"), d, &sluice, None))
+        .collect();
+    let deepest = o.depths.iter().copied().max().unwrap_or(1000).min(1000);
+    cases.push((
+        format!("{deepest} waiting, 3 classes × 64 tenants"),
+        deepest,
+        &sluice_classes,
+        Some(CLASSES_TENANTS_LUA),
+    ));
+    let script_dir = std::env::temp_dir().join(format!("sluice-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&script_dir)?;
+    let mut added = Vec::new();
+    for (what, depth, with_sluice, script) in &cases {
+        let connections = depth + DEPTH_CAPACITY;
+        let script_path = match script {
+            Some(text) => {
+                let p = script_dir.join("classes.lua");
+                std::fs::write(&p, text)?;
+                Some(p)
+            }
+            None => None,
+        };
+        eprintln!("queue depth: {what} ({connections} connections) ...");
+        let empty = empty_for(connections);
+        let mut cpu = [Vec::new(), Vec::new()];
+        let mut rates = [Vec::new(), Vec::new()];
+        for round in 0..o.rounds {
+            for k in 0..2 {
+                let i = (k + round) % 2;
+                let proxy = if i == 0 { &empty } else { *with_sluice };
+                let envoy = Envoy::start(proxy, o.concurrency);
+                let port = envoy.listener_port();
+                // One wrk run: every connection open and the queue at its
+                // depth (a wait is depth / 2000 s) before the measured
+                // window, which reads Envoy's CPU time and its count of
+                // completed requests at both ends. (Two runs would not do:
+                // the first run's queue outlives its connections for a
+                // while.)
+                let warm = 3 + depth / 1000;
+                let total = warm + o.seconds + 2;
+                let (run, measured) = std::thread::scope(|scope| {
+                    let load = scope.spawn(|| {
+                        wrk_run_script(port, "/work", connections, total, script_path.as_deref())
+                    });
+                    std::thread::sleep(Duration::from_secs(warm.into()));
+                    let at = || -> anyhow::Result<(Duration, u64)> {
+                        Ok((cpu_time(envoy.pid())?, completed(&envoy)?))
+                    };
+                    let measured = at().and_then(|a| {
+                        std::thread::sleep(Duration::from_secs(o.seconds.into()));
+                        Ok((a, at()?))
+                    });
+                    (load.join().expect("wrk thread panicked"), measured)
+                });
+                run?;
+                let ((cpu0, n0), (cpu1, n1)) = measured?;
+                let requests = n1.saturating_sub(n0).max(1);
+                let per_request = cpu1.saturating_sub(cpu0).as_secs_f64() * 1e6 / requests as f64;
+                let rps = requests as f64 / f64::from(o.seconds);
+                eprintln!(
+                    "  round {round}: {rps:>6.0} req/s, Envoy {per_request:>6.1} µs CPU per request: {}",
+                    if i == 0 { "empty filter" } else { "Sluice" }
+                );
+                rates[i].push(rps);
+                cpu[i].push(per_request);
+            }
+        }
+        let [e, s] = cpu.map(median);
+        let [e_rps, s_rps] = rates.map(median);
+        added.push((what.clone(), *depth, s - e));
+        t.row(vec![
+            format!(
+                "queue depth, cap {DEPTH_CAPACITY} × {DEPTH_SERVICE_MS} ms, {what}: Envoy's CPU per request, µs: empty filter (the backend queues) / Sluice"
+            ),
+            format!("{e:.1} / {s:.1}"),
+            "—".into(),
+            format!(
+                "Sluice adds {:+.1} µs; {e_rps:.0} / {s_rps:.0} req/s (ideal {}); {connections} wrk connections (the empty filter's: at most {} to the backend, the rest in Envoy's pool), --concurrency {}; medians of {} rounds",
+                s - e,
+                DEPTH_CAPACITY * 1000 / DEPTH_SERVICE_MS,
+                connections.min(EMPTY_POOL_MAX),
+                o.concurrency,
+                o.rounds
+            ),
+        ]);
+    }
+    let _ = std::fs::remove_dir_all(&script_dir);
+    let base = added
+        .iter()
+        .find(|(_, d, _)| *d == *o.depths.iter().min().unwrap_or(&20));
+    if let Some((base_what, _, base_added)) = base {
+        for (what, _, a) in &added {
+            if what == base_what {
+                continue;
+            }
+            t.row(vec![
+                format!("queue depth: what Sluice adds per request, {what} / {base_what}"),
+                format!("{:.2}", a / base_added),
+                "≤ 1.1".into(),
+                format!("{a:+.1} µs / {base_added:+.1} µs"),
+            ]);
+        }
+    }
+    Ok(())
+}
+
+/// Requests Envoy's front listener has completed so far (its own count,
+/// read without dumping every stat).
+fn completed(envoy: &Envoy) -> anyhow::Result<u64> {
+    let name = "http.sluice_front.downstream_rq_completed";
+    let res = envoy
+        .admin_get(&format!("/stats?filter=^{name}$"))
+        .context("Envoy's admin /stats")?;
+    res.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}: "))?.trim().parse().ok())
+        .with_context(|| format!("no {name} in {}", res.text()))
 }

@@ -19,7 +19,22 @@ pub struct WrkRun {
 
 /// [`wrk`], with the number of requests completed as well.
 pub fn wrk_run(port: u16, path: &str, connections: u32, seconds: u32) -> anyhow::Result<WrkRun> {
-    let out = Command::new("wrk")
+    wrk_run_script(port, path, connections, seconds, None)
+}
+
+/// [`wrk_run`], each request made by a Lua script (wrk's `-s`) if given.
+pub fn wrk_run_script(
+    port: u16,
+    path: &str,
+    connections: u32,
+    seconds: u32,
+    script: Option<&std::path::Path>,
+) -> anyhow::Result<WrkRun> {
+    let mut cmd = Command::new("wrk");
+    if let Some(script) = script {
+        cmd.arg("-s").arg(script);
+    }
+    let out = cmd
         .args(["-t1", &format!("-c{connections}"), &format!("-d{seconds}s")])
         // Queued requests wait longer than wrk's default 2 s at times.
         .args(["--timeout", "30s"])

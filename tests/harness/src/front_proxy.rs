@@ -80,6 +80,11 @@ pub struct FrontProxy {
     /// pointed at it), behind the `override_host` policy: instances that
     /// come and go through DNS, as a headless Service gives them.
     pub dns_instances: Option<(String, u16, SocketAddr)>,
+    /// At most this many connections to the backend, the rest of the
+    /// requests waiting in Envoy's own connection pool (its pending queue);
+    /// `None`: no limit that matters (a million). The benchmarks' baseline
+    /// for a deep queue without Sluice.
+    pub upstream_max_connections: Option<u32>,
 }
 
 /// The `override_host` load-balancing policy of a cluster whose instances
@@ -134,6 +139,7 @@ impl FrontProxy {
             websocket: false,
             instances: Vec::new(),
             dns_instances: None,
+            upstream_max_connections: None,
         }
     }
 
@@ -174,6 +180,7 @@ impl FrontProxy {
             String::new()
         };
         let extra_clusters = indent(&self.extra_clusters_yaml, 2);
+        let max_connections = self.upstream_max_connections.unwrap_or(1_000_000);
         let extra_bootstrap = &self.extra_bootstrap_yaml;
         let admin_port = self.admin_port;
         let hosts: Vec<SocketAddr> = if self.instances.is_empty() {
@@ -233,7 +240,7 @@ static_resources:
     circuit_breakers:
       thresholds:
       - priority: DEFAULT
-        max_connections: 1000000
+        max_connections: {max_connections}
         max_pending_requests: 1000000
         max_requests: 1000000
         max_retries: 1000000
