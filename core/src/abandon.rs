@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn held_slots_come_out_once_when_due() {
-        let slot = |ep| Slot::new(EndpointId(ep), None, None);
+        let slot = |ep| Slot::new(EndpointId(ep), None, None, 1);
         let eps = |slots: Vec<Slot>| slots.iter().map(|s| s.endpoint().0).collect::<Vec<_>>();
         let mut h = HeldSlots::default();
         h.hold(slot(0), 100);

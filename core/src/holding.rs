@@ -23,6 +23,8 @@ pub struct Slot {
     admitted_ns: Option<u64>,
     /// The instance it is counted on, if the endpoint picks instances.
     instance: Option<SocketAddr>,
+    /// The units it holds (1 without `cost`).
+    units: u32,
 }
 
 impl Slot {
@@ -30,12 +32,19 @@ impl Slot {
         endpoint: EndpointId,
         admitted_ns: Option<u64>,
         instance: Option<SocketAddr>,
+        units: u32,
     ) -> Slot {
         Slot {
             endpoint,
             admitted_ns,
             instance,
+            units,
         }
+    }
+
+    /// The units it holds in its endpoint's record.
+    pub fn units(&self) -> u32 {
+        self.units
     }
 
     /// The instance the request must go to (and is counted on).
@@ -70,7 +79,15 @@ impl Slot {
         ejection: Ejection,
         now_ns: u64,
     ) -> Result<Released, AdmissionError> {
-        admission::release(store, key, self.instance, outcome, ejection, now_ns)
+        admission::release_units(
+            store,
+            key,
+            self.instance,
+            self.units,
+            outcome,
+            ejection,
+            now_ns,
+        )
     }
 
     /// Envoy sent the request to `served`, not to the instance it was
@@ -87,7 +104,8 @@ impl Slot {
         let Some(picked) = self.instance else {
             return Ok(Wakeups::default());
         };
-        let (now_on, wakeups) = admission::missed(store, key, picked, served, ejection, now_ns)?;
+        let (now_on, wakeups) =
+            admission::missed(store, key, picked, served, self.units, ejection, now_ns)?;
         self.instance = now_on;
         Ok(wakeups)
     }
@@ -124,7 +142,7 @@ impl Ticket {
         key: &str,
     ) -> Result<Option<Slot>, AdmissionError> {
         Ok(match admission::withdraw(store, key, self.number)? {
-            Withdrawn::Granted(on) => Some(Slot::new(self.endpoint, None, on)),
+            Withdrawn::Granted(on, units) => Some(Slot::new(self.endpoint, None, on, units)),
             // NotFound: the record was reset under us; it holds nothing either way.
             Withdrawn::Removed | Withdrawn::NotFound => None,
         })
@@ -145,6 +163,9 @@ pub enum Arrival {
     Shed(Backlog),
     /// The backend is marked unhealthy: answer 503.
     Unhealthy,
+    /// It costs more than the largest capacity (given) and its endpoint
+    /// refuses such requests: answer `too-costly`.
+    TooCostly(u32),
 }
 
 /// A request to `endpoint` (record at `key`) arrives at `worker`; at most
@@ -186,13 +207,16 @@ pub fn acquire_as<S: SharedData>(
     let (acquired, wakeups) =
         admission::acquire_as(store, key, max_queue, worker, pin, class, now_ns)?;
     let arrival = match acquired {
-        Acquired::Admitted(on) => Arrival::Admitted(Slot::new(endpoint, None, on)),
+        Acquired::Admitted(on) => {
+            Arrival::Admitted(Slot::new(endpoint, None, on, class.cost.max(1)))
+        }
         Acquired::Queued { ticket, backlog } => {
             Arrival::Queued(Ticket::new(endpoint, ticket), backlog)
         }
         Acquired::QueueFull(b) => Arrival::QueueFull(b),
         Acquired::Shed(b) => Arrival::Shed(b),
         Acquired::Unhealthy => Arrival::Unhealthy,
+        Acquired::TooCostly(capacity) => Arrival::TooCostly(capacity),
     };
     Ok((arrival, wakeups))
 }

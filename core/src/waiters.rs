@@ -148,14 +148,14 @@ impl<T> LocalWaiters<T> {
                 out.pushed_out.push(w.split().1);
             }
         }
-        for (number, on) in claimed.granted {
+        for (number, on, units) in claimed.granted {
             match self.take_ticket(endpoint, number) {
                 Some(w) => {
                     let (ticket, left) = w.split();
                     out.granted
-                        .push((Slot::new(ticket.endpoint(), None, on), left));
+                        .push((Slot::new(ticket.endpoint(), None, on, units), left));
                 }
-                None => out.orphans.push(Slot::new(endpoint, None, on)),
+                None => out.orphans.push(Slot::new(endpoint, None, on, units)),
             }
         }
         Ok(out)

@@ -207,7 +207,7 @@ fn waiter(instances: usize) -> impl Strategy<Value = Waiter> {
         any::<bool>(),
         instance,
         any::<bool>(),
-        any::<(bool, u8, u8, u8, u32)>(),
+        any::<(bool, u8, u8, u8, u32, u32)>(),
     )
         .prop_map(
             |(
@@ -216,7 +216,7 @@ fn waiter(instances: usize) -> impl Strategy<Value = Waiter> {
                 granted,
                 instance,
                 pinned,
-                (pushed_out, class, priority, flow, tag),
+                (pushed_out, class, priority, flow, tag, cost),
             )| Waiter {
                 ticket,
                 worker,
@@ -228,6 +228,7 @@ fn waiter(instances: usize) -> impl Strategy<Value = Waiter> {
                 priority,
                 flow,
                 tag,
+                cost,
             },
         )
 }

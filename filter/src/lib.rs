@@ -21,6 +21,8 @@ mod worker;
 #[cfg(test)]
 mod class_tests;
 #[cfg(test)]
+mod cost_tests;
+#[cfg(test)]
 mod fake_host;
 #[cfg(test)]
 mod instance_tests;

@@ -63,10 +63,13 @@ pub enum Counter {
     PushedOut,
     /// 504: its own deadline passed while it waited.
     Deadline,
+    /// 413: it costs more than the whole capacity and its endpoint has
+    /// `cost.over_capacity: refuse`.
+    TooCostly,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Requests,
         Counter::AdmittedAtOnce,
         Counter::AdmittedAfterWait,
@@ -78,6 +81,7 @@ impl Counter {
         Counter::Shed,
         Counter::PushedOut,
         Counter::Deadline,
+        Counter::TooCostly,
     ];
 
     /// The end of the metric's name: `requests_total`, or the outcome then
@@ -95,6 +99,7 @@ impl Counter {
             Counter::Shed => "shed.outcomes_total",
             Counter::PushedOut => "pushed_out.outcomes_total",
             Counter::Deadline => "deadline.outcomes_total",
+            Counter::TooCostly => "too_costly.outcomes_total",
         }
     }
 
@@ -671,6 +676,7 @@ mod tests {
                 ("shed", 0),
                 ("pushed_out", 0),
                 ("deadline", 0),
+                ("too_costly", 0),
             ]
         );
         assert_eq!(

@@ -31,6 +31,12 @@ pub enum LocalReply<'a> {
     /// `x-envoy-expected-rq-timeout-ms`, `deadline_header`) passed while it
     /// waited; it never reached the backend.
     Deadline(&'a Route),
+    /// 413: it costs (first figure) more units than the largest capacity it
+    /// could run under (second), and its endpoint's `cost.over_capacity` is
+    /// `refuse`. The same request never fits, so no retry advice: 413 says
+    /// so (RFC 9110 15.5.14, content too large), where 429 or 503 invite a
+    /// retry.
+    TooCostly(&'a Route, u32, u32),
 }
 
 impl LocalReply<'_> {
@@ -41,6 +47,7 @@ impl LocalReply<'_> {
             | LocalReply::PushedOut(route) => u32::from(route.queue_full_status),
             LocalReply::QueueTimeout(_) | LocalReply::Deadline(_) => 504,
             LocalReply::Unhealthy(_) => 503,
+            LocalReply::TooCostly(..) => 413,
         }
     }
 
@@ -53,6 +60,7 @@ impl LocalReply<'_> {
             LocalReply::Shed(_) => "shed",
             LocalReply::PushedOut(_) => "pushed-out",
             LocalReply::Deadline(_) => "deadline",
+            LocalReply::TooCostly(..) => "too-costly",
         }
     }
 
@@ -66,6 +74,7 @@ impl LocalReply<'_> {
             LocalReply::Shed(_) => details::SHED,
             LocalReply::PushedOut(_) => details::PUSHED_OUT,
             LocalReply::Deadline(_) => details::DEADLINE,
+            LocalReply::TooCostly(..) => details::TOO_COSTLY,
         }
     }
 
@@ -78,11 +87,14 @@ impl LocalReply<'_> {
     ///   retrying at once would only wait again.
     /// - unhealthy: `UNAVAILABLE`, the one a client should retry (on
     ///   another instance, with its own backoff).
+    /// - too costly: `RESOURCE_EXHAUSTED`, without pushback: the request
+    ///   needs more than the whole capacity.
     pub fn grpc_status(&self) -> u32 {
         match self {
-            LocalReply::QueueFull(_) | LocalReply::Shed(_) | LocalReply::PushedOut(_) => {
-                grpc::RESOURCE_EXHAUSTED
-            }
+            LocalReply::QueueFull(_)
+            | LocalReply::Shed(_)
+            | LocalReply::PushedOut(_)
+            | LocalReply::TooCostly(..) => grpc::RESOURCE_EXHAUSTED,
             LocalReply::QueueTimeout(_) | LocalReply::Deadline(_) => grpc::DEADLINE_EXCEEDED,
             LocalReply::Unhealthy(_) => grpc::UNAVAILABLE,
         }
@@ -101,9 +113,10 @@ impl LocalReply<'_> {
             | LocalReply::PushedOut(route) => {
                 Some(measured_ms.unwrap_or_else(|| (route.queue_timeout.as_millis() as u64).max(1)))
             }
-            LocalReply::QueueTimeout(_) | LocalReply::Unhealthy(_) | LocalReply::Deadline(_) => {
-                None
-            }
+            LocalReply::QueueTimeout(_)
+            | LocalReply::Unhealthy(_)
+            | LocalReply::Deadline(_)
+            | LocalReply::TooCostly(..) => None,
         }
     }
 
@@ -194,6 +207,10 @@ impl LocalReply<'_> {
                 "sluice deadline: the request's own deadline passed while it waited for a slot of {}",
                 route.path
             ),
+            LocalReply::TooCostly(route, cost, capacity) => format!(
+                "sluice too-costly: the request costs {cost} units, more than the capacity of {} ({capacity})",
+                route.path
+            ),
         }
     }
 
@@ -240,6 +257,14 @@ impl LocalReply<'_> {
                 "reason": self.reason(),
                 "endpoint": route.path,
             })),
+            LocalReply::TooCostly(route, cost, capacity) => line(json!({
+                "error": "the request costs more than the whole capacity",
+                "detail": "the request costs more than the whole capacity",
+                "reason": self.reason(),
+                "endpoint": route.path,
+                "cost": cost,
+                "capacity": capacity,
+            })),
         }
     }
 }
@@ -276,6 +301,8 @@ pub mod details {
     pub const PUSHED_OUT: &str = "sluice_pushed_out";
     /// 504: the request's own deadline passed in the queue.
     pub const DEADLINE: &str = "sluice_deadline";
+    /// 413: costs more than the whole capacity (`cost.over_capacity: refuse`).
+    pub const TOO_COSTLY: &str = "sluice_too_costly";
     /// 408: an admitted request's body did not arrive within
     /// `max_upload_time` (`worker/uploads.rs`).
     pub const UPLOAD_TIMEOUT: &str = "sluice_upload_timeout";

@@ -3,7 +3,7 @@
 
 use sluice_core::admission::Class;
 use sluice_core::admission::Ejection;
-use sluice_core::config::{Classes, Config, MatchKind, Sticky, Tenants};
+use sluice_core::config::{Classes, Config, Cost, MatchKind, Sticky, Tenants};
 use sluice_core::shared_keys;
 use sluice_core::EndpointId;
 use std::collections::HashMap;
@@ -45,6 +45,8 @@ pub struct Route {
     pub instance_capacity: Vec<(SocketAddr, u32)>,
     /// The class of its requests that name none (`class`).
     pub class: Option<u8>,
+    /// Its capacity counts units of cost (`cost`).
+    pub cost: Option<Cost>,
     methods: Vec<String>,
 }
 
@@ -115,6 +117,7 @@ impl Routes {
                     .unwrap_or_default(),
                 instance_capacity: e.instance_capacity.clone(),
                 class: e.class,
+                cost: e.cost.clone(),
                 methods: e.methods.clone(),
             });
             match e.match_kind {

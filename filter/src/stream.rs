@@ -11,7 +11,7 @@ use crate::worker::{Waiting, Worker};
 use proxy_wasm::traits::{Context, HttpContext};
 use proxy_wasm::types::Action;
 use sluice_core::admission::Pin;
-use sluice_core::config::{Sticky, DEFAULT_INSTANCE_HEADER};
+use sluice_core::config::{CostSource, Sticky, DEFAULT_INSTANCE_HEADER};
 use sluice_core::holding::{self, Arrival, Slot, Ticket};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -100,10 +100,11 @@ impl<H: Host> Stream<H> {
         {
             return Action::Continue;
         }
-        let class = worker
+        let mut class = worker
             .routes
             .class_of(route, |name| host.get_http_request_header(name));
-        let count = |counter| worker.metrics.count(ep, class.index, counter);
+        let class_index = class.index;
+        let count = |counter| worker.metrics.count(ep, class_index, counter);
         count(Counter::Requests);
         let Some(worker_id) = worker.id() else {
             // Fail open: without an index nobody could wake this request.
@@ -120,6 +121,19 @@ impl<H: Host> Stream<H> {
         let pin = steering
             .and_then(|s| s.sticky.as_ref())
             .and_then(|sticky| session_pin(host, sticky));
+        // Only an endpoint with `cost` reads its cost header or length.
+        if let Some(cost) = &route.cost {
+            let (units, source) =
+                cost.of(|name| host.get_http_request_header(name), !end_of_stream);
+            if source == CostSource::BadHeader {
+                log::debug!(
+                    "{}: the cost header is not a positive integer; the request costs {units}",
+                    route.path
+                );
+            }
+            class.cost = units;
+            class.over_capacity = cost.over_capacity;
+        }
         // The capacity in force is in the record this reads anyway.
         match holding::acquire_as(
             host,
@@ -192,6 +206,11 @@ impl<H: Host> Stream<H> {
                     Arrival::Unhealthy => {
                         count(Counter::Unhealthy);
                         LocalReply::Unhealthy(route).send(host);
+                        Action::Pause
+                    }
+                    Arrival::TooCostly(capacity) => {
+                        count(Counter::TooCostly);
+                        LocalReply::TooCostly(route, class.cost, capacity).send(host);
                         Action::Pause
                     }
                 }

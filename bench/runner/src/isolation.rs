@@ -35,6 +35,12 @@ pub struct Opts {
     /// Envoy worker threads (and HAProxy's nbthread).
     #[arg(long, default_value_t = 2)]
     pub concurrency: u32,
+    /// Leave out seed 004's case (small and 25 MB bodies on one endpoint).
+    #[arg(long)]
+    pub skip_cost: bool,
+    /// Only seed 004's case.
+    #[arg(long)]
+    pub only_cost: bool,
 }
 
 const WORKERS: u32 = 3;
@@ -78,6 +84,18 @@ struct Phase {
 }
 
 pub fn run(o: &Opts) -> anyhow::Result<()> {
+    if o.only_cost {
+        // The section is the whole isolation table's: print, do not publish.
+        let (cost, _) = crate::isolation_cost::run(o)?;
+        let command = "sluice-bench isolation --only-cost";
+        println!(
+            "{}; --concurrency {}, --seconds {}\n\n{cost}",
+            machine::header(command),
+            o.concurrency,
+            o.seconds
+        );
+        return Ok(());
+    }
     machine::require("haproxy")?;
     let mut t = Table::new(&[
         "small requests",
@@ -137,6 +155,11 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
         out += &format!(
             "\nSluice, Envoy's access log: flooded p99 / idle p99 = {ratio:.2}: goal {met}.\n"
         );
+    }
+    if !o.skip_cost {
+        let (cost, _) = crate::isolation_cost::run(o)?;
+        out += "\n";
+        out += &cost;
     }
     readme::publish("isolation", &out)
 }

@@ -5,7 +5,9 @@
 //! - `filter` (`make bench`): hot-path cost, the handover gap and
 //!   throughput at saturation against HAProxy, queue-timeout lateness;
 //! - `isolation` (`make bench-isolation`): small requests beside a flooded
-//!   large endpoint, straight, through plain Envoy, HAProxy and Sluice;
+//!   large endpoint, straight, through plain Envoy, HAProxy and Sluice; and
+//!   seed 004's case, small and 25 MB bodies on one endpoint, plain FIFO
+//!   against cost by size;
 //! - `instances` (`make bench-instances`): several instances of their own
 //!   capacities behind one Envoy, Sluice picking the instance against
 //!   HAProxy's per-server `maxconn` and against the old way;
@@ -20,6 +22,7 @@ pub mod filter;
 pub mod haproxy;
 pub mod instances;
 pub mod isolation;
+mod isolation_cost;
 pub mod machine;
 pub mod readme;
 mod wrk;

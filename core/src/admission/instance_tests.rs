@@ -96,7 +96,10 @@ fn a_freed_slot_goes_to_the_oldest_waiter_on_that_instance() {
     let r = done(&store, a, Outcome::Served, 0);
     assert_eq!(r.wakeups.workers(), &[1], "the oldest waiter's worker");
     assert_eq!(claim(&store, K, 2, 0).unwrap().granted, vec![]);
-    assert_eq!(claim(&store, K, 1, 0).unwrap().granted, vec![(t1, Some(a))]);
+    assert_eq!(
+        claim(&store, K, 1, 0).unwrap().granted,
+        vec![(t1, Some(a), 1)]
+    );
     assert_eq!(in_flight(&store), vec![1, 1]);
 }
 
@@ -122,7 +125,7 @@ fn sticky_requests_wait_for_their_instance() {
     done(&store, on, Outcome::Served, 0);
     assert_eq!(
         claim(&store, K, 0, 0).unwrap().granted,
-        vec![(ticket, Some(on))]
+        vec![(ticket, Some(on), 1)]
     );
     // Rendezvous: the pin does not depend on the order of the set.
     let reordered = MemSharedData::new();
@@ -242,7 +245,7 @@ fn a_missed_pick_moves_the_count_to_what_really_runs() {
     let a = admit(&store, 0).unwrap();
     let b = admit(&store, 0).unwrap();
     // Envoy sent a's request to b: b runs two, a none, and a is free again.
-    let (now_on, _) = missed(&store, K, a, Some(b), Ejection::default(), 0).unwrap();
+    let (now_on, _) = missed(&store, K, a, Some(b), 1, Ejection::default(), 0).unwrap();
     assert_eq!(now_on, Some(b));
     assert_eq!((inst(&store, a).active, inst(&store, b).active), (0, 2));
     assert_eq!(inst(&store, a).picks_missed, 1);
@@ -252,7 +255,7 @@ fn a_missed_pick_moves_the_count_to_what_really_runs() {
     assert_eq!(admit(&store, S), Some(a));
     // Sent to a host outside the set: counted on no instance, but still on
     // the endpoint until it ends.
-    let (now_on, _) = missed(&store, K, a, Some(addr(7777)), Ejection::default(), S).unwrap();
+    let (now_on, _) = missed(&store, K, a, Some(addr(7777)), 1, Ejection::default(), S).unwrap();
     assert_eq!(now_on, None);
     release(&store, K, None, Outcome::Served, Ejection::default(), 0).unwrap();
     done(&store, b, Outcome::Served, 0);
@@ -291,7 +294,7 @@ fn racing_workers_hold_every_instance_to_its_own_capacity() {
                         Acquired::Admitted(on) => on.unwrap(),
                         Acquired::Queued { .. } => loop {
                             let g = claim(&*store, K, worker, 0).unwrap().granted;
-                            if let Some(&(_, on)) = g.first() {
+                            if let Some(&(_, on, _)) = g.first() {
                                 break on.unwrap();
                             }
                             std::thread::yield_now();

@@ -4,6 +4,7 @@
 //! workers, and the filter steers the request there (Envoy's `override_host`
 //! load balancer, see `docs/filter.md`).
 
+use super::cost::fits;
 use super::record::{EndpointState, Instance};
 use crate::cas::fnv1a;
 use std::net::SocketAddr;
@@ -119,9 +120,10 @@ impl EndpointState {
         self.instances.iter().position(|i| i.address == *address)
     }
 
-    /// Instance `i` can take one more request at `now_ns`: in the set, not
-    /// ejected, below its capacity, and, on trial after an ejection, idle.
-    pub(super) fn has_room(&self, i: usize, now_ns: u64) -> bool {
+    /// Instance `i` can take one more request of `cost` units at `now_ns`:
+    /// in the set, not ejected, the units fit its capacity (or it runs
+    /// alone, [`fits`]), and, on trial after an ejection, idle.
+    pub(super) fn has_room(&self, i: usize, cost: u32, now_ns: u64) -> bool {
         let inst = &self.instances[i];
         if inst.gone || inst.ejected(now_ns) {
             return false;
@@ -129,7 +131,7 @@ impl EndpointState {
         if inst.strikes > 0 {
             return inst.active == 0;
         }
-        inst.active < self.limit_of(inst, now_ns)
+        fits(inst.active, cost, self.limit_of(inst, now_ns))
     }
 
     /// A pin to instance `i` still holds: it is in the set and not ejected.
@@ -140,10 +142,11 @@ impl EndpointState {
             .is_some_and(|inst| !inst.gone && !inst.ejected(now_ns))
     }
 
-    /// Chooses the instance for one more request and advances the turn: the
-    /// least loaded (in flight over capacity) with room; among equally
-    /// loaded ones, the first after the last pick, so load spreads.
-    pub(super) fn pick(&mut self, now_ns: u64) -> Option<u16> {
+    /// Chooses the instance for one more request of `cost` units and
+    /// advances the turn: the least loaded (units in flight over capacity)
+    /// with room for it; among equally loaded ones, the first after the
+    /// last pick, so load spreads.
+    pub(super) fn pick(&mut self, cost: u32, now_ns: u64) -> Option<u16> {
         let n = self.instances.len();
         if n == 0 {
             return None;
@@ -152,7 +155,7 @@ impl EndpointState {
         let mut best: Option<(usize, u64, u64)> = None;
         for k in 0..n {
             let i = (start + k) % n;
-            if !self.has_room(i, now_ns) {
+            if !self.has_room(i, cost, now_ns) {
                 continue;
             }
             let inst = &self.instances[i];

@@ -22,11 +22,17 @@
 //! [`instances`]). Every operation that can hand out a slot takes the host's
 //! time, which passive ejection needs.
 //!
+//! With `cost`, the record counts units instead of requests ([`cost`]):
+//! a request holds its cost in units, and a slot is handed over only when
+//! the units of the next waiter fit.
+//!
 //! The record's layout is in [`record`].
 
+pub mod cost;
 mod instances;
 mod record;
 
+pub use cost::OverCapacity;
 pub use instances::{Ejection, InstanceSource, Pin, MAX_INSTANCES};
 pub use record::{tag_before, CapacitySource, EndpointState, Instance, Share, ShareLease, Waiter};
 
@@ -143,15 +149,20 @@ pub enum Acquired {
     Shed(Backlog),
     /// The backend is marked unhealthy: answer 503 at once. Holds nothing.
     Unhealthy,
+    /// It costs more units than the largest capacity it could run under
+    /// (given here), and its endpoint refuses such requests
+    /// ([`OverCapacity::Refuse`]): answer `too-costly` at once.
+    TooCostly(u32),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Withdrawn {
     /// The waiter left the queue and holds nothing.
     Removed,
-    /// The waiter had just been granted a slot: the caller holds it now and
-    /// must either forward the request (to this instance) or `release`.
-    Granted(Option<SocketAddr>),
+    /// The waiter had just been granted a slot: the caller holds it now (on
+    /// this instance, these units) and must either forward the request or
+    /// `release`.
+    Granted(Option<SocketAddr>, u32),
     /// No such ticket (already claimed).
     NotFound,
 }
@@ -159,9 +170,9 @@ pub enum Withdrawn {
 /// What a worker's `claim` found for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Claimed {
-    /// Tickets that now hold a slot (on this instance): resume those
-    /// requests (or release).
-    pub granted: Vec<(u32, Option<SocketAddr>)>,
+    /// Tickets that now hold a slot (on this instance, of these units):
+    /// resume those requests (or release).
+    pub granted: Vec<(u32, Option<SocketAddr>, u32)>,
     /// Tickets taken out of the queue because the backend is unhealthy:
     /// answer those requests 503. They hold nothing.
     pub refused: Vec<u32>,
@@ -173,7 +184,8 @@ pub struct Claimed {
 
 /// What stood in the way of a refused request: the requests waiting ahead
 /// of where it would have queued, and the slots they drain through, so the
-/// refusal can say when a retry would find room (`Retry-After`).
+/// refusal can say when a retry would find room (`Retry-After`). With
+/// `cost`, both in units (the requests ahead: their costs together).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backlog {
     pub ahead: u32,
@@ -198,6 +210,10 @@ pub struct Class {
     /// ([`tag_step`] of the tenant's weight); a step of 0: no tenants.
     pub flow: u8,
     pub step: u32,
+    /// The units the request holds (at least 1; 1 without `cost`), and
+    /// what becomes of it when that is more than the whole capacity.
+    pub cost: u32,
+    pub over_capacity: OverCapacity,
 }
 
 /// Flows an endpoint's tenants map onto, at most.
@@ -220,6 +236,8 @@ impl Class {
         sheddable: false,
         flow: 0,
         step: 0,
+        cost: 1,
+        over_capacity: OverCapacity::Alone,
     };
 }
 
@@ -434,36 +452,61 @@ pub fn acquire_as<S: SharedData>(
             return Ok(((Acquired::Unhealthy, wake), false));
         }
         let pumped = s.pump(now_ns, &mut wake);
-        // After pumping, a free slot means nobody is waiting for it.
-        let (admitted, pinned) = if s.picks_instances() {
-            let (room, pinned) = match pin.and_then(|p| s.sticky_instance(p, now_ns)) {
-                Some(i) => (s.has_room(usize::from(i), now_ns).then_some(i), Some(i)),
-                None => (s.pick(now_ns), None),
-            };
-            (room.map(Some), pinned)
-        } else {
-            ((s.active < s.limit(now_ns)).then_some(None), None)
-        };
+        let cost = class.cost.max(1);
+        if class.over_capacity == OverCapacity::Refuse && s.too_costly(cost) {
+            let largest = s.largest_capacity().unwrap_or(0);
+            return Ok(((Acquired::TooCostly(largest), wake), pumped));
+        }
         // Its place among its tenant's requests (a request admitted at once
         // counts too, so that a tenant that keeps every slot busy has its
-        // next waiters behind the others').
+        // next waiters behind the others'), charged by its cost.
         let tag = if class.step > 0 && usize::from(class.flow) < MAX_FLOWS {
-            s.tag(class.flow, class.step)
+            s.tag(class.flow, cost::charge(class.step, cost))
         } else {
             0
         };
+        // No backfill: a waiter that would be served before it goes first,
+        // even when its own (smaller) cost fits now. Asked only once there
+        // is room: without cost, room after pumping means nobody waits.
+        let waits_ahead = |s: &EndpointState| {
+            s.waiters[..s.insert_at(class.priority, tag)]
+                .iter()
+                .any(|w| w.waiting() && !w.pinned)
+        };
+        let (admitted, pinned) = if s.picks_instances() {
+            let (room, pinned) = match pin.and_then(|p| s.sticky_instance(p, now_ns)) {
+                Some(i) => (
+                    s.has_room(usize::from(i), cost, now_ns).then_some(i),
+                    Some(i),
+                ),
+                None => {
+                    let turn = s.turn;
+                    match s.pick(cost, now_ns) {
+                        Some(_) if waits_ahead(s) => {
+                            s.turn = turn;
+                            (None, None)
+                        }
+                        picked => (picked, None),
+                    }
+                }
+            };
+            (room.map(Some), pinned)
+        } else {
+            let fits = cost::fits(s.active, cost, s.limit(now_ns)) && !waits_ahead(s);
+            (fits.then_some(None), None)
+        };
         if let Some(instance) = admitted {
-            s.active += 1;
+            s.active = s.active.saturating_add(cost);
             s.served_tag(tag);
             let address = instance.map(|i| {
                 let inst = &mut s.instances[usize::from(i)];
-                inst.active += 1;
+                inst.active = inst.active.saturating_add(cost);
                 inst.address
             });
             return Ok(((Acquired::Admitted(address), wake), true));
         }
         let backlog = |s: &EndpointState| Backlog {
-            ahead: s.queued(),
+            ahead: s.queued_units(),
             slots: s.total_capacity(now_ns).unwrap_or(0),
         };
         if class.sheddable {
@@ -499,19 +542,22 @@ pub fn acquire_as<S: SharedData>(
                 priority: class.priority,
                 flow: class.flow,
                 tag,
+                cost,
             },
         );
         let backlog = Backlog {
-            ahead: s.waiters[..at].iter().filter(|w| w.waiting()).count() as u32,
+            ahead: s.waiters[..at]
+                .iter()
+                .filter(|w| w.waiting())
+                .fold(0u32, |n, w| n.saturating_add(w.cost)),
             slots: s.total_capacity(now_ns).unwrap_or(0),
         };
         Ok(((Acquired::Queued { ticket, backlog }, wake), true))
     })
 }
 
-/// A request that held a slot (on `instance`, if it was picked) has ended;
-/// the slot goes to the oldest waiter. A `Failed` outcome ejects the
-/// instance for its back-off; a `Served` one ends its ejection.
+/// A request of one unit (an endpoint without `cost`) that held a slot
+/// has ended ([`release_units`]).
 pub fn release<S: SharedData>(
     store: &S,
     key: &str,
@@ -520,15 +566,30 @@ pub fn release<S: SharedData>(
     ejection: Ejection,
     now_ns: u64,
 ) -> Result<Released, AdmissionError> {
+    release_units(store, key, instance, 1, outcome, ejection, now_ns)
+}
+
+/// A request that held `units` (on `instance`, if it was picked) has
+/// ended; they go to the waiters in serving order. A `Failed` outcome
+/// ejects the instance for its back-off; a `Served` one ends its ejection.
+pub fn release_units<S: SharedData>(
+    store: &S,
+    key: &str,
+    instance: Option<SocketAddr>,
+    units: u32,
+    outcome: Outcome,
+    ejection: Ejection,
+    now_ns: u64,
+) -> Result<Released, AdmissionError> {
     update(store, key, |s| {
-        if s.active == 0 {
+        if s.active == 0 || s.active < units {
             return Err(AdmissionError::ReleaseWithoutSlot);
         }
-        s.active -= 1;
+        s.active -= units;
         let mut out = Released::default();
         if let Some(i) = instance.and_then(|a| s.instance_index(&a)) {
             let inst = &mut s.instances[i];
-            inst.active = inst.active.saturating_sub(1);
+            inst.active = inst.active.saturating_sub(units);
             match outcome {
                 Outcome::Served => inst.strikes = 0,
                 Outcome::Failed => {
@@ -545,8 +606,8 @@ pub fn release<S: SharedData>(
     })
 }
 
-/// Envoy sent a request picked for `picked` to `served` instead (the pick
-/// was not in its cluster): the books follow what really runs. Returns the
+/// Envoy sent a request of `units` picked for `picked` to `served` instead
+/// (the pick was not in its cluster): the books follow what really runs. Returns the
 /// instance the request now counts against (`served`, if it is one of the
 /// set) and the workers a slot freed on `picked` woke. `picked` is ejected
 /// like an instance that failed: picking it again would only miss again
@@ -556,6 +617,7 @@ pub fn missed<S: SharedData>(
     key: &str,
     picked: SocketAddr,
     served: Option<SocketAddr>,
+    units: u32,
     ejection: Ejection,
     now_ns: u64,
 ) -> Result<(Option<SocketAddr>, Wakeups), AdmissionError> {
@@ -565,13 +627,14 @@ pub fn missed<S: SharedData>(
             return Ok(((None, wake), false));
         };
         let inst = &mut s.instances[i];
-        inst.active = inst.active.saturating_sub(1);
+        inst.active = inst.active.saturating_sub(units);
         inst.picks_missed = inst.picks_missed.saturating_add(1);
         inst.strikes = inst.strikes.saturating_add(1);
         inst.eject_until_ns = now_ns.saturating_add(ejection.backoff_ns(inst.strikes));
         let now_on = served.and_then(|a| s.instance_index(&a)).map(|j| {
-            s.instances[j].active += 1;
-            s.instances[j].address
+            let inst = &mut s.instances[j];
+            inst.active = inst.active.saturating_add(units);
+            inst.address
         });
         s.drop_gone();
         s.pump(now_ns, &mut wake);
@@ -648,23 +711,23 @@ pub fn claim<S: SharedData>(
     update(store, key, |s| {
         let mut claimed = Claimed::default();
         if s.unhealthy {
-            let mut freed = 0;
+            let mut freed: u32 = 0;
             let mut freed_on = Vec::new();
             s.waiters.retain(|w| {
                 if w.worker != worker {
                     return true;
                 }
                 if w.granted {
-                    freed += 1;
-                    freed_on.extend(w.instance);
+                    freed = freed.saturating_add(w.cost);
+                    freed_on.extend(w.instance.map(|i| (i, w.cost)));
                 }
                 claimed.refused.push(w.ticket);
                 false
             });
             s.active = s.active.saturating_sub(freed);
-            for i in freed_on {
+            for (i, units) in freed_on {
                 let inst = &mut s.instances[usize::from(i)];
-                inst.active = inst.active.saturating_sub(1);
+                inst.active = inst.active.saturating_sub(units);
             }
             let changed = !claimed.refused.is_empty();
             return Ok((claimed, changed));
@@ -676,7 +739,7 @@ pub fn claim<S: SharedData>(
                 true
             } else if w.granted {
                 let on = w.instance.map(|i| instances[usize::from(i)].address);
-                claimed.granted.push((w.ticket, on));
+                claimed.granted.push((w.ticket, on, w.cost));
                 false
             } else if w.pushed_out {
                 claimed.pushed_out.push(w.ticket);
@@ -704,7 +767,7 @@ pub fn withdraw<S: SharedData>(
                 let on = w.instance.map(|i| s.instances[usize::from(i)].address);
                 Ok((
                     if w.granted {
-                        Withdrawn::Granted(on)
+                        Withdrawn::Granted(on, w.cost)
                     } else {
                         Withdrawn::Removed
                     },
@@ -715,6 +778,8 @@ pub fn withdraw<S: SharedData>(
     })
 }
 
+#[cfg(test)]
+mod cost_tests;
 #[cfg(test)]
 mod instance_tests;
 #[cfg(test)]

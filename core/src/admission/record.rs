@@ -1,11 +1,11 @@
 //! The endpoint record's codec and the FIFO hand-over on it.
 //!
-//! Record layout (little endian), version 5:
+//! Record layout (little endian), version 6:
 //!
 //! | bytes | field | |
 //! |---|---|---|
-//! | 1 | `version` | 5 |
-//! | 4 | `active` | slots in use, granted-but-unclaimed included |
+//! | 1 | `version` | 6 |
+//! | 4 | `active` | units in use (a request is 1 unit without `cost`), granted-but-unclaimed included |
 //! | 4 | `next_ticket` | |
 //! | 4 | `capacity` | in force; 0: none, requests pass (counted, never queued) |
 //! | 4 | `configured` | the capacity of the last configuration seen; 0: none |
@@ -22,29 +22,33 @@
 //!
 //! then one 49-byte instance each (see [`Instance`]): `address` (family `4`
 //! or `6`:u8, 16 address bytes, port:u16), `own_capacity:u32` (0: the
-//! endpoint's), `active:u32`, `flags:u8` (bit 0 gone, bit 1 own capacity
+//! endpoint's), `active:u32` (units), `flags:u8` (bit 0 gone, bit 1 own capacity
 //! from sync, bit 2 a shared pool), `strikes:u8`, `eject_until_ns:u64`,
 //! `picks_missed:u32`, `share:u32`, `share_fallback:u32`;
 //! then one `finish:u32` per flow (the tag its next request starts from);
-//! then one 17-byte waiter each: `ticket:u32, worker:u16, flags:u16`
+//! then one 21-byte waiter each: `ticket:u32, worker:u16, flags:u16`
 //! (bit 0 granted, bit 1 pinned, bit 2 pushed out), `instance:u16` (an
 //! index into the instances, `0xffff`: none), `class:u8` (its index in the
 //! configuration's classes), `priority:u8` (higher is served first),
-//! `flow:u8` (its tenant's flow), `tag:u32` (its start tag).
+//! `flow:u8` (its tenant's flow), `tag:u32` (its start tag), `cost:u32`
+//! (the units it holds once granted, at least 1; see [`super::cost`]).
 //!
 //! Waiters are kept in the order they are served: by priority, highest
 //! first; within one priority by start tag, lowest first (start-time fair
 //! queueing over the tenants' flows, [`EndpointState::tag`]); then in arrival
-//! order (without tenants every tag is 0: FIFO within a priority).
+//! order (without tenants every tag is 0: FIFO within a priority). A grant
+//! goes to the first waiter in that order, and only when its cost fits:
+//! nobody behind it is granted before it (no backfill).
 
+use super::cost::fits;
 use super::{AdmissionError, Wakeups, WorkerId};
 use crate::cas::{u16_at, u32_at, u64_at};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-const VERSION: u8 = 5;
+const VERSION: u8 = 6;
 pub(super) const HEADER_LEN: usize = 59;
 pub(super) const INSTANCE_LEN: usize = 49;
-pub(super) const WAITER_LEN: usize = 17;
+pub(super) const WAITER_LEN: usize = 21;
 pub(super) const FLOW_LEN: usize = 4;
 const FLAG_GRANTED: u16 = 1;
 const FLAG_PINNED: u16 = 2;
@@ -82,6 +86,8 @@ pub struct Waiter {
     /// Its start tag in fair queueing (0 without tenants): lower is served
     /// first within its priority. Compared wrapping ([`tag_before`]).
     pub tag: u32,
+    /// The units it holds once granted (1 without `cost`).
+    pub cost: u32,
 }
 
 /// `a` comes before `b` on fair queueing's wrapping clock.
@@ -113,7 +119,8 @@ pub struct Instance {
     /// `own_capacity` came from sync (a per-instance figure in Redis): a
     /// configuration seen again does not undo it.
     pub own_from_sync: bool,
-    /// Requests picked for it that have not ended (granted ones included).
+    /// Units of the requests picked for it that have not ended (granted
+    /// ones included): one per request without `cost`.
     pub active: u32,
     /// No longer in the set: never picked again, kept until `active` is 0.
     pub gone: bool,
@@ -231,7 +238,8 @@ impl CapacitySource {
 /// The decoded shared record of one endpoint.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EndpointState {
-    /// Slots in use, including those granted to waiters not yet claimed.
+    /// Units in use (one per request without `cost`), including those
+    /// granted to waiters not yet claimed.
     pub active: u32,
     pub next_ticket: u32,
     /// The capacity in force; `None`: requests pass through (counted).
@@ -340,6 +348,7 @@ impl EndpointState {
                     priority: w[11],
                     flow: w[12],
                     tag: u32_at(w, 13),
+                    cost: u32_at(w, 17),
                 })
             })
             .collect::<Result<Vec<_>, AdmissionError>>()?;
@@ -465,6 +474,7 @@ impl EndpointState {
             out.push(w.priority);
             out.push(w.flow);
             out.extend_from_slice(&w.tag.to_le_bytes());
+            out.extend_from_slice(&w.cost.to_le_bytes());
         }
         out
     }
@@ -473,6 +483,15 @@ impl EndpointState {
     /// pushed-out ones are leaving).
     pub fn queued(&self) -> u32 {
         self.waiters.iter().filter(|w| w.waiting()).count() as u32
+    }
+
+    /// The units of the requests waiting for a slot (their number without
+    /// `cost`).
+    pub fn queued_units(&self) -> u32 {
+        self.waiters
+            .iter()
+            .filter(|w| w.waiting())
+            .fold(0, |n, w| n.saturating_add(w.cost))
     }
 
     /// Requests of class `class` waiting for a slot.
@@ -536,7 +555,7 @@ impl EndpointState {
             .rposition(|w| w.waiting() && w.priority == lowest)
     }
 
-    /// Slots admissions may use at `now_ns`: the capacity (none: no
+    /// Units admissions may use at `now_ns`: the capacity (none: no
     /// limit), and no more than this Envoy's share when it shares it.
     pub fn limit(&self, now_ns: u64) -> u32 {
         let capacity = self.capacity.unwrap_or(u32::MAX);
@@ -546,12 +565,14 @@ impl EndpointState {
         }
     }
 
-    /// Hands free slots to the oldest waiters; returns whether anything
-    /// changed. Nothing is handed out while the backend is unhealthy: those
-    /// waiters are being answered 503. With instances, each waiter gets a
-    /// slot on the instance [`EndpointState::pick`] chooses, or, pinned, on
-    /// its own instance only; a pinned waiter whose instance is full lets
-    /// the ones behind it by.
+    /// Hands free units to the waiters in serving order, each while its
+    /// cost fits (the first that does not fit stops the round: no
+    /// backfill); returns whether anything changed. Nothing is handed out
+    /// while the backend is unhealthy: those waiters are being answered
+    /// 503. With instances, each waiter gets its units on the instance
+    /// [`EndpointState::pick`] chooses, or, pinned, on its own instance
+    /// only; a pinned waiter whose instance is full lets the ones behind it
+    /// by.
     pub(super) fn pump(&mut self, now_ns: u64, wake: &mut Wakeups) -> bool {
         if self.unhealthy {
             return false;
@@ -562,23 +583,25 @@ impl EndpointState {
         let limit = self.limit(now_ns);
         let mut changed = false;
         for w in self.waiters.iter_mut() {
-            if self.active >= limit {
+            if !w.waiting() {
+                continue;
+            }
+            if !fits(self.active, w.cost, limit) {
                 break;
             }
-            if w.waiting() {
-                w.granted = true;
-                self.active += 1;
-                advance_clock(&mut self.virtual_time, w.tag);
-                wake.add(w.worker);
-                changed = true;
-            }
+            w.granted = true;
+            self.active = self.active.saturating_add(w.cost);
+            advance_clock(&mut self.virtual_time, w.tag);
+            wake.add(w.worker);
+            changed = true;
         }
         changed
     }
 
     fn pump_instances(&mut self, now_ns: u64, wake: &mut Wakeups) -> bool {
         let mut changed = false;
-        // Once no instance has a free slot, only pinned waiters can go.
+        // Once the first unpinned waiter fits on no instance, only pinned
+        // waiters can go (each on its own instance): no backfill.
         let mut full = false;
         for n in 0..self.waiters.len() {
             let w = self.waiters[n];
@@ -589,16 +612,17 @@ impl EndpointState {
                 .instance
                 .filter(|&i| w.pinned && self.pin_holds(i, now_ns));
             let target = match pin {
-                Some(i) => self.has_room(usize::from(i), now_ns).then_some(i),
+                Some(i) => self.has_room(usize::from(i), w.cost, now_ns).then_some(i),
                 None if full => None,
-                None => self.pick(now_ns),
+                None => self.pick(w.cost, now_ns),
             };
             let Some(i) = target else {
                 full |= pin.is_none();
                 continue;
             };
-            self.instances[usize::from(i)].active += 1;
-            self.active += 1;
+            let inst = &mut self.instances[usize::from(i)];
+            inst.active = inst.active.saturating_add(w.cost);
+            self.active = self.active.saturating_add(w.cost);
             let w = &mut self.waiters[n];
             w.granted = true;
             w.instance = Some(i);

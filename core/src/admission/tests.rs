@@ -43,9 +43,9 @@ struct Tickets {
 }
 fn claim<S: SharedData>(s: &S, k: &str, w: WorkerId) -> Result<Tickets, AdmissionError> {
     let c = super::claim(s, k, w, 0)?;
-    assert!(c.granted.iter().all(|(_, on)| on.is_none()));
+    assert!(c.granted.iter().all(|(_, on, _)| on.is_none()));
     Ok(Tickets {
-        granted: c.granted.into_iter().map(|(t, _)| t).collect(),
+        granted: c.granted.into_iter().map(|(t, _, _)| t).collect(),
         refused: c.refused,
     })
 }
@@ -114,6 +114,7 @@ fn encode_decode_round_trip() {
                 priority: 7,
                 flow: 3,
                 tag: 123_456,
+                cost: 25,
             },
             Waiter {
                 ticket: 2,
@@ -126,6 +127,7 @@ fn encode_decode_round_trip() {
                 priority: 255,
                 flow: 0,
                 tag: u32::MAX,
+                cost: u32::MAX,
             },
         ],
     };
@@ -310,7 +312,7 @@ fn withdraw_waiting_and_granted() {
     assert_eq!(withdraw(&store, K, b).unwrap(), Withdrawn::NotFound);
     // A grant that races a client abort: the withdrawer now holds the slot.
     release(&store, K).unwrap();
-    assert_eq!(withdraw(&store, K, a).unwrap(), Withdrawn::Granted(None));
+    assert_eq!(withdraw(&store, K, a).unwrap(), Withdrawn::Granted(None, 1));
     let s = snapshot(&store, K).unwrap();
     assert_eq!((s.active, s.waiters.len()), (1, 0));
     release(&store, K).unwrap();
@@ -440,7 +442,10 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
                 for i in 0..REQUESTS {
                     let mut holding = match acquire(&*store, K, 1000, worker).unwrap().0 {
                         Acquired::Admitted(_) => true,
-                        Acquired::QueueFull(_) | Acquired::Shed(_) | Acquired::Unhealthy => {
+                        Acquired::QueueFull(_)
+                        | Acquired::Shed(_)
+                        | Acquired::Unhealthy
+                        | Acquired::TooCostly(_) => {
                             panic!("cannot happen here")
                         }
                         Acquired::Queued { ticket, .. } => {
@@ -463,7 +468,7 @@ fn racing_workers_never_exceed_capacity_and_leak_nothing() {
                             if !got {
                                 match withdraw(&*store, K, ticket).unwrap() {
                                     Withdrawn::Removed => timed_out.fetch_add(1, Ordering::SeqCst),
-                                    Withdrawn::Granted(_) => {
+                                    Withdrawn::Granted(..) => {
                                         got = true;
                                         0
                                     }

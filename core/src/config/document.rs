@@ -150,6 +150,10 @@ pub struct Document {
         schemars(with = "String", regex(pattern = "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$"))
     )]
     pub deadline_header: Option<Value>,
+    /// Every endpoint counts its capacity in units of cost instead of
+    /// requests (each endpoint may replace it, or turn it off with `false`).
+    #[cfg_attr(feature = "schema", schemars(with = "super::cost::CostDoc"))]
+    pub cost: Option<Value>,
     /// Keys no part reads.
     #[serde(flatten)]
     #[cfg_attr(feature = "schema", schemars(skip))]
@@ -215,6 +219,11 @@ pub struct EndpointDoc {
     /// in the class header (instead of `default_class`).
     #[cfg_attr(feature = "schema", schemars(with = "String", length(min = 1)))]
     pub class: Option<Value>,
+    /// The endpoint counts its capacity (and each instance's) in units of
+    /// cost instead of requests; replaces the service-wide `cost` whole,
+    /// `false` turns it off here.
+    #[cfg_attr(feature = "schema", schemars(with = "super::cost::CostSetting"))]
+    pub cost: Option<Value>,
     /// Prober: the method it calls the endpoint with.
     #[cfg_attr(feature = "schema", schemars(with = "String", regex(pattern = "^[A-Za-z]{1,20}$"), extend("default" = "GET")))]
     pub method: Option<Value>,

@@ -8,6 +8,7 @@
 
 use super::check::{self, unknown_keys, ConfigError, ConfigWarning, WarningKind};
 use super::classes::Classes;
+use super::cost::Cost;
 use super::document::{Document, EndpointDoc, Section};
 use super::instances::Instances;
 use super::shown;
@@ -98,6 +99,8 @@ pub struct Endpoint {
     pub instance_capacity: Vec<(SocketAddr, u32)>,
     /// The class (an index into the classes) of its requests that name none.
     pub class: Option<u8>,
+    /// Its capacity counts units of cost (`cost`); `None`: requests.
+    pub cost: Option<Cost>,
 }
 
 /// The service-wide values an endpoint falls back to.
@@ -107,6 +110,7 @@ struct Defaults {
     abandon_hold: Duration,
     max_upload_time: Duration,
     queue_full_status: u16,
+    cost: Option<Cost>,
 }
 
 impl Config {
@@ -153,6 +157,7 @@ impl TryFrom<&Document> for Config {
                 "queue_full_status",
                 DEFAULT_QUEUE_FULL_STATUS,
             )?,
+            cost: Cost::parse(doc.cost.as_ref(), "cost", &mut warnings)?.flatten(),
         };
         let metrics = check::flag(doc.metrics.as_ref(), "metrics", true)?;
 
@@ -412,6 +417,8 @@ fn endpoint(
             })?),
         },
     };
+    let cost = Cost::parse(fields.cost.as_ref(), &key("cost"), warnings)?
+        .unwrap_or_else(|| defaults.cost.clone());
     Ok(Endpoint {
         path: path.to_string(),
         match_kind,
@@ -426,6 +433,7 @@ fn endpoint(
         max_queued_bytes,
         instance_capacity,
         class,
+        cost,
     })
 }
 

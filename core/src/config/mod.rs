@@ -12,6 +12,7 @@
 pub mod callouts;
 pub mod check;
 pub mod classes;
+pub mod cost;
 mod document;
 mod enforcement;
 pub mod instances;
@@ -27,6 +28,7 @@ pub use callouts::{
 };
 pub use check::{shown, ConfigError, ConfigWarning, WarningKind};
 pub use classes::{ClassSpec, Classes, DEFAULT_CLASS, DEFAULT_CLASS_HEADER, MAX_CLASSES};
+pub use cost::{Cost, CostSource};
 #[cfg(feature = "schema")]
 pub use document::schema_json;
 pub use document::{

@@ -133,6 +133,31 @@ fn share(
     }
 }
 
+/// An endpoint with `cost`: its units in flight and waiting against its
+/// capacity in units (`active_requests` and `available_slots` count units
+/// too), and how a request's cost is found.
+fn cost_entry(
+    cost: &sluice_core::config::Cost,
+    s: &admission::EndpointState,
+    now_ns: u64,
+) -> serde_json::Value {
+    let capacity = s.total_capacity(now_ns);
+    json!({
+        "units_in_flight": s.active,
+        "capacity_units": capacity,
+        "available_units": capacity.map(|c| c.saturating_sub(s.active)),
+        "queued_units": s.queued_units(),
+        "header": cost.header,
+        "unit_bytes": cost.unit_bytes,
+        "min": cost.min,
+        "without_length": cost.without_length,
+        "over_capacity": match cost.over_capacity {
+            admission::OverCapacity::Alone => "alone",
+            admission::OverCapacity::Refuse => "refuse",
+        },
+    })
+}
+
 /// The capacity is the one in force (shared record); `null` while an
 /// endpoint has none (it passes). Ages as of `now_ns`.
 fn document<H: Host>(
@@ -180,6 +205,10 @@ fn document<H: Host>(
                 entry["share_fallback_left_ms"] =
                     json!(s.share_lease.fallback_until_ns.saturating_sub(now_ns) / 1_000_000);
             }
+        }
+        // Only with `cost`: the record's counts are units, not requests.
+        if let (Some(cost), Ok(s)) = (&r.cost, &state) {
+            entry["cost"] = cost_entry(cost, s, now_ns);
         }
         if let (Some(classes), Ok(s)) = (&routes.classes, &state) {
             let by_class: serde_json::Map<String, serde_json::Value> = classes

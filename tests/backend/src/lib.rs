@@ -13,7 +13,9 @@
 //! see [`handover`]), and how long requests took from arrival to answer.
 //! Paths are decoded the way an application server routes them (`app_path`),
 //! and with `on_disconnect=finish` a route keeps working on, and counting, a
-//! request whose client left, as a thread-pool server does.
+//! request whose client left, as a thread-pool server does. With
+//! `ms_per_mb`, a request's service time grows with the size of its body
+//! (read whole first), like an upload endpoint's.
 //! `GET /__backend/health` answers 200, or 503 after `POST
 //! /__backend/health/fail` until `POST /__backend/health/ok`: a backend whose
 //! health check starts failing, for Sluice's health tests.
@@ -284,9 +286,10 @@ impl App {
             .and_then(|v| v.to_str().ok());
         let mut inside = state.enter(request_id);
 
-        if req.into_body().collect().await.is_err() {
-            return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#);
-        }
+        let body_bytes = match req.into_body().collect().await {
+            Ok(body) => body.to_bytes().len(),
+            Err(_) => return json(StatusCode::BAD_REQUEST, r#"{"error":"body not read"}"#),
+        };
 
         let _slot = match &state.slots {
             None => None,
@@ -330,6 +333,9 @@ impl App {
             None => (state.next_service_time(), state.default_body.clone()),
             Some(ms) => (Duration::from_secs_f64(ms / 1000.0), state.body_for(ms)),
         };
+        // An upload's work grows with its size (`ms_per_mb`).
+        let service_time =
+            service_time + Duration::from_secs_f64(state.ms_per_mb * body_bytes as f64 / 1e9);
         if !service_time.is_zero() {
             precise_sleep::sleep(service_time).await;
         }

@@ -76,6 +76,8 @@ pub struct PathState {
     pub slow: Option<(u64, Duration)>,
     /// See [`RouteSpec::tokens`].
     pub tokens: Option<u32>,
+    /// See [`RouteSpec::ms_per_mb`].
+    pub ms_per_mb: f64,
     /// Requests that arrived, for `slow`.
     started: AtomicU64,
     /// The 200 body for the default service time, rendered once.
@@ -124,6 +126,7 @@ impl PathState {
             on_disconnect: OnDisconnect::Cancel,
             slow: None,
             tokens: None,
+            ms_per_mb: 0.0,
             started: AtomicU64::new(0),
             slots: capacity.map(|k| Slots {
                 semaphore: Semaphore::new(k),
@@ -378,6 +381,7 @@ impl Paths {
                     .slow
                     .map(|(every, ms)| (every, Duration::from_secs_f64(ms / 1000.0)));
                 state.tokens = r.tokens;
+                state.ms_per_mb = r.ms_per_mb;
                 if trace {
                     state.trace = Some(Mutex::new(Vec::new()));
                 }

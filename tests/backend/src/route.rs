@@ -46,6 +46,10 @@ pub struct RouteSpec {
     /// Seeds `service_dist`'s draws, so a run can be repeated: the same
     /// seed gives the same sequence of service times (in arrival order).
     pub seed: u64,
+    /// Milliseconds of service time added per MB (10^6 bytes) of request
+    /// body, read whole before service: an upload endpoint whose work
+    /// grows with the size of what it is sent.
+    pub ms_per_mb: f64,
 }
 
 /// How a route's service times vary around its `service_ms`.
@@ -64,7 +68,7 @@ pub enum RouteSpecError {
     BadPath(String),
     #[error("{0:?} is not key=value")]
     NotKeyValue(String),
-    #[error("unknown key {0:?} (expected capacity, service_ms, service_dist, seed, overload, on_disconnect, slow_every, slow_ms or tokens)")]
+    #[error("unknown key {0:?} (expected capacity, service_ms, service_dist, seed, overload, on_disconnect, slow_every, slow_ms, tokens or ms_per_mb)")]
     UnknownKey(String),
     #[error("key {0:?} is given twice")]
     DuplicateKey(String),
@@ -72,6 +76,8 @@ pub enum RouteSpecError {
     BadCapacity(String),
     #[error("service_ms must be a number of milliseconds >= 0, got {0:?}")]
     BadServiceMs(String),
+    #[error("ms_per_mb must be a number of milliseconds >= 0, got {0:?}")]
+    BadMsPerMb(String),
     #[error("overload must be queue, reject or error200, got {0:?}")]
     BadOverload(String),
     #[error("on_disconnect must be cancel or finish, got {0:?}")]
@@ -107,6 +113,7 @@ impl FromStr for RouteSpec {
             tokens: None,
             service_dist: ServiceDist::Fixed,
             seed: 1,
+            ms_per_mb: 0.0,
         };
         let (mut slow_every, mut slow_ms) = (None, None);
         let count = |key: &'static str, value: &str| {
@@ -162,6 +169,10 @@ impl FromStr for RouteSpec {
                     );
                 }
                 "tokens" => route.tokens = Some(count("tokens", value)?),
+                "ms_per_mb" => {
+                    route.ms_per_mb = parse_service_ms(value)
+                        .ok_or_else(|| RouteSpecError::BadMsPerMb(value.to_string()))?;
+                }
                 "service_dist" => {
                     route.service_dist = match value {
                         "fixed" => ServiceDist::Fixed,
@@ -250,6 +261,20 @@ mod tests {
     }
 
     #[test]
+    fn parses_a_service_time_per_mb_of_body() {
+        let r: RouteSpec = "/upload:service_ms=5,ms_per_mb=4".parse().unwrap();
+        assert_eq!((r.service_ms, r.ms_per_mb), (5.0, 4.0));
+        assert_eq!("/p".parse::<RouteSpec>().unwrap().ms_per_mb, 0.0);
+        assert_eq!(
+            "/p:ms_per_mb=-1"
+                .parse::<RouteSpec>()
+                .unwrap_err()
+                .to_string(),
+            "ms_per_mb must be a number of milliseconds >= 0, got \"-1\""
+        );
+    }
+
+    #[test]
     fn parses_service_time_distributions() {
         let r: RouteSpec = "/p:service_ms=60,service_dist=exponential,seed=7"
             .parse()
@@ -269,7 +294,7 @@ mod tests {
             ("/p:capacity=4,", "\"\" is not key=value"),
             (
                 "/p:slots=4",
-                "unknown key \"slots\" (expected capacity, service_ms, service_dist, seed, overload, on_disconnect, slow_every, slow_ms or tokens)",
+                "unknown key \"slots\" (expected capacity, service_ms, service_dist, seed, overload, on_disconnect, slow_every, slow_ms, tokens or ms_per_mb)",
             ),
             (
                 "/p:capacity=0",
