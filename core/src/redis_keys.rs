@@ -175,6 +175,12 @@ pub fn version_key(service: &str) -> String {
     format!("sluice:{{{service}}}:version")
 }
 
+/// Which sluice-sync replica allocates the service's shares among its
+/// Envoys (`--advertise`): the replica's address, under a lease (`PX`).
+pub fn allocator_key(service: &str) -> String {
+    format!("sluice:{{{service}}}:allocator")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

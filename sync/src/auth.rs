@@ -55,6 +55,11 @@ impl Token {
         Ok(Token(text.as_bytes().into()))
     }
 
+    /// `Bearer <token>`: what a call to another replica carries.
+    pub fn bearer(&self) -> String {
+        format!("Bearer {}", String::from_utf8_lossy(&self.0))
+    }
+
     pub fn from_file(path: &Path) -> Result<Token, TokenError> {
         let text = std::fs::read_to_string(path).map_err(|e| TokenError::Unreadable {
             path: path.display().to_string(),

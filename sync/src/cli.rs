@@ -142,6 +142,20 @@ pub struct Opts {
     )]
     pub share_min: u32,
 
+    /// Several sync replicas for the same Envoys: HOST:PORT at which the
+    /// other replicas reach this one's gRPC (in Kubernetes, the pod's IP
+    /// and --listen's port). One replica per service allocates its shares
+    /// (a lease in Redis); the others forward its Share streams there.
+    /// Leave it out with one replica
+    #[arg(long, env = "SLUICE_SYNC_ADVERTISE", value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
+
+    /// With --advertise: the allocator's lease in Redis; a replica that
+    /// cannot renew it stops allocating before it runs out, and another
+    /// takes over once it has
+    #[arg(long, env = "SLUICE_SYNC_ALLOCATOR_LEASE", default_value = "5s", value_parser = interval, value_name = "DURATION")]
+    pub allocator_lease: Duration,
+
     /// The token itself, from the environment only (a flag would show in
     /// `ps`).
     #[arg(skip = std::env::var("SLUICE_SYNC_TOKEN").ok())]
@@ -166,6 +180,9 @@ pub struct Settings {
     pub discovery: Option<DiscoverySettings>,
     /// The Share RPC's allocators.
     pub shares: crate::shares::Settings,
+    /// `--advertise`: several replicas, one allocator per service.
+    pub advertise: Option<String>,
+    pub allocator_lease: Duration,
 }
 
 /// `instances.dns_interval` when neither it nor --dns-interval is given.
@@ -191,6 +208,8 @@ pub enum SettingsError {
     TwoTokens,
     #[error("{0}")]
     Discovery(String),
+    #[error("{0}")]
+    Advertise(String),
 }
 
 impl Settings {
@@ -221,7 +240,16 @@ impl Settings {
             (None, Some(text)) => Some(Token::parse(text, "SLUICE_SYNC_TOKEN")?),
             (None, None) => None,
         };
+        let advertise = opts.advertise.as_deref().map(check_advertise).transpose()?;
+        if opts.allocator_lease < Duration::from_secs(1) {
+            return Err(SettingsError::Advertise(format!(
+                "--allocator-lease: at least 1s (it is renewed every third of it), got {:?}",
+                opts.allocator_lease
+            )));
+        }
         Ok(Settings {
+            advertise,
+            allocator_lease: opts.allocator_lease,
             listen: opts.listen,
             metrics_addr: opts.metrics_addr,
             redis_url,
@@ -240,6 +268,33 @@ impl Settings {
             },
         })
     }
+}
+
+/// `--advertise HOST:PORT`: an address another replica can dial.
+fn check_advertise(text: &str) -> Result<String, SettingsError> {
+    let bad = |why: &str| {
+        SettingsError::Advertise(format!(
+            "--advertise: {why}, e.g. 10.0.0.7:50051 or sync-0.sync:50051, got {text:?}"
+        ))
+    };
+    let (host, port) = text
+        .rsplit_once(':')
+        .ok_or_else(|| bad("must be HOST:PORT"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad("the port must be 1..65535")),
+    }
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(['/', ' ', '@']) {
+        return Err(bad("must be HOST:PORT"));
+    }
+    if host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(bad("the other replicas cannot dial an unspecified address"));
+    }
+    Ok(text.to_string())
 }
 
 /// What to discover: `--discover` targets, and `instances.dns` of the config
@@ -432,12 +487,41 @@ mod tests {
     }
 
     #[test]
+    fn advertise_is_an_address_other_replicas_can_dial() {
+        let settings = |extra: &[&str]| {
+            let mut args = vec!["--redis", "redis://127.0.0.1:6379"];
+            args.extend(extra);
+            Settings::from_opts(&parse(&args).unwrap()).map_err(|e| e.to_string())
+        };
+        let ok = settings(&["--advertise", "10.0.0.7:50051"]).unwrap();
+        assert_eq!(ok.advertise.as_deref(), Some("10.0.0.7:50051"));
+        assert!(settings(&["--advertise", "sync-0.sync.ns:50051"]).is_ok());
+        assert!(settings(&["--advertise", "[::1]:50051"]).is_ok());
+        for (bad, why) in [
+            ("10.0.0.7", "must be HOST:PORT"),
+            ("10.0.0.7:0", "the port must be 1..65535"),
+            ("0.0.0.0:50051", "cannot dial an unspecified address"),
+            (":50051", "must be HOST:PORT"),
+        ] {
+            let e = settings(&["--advertise", bad]).unwrap_err();
+            assert!(
+                e.starts_with("--advertise: ") && e.contains(why),
+                "{bad}: {e}"
+            );
+        }
+        let e = settings(&["--advertise", "h:1", "--allocator-lease", "500ms"]).unwrap_err();
+        assert!(e.starts_with("--allocator-lease: at least 1s"), "{e}");
+    }
+
+    #[test]
     fn defaults() {
         let opts = parse(&["--redis", "redis://127.0.0.1:6379"]).unwrap();
         let settings = Settings::from_opts(&opts).unwrap();
         assert_eq!(
             settings,
             Settings {
+                advertise: None,
+                allocator_lease: Duration::from_secs(5),
                 listen: "127.0.0.1:50051".parse().unwrap(),
                 metrics_addr: None,
                 redis_url: "redis://127.0.0.1:6379".into(),

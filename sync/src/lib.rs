@@ -8,6 +8,7 @@
 //! optional token; [`metrics`] serves Prometheus metrics; [`shares`] is the
 //! allocator of shares among Envoy replicas, [`share_stream`] its RPC.
 
+pub mod allocator;
 pub mod api;
 pub mod auth;
 pub mod cli;
@@ -117,7 +118,23 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         info!(metrics = %bound, "serving Prometheus metrics at /metrics");
         tokio::spawn(metrics::serve(listener, services.clone(), shutdown.clone()));
     }
-    let shares = share_stream::ShareHub::new(services.clone(), settings.shares);
+    let mut election_task = None;
+    let shares = match &settings.advertise {
+        Some(me) => {
+            let clients = settings.redis.clients().context("Redis")?;
+            let election = allocator::Election::new(clients, me.clone(), settings.allocator_lease);
+            election_task = Some(tokio::spawn(election.clone().run(shutdown.clone())));
+            info!(advertise = %me, lease = ?settings.allocator_lease,
+                  "several replicas: one allocates each service's shares, the others forward to it");
+            share_stream::ShareHub::with_election(
+                services.clone(),
+                settings.shares,
+                election,
+                settings.token.clone(),
+            )
+        }
+        None => share_stream::ShareHub::new(services.clone(), settings.shares),
+    };
     tokio::spawn(shares.clone().run(shutdown.clone()));
     let sync_service = CapacitySyncService::new(
         services,
@@ -171,6 +188,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         } => warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period: closing them"),
     }
     let _ = source.await;
+    // Its leases deleted, so another replica allocates at once (bounded:
+    // a dead Redis must not hold the exit).
+    if let Some(task) = election_task {
+        let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+    }
     info!("stopped");
     Ok(())
 }

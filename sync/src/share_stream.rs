@@ -8,9 +8,11 @@
 //! bad report). A tick lets leases run out. The pools are the service's
 //! capacities and instance set, from the same view `Watch` streams.
 
+use crate::allocator::{Election, Role};
 use crate::api::{
     PoolAssignment, PoolShare, ShareGrant, ShareReport, StreamRef as WireStreamRef, WatcherShare,
 };
+use crate::auth::Token;
 use crate::grpc::{check_service, shown_node};
 use crate::services::{stopping, Services};
 use crate::shares::{self, Allocator, PoolKey, PoolReport, Report, StreamRef, WatcherId};
@@ -42,6 +44,9 @@ pub struct ShareHub {
     /// made again (same epoch) cannot take an old stream for a new one.
     next_watcher: AtomicU64,
     by_service: Mutex<HashMap<String, Arc<Mutex<ServiceShares>>>>,
+    /// With several replicas (`--advertise`): who allocates each service,
+    /// and the token to forward streams with.
+    election: Option<(Arc<Election>, Option<Token>)>,
 }
 
 /// One open stream's hold on its service's allocator.
@@ -63,17 +68,53 @@ struct ServiceShares {
 
 impl ShareHub {
     pub fn new(services: Arc<Services>, settings: shares::Settings) -> Arc<ShareHub> {
+        Arc::new(ShareHub::build(services, settings, None))
+    }
+
+    fn build(
+        services: Arc<Services>,
+        settings: shares::Settings,
+        election: Option<(Arc<Election>, Option<Token>)>,
+    ) -> ShareHub {
         let epoch = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
-        Arc::new(ShareHub {
+        ShareHub {
             services,
             settings,
             epoch,
             clock: Instant::now(),
             next_watcher: AtomicU64::new(1),
             by_service: Mutex::new(HashMap::new()),
-        })
+            election,
+        }
+    }
+
+    /// A hub that allocates only the services whose lease it holds and
+    /// forwards the other services' streams to their allocator.
+    pub fn with_election(
+        services: Arc<Services>,
+        settings: shares::Settings,
+        election: Arc<Election>,
+        token: Option<Token>,
+    ) -> Arc<ShareHub> {
+        Arc::new(ShareHub::build(services, settings, Some((election, token))))
+    }
+
+    /// This replica just took `service`'s lease: its allocator starts now,
+    /// with a restart's grace, whatever it knew from an earlier term (the
+    /// other replica's grants are not in it).
+    fn take_over(&self, service: &str) {
+        let mut by_service = self.by_service.lock().expect("shares lock");
+        by_service.insert(
+            service.to_string(),
+            Arc::new(Mutex::new(ServiceShares {
+                alloc: Allocator::new(self.settings, self.now(), self.epoch),
+                streams: BTreeMap::new(),
+                nodes: BTreeMap::new(),
+                pools: BTreeMap::new(),
+            })),
+        );
     }
 
     pub fn settings(&self) -> &shares::Settings {
@@ -268,6 +309,40 @@ impl ShareHub {
         }
         let service = first.service.clone();
         let node = shown_node(&first.node);
+        let mut lost = None;
+        if let Some((election, token)) = &self.election {
+            match election.role(&service).await {
+                Ok(Role::Allocator { taken }) => {
+                    if taken {
+                        self.take_over(&service);
+                    }
+                    lost = election.lost(&service);
+                }
+                Ok(Role::Forward(to)) => {
+                    debug!(service = %service, node = %node, allocator = %to, "forwarding a share stream");
+                    forward(&to, token.as_ref(), first, inbound, tx, shutdown).await;
+                    return;
+                }
+                Err(e) => {
+                    let status = Status::unavailable(format!(
+                        "no allocator for service {service:?} known ({e}): reconnect"
+                    ));
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+        }
+        // Resolves once this replica stops allocating the service (never
+        // without an election); the lease's record dropped counts too.
+        let handed_over = async move {
+            match lost {
+                Some(mut lost) => {
+                    let _ = lost.wait_for(|l| *l).await.map(|_| ());
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::pin!(handed_over);
         // Held while the stream lives: the service is read and not forgotten.
         let _watching = match self.services.watch(&service, 0) {
             Ok(watching) => watching,
@@ -316,6 +391,13 @@ impl ShareHub {
                     let _ = tx.send(Err(status)).await;
                     break Ended::Lost("shutting down");
                 }
+                _ = &mut handed_over => {
+                    let status = Status::unavailable(
+                        "this sluice-sync no longer allocates the service's shares: reconnect",
+                    );
+                    let _ = tx.send(Err(status)).await;
+                    break Ended::Lost("handed over");
+                }
                 _ = tx.closed() => break Ended::Lost("gone"),
             }
         };
@@ -327,6 +409,89 @@ impl ShareHub {
         info!(service = %service, node = %node, watcher = id, how, "share stream ended");
     }
 }
+
+/// Relays a Share stream to the replica that allocates its service: the
+/// first report and every later one there, its grants (and its end) back.
+async fn forward(
+    to: &str,
+    token: Option<&Token>,
+    first: ShareReport,
+    mut inbound: Streaming<ShareReport>,
+    tx: mpsc::Sender<Result<ShareGrant, Status>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let unavailable = |what: String| Status::unavailable(format!("{what}: reconnect"));
+    let channel = match tonic::transport::Endpoint::from_shared(format!("http://{to}")) {
+        Ok(e) => e.connect_timeout(FORWARD_CONNECT_TIMEOUT).connect().await,
+        Err(e) => {
+            let _ = tx
+                .send(Err(unavailable(format!("allocator address {to:?}: {e}"))))
+                .await;
+            return;
+        }
+    };
+    let channel = match channel {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = tx
+                .send(Err(unavailable(format!("the allocator at {to}: {e}"))))
+                .await;
+            return;
+        }
+    };
+    let (out, out_rx) = mpsc::channel::<ShareReport>(16);
+    let _ = out.send(first).await;
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(out_rx));
+    if let Some(token) = token {
+        if let Ok(value) = token.bearer().parse() {
+            request.metadata_mut().insert("authorization", value);
+        }
+    }
+    let mut client = crate::api::capacity_sync_client::CapacitySyncClient::new(channel);
+    let mut grants = match client.share(request).await {
+        Ok(response) => response.into_inner(),
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    let mut out = Some(out);
+    loop {
+        tokio::select! {
+            message = inbound.message(), if out.is_some() => match message {
+                Ok(Some(report)) => {
+                    if out.as_ref().expect("open").send(report).await.is_err() {
+                        break;
+                    }
+                }
+                // The Envoy half-closed (after its final report): so does
+                // the relay, and the allocator's answer ends the stream.
+                Ok(None) => out = None,
+                Err(_) => break,
+            },
+            grant = grants.message() => match grant {
+                Ok(Some(grant)) => {
+                    if tx.send(Ok(grant)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    let _ = tx.send(Err(status)).await;
+                    break;
+                }
+            },
+            _ = stopping(&mut shutdown) => {
+                let _ = tx.send(Err(unavailable("sluice-sync is shutting down".into()))).await;
+                break;
+            }
+            _ = tx.closed() => break,
+        }
+    }
+}
+
+/// A forwarding replica gives up on the allocator this soon.
+const FORWARD_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How a Share stream ended: only `Left` frees its slots before its lease.
 enum Ended {

@@ -710,9 +710,14 @@ struct SyncProcess {
 
 impl SyncProcess {
     fn start(redis: &Redis, addr: SocketAddr, lease: &str) -> SyncProcess {
+        SyncProcess::start_with(redis, addr, lease, &[])
+    }
+
+    fn start_with(redis: &Redis, addr: SocketAddr, lease: &str, more: &[&str]) -> SyncProcess {
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_sluice-sync"))
             .args(["--listen", &addr.to_string(), "--redis", &redis.url()])
             .args(["--share-lease", lease])
+            .args(more)
             .env("SLUICE_LOG", "warn")
             .env_remove("SLUICE_REDIS_URL")
             .env_remove("SLUICE_CONFIG")
@@ -822,4 +827,139 @@ async fn sync_killed_and_restarted_envoys_keep_their_shares_without_overshoot() 
         restarted.elapsed()
     );
     assert_never_above_capacity(&world);
+}
+
+/// The service's allocator as Redis has it: the replica's address.
+fn allocator(redis: &Redis) -> Option<String> {
+    redis
+        .command(&["GET", &format!("sluice:{{{SERVICE}}}:allocator")])
+        .as_str()
+}
+
+/// Two replicas with --advertise: the first to see a Share stream of the
+/// service allocates it, the other forwards its streams there, so the
+/// Envoys of both share one allocator. The allocator SIGKILLed: its lease
+/// runs out, the survivor takes it with a restart's grace, and at no moment
+/// could the Envoys admit more than the capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_one_allocator_and_a_killed_one_hands_over_without_overshoot() {
+    let redis = Redis::start();
+    put_capacity(&redis, CAPACITY);
+    let addr = || -> SocketAddr { format!("127.0.0.1:{}", free_port()).parse().unwrap() };
+    let (a_addr, b_addr) = (addr(), addr());
+    let (a_text, b_text) = (a_addr.to_string(), b_addr.to_string());
+    let lease = Duration::from_secs(2);
+    let mut a = SyncProcess::start_with(
+        &redis,
+        a_addr,
+        "2s",
+        &["--advertise", &a_text, "--allocator-lease", "2s"],
+    );
+    let mut b_process = SyncProcess::start_with(
+        &redis,
+        b_addr,
+        "2s",
+        &["--advertise", &b_text, "--allocator-lease", "2s"],
+    );
+    listening(a_addr).await;
+    listening(b_addr).await;
+    let world = Shared::default();
+    let at = |addr, started| Sync {
+        addr,
+        metrics: addr,
+        started,
+    };
+    let first = Envoy::connect(&at(a_addr, Instant::now()), &world).await;
+    let took = Instant::now();
+    let waited = within(Duration::from_secs(3), "a grant from A", &world, |w| {
+        w.envoys[0].grants > 0
+    })
+    .await;
+    assert_eq!(allocator(&redis).as_deref(), Some(a_text.as_str()));
+    eprintln!("A allocates after {waited:?}");
+    let mut envoys = vec![first];
+    for _ in 0..2 {
+        envoys.push(Envoy::connect(&at(b_addr, Instant::now()), &world).await);
+    }
+    // A's allocator started when it took the lease: after its grace, an
+    // even split of every pool among the three, two of them through B.
+    let grace_left = (took + lease).saturating_duration_since(Instant::now());
+    within(
+        grace_left + Duration::from_secs(3),
+        "an even split",
+        &world,
+        |w| (0..3).all(|i| pools().iter().all(|p| w.share(i, p) == CAPACITY / 3)),
+    )
+    .await;
+    let epochs: Vec<u64> = {
+        let w = world.lock().unwrap();
+        w.envoys.iter().map(|e| e.stream.unwrap().epoch).collect()
+    };
+    assert!(
+        epochs.iter().all(|e| *e == epochs[0]),
+        "one allocator for all three: {epochs:?}"
+    );
+    assert_eq!(
+        allocator(&redis).as_deref(),
+        Some(a_text.as_str()),
+        "B forwards"
+    );
+    for e in &envoys {
+        e.demand(&world, 20);
+    }
+
+    a.kill();
+    let killed = Instant::now();
+    // A's lease runs out in Redis within its 2 s; meanwhile the Envoys keep
+    // what A granted, under their own leases.
+    let expired = loop {
+        if allocator(&redis).is_none() {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(4),
+            "A's lease never ran out"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let b = at(b_addr, Instant::now());
+    let mut again = Vec::new();
+    for e in envoys.drain(..) {
+        again.push(e.reconnect(&b, &world).await);
+    }
+    within(
+        lease + Duration::from_secs(3),
+        "B allocates an even split",
+        &world,
+        |w| {
+            w.envoys
+                .iter()
+                .all(|e| e.stream.is_some_and(|s| s.epoch != epochs[0]))
+                && (0..3).all(|i| pools().iter().all(|p| w.share(i, p) == CAPACITY / 3))
+        },
+    )
+    .await;
+    assert_eq!(allocator(&redis).as_deref(), Some(b_text.as_str()));
+    eprintln!(
+        "A killed: its lease gone after {expired:?}, B allocating an even split {:?} after the kill",
+        killed.elapsed()
+    );
+    assert_never_above_capacity(&world);
+    // Stopped (SIGTERM), a replica deletes its lease: the next one need
+    // not wait for it to run out.
+    let stopped = Instant::now();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &b_process.child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    assert!(term.success());
+    while allocator(&redis).is_some() {
+        assert!(
+            stopped.elapsed() < Duration::from_millis(1500),
+            "B's lease outlived its SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    eprintln!("B stopped: its lease deleted after {:?}", stopped.elapsed());
+    let _ = b_process.child.wait();
 }
