@@ -5,14 +5,17 @@
 //! [`redis_source`] reads Redis into per-service views held by
 //! [`services`]; [`grpc`] streams them; [`snapshots`] holds the rules
 //! (versions, bad records, staleness) as pure code; [`auth`] checks the
-//! optional token; [`metrics`] serves Prometheus metrics; [`shares`] is the
-//! allocator of shares among Envoy replicas, [`share_stream`] its RPC.
+//! optional token; [`discovery`] (DNS) and [`kube_discovery`] (Kubernetes
+//! EndpointSlices) find instance sets; [`metrics`] serves Prometheus
+//! metrics; [`shares`] is the allocator of shares among Envoy replicas,
+//! [`share_stream`] its RPC.
 
 pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod discovery;
 pub mod grpc;
+pub mod kube_discovery;
 pub mod logging;
 pub mod metrics;
 pub mod redis_conn;
@@ -105,6 +108,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     if let Some(discovery) = settings.discovery.clone() {
         tokio::spawn(discovery::run(
             discovery,
+            services.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if !settings.kubernetes.is_empty() {
+        // No credentials is a setting to fix, said at start (exit 2).
+        let client = kube_discovery::client()
+            .await
+            .map_err(cli::SettingsError::Discovery)?;
+        tokio::spawn(kube_discovery::run(
+            settings.kubernetes.clone(),
+            client,
             services.clone(),
             shutdown.clone(),
         ));
