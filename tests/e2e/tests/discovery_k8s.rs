@@ -568,3 +568,159 @@ async fn sync_follows_the_ready_endpoints_of_a_services_endpointslices() {
         verbs
     );
 }
+
+fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64
+}
+
+/// The recorded list, made to hold `ready` (all ready) at `port`, in one
+/// IPv4 slice: the shape of `list.json`, the addresses of this test.
+fn list_of(ready: &[&str], port: u16) -> String {
+    let mut list: serde_json::Value = serde_json::from_str(&fixture("list.json")).unwrap();
+    let items = list["items"].as_array_mut().unwrap();
+    items.truncate(1);
+    let template = items[0]["endpoints"][0].clone();
+    items[0]["ports"][0]["port"] = port.into();
+    items[0]["endpoints"] = ready
+        .iter()
+        .map(|ip| {
+            let mut e = template.clone();
+            e["addresses"] = serde_json::json!([ip]);
+            e
+        })
+        .collect();
+    list.to_string()
+}
+
+/// The scale-up of `watch-1.jsonl` (an ADDED slice), holding `ready` at `port`.
+fn added_slice(ready: &[&str], port: u16) -> String {
+    let mut event: serde_json::Value = serde_json::from_str(&lines("watch-1.jsonl")[2]).unwrap();
+    assert_eq!(event["type"], "ADDED");
+    let template = event["object"]["endpoints"][0].clone();
+    event["object"]["ports"][0]["port"] = port.into();
+    event["object"]["endpoints"] = ready
+        .iter()
+        .map(|ip| {
+            let mut e = template.clone();
+            e["addresses"] = serde_json::json!([ip]);
+            e
+        })
+        .collect();
+    event.to_string()
+}
+
+/// Autoscaling through discovery, through a real Envoy (`--concurrency 2`):
+/// requests wait on one instance of capacity 1; two more become ready in
+/// the API server (an ADDED EndpointSlice); the waiting requests reach
+/// them, each instance still held to 1 at a time (the backends' traces).
+#[test]
+fn instances_added_in_kubernetes_take_the_requests_that_wait() {
+    use sluice_harness::{
+        most_at_once, sync_cluster_yaml, Backend, Envoy, FrontProxy, SYNC_CLUSTER,
+    };
+    use sluice_loadgen::{run_blocking, summarize, Burst};
+    const PREDICT: &str = "/predict";
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let port = sluice_harness::free_port();
+    let ips = ["127.0.0.2", "127.0.0.3", "127.0.0.4"];
+    let backends: Vec<Backend> = ips
+        .iter()
+        .map(|ip| {
+            Backend::start_with_args(&[
+                "--listen",
+                &format!("{ip}:{port}"),
+                "--trace",
+                "--route",
+                &format!("{PREDICT}:capacity=1000,service_ms=100"),
+            ])
+        })
+        .collect();
+    let api = runtime.block_on(FakeApi::start(list_of(&ips[..1], port)));
+    let scratch = ScratchDir::new("kubeconfig");
+    let kubeconfig = scratch.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\n\
+             users:\n- name: sync\n  user: {{token: {TOKEN}}}\ncontexts:\n- name: fake\n  \
+             context: {{cluster: fake, user: sync}}\ncurrent-context: fake\n",
+            api.addr
+        ),
+    )
+    .unwrap();
+    let redis = Redis::start();
+    let redis_url = redis.url();
+    let discover = format!("{SERVICE}=shop/backend:{port}");
+    let sync = SyncService::start_with(
+        &["--redis", &redis_url, "--discover-k8s", &discover],
+        &[("KUBECONFIG", kubeconfig.to_str().unwrap())],
+    );
+    let config = serde_json::json!({
+        "service": SERVICE,
+        "abandon_hold": 0,
+        "sync": {"cluster": SYNC_CLUSTER},
+        "instances": {"kubernetes": {"namespace": "shop", "service": "backend", "port": port}},
+        "endpoints": {PREDICT: {"capacity": 1, "queue_timeout": 30, "max_queue": 1000}},
+    });
+    let mut proxy = FrontProxy::new(port, config.to_string());
+    // Envoy's cluster holds every pod (as EDS would); the filter picks
+    // among those sync says are ready.
+    proxy.instances = backends.iter().map(Backend::addr).collect();
+    proxy.extra_clusters_yaml = sync_cluster_yaml(sync.addr().port());
+    let envoy = Envoy::start(&proxy, 2);
+    let stats = || {
+        envoy
+            .request("GET", "/balancer/stats")
+            .send()
+            .expect("stats")
+            .json()["endpoints"][PREDICT]
+            .clone()
+    };
+    let ready_in_filter = |n: usize| {
+        let s = stats();
+        (s["instances_source"] == "sync"
+            && s["instances"]
+                .as_array()
+                .is_some_and(|a| a.iter().filter(|i| i["gone"] == false).count() == n))
+        .then_some(())
+    };
+    wait_until(WAIT, "the one ready instance in the filter", || {
+        ready_in_filter(1)
+    });
+
+    // 30 requests of 100 ms on one slot: they wait.
+    let addr = envoy.listener_addr();
+    let load = std::thread::spawn(move || summarize(&run_blocking(&Burst::new(addr, PREDICT, 30))));
+    wait_until(WAIT, "requests waiting", || {
+        (stats()["queued"].as_u64().unwrap_or(0) >= 10).then_some(())
+    });
+    let added_us = unix_us();
+    api.send(&added_slice(&ips[1..], port));
+    let summary = load.join().unwrap();
+    assert_eq!(summary.ok, 30, "{summary:?}");
+    let traces: Vec<_> = backends.iter().map(|b| b.trace(PREDICT)).collect();
+    let first_new = traces[1..]
+        .iter()
+        .flatten()
+        .map(|r| r.arrived_us)
+        .min()
+        .expect("a request at an added instance");
+    let pickup_ms = first_new.saturating_sub(added_us) as f64 / 1000.0;
+    let counts: Vec<usize> = traces.iter().map(Vec::len).collect();
+    println!("instances added in the API server took their first waiting request after {pickup_ms:.0} ms; served {counts:?}");
+    assert!(pickup_ms < 1000.0, "{pickup_ms} ms");
+    // The added two took a real part of the backlog, each one at a time.
+    assert!(counts[1] >= 5 && counts[2] >= 5, "{counts:?}");
+    for (t, b) in traces.iter().zip(&backends) {
+        assert_eq!(
+            most_at_once(t),
+            1,
+            "{} ran more than its capacity",
+            b.addr()
+        );
+    }
+    drop(sync);
+}
