@@ -117,7 +117,7 @@ pub struct Opts {
     /// endpoints (not terminating ones) at PORT, a port name or a number the
     /// slices list (the pods' port), as the service's instance set.
     /// Credentials: KUBECONFIG (or ~/.kube/config) if there is one, else the
-    /// pod's service account, which needs get, list and watch on
+    /// pod's service account, which needs list and watch on
     /// endpointslices (deploy/kubernetes-discovery). SERVICE defaults as for
     /// --discover. Repeatable; adds to `instances.kubernetes` of --config;
     /// one source per service, DNS or this

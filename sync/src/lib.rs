@@ -75,6 +75,16 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
 
 /// Serves until SIGTERM or Ctrl-C.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    // No Kubernetes credentials is a setting to fix, said before anything
+    // starts (exit 2).
+    let kube = if settings.kubernetes.is_empty() {
+        None
+    } else {
+        let client = kube_discovery::client()
+            .await
+            .map_err(cli::SettingsError::Discovery)?;
+        Some(client)
+    };
     let incoming = TcpIncoming::bind(settings.listen)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("--listen {}: cannot listen", settings.listen))?
@@ -112,11 +122,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             shutdown.clone(),
         ));
     }
-    if !settings.kubernetes.is_empty() {
-        // No credentials is a setting to fix, said at start (exit 2).
-        let client = kube_discovery::client()
-            .await
-            .map_err(cli::SettingsError::Discovery)?;
+    if let Some(client) = kube {
         tokio::spawn(kube_discovery::run(
             settings.kubernetes.clone(),
             client,

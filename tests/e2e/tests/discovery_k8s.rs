@@ -724,3 +724,33 @@ fn instances_added_in_kubernetes_take_the_requests_that_wait() {
     }
     drop(sync);
 }
+
+/// No Kubernetes credentials at all (no KUBECONFIG file, no
+/// ~/.kube/config, not in a pod): a setting to fix, said at start with
+/// exit status 2, before anything listens.
+#[test]
+fn no_kubernetes_credentials_stop_sync_at_start() {
+    let scratch = ScratchDir::new("no-kube");
+    let out = std::process::Command::new(sluice_harness::bin_path("sluice-sync"))
+        .args([
+            "--redis",
+            "redis://127.0.0.1:1",
+            "--listen",
+            "127.0.0.1:0",
+            "--discover-k8s",
+            "shop/backend:http",
+        ])
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .env("HOME", scratch.path())
+        .env("KUBECONFIG", scratch.path().join("missing"))
+        .output()
+        .expect("run sluice-sync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--discover-k8s/instances.kubernetes: no Kubernetes credentials"),
+        "{stderr}"
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("listening on"));
+}
