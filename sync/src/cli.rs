@@ -2,6 +2,7 @@
 
 use crate::auth::{Token, TokenError};
 use crate::discovery::{DiscoverySettings, DnsTarget};
+use crate::kube_discovery::KubeTarget;
 use clap::Parser;
 use serde_json::Value;
 use sluice_core::redis_keys::Storage;
@@ -111,6 +112,23 @@ pub struct Opts {
     )]
     pub discover: Vec<String>,
 
+    /// Discover the instances of a service from Kubernetes: watch the
+    /// EndpointSlices of the Service NAME in NAMESPACE and stream its ready
+    /// endpoints (not terminating ones) at PORT, a port name or a number the
+    /// slices list (the pods' port), as the service's instance set.
+    /// Credentials: KUBECONFIG (or ~/.kube/config) if there is one, else the
+    /// pod's service account, which needs list and watch on
+    /// endpointslices (deploy/kubernetes-discovery). SERVICE defaults as for
+    /// --discover. Repeatable; adds to `instances.kubernetes` of --config;
+    /// one source per service, DNS or this
+    #[arg(
+        long = "discover-k8s",
+        env = "SLUICE_SYNC_DISCOVER_K8S",
+        value_delimiter = ',',
+        value_name = "[SERVICE=]NAMESPACE/NAME:PORT"
+    )]
+    pub discover_k8s: Vec<String>,
+
     /// The DNS server to ask, e.g. 127.0.0.1:5353 [default: the system's
     /// resolvers, /etc/resolv.conf and /etc/hosts]
     #[arg(long, env = "SLUICE_SYNC_DNS_SERVER", value_name = "IP:PORT")]
@@ -176,8 +194,10 @@ pub struct Settings {
     pub max_services: usize,
     /// `None`: anyone may call CapacitySync.
     pub token: Option<Token>,
-    /// `None`: no service's instances are discovered.
+    /// `None`: no service's instances are discovered by DNS.
     pub discovery: Option<DiscoverySettings>,
+    /// The services whose instances are Kubernetes EndpointSlices.
+    pub kubernetes: Vec<KubeTarget>,
     /// The Share RPC's allocators.
     pub shares: crate::shares::Settings,
     /// `--advertise`: several replicas, one allocator per service.
@@ -229,7 +249,7 @@ impl Settings {
             (None, Some((path, text))) => (redis_url_from_config(path, text)?, "storage.url"),
             (None, None) => return Err(SettingsError::NoRedis),
         };
-        let discovery = discovery_settings(
+        let (discovery, kubernetes) = discovery_settings(
             opts,
             config_text.as_ref().map(|(p, t)| (p.as_path(), t.as_str())),
         )?;
@@ -260,6 +280,7 @@ impl Settings {
             max_services: opts.max_services as usize,
             token,
             discovery,
+            kubernetes,
             shares: crate::shares::Settings {
                 lease_ms: opts.share_lease.as_millis() as u64,
                 fallback_for_ms: opts.share_fallback_for.as_millis() as u64,
@@ -298,12 +319,14 @@ fn check_advertise(text: &str) -> Result<String, SettingsError> {
 }
 
 /// What to discover: `--discover` targets, and `instances.dns` of the config
-/// (for its `service:`), at `--dns-interval` else `instances.dns_interval`.
+/// (for its `service:`), at `--dns-interval` else `instances.dns_interval`;
+/// `--discover-k8s` and `instances.kubernetes`. One source per service.
 fn discovery_settings(
     opts: &Opts,
     config: Option<(&Path, &str)>,
-) -> Result<Option<DiscoverySettings>, SettingsError> {
+) -> Result<(Option<DiscoverySettings>, Vec<KubeTarget>), SettingsError> {
     let mut targets = Vec::new();
+    let mut kubernetes: Vec<KubeTarget> = Vec::new();
     let mut interval = None;
     let mut service = "default".to_string();
     if let Some((path, text)) = config {
@@ -319,6 +342,7 @@ fn discovery_settings(
         let (target, every) = dns_from_config(&doc, &service).map_err(fail)?;
         targets.extend(target);
         interval = every;
+        kubernetes.extend(kubernetes_from_config(&doc, &service).map_err(fail)?);
     }
     for text in &opts.discover {
         let (for_service, name) = match text.split_once('=') {
@@ -340,6 +364,33 @@ fn discovery_settings(
         }
         targets.push(target);
     }
+    for text in &opts.discover_k8s {
+        let (for_service, source) = match text.split_once('=') {
+            Some((s, source)) => (s.trim(), source.trim()),
+            None => (service.as_str(), text.trim()),
+        };
+        sluice_core::redis_keys::check_service_name(for_service)
+            .map_err(|e| SettingsError::Discovery(format!("--discover-k8s {text}: {e}")))?;
+        let target = KubeTarget::parse(source, for_service, "--discover-k8s")
+            .map_err(SettingsError::Discovery)?;
+        if kubernetes.iter().any(|t| t.service == target.service) {
+            return Err(SettingsError::Discovery(format!(
+                "--discover-k8s {text}: service {:?} already has a Kubernetes Service to watch: one per service",
+                target.service
+            )));
+        }
+        kubernetes.push(target);
+    }
+    if let Some(both) = kubernetes
+        .iter()
+        .find(|k| targets.iter().any(|t: &DnsTarget| t.service == k.service))
+    {
+        return Err(SettingsError::Discovery(format!(
+            "service {:?} is discovered both by DNS (--discover/instances.dns) and from Kubernetes \
+             (--discover-k8s/instances.kubernetes, {both}): one source per service",
+            both.service
+        )));
+    }
     if targets.is_empty() {
         if opts.dns_server.is_some() || opts.dns_interval.is_some() {
             return Err(SettingsError::Discovery(
@@ -348,16 +399,44 @@ fn discovery_settings(
                     .into(),
             ));
         }
-        return Ok(None);
+        return Ok((None, kubernetes));
     }
-    Ok(Some(DiscoverySettings {
+    let dns = DiscoverySettings {
         targets,
         interval: opts
             .dns_interval
             .or(interval)
             .unwrap_or(DEFAULT_DNS_INTERVAL),
         server: opts.dns_server,
-    }))
+    };
+    Ok((Some(dns), kubernetes))
+}
+
+/// `instances.kubernetes` of a config document, read as the filter reads it
+/// (`sluice_core::config::instances::kubernetes_service`).
+pub fn kubernetes_from_config(doc: &Value, service: &str) -> Result<Option<KubeTarget>, String> {
+    let Some(Value::Object(instances)) = doc.get("instances") else {
+        return Ok(None);
+    };
+    match instances.get("kubernetes") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => {
+            if instances.contains_key("dns") {
+                return Err(
+                    "instances: has both `dns` and `kubernetes`; give one: a name to resolve or a \
+                     Service to watch"
+                        .into(),
+                );
+            }
+            let source =
+                sluice_core::config::instances::kubernetes_service(v, "instances.kubernetes")
+                    .map_err(|e| e.to_string())?;
+            Ok(Some(KubeTarget {
+                service: service.to_string(),
+                source,
+            }))
+        }
+    }
 }
 
 /// `instances.dns` and `instances.dns_interval` of a config document.
@@ -535,6 +614,7 @@ mod tests {
                 max_services: 1000,
                 token: None,
                 discovery: None,
+                kubernetes: vec![],
                 shares: crate::shares::Settings {
                     lease_ms: 2000,
                     fallback_for_ms: 0,
@@ -693,6 +773,91 @@ mod tests {
             error.starts_with("--config /nonexistent/sluice.yaml: cannot read it: "),
             "{error}"
         );
+    }
+
+    #[test]
+    fn kubernetes_discovery_from_flags_and_the_config_one_source_per_service() {
+        let opts = parse(&[
+            "--redis",
+            "redis://h",
+            "--discover-k8s",
+            "shop/backend:http,other=ml/model:8000",
+            "--discover",
+            "third=api.internal:9000",
+        ])
+        .unwrap();
+        let settings = Settings::from_opts(&opts).unwrap();
+        assert_eq!(
+            settings.kubernetes,
+            [
+                KubeTarget::parse("shop/backend:http", "default", "x").unwrap(),
+                KubeTarget::parse("ml/model:8000", "other", "x").unwrap(),
+            ]
+        );
+        assert_eq!(settings.discovery.unwrap().targets.len(), 1);
+
+        let doc = sluice_core::config::yaml::parse(
+            "service: demo\ninstances: {kubernetes: {namespace: shop, service: backend, port: 8080}}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            kubernetes_from_config(&doc, "demo").unwrap(),
+            Some(KubeTarget::parse("shop/backend:8080", "demo", "x").unwrap())
+        );
+        let cases = [
+            (
+                "instances: {kubernetes: {namespace: shop, service: backend}}\n",
+                "instances.kubernetes.port: is required",
+            ),
+            (
+                "instances: {kubernetes: {namespace: shop, service: backend, port: 8080}, dns: b:1}\n",
+                "instances: has both `dns` and `kubernetes`",
+            ),
+            (
+                "instances: {kubernetes: shop/backend:8080}\n",
+                "instances.kubernetes: must be {namespace: NS, service: NAME, port: PORT}",
+            ),
+        ];
+        for (text, want) in cases {
+            let doc = sluice_core::config::yaml::parse(text).unwrap();
+            let error = kubernetes_from_config(&doc, "d").unwrap_err();
+            assert!(error.starts_with(want), "{text}: {error}");
+        }
+
+        let dir = std::env::temp_dir().join(format!("sluice-sync-k8s-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("sluice.yaml");
+        std::fs::write(
+            &config,
+            "service: demo\nstorage: {type: redis}\ninstances: {kubernetes: {namespace: shop, service: backend, port: http}}\n",
+        )
+        .unwrap();
+        let config = config.to_str().unwrap();
+        let from_file = Settings::from_opts(&parse(&["--config", config]).unwrap()).unwrap();
+        assert_eq!(
+            from_file.kubernetes,
+            [KubeTarget::parse("shop/backend:http", "demo", "x").unwrap()]
+        );
+        let errors = [
+            (
+                vec!["--config", config, "--discover", "backend:80"],
+                "service \"demo\" is discovered both by DNS (--discover/instances.dns) and from \
+                 Kubernetes (--discover-k8s/instances.kubernetes, shop/backend:http): one source per service",
+            ),
+            (
+                vec!["--config", config, "--discover-k8s", "shop/other:80"],
+                "--discover-k8s shop/other:80: service \"demo\" already has a Kubernetes Service to watch: one per service",
+            ),
+            (
+                vec!["--redis", "redis://h", "--discover-k8s", "shop/backend"],
+                "--discover-k8s: must be NAMESPACE/NAME:PORT, e.g. shop/backend:http, got \"shop/backend\"",
+            ),
+        ];
+        for (args, want) in errors {
+            let error = Settings::from_opts(&parse(&args).unwrap()).unwrap_err();
+            assert_eq!(error.to_string(), want, "{args:?}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

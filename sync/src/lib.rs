@@ -5,8 +5,10 @@
 //! [`redis_source`] reads Redis into per-service views held by
 //! [`services`]; [`grpc`] streams them; [`snapshots`] holds the rules
 //! (versions, bad records, staleness) as pure code; [`auth`] checks the
-//! optional token; [`metrics`] serves Prometheus metrics; [`shares`] is the
-//! allocator of shares among Envoy replicas, [`share_stream`] its RPC.
+//! optional token; [`discovery`] (DNS) and [`kube_discovery`] (Kubernetes
+//! EndpointSlices) find instance sets; [`metrics`] serves Prometheus
+//! metrics; [`shares`] is the allocator of shares among Envoy replicas,
+//! [`share_stream`] its RPC.
 
 pub mod allocator;
 pub mod api;
@@ -14,6 +16,7 @@ pub mod auth;
 pub mod cli;
 pub mod discovery;
 pub mod grpc;
+pub mod kube_discovery;
 pub mod logging;
 pub mod metrics;
 pub mod redis_conn;
@@ -73,6 +76,16 @@ pub fn run(opts: Opts) -> anyhow::Result<()> {
 
 /// Serves until SIGTERM or Ctrl-C.
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    // No Kubernetes credentials is a setting to fix, said before anything
+    // starts (exit 2).
+    let kube = if settings.kubernetes.is_empty() {
+        None
+    } else {
+        let client = kube_discovery::client()
+            .await
+            .map_err(cli::SettingsError::Discovery)?;
+        Some(client)
+    };
     let incoming = TcpIncoming::bind(settings.listen)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .with_context(|| format!("--listen {}: cannot listen", settings.listen))?
@@ -106,6 +119,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     if let Some(discovery) = settings.discovery.clone() {
         tokio::spawn(discovery::run(
             discovery,
+            services.clone(),
+            shutdown.clone(),
+        ));
+    }
+    if let Some(client) = kube {
+        tokio::spawn(kube_discovery::run(
+            settings.kubernetes.clone(),
+            client,
             services.clone(),
             shutdown.clone(),
         ));

@@ -85,6 +85,8 @@ pub struct Metrics {
     discovered_instances: Family<ServiceLabels, Gauge>,
     discovery_stale: Family<ServiceLabels, Gauge>,
     dns_lookup_failures: Family<ServiceLabels, Counter>,
+    kubernetes_watch_failures: Family<ServiceLabels, Counter>,
+    kubernetes_relists: Family<ServiceLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -130,13 +132,13 @@ impl Metrics {
         let discovered_instances = Family::<ServiceLabels, Gauge>::default();
         registry.register(
             "discovered_instances",
-            "Instances DNS discovery holds for the service (the last set resolved)",
+            "Instances discovery (DNS or Kubernetes) holds for the service (the last set resolved or listed)",
             discovered_instances.clone(),
         );
         let discovery_stale = Family::<ServiceLabels, Gauge>::default();
         registry.register(
             "discovery_stale",
-            "1 while the last DNS lookup failed and the last set resolved is served",
+            "1 while the last DNS lookup, or the Kubernetes list or watch, failed and the last set is served",
             discovery_stale.clone(),
         );
         let dns_lookup_failures = Family::<ServiceLabels, Counter>::default();
@@ -144,6 +146,18 @@ impl Metrics {
             "dns_lookup_failures",
             "DNS lookups of the service's name that failed or answered no address",
             dns_lookup_failures.clone(),
+        );
+        let kubernetes_watch_failures = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "kubernetes_watch_failures",
+            "Lists and watches of the service's EndpointSlices that failed (each retried with backoff)",
+            kubernetes_watch_failures.clone(),
+        );
+        let kubernetes_relists = Family::<ServiceLabels, Counter>::default();
+        registry.register(
+            "kubernetes_relists",
+            "Watches of the service's EndpointSlices whose version was gone (410), so listed again",
+            kubernetes_relists.clone(),
         );
         let share_watchers = Family::<ServiceLabels, Gauge>::default();
         registry.register(
@@ -191,6 +205,8 @@ impl Metrics {
             discovered_instances,
             discovery_stale,
             dns_lookup_failures,
+            kubernetes_watch_failures,
+            kubernetes_relists,
         }
     }
 
@@ -230,6 +246,18 @@ impl Metrics {
         self.discovery_stale
             .get_or_create(&labels)
             .set(i64::from(stale));
+    }
+
+    pub fn kubernetes_watch_failed(&self, service: &str) {
+        self.kubernetes_watch_failures
+            .get_or_create(&Self::service(service))
+            .inc();
+    }
+
+    pub fn kubernetes_relisted(&self, service: &str) {
+        self.kubernetes_relists
+            .get_or_create(&Self::service(service))
+            .inc();
     }
 
     pub fn dns_lookup_failed(&self, service: &str) {
@@ -395,6 +423,9 @@ mod tests {
         m.discovered("disc", 3, false);
         m.discovered("disc", 2, true);
         m.dns_lookup_failed("disc");
+        m.kubernetes_watch_failed("disc");
+        m.kubernetes_relisted("disc");
+        m.kubernetes_relisted("disc");
         let pool = |address: &str, granted| PoolFigures {
             path: "/p".into(),
             address: address.into(),
@@ -425,6 +456,8 @@ mod tests {
             "sluice_sync_discovered_instances{sluice_service=\"disc\"} 2",
             "sluice_sync_discovery_stale{sluice_service=\"disc\"} 1",
             "sluice_sync_dns_lookup_failures_total{sluice_service=\"disc\"} 1",
+            "sluice_sync_kubernetes_watch_failures_total{sluice_service=\"disc\"} 1",
+            "sluice_sync_kubernetes_relists_total{sluice_service=\"disc\"} 2",
             "sluice_sync_share_watchers{sluice_service=\"shared\"} 3",
             "sluice_sync_share_capacity{sluice_service=\"shared\",path=\"/p\",address=\"10.0.0.1:80\"} 12",
             "sluice_sync_share_granted{sluice_service=\"shared\",path=\"/p\",address=\"10.0.0.1:80\"} 10",

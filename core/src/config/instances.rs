@@ -58,6 +58,10 @@ pub struct InstancesDoc {
         schemars(with = "String", regex(pattern = "^[A-Za-z0-9.-]+:[0-9]+$"))
     )]
     pub dns: Option<Value>,
+    /// A Kubernetes Service whose EndpointSlices sluice-sync watches
+    /// (ready endpoints only) and streams to the filters. Or `hosts`, or `dns`.
+    #[cfg_attr(feature = "schema", schemars(with = "KubernetesDoc"))]
+    pub kubernetes: Option<Value>,
     /// Seconds between sync's resolutions of `dns`.
     #[cfg_attr(feature = "schema", schemars(with = "f64", range(min = 0.1, max = 3600), extend("default" = 5)))]
     pub dns_interval: Option<Value>,
@@ -103,6 +107,163 @@ pub struct StickyDoc {
     pub unknown: Map<String, Value>,
 }
 
+// For the schema only: `kubernetes_service` reads the key.
+/// `instances.kubernetes`: the Service whose EndpointSlices sync watches.
+#[cfg(feature = "schema")]
+#[derive(JsonSchema)]
+#[schemars(rename = "KubernetesService", deny_unknown_fields)]
+#[allow(dead_code)]
+struct KubernetesDoc {
+    /// The Service's namespace.
+    #[schemars(regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
+    namespace: String,
+    /// The Service's name (its EndpointSlices carry the label
+    /// `kubernetes.io/service-name` with it).
+    #[schemars(regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 63))]
+    service: String,
+    /// The port the instances are reached on: a number (an EndpointSlice
+    /// port, the pods' port, not the Service's) or the port's name.
+    port: PortDoc,
+}
+
+/// A port: its number, or its name.
+#[cfg(feature = "schema")]
+#[derive(JsonSchema)]
+#[schemars(rename = "KubernetesPort", untagged)]
+#[allow(dead_code)]
+enum PortDoc {
+    Number(#[schemars(range(min = 1, max = 65535))] u16),
+    Name(#[schemars(regex(pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"), length(max = 15))] String),
+}
+
+/// A port of an EndpointSlice, by number or by name.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum ServicePort {
+    Number(u16),
+    Name(String),
+}
+
+impl std::fmt::Display for ServicePort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServicePort::Number(n) => write!(f, "{n}"),
+            ServicePort::Name(name) => f.write_str(name),
+        }
+    }
+}
+
+/// A Kubernetes Service: `instances.kubernetes`, or sync's `--discover-k8s`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KubernetesService {
+    pub namespace: String,
+    pub service: String,
+    pub port: ServicePort,
+}
+
+impl std::fmt::Display for KubernetesService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}:{}", self.namespace, self.service, self.port)
+    }
+}
+
+/// A namespace or Service name: a DNS-1123 label (lower-case letters,
+/// digits and `-`, at most 63, starting and ending with a letter or digit).
+pub fn kubernetes_name(text: &str) -> Result<(), String> {
+    let bytes = text.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-';
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "must be a Kubernetes name (lower-case letters, digits and -, at most 63), got {text:?}"
+        ))
+    }
+}
+
+/// A port: a number 1..65535, or a port name as Kubernetes allows it (an
+/// IANA service name: lower-case letters, digits and -, at most 15, with a
+/// letter).
+pub fn service_port(text: &str) -> Result<ServicePort, String> {
+    if let Ok(n) = text.parse::<u32>() {
+        return match u16::try_from(n) {
+            Ok(p) if p > 0 => Ok(ServicePort::Number(p)),
+            _ => Err(format!(
+                "port must be 1..65535 or a port name, got {text:?}"
+            )),
+        };
+    }
+    let bytes = text.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 15
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.iter().any(u8::is_ascii_lowercase)
+        && bytes[0] != b'-'
+        && bytes[bytes.len() - 1] != b'-'
+        && !text.contains("--");
+    if ok {
+        Ok(ServicePort::Name(text.to_string()))
+    } else {
+        Err(format!(
+            "port must be 1..65535 or a port name (lower-case letters, digits and -, at most 15), got {text:?}"
+        ))
+    }
+}
+
+/// `instances.kubernetes` (`key` names it in errors), checked.
+pub fn kubernetes_service(v: &Value, key: &str) -> Result<KubernetesService, ConfigError> {
+    let Some(map) = v.as_object() else {
+        return Err(ConfigError::new(
+            key,
+            format!(
+                "must be {{namespace: NS, service: NAME, port: PORT}}, got {}",
+                shown(v)
+            ),
+        ));
+    };
+    if let Some(unknown) = map
+        .keys()
+        .find(|k| !["namespace", "service", "port"].contains(&k.as_str()))
+    {
+        return Err(ConfigError::new(
+            format!("{key}.{unknown}"),
+            "is not a key of it (namespace, service, port)",
+        ));
+    }
+    let name = |field: &str| -> Result<String, ConfigError> {
+        let k = format!("{key}.{field}");
+        let text =
+            check::text(map.get(field), &k)?.ok_or_else(|| ConfigError::new(&k, "is required"))?;
+        kubernetes_name(&text).map_err(|why| ConfigError::new(&k, why))?;
+        Ok(text)
+    };
+    let namespace = name("namespace")?;
+    let service = name("service")?;
+    let port_key = format!("{key}.port");
+    let port = match map.get("port") {
+        None | Some(Value::Null) => return Err(ConfigError::new(&port_key, "is required")),
+        Some(Value::String(s)) => service_port(s),
+        Some(Value::Number(n)) => service_port(&n.to_string()),
+        Some(other) => Err(format!(
+            "must be a port number or name, got {}",
+            shown(other)
+        )),
+    }
+    .map_err(|why| ConfigError::new(&port_key, why))?;
+    Ok(KubernetesService {
+        namespace,
+        service,
+        port,
+    })
+}
+
 /// What sticks a session to an instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sticky {
@@ -123,6 +284,8 @@ pub enum InstanceSet {
         port: u16,
         interval: Duration,
     },
+    /// `kubernetes`: the ready endpoints of a Service, watched by sync.
+    Kubernetes(KubernetesService),
 }
 
 /// `instances`, checked.
@@ -136,11 +299,12 @@ pub struct Instances {
 }
 
 impl Instances {
-    /// The static hosts (none with `dns`, until sync discovers them).
+    /// The static hosts (none with `dns` or `kubernetes`, until sync
+    /// discovers them).
     pub fn hosts(&self) -> &[SocketAddr] {
         match &self.set {
             InstanceSet::Static(hosts) => hosts,
-            InstanceSet::Dns { .. } => &[],
+            InstanceSet::Dns { .. } | InstanceSet::Kubernetes(_) => &[],
         }
     }
 
@@ -155,22 +319,40 @@ impl Instances {
             Some(Section::Bad(v)) => {
                 return Err(ConfigError::new(
                     "instances",
-                    format!("must be a map with `hosts` or `dns`, got {}", shown(v)),
+                    format!(
+                        "must be a map with `hosts`, `dns` or `kubernetes`, got {}",
+                        shown(v)
+                    ),
                 ))
             }
         };
         warnings.extend(unknown_keys(&fields.unknown, "instances."));
+        let kubernetes = match &fields.kubernetes {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(kubernetes_service(v, "instances.kubernetes")?),
+        };
+        let given = [
+            fields.hosts.is_some(),
+            fields.dns.is_some(),
+            kubernetes.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(ConfigError::new(
+                "instances",
+                "has more than one of `hosts`, `dns` and `kubernetes`; give one: a fixed \
+                 list, a name to resolve or a Service to watch",
+            ));
+        }
         let set = match (&fields.hosts, &fields.dns) {
-            (Some(_), Some(_)) => {
-                return Err(ConfigError::new(
-                    "instances",
-                    "has both `hosts` and `dns`; give one: a fixed list or a name to resolve",
-                ))
+            _ if kubernetes.is_some() => {
+                InstanceSet::Kubernetes(kubernetes.expect("checked just above"))
             }
+            (Some(_), Some(_)) => unreachable!("refused above"),
             (None, None) => {
                 return Err(ConfigError::new(
                     "instances",
-                    "needs `hosts` (a list of IP:port) or `dns` (a name:port sync resolves)",
+                    "needs `hosts` (a list of IP:port), `dns` (a name:port sync resolves) or \
+                     `kubernetes` (a Service whose EndpointSlices sync watches)",
                 ))
             }
             (Some(v), None) => InstanceSet::Static(hosts(v)?),
@@ -445,13 +627,56 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_service_by_port_name_or_number() {
+        let c = parse(
+            r#"{"instances": {"kubernetes": {"namespace": "shop", "service": "backend", "port": "http"}}}"#,
+        )
+        .unwrap();
+        let i = c.instances.unwrap();
+        assert_eq!(
+            i.set,
+            InstanceSet::Kubernetes(KubernetesService {
+                namespace: "shop".into(),
+                service: "backend".into(),
+                port: ServicePort::Name("http".into()),
+            })
+        );
+        assert!(i.hosts().is_empty());
+        assert_eq!(
+            kubernetes_service(
+                &serde_json::json!({"namespace": "a", "service": "b-2", "port": 8080}),
+                "k"
+            )
+            .unwrap()
+            .to_string(),
+            "a/b-2:8080"
+        );
+        assert_eq!(service_port("8080"), Ok(ServicePort::Number(8080)),);
+        for bad in [
+            "0",
+            "65536",
+            "",
+            "HTTP",
+            "-http",
+            "a--b",
+            "sixteen-letters-",
+            "123-",
+        ] {
+            assert!(service_port(bad).is_err(), "{bad:?}");
+        }
+        for bad in ["", "Backend", "-a", "a-", "a.b", &"a".repeat(64)] {
+            assert!(kubernetes_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let cases = [
             (r#"{"instances": []}"#, "instances: must be a map"),
             (r#"{"instances": {}}"#, "instances: needs `hosts`"),
             (
                 r#"{"instances": {"hosts": ["a:1"], "dns": "b:2"}}"#,
-                "instances: has both",
+                "instances: has more than one of `hosts`, `dns` and `kubernetes`",
             ),
             (
                 r#"{"instances": {"hosts": ["backend:80"]}}"#,
@@ -472,6 +697,34 @@ mod tests {
             (
                 r#"{"instances": {"dns": "backend"}}"#,
                 "instances.dns: must be name:port",
+            ),
+            (
+                r#"{"instances": {"dns": "b:2", "kubernetes": {"namespace": "a", "service": "b", "port": 1}}}"#,
+                "instances: has more than one of `hosts`, `dns` and `kubernetes`",
+            ),
+            (
+                r#"{"instances": {"kubernetes": "shop/backend:80"}}"#,
+                "instances.kubernetes: must be {namespace: NS, service: NAME, port: PORT}",
+            ),
+            (
+                r#"{"instances": {"kubernetes": {"service": "b", "port": 1}}}"#,
+                "instances.kubernetes.namespace: is required",
+            ),
+            (
+                r#"{"instances": {"kubernetes": {"namespace": "a", "service": "B", "port": 1}}}"#,
+                "instances.kubernetes.service: must be a Kubernetes name",
+            ),
+            (
+                r#"{"instances": {"kubernetes": {"namespace": "a", "service": "b", "port": 0}}}"#,
+                "instances.kubernetes.port: port must be 1..65535 or a port name",
+            ),
+            (
+                r#"{"instances": {"kubernetes": {"namespace": "a", "service": "b"}}}"#,
+                "instances.kubernetes.port: is required",
+            ),
+            (
+                r#"{"instances": {"kubernetes": {"namespace": "a", "service": "b", "port": 1, "ns": "x"}}}"#,
+                "instances.kubernetes.ns: is not a key of it",
             ),
             (
                 r#"{"instances": {"dns": "a_b:80"}}"#,

@@ -52,6 +52,12 @@ pub(super) fn instance_list(
                         .into(),
                 ))
             }
+            InstanceSet::Kubernetes(service) => {
+                return Err(usage(format!(
+                    "--each-instance: the file's instances come from the Kubernetes Service \
+                     {service}; name the ones to measure with --instances ip:port,ip:port"
+                )))
+            }
         }
     }
     for text in &args.instances {

@@ -152,6 +152,10 @@ fn a_misspelled_field_fails_schema_validation() {
             "Deployment sluice-system/sluice-sync: $.spec: Additional properties are not allowed ('replica' was unexpected)",
         ),
         (
+            broken_copy(dir, "deploy/kubernetes-discovery/rbac.yaml", "  resources:", "  resource:"),
+            "Role demo/sluice-sync-endpointslices: $.rules[0]: Additional properties are not allowed ('resource' was unexpected)",
+        ),
+        (
             broken_copy(dir, "deploy/istio/app/demo-app.yaml", "        readinessProbe:", "        readynessProbe:"),
             "$.spec.template.spec.containers[0]: Additional properties are not allowed ('readynessProbe' was unexpected)",
         ),
@@ -639,6 +643,186 @@ fn the_dockerfile_builds_the_wasm_as_make_wasm_does() {
         .contains("panic=abort"));
 }
 
+/// What is wrong with the RBAC of Kubernetes discovery in a rendered
+/// deployment: the RoleBinding must name the ServiceAccount the sync
+/// Deployment runs as (and that exists) and the Role beside it; the Role
+/// must grant exactly what sync's discovery asks (`API_VERBS` on
+/// `endpointslices` of `discovery.k8s.io`), nothing more; and the
+/// Deployment's `--discover-k8s` must watch a Service in the Role's
+/// namespace.
+fn discovery_rbac_problems(docs: &[Value]) -> Vec<String> {
+    use sluice_sync::kube_discovery::{KubeTarget, API_GROUP, API_RESOURCE, API_VERBS};
+    let mut problems = Vec::new();
+    let find = |kind: &'static str| docs.iter().filter(move |d| d["kind"] == kind);
+    let Some(deployment) = find("Deployment").find(|d| d["metadata"]["name"] == "sluice-sync")
+    else {
+        return vec!["no sluice-sync Deployment".into()];
+    };
+    let pod = &deployment["spec"]["template"]["spec"];
+    let account = pod["serviceAccountName"].as_str().unwrap_or_default();
+    let sync_namespace = deployment["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default();
+    if !find("ServiceAccount")
+        .any(|a| a["metadata"]["name"] == account && a["metadata"]["namespace"] == sync_namespace)
+    {
+        problems.push(format!(
+            "the Deployment runs as ServiceAccount {sync_namespace}/{account:?}, which is not in the manifests"
+        ));
+    }
+    let bindings: Vec<&Value> = find("RoleBinding").collect();
+    if bindings.len() != 1 {
+        problems.push(format!("{} RoleBindings, not one", bindings.len()));
+        return problems;
+    }
+    let binding = bindings[0];
+    let namespace = binding["metadata"]["namespace"]
+        .as_str()
+        .unwrap_or_default();
+    let subjects = binding["subjects"].as_array().cloned().unwrap_or_default();
+    let wanted =
+        serde_json::json!({"kind": "ServiceAccount", "name": account, "namespace": sync_namespace});
+    if subjects != [wanted.clone()] {
+        problems.push(format!(
+            "the RoleBinding's subjects are {subjects:?}, not [{wanted}]"
+        ));
+    }
+    let role_ref = &binding["roleRef"];
+    if role_ref["kind"] != "Role" || role_ref["apiGroup"] != "rbac.authorization.k8s.io" {
+        problems.push(format!("the RoleBinding refers to {role_ref}, not a Role"));
+    }
+    let Some(role) = find("Role").find(|r| {
+        r["metadata"]["name"] == role_ref["name"] && r["metadata"]["namespace"] == namespace
+    }) else {
+        problems.push(format!(
+            "the RoleBinding names Role {namespace}/{}, which is not in the manifests",
+            role_ref["name"]
+        ));
+        return problems;
+    };
+    let mut verbs: Vec<&str> = API_VERBS.to_vec();
+    verbs.sort();
+    let wanted_rules = serde_json::json!([
+        {"apiGroups": [API_GROUP], "resources": [API_RESOURCE], "verbs": verbs}
+    ]);
+    let mut rules = role["rules"].clone();
+    for rule in rules.as_array_mut().into_iter().flatten() {
+        if let Some(v) = rule["verbs"].as_array_mut() {
+            v.sort_by(|a, b| a.as_str().cmp(&b.as_str()));
+        }
+    }
+    if rules != wanted_rules {
+        problems.push(format!(
+            "the Role grants {rules}, not exactly {wanted_rules}"
+        ));
+    }
+    let args: Vec<&str> = pod["containers"][0]["args"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    let flag = args.iter().position(|a| *a == "--discover-k8s");
+    match flag.and_then(|i| args.get(i + 1)) {
+        None => problems.push(format!(
+            "the sync Deployment has no --discover-k8s: {args:?}"
+        )),
+        Some(value) => {
+            let source = value.split_once('=').map_or(*value, |(_, s)| s);
+            match KubeTarget::parse(source, "x", "--discover-k8s") {
+                Ok(t) if t.source.namespace == namespace => {}
+                Ok(t) => problems.push(format!(
+                    "--discover-k8s watches namespace {}, the Role is in {namespace}",
+                    t.source.namespace
+                )),
+                Err(e) => problems.push(e),
+            }
+        }
+    }
+    problems
+}
+
+/// A change made to rendered manifests.
+type Change<'a> = dyn Fn(&mut Vec<Value>) + 'a;
+
+#[test]
+fn a_discovery_rbac_that_grants_too_much_or_binds_the_wrong_account_is_caught() {
+    let root = workspace_root();
+    let yaml = kustomize(&root.join("deploy/kubernetes-discovery")).unwrap();
+    let docs = yaml_stream(&yaml);
+    assert_eq!(discovery_rbac_problems(&docs), Vec::<String>::new());
+    let changed = |f: &dyn Fn(&mut Vec<Value>)| {
+        let mut d = docs.clone();
+        f(&mut d);
+        discovery_rbac_problems(&d)
+    };
+    let of = |d: &mut Vec<Value>, kind: &str| -> usize {
+        d.iter().position(|x| x["kind"] == kind).unwrap()
+    };
+    let cases: Vec<(Box<Change<'_>>, &str)> = vec![
+        (
+            Box::new(|d| {
+                let i = of(d, "Role");
+                d[i]["rules"][0]["verbs"] = serde_json::json!(["get", "list", "watch"]);
+            }),
+            "the Role grants",
+        ),
+        (
+            Box::new(|d| {
+                let i = of(d, "Role");
+                d[i]["rules"][0]["resources"] = serde_json::json!(["endpointslices", "pods"]);
+            }),
+            "the Role grants",
+        ),
+        (
+            Box::new(|d| {
+                let i = of(d, "RoleBinding");
+                d[i]["subjects"][0]["namespace"] = "default".into();
+            }),
+            "the RoleBinding's subjects are",
+        ),
+        (
+            Box::new(|d| {
+                let i = of(d, "RoleBinding");
+                d[i]["roleRef"]["name"] = "other".into();
+            }),
+            "which is not in the manifests",
+        ),
+        (
+            Box::new(|d| {
+                let i = d
+                    .iter()
+                    .position(|x| {
+                        x["kind"] == "Deployment" && x["metadata"]["name"] == "sluice-sync"
+                    })
+                    .unwrap();
+                d[i]["spec"]["template"]["spec"]["serviceAccountName"] = "default".into();
+            }),
+            "which is not in the manifests",
+        ),
+        (
+            Box::new(|d| {
+                let i = of(d, "Role");
+                d[i]["metadata"]["namespace"] = "other".into();
+            }),
+            "the RoleBinding names Role demo/",
+        ),
+    ];
+    for (change, want) in cases {
+        let problems = changed(&*change);
+        assert!(
+            problems.iter().any(|p| p.contains(want)),
+            "{want}: {problems:?}"
+        );
+    }
+    // The flag pointed at another namespace than the Role's.
+    let moved = yaml.replace("gateway=demo/demo:http", "gateway=shop/demo:http");
+    assert_eq!(
+        discovery_rbac_problems(&yaml_stream(&moved)),
+        ["--discover-k8s watches namespace shop, the Role is in demo"]
+    );
+}
+
 /// `kubectl kustomize DIR` (kustomize inside kubectl), the rendered YAML.
 fn kustomize(dir: &Path) -> Result<String, String> {
     let out = Command::new("kubectl")
@@ -696,6 +880,7 @@ fn the_kustomizations_render_to_manifests_that_pass_the_strict_schemas() {
         "deploy/autoscaling",
         "deploy/istio/app",
         "deploy/istio/system",
+        "deploy/kubernetes-discovery",
         "deploy/kustomize/example/app",
         "deploy/kustomize/example/system",
     ];
@@ -751,6 +936,19 @@ fn the_kustomizations_render_to_manifests_that_pass_the_strict_schemas() {
             "Service sluice-system/sluice-sync",
             "ServiceAccount sluice-system/sluice-sync",
         ]
+    );
+    // Kubernetes discovery: the system base plus the Role and its binding,
+    // in the watched Service's namespace.
+    let mut with_rbac = names("deploy/istio/system");
+    with_rbac.extend([
+        "Role demo/sluice-sync-endpointslices".to_string(),
+        "RoleBinding demo/sluice-sync-endpointslices".to_string(),
+    ]);
+    with_rbac.sort();
+    assert_eq!(names("deploy/kubernetes-discovery"), with_rbac);
+    assert_eq!(
+        discovery_rbac_problems(&rendered["deploy/kubernetes-discovery"].0),
+        Vec::<String>::new()
     );
     let app = [
         "ConfigMap demo/sluice-stats-bootstrap",
