@@ -165,6 +165,24 @@ fn utilisation(trace: &[TracedRequest]) -> f64 {
     busy as f64 / (f64::from(CAPACITY) * (last - first) as f64)
 }
 
+/// The mean number of requests inside the backend in each `bucket` from
+/// the first arrival: where slots sat idle.
+fn timeline(trace: &[TracedRequest], bucket: Duration) -> Vec<f64> {
+    let first = trace.iter().map(|r| r.arrived_us).min().unwrap();
+    let last = trace.iter().map(|r| r.departed_us).max().unwrap();
+    let b = bucket.as_micros() as u64;
+    let n = (last - first).div_ceil(b) as usize;
+    let mut busy = vec![0u64; n];
+    for r in trace {
+        let (a, d) = (r.arrived_us - first, r.departed_us - first);
+        for (i, slot) in busy.iter_mut().enumerate() {
+            let (lo, hi) = (i as u64 * b, (i as u64 + 1) * b);
+            *slot += d.min(hi).saturating_sub(a.max(lo));
+        }
+    }
+    busy.into_iter().map(|t| t as f64 / b as f64).collect()
+}
+
 /// The first moment (µs) at or after `from_us` at which `at_least`
 /// requests were inside the backend at once.
 fn first_reaching(trace: &[TracedRequest], at_least: usize, from_us: u64) -> Option<u64> {
@@ -205,9 +223,19 @@ fn bursts_through_every_envoy_at_once_never_run_more_than_the_capacity() {
     assert_eq!(trace.len(), 3 * per_envoy);
     let most = most_at_once(&trace);
     let used = utilisation(&trace);
-    eprintln!("fleet burst: most at once {most} of {CAPACITY}, utilisation {used:.3}");
+    let shape: Vec<String> = timeline(&trace, Duration::from_millis(100))
+        .iter()
+        .map(|b| format!("{b:.1}"))
+        .collect();
+    eprintln!(
+        "fleet burst: most at once {most} of {CAPACITY}, utilisation {used:.3}; in flight per 100 ms: {}",
+        shape.join(" ")
+    );
     assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
-    assert!(used >= 0.8, "utilisation {used:.3}");
+    // 0.93-0.96 here since prompt reports and the levelled split (0.85-0.90
+    // before, on the 200 ms interval alone); what is left is mostly the
+    // ramp of the first 100 ms and the last wave's drain.
+    assert!(used >= 0.9, "utilisation {used:.3}");
 }
 
 #[test]
