@@ -10,7 +10,11 @@
 //! - an Envoy killed (SIGKILL): its slots return to the others after the
 //!   lease, not before, and nothing overshoots meanwhile;
 //! - an idle Envoy stopped (SIGTERM): its slots return at once when its
-//!   final report gets out, else after the lease.
+//!   final report gets out, else after the lease;
+//! - all the load moved from one Envoy to another: shares follow within a
+//!   second;
+//! - sync SIGKILLed and restarted, or Redis restarted, mid-burst: no
+//!   overshoot, and the backend never idles for a lease.
 
 use serde_json::{json, Value};
 use sluice_harness::{
@@ -33,18 +37,15 @@ struct Fleet {
     // Dropped in this order: the Envoys (SIGKILL) first.
     envoys: Vec<Option<Envoy>>,
     backend: Backend,
-    _sync: SyncService,
-    _redis: Redis,
+    sync: SyncService,
+    redis: Redis,
 }
 
 impl Fleet {
     fn start(n: usize) -> Fleet {
         let redis = Redis::start();
         push(&redis.url(), CAPACITY);
-        let sync = SyncService::start(
-            &redis.url(),
-            &["--share-lease", &format!("{}ms", LEASE.as_millis())],
-        );
+        let sync = start_sync(&redis.url(), "127.0.0.1:0");
         let backend = Backend::start_with_args(&[
             "--trace",
             "--route",
@@ -68,8 +69,8 @@ impl Fleet {
         let fleet = Fleet {
             envoys,
             backend,
-            _sync: sync,
-            _redis: redis,
+            sync,
+            redis,
         };
         for e in fleet.live() {
             wait_until(Duration::from_secs(10), "a grant on every Envoy", || {
@@ -103,6 +104,12 @@ impl Fleet {
     fn trace(&self) -> Vec<TracedRequest> {
         self.backend.trace(PATH)
     }
+}
+
+/// sluice-sync with the test's lease, listening on `listen`.
+fn start_sync(redis_url: &str, listen: &str) -> SyncService {
+    let lease = format!("{}ms", LEASE.as_millis());
+    SyncService::start(redis_url, &["--share-lease", &lease, "--listen", listen])
 }
 
 /// `sluice-prober push --force`: the capacity in Redis, as an operator sets it.
@@ -359,4 +366,125 @@ fn an_envoy_stopped_with_sigterm_gives_its_slots_back_without_overshoot() {
     // runs), sync counts C's share until its last report + the lease, as
     // for a SIGKILL. Either way within the lease and a report or two.
     assert!(took <= LEASE + Duration::from_millis(600), "{took:?}");
+}
+
+/// Bursts of `per_envoy` through every live Envoy at once, `during` run
+/// meanwhile (with the moment the bursts began); every request must be
+/// answered 200.
+fn bursts_with(fleet: &mut Fleet, per_envoy: usize, during: impl FnOnce(&mut Fleet, Instant)) {
+    let addrs: Vec<SocketAddr> = fleet.live().map(|e| e.listener_addr()).collect();
+    let began = Instant::now();
+    let handles: Vec<_> = addrs
+        .into_iter()
+        .map(|addr| std::thread::spawn(move || burst(addr, per_envoy, Duration::from_millis(4))))
+        .collect();
+    during(fleet, began);
+    for (i, h) in handles.into_iter().enumerate() {
+        let outcomes = h.join().unwrap();
+        let bad: Vec<_> = outcomes.iter().filter(|o| o.status != 200).collect();
+        assert!(bad.is_empty(), "envoy {i}: {bad:?}");
+    }
+}
+
+/// The longest time between the first arrival and the last departure
+/// during which the backend ran nothing.
+fn longest_idle(trace: &[TracedRequest]) -> Duration {
+    let mut events: Vec<(u64, i8)> = trace
+        .iter()
+        .flat_map(|r| [(r.arrived_us, 1), (r.departed_us, -1)])
+        .collect();
+    events.sort_unstable();
+    let (mut inside, mut idle_since, mut longest) = (0i64, None, 0u64);
+    for (t, step) in events {
+        inside += i64::from(step);
+        match (inside, idle_since) {
+            (0, None) => idle_since = Some(t),
+            (n, Some(since)) if n > 0 => {
+                longest = longest.max(t - since);
+                idle_since = None;
+            }
+            _ => {}
+        }
+    }
+    Duration::from_micros(longest)
+}
+
+#[test]
+fn load_moved_from_one_envoy_to_another_is_followed_within_a_second() {
+    let fleet = Fleet::start(3);
+    fleet.backend.reset();
+    // All the load on A until it is served, then all of it on B.
+    let a = burst(fleet.addr(0), 100, Duration::from_millis(1));
+    assert!(a.iter().all(|o| o.status == 200));
+    let moved_us = now_us();
+    let b = burst(fleet.addr(1), 200, Duration::from_millis(1));
+    assert!(b.iter().all(|o| o.status == 200));
+    let trace = fleet.trace();
+    let most = most_at_once(&trace);
+    let want = (CAPACITY as usize * 9).div_ceil(10);
+    let reached = first_reaching(&trace, want, moved_us).expect("B reached 90 %");
+    let after_ms = (reached - moved_us) as f64 / 1000.0;
+    eprintln!(
+        "load moved from A to B: {want} of {CAPACITY} in flight through B {after_ms:.0} ms after its load began; most at once {most}"
+    );
+    assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
+    assert!(after_ms <= 1000.0, "took {after_ms:.0} ms");
+}
+
+#[test]
+fn sync_killed_and_restarted_mid_burst_neither_overshoots_nor_stalls_past_the_lease() {
+    let mut fleet = Fleet::start(3);
+    fleet.backend.reset();
+    let listen = fleet.sync.addr().to_string();
+    bursts_with(&mut fleet, 150, |fleet, began| {
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(began.elapsed()));
+        // SAFETY: kill(2) on the pid of a child the harness has not reaped.
+        unsafe {
+            libc::kill(fleet.sync.pid() as libc::pid_t, libc::SIGKILL);
+        }
+        fleet.sync = start_sync(&fleet.redis.url(), &listen);
+        eprintln!(
+            "sync restarted {} ms into the bursts",
+            began.elapsed().as_millis()
+        );
+    });
+    let trace = fleet.trace();
+    assert_eq!(trace.len(), 3 * 150);
+    let most = most_at_once(&trace);
+    let idle = longest_idle(&trace);
+    let used = utilisation(&trace);
+    eprintln!(
+        "sync SIGKILLed and restarted mid-burst: most at once {most} of {CAPACITY}, longest with nothing running {} ms, utilisation {used:.3}",
+        idle.as_millis()
+    );
+    assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
+    assert!(idle < LEASE, "the backend idled {} ms", idle.as_millis());
+}
+
+#[test]
+fn redis_restarted_mid_burst_neither_overshoots_nor_stalls_past_the_lease() {
+    let mut fleet = Fleet::start(3);
+    fleet.backend.reset();
+    bursts_with(&mut fleet, 150, |fleet, began| {
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(began.elapsed()));
+        // A new, empty Redis on the same port; the capacity pushed again,
+        // as the prober does on its next round.
+        fleet.redis.restart();
+        push(&fleet.redis.url(), CAPACITY);
+        eprintln!(
+            "redis restarted {} ms into the bursts",
+            began.elapsed().as_millis()
+        );
+    });
+    let trace = fleet.trace();
+    assert_eq!(trace.len(), 3 * 150);
+    let most = most_at_once(&trace);
+    let idle = longest_idle(&trace);
+    let used = utilisation(&trace);
+    eprintln!(
+        "redis restarted mid-burst: most at once {most} of {CAPACITY}, longest with nothing running {} ms, utilisation {used:.3}",
+        idle.as_millis()
+    );
+    assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
+    assert!(idle < LEASE, "the backend idled {} ms", idle.as_millis());
 }
