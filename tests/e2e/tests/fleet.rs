@@ -11,6 +11,7 @@
 //!   lease, not before, and nothing overshoots meanwhile;
 //! - an idle Envoy stopped (SIGTERM): its slots return at once when its
 //!   final report gets out, else after the lease;
+//! - an Envoy joining mid-burst gets slots, with no overshoot;
 //! - all the load moved from one Envoy to another: shares follow within a
 //!   second;
 //! - sync SIGKILLed and restarted, or Redis restarted, mid-burst: no
@@ -51,21 +52,7 @@ impl Fleet {
             "--route",
             &format!("{PATH}:capacity=1000,service_ms={SERVICE_MS}"),
         ]);
-        let config = json!({
-            "service": SERVICE,
-            "queue_timeout": 30,
-            "max_queue": 1000,
-            "abandon_hold": 0,
-            "sync": {"cluster": SYNC_CLUSTER, "heartbeat_timeout": 3, "shares": true},
-            "endpoints": {PATH: {}},
-        });
-        let envoys = (0..n)
-            .map(|_| {
-                let mut proxy = FrontProxy::new(backend.port(), config.to_string());
-                proxy.extra_clusters_yaml = sync.cluster_yaml();
-                Some(Envoy::start(&proxy, 2))
-            })
-            .collect();
+        let envoys = (0..n).map(|_| Some(start_envoy(&backend, &sync))).collect();
         let fleet = Fleet {
             envoys,
             backend,
@@ -104,6 +91,21 @@ impl Fleet {
     fn trace(&self) -> Vec<TracedRequest> {
         self.backend.trace(PATH)
     }
+}
+
+/// One Envoy of the fleet at `--concurrency 2`, sharing through `sync`.
+fn start_envoy(backend: &Backend, sync: &SyncService) -> Envoy {
+    let config = json!({
+        "service": SERVICE,
+        "queue_timeout": 30,
+        "max_queue": 1000,
+        "abandon_hold": 0,
+        "sync": {"cluster": SYNC_CLUSTER, "heartbeat_timeout": 3, "shares": true},
+        "endpoints": {PATH: {}},
+    });
+    let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    proxy.extra_clusters_yaml = sync.cluster_yaml();
+    Envoy::start(&proxy, 2)
 }
 
 /// sluice-sync with the test's lease, listening on `listen`.
@@ -487,4 +489,44 @@ fn redis_restarted_mid_burst_neither_overshoots_nor_stalls_past_the_lease() {
     );
     assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
     assert!(idle < LEASE, "the backend idled {} ms", idle.as_millis());
+}
+
+#[test]
+fn an_envoy_joining_mid_burst_gets_slots_without_overshoot() {
+    let mut fleet = Fleet::start(2);
+    fleet.backend.reset();
+    let mut joined_at = None;
+    let mut on_c = None;
+    bursts_with(&mut fleet, 150, |fleet, began| {
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(began.elapsed()));
+        let c = start_envoy(&fleet.backend, &fleet.sync);
+        let addr = c.listener_addr();
+        fleet.envoys.push(Some(c));
+        joined_at = Some(now_us());
+        on_c = Some(std::thread::spawn(move || {
+            burst(addr, 100, Duration::from_millis(4))
+        }));
+    });
+    let c = on_c.unwrap().join().unwrap();
+    assert!(c.iter().all(|o| o.status == 200), "{c:?}");
+    let joined_us = joined_at.unwrap();
+    // C's first answer, from the start of its load (its own clock): what
+    // it waited for a first slot while A and B had queues.
+    let first_answer_ms = c
+        .iter()
+        .map(|o| o.sent_at_ms + o.latency_ms)
+        .fold(f64::INFINITY, f64::min);
+    let trace = fleet.trace();
+    assert_eq!(trace.len(), 2 * 150 + 100);
+    let most = most_at_once(&trace);
+    let used = utilisation(&trace);
+    eprintln!(
+        "an Envoy joined mid-burst: most at once {most} of {CAPACITY}, its first answer {first_answer_ms:.0} ms after its load began, utilisation {used:.3} (joined {} ms after the first arrival)",
+        (joined_us - trace.iter().map(|r| r.arrived_us).min().unwrap()) / 1000
+    );
+    assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
+    assert!(
+        first_answer_ms <= LEASE.as_millis() as f64,
+        "C waited {first_answer_ms:.0} ms for a first slot"
+    );
 }
