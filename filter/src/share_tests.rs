@@ -469,3 +469,34 @@ fn changes_of_demand_that_free_slots_are_reported_at_once_not_at_the_interval() 
     assert_eq!(sent().len(), quiet + 5, "idle: the interval");
     assert_quiet();
 }
+
+#[test]
+fn a_growing_queue_is_reported_when_its_demand_doubles() {
+    let envoy = FakeEnvoy::new();
+    let w = leader(&envoy, 10);
+    let share = open(&w, "Share").unwrap();
+    let sent = || reports(&open(&w, "Share").unwrap());
+    let seq = sent().last().unwrap().seq;
+    w.grpc_message(share.token, &grant(1, 1, 5000, seq, 0));
+    let tick = |ms: u32| {
+        envoy.advance(ms * MS);
+        w.tick();
+    };
+    tick(30);
+    let mut held = vec![w.request("GET", PATH), w.request("GET", PATH)];
+    tick(25);
+    let quiet = sent().len();
+    let p = sent().pop().unwrap().pools.remove(0);
+    assert_eq!((p.in_flight, p.queued), (1, 1), "the queue started");
+    held.push(w.request("GET", PATH));
+    tick(25);
+    assert_eq!(sent().len(), quiet, "demand 2 to 3: the interval");
+    held.push(w.request("GET", PATH));
+    tick(25);
+    assert_eq!(sent().len(), quiet + 1, "demand doubled: at once");
+    assert_eq!(sent().pop().unwrap().pools[0].queued, 3);
+    for r in held.iter_mut() {
+        r.reset();
+    }
+    assert_quiet();
+}

@@ -522,6 +522,9 @@ pub enum Prompt {
     Now,
     /// At once, but not sooner than [`PROMPT_GAP`] after the last report:
     /// - a queue started: this Envoy needs more than it holds;
+    /// - its demand (in flight and queued) doubled while requests queue:
+    ///   a burst is growing past what sync last heard (a few reports per
+    ///   burst, not one per request);
     /// - a queue ended: what it holds beyond its requests in flight is
     ///   spare, and sync can lower it;
     /// - requests in flight above its share ended: sync counts them until
@@ -551,10 +554,12 @@ pub fn prompt(before: Option<Demand>, now: &Demand) -> Prompt {
     }
     let queue_started = now.queued > 0 && before.queued == 0;
     let queue_ended = now.queued == 0 && before.queued > 0;
+    let demand = |d: &Demand| u64::from(d.in_flight) + u64::from(d.queued);
+    let doubled = now.queued > 0 && demand(now) >= 2 * demand(&before).max(1);
     let ended = now.in_flight < before.in_flight;
     let drained_above_share = ended && before.in_flight > now.holding;
     let spare_grew = ended && now.queued == 0;
-    if queue_started || queue_ended || drained_above_share || spare_grew {
+    if queue_started || doubled || queue_ended || drained_above_share || spare_grew {
         Prompt::AfterGap
     } else {
         Prompt::No

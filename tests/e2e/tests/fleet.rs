@@ -241,10 +241,11 @@ fn bursts_through_every_envoy_at_once_never_run_more_than_the_capacity() {
         shape.join(" ")
     );
     assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
-    // 0.93-0.96 here since prompt reports and the levelled split (0.85-0.90
-    // before, on the 200 ms interval alone); what is left is mostly the
-    // ramp of the first 100 ms and the last wave's drain.
-    assert!(used >= 0.9, "utilisation {used:.3}");
+    // 0.950-0.971 in seven runs here with prompt reports and the levelled
+    // split (0.85-0.90 on the 200 ms interval alone); what is left is the
+    // ramp of the first 100 ms and the last wave's drain. Asserted with
+    // room for a busier machine: two of the seven were at 0.950.
+    assert!(used >= 0.93, "utilisation {used:.3}");
 }
 
 #[test]
