@@ -393,3 +393,102 @@ fn a_configuration_without_shares_after_one_with_them_unshares_the_records() {
     assert_eq!(envoy.record(KEY).limit(envoy_now(&new)), 10);
     assert_quiet();
 }
+
+#[test]
+fn changes_of_demand_that_free_slots_are_reported_at_once_not_at_the_interval() {
+    let envoy = FakeEnvoy::new();
+    let w = leader(&envoy, 10);
+    let share = open(&w, "Share").unwrap();
+    let sent = || reports(&open(&w, "Share").unwrap());
+    let seq = sent().last().unwrap().seq;
+    w.grpc_message(share.token, &grant(1, 2, 5000, seq, 0));
+    envoy.advance(30 * MS);
+    w.tick();
+    let quiet = sent().len();
+    let tick = |ms: u32| {
+        envoy.advance(ms * MS);
+        w.tick();
+    };
+    tick(30);
+    assert_eq!(sent().len(), quiet, "nothing changed: the interval");
+    // A queue starts on a share of 2: reported within a tick.
+    let mut r1 = w.request("GET", PATH);
+    let mut r2 = w.request("GET", PATH);
+    let mut r3 = w.request("GET", PATH);
+    assert_eq!(r3.action, Action::Pause);
+    tick(10);
+    let last = sent().pop().unwrap();
+    assert_eq!(sent().len(), quiet + 1);
+    let p = &last.pools[0];
+    assert_eq!((p.holding, p.in_flight, p.queued), (2, 2, 1));
+    // Lowered to 1: acknowledged as the grant arrives, within PROMPT_GAP
+    // of the last report.
+    tick(1);
+    w.grpc_message(share.token, &grant(2, 1, 5000, last.seq, 0));
+    let ack = sent().pop().unwrap();
+    assert_eq!(sent().len(), quiet + 2);
+    assert_eq!((ack.applied_version, ack.pools[0].holding), (2, 1));
+    // The same version again only renews: no report.
+    w.grpc_message(share.token, &grant(2, 1, 5000, ack.seq, 0));
+    tick(10);
+    assert_eq!(sent().len(), quiet + 2);
+    tick(10);
+    // A request above the lowered share ends: sync counted it.
+    r1.complete();
+    w.deliver_wake_ups();
+    assert_eq!(r3.resumes(), 0, "1 in flight of a share of 1");
+    tick(25);
+    let p = sent().pop().unwrap().pools.remove(0);
+    assert_eq!(sent().len(), quiet + 3);
+    assert_eq!((p.holding, p.in_flight, p.queued), (1, 1, 1));
+    tick(25);
+    assert_eq!(sent().len(), quiet + 3, "at its share, queue unchanged");
+    // The queue ends: what it holds may be spare.
+    r2.complete();
+    w.deliver_wake_ups();
+    assert_eq!(r3.resumes(), 1);
+    tick(25);
+    let p = sent().pop().unwrap().pools.remove(0);
+    assert_eq!(sent().len(), quiet + 4);
+    assert_eq!((p.holding, p.in_flight, p.queued), (1, 1, 0));
+    // The last request ends: its slot is spare here.
+    r3.complete();
+    tick(25);
+    let p = sent().pop().unwrap().pools.remove(0);
+    assert_eq!(sent().len(), quiet + 5);
+    assert_eq!((p.holding, p.in_flight, p.queued), (1, 0, 0));
+    tick(100);
+    assert_eq!(sent().len(), quiet + 5, "idle: the interval");
+    assert_quiet();
+}
+
+#[test]
+fn a_growing_queue_is_reported_when_its_demand_doubles() {
+    let envoy = FakeEnvoy::new();
+    let w = leader(&envoy, 10);
+    let share = open(&w, "Share").unwrap();
+    let sent = || reports(&open(&w, "Share").unwrap());
+    let seq = sent().last().unwrap().seq;
+    w.grpc_message(share.token, &grant(1, 1, 5000, seq, 0));
+    let tick = |ms: u32| {
+        envoy.advance(ms * MS);
+        w.tick();
+    };
+    tick(30);
+    let mut held = vec![w.request("GET", PATH), w.request("GET", PATH)];
+    tick(25);
+    let quiet = sent().len();
+    let p = sent().pop().unwrap().pools.remove(0);
+    assert_eq!((p.in_flight, p.queued), (1, 1), "the queue started");
+    held.push(w.request("GET", PATH));
+    tick(25);
+    assert_eq!(sent().len(), quiet, "demand 2 to 3: the interval");
+    held.push(w.request("GET", PATH));
+    tick(25);
+    assert_eq!(sent().len(), quiet + 1, "demand doubled: at once");
+    assert_eq!(sent().pop().unwrap().pools[0].queued, 3);
+    for r in held.iter_mut() {
+        r.reset();
+    }
+    assert_quiet();
+}

@@ -3,8 +3,9 @@
 //! "Shares among Envoy replicas").
 //!
 //! It reports the demand of every pool from the records every
-//! [`REPORT_INTERVAL`] (and at once when a request waits on a pool whose
-//! share is 0), and writes each grant into the records, where the request
+//! [`REPORT_INTERVAL`], and at once when a pool's demand changed in a way
+//! that lets sync move slots ([`prompt`]: a queue starts or ends, a share
+//! was lowered, requests above a lowered share end), and writes each grant into the records, where the request
 //! path enforces it: the share while the lease runs, then the fallback,
 //! then 0, at the host's time on every admission, so an expired lease holds
 //! even if no leader ticks. The grant it enforces survives a reconnect and
@@ -26,9 +27,14 @@ use std::time::Duration;
 
 /// How often the leader reports (sync's `report_interval_ms`).
 pub const REPORT_INTERVAL: Duration = Duration::from_millis(200);
-/// How often the leader's worker ticks while it shares: a request that
-/// queues on a share of 0 is reported within this.
+/// How often the leader's worker ticks while it shares: a change of
+/// demand that sync must hear of at once is reported within this.
 pub const SHARE_TICK: Duration = Duration::from_millis(10);
+/// The least time between two reports sent for a change of demand (a
+/// request waiting on a share of 0 and a lowered share excepted): under load the triggers fire
+/// on every completion above a lowered share, and each report costs sync
+/// an allocation.
+pub const PROMPT_GAP: Duration = Duration::from_millis(20);
 /// Reports of a stream whose send time is kept, to anchor leases.
 const SENT_KEPT: usize = 64;
 
@@ -68,9 +74,10 @@ pub struct ShareClient {
     granted_on_stream: bool,
     sent: VecDeque<(u64, u64)>,
     next_report_ns: u64,
-    /// Pools reported as waiting on a share of 0 (to report at once only
-    /// when that starts).
-    starved: Vec<(String, Option<SocketAddr>)>,
+    last_report_ns: u64,
+    /// Every pool as the last report gave it, to report a change of
+    /// demand at once ([`prompt`]).
+    reported: Vec<(String, Demand)>,
     held: Held,
     last_grant_ns: Option<u64>,
     grants: u64,
@@ -90,7 +97,8 @@ impl ShareClient {
             granted_on_stream: false,
             sent: VecDeque::new(),
             next_report_ns: 0,
-            starved: Vec::new(),
+            last_report_ns: 0,
+            reported: Vec::new(),
             held: Held::default(),
             last_grant_ns: None,
             grants: 0,
@@ -181,7 +189,7 @@ impl ShareClient {
                     let _ = worker.host.cancel_grpc_stream(token);
                     self.lost(now_ns);
                     changed = true;
-                } else if now_ns >= self.next_report_ns || self.newly_starved(worker, now_ns) {
+                } else if now_ns >= self.next_report_ns || self.changed_at_once(worker, now_ns) {
                     self.send_report(worker, token, now_ns);
                 }
             }
@@ -229,6 +237,7 @@ impl ShareClient {
     fn send_report<H: Host>(&mut self, worker: &Worker<H>, token: u32, now_ns: u64) {
         let report = self.report(worker, now_ns, false);
         self.next_report_ns = now_ns.saturating_add(REPORT_INTERVAL.as_nanos() as u64);
+        self.last_report_ns = now_ns;
         if let Err(e) = worker.host.send_grpc_stream_message(token, &report, false) {
             log::warn!("shares: cannot send a report: {e:?}; reopening");
             let _ = worker.host.cancel_grpc_stream(token);
@@ -246,15 +255,13 @@ impl ShareClient {
     fn report<H: Host>(&mut self, worker: &Worker<H>, now_ns: u64, last: bool) -> Vec<u8> {
         self.seq += 1;
         let mut pools = Vec::new();
-        let mut starved = Vec::new();
+        let mut reported = Vec::new();
         for route in &worker.routes.endpoints {
             let Ok(s) = admission::snapshot(&worker.host, &route.key) else {
                 continue;
             };
             for p in demand(&s, now_ns) {
-                if p.holding == 0 && p.queued > 0 {
-                    starved.push((route.path.clone(), p.address));
-                }
+                reported.push((route.path.clone(), p));
                 pools.push(PoolDemand {
                     path: route.path.clone(),
                     address: p.address.map(|a| a.to_string()).unwrap_or_default(),
@@ -264,7 +271,7 @@ impl ShareClient {
                 });
             }
         }
-        self.starved = starved;
+        self.reported = reported;
         ShareReport {
             service: self.config.service.clone(),
             node: self.node.clone(),
@@ -282,20 +289,30 @@ impl ShareClient {
         .encode_to_vec()
     }
 
-    /// A request waits on a pool whose share is 0 that the last report did
-    /// not say so of: sync must hear of it now, not at the next interval.
-    fn newly_starved<H: Host>(&self, worker: &Worker<H>, now_ns: u64) -> bool {
+    /// Whether a pool's demand changed since the last report in a way
+    /// sync must hear of now, not at the next interval ([`prompt`]), and
+    /// the report may go ([`Prompt::Now`] at once, any other change
+    /// [`PROMPT_GAP`] after the last report).
+    fn changed_at_once<H: Host>(&self, worker: &Worker<H>, now_ns: u64) -> bool {
+        let gap_over = now_ns
+            >= self
+                .last_report_ns
+                .saturating_add(PROMPT_GAP.as_nanos() as u64);
         worker.routes.endpoints.iter().any(|route| {
             let Ok(s) = admission::snapshot(&worker.host, &route.key) else {
                 return false;
             };
-            demand(&s, now_ns).iter().any(|p| {
-                p.holding == 0
-                    && p.queued > 0
-                    && !self
-                        .starved
-                        .iter()
-                        .any(|(path, a)| *path == route.path && *a == p.address)
+            demand(&s, now_ns).iter().any(|now| {
+                let before = self
+                    .reported
+                    .iter()
+                    .find(|(path, p)| *path == route.path && p.address == now.address)
+                    .map(|(_, p)| *p);
+                match prompt(before, now) {
+                    Prompt::Now => true,
+                    Prompt::AfterGap => gap_over,
+                    Prompt::No => false,
+                }
             })
         })
     }
@@ -373,6 +390,10 @@ impl ShareClient {
         }
         self.enforce(worker, now_ns);
         self.save(&worker.host);
+        // A lowered share is acknowledged now, not at the next tick.
+        if self.changed_at_once(worker, now_ns) {
+            self.send_report(worker, token, now_ns);
+        }
         true
     }
 
@@ -487,6 +508,61 @@ fn differs(s: &EndpointState, want: Option<&EndpointShares>) -> bool {
                     i.share != Some(granted.unwrap_or_default())
                 })
         }
+    }
+}
+
+/// When a pool's demand is reported, against the last report of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prompt {
+    /// At once (each follows a report, so the reports bound their rate):
+    /// - a request waits on a share of 0 that the last report did not say
+    ///   so of (without a report nothing will ever admit it);
+    /// - its share was lowered (a grant applied): sync counts the larger
+    ///   share until it is acknowledged, and another Envoy waits for it.
+    Now,
+    /// At once, but not sooner than [`PROMPT_GAP`] after the last report:
+    /// - a queue started: this Envoy needs more than it holds;
+    /// - its demand (in flight and queued) doubled while requests queue:
+    ///   a burst is growing past what sync last heard (a few reports per
+    ///   burst, not one per request);
+    /// - a queue ended: what it holds beyond its requests in flight is
+    ///   spare, and sync can lower it;
+    /// - requests in flight above its share ended: sync counts them until
+    ///   a report says they ended;
+    /// - requests ended with nothing queued (the last one among them): the
+    ///   slots they held are spare here, and may be wanted elsewhere.
+    AfterGap,
+    /// At the next interval.
+    No,
+}
+
+/// Whether the change of a pool from `before` (the last report; `None` if
+/// it did not name the pool) to `now` is reported before the next interval.
+/// Each trigger is an edge against the last report, so one change sends at
+/// most one report.
+pub fn prompt(before: Option<Demand>, now: &Demand) -> Prompt {
+    let before = before.unwrap_or(Demand {
+        address: now.address,
+        holding: 0,
+        in_flight: 0,
+        queued: 0,
+    });
+    let starved = |d: &Demand| d.holding == 0 && d.queued > 0;
+    let lowered = now.holding < before.holding;
+    if (starved(now) && !starved(&before)) || lowered {
+        return Prompt::Now;
+    }
+    let queue_started = now.queued > 0 && before.queued == 0;
+    let queue_ended = now.queued == 0 && before.queued > 0;
+    let demand = |d: &Demand| u64::from(d.in_flight) + u64::from(d.queued);
+    let doubled = now.queued > 0 && demand(now) >= 2 * demand(&before).max(1);
+    let ended = now.in_flight < before.in_flight;
+    let drained_above_share = ended && before.in_flight > now.holding;
+    let spare_grew = ended && now.queued == 0;
+    if queue_started || doubled || queue_ended || drained_above_share || spare_grew {
+        Prompt::AfterGap
+    } else {
+        Prompt::No
     }
 }
 

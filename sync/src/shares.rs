@@ -549,7 +549,11 @@ impl Allocator {
                 .iter()
                 .map(|id| self.watchers[id].report_of(key).demand())
                 .collect();
-            let targets = split(pool.capacity, &demands, self.settings.min_share);
+            let current: Vec<u32> = active
+                .iter()
+                .map(|id| self.watchers[id].current(key))
+                .collect();
+            let targets = split(pool.capacity, &demands, &current, self.settings.min_share);
             let mut free = self.free(key, now);
             let mut raises = Vec::new();
             for (i, &id) in active.iter().enumerate() {
@@ -621,10 +625,29 @@ impl Allocator {
     }
 }
 
-/// Splits `capacity` among watchers in proportion to `demands` (largest
-/// remainder, ties to the earlier watcher), evenly when nobody has demand,
-/// each getting at least `min_share` while the capacity allows it.
-pub fn split(capacity: u32, demands: &[u64], min_share: u32) -> Vec<u32> {
+/// Splits `capacity` among watchers by `demands`: each first gets
+/// `min_share` while the capacity allows it; then, when the demands fit in
+/// what is left, each its demand and the spare evenly (evenly when nobody
+/// has demand); when they do not fit, max-min fair (water-filling): every
+/// watcher gets its demand up to one level, the same for all, and those
+/// asking more split the rest evenly.
+///
+/// Why not in proportion to demand: demands are reported at different
+/// moments, and a split in proportion to them trusts the newest most. When
+/// a burst reaches every Envoy at once, the first to report its queue got
+/// the whole capacity in proportion (the others' last reports said 0) and
+/// every later report took it back; with queues longer than their shares,
+/// a queue that grew for 200 ms against one reported at its start moved
+/// slots back and forth. Each move idles a slot for a lowering, its
+/// acknowledgement and a drain. Levelled, a slot moves only when a demand
+/// falls below the level or the spare changes.
+///
+/// Rounding: the slots left after the whole parts go first to watchers
+/// whose `current` share is above their whole part (they keep them), then
+/// (under overload) to the largest demand, ties to the earlier watcher.
+/// Every share is within one slot of its exact quota, and demand wobbling
+/// around a rounding boundary moves no slot.
+pub fn split(capacity: u32, demands: &[u64], current: &[u32], min_share: u32) -> Vec<u32> {
     let n = demands.len() as u64;
     if n == 0 {
         return Vec::new();
@@ -632,28 +655,62 @@ pub fn split(capacity: u32, demands: &[u64], min_share: u32) -> Vec<u32> {
     let floor = u64::from(min_share).min(u64::from(capacity) / n);
     let rest = u64::from(capacity) - floor * n;
     let total: u64 = demands.iter().sum();
-    let weights: Vec<u64> = if total == 0 {
-        vec![1; demands.len()]
-    } else {
-        demands.to_vec()
+    if total > rest {
+        return level(rest, demands, current, floor);
+    }
+    // Each its demand, and the spare evenly: headroom for arrivals
+    // everywhere, none of it taken from where a report is older.
+    let spare = rest - total;
+    let mut shares: Vec<u64> = demands.iter().map(|&d| d + spare / n).collect();
+    let mut left = spare % n;
+    let keeps = |i: usize| {
+        current
+            .get(i)
+            .is_some_and(|&c| u64::from(c) > shares[i] + floor)
     };
-    let total = weights.iter().sum::<u64>() as u128;
-    let mut shares: Vec<u64> = weights
-        .iter()
-        .map(|&d| (u128::from(rest) * u128::from(d) / total) as u64)
-        .collect();
-    let mut left = rest - shares.iter().sum::<u64>();
     let mut order: Vec<usize> = (0..demands.len()).collect();
-    let remainder = |i: usize| u128::from(rest) * u128::from(weights[i]) % total;
-    order.sort_by(|&a, &b| remainder(b).cmp(&remainder(a)).then(a.cmp(&b)));
+    order.sort_by(|&a, &b| keeps(b).cmp(&keeps(a)).then(a.cmp(&b)));
     for i in order {
         if left == 0 {
             break;
         }
-        if weights[i] > 0 {
-            shares[i] += 1;
-            left -= 1;
+        shares[i] += 1;
+        left -= 1;
+    }
+    shares.into_iter().map(|s| (s + floor) as u32).collect()
+}
+
+/// Max-min fair: the largest level `L` with Σ min(demand, L) ≤ `rest`,
+/// then one slot more to as many of those asking more than `L` as are
+/// left (fewer than they are, `L` being the largest), current holders
+/// first; each share plus `floor`.
+fn level(rest: u64, demands: &[u64], current: &[u32], floor: u64) -> Vec<u32> {
+    let used = |l: u64| demands.iter().map(|&d| d.min(l)).sum::<u64>();
+    let (mut lo, mut hi) = (0u64, demands.iter().copied().max().unwrap_or(0));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if used(mid) <= rest {
+            lo = mid;
+        } else {
+            hi = mid - 1;
         }
+    }
+    let mut shares: Vec<u64> = demands.iter().map(|&d| d.min(lo)).collect();
+    let mut left = rest - used(lo);
+    let keeps = |i: usize| current.get(i).is_some_and(|&c| u64::from(c) > lo + floor);
+    let mut order: Vec<usize> = (0..demands.len()).filter(|&i| demands[i] > lo).collect();
+    order.sort_by(|&a, &b| {
+        keeps(b)
+            .cmp(&keeps(a))
+            .then(demands[b].cmp(&demands[a]))
+            .then(a.cmp(&b))
+    });
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        shares[i] += 1;
+        left -= 1;
     }
     shares.into_iter().map(|s| (s + floor) as u32).collect()
 }
@@ -769,23 +826,53 @@ mod tests {
     }
 
     #[test]
-    fn split_follows_demand_with_largest_remainder() {
-        assert_eq!(split(12, &[0, 0, 0], 0), vec![4, 4, 4]);
+    fn split_gives_demand_and_the_spare_evenly_or_levels_under_overload() {
+        assert_eq!(split(12, &[0, 0, 0], &[], 0), vec![4, 4, 4]);
         assert_eq!(
-            split(10, &[0, 0, 0], 0),
+            split(10, &[0, 0, 0], &[], 0),
             vec![4, 3, 3],
             "ties to the earlier"
         );
-        assert_eq!(split(12, &[5, 0, 0], 0), vec![12, 0, 0]);
-        assert_eq!(split(10, &[1, 1, 2], 0), vec![3, 2, 5]);
-        assert_eq!(split(12, &[5, 0, 0], 2), vec![8, 2, 2]);
         assert_eq!(
-            split(2, &[5, 0, 0], 2),
+            split(12, &[5, 0, 0], &[], 0),
+            vec![8, 2, 2],
+            "its demand, the spare evenly"
+        );
+        assert_eq!(split(10, &[1, 1, 2], &[], 0), vec![3, 3, 4]);
+        assert_eq!(split(12, &[30, 0, 0], &[], 0), vec![12, 0, 0], "overloaded");
+        assert_eq!(split(12, &[5, 0, 0], &[], 2), vec![8, 2, 2]);
+        assert_eq!(
+            split(2, &[5, 0, 0], &[], 2),
             vec![2, 0, 0],
             "a floor the capacity cannot give"
         );
-        assert_eq!(split(0, &[5, 1], 0), vec![0, 0]);
-        assert_eq!(split(7, &[], 0), Vec::<u32>::new());
+        assert_eq!(split(0, &[5, 1], &[], 0), vec![0, 0]);
+        assert_eq!(split(7, &[], &[], 0), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn split_leaves_a_slot_where_it_is_when_rounding_could_go_either_way() {
+        // 10 among three equal queues: 4/3/3 by remainder, ties to the
+        // earlier; a later holder of the fourth slot keeps it.
+        assert_eq!(split(10, &[30, 30, 30], &[4, 3, 3], 0), vec![4, 3, 3]);
+        assert_eq!(split(10, &[30, 30, 30], &[3, 3, 4], 0), vec![3, 3, 4]);
+        // Demand wobbling: 31 vs 30 would give the fourth slot to the first
+        // by remainder; the third holds it and keeps it.
+        assert_eq!(split(10, &[31, 30, 30], &[3, 3, 4], 0), vec![3, 3, 4]);
+        assert_eq!(split(10, &[31, 30, 30], &[], 0), vec![4, 3, 3]);
+        // Never more than a slot from the exact quota: 7.5 / 2.5 with the
+        // second holding 5 gives 7 / 3, not 5 / 5.
+        assert_eq!(split(10, &[6, 2], &[5, 5], 0), vec![7, 3]);
+        // Overloaded: levelled, not in proportion to the queues.
+        assert_eq!(split(10, &[30, 10], &[5, 5], 0), vec![5, 5]);
+        assert_eq!(split(10, &[80, 2, 40], &[], 0), vec![4, 2, 4]);
+        assert_eq!(split(10, &[80, 2, 40], &[3, 2, 5], 0), vec![4, 2, 4]);
+        assert_eq!(split(11, &[80, 2, 40], &[3, 2, 5], 0), vec![4, 2, 5]);
+        // The spare slot left over stays with its holder; with the floor.
+        assert_eq!(split(10, &[5, 0], &[2, 8], 0), vec![7, 3]);
+        assert_eq!(split(10, &[5, 0], &[], 0), vec![8, 2]);
+        assert_eq!(split(12, &[9, 9, 0], &[2, 8, 2], 2), vec![5, 5, 2]);
+        assert_eq!(split(13, &[9, 9, 0], &[2, 9, 2], 2), vec![5, 6, 2]);
     }
 
     #[test]
@@ -965,7 +1052,7 @@ mod tests {
     fn lowered_capacity_lowers_shares_at_once_and_grants_nothing_until_it_fits() {
         let mut alloc = allocator(Settings::default(), 12);
         let mut envoys = joined(&mut alloc, 2, T);
-        envoys[0].queued = 5;
+        envoys[0].queued = 10;
         alloc.set_pools(&pools(8), T + 100);
         // Targets 8 / 0: the second is lowered at once, the first is not
         // raised while 6 + 6 are held of 8.
@@ -2097,6 +2184,45 @@ mod envoy_model {
                 world.step(step);
             }
             world.settle();
+        }
+
+        /// The split gives out the whole capacity; each its demand and an
+        /// even part of the spare, to a slot, when the demands fit, max-min
+        /// fair to a slot when they do not (floor aside); and it is
+        /// stable: split again with its own result as the current shares,
+        /// it moves nothing (whatever held the rounding slots before).
+        #[test]
+        fn the_split_is_exact_to_a_slot_and_stable(
+            capacity in 0u32..40,
+            demands in proptest::collection::vec(0u64..50, 1..6),
+            current in proptest::collection::vec(0u32..40, 0..6),
+            min_share in 0u32..4,
+        ) {
+            let shares = split(capacity, &demands, &current, min_share);
+            let n = demands.len() as u64;
+            prop_assert_eq!(shares.iter().map(|&s| u64::from(s)).sum::<u64>(), u64::from(capacity));
+            let floor = u64::from(min_share).min(u64::from(capacity) / n);
+            let rest = u64::from(capacity) - floor * n;
+            let total: u64 = demands.iter().sum();
+            let own: Vec<u64> = shares.iter().map(|&s| u64::from(s) - floor).collect();
+            for (i, &share) in own.iter().enumerate() {
+                if total <= rest {
+                    // Its demand and an even part of the spare, to a slot.
+                    let spare = rest - total;
+                    prop_assert!(share >= demands[i] + spare / n
+                        && share <= demands[i] + spare.div_ceil(n),
+                        "{:?} for {:?} of {}", shares, demands, rest);
+                } else {
+                    // Levelled: never above the demand, and one short of
+                    // its demand is within a slot of everyone else.
+                    prop_assert!(share <= demands[i], "{:?} for {:?}", shares, demands);
+                    if share < demands[i] {
+                        prop_assert!(own.iter().all(|&other| other <= share + 1),
+                            "{:?} for {:?}", shares, demands);
+                    }
+                }
+            }
+            prop_assert_eq!(split(capacity, &demands, &shares, min_share), shares);
         }
     }
 }

@@ -10,7 +10,12 @@
 //! - an Envoy killed (SIGKILL): its slots return to the others after the
 //!   lease, not before, and nothing overshoots meanwhile;
 //! - an idle Envoy stopped (SIGTERM): its slots return at once when its
-//!   final report gets out, else after the lease.
+//!   final report gets out, else after the lease;
+//! - an Envoy joining mid-burst gets slots, with no overshoot;
+//! - all the load moved from one Envoy to another: shares follow within a
+//!   second;
+//! - sync SIGKILLed and restarted, or Redis restarted, mid-burst: no
+//!   overshoot, and the backend never idles for a lease.
 
 use serde_json::{json, Value};
 use sluice_harness::{
@@ -33,43 +38,26 @@ struct Fleet {
     // Dropped in this order: the Envoys (SIGKILL) first.
     envoys: Vec<Option<Envoy>>,
     backend: Backend,
-    _sync: SyncService,
-    _redis: Redis,
+    sync: SyncService,
+    redis: Redis,
 }
 
 impl Fleet {
     fn start(n: usize) -> Fleet {
         let redis = Redis::start();
         push(&redis.url(), CAPACITY);
-        let sync = SyncService::start(
-            &redis.url(),
-            &["--share-lease", &format!("{}ms", LEASE.as_millis())],
-        );
+        let sync = start_sync(&redis.url(), "127.0.0.1:0");
         let backend = Backend::start_with_args(&[
             "--trace",
             "--route",
             &format!("{PATH}:capacity=1000,service_ms={SERVICE_MS}"),
         ]);
-        let config = json!({
-            "service": SERVICE,
-            "queue_timeout": 30,
-            "max_queue": 1000,
-            "abandon_hold": 0,
-            "sync": {"cluster": SYNC_CLUSTER, "heartbeat_timeout": 3, "shares": true},
-            "endpoints": {PATH: {}},
-        });
-        let envoys = (0..n)
-            .map(|_| {
-                let mut proxy = FrontProxy::new(backend.port(), config.to_string());
-                proxy.extra_clusters_yaml = sync.cluster_yaml();
-                Some(Envoy::start(&proxy, 2))
-            })
-            .collect();
+        let envoys = (0..n).map(|_| Some(start_envoy(&backend, &sync))).collect();
         let fleet = Fleet {
             envoys,
             backend,
-            _sync: sync,
-            _redis: redis,
+            sync,
+            redis,
         };
         for e in fleet.live() {
             wait_until(Duration::from_secs(10), "a grant on every Envoy", || {
@@ -103,6 +91,27 @@ impl Fleet {
     fn trace(&self) -> Vec<TracedRequest> {
         self.backend.trace(PATH)
     }
+}
+
+/// One Envoy of the fleet at `--concurrency 2`, sharing through `sync`.
+fn start_envoy(backend: &Backend, sync: &SyncService) -> Envoy {
+    let config = json!({
+        "service": SERVICE,
+        "queue_timeout": 30,
+        "max_queue": 1000,
+        "abandon_hold": 0,
+        "sync": {"cluster": SYNC_CLUSTER, "heartbeat_timeout": 3, "shares": true},
+        "endpoints": {PATH: {}},
+    });
+    let mut proxy = FrontProxy::new(backend.port(), config.to_string());
+    proxy.extra_clusters_yaml = sync.cluster_yaml();
+    Envoy::start(&proxy, 2)
+}
+
+/// sluice-sync with the test's lease, listening on `listen`.
+fn start_sync(redis_url: &str, listen: &str) -> SyncService {
+    let lease = format!("{}ms", LEASE.as_millis());
+    SyncService::start(redis_url, &["--share-lease", &lease, "--listen", listen])
 }
 
 /// `sluice-prober push --force`: the capacity in Redis, as an operator sets it.
@@ -165,6 +174,24 @@ fn utilisation(trace: &[TracedRequest]) -> f64 {
     busy as f64 / (f64::from(CAPACITY) * (last - first) as f64)
 }
 
+/// The mean number of requests inside the backend in each `bucket` from
+/// the first arrival: where slots sat idle.
+fn timeline(trace: &[TracedRequest], bucket: Duration) -> Vec<f64> {
+    let first = trace.iter().map(|r| r.arrived_us).min().unwrap();
+    let last = trace.iter().map(|r| r.departed_us).max().unwrap();
+    let b = bucket.as_micros() as u64;
+    let n = (last - first).div_ceil(b) as usize;
+    let mut busy = vec![0u64; n];
+    for r in trace {
+        let (a, d) = (r.arrived_us - first, r.departed_us - first);
+        for (i, slot) in busy.iter_mut().enumerate() {
+            let (lo, hi) = (i as u64 * b, (i as u64 + 1) * b);
+            *slot += d.min(hi).saturating_sub(a.max(lo));
+        }
+    }
+    busy.into_iter().map(|t| t as f64 / b as f64).collect()
+}
+
 /// The first moment (µs) at or after `from_us` at which `at_least`
 /// requests were inside the backend at once.
 fn first_reaching(trace: &[TracedRequest], at_least: usize, from_us: u64) -> Option<u64> {
@@ -205,9 +232,20 @@ fn bursts_through_every_envoy_at_once_never_run_more_than_the_capacity() {
     assert_eq!(trace.len(), 3 * per_envoy);
     let most = most_at_once(&trace);
     let used = utilisation(&trace);
-    eprintln!("fleet burst: most at once {most} of {CAPACITY}, utilisation {used:.3}");
+    let shape: Vec<String> = timeline(&trace, Duration::from_millis(100))
+        .iter()
+        .map(|b| format!("{b:.1}"))
+        .collect();
+    eprintln!(
+        "fleet burst: most at once {most} of {CAPACITY}, utilisation {used:.3}; in flight per 100 ms: {}",
+        shape.join(" ")
+    );
     assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
-    assert!(used >= 0.8, "utilisation {used:.3}");
+    // 0.950-0.971 in seven runs here with prompt reports and the levelled
+    // split (0.85-0.90 on the 200 ms interval alone); what is left is the
+    // ramp of the first 100 ms and the last wave's drain. Asserted with
+    // room for a busier machine: two of the seven were at 0.950.
+    assert!(used >= 0.93, "utilisation {used:.3}");
 }
 
 #[test]
@@ -331,4 +369,165 @@ fn an_envoy_stopped_with_sigterm_gives_its_slots_back_without_overshoot() {
     // runs), sync counts C's share until its last report + the lease, as
     // for a SIGKILL. Either way within the lease and a report or two.
     assert!(took <= LEASE + Duration::from_millis(600), "{took:?}");
+}
+
+/// Bursts of `per_envoy` through every live Envoy at once, `during` run
+/// meanwhile (with the moment the bursts began); every request must be
+/// answered 200.
+fn bursts_with(fleet: &mut Fleet, per_envoy: usize, during: impl FnOnce(&mut Fleet, Instant)) {
+    let addrs: Vec<SocketAddr> = fleet.live().map(|e| e.listener_addr()).collect();
+    let began = Instant::now();
+    let handles: Vec<_> = addrs
+        .into_iter()
+        .map(|addr| std::thread::spawn(move || burst(addr, per_envoy, Duration::from_millis(4))))
+        .collect();
+    during(fleet, began);
+    for (i, h) in handles.into_iter().enumerate() {
+        let outcomes = h.join().unwrap();
+        let bad: Vec<_> = outcomes.iter().filter(|o| o.status != 200).collect();
+        assert!(bad.is_empty(), "envoy {i}: {bad:?}");
+    }
+}
+
+/// The longest time between the first arrival and the last departure
+/// during which the backend ran nothing.
+fn longest_idle(trace: &[TracedRequest]) -> Duration {
+    let mut events: Vec<(u64, i8)> = trace
+        .iter()
+        .flat_map(|r| [(r.arrived_us, 1), (r.departed_us, -1)])
+        .collect();
+    events.sort_unstable();
+    let (mut inside, mut idle_since, mut longest) = (0i64, None, 0u64);
+    for (t, step) in events {
+        inside += i64::from(step);
+        match (inside, idle_since) {
+            (0, None) => idle_since = Some(t),
+            (n, Some(since)) if n > 0 => {
+                longest = longest.max(t - since);
+                idle_since = None;
+            }
+            _ => {}
+        }
+    }
+    Duration::from_micros(longest)
+}
+
+#[test]
+fn load_moved_from_one_envoy_to_another_is_followed_within_a_second() {
+    let fleet = Fleet::start(3);
+    fleet.backend.reset();
+    // All the load on A until it is served, then all of it on B.
+    let a = burst(fleet.addr(0), 100, Duration::from_millis(1));
+    assert!(a.iter().all(|o| o.status == 200));
+    let moved_us = now_us();
+    let b = burst(fleet.addr(1), 200, Duration::from_millis(1));
+    assert!(b.iter().all(|o| o.status == 200));
+    let trace = fleet.trace();
+    let most = most_at_once(&trace);
+    let want = (CAPACITY as usize * 9).div_ceil(10);
+    let reached = first_reaching(&trace, want, moved_us).expect("B reached 90 %");
+    let after_ms = (reached - moved_us) as f64 / 1000.0;
+    eprintln!(
+        "load moved from A to B: {want} of {CAPACITY} in flight through B {after_ms:.0} ms after its load began; most at once {most}"
+    );
+    assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
+    assert!(after_ms <= 1000.0, "took {after_ms:.0} ms");
+}
+
+#[test]
+fn sync_killed_and_restarted_mid_burst_neither_overshoots_nor_stalls_past_the_lease() {
+    let mut fleet = Fleet::start(3);
+    fleet.backend.reset();
+    let listen = fleet.sync.addr().to_string();
+    bursts_with(&mut fleet, 150, |fleet, began| {
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(began.elapsed()));
+        // SAFETY: kill(2) on the pid of a child the harness has not reaped.
+        unsafe {
+            libc::kill(fleet.sync.pid() as libc::pid_t, libc::SIGKILL);
+        }
+        fleet.sync = start_sync(&fleet.redis.url(), &listen);
+        eprintln!(
+            "sync restarted {} ms into the bursts",
+            began.elapsed().as_millis()
+        );
+    });
+    let trace = fleet.trace();
+    assert_eq!(trace.len(), 3 * 150);
+    let most = most_at_once(&trace);
+    let idle = longest_idle(&trace);
+    let used = utilisation(&trace);
+    eprintln!(
+        "sync SIGKILLed and restarted mid-burst: most at once {most} of {CAPACITY}, longest with nothing running {} ms, utilisation {used:.3}",
+        idle.as_millis()
+    );
+    assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
+    assert!(idle < LEASE, "the backend idled {} ms", idle.as_millis());
+}
+
+#[test]
+fn redis_restarted_mid_burst_neither_overshoots_nor_stalls_past_the_lease() {
+    let mut fleet = Fleet::start(3);
+    fleet.backend.reset();
+    bursts_with(&mut fleet, 150, |fleet, began| {
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(began.elapsed()));
+        // A new, empty Redis on the same port; the capacity pushed again,
+        // as the prober does on its next round.
+        fleet.redis.restart();
+        push(&fleet.redis.url(), CAPACITY);
+        eprintln!(
+            "redis restarted {} ms into the bursts",
+            began.elapsed().as_millis()
+        );
+    });
+    let trace = fleet.trace();
+    assert_eq!(trace.len(), 3 * 150);
+    let most = most_at_once(&trace);
+    let idle = longest_idle(&trace);
+    let used = utilisation(&trace);
+    eprintln!(
+        "redis restarted mid-burst: most at once {most} of {CAPACITY}, longest with nothing running {} ms, utilisation {used:.3}",
+        idle.as_millis()
+    );
+    assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
+    assert!(idle < LEASE, "the backend idled {} ms", idle.as_millis());
+}
+
+#[test]
+fn an_envoy_joining_mid_burst_gets_slots_without_overshoot() {
+    let mut fleet = Fleet::start(2);
+    fleet.backend.reset();
+    let mut joined_at = None;
+    let mut on_c = None;
+    bursts_with(&mut fleet, 150, |fleet, began| {
+        std::thread::sleep(Duration::from_millis(300).saturating_sub(began.elapsed()));
+        let c = start_envoy(&fleet.backend, &fleet.sync);
+        let addr = c.listener_addr();
+        fleet.envoys.push(Some(c));
+        joined_at = Some(now_us());
+        on_c = Some(std::thread::spawn(move || {
+            burst(addr, 100, Duration::from_millis(4))
+        }));
+    });
+    let c = on_c.unwrap().join().unwrap();
+    assert!(c.iter().all(|o| o.status == 200), "{c:?}");
+    let joined_us = joined_at.unwrap();
+    // C's first answer, from the start of its load (its own clock): what
+    // it waited for a first slot while A and B had queues.
+    let first_answer_ms = c
+        .iter()
+        .map(|o| o.sent_at_ms + o.latency_ms)
+        .fold(f64::INFINITY, f64::min);
+    let trace = fleet.trace();
+    assert_eq!(trace.len(), 2 * 150 + 100);
+    let most = most_at_once(&trace);
+    let used = utilisation(&trace);
+    eprintln!(
+        "an Envoy joined mid-burst: most at once {most} of {CAPACITY}, its first answer {first_answer_ms:.0} ms after its load began, utilisation {used:.3} (joined {} ms after the first arrival)",
+        (joined_us - trace.iter().map(|r| r.arrived_us).min().unwrap()) / 1000
+    );
+    assert!(most <= CAPACITY as usize, "the backend saw {most} at once");
+    assert!(
+        first_answer_ms <= LEASE.as_millis() as f64,
+        "C waited {first_answer_ms:.0} ms for a first slot"
+    );
 }
