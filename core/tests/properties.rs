@@ -468,3 +468,89 @@ proptest! {
         prop_assert_eq!(once, twice);
     }
 }
+
+/// One step of traffic on an endpoint with cost: a request of `cost` units
+/// from tenant `flow` arrives, or the `n`th request holding units ends.
+#[derive(Debug, Clone)]
+enum Step {
+    Arrive { cost: u32, flow: u8 },
+    End(usize),
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec(
+        prop_oneof![
+            3 => (1u32..=40, 0u8..3).prop_map(|(cost, flow)| Step::Arrive { cost, flow }),
+            2 => any::<usize>().prop_map(Step::End),
+        ],
+        1..80,
+    )
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Whatever arrives and ends, in whatever order: the record's units are
+    /// exactly those of the requests holding them, never more than the
+    /// capacity unless one request costing more runs alone, and once
+    /// everything ends every waiter has been served (nobody starves).
+    #[test]
+    fn units_held_match_the_requests_and_never_exceed_the_capacity(
+        capacity in 10u32..=60,
+        steps in steps(),
+    ) {
+        use sluice_core::admission::{self as a, Acquired, Class, Ejection, Outcome};
+        use sluice_core::shared_data::MemSharedData;
+        const K: &str = "sluice:p:ep:/p";
+        let store = MemSharedData::new();
+        a::configure(&store, K, Some(capacity), 0).unwrap();
+        // Held units, by ticket (admitted at once: no ticket, u32::MAX).
+        let mut held: Vec<u32> = Vec::new();
+        let mut waiting: Vec<(u32, u32)> = Vec::new();
+        let claim = |held: &mut Vec<u32>, waiting: &mut Vec<(u32, u32)>| {
+            for (ticket, _, units) in a::claim(&store, K, 0, 0).unwrap().granted {
+                let i = waiting.iter().position(|&(t, _)| t == ticket).expect("a waiter of ours");
+                prop_assert_eq!(waiting.remove(i).1, units);
+                held.push(units);
+            }
+            Ok(())
+        };
+        let check = |held: &[u32]| {
+            let s = a::snapshot(&store, K).unwrap();
+            prop_assert_eq!(s.active, held.iter().sum::<u32>());
+            prop_assert!(
+                s.active <= capacity || (held.len() == 1 && held[0] > capacity),
+                "{} units held by {:?}", s.active, held
+            );
+            Ok(())
+        };
+        for step in steps {
+            match step {
+                Step::Arrive { cost, flow } => {
+                    let class = Class { cost, flow, step: a::tag_step(1), ..Class::DEFAULT };
+                    match a::acquire_as(&store, K, 1000, 0, None, class, 0).unwrap().0 {
+                        Acquired::Admitted(_) => held.push(cost),
+                        Acquired::Queued { ticket, .. } => waiting.push((ticket, cost)),
+                        other => prop_assert!(false, "unexpected {:?}", other),
+                    }
+                }
+                Step::End(n) if !held.is_empty() => {
+                    let units = held.remove(n % held.len());
+                    a::release_units(&store, K, None, units, Outcome::Served, Ejection::default(), 0)
+                        .unwrap();
+                }
+                Step::End(_) => {}
+            }
+            claim(&mut held, &mut waiting)?;
+            check(&held)?;
+        }
+        while let Some(units) = held.pop() {
+            a::release_units(&store, K, None, units, Outcome::Served, Ejection::default(), 0)
+                .unwrap();
+            claim(&mut held, &mut waiting)?;
+            check(&held)?;
+        }
+        prop_assert!(waiting.is_empty(), "never served: {:?}", waiting);
+        prop_assert_eq!(a::snapshot(&store, K).unwrap().active, 0);
+    }
+}

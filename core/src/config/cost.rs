@@ -62,6 +62,7 @@ pub struct CostDoc {
 pub(super) enum CostSetting {
     Cost(Box<CostDoc>),
     /// `false`: this endpoint counts requests, whatever the default.
+    #[schemars(extend("const" = false))]
     Off(bool),
 }
 

@@ -4,7 +4,9 @@
 //! (arrival and departure by `x-request-id`), and each request's id names
 //! its cost, so the units in flight over time are the backend's word: they
 //! never exceed the capacity. A small request of another tenant does not
-//! wait behind a queue of big ones. The filter reads the cost from the
+//! wait behind a queue of big ones. A request costing more than the whole
+//! capacity runs alone, or where configured is refused `413 too-costly`
+//! without reaching the backend. The filter reads the cost from the
 //! `content-length` header: Envoy never buffers a whole body for it (a
 //! paused request's body waits under Envoy's flow control).
 
@@ -16,6 +18,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 const PATH: &str = "/upload";
+/// Refuses what costs more than its capacity (`over_capacity: refuse`).
+const STRICT: &str = "/strict";
 const MB: usize = 1_000_000;
 /// Units of 1 MB: two 25 MB uploads at once, with room for small ones.
 const CAPACITY: u64 = 52;
@@ -28,6 +32,8 @@ fn start() -> (Backend, Envoy) {
         "--trace",
         "--route",
         &format!("{PATH}:service_ms=30,ms_per_mb=8"),
+        "--route",
+        &format!("{STRICT}:service_ms=1"),
     ]);
     let config = json!({
         "service": "cost",
@@ -35,8 +41,10 @@ fn start() -> (Backend, Envoy) {
         "tenants": {"header": "x-tenant"},
         "endpoints": {PATH: {
             "capacity": CAPACITY, "queue_timeout": 60, "max_queue": 1000,
-            "cost": {"unit_bytes": MB},
-        }},
+            "cost": {"unit_bytes": MB, "header": "x-cost"},
+        },
+        STRICT: {"capacity": CAPACITY, "cost": {"header": "x-cost", "over_capacity": "refuse"}},
+        },
     });
     let envoy = Envoy::start(&FrontProxy::new(backend.port(), config.to_string()), 4);
     (backend, envoy)
@@ -169,4 +177,57 @@ fn wall_us() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_micros() as u64
+}
+
+#[test]
+fn a_request_costing_more_than_the_capacity_runs_alone_or_is_refused() {
+    let (backend, envoy) = start();
+    let addr = envoy.listener_addr();
+    // 60 units (by its cost header) among small ones: it runs alone.
+    let mut handles: Vec<_> = (0..4).map(|i| upload(addr, "a", i, 1000)).collect();
+    let big = Request::new("POST", addr, PATH)
+        .header("x-request-id", "big-60")
+        .header("x-tenant", "a")
+        .header("x-cost", "60")
+        .header("x-service-ms", "300");
+    handles.push(std::thread::spawn(move || big.send().expect("a response")));
+    handles.extend((4..12).map(|i| upload(addr, "a", i, 1000)));
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let trace = backend.trace(PATH);
+    assert_eq!(trace.len(), 13);
+    let big = trace.iter().find(|r| r.id == "big-60").unwrap();
+    let beside: Vec<&str> = trace
+        .iter()
+        .filter(|r| {
+            r.id != big.id && r.arrived_us < big.departed_us && r.departed_us > big.arrived_us
+        })
+        .map(|r| r.id.as_str())
+        .collect();
+    assert!(
+        beside.is_empty(),
+        "ran beside the 60-unit request: {beside:?}"
+    );
+
+    // Refused at once where over_capacity is refuse; the backend never sees it.
+    let refused = Request::new("POST", addr, STRICT)
+        .header("x-cost", &(CAPACITY + 1).to_string())
+        .send()
+        .unwrap();
+    assert_eq!(refused.status, 413, "{}", refused.text());
+    assert_eq!(refused.header("x-sluice-reason"), Some("too-costly"));
+    let body = refused.json();
+    assert_eq!(body["cost"], CAPACITY + 1);
+    assert_eq!(body["capacity"], CAPACITY);
+    let whole = Request::new("POST", addr, STRICT)
+        .header("x-cost", &CAPACITY.to_string())
+        .send()
+        .unwrap();
+    assert_eq!(
+        whole.status, 200,
+        "the whole capacity is no reason to refuse"
+    );
+    assert_eq!(backend.trace(STRICT).len(), 1);
 }
