@@ -481,13 +481,20 @@ fn class_count(routes: &Routes) -> usize {
     routes.classes.as_ref().map_or(1, |c| c.list.len().max(1))
 }
 
-/// With tenants: how many flows have requests waiting, and how many wait in
-/// the busiest one.
-pub fn flows_waiting(state: &EndpointState) -> (u32, u32) {
+/// Requests waiting in each tenant flow (0 without tenants: every waiter
+/// is in flow 0).
+pub fn queued_by_flow(state: &EndpointState) -> [u32; 256] {
     let mut by_flow = [0u32; 256];
     for w in state.waiters.iter().filter(|w| w.waiting()) {
         by_flow[usize::from(w.flow)] += 1;
     }
+    by_flow
+}
+
+/// With tenants: how many flows have requests waiting, and how many wait in
+/// the busiest one.
+fn flows_waiting(state: &EndpointState) -> (u32, u32) {
+    let by_flow = queued_by_flow(state);
     let waiting = by_flow.iter().filter(|&&n| n > 0).count() as u32;
     (waiting, by_flow.iter().copied().max().unwrap_or(0))
 }

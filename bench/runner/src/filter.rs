@@ -135,28 +135,24 @@ pub fn run(o: &Opts) -> anyhow::Result<()> {
             timeout_rows(o, c, &mut t)?;
         }
     }
-    if o.only.iter().any(|p| *p != Part::QueueDepth) {
+    let publish = |section: &str, what: &str, table: &Table| {
         let out = format!(
-            "{}; hot path at --concurrency {}, {} s per measurement\n\n{}",
+            "{}; {what}--concurrency {}, {} s per measurement\n\n{}",
             machine::header("make bench"),
             o.concurrency,
             o.seconds,
-            t.render()
+            table.render()
         );
-        readme::publish("filter", &out)?;
+        readme::publish(section, &out)
+    };
+    if o.only.iter().any(|p| *p != Part::QueueDepth) {
+        publish("filter", "hot path at ", &t)?;
     }
     // Its own section: a run of this part alone keeps the rows above.
     if o.only.contains(&Part::QueueDepth) {
         let mut q = Table::new(&["measure", "value", "goal", "detail"]);
         queue_depth_rows(o, &mut q)?;
-        let out = format!(
-            "{}; --concurrency {}, {} s per measurement\n\n{}",
-            machine::header("make bench"),
-            o.concurrency,
-            o.seconds,
-            q.render()
-        );
-        readme::publish("queue-depth", &out)?;
+        publish("queue-depth", "", &q)?;
     }
     Ok(())
 }

@@ -243,14 +243,10 @@ fn document<H: Host>(
         if let (Some(t), Ok(s)) = (&routes.tenants, &state) {
             // The busiest flows (tenants hash onto them): at most 5, so the
             // document stays small whatever the number of tenants.
-            let mut by_flow = vec![0u32; usize::from(t.flows)];
-            for w in s.waiters.iter().filter(|w| w.waiting()) {
-                if let Some(n) = by_flow.get_mut(usize::from(w.flow)) {
-                    *n += 1;
-                }
-            }
-            let mut busiest: Vec<(usize, u32)> = by_flow
-                .into_iter()
+            let by_flow = crate::metrics::queued_by_flow(s);
+            let mut busiest: Vec<(usize, u32)> = by_flow[..usize::from(t.flows)]
+                .iter()
+                .copied()
                 .enumerate()
                 .filter(|&(_, n)| n > 0)
                 .collect();
